@@ -1,0 +1,1 @@
+"""The mailrelay operator: reconciles MailRelay and MailRoute resources."""

@@ -1,0 +1,1 @@
+"""The mailrelay relay: SMTP submission in, durable spool, delivery out."""

@@ -1,0 +1,1 @@
+"""Entry point for `python -m mailrelay.relay`."""
