@@ -8,6 +8,7 @@
 # versions, generated from the real go.mod.
 #
 # Prints progress on stderr and, last on stdout, the bin directory.
+# With --check it only says (exit status) whether the cache is whole.
 set -euo pipefail
 
 K8S_VERSION="${MAILRELAY_K8S_VERSION:-1.36.3}"
@@ -35,6 +36,10 @@ cache_is_whole() {
 if cache_is_whole; then
   echo "$BIN"
   exit 0
+fi
+if [[ "${1:-}" == "--check" ]]; then
+  log "No whole cache at $DEST."
+  exit 1
 fi
 
 command -v go >/dev/null || { log "Go is required (https://go.dev); none found on PATH."; exit 1; }

@@ -1,0 +1,29 @@
+"""Session-wide fixtures: the real local control plane and a namespace per test."""
+
+from __future__ import annotations
+
+import re
+import secrets
+from collections.abc import Iterator
+
+import pytest
+
+from tests.support.localkube import LocalKube, running_cluster
+
+
+@pytest.fixture(scope="session")
+def kube(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalKube]:
+    """A real kube-apiserver + etcd for the whole test session, stopped even when tests fail."""
+    with running_cluster(tmp_path_factory.mktemp("localkube")) as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def namespace(kube: LocalKube, request: pytest.FixtureRequest) -> Iterator[str]:
+    """A fresh namespace named after the test, so tests never see each other's objects."""
+    stem = re.sub(r"[^a-z0-9-]+", "-", request.node.name.lower()).strip("-")[:40].strip("-")
+    name = kube.create_namespace(f"t-{stem}-{secrets.token_hex(3)}")
+    yield name
+    # Without a controller manager a deleted namespace stays Terminating; the cluster is
+    # thrown away at the end of the session anyway, so deletion is only a courtesy.
+    kube.kubectl("delete", "namespace", name, "--wait=false", check=False)
