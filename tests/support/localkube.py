@@ -39,7 +39,7 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
-from cryptography.x509.oid import NameOID
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 BUILD_SCRIPT = REPO_ROOT / "hack" / "build-control-plane.sh"
@@ -147,11 +147,7 @@ class CertificateAuthority:
         """Sign a client certificate, or a serving one when `server_names` is given."""
         key = _new_key()
         now = dt.datetime.now(dt.UTC)
-        usage = (
-            x509.ExtendedKeyUsageOID.SERVER_AUTH
-            if server_names
-            else x509.ExtendedKeyUsageOID.CLIENT_AUTH
-        )
+        usage = ExtendedKeyUsageOID.SERVER_AUTH if server_names else ExtendedKeyUsageOID.CLIENT_AUTH
         builder = (
             x509.CertificateBuilder()
             .subject_name(_name(common_name, organizations))
@@ -242,7 +238,11 @@ class LocalKube:
         kubeconfig: Path | None = None,
     ) -> subprocess.CompletedProcess[str]:
         """Run the real kubectl against this cluster; raise with its output when `check` fails."""
-        command = [str(self.bin_dir / "kubectl"), "--kubeconfig", str(kubeconfig or self.kubeconfig)]
+        command = [
+            str(self.bin_dir / "kubectl"),
+            "--kubeconfig",
+            str(kubeconfig or self.kubeconfig),
+        ]
         result = subprocess.run(
             [*command, *args],
             input=input,
@@ -277,7 +277,8 @@ class LocalKube:
         )
         if check and result.returncode != 0:
             raise ControlPlaneError(
-                f"helm {' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}"
+                f"helm {' '.join(args)} failed ({result.returncode}):\n"
+                f"{result.stdout}\n{result.stderr}"
             )
         return result
 
@@ -359,7 +360,8 @@ class LocalKube:
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             start_new_session=True,
-            preexec_fn=_die_with_parent if self.die_with_parent else None,
+            # Only prctl() runs between fork and exec, which is safe with threads.
+            preexec_fn=_die_with_parent if self.die_with_parent else None,  # noqa: PLW1509
         )
         log.close()
 
