@@ -1,0 +1,427 @@
+"""The relay's configuration: frozen pydantic models loaded from one YAML file.
+
+`RelayConfig` is the root. Sub-models group one concern each (listener, auth, limits,
+spool, retry, delivery, metrics, routes). Upstreams are a discriminated union on
+`type`, so the HTTP providers of a later issue slot in beside SMTP. Every field carries
+a description because the operator renders this model into a ConfigMap and the docs in
+`docs/relay-config.md` follow it field by field.
+
+Secrets never live in this file: TLS keys, the users file and upstream credentials are
+paths to files (mounted Secrets in Kubernetes). `referenced_files()` lists them so the
+reloader can watch them too.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+__all__ = [
+    "ApiUpstream",
+    "AuthConfig",
+    "ConfigError",
+    "DeliveryConfig",
+    "LimitsConfig",
+    "ListenerConfig",
+    "MetricsConfig",
+    "RateLimit",
+    "RelayConfig",
+    "RetryPolicy",
+    "RouteConfig",
+    "RouteMatch",
+    "SmtpUpstream",
+    "SpoolConfig",
+    "TlsFiles",
+    "Upstream",
+    "load_config",
+    "parse_config",
+]
+
+# A DNS name (letters, digits, hyphens, dots), or `*.` followed by one.
+_LABEL = r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?"
+_DOMAIN_RE = re.compile(rf"^(?=.{{1,253}}$){_LABEL}(?:\.{_LABEL})*$")
+
+
+class ConfigError(Exception):
+    """A configuration file that cannot be read or does not validate; the message is for humans."""
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class TlsFiles(_Model):
+    """A certificate chain and its private key, both PEM files."""
+
+    cert_file: Path = Field(description="PEM certificate chain presented to clients.")
+    key_file: Path = Field(description="PEM private key for `cert_file`.")
+
+
+class ListenerConfig(_Model):
+    """Where the relay accepts SMTP."""
+
+    host: str = Field(default="0.0.0.0", description="Address the SMTP listeners bind to.")
+    submission_port: int = Field(
+        default=587, ge=0, le=65535, description="Submission port (plain, with STARTTLS)."
+    )
+    implicit_tls_port: int | None = Field(
+        default=None,
+        ge=0,
+        le=65535,
+        description="Optional implicit-TLS port (usually 465); needs `tls`.",
+    )
+    tls: TlsFiles | None = Field(
+        default=None, description="Certificate and key for STARTTLS and the implicit-TLS port."
+    )
+    workers: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="Worker processes sharing the ports with SO_REUSEPORT and sharing the spool.",
+    )
+
+
+class AuthConfig(_Model):
+    """SMTP AUTH for submission clients."""
+
+    required: bool = Field(
+        default=True,
+        description=(
+            "A users file must be configured and AUTH is offered after TLS. `false` allows a "
+            "network-only relay without AUTH (only `allowed_networks` may send). Either way, "
+            "a client that is neither authenticated nor in `allowed_networks` gets 530 5.7.0."
+        ),
+    )
+    users_file: Path | None = Field(
+        default=None,
+        description=(
+            "YAML file with a `users` list of {username, password_hash, allowed_sender_domains}; "
+            "hashes are bcrypt (`$2b$`) or argon2id (`$argon2id$`)."
+        ),
+    )
+
+
+class LimitsConfig(_Model):
+    """Per-session and per-message limits."""
+
+    max_message_size: int = Field(
+        default=26_214_400, ge=1024, description="Largest message accepted, in bytes (SIZE)."
+    )
+    max_recipients: int = Field(default=100, ge=1, description="Recipients per message.")
+    max_connections: int = Field(
+        default=200, ge=1, description="Concurrent SMTP sessions per process; more get 421."
+    )
+    command_timeout_seconds: float = Field(
+        default=300, gt=0, description="Idle time allowed between commands."
+    )
+    data_timeout_seconds: float = Field(
+        default=600, gt=0, description="Time allowed to receive the whole DATA section."
+    )
+    max_received_headers: int = Field(
+        default=50, ge=1, description="More Received headers than this means a loop: 554 5.4.6."
+    )
+
+
+class SpoolConfig(_Model):
+    """The durable queue on disk."""
+
+    directory: Path = Field(description="Spool directory; holds tmp/, queue/ and deadletter/.")
+    min_free_bytes: int = Field(
+        default=100 * 1024 * 1024,
+        ge=0,
+        description="Below this much free disk space, MAIL is answered 452 4.3.1.",
+    )
+
+
+class RetryPolicy(_Model):
+    """How temporary failures are retried."""
+
+    initial_backoff_seconds: float = Field(
+        default=60, gt=0, description="Delay before the first retry."
+    )
+    max_backoff_seconds: float = Field(
+        default=3600, gt=0, description="Upper bound of the doubling delay."
+    )
+    max_age_seconds: float = Field(
+        default=432_000,
+        gt=0,
+        description="A recipient still undelivered this long after receipt is bounced.",
+    )
+    jitter: float = Field(
+        default=0.2, ge=0, le=1, description="Random spread applied to each delay, as a fraction."
+    )
+
+    @model_validator(mode="after")
+    def _ordered(self) -> RetryPolicy:
+        if self.max_backoff_seconds < self.initial_backoff_seconds:
+            raise ValueError("max_backoff_seconds must be >= initial_backoff_seconds")
+        return self
+
+
+class DeliveryConfig(_Model):
+    """The delivery engine's knobs."""
+
+    concurrency: int = Field(default=32, ge=1, description="Deliveries in flight per process.")
+    poll_interval_seconds: float = Field(
+        default=1.0, gt=0, description="How often the spool is scanned for due retries."
+    )
+
+
+class MetricsConfig(_Model):
+    """The HTTP port for /metrics, /healthz and /readyz."""
+
+    host: str = Field(default="0.0.0.0", description="Address the metrics server binds to.")
+    port: int = Field(default=9090, ge=0, le=65535, description="Metrics and health port.")
+
+
+class RateLimit(_Model):
+    """A token bucket per route."""
+
+    per_second: float = Field(gt=0, description="Sustained messages per second.")
+    burst: int = Field(ge=1, description="Bucket size: messages allowed at once.")
+    on_exceed: Literal["defer", "reject"] = Field(
+        default="defer",
+        description="`defer` keeps mail queued for later; `reject` answers 450 4.7.0 at RCPT.",
+    )
+
+
+def _check_domain_patterns(values: list[str]) -> list[str]:
+    out = []
+    for raw in values:
+        value = raw.strip().lower()
+        bare = value[2:] if value.startswith("*.") else value
+        if "*" in bare or not _DOMAIN_RE.match(bare):
+            raise ValueError(
+                f"{raw!r} is not a domain pattern; use `example.com` or `*.example.com`"
+            )
+        out.append(value)
+    return out
+
+
+class RouteMatch(_Model):
+    """Which mail a route takes; an empty list matches anything."""
+
+    sender_domains: list[str] = Field(
+        default_factory=list,
+        description="Envelope sender domains: `example.com` exactly, `*.example.com` subdomains.",
+    )
+    recipient_domains: list[str] = Field(
+        default_factory=list,
+        description="Recipient domains, same syntax as `sender_domains`.",
+    )
+
+    _validate = field_validator("sender_domains", "recipient_domains")(_check_domain_patterns)
+
+
+class SmtpUpstream(_Model):
+    """An SMTP server the relay forwards to."""
+
+    type: Literal["smtp"] = Field(description="Selects the SMTP transport.")
+    name: str = Field(min_length=1, description="Unique name; a metrics label.")
+    host: str = Field(min_length=1, description="Server host name or address.")
+    port: int = Field(default=587, ge=1, le=65535, description="Server port.")
+    tls: Literal["starttls", "implicit", "none"] = Field(
+        default="starttls",
+        description="`starttls` is required (never a silent downgrade), `implicit` is TLS "
+        "from the first byte, `none` is plain text.",
+    )
+    ca_file: Path | None = Field(
+        default=None, description="CA bundle to verify the server; default: system CAs."
+    )
+    username_file: Path | None = Field(default=None, description="File holding the AUTH user.")
+    password_file: Path | None = Field(default=None, description="File holding the AUTH password.")
+    connect_timeout_seconds: float = Field(default=30, gt=0, description="Connect timeout.")
+    timeout_seconds: float = Field(default=120, gt=0, description="Per-command timeout.")
+    pool_size: int = Field(default=4, ge=1, description="Connections kept open and reused.")
+
+    @model_validator(mode="after")
+    def _credentials_pair(self) -> SmtpUpstream:
+        if (self.username_file is None) != (self.password_file is None):
+            raise ValueError(
+                f"upstream {self.name!r}: set both username_file and password_file, or neither"
+            )
+        return self
+
+
+class ApiUpstream(_Model):
+    """An HTTP mail provider (implemented by a later issue)."""
+
+    type: Literal["api"] = Field(description="Selects an HTTP provider transport.")
+    name: str = Field(min_length=1, description="Unique name; a metrics label.")
+    provider: Literal[
+        "mailgun", "ses", "sparkpost", "sendgrid", "postmark", "resend", "webhook"
+    ] = Field(description="Which provider API to call.")
+    endpoint: str | None = Field(default=None, description="Override of the API base URL.")
+    region: str | None = Field(default=None, description="Provider region (SES, Mailgun EU).")
+    domain: str | None = Field(default=None, description="Sending domain (Mailgun).")
+    credentials_dir: Path | None = Field(
+        default=None, description="Directory of credential files (a mounted Secret)."
+    )
+
+
+Upstream = Annotated[SmtpUpstream | ApiUpstream, Field(discriminator="type")]
+
+
+class RouteConfig(_Model):
+    """One way out: which mail it takes and where it goes."""
+
+    name: str = Field(min_length=1, description="Unique route name; a metrics label.")
+    priority: int = Field(default=0, description="Higher priority routes are considered first.")
+    match: RouteMatch = Field(
+        default_factory=RouteMatch, description="Sender and recipient domains taken."
+    )
+    upstream: Upstream = Field(description="Primary upstream.")
+    fallbacks: list[Upstream] = Field(
+        default_factory=list,
+        description="Tried in order when the primary fails temporarily.",
+    )
+    rate_limit: RateLimit | None = Field(default=None, description="Optional token bucket.")
+    max_message_size: int | None = Field(
+        default=None, ge=1, description="Lower size limit for mail taking this route."
+    )
+
+
+class RelayConfig(_Model):
+    """The whole relay configuration."""
+
+    hostname: str = Field(
+        min_length=1, description="Our name in the SMTP greeting and Received header."
+    )
+    listener: ListenerConfig = Field(default_factory=ListenerConfig, description="SMTP listeners.")
+    auth: AuthConfig = Field(default_factory=AuthConfig, description="SMTP AUTH.")
+    allowed_networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = Field(
+        default_factory=list,
+        description="Client networks allowed to send without AUTH. Empty: none.",
+    )
+    limits: LimitsConfig = Field(default_factory=LimitsConfig, description="Limits.")
+    spool: SpoolConfig = Field(description="The durable spool.")
+    retry: RetryPolicy = Field(default_factory=RetryPolicy, description="Retry policy.")
+    delivery: DeliveryConfig = Field(default_factory=DeliveryConfig, description="Delivery engine.")
+    routes: list[RouteConfig] = Field(description="Routes; a recipient no route takes is refused.")
+    metrics: MetricsConfig = Field(
+        default_factory=MetricsConfig, description="Metrics and health HTTP server."
+    )
+    log_format: Literal["text", "json"] = Field(default="text", description="Log line format.")
+    shutdown_grace_seconds: float = Field(
+        default=30, ge=0, description="Time deliveries in flight get to finish on SIGTERM."
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RelayConfig:
+        route_names = [r.name for r in self.routes]
+        dupes = sorted({n for n in route_names if route_names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"route names must be unique; repeated: {', '.join(dupes)}")
+        upstreams: dict[str, SmtpUpstream | ApiUpstream] = {}
+        for route in self.routes:
+            for upstream in (route.upstream, *route.fallbacks):
+                seen = upstreams.get(upstream.name)
+                if seen is not None and seen != upstream:
+                    raise ValueError(
+                        f"upstream name {upstream.name!r} is used for two different upstreams; "
+                        "give each upstream its own name"
+                    )
+                upstreams[upstream.name] = upstream
+        if self.auth.users_file is not None and self.listener.tls is None:
+            raise ValueError(
+                "auth.users_file is set but listener.tls is not: AUTH is only offered after "
+                "TLS, so configure listener.tls (cert_file, key_file)"
+            )
+        if self.listener.implicit_tls_port is not None and self.listener.tls is None:
+            raise ValueError("listener.implicit_tls_port needs listener.tls")
+        if self.auth.required and self.auth.users_file is None:
+            raise ValueError(
+                "auth.required is true but auth.users_file is not set; set users_file, "
+                "or required: false for a relay that only trusts allowed_networks"
+            )
+        if self.auth.users_file is None and not self.allowed_networks:
+            raise ValueError(
+                "no auth.users_file and no allowed_networks: no client could ever send; "
+                "add a users file or allowed networks"
+            )
+        return self
+
+    def upstreams(self) -> dict[str, SmtpUpstream | ApiUpstream]:
+        """Every distinct upstream by name (primaries and fallbacks)."""
+        out: dict[str, SmtpUpstream | ApiUpstream] = {}
+        for route in self.routes:
+            for upstream in (route.upstream, *route.fallbacks):
+                out.setdefault(upstream.name, upstream)
+        return out
+
+    def referenced_files(self) -> list[Path]:
+        """Files whose content the running relay depends on, so a change means a reload."""
+        files: list[Path] = []
+        if self.listener.tls is not None:
+            files += [self.listener.tls.cert_file, self.listener.tls.key_file]
+        if self.auth.users_file is not None:
+            files.append(self.auth.users_file)
+        for upstream in self.upstreams().values():
+            if isinstance(upstream, SmtpUpstream):
+                files += [
+                    p
+                    for p in (upstream.ca_file, upstream.username_file, upstream.password_file)
+                    if p is not None
+                ]
+            elif upstream.credentials_dir is not None:
+                files.append(upstream.credentials_dir)
+        return files
+
+
+def _format_validation_error(source: str, exc: ValidationError) -> str:
+    lines = [f"{source}: invalid relay configuration ({exc.error_count()} problem(s)):"]
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = err["msg"].removeprefix("Value error, ")
+        lines.append(f"  - {where}: {msg}")
+    return "\n".join(lines)
+
+
+def _resolve_paths(config: RelayConfig, base: Path) -> RelayConfig:
+    """Relative paths in the file are relative to the file's directory, like most daemons."""
+
+    def fix(value: object) -> object:
+        if isinstance(value, Path) and not value.is_absolute():
+            return base / value
+        if isinstance(value, BaseModel):
+            updates = {name: fix(getattr(value, name)) for name in type(value).model_fields}
+            return value.model_copy(update=updates)
+        if isinstance(value, list):
+            return [fix(v) for v in value]
+        return value
+
+    fixed = fix(config)
+    assert isinstance(fixed, RelayConfig)
+    return fixed
+
+
+def parse_config(
+    text: str, *, source: str = "<config>", base_dir: Path | None = None
+) -> RelayConfig:
+    """Parse YAML text into a validated config, or raise ConfigError with a readable message."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{source}: not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping of settings at the top level")
+    try:
+        config = RelayConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(source, exc)) from exc
+    return _resolve_paths(config, base_dir) if base_dir is not None else config
+
+
+def load_config(path: Path | str) -> RelayConfig:
+    """Read and validate the config file; relative paths inside resolve against its directory."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the config file: {exc.strerror}") from exc
+    return parse_config(text, source=str(path), base_dir=path.parent.absolute())
