@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 
-from tests.support.localkube import REPO_ROOT, LocalKube, running_cluster
+from localkube import REPO_ROOT, LocalKube, running_cluster
 
 CRD_DIR = REPO_ROOT / "crds"
 EXAMPLES_DIR = REPO_ROOT / "examples"

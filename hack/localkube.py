@@ -7,9 +7,10 @@ module proxy, cached under ~/.cache/mailrelay).
 
 `LocalKube` owns one cluster: certificates, free ports, processes, a work
 directory and a kubeconfig. Tests use it through the session fixture in
-`tests/conftest.py`; people use it through the CLI at the bottom
-(`make cluster-up` / `make cluster-down`), which keeps its state in
-`.localkube/` so `down` can find what `up` started.
+`tests/conftest.py` (pytest puts `hack/` on sys.path); people use it through
+the CLI at the bottom (`python hack/localkube.py up|down`, or `make
+cluster-up` / `make cluster-down`), which keeps its state in `.localkube/` so
+`down` can find what `up` started.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[1]
 BUILD_SCRIPT = REPO_ROOT / "hack" / "build-control-plane.sh"
 CLI_STATE_DIR = REPO_ROOT / ".localkube"
 PR_SET_PDEATHSIG = 1

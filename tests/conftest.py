@@ -7,8 +7,7 @@ import secrets
 from collections.abc import Iterator
 
 import pytest
-
-from tests.support.localkube import LocalKube, running_cluster
+from localkube import LocalKube, running_cluster
 
 
 @pytest.fixture(scope="session")

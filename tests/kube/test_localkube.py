@@ -8,8 +8,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
-from tests.support.localkube import BUILD_SCRIPT, LocalKube
+from localkube import BUILD_SCRIPT, LocalKube
 
 pytestmark = pytest.mark.kube
 
