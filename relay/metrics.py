@@ -1,0 +1,137 @@
+"""Every relay metric, on a registry passed in (never prometheus-client's global one).
+
+`RelayMetrics` is created once per process and handed to the SMTP front, the spool
+gauges and the delivery engine. Label values come from fixed sets (`REJECT_REASONS`,
+listeners, results) or from config names (routes, upstreams), so cardinality is bounded.
+The front's metrics are defined here first; the delivery side adds its own below.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+__all__ = ["LISTENERS", "REJECT_REASONS", "RelayMetrics"]
+
+LISTENERS: Final = ("submission", "implicit_tls")
+
+# Why a message or recipient was refused; fixed so the label stays bounded.
+REJECT_REASONS: Final = (
+    "auth_required",  # 530 5.7.0 at MAIL: neither authenticated nor in allowed_networks
+    "sender_forbidden",  # 553 5.7.1: user may not send as this sender domain
+    "no_route",  # 550 5.7.1 at RCPT
+    "too_many_recipients",  # 452 4.5.3
+    "rate_limited",  # 450 4.7.0 at RCPT (route with on_exceed=reject)
+    "message_too_large",  # 552 5.3.4
+    "loop_detected",  # 554 5.4.6: too many Received headers
+    "low_disk",  # 452 4.3.1 at MAIL
+    "spool_error",  # 451 4.3.0: the spool write failed
+    "internal_error",  # 451 4.3.0: any other exception
+    "shutting_down",  # 421 while draining
+    "too_many_connections",  # 421 at connect
+)
+
+
+class RelayMetrics:
+    """Holds every metric; attribute names match the metric names without the prefix."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        # -- SMTP front ---------------------------------------------------------------
+        self.smtp_sessions = Counter(
+            "mailrelay_smtp_sessions",
+            "SMTP sessions opened, by listener.",
+            ["listener"],
+            registry=registry,
+        )
+        self.smtp_sessions_active = Gauge(
+            "mailrelay_smtp_sessions_active",
+            "SMTP sessions open now.",
+            registry=registry,
+        )
+        self.tls_sessions = Counter(
+            "mailrelay_smtp_tls_sessions",
+            "SMTP sessions that negotiated TLS, by mode (starttls or implicit).",
+            ["mode"],
+            registry=registry,
+        )
+        self.auth_attempts = Counter(
+            "mailrelay_smtp_auth_attempts",
+            "SMTP AUTH attempts by result (success or failure).",
+            ["result"],
+            registry=registry,
+        )
+        self.auth_failures = Counter(
+            "mailrelay_smtp_auth_failures",
+            "Failed SMTP AUTH attempts (wrong user or password).",
+            registry=registry,
+        )
+        self.messages_accepted = Counter(
+            "mailrelay_messages_accepted",
+            "Messages durably spooled and answered 250.",
+            registry=registry,
+        )
+        self.messages_rejected = Counter(
+            "mailrelay_messages_rejected",
+            "Refusals at MAIL, RCPT or DATA, by reason (a fixed set).",
+            ["reason"],
+            registry=registry,
+        )
+        self.recipients_accepted = Counter(
+            "mailrelay_recipients_accepted",
+            "Recipients of accepted messages, by route.",
+            ["route"],
+            registry=registry,
+        )
+        self.accepted_bytes = Counter(
+            "mailrelay_accepted_bytes",
+            "Bytes of accepted messages as spooled (with our Received header).",
+            registry=registry,
+        )
+        self.spool_write_seconds = Histogram(
+            "mailrelay_spool_write_seconds",
+            "Time to make one message durable (write, fsync, rename, directory fsync).",
+            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0),
+            registry=registry,
+        )
+        # -- operations ---------------------------------------------------------------
+        self.config_reloads = Counter(
+            "mailrelay_config_reloads",
+            "Configuration reloads by result (success or failure).",
+            ["result"],
+            registry=registry,
+        )
+        self.config_last_reload_success = Gauge(
+            "mailrelay_config_last_reload_successful",
+            "1 if the last reload attempt succeeded (or none happened yet), else 0.",
+            registry=registry,
+        )
+        self.config_last_reload_success.set(1)
+        self.queue_depth = Gauge(
+            "mailrelay_queue_depth",
+            "Messages in the spool's queue (not dead letters).",
+            registry=registry,
+        )
+        self.queue_oldest_age = Gauge(
+            "mailrelay_queue_oldest_message_age_seconds",
+            "Age of the oldest message in the queue; 0 when empty.",
+            registry=registry,
+        )
+        self.dead_letter_depth = Gauge(
+            "mailrelay_dead_letter_depth",
+            "Messages in the dead-letter folder.",
+            registry=registry,
+        )
+        for reason in REJECT_REASONS:
+            self.messages_rejected.labels(reason)
+        for result in ("success", "failure"):
+            self.config_reloads.labels(result)
+            self.auth_attempts.labels(result)
+        for listener in LISTENERS:
+            self.smtp_sessions.labels(listener)
+
+    def reject(self, reason: str) -> None:
+        """Count one refusal; `reason` must be one of REJECT_REASONS."""
+        assert reason in REJECT_REASONS, reason
+        self.messages_rejected.labels(reason).inc()
