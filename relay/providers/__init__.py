@@ -1,0 +1,1 @@
+"""HTTP API upstreams: one transport class per provider behind the relay's Transport protocol."""
