@@ -249,7 +249,7 @@ class SmtpUpstream(_Model):
 
 
 class ApiUpstream(_Model):
-    """An HTTP mail provider (implemented by a later issue)."""
+    """An HTTP mail provider; `docs/providers.md` lists each provider's fields and files."""
 
     type: Literal["api"] = Field(description="Selects an HTTP provider transport.")
     name: str = Field(min_length=1, description="Unique name; a metrics label.")
@@ -262,6 +262,30 @@ class ApiUpstream(_Model):
     credentials_dir: Path | None = Field(
         default=None, description="Directory of credential files (a mounted Secret)."
     )
+    connect_timeout_seconds: float = Field(default=10, gt=0, description="HTTP connect timeout.")
+    timeout_seconds: float = Field(
+        default=60, gt=0, description="HTTP read/write timeout for one API request."
+    )
+    concurrency: int = Field(default=8, ge=1, description="API requests in flight at once.")
+    ca_file: Path | None = Field(
+        default=None, description="CA bundle to verify the endpoint; default: system CAs."
+    )
+    message_stream: str | None = Field(
+        default=None, description="Postmark message stream (default: the server's outbound)."
+    )
+    configuration_set: str | None = Field(
+        default=None, description="SES configuration set name for event publishing."
+    )
+
+    @model_validator(mode="after")
+    def _provider_fields(self) -> ApiUpstream:
+        needs = {"mailgun": ("domain", self.domain), "ses": ("region", self.region)}
+        field, value = needs.get(self.provider, ("", ""))
+        if value is None:
+            raise ValueError(f"upstream {self.name!r}: provider {self.provider} needs `{field}`")
+        if self.provider == "webhook" and self.endpoint is None:
+            raise ValueError(f"upstream {self.name!r}: provider webhook needs `endpoint` (a URL)")
+        return self
 
 
 Upstream = Annotated[SmtpUpstream | ApiUpstream, Field(discriminator="type")]
@@ -368,8 +392,8 @@ class RelayConfig(_Model):
                     for p in (upstream.ca_file, upstream.username_file, upstream.password_file)
                     if p is not None
                 ]
-            elif upstream.credentials_dir is not None:
-                files.append(upstream.credentials_dir)
+            else:
+                files += [p for p in (upstream.credentials_dir, upstream.ca_file) if p is not None]
         return files
 
 
