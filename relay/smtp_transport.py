@@ -1,0 +1,486 @@
+"""SMTP upstreams: aiosmtplib behind a small connection pool, one pool per upstream.
+
+Shape:
+
+- `CredentialFiles` reads the AUTH user and password from their files, again whenever
+  a file's identity (inode, size, mtime) changes, so a rotated Kubernetes Secret is
+  picked up without a restart.
+- `SmtpConnectionPool` hands out connected, TLS-checked, authenticated `aiosmtplib.SMTP`
+  clients. At most `pool_size` are in use at once; released healthy ones wait idle and
+  are reused (after an RSET, which also proves the connection is still alive); broken
+  ones are dropped; idle ones are closed after `idle_timeout` seconds, and a connection
+  authenticated with credentials that have since changed is not reused.
+- `SmtpTransport.deliver` runs one transaction with `sendmail(mail_from, rcpts, bytes)`,
+  the original bytes unchanged, and turns every answer or exception into per-recipient
+  results: 4xx temporary, 5xx permanent, connection problems temporary for all, and
+  problems that are ours to fix (AUTH refused, STARTTLS missing, a certificate that does
+  not verify) `CONFIG_ERROR`, which keeps mail queued instead of bouncing it.
+
+TLS is never negotiated down: `starttls` passes `start_tls=True` (aiosmtplib's default
+`None` silently continues in plain text when the server offers no STARTTLS) and the
+transport checks that the socket really is TLS before any AUTH or MAIL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import ssl
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import aiosmtplib
+
+from mailrelay.relay.config import SmtpUpstream
+from mailrelay.relay.transport import Envelope, RecipientOutcome, RecipientResult, all_recipients
+
+__all__ = [
+    "CredentialFiles",
+    "PoolClosedError",
+    "PoolObserver",
+    "SmtpConnectionPool",
+    "SmtpTransport",
+    "UpstreamConfigError",
+    "classify_reply",
+]
+
+log = logging.getLogger(__name__)
+
+# Idle connections are closed after this long; upstreams commonly drop idle sessions
+# after 60-300 s, and a stale connection costs a failed RSET before reconnecting.
+DEFAULT_IDLE_TIMEOUT_SECONDS = 30.0
+# An RSET on a reused connection answers in milliseconds; this only bounds a dead peer.
+_RSET_TIMEOUT_SECONDS = 10.0
+_QUIT_TIMEOUT_SECONDS = 5.0
+# AUTH answers that mean "these credentials are wrong", as opposed to "try later" (454).
+_AUTH_CONFIG_CODES = frozenset({530, 534, 535, 538})
+
+
+class UpstreamConfigError(Exception):
+    """A connection failed for a reason only configuration can fix (TLS, AUTH)."""
+
+
+class PoolClosedError(Exception):
+    """The pool was closed (reload or shutdown) while a delivery still wanted it."""
+
+
+class PoolObserver(Protocol):
+    """Receives pool events, for metrics; the engine adapts it to prometheus."""
+
+    def connection_opened(self, upstream: str) -> None:
+        """A new connection was established and is in use."""
+
+    def connection_reused(self, upstream: str) -> None:
+        """An idle connection was handed out again."""
+
+    def connection_closed(self, upstream: str) -> None:
+        """A connection was closed (idle, broken, or at shutdown)."""
+
+
+class _NullObserver:
+    def connection_opened(self, upstream: str) -> None:
+        pass
+
+    def connection_reused(self, upstream: str) -> None:
+        pass
+
+    def connection_closed(self, upstream: str) -> None:
+        pass
+
+
+def classify_reply(code: int) -> RecipientOutcome:
+    """An SMTP reply code's meaning for a recipient: 5xx permanent, anything else temporary."""
+    return RecipientOutcome.PERMANENT if 500 <= code <= 599 else RecipientOutcome.TEMPORARY
+
+
+@dataclass(frozen=True)
+class _Credentials:
+    username: str
+    password: str
+    # Changes whenever either file changes; connections remember the one they used.
+    fingerprint: tuple[int, ...]
+
+
+def _file_identity(path: Path) -> tuple[int, ...]:
+    st = os.stat(path)
+    return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_dev)
+
+
+class CredentialFiles:
+    """The AUTH user and password, read from files and re-read when the files change."""
+
+    def __init__(self, username_file: Path, password_file: Path) -> None:
+        self._username_file = username_file
+        self._password_file = password_file
+        self._cached: _Credentials | None = None
+
+    def _read(self) -> _Credentials:
+        # Stat through the path each time: a Kubernetes Secret update swaps a symlink.
+        identity = _file_identity(self._username_file) + _file_identity(self._password_file)
+        if self._cached is not None and self._cached.fingerprint == identity:
+            return self._cached
+        username = self._username_file.read_text(encoding="utf-8").strip()
+        # Only the line break a secret file usually ends with is removed; spaces may matter.
+        password = self._password_file.read_text(encoding="utf-8").rstrip("\r\n")
+        self._cached = _Credentials(username, password, identity)
+        return self._cached
+
+    async def current(self) -> _Credentials:
+        """The credentials as the files hold them now (file I/O off the event loop)."""
+        return await asyncio.to_thread(self._read)
+
+
+@dataclass(eq=False)
+class _Connection:
+    smtp: aiosmtplib.SMTP
+    fingerprint: tuple[int, ...] | None
+    last_used: float = field(default=0.0)
+
+
+class SmtpConnectionPool:
+    """Connections to one upstream, reused across messages and bounded by `pool_size`."""
+
+    def __init__(
+        self,
+        upstream: SmtpUpstream,
+        *,
+        local_hostname: str | None = None,
+        observer: PoolObserver | None = None,
+        idle_timeout: float = DEFAULT_IDLE_TIMEOUT_SECONDS,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.upstream = upstream
+        self._local_hostname = local_hostname
+        self._observer: PoolObserver = observer or _NullObserver()
+        self._idle_timeout = idle_timeout
+        self._monotonic = monotonic
+        self._slots = asyncio.Semaphore(upstream.pool_size)
+        self._idle: list[_Connection] = []
+        self._open = 0
+        self._closed = False
+        self._reaper: asyncio.Task[None] | None = None
+        self._credentials = (
+            CredentialFiles(upstream.username_file, upstream.password_file)
+            if upstream.username_file is not None and upstream.password_file is not None
+            else None
+        )
+
+    @property
+    def open_connections(self) -> int:
+        """Connections currently open, in use or idle."""
+        return self._open
+
+    @property
+    def idle_connections(self) -> int:
+        """Connections waiting to be reused."""
+        return len(self._idle)
+
+    async def acquire(self) -> _Connection:
+        """A ready connection: reused if one is idle and alive, else newly made."""
+        if self._closed:
+            raise PoolClosedError(f"the pool for upstream {self.upstream.name!r} is closed")
+        await self._slots.acquire()
+        try:
+            credentials = await self._credentials.current() if self._credentials else None
+            fingerprint = credentials.fingerprint if credentials else None
+            while self._idle:
+                conn = self._idle.pop()  # most recently used first: likeliest alive
+                if (
+                    conn.fingerprint != fingerprint
+                    or not conn.smtp.is_connected
+                    or self._monotonic() - conn.last_used > self._idle_timeout
+                ):
+                    await self._discard(conn, polite=conn.smtp.is_connected)
+                    continue
+                try:
+                    await conn.smtp.rset(timeout=_RSET_TIMEOUT_SECONDS)
+                except (aiosmtplib.SMTPException, OSError, TimeoutError):
+                    await self._discard(conn, polite=False)
+                    continue
+                self._observer.connection_reused(self.upstream.name)
+                return conn
+            conn = await self._connect(credentials)
+            self._open += 1
+            self._observer.connection_opened(self.upstream.name)
+            return conn
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def release(self, conn: _Connection, *, reusable: bool) -> None:
+        """Give a connection back; only a healthy one in a live pool is kept."""
+        try:
+            if reusable and not self._closed and conn.smtp.is_connected:
+                conn.last_used = self._monotonic()
+                self._idle.append(conn)
+                self._ensure_reaper()
+            else:
+                self._drop(conn)
+        finally:
+            self._slots.release()
+
+    def _drop(self, conn: _Connection) -> None:
+        """Close without a QUIT; for broken connections and synchronous paths."""
+        conn.smtp.close()
+        self._open -= 1
+        self._observer.connection_closed(self.upstream.name)
+
+    async def _discard(self, conn: _Connection, *, polite: bool) -> None:
+        if polite:
+            with contextlib.suppress(aiosmtplib.SMTPException, OSError, TimeoutError):
+                await conn.smtp.quit(timeout=_QUIT_TIMEOUT_SECONDS)
+        self._drop(conn)
+
+    def _ensure_reaper(self) -> None:
+        if self._reaper is None or self._reaper.done():
+            self._reaper = asyncio.create_task(
+                self._reap(), name=f"smtp-pool-reaper-{self.upstream.name}"
+            )
+
+    async def _reap(self) -> None:
+        """Close connections idle for longer than the idle timeout, until none are idle."""
+        while self._idle and not self._closed:
+            await asyncio.sleep(self._idle_timeout / 2)
+            cutoff = self._monotonic() - self._idle_timeout
+            stale = [c for c in self._idle if c.last_used <= cutoff]
+            self._idle = [c for c in self._idle if c.last_used > cutoff]
+            for conn in stale:
+                await self._discard(conn, polite=True)
+                log.debug("Closed idle connection to upstream %s", self.upstream.name)
+
+    async def close(self) -> None:
+        """Close idle connections now; connections in use are closed when released."""
+        self._closed = True
+        if self._reaper is not None:
+            self._reaper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reaper
+        idle, self._idle = self._idle, []
+        for conn in idle:
+            await self._discard(conn, polite=True)
+
+    async def _connect(self, credentials: _Credentials | None) -> _Connection:
+        upstream = self.upstream
+        smtp = aiosmtplib.SMTP(
+            hostname=upstream.host,
+            port=upstream.port,
+            local_hostname=self._local_hostname,
+            timeout=upstream.timeout_seconds,
+            use_tls=upstream.tls == "implicit",
+            # True, not None: None would quietly go on in plain text without STARTTLS.
+            start_tls=upstream.tls == "starttls",
+            validate_certs=True,
+            cert_bundle=str(upstream.ca_file) if upstream.ca_file is not None else None,
+        )
+        try:
+            await smtp.connect(timeout=upstream.connect_timeout_seconds)
+            if upstream.tls != "none" and smtp.get_transport_info("sslcontext") is None:
+                raise UpstreamConfigError(
+                    f"upstream {upstream.name!r}: connection is not encrypted although "
+                    f"tls is {upstream.tls!r}; refusing to send"
+                )
+            if credentials is not None:
+                await smtp.login(credentials.username, credentials.password)
+        except aiosmtplib.SMTPException as exc:
+            smtp.close()
+            if "STARTTLS extension not supported" in str(exc):
+                raise UpstreamConfigError(
+                    f"upstream {upstream.name!r} at {upstream.host}:{upstream.port} does not "
+                    "offer STARTTLS and tls is 'starttls'; refusing to send in plain text "
+                    "(fix the upstream, or set tls: implicit or none deliberately)"
+                ) from exc
+            if "AUTH extension is not supported" in str(exc):
+                raise UpstreamConfigError(
+                    f"upstream {upstream.name!r} does not offer AUTH but credentials are "
+                    "configured; check the upstream's port and TLS mode"
+                ) from exc
+            raise
+        except BaseException:
+            smtp.close()
+            raise
+        return _Connection(smtp, credentials.fingerprint if credentials else None)
+
+
+def _find_cause(exc: BaseException, kind: type[BaseException]) -> BaseException | None:
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, kind):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def _reply_text(exc: aiosmtplib.SMTPResponseException) -> str:
+    return f"{exc.code} {exc.message}".strip()
+
+
+class SmtpTransport:
+    """Delivers to one SMTP upstream through its pool."""
+
+    def __init__(
+        self,
+        upstream: SmtpUpstream,
+        *,
+        local_hostname: str | None = None,
+        observer: PoolObserver | None = None,
+        idle_timeout: float = DEFAULT_IDLE_TIMEOUT_SECONDS,
+    ) -> None:
+        self.name = upstream.name
+        self.upstream = upstream
+        self.pool = SmtpConnectionPool(
+            upstream, local_hostname=local_hostname, observer=observer, idle_timeout=idle_timeout
+        )
+
+    async def close(self) -> None:
+        """Close the pool's idle connections; in-flight ones close on release."""
+        await self.pool.close()
+
+    def _connection_failure(self, envelope: Envelope, exc: BaseException) -> list[RecipientResult]:
+        where = f"upstream {self.name!r} ({self.upstream.host}:{self.upstream.port})"
+        if isinstance(exc, UpstreamConfigError):
+            return all_recipients(envelope, RecipientOutcome.CONFIG_ERROR, str(exc))
+        cert = _find_cause(exc, ssl.SSLCertVerificationError)
+        if cert is not None:
+            return all_recipients(
+                envelope,
+                RecipientOutcome.CONFIG_ERROR,
+                f"{where}: TLS certificate did not verify ({cert}); check ca_file and the "
+                "upstream's certificate",
+            )
+        if isinstance(exc, aiosmtplib.SMTPAuthenticationError):
+            detail = f"{where} refused our AUTH: {_reply_text(exc)}"
+            if exc.code in _AUTH_CONFIG_CODES:
+                return all_recipients(
+                    envelope,
+                    RecipientOutcome.CONFIG_ERROR,
+                    detail + "; check username_file and password_file",
+                    code=exc.code,
+                )
+            return all_recipients(envelope, RecipientOutcome.TEMPORARY, detail, code=exc.code)
+        if isinstance(exc, aiosmtplib.SMTPResponseException):
+            # Greeting, EHLO or STARTTLS refused: the server is not taking mail right now.
+            return all_recipients(
+                envelope,
+                RecipientOutcome.TEMPORARY,
+                f"{where} answered {_reply_text(exc)} before the transaction",
+                code=exc.code,
+            )
+        return all_recipients(
+            envelope,
+            RecipientOutcome.TEMPORARY,
+            f"{where}: {type(exc).__name__}: {exc}",
+        )
+
+    async def deliver(self, envelope: Envelope, message: bytes) -> list[RecipientResult]:
+        """Send one transaction; every recipient gets a result, nothing is raised."""
+        try:
+            conn = await self.pool.acquire()
+        except (
+            aiosmtplib.SMTPException,
+            OSError,
+            TimeoutError,
+            UpstreamConfigError,
+            PoolClosedError,
+        ) as exc:
+            return self._connection_failure(envelope, exc)
+        reusable = False
+        try:
+            results = await self._transaction(conn.smtp, envelope, message)
+            reusable = conn.smtp.is_connected
+            return results
+        finally:
+            self.pool.release(conn, reusable=reusable)
+
+    async def _transaction(
+        self, smtp: aiosmtplib.SMTP, envelope: Envelope, message: bytes
+    ) -> list[RecipientResult]:
+        options: list[str] = []
+        if smtp.is_ehlo_or_helo_needed:
+            # STARTTLS forgets the extensions; learn them again before looking at them.
+            await smtp.ehlo()
+        if envelope.smtputf8:
+            if not smtp.supports_extension("smtputf8"):
+                return all_recipients(
+                    envelope,
+                    RecipientOutcome.PERMANENT,
+                    f"upstream {self.name!r} does not support SMTPUTF8, which this message "
+                    "needs (internationalised addresses or headers, RFC 6531)",
+                )
+            options.append("SMTPUTF8")
+        if envelope.body_8bitmime and smtp.supports_extension("8bitmime"):
+            options.append("BODY=8BITMIME")
+        try:
+            refused, data_reply = await smtp.sendmail(
+                envelope.mail_from, list(envelope.recipients), message, mail_options=options
+            )
+        except aiosmtplib.SMTPRecipientsRefused as exc:
+            by_rcpt = {e.recipient: e for e in exc.recipients}
+            return [
+                RecipientResult(
+                    address=rcpt,
+                    outcome=classify_reply(by_rcpt[rcpt].code),
+                    detail=f"{_reply_text(by_rcpt[rcpt])} (RCPT)",
+                    code=by_rcpt[rcpt].code,
+                )
+                if rcpt in by_rcpt
+                else RecipientResult(rcpt, RecipientOutcome.TEMPORARY, "no answer to RCPT")
+                for rcpt in envelope.recipients
+            ]
+        except aiosmtplib.SMTPSenderRefused as exc:
+            return all_recipients(
+                envelope, classify_reply(exc.code), f"{_reply_text(exc)} (MAIL)", code=exc.code
+            )
+        except aiosmtplib.SMTPDataError as exc:
+            return all_recipients(
+                envelope, classify_reply(exc.code), f"{_reply_text(exc)} (DATA)", code=exc.code
+            )
+        except aiosmtplib.SMTPResponseException as exc:
+            return all_recipients(
+                envelope, classify_reply(exc.code), _reply_text(exc), code=exc.code
+            )
+        except aiosmtplib.SMTPNotSupported as exc:
+            return all_recipients(
+                envelope, RecipientOutcome.PERMANENT, f"upstream {self.name!r}: {exc}"
+            )
+        except ValueError as exc:
+            # aiosmtplib refuses addresses that could inject SMTP parameters.
+            return all_recipients(
+                envelope, RecipientOutcome.PERMANENT, f"unsendable address: {exc}"
+            )
+        except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
+            smtp.close()
+            return all_recipients(
+                envelope,
+                RecipientOutcome.TEMPORARY,
+                f"upstream {self.name!r}: {type(exc).__name__} during the transaction: {exc}",
+            )
+        results = []
+        for rcpt in envelope.recipients:
+            reply = refused.get(rcpt)
+            if reply is None:
+                results.append(
+                    RecipientResult(
+                        address=rcpt,
+                        outcome=RecipientOutcome.DELIVERED,
+                        detail=data_reply,
+                        remote_id=data_reply or None,
+                        code=250,
+                    )
+                )
+            else:
+                results.append(
+                    RecipientResult(
+                        address=rcpt,
+                        outcome=classify_reply(reply.code),
+                        detail=f"{reply.code} {reply.message} (RCPT)",
+                        code=reply.code,
+                    )
+                )
+        return results

@@ -1,0 +1,133 @@
+"""The delivery side's transport interface, shared by SMTP and the HTTP providers.
+
+A transport takes one envelope (a message and the recipients one route sends to one
+upstream) and returns one `RecipientResult` per recipient. It never raises for a
+delivery problem: every failure is classified into a `RecipientOutcome`, so the
+delivery engine only decides what to do next (done, retry, bounce, keep queued).
+
+`build_transport` maps an upstream from the config to its transport class. The HTTP
+providers arrive with a later issue; until then an api upstream gets
+`UnimplementedTransport`, which reports a configuration error and so keeps the mail
+queued instead of bouncing it for our own gap.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+from mailrelay.relay.config import ApiUpstream, SmtpUpstream
+
+if TYPE_CHECKING:
+    from mailrelay.relay.smtp_transport import PoolObserver
+
+__all__ = [
+    "Envelope",
+    "RecipientOutcome",
+    "RecipientResult",
+    "Transport",
+    "UnimplementedTransport",
+    "all_recipients",
+    "build_transport",
+]
+
+
+class RecipientOutcome(enum.Enum):
+    """What happened to one recipient; the engine's whole decision hangs on this."""
+
+    DELIVERED = "delivered"
+    TEMPORARY = "temporary"
+    PERMANENT = "permanent"
+    CONFIG_ERROR = "config_error"
+
+
+@dataclass(frozen=True)
+class RecipientResult:
+    """The outcome for one recipient, with the upstream's words for logs and bounces."""
+
+    address: str
+    outcome: RecipientOutcome
+    detail: str
+    retry_after: float | None = None
+    remote_id: str | None = None
+    # The SMTP reply code when there was one; bounces quote it in Diagnostic-Code.
+    code: int | None = None
+
+
+@dataclass(frozen=True)
+class Envelope:
+    """What a transport needs besides the bytes: who from, who to, which extensions."""
+
+    queue_id: str
+    mail_from: str
+    recipients: tuple[str, ...]
+    smtputf8: bool
+    body_8bitmime: bool
+
+
+@runtime_checkable
+class Transport(Protocol):
+    """One upstream. Implementations keep their own connections or HTTP clients."""
+
+    name: str
+
+    async def deliver(self, envelope: Envelope, message: bytes) -> list[RecipientResult]:
+        """Send `message` unchanged to every recipient of `envelope`; never raise."""
+        ...
+
+    async def close(self) -> None:
+        """Release connections; the transport is not used afterwards."""
+        ...
+
+
+def all_recipients(
+    envelope: Envelope,
+    outcome: RecipientOutcome,
+    detail: str,
+    *,
+    code: int | None = None,
+    retry_after: float | None = None,
+) -> list[RecipientResult]:
+    """The same result for every recipient, for failures that hit the whole transaction."""
+    return [
+        RecipientResult(
+            address=rcpt, outcome=outcome, detail=detail, code=code, retry_after=retry_after
+        )
+        for rcpt in envelope.recipients
+    ]
+
+
+class UnimplementedTransport:
+    """Stands in for an HTTP provider that does not exist yet: a configuration error."""
+
+    def __init__(self, upstream: ApiUpstream) -> None:
+        self.name = upstream.name
+        self._provider = upstream.provider
+
+    async def deliver(self, envelope: Envelope, message: bytes) -> list[RecipientResult]:
+        """Report the gap; the engine keeps the mail queued and raises the alarm."""
+        return all_recipients(
+            envelope,
+            RecipientOutcome.CONFIG_ERROR,
+            f"upstream {self.name!r}: the {self._provider!r} API provider is not implemented "
+            "in this relay version; use an smtp upstream",
+        )
+
+    async def close(self) -> None:
+        """Nothing to release."""
+
+
+def build_transport(
+    upstream: SmtpUpstream | ApiUpstream,
+    *,
+    local_hostname: str | None = None,
+    observer: PoolObserver | None = None,
+) -> Transport:
+    """The transport for one configured upstream; `local_hostname` is our EHLO name."""
+    if isinstance(upstream, SmtpUpstream):
+        # Imported here: smtp_transport imports this module, so a top-level import would cycle.
+        from mailrelay.relay.smtp_transport import SmtpTransport  # noqa: PLC0415
+
+        return SmtpTransport(upstream, local_hostname=local_hostname, observer=observer)
+    return UnimplementedTransport(upstream)

@@ -1,0 +1,225 @@
+"""Real SMTP upstreams on 127.0.0.1 for the delivery tests: aiosmtpd with TLS and AUTH.
+
+`start_upstream` runs an aiosmtpd server inside the test's event loop on a free port. It
+records every transaction (envelope, MAIL options, the exact DATA bytes, whether TLS was
+on, who authenticated) and counts TCP connections, so tests can assert on bytes and on
+pool reuse. Refusals per recipient, for MAIL or DATA, and a "down" switch (close the
+listener, later reopen on the same port) model the failures the engine must survive.
+
+`Certificates` wraps a trustme CA and a server certificate for 127.0.0.1 and localhost,
+with the CA written to a file because the relay's config takes paths.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import trustme
+from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword
+
+__all__ = [
+    "Certificates",
+    "Received",
+    "Upstream",
+    "make_certificates",
+    "start_upstream",
+]
+
+
+@dataclass
+class Certificates:
+    """A test CA, its PEM file, and a server TLS context signed by it."""
+
+    ca: trustme.CA
+    ca_file: Path
+    server_context: ssl.SSLContext
+
+
+def make_certificates(directory: Path) -> Certificates:
+    """A fresh CA and a server certificate valid for 127.0.0.1 and localhost."""
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1", "localhost")
+    ca_file = directory / "upstream-ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    cert.configure_cert(context)
+    return Certificates(ca=ca, ca_file=ca_file, server_context=context)
+
+
+@dataclass(frozen=True)
+class Received:
+    """One transaction as the upstream saw it."""
+
+    mail_from: str
+    rcpt_tos: tuple[str, ...]
+    mail_options: tuple[str, ...]
+    data: bytes
+    tls: bool
+    auth_user: str | None
+
+
+@dataclass
+class _Handler:
+    owner: Upstream
+
+    async def handle_RCPT(
+        self, server: SMTP, session: Any, envelope: Any, address: str, rcpt_options: list[str]
+    ) -> str:
+        reply = self.owner.refuse_rcpt.get(address)
+        if reply is not None:
+            return reply
+        envelope.rcpt_tos.append(address)
+        envelope.rcpt_options.extend(rcpt_options)
+        return "250 2.1.5 OK"
+
+    async def handle_MAIL(
+        self, server: SMTP, session: Any, envelope: Any, address: str, mail_options: list[str]
+    ) -> str:
+        if self.owner.refuse_mail is not None:
+            return self.owner.refuse_mail
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return "250 2.1.0 OK"
+
+    async def handle_DATA(self, server: SMTP, session: Any, envelope: Any) -> str:
+        if self.owner.refuse_data is not None:
+            return self.owner.refuse_data
+        if self.owner.data_delay:
+            await asyncio.sleep(self.owner.data_delay)
+        user = session.auth_data.login.decode() if session.auth_data is not None else None
+        self.owner.messages.append(
+            Received(
+                mail_from=envelope.mail_from,
+                rcpt_tos=tuple(envelope.rcpt_tos),
+                mail_options=tuple(envelope.mail_options),
+                data=envelope.original_content,
+                tls=server.transport is not None
+                and server.transport.get_extra_info("sslcontext") is not None,
+                auth_user=user,
+            )
+        )
+        self.owner.arrived.set()
+        return f"250 2.0.0 Ok: queued as U{len(self.owner.messages)}"
+
+
+@dataclass
+class Upstream:
+    """A running aiosmtpd upstream and what it saw."""
+
+    host: str
+    port: int
+    tls: Literal["starttls", "implicit", "none"]
+    server_context: ssl.SSLContext | None
+    users: dict[str, str] | None
+    smtputf8: bool
+    messages: list[Received] = field(default_factory=list)
+    connections: int = 0
+    auth_failures: int = 0
+    refuse_rcpt: dict[str, str] = field(default_factory=dict)
+    refuse_mail: str | None = None
+    refuse_data: str | None = None
+    data_delay: float = 0.0
+    arrived: asyncio.Event = field(default_factory=asyncio.Event)
+    _server: asyncio.Server | None = None
+    _protocols: list[SMTP] = field(default_factory=list)
+
+    def _authenticate(
+        self, server: SMTP, session: Any, envelope: Any, mechanism: str, auth_data: Any
+    ) -> AuthResult:
+        assert self.users is not None
+        if isinstance(auth_data, LoginPassword):
+            user = auth_data.login.decode()
+            if self.users.get(user) == auth_data.password.decode():
+                return AuthResult(success=True, auth_data=auth_data)
+        self.auth_failures += 1
+        # handled=False makes aiosmtpd answer 535 5.7.8 instead of leaving the client hanging.
+        return AuthResult(success=False, handled=False)
+
+    def _factory(self) -> SMTP:
+        self.connections += 1
+        smtp = SMTP(
+            _Handler(self),
+            hostname="upstream.test",
+            enable_SMTPUTF8=self.smtputf8,
+            tls_context=self.server_context if self.tls == "starttls" else None,
+            require_starttls=self.tls == "starttls",
+            authenticator=self._authenticate if self.users is not None else None,
+            # aiosmtpd warns (an error under pytest) when AUTH is required without TLS.
+            auth_required=self.users is not None and self.tls == "starttls",
+            # On implicit TLS aiosmtpd does not know the socket is encrypted.
+            auth_require_tls=self.tls == "starttls",
+            loop=asyncio.get_running_loop(),
+        )
+        self._protocols.append(smtp)
+        return smtp
+
+    async def start(self) -> None:
+        """Listen (again) on `port`; 0 picks a free one the first time."""
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            self._factory,
+            host=self.host,
+            port=self.port,
+            ssl=self.server_context if self.tls == "implicit" else None,
+            reuse_address=True,
+        )
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def go_down(self) -> None:
+        """Stop listening and cut every open connection, like a crashed server."""
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+        for proto in self._protocols:
+            if proto.transport is not None:
+                proto.transport.close()
+            task = getattr(proto, "_handler_coroutine", None)
+            if task is not None:
+                task.cancel()
+        self._protocols.clear()
+        await asyncio.sleep(0)
+
+    async def stop(self) -> None:
+        """Shut down for good (test teardown)."""
+        await self.go_down()
+
+    async def wait_for(self, count: int, within: float = 10.0) -> None:
+        """Wait until `count` transactions have arrived."""
+
+        async def _wait() -> None:
+            while len(self.messages) < count:
+                self.arrived.clear()
+                await self.arrived.wait()
+
+        await asyncio.wait_for(_wait(), within)
+
+
+async def start_upstream(
+    *,
+    tls: Literal["starttls", "implicit", "none"] = "starttls",
+    certs: Certificates | None = None,
+    users: dict[str, str] | None = None,
+    smtputf8: bool = True,
+    configure: Callable[[Upstream], None] | None = None,
+) -> Upstream:
+    """Start an upstream on 127.0.0.1; `certs` is needed unless tls is 'none'."""
+    if tls != "none" and certs is None:
+        raise ValueError("a TLS upstream needs certificates")
+    upstream = Upstream(
+        host="127.0.0.1",
+        port=0,
+        tls=tls,
+        server_context=certs.server_context if certs is not None else None,
+        users=users,
+        smtputf8=smtputf8,
+    )
+    if configure is not None:
+        configure(upstream)
+    await upstream.start()
+    return upstream

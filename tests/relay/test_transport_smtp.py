@@ -1,0 +1,384 @@
+"""The SMTP transport against real aiosmtpd upstreams on 127.0.0.1 (TLS via trustme, AUTH).
+
+Each test starts its own upstream, delivers through `SmtpTransport`, and checks both what
+the transport reported and what the upstream actually received, byte for byte.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mailrelay.relay.config import SmtpUpstream
+from mailrelay.relay.smtp_transport import SmtpTransport
+from mailrelay.relay.transport import Envelope, RecipientOutcome, build_transport
+from tests.relay.delivery_fixtures import (
+    Certificates,
+    Upstream,
+    make_certificates,
+    start_upstream,
+)
+
+MESSAGE = (
+    b"Received: from client.test by relay.test; Mon, 30 Nov 2026 23:00:00 +0000\r\n"
+    b"From: Alice <alice@example.com>\r\n"
+    b"To: bob@example.net\r\n"
+    b"Subject: hello\r\n"
+    b"Message-ID: <m1@example.com>\r\n"
+    b"\r\n"
+    b"Line one.\r\n"
+    b".leading dot stays\r\n"
+    b"Trailing spaces   \r\n"
+)
+
+
+class Harness:
+    """Collects what a test starts so teardown closes it even when the test fails."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.tmp_path = tmp_path
+        self.certs: Certificates = make_certificates(tmp_path)
+        self.upstreams: list[Upstream] = []
+        self.transports: list[SmtpTransport] = []
+
+    async def upstream(self, **kwargs: Any) -> Upstream:
+        kwargs.setdefault("certs", self.certs)
+        up = await start_upstream(**kwargs)
+        self.upstreams.append(up)
+        return up
+
+    def credentials(self, user: str, password: str) -> tuple[Path, Path]:
+        user_file = self.tmp_path / "username"
+        password_file = self.tmp_path / "password"
+        user_file.write_text(user + "\n")
+        password_file.write_text(password + "\n")
+        return user_file, password_file
+
+    def transport(self, up: Upstream, **fields: Any) -> SmtpTransport:
+        idle_timeout = fields.pop("idle_timeout", 30.0)
+        fields.setdefault("tls", up.tls)
+        fields.setdefault("ca_file", self.certs.ca_file)
+        config = SmtpUpstream(
+            type="smtp",
+            name=fields.pop("name", "primary"),
+            host=up.host,
+            port=up.port,
+            connect_timeout_seconds=fields.pop("connect_timeout_seconds", 5),
+            timeout_seconds=fields.pop("timeout_seconds", 5),
+            **fields,
+        )
+        transport = SmtpTransport(config, local_hostname="relay.test", idle_timeout=idle_timeout)
+        self.transports.append(transport)
+        return transport
+
+    async def close(self) -> None:
+        for transport in self.transports:
+            await transport.close()
+        for up in self.upstreams:
+            await up.stop()
+
+
+@pytest.fixture
+async def harness(tmp_path: Path) -> AsyncIterator[Harness]:
+    h = Harness(tmp_path)
+    yield h
+    await h.close()
+
+
+def envelope(*rcpts: str, mail_from: str = "alice@example.com", **flags: bool) -> Envelope:
+    return Envelope(
+        queue_id="Q1",
+        mail_from=mail_from,
+        recipients=rcpts or ("bob@example.net",),
+        smtputf8=flags.get("smtputf8", False),
+        body_8bitmime=flags.get("body_8bitmime", False),
+    )
+
+
+async def test_starttls_auth_delivers_exact_bytes(harness: Harness) -> None:
+    up = await harness.upstream(tls="starttls", users={"relay": "s3cret"})
+    user_file, password_file = harness.credentials("relay", "s3cret")
+    transport = harness.transport(up, username_file=user_file, password_file=password_file)
+
+    results = await transport.deliver(envelope("bob@example.net", "carol@example.org"), MESSAGE)
+
+    assert [r.outcome for r in results] == [RecipientOutcome.DELIVERED] * 2
+    assert results[0].remote_id is not None and "queued as U1" in results[0].remote_id
+    [got] = up.messages
+    assert got.data == MESSAGE
+    assert got.mail_from == "alice@example.com"
+    assert got.rcpt_tos == ("bob@example.net", "carol@example.org")
+    assert got.tls is True
+    assert got.auth_user == "relay"
+
+
+async def test_implicit_tls_delivers(harness: Harness) -> None:
+    up = await harness.upstream(tls="implicit", users={"relay": "pw"})
+    user_file, password_file = harness.credentials("relay", "pw")
+    transport = harness.transport(up, username_file=user_file, password_file=password_file)
+
+    [result] = await transport.deliver(envelope(), MESSAGE)
+
+    assert result.outcome is RecipientOutcome.DELIVERED
+    assert up.messages[0].tls is True
+    assert up.messages[0].data == MESSAGE
+
+
+async def test_plaintext_when_configured_none(harness: Harness) -> None:
+    up = await harness.upstream(tls="none", certs=None)
+    transport = harness.transport(up, tls="none", ca_file=None)
+
+    [result] = await transport.deliver(envelope(), MESSAGE)
+
+    assert result.outcome is RecipientOutcome.DELIVERED
+    assert up.messages[0].tls is False
+
+
+async def test_starttls_required_never_downgrades(harness: Harness) -> None:
+    # The server offers no STARTTLS at all; the transport is configured to require it.
+    up = await harness.upstream(tls="none", certs=None, users={"relay": "pw"})
+    user_file, password_file = harness.credentials("relay", "pw")
+    transport = harness.transport(
+        up, tls="starttls", username_file=user_file, password_file=password_file
+    )
+
+    [result] = await transport.deliver(envelope(), MESSAGE)
+
+    assert result.outcome is RecipientOutcome.CONFIG_ERROR
+    assert "does not offer STARTTLS" in result.detail
+    assert up.messages == []
+    # No credentials were sent in plain text either.
+    assert up.auth_failures == 0
+    assert transport.pool.open_connections == 0
+
+
+async def test_wrong_credentials_are_a_config_error(harness: Harness) -> None:
+    up = await harness.upstream(tls="starttls", users={"relay": "right"})
+    user_file, password_file = harness.credentials("relay", "wrong")
+    transport = harness.transport(up, username_file=user_file, password_file=password_file)
+
+    results = await transport.deliver(envelope("a@example.net", "b@example.net"), MESSAGE)
+
+    assert {r.outcome for r in results} == {RecipientOutcome.CONFIG_ERROR}
+    assert results[0].code == 535
+    assert up.auth_failures >= 1
+    assert up.messages == []
+
+
+async def test_certificate_from_another_ca_is_refused(harness: Harness, tmp_path: Path) -> None:
+    up = await harness.upstream(tls="starttls")
+    (tmp_path / "other").mkdir()
+    other = make_certificates(tmp_path / "other")
+    transport = harness.transport(up, ca_file=other.ca_file)
+
+    [result] = await transport.deliver(envelope(), MESSAGE)
+
+    assert result.outcome is RecipientOutcome.CONFIG_ERROR
+    assert "did not verify" in result.detail
+    assert up.messages == []
+
+
+async def test_partial_recipient_failure(harness: Harness) -> None:
+    up = await harness.upstream(tls="starttls")
+    up.refuse_rcpt["gone@example.net"] = "550 5.1.1 No such user"
+    up.refuse_rcpt["busy@example.net"] = "451 4.2.1 Mailbox busy"
+    transport = harness.transport(up)
+
+    results = await transport.deliver(
+        envelope("bob@example.net", "gone@example.net", "busy@example.net"), MESSAGE
+    )
+
+    by_rcpt = {r.address: r for r in results}
+    assert by_rcpt["bob@example.net"].outcome is RecipientOutcome.DELIVERED
+    assert by_rcpt["gone@example.net"].outcome is RecipientOutcome.PERMANENT
+    assert by_rcpt["gone@example.net"].code == 550
+    assert "5.1.1" in by_rcpt["gone@example.net"].detail
+    assert by_rcpt["busy@example.net"].outcome is RecipientOutcome.TEMPORARY
+    assert up.messages[0].rcpt_tos == ("bob@example.net",)
+
+
+async def test_all_recipients_refused_are_reported_each(harness: Harness) -> None:
+    up = await harness.upstream(tls="starttls")
+    up.refuse_rcpt["x@example.net"] = "550 5.1.1 No such user"
+    up.refuse_rcpt["y@example.net"] = "452 4.2.2 Over quota"
+    transport = harness.transport(up)
+
+    results = await transport.deliver(envelope("x@example.net", "y@example.net"), MESSAGE)
+
+    assert [r.outcome for r in results] == [
+        RecipientOutcome.PERMANENT,
+        RecipientOutcome.TEMPORARY,
+    ]
+    # The connection survives a refused envelope and is reused for the next message.
+    [ok] = await transport.deliver(envelope("z@example.net"), MESSAGE)
+    assert ok.outcome is RecipientOutcome.DELIVERED
+    assert up.connections == 1
+
+
+@pytest.mark.parametrize(
+    ("where", "reply", "outcome"),
+    [
+        ("mail", "550 5.7.1 Sender rejected", RecipientOutcome.PERMANENT),
+        ("mail", "451 4.3.0 Try later", RecipientOutcome.TEMPORARY),
+        ("data", "554 5.6.0 Content rejected", RecipientOutcome.PERMANENT),
+        ("data", "452 4.3.1 Out of storage", RecipientOutcome.TEMPORARY),
+    ],
+)
+async def test_mail_and_data_refusals_hit_every_recipient(
+    harness: Harness, where: str, reply: str, outcome: RecipientOutcome
+) -> None:
+    up = await harness.upstream(tls="starttls")
+    if where == "mail":
+        up.refuse_mail = reply
+    else:
+        up.refuse_data = reply
+    transport = harness.transport(up)
+
+    results = await transport.deliver(envelope("a@example.net", "b@example.net"), MESSAGE)
+
+    assert [r.outcome for r in results] == [outcome, outcome]
+    assert results[0].code == int(reply[:3])
+    assert reply[4:] in results[0].detail
+
+
+async def test_upstream_down_is_temporary(harness: Harness) -> None:
+    up = await harness.upstream(tls="starttls")
+    transport = harness.transport(up, connect_timeout_seconds=2)
+    await up.go_down()
+
+    [result] = await transport.deliver(envelope(), MESSAGE)
+
+    assert result.outcome is RecipientOutcome.TEMPORARY
+    assert transport.pool.open_connections == 0
+
+
+async def test_broken_pooled_connection_is_replaced(harness: Harness) -> None:
+    up = await harness.upstream(tls="starttls")
+    transport = harness.transport(up)
+    [first] = await transport.deliver(envelope(), MESSAGE)
+    assert first.outcome is RecipientOutcome.DELIVERED
+    assert transport.pool.idle_connections == 1
+
+    # The upstream restarts: the idle pooled connection is now dead.
+    await up.go_down()
+    await up.start()
+    [second] = await transport.deliver(envelope(), MESSAGE)
+
+    assert second.outcome is RecipientOutcome.DELIVERED
+    assert len(up.messages) == 2
+    assert up.connections == 2
+    assert transport.pool.open_connections == 1
+
+
+async def test_pool_reuses_connections_sequentially(harness: Harness) -> None:
+    up = await harness.upstream(tls="starttls", users={"relay": "pw"})
+    user_file, password_file = harness.credentials("relay", "pw")
+    transport = harness.transport(up, username_file=user_file, password_file=password_file)
+
+    for i in range(5):
+        [result] = await transport.deliver(envelope(f"r{i}@example.net"), MESSAGE)
+        assert result.outcome is RecipientOutcome.DELIVERED
+
+    assert len(up.messages) == 5
+    assert up.connections == 1
+
+
+async def test_pool_is_bounded_under_concurrency(harness: Harness) -> None:
+    up = await harness.upstream(tls="starttls")
+    up.data_delay = 0.05
+    transport = harness.transport(up, pool_size=2)
+
+    batches = await asyncio.gather(
+        *(transport.deliver(envelope(f"r{i}@example.net"), MESSAGE) for i in range(8))
+    )
+
+    assert all(r.outcome is RecipientOutcome.DELIVERED for batch in batches for r in batch)
+    assert len(up.messages) == 8
+    assert up.connections == 2
+    assert transport.pool.open_connections == 2
+
+
+async def test_idle_connections_are_closed(harness: Harness) -> None:
+    up = await harness.upstream(tls="starttls")
+    transport = harness.transport(up, idle_timeout=0.2)
+    await transport.deliver(envelope(), MESSAGE)
+    assert transport.pool.open_connections == 1
+
+    for _ in range(50):
+        if transport.pool.open_connections == 0:
+            break
+        await asyncio.sleep(0.05)
+
+    assert transport.pool.open_connections == 0
+    [again] = await transport.deliver(envelope(), MESSAGE)
+    assert again.outcome is RecipientOutcome.DELIVERED
+    assert up.connections == 2
+
+
+async def test_rotated_credentials_are_used_for_new_connections(harness: Harness) -> None:
+    up = await harness.upstream(tls="starttls", users={"relay": "old"})
+    user_file, password_file = harness.credentials("relay", "old")
+    transport = harness.transport(up, username_file=user_file, password_file=password_file)
+    [first] = await transport.deliver(envelope(), MESSAGE)
+    assert first.outcome is RecipientOutcome.DELIVERED
+
+    # The secret rotates: the upstream accepts only the new password from now on, and
+    # the file is replaced the way a Kubernetes Secret volume does it (new inode).
+    assert up.users is not None
+    up.users["relay"] = "new"
+    replacement = password_file.with_suffix(".new")
+    replacement.write_text("new\n")
+    os.replace(replacement, password_file)
+    [second] = await transport.deliver(envelope(), MESSAGE)
+
+    assert second.outcome is RecipientOutcome.DELIVERED
+    assert up.connections == 2
+    assert up.auth_failures == 0
+
+
+async def test_smtputf8_message_needs_smtputf8_upstream(harness: Harness) -> None:
+    plain = await harness.upstream(tls="starttls", smtputf8=False)
+    capable = await harness.upstream(tls="starttls", smtputf8=True)
+    message = "From: jürgen@exämple.com\r\nSubject: grüße\r\n\r\nHallo\r\n".encode()
+    env = envelope("zoë@example.net", mail_from="jürgen@exämple.com", smtputf8=True)
+
+    [refused] = await harness.transport(plain, name="plain").deliver(env, message)
+    [sent] = await harness.transport(capable, name="capable").deliver(env, message)
+
+    assert refused.outcome is RecipientOutcome.PERMANENT
+    assert "SMTPUTF8" in refused.detail
+    assert plain.messages == []
+    assert sent.outcome is RecipientOutcome.DELIVERED
+    assert "SMTPUTF8" in capable.messages[0].mail_options
+    assert capable.messages[0].data == message
+    assert capable.messages[0].rcpt_tos == ("zoë@example.net",)
+
+
+async def test_8bitmime_body_is_announced(harness: Harness) -> None:
+    up = await harness.upstream(tls="starttls")
+    message = "Subject: x\r\nContent-Transfer-Encoding: 8bit\r\n\r\nÄpfel\r\n".encode()
+
+    [result] = await harness.transport(up).deliver(envelope(body_8bitmime=True), message)
+
+    assert result.outcome is RecipientOutcome.DELIVERED
+    assert "BODY=8BITMIME" in up.messages[0].mail_options
+    assert up.messages[0].data == message
+
+
+async def test_null_sender_is_sent_as_empty_reverse_path(harness: Harness) -> None:
+    up = await harness.upstream(tls="starttls")
+
+    [result] = await harness.transport(up).deliver(envelope(mail_from=""), MESSAGE)
+
+    assert result.outcome is RecipientOutcome.DELIVERED
+    assert up.messages[0].mail_from == "<>"
+
+
+def test_build_transport_picks_the_class() -> None:
+    smtp = SmtpUpstream(type="smtp", name="s", host="127.0.0.1")
+    assert isinstance(build_transport(smtp), SmtpTransport)
