@@ -1,0 +1,1116 @@
+"""Typed models of the MailRelay and MailRoute custom resources (group mailrelay.dev).
+
+These models are the single source of truth for the API: the operator validates every spec
+with them (``MailRelaySpec.model_validate(spec)``) and ``crdgen`` turns their JSON schema into
+the CRDs' structural ``openAPIV3Schema``.
+
+Shape of the module:
+
+* ``KubeModel``: the base class (camelCase on the wire, unknown fields refused, no coercion
+  of ``"yes"`` into ``True``), and the reusable string types (names, ports, durations, CIDRs,
+  domain patterns) with their patterns and bounds.
+* Shared parts: object references, ``Condition``, label selectors, pod knobs.
+* ``MailRelaySpec`` / ``MailRelayStatus`` and their parts (listener, auth, limits, queue, ...).
+* ``MailRouteSpec`` / ``MailRouteStatus`` and their parts (match, upstreams, rate limit).
+
+Cross-field rules live twice, side by side on the model they constrain: as a CEL rule in
+``json_schema_extra`` (checked by the API server, copied into the CRD by ``crdgen``) and as a
+pydantic validator (checked by the operator). Both use the same message constant, and the
+tests feed both the same table of invalid manifests so the two cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from datetime import datetime, timedelta
+from typing import Annotated, Any, Literal, Self
+from urllib.parse import urlsplit
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic.alias_generators import to_camel
+
+GROUP = "mailrelay.dev"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+
+# Regular expressions shared by pydantic (``pattern=``) and the API server (OpenAPI ``pattern``
+# and CEL ``matches``). They stay within the RE2 subset so both engines read them alike.
+DNS1123_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+DNS1035_LABEL = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
+HOSTNAME = (
+    r"^[A-Za-z0-9]([-A-Za-z0-9]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([-A-Za-z0-9]{0,61}[A-Za-z0-9])?)*$"
+)
+DOMAIN_PATTERN = (
+    r"^(\*\.)?[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?(\.[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?)*$"
+)
+SECRET_KEY = r"^[-._a-zA-Z0-9]+$"
+DURATION = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$"
+QUANTITY = (
+    r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]"
+    r"|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
+)
+PERCENT = r"^[0-9]+%$"
+AWS_REGION = r"^[a-z]{2}(-[a-z]+)+-[0-9]+$"
+CONDITION_TYPE = (
+    r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
+    r"(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])$"
+)
+CONDITION_REASON = r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$"
+
+MIB = 1024 * 1024
+
+
+def cel(
+    rule: str,
+    message: str,
+    *,
+    field_path: str | None = None,
+    reason: str | None = None,
+) -> dict[str, str]:
+    """One ``x-kubernetes-validations`` entry; ``field_path`` points the error at a subfield."""
+    entry = {"rule": rule, "message": message}
+    if field_path is not None:
+        entry["fieldPath"] = field_path
+    if reason is not None:
+        entry["reason"] = reason
+    return entry
+
+
+def validations(*rules: dict[str, str]) -> dict[str, Any]:
+    """The ``json_schema_extra`` that carries CEL rules into the generated CRD."""
+    return {"x-kubernetes-validations": list(rules)}
+
+
+class KubeModel(BaseModel):
+    """Base of every resource part: the wire format of a Kubernetes object."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        populate_by_name=True,
+        extra="forbid",
+        strict=True,
+        frozen=True,
+    )
+
+
+# --- Reusable scalar types -------------------------------------------------------------------
+
+
+def _check_cidr(value: str) -> str:
+    """Accept what the API server's CEL ``isCIDR`` accepts: an address, a slash, a length."""
+    address, slash, length = value.partition("/")
+    if not slash or not length.isdigit():
+        raise ValueError(f"{value!r} is not a CIDR: write it as 10.0.0.0/8 or fd00::/8")
+    try:
+        ipaddress.ip_network(f"{address}/{length}", strict=False)
+    except ValueError as error:
+        raise ValueError(f"{value!r} is not a CIDR: {error}") from None
+    return value
+
+
+def _check_host(value: str) -> str:
+    """A host is a DNS name or an IP address, as the CEL rule beside the field says."""
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        if not re.match(HOSTNAME, value):
+            raise ValueError(HOST_MESSAGE) from None
+    return value
+
+
+def _check_duration(value: str) -> str:
+    parse_duration(value)
+    return value
+
+
+def _check_endpoint(value: str) -> str:
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(ENDPOINT_MESSAGE)
+    return value
+
+
+def parse_duration(value: str) -> timedelta:
+    """Parse the Go-style durations the API server's CEL ``duration()`` also reads (``90s``)."""
+    if not re.fullmatch(DURATION[1:-1], value):
+        raise ValueError(f"{value!r} is not a duration: use Go syntax such as 30s, 5m, 1h30m")
+    units = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+    seconds = sum(
+        float(number) * units[unit]
+        for number, _, unit in re.findall(r"([0-9]+(\.[0-9]+)?)(ms|s|m|h)", value)
+    )
+    return timedelta(seconds=seconds)
+
+
+CIDR_MESSAGE = "must be a CIDR such as 10.0.0.0/8 or fd00::/8"
+HOST_MESSAGE = "must be a DNS name such as smtp.example.com or an IP address"
+ENDPOINT_MESSAGE = "must be an absolute http:// or https:// URL"
+
+Port = Annotated[int, Field(ge=1, le=65535)]
+ObjectName = Annotated[str, Field(min_length=1, max_length=253, pattern=DNS1123_SUBDOMAIN)]
+SecretKey = Annotated[str, Field(min_length=1, max_length=253, pattern=SECRET_KEY)]
+Duration = Annotated[str, Field(max_length=32, pattern=DURATION), AfterValidator(_check_duration)]
+Quantity = Annotated[
+    int | Annotated[str, Field(max_length=64, pattern=QUANTITY)],
+    Field(description="A Kubernetes quantity such as 500m, 256Mi or 2."),
+]
+IntOrPercent = Annotated[int, Field(ge=0)] | Annotated[str, Field(max_length=4, pattern=PERCENT)]
+Cidr = Annotated[
+    str,
+    Field(
+        min_length=3,
+        max_length=64,
+        description="A network in CIDR notation.",
+        json_schema_extra=validations(cel("isCIDR(self)", CIDR_MESSAGE)),
+    ),
+    AfterValidator(_check_cidr),
+]
+Host = Annotated[
+    str,
+    Field(
+        min_length=1,
+        max_length=253,
+        json_schema_extra=validations(
+            cel(f"isIP(self) || self.matches(r'{HOSTNAME}')", HOST_MESSAGE),
+        ),
+    ),
+    AfterValidator(_check_host),
+]
+DomainPattern = Annotated[
+    str,
+    Field(
+        min_length=1,
+        max_length=253,
+        pattern=DOMAIN_PATTERN,
+        description=(
+            "A lowercase domain (example.com) or a subdomain wildcard (*.example.com, which "
+            "matches every subdomain but not example.com itself)."
+        ),
+    ),
+]
+Labels = Annotated[dict[str, Annotated[str, Field(max_length=63)]], Field(max_length=64)]
+Annotations = Annotated[dict[str, Annotated[str, Field(max_length=4096)]], Field(max_length=64)]
+
+
+# --- Shared parts ----------------------------------------------------------------------------
+
+
+class LocalObjectReference(KubeModel):
+    """A reference to an object of a known kind in the same namespace."""
+
+    name: ObjectName = Field(description="Name of the referenced object, in this namespace.")
+
+
+class SecretKeyReference(KubeModel):
+    """One key of a Secret in the same namespace."""
+
+    name: ObjectName = Field(description="Name of the Secret, in this namespace.")
+    key: SecretKey = Field(description="Key inside the Secret's data.")
+
+
+class Condition(KubeModel):
+    """The standard Kubernetes condition (metav1.Condition), as kubectl and tools expect it."""
+
+    type: str = Field(
+        max_length=316,
+        pattern=CONDITION_TYPE,
+        description="Type of condition in CamelCase, such as Ready.",
+    )
+    status: Literal["True", "False", "Unknown"] = Field(
+        description="Status of the condition: True, False or Unknown."
+    )
+    reason: str = Field(
+        min_length=1,
+        max_length=1024,
+        pattern=CONDITION_REASON,
+        description="A CamelCase, machine-readable reason for the last transition.",
+    )
+    message: str = Field(
+        default="",
+        max_length=32768,
+        description="A human-readable message about the transition; may be empty.",
+    )
+    observed_generation: int | None = Field(
+        default=None,
+        ge=0,
+        description="The .metadata.generation the condition was set for.",
+    )
+    last_transition_time: datetime = Field(
+        strict=False,
+        description="When the condition last changed status (RFC 3339).",
+    )
+
+
+SELECTOR_VALUES_MESSAGE = (
+    "values must be non-empty for In and NotIn and empty for Exists and DoesNotExist"
+)
+
+
+class LabelSelectorRequirement(KubeModel):
+    """One expression of a label selector, as in metav1.LabelSelectorRequirement."""
+
+    model_config = ConfigDict(
+        json_schema_extra=validations(
+            cel(
+                "(self.operator in ['In', 'NotIn']) == (size(self.values) > 0)",
+                SELECTOR_VALUES_MESSAGE,
+                field_path=".values",
+            )
+        )
+    )
+
+    key: str = Field(min_length=1, max_length=317, description="The label key.")
+    operator: Literal["In", "NotIn", "Exists", "DoesNotExist"] = Field(
+        description="How the key relates to the values."
+    )
+    values: list[Annotated[str, Field(max_length=63)]] = Field(
+        default_factory=list,
+        max_length=64,
+        description="Label values for In and NotIn; empty for Exists and DoesNotExist.",
+    )
+
+    @model_validator(mode="after")
+    def _values_fit_operator(self) -> Self:
+        if (self.operator in ("In", "NotIn")) != bool(self.values):
+            raise ValueError(SELECTOR_VALUES_MESSAGE)
+        return self
+
+
+class LabelSelector(KubeModel):
+    """A label selector, as in metav1.LabelSelector; all terms must match."""
+
+    match_labels: Labels = Field(
+        default_factory=dict, description="Labels that must all be present with these values."
+    )
+    match_expressions: list[LabelSelectorRequirement] = Field(
+        default_factory=list,
+        max_length=16,
+        description="Expressions that must all hold.",
+    )
+
+
+class ResourceRequirements(KubeModel):
+    """CPU and memory for the relay container, as in core/v1 ResourceRequirements."""
+
+    requests: dict[str, Quantity] = Field(
+        default_factory=dict,
+        max_length=16,
+        description="Minimum resources the scheduler reserves, such as cpu: 100m.",
+    )
+    limits: dict[str, Quantity] = Field(
+        default_factory=dict,
+        max_length=16,
+        description="Maximum resources the container may use, such as memory: 256Mi.",
+    )
+
+
+class Toleration(KubeModel):
+    """A pod toleration, as in core/v1 Toleration."""
+
+    key: str | None = Field(
+        default=None, max_length=317, description="Taint key; empty with Exists matches all."
+    )
+    operator: Literal["Exists", "Equal"] = Field(
+        default="Equal", description="Equal compares the value; Exists matches any value."
+    )
+    value: str | None = Field(default=None, max_length=63, description="Taint value for Equal.")
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(
+        default=None, description="Taint effect to tolerate; unset tolerates every effect."
+    )
+    toleration_seconds: int | None = Field(
+        default=None,
+        ge=0,
+        description="For NoExecute: how long the pod stays bound after the taint appears.",
+    )
+
+
+PDB_EXCLUSIVE_MESSAGE = "set at most one of minAvailable and maxUnavailable"
+
+
+class PodDisruptionBudget(KubeModel):
+    """How many relay pods voluntary disruptions (drains, upgrades) may take down at once."""
+
+    model_config = ConfigDict(
+        json_schema_extra=validations(
+            cel("!(has(self.minAvailable) && has(self.maxUnavailable))", PDB_EXCLUSIVE_MESSAGE)
+        )
+    )
+
+    enabled: bool = Field(
+        default=True, description="Create a PodDisruptionBudget when replicas is above 1."
+    )
+    min_available: IntOrPercent | None = Field(
+        default=None, description="Pods that must stay available, as a number or a percentage."
+    )
+    max_unavailable: IntOrPercent | None = Field(
+        default=None,
+        description=(
+            "Pods that may be unavailable, as a number or a percentage; "
+            "1 when neither this nor minAvailable is set."
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _one_bound(self) -> Self:
+        if self.min_available is not None and self.max_unavailable is not None:
+            raise ValueError(PDB_EXCLUSIVE_MESSAGE)
+        return self
+
+
+# --- MailRelay -------------------------------------------------------------------------------
+
+
+class ListenerTls(KubeModel):
+    """The certificate the relay presents for STARTTLS and implicit TLS."""
+
+    secret_name: ObjectName = Field(
+        description=(
+            "Name of a kubernetes.io/tls Secret (tls.crt, tls.key) in this namespace, "
+            "such as the one cert-manager writes for a Certificate."
+        )
+    )
+    min_version: Literal["TLSv1.2", "TLSv1.3"] = Field(
+        default="TLSv1.2", description="Oldest TLS version clients may negotiate."
+    )
+
+
+IMPLICIT_TLS_NEEDS_CERT_MESSAGE = (
+    "implicitTlsPort needs tls.secretName: implicit TLS needs a certificate"
+)
+IMPLICIT_TLS_PORT_CLASH_MESSAGE = "implicitTlsPort must differ from port"
+
+
+class Listener(KubeModel):
+    """Where and how the relay accepts mail from clients."""
+
+    model_config = ConfigDict(
+        json_schema_extra=validations(
+            cel(
+                "!has(self.implicitTlsPort) || has(self.tls)",
+                IMPLICIT_TLS_NEEDS_CERT_MESSAGE,
+                field_path=".tls",
+                reason="FieldValueRequired",
+            ),
+            cel(
+                "!has(self.implicitTlsPort) || self.implicitTlsPort != self.port",
+                IMPLICIT_TLS_PORT_CLASH_MESSAGE,
+                field_path=".implicitTlsPort",
+            ),
+        )
+    )
+
+    port: Port = Field(default=587, description="Submission port (SMTP with STARTTLS, RFC 6409).")
+    implicit_tls_port: Port | None = Field(
+        default=None,
+        description="Optional implicit-TLS submission port (RFC 8314), usually 465.",
+    )
+    hostname: Annotated[str, Field(max_length=253, pattern=HOSTNAME)] | None = Field(
+        default=None,
+        description=(
+            "Name the relay announces in its greeting and Received headers; "
+            "defaults to the Service's DNS name."
+        ),
+    )
+    tls: ListenerTls | None = Field(
+        default=None,
+        description="Certificate for STARTTLS and implicit TLS; required while auth is required.",
+    )
+
+    @model_validator(mode="after")
+    def _implicit_tls(self) -> Self:
+        if self.implicit_tls_port is not None:
+            if self.tls is None:
+                raise ValueError(IMPLICIT_TLS_NEEDS_CERT_MESSAGE)
+            if self.implicit_tls_port == self.port:
+                raise ValueError(IMPLICIT_TLS_PORT_CLASH_MESSAGE)
+        return self
+
+
+class UsersSecretRef(KubeModel):
+    """Where the relay reads its SMTP users from."""
+
+    name: ObjectName = Field(description="Name of the Secret, in this namespace.")
+    key: SecretKey = Field(
+        default="users.yaml",
+        description=(
+            "Key holding the relay's users file: YAML with a users list of {username, "
+            "password_hash, allowed_sender_domains}, where password_hash is bcrypt ($2b$) or "
+            "argon2id ($argon2id$); never plain passwords."
+        ),
+    )
+
+
+SaslMechanism = Literal["PLAIN", "LOGIN"]
+DEFAULT_MECHANISMS: tuple[SaslMechanism, ...] = ("PLAIN", "LOGIN")
+AUTH_USERS_MESSAGE = "usersSecretRef is required while auth.required is true"
+
+
+class Auth(KubeModel):
+    """SMTP AUTH for submission clients."""
+
+    # "usersSecretRef while required" is checked on MailRelaySpec: the API server validates
+    # this object's default ({required: true}) against its own rules, so they cannot live here.
+
+    required: bool = Field(
+        default=True,
+        description=(
+            "When true, clients outside allowedNetworks must authenticate before sending. "
+            "When false, the relay offers no AUTH and accepts mail only from allowedNetworks."
+        ),
+    )
+    users_secret_ref: UsersSecretRef | None = Field(
+        default=None, description="Secret holding the users and their password hashes."
+    )
+    mechanisms: list[SaslMechanism] = Field(
+        default_factory=lambda: list(DEFAULT_MECHANISMS),
+        min_length=1,
+        max_length=2,
+        json_schema_extra={"x-kubernetes-list-type": "set"},
+        description="SASL mechanisms offered after TLS is up.",
+    )
+
+
+class Limits(KubeModel):
+    """Per-message and per-pod limits the relay enforces during the SMTP dialogue."""
+
+    max_message_size: int = Field(
+        default=25 * MIB,
+        ge=1024,
+        le=150 * MIB,
+        description="Largest message in bytes, advertised with SIZE; larger ones get 552.",
+    )
+    max_recipients: int = Field(
+        default=100, ge=1, le=10000, description="Most RCPT TO commands accepted per message."
+    )
+    max_connections: int = Field(
+        default=200, ge=1, le=100000, description="Most concurrent client connections per pod."
+    )
+
+
+RETRY_ORDER_MESSAGE = "retry durations must satisfy initialBackoff <= maxBackoff <= maxAge"
+RETRY_MINIMUM_MESSAGE = "initialBackoff must be at least 1s"
+
+
+class Retry(KubeModel):
+    """How deferred mail is retried: exponential backoff, then a bounce after maxAge."""
+
+    model_config = ConfigDict(
+        json_schema_extra=validations(
+            cel(
+                "duration(self.initialBackoff) <= duration(self.maxBackoff)"
+                " && duration(self.maxBackoff) <= duration(self.maxAge)",
+                RETRY_ORDER_MESSAGE,
+            ),
+            cel(
+                "duration(self.initialBackoff) >= duration('1s')",
+                RETRY_MINIMUM_MESSAGE,
+                field_path=".initialBackoff",
+            ),
+        )
+    )
+
+    initial_backoff: Duration = Field(
+        default="5m", description="Delay before the first retry (Go duration, such as 5m)."
+    )
+    max_backoff: Duration = Field(
+        default="1h", description="Longest delay between retries; the delay doubles up to it."
+    )
+    max_age: Duration = Field(
+        default="120h",
+        description="How long a message may stay queued before it bounces (120h is 5 days).",
+    )
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Self:
+        initial = parse_duration(self.initial_backoff)
+        if not initial <= parse_duration(self.max_backoff) <= parse_duration(self.max_age):
+            raise ValueError(RETRY_ORDER_MESSAGE)
+        if initial < timedelta(seconds=1):
+            raise ValueError(RETRY_MINIMUM_MESSAGE)
+        return self
+
+
+class Queue(KubeModel):
+    """The durable spool each relay pod writes accepted mail to before it answers 250."""
+
+    size: Annotated[str, Field(max_length=64, pattern=QUANTITY)] = Field(
+        default="1Gi", description="Size of each pod's spool volume (a quantity such as 1Gi)."
+    )
+    storage_class_name: Annotated[str, Field(max_length=253)] | None = Field(
+        default=None,
+        description="StorageClass of the spool volumes; the cluster default when unset.",
+    )
+    retry: Retry = Field(default_factory=Retry, description="Retry schedule for deferred mail.")
+
+
+class ServiceSettings(KubeModel):
+    """The Service in front of the relay pods."""
+
+    type: Literal["ClusterIP", "NodePort", "LoadBalancer"] = Field(
+        default="ClusterIP", description="Service type; ClusterIP keeps the relay in-cluster."
+    )
+    annotations: Annotations = Field(
+        default_factory=dict,
+        description="Annotations for the Service, such as a cloud load balancer's settings.",
+    )
+
+
+class ServiceMonitorSettings(KubeModel):
+    """A prometheus-operator ServiceMonitor for the relay's metrics."""
+
+    enabled: bool = Field(
+        default=False, description="Create a ServiceMonitor (needs the prometheus-operator CRDs)."
+    )
+    interval: Duration = Field(default="30s", description="Scrape interval.")
+    labels: Labels = Field(
+        default_factory=dict,
+        description="Extra labels on the ServiceMonitor, so a Prometheus selects it.",
+    )
+
+
+class Metrics(KubeModel):
+    """The Prometheus endpoint of each relay pod."""
+
+    enabled: bool = Field(default=True, description="Serve Prometheus metrics on /metrics.")
+    port: Port = Field(default=9090, description="Port of the metrics endpoint.")
+    service_monitor: ServiceMonitorSettings = Field(
+        default_factory=ServiceMonitorSettings, description="ServiceMonitor settings."
+    )
+
+
+RELAY_TLS_MESSAGE = (
+    "listener.tls is required while auth.required is true: AUTH is only offered over TLS"
+)
+RELAY_OPEN_MESSAGE = (
+    "allowedNetworks must list at least one network when auth.required is false, "
+    "or nobody could send"
+)
+RELAY_METRICS_PORT_MESSAGE = "metrics.port must differ from the listener ports"
+
+
+class MailRelaySpec(KubeModel):
+    """Desired state of a MailRelay: an SMTP submission relay run as a Deployment."""
+
+    model_config = ConfigDict(
+        json_schema_extra=validations(
+            cel(
+                "!self.auth.required || has(self.auth.usersSecretRef)",
+                AUTH_USERS_MESSAGE,
+                field_path=".auth.usersSecretRef",
+                reason="FieldValueRequired",
+            ),
+            cel(
+                "!self.auth.required || has(self.listener.tls)",
+                RELAY_TLS_MESSAGE,
+                field_path=".listener.tls",
+                reason="FieldValueRequired",
+            ),
+            cel(
+                "self.auth.required || size(self.allowedNetworks) > 0",
+                RELAY_OPEN_MESSAGE,
+                field_path=".allowedNetworks",
+                reason="FieldValueRequired",
+            ),
+            cel(
+                "!self.metrics.enabled || (self.metrics.port != self.listener.port"
+                " && (!has(self.listener.implicitTlsPort)"
+                " || self.metrics.port != self.listener.implicitTlsPort))",
+                RELAY_METRICS_PORT_MESSAGE,
+                field_path=".metrics.port",
+            ),
+        )
+    )
+
+    replicas: int = Field(
+        default=2, ge=0, le=100, description="Number of relay pods; 0 stops the relay."
+    )
+    image: Annotated[str, Field(min_length=1, max_length=512)] | None = Field(
+        default=None, description="Relay container image; the operator's default when unset."
+    )
+    listener: Listener = Field(
+        default_factory=Listener, description="Ports, hostname and TLS for clients."
+    )
+    auth: Auth = Field(default_factory=Auth, description="SMTP AUTH for clients.")
+    allowed_networks: list[Cidr] = Field(
+        default_factory=list,
+        max_length=64,
+        json_schema_extra={"x-kubernetes-list-type": "set"},
+        description=(
+            "Client networks (CIDRs) that may send without AUTH. Empty by default: no network "
+            "is trusted unless listed."
+        ),
+    )
+    limits: Limits = Field(default_factory=Limits, description="Message and connection limits.")
+    queue: Queue = Field(default_factory=Queue, description="Spool volume and retry schedule.")
+    route_selector: LabelSelector | None = Field(
+        default=None,
+        description=(
+            "Selects the MailRoutes in this namespace that bind to this relay, by label. "
+            "When unset, the routes whose relayRef names this relay bind."
+        ),
+    )
+    service: ServiceSettings = Field(
+        default_factory=ServiceSettings, description="The Service clients connect to."
+    )
+    metrics: Metrics = Field(default_factory=Metrics, description="Prometheus metrics.")
+    resources: ResourceRequirements | None = Field(
+        default=None, description="CPU and memory requests and limits of the relay container."
+    )
+    node_selector: Labels = Field(
+        default_factory=dict, description="Node labels the relay pods must be scheduled on."
+    )
+    tolerations: list[Toleration] = Field(
+        default_factory=list, max_length=32, description="Taints the relay pods tolerate."
+    )
+    affinity: dict[str, Any] | None = Field(
+        default=None,
+        json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},
+        description="A core/v1 Affinity, copied into the pod spec unchanged.",
+    )
+    priority_class_name: Annotated[str, Field(max_length=253)] | None = Field(
+        default=None, description="PriorityClass of the relay pods."
+    )
+    pod_annotations: Annotations = Field(
+        default_factory=dict, description="Extra annotations on the relay pods."
+    )
+    pod_disruption_budget: PodDisruptionBudget = Field(
+        default_factory=PodDisruptionBudget,
+        description="Disruption budget that keeps mail flowing during drains.",
+    )
+
+    @model_validator(mode="after")
+    def _relay_rules(self) -> Self:
+        if self.auth.required and self.auth.users_secret_ref is None:
+            raise ValueError(AUTH_USERS_MESSAGE)
+        if self.auth.required and self.listener.tls is None:
+            raise ValueError(RELAY_TLS_MESSAGE)
+        if not self.auth.required and not self.allowed_networks:
+            raise ValueError(RELAY_OPEN_MESSAGE)
+        if self.metrics.enabled and self.metrics.port in (
+            self.listener.port,
+            self.listener.implicit_tls_port,
+        ):
+            raise ValueError(RELAY_METRICS_PORT_MESSAGE)
+        return self
+
+
+class MailRelayStatus(KubeModel):
+    """Observed state of a MailRelay, written by the operator only."""
+
+    observed_generation: int | None = Field(
+        default=None, ge=0, description="The .metadata.generation this status describes."
+    )
+    conditions: list[Condition] = Field(
+        default_factory=list,
+        max_length=16,
+        json_schema_extra={
+            "x-kubernetes-list-type": "map",
+            "x-kubernetes-list-map-keys": ["type"],
+        },
+        description="Ready, RoutesResolved, SecretsResolved and other conditions.",
+    )
+    replicas: int | None = Field(default=None, ge=0, description="Relay pods that exist.")
+    ready_replicas: int | None = Field(default=None, ge=0, description="Relay pods ready.")
+    routes: int | None = Field(default=None, ge=0, description="Number of bound MailRoutes.")
+    endpoint: Annotated[str, Field(max_length=512)] | None = Field(
+        default=None,
+        description="Where clients submit mail: the Service DNS name and port, host:port.",
+    )
+    config_hash: Annotated[str, Field(max_length=128)] | None = Field(
+        default=None, description="Hash of the rendered relay configuration the pods run."
+    )
+    selector: Annotated[str, Field(max_length=1024)] | None = Field(
+        default=None, description="Label selector of the relay pods, for the scale subresource."
+    )
+
+
+# --- MailRoute -------------------------------------------------------------------------------
+
+
+class RouteMatch(KubeModel):
+    """Which messages a route carries; empty lists match every message."""
+
+    sender_domains: list[DomainPattern] = Field(
+        default_factory=list,
+        max_length=256,
+        json_schema_extra={"x-kubernetes-list-type": "set"},
+        description="Envelope sender (MAIL FROM) domains; empty matches every sender.",
+    )
+    recipient_domains: list[DomainPattern] = Field(
+        default_factory=list,
+        max_length=256,
+        json_schema_extra={"x-kubernetes-list-type": "set"},
+        description="Envelope recipient (RCPT TO) domains; empty matches every recipient.",
+    )
+
+
+class SmtpCredentialsSecretRef(KubeModel):
+    """A Secret holding the username and password for the upstream's AUTH."""
+
+    name: ObjectName = Field(description="Name of the Secret, in this namespace.")
+    username_key: SecretKey = Field(default="username", description="Key holding the username.")
+    password_key: SecretKey = Field(default="password", description="Key holding the password.")
+
+
+class CaSecretRef(KubeModel):
+    """A Secret holding extra CA certificates to verify the upstream with."""
+
+    name: ObjectName = Field(description="Name of the Secret, in this namespace.")
+    key: SecretKey = Field(default="ca.crt", description="Key holding PEM CA certificates.")
+
+
+SMTP_PLAINTEXT_MESSAGE = (
+    "tls: none sends mail and credentials in cleartext; "
+    "set insecureAllowPlaintext: true to allow it"
+)
+
+
+class SmtpUpstream(KubeModel):
+    """Delivery to an SMTP server (a smarthost or a provider's SMTP endpoint)."""
+
+    model_config = ConfigDict(
+        json_schema_extra=validations(
+            cel(
+                "self.tls != 'none' || self.insecureAllowPlaintext",
+                SMTP_PLAINTEXT_MESSAGE,
+                field_path=".tls",
+            )
+        )
+    )
+
+    host: Host = Field(description="DNS name or IP address of the SMTP server.")
+    port: Port = Field(default=587, description="Port of the SMTP server.")
+    tls: Literal["starttls", "implicit", "none"] = Field(
+        default="starttls",
+        description=(
+            "starttls upgrades the connection and fails if the server cannot; implicit "
+            "speaks TLS from the first byte (usually port 465); none needs "
+            "insecureAllowPlaintext."
+        ),
+    )
+    insecure_allow_plaintext: bool = Field(
+        default=False, description="Explicit opt-in to tls: none (unencrypted delivery)."
+    )
+    credentials_secret_ref: SmtpCredentialsSecretRef | None = Field(
+        default=None, description="Username and password for AUTH; no AUTH when unset."
+    )
+    ca_secret_ref: CaSecretRef | None = Field(
+        default=None,
+        description="Extra CA certificates to verify the server; system roots when unset.",
+    )
+
+    @model_validator(mode="after")
+    def _plaintext_opt_in(self) -> Self:
+        if self.tls == "none" and not self.insecure_allow_plaintext:
+            raise ValueError(SMTP_PLAINTEXT_MESSAGE)
+        return self
+
+
+class ApiCredentialsSecretRef(KubeModel):
+    """A Secret holding a provider's API credentials; each provider reads the keys it needs."""
+
+    name: ObjectName = Field(description="Name of the Secret, in this namespace.")
+    api_key_key: SecretKey = Field(
+        default="apiKey",
+        description=(
+            "Key holding the API key or token (Mailgun, SparkPost, SendGrid, Postmark, "
+            "Resend) or the bearer token sent to a webhook."
+        ),
+    )
+    access_key_id_key: SecretKey = Field(
+        default="accessKeyId", description="Key holding the AWS access key id (SES)."
+    )
+    secret_access_key_key: SecretKey = Field(
+        default="secretAccessKey", description="Key holding the AWS secret access key (SES)."
+    )
+
+
+Provider = Literal["mailgun", "ses", "sparkpost", "sendgrid", "postmark", "resend", "webhook"]
+REGIONAL_PROVIDERS = ("mailgun", "sparkpost", "sendgrid")
+AMBIENT_CREDENTIAL_PROVIDERS = ("ses", "webhook")
+
+MAILGUN_DOMAIN_MESSAGE = "domain is required for provider mailgun"
+DOMAIN_ONLY_MAILGUN_MESSAGE = "domain is only used by provider mailgun"
+SES_REGION_MESSAGE = "provider ses needs a region such as eu-west-1 (SigV4 signs with it)"
+SES_REGION_FORMAT_MESSAGE = "region for provider ses must be an AWS region such as eu-west-1"
+REGION_US_EU_MESSAGE = "region for mailgun, sparkpost and sendgrid must be us or eu"
+REGION_UNUSED_MESSAGE = "region is only used by mailgun, sparkpost, sendgrid and ses"
+WEBHOOK_ENDPOINT_MESSAGE = "provider webhook needs an endpoint"
+API_CREDENTIALS_MESSAGE = (
+    "credentialsSecretRef is required for this provider (only ses and webhook may go without)"
+)
+CONFIGURATION_SET_MESSAGE = "configurationSet is only used by provider ses"
+MESSAGE_STREAM_MESSAGE = "messageStream is only used by provider postmark"
+
+
+class ApiUpstream(KubeModel):
+    """Delivery through an email provider's HTTP API."""
+
+    model_config = ConfigDict(
+        json_schema_extra=validations(
+            cel(
+                "self.provider != 'mailgun' || has(self.domain)",
+                MAILGUN_DOMAIN_MESSAGE,
+                field_path=".domain",
+                reason="FieldValueRequired",
+            ),
+            cel(
+                "!has(self.domain) || self.provider == 'mailgun'",
+                DOMAIN_ONLY_MAILGUN_MESSAGE,
+                field_path=".domain",
+                reason="FieldValueForbidden",
+            ),
+            cel(
+                "self.provider != 'ses' || has(self.region)",
+                SES_REGION_MESSAGE,
+                field_path=".region",
+                reason="FieldValueRequired",
+            ),
+            cel(
+                "!has(self.region) || self.provider != 'ses'"
+                f" || self.region.matches(r'{AWS_REGION}')",
+                SES_REGION_FORMAT_MESSAGE,
+                field_path=".region",
+            ),
+            cel(
+                "!has(self.region) || !(self.provider in ['mailgun', 'sparkpost', 'sendgrid'])"
+                " || self.region in ['us', 'eu']",
+                REGION_US_EU_MESSAGE,
+                field_path=".region",
+            ),
+            cel(
+                "!has(self.region) || self.provider in ['mailgun', 'sparkpost', 'sendgrid', 'ses']",
+                REGION_UNUSED_MESSAGE,
+                field_path=".region",
+                reason="FieldValueForbidden",
+            ),
+            cel(
+                "self.provider != 'webhook' || has(self.endpoint)",
+                WEBHOOK_ENDPOINT_MESSAGE,
+                field_path=".endpoint",
+                reason="FieldValueRequired",
+            ),
+            cel(
+                "self.provider in ['ses', 'webhook'] || has(self.credentialsSecretRef)",
+                API_CREDENTIALS_MESSAGE,
+                field_path=".credentialsSecretRef",
+                reason="FieldValueRequired",
+            ),
+            cel(
+                "!has(self.configurationSet) || self.provider == 'ses'",
+                CONFIGURATION_SET_MESSAGE,
+                field_path=".configurationSet",
+                reason="FieldValueForbidden",
+            ),
+            cel(
+                "!has(self.messageStream) || self.provider == 'postmark'",
+                MESSAGE_STREAM_MESSAGE,
+                field_path=".messageStream",
+                reason="FieldValueForbidden",
+            ),
+        )
+    )
+
+    provider: Provider = Field(
+        description="Which provider API to call; webhook POSTs the raw message to endpoint."
+    )
+    region: Annotated[str, Field(min_length=2, max_length=32)] | None = Field(
+        default=None,
+        description=(
+            "Provider region: us or eu for mailgun, sparkpost and sendgrid (us when unset); "
+            "an AWS region such as eu-west-1 for ses."
+        ),
+    )
+    endpoint: (
+        Annotated[
+            str,
+            Field(
+                max_length=2048,
+                json_schema_extra=validations(
+                    cel(
+                        "isURL(self) && url(self).getScheme() in ['http', 'https']"
+                        " && url(self).getHost() != ''",
+                        ENDPOINT_MESSAGE,
+                    )
+                ),
+            ),
+            AfterValidator(_check_endpoint),
+        ]
+        | None
+    ) = Field(
+        default=None,
+        description=(
+            "Base URL that replaces the provider's public API (a proxy, a regional or test "
+            "endpoint); the full URL to POST to for webhook."
+        ),
+    )
+    domain: Annotated[str, Field(max_length=253, pattern=DNS1123_SUBDOMAIN)] | None = Field(
+        default=None, description="Sending domain registered with Mailgun (mailgun only)."
+    )
+    configuration_set: Annotated[str, Field(min_length=1, max_length=64)] | None = Field(
+        default=None, description="SES configuration set to send with (ses only)."
+    )
+    message_stream: Annotated[str, Field(min_length=1, max_length=64)] | None = Field(
+        default=None, description="Postmark message stream, outbound when unset (postmark only)."
+    )
+    credentials_secret_ref: ApiCredentialsSecretRef | None = Field(
+        default=None,
+        description=(
+            "Secret with the API credentials. Optional for ses (the pod's AWS identity is "
+            "used) and webhook (no Authorization header)."
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _provider_rules(self) -> Self:
+        provider, region = self.provider, self.region
+        if provider == "mailgun" and self.domain is None:
+            raise ValueError(MAILGUN_DOMAIN_MESSAGE)
+        if self.domain is not None and provider != "mailgun":
+            raise ValueError(DOMAIN_ONLY_MAILGUN_MESSAGE)
+        if provider == "ses" and region is None:
+            raise ValueError(SES_REGION_MESSAGE)
+        if region is not None:
+            if provider == "ses" and not re.match(AWS_REGION, region):
+                raise ValueError(SES_REGION_FORMAT_MESSAGE)
+            if provider in REGIONAL_PROVIDERS and region not in ("us", "eu"):
+                raise ValueError(REGION_US_EU_MESSAGE)
+            if provider not in (*REGIONAL_PROVIDERS, "ses"):
+                raise ValueError(REGION_UNUSED_MESSAGE)
+        if provider == "webhook" and self.endpoint is None:
+            raise ValueError(WEBHOOK_ENDPOINT_MESSAGE)
+        if provider not in AMBIENT_CREDENTIAL_PROVIDERS and self.credentials_secret_ref is None:
+            raise ValueError(API_CREDENTIALS_MESSAGE)
+        if self.configuration_set is not None and provider != "ses":
+            raise ValueError(CONFIGURATION_SET_MESSAGE)
+        if self.message_stream is not None and provider != "postmark":
+            raise ValueError(MESSAGE_STREAM_MESSAGE)
+        return self
+
+
+ONE_UPSTREAM_MESSAGE = "set exactly one of smtp or api"
+
+
+class Upstream(KubeModel):
+    """Where a route delivers: exactly one of an SMTP server or a provider API."""
+
+    model_config = ConfigDict(
+        json_schema_extra=validations(cel("has(self.smtp) != has(self.api)", ONE_UPSTREAM_MESSAGE))
+    )
+
+    smtp: SmtpUpstream | None = Field(default=None, description="Deliver over SMTP.")
+    api: ApiUpstream | None = Field(default=None, description="Deliver through a provider API.")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> Self:
+        if (self.smtp is None) == (self.api is None):
+            raise ValueError(ONE_UPSTREAM_MESSAGE)
+        return self
+
+    def describe(self) -> str:
+        """A short label for status and logs: ``smtp://host:port`` or ``api/provider``."""
+        if self.smtp is not None:
+            return f"smtp://{self.smtp.host}:{self.smtp.port}"
+        assert self.api is not None  # guaranteed by _exactly_one
+        return f"api/{self.api.provider}"
+
+
+RATE_BURST_MESSAGE = "burst must be at least perSecond"
+
+
+class RateLimit(KubeModel):
+    """A token bucket on the messages a route hands to its upstream."""
+
+    model_config = ConfigDict(
+        json_schema_extra=validations(
+            cel(
+                "!has(self.burst) || double(self.burst) >= self.perSecond",
+                RATE_BURST_MESSAGE,
+                field_path=".burst",
+            )
+        )
+    )
+
+    per_second: float = Field(
+        gt=0, le=100000, description="Sustained messages per second (may be below 1)."
+    )
+    burst: int | None = Field(
+        default=None,
+        ge=1,
+        le=1000000,
+        description=(
+            "Messages that may go at once after a quiet spell; perSecond rounded up when unset."
+        ),
+    )
+    on_exceed: Literal["defer", "reject"] = Field(
+        default="defer",
+        description=(
+            "defer keeps excess mail queued until tokens free up; reject answers the client "
+            "with a temporary 4.7.0 refusal so it retries later."
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _burst_covers_rate(self) -> Self:
+        if self.burst is not None and self.burst < self.per_second:
+            raise ValueError(RATE_BURST_MESSAGE)
+        return self
+
+
+class MailRouteSpec(KubeModel):
+    """Desired state of a MailRoute: which mail a relay sends where."""
+
+    relay_ref: LocalObjectReference = Field(
+        description="The MailRelay, in this namespace, that carries this route."
+    )
+    priority: int = Field(
+        default=100,
+        ge=0,
+        le=1000,
+        description=(
+            "When several routes match a message the highest priority wins; ties go to the "
+            "route whose name sorts first."
+        ),
+    )
+    match: RouteMatch = Field(
+        default_factory=RouteMatch, description="Which messages this route carries."
+    )
+    upstream: Upstream = Field(description="Where matching mail is delivered.")
+    fallbacks: list[Upstream] = Field(
+        default_factory=list,
+        max_length=4,
+        description=(
+            "Upstreams tried in order when the upstream fails temporarily (connection "
+            "errors, 4xx, 429, 5xx responses); permanent refusals are not retried elsewhere."
+        ),
+    )
+    rate_limit: RateLimit | None = Field(
+        default=None, description="Rate limit towards the upstream; unlimited when unset."
+    )
+    max_message_size: int | None = Field(
+        default=None,
+        ge=1024,
+        le=150 * MIB,
+        description="Largest message in bytes this route accepts; the relay's limit when unset.",
+    )
+
+
+class MailRouteStatus(KubeModel):
+    """Observed state of a MailRoute, written by the operator only."""
+
+    observed_generation: int | None = Field(
+        default=None, ge=0, description="The .metadata.generation this status describes."
+    )
+    conditions: list[Condition] = Field(
+        default_factory=list,
+        max_length=16,
+        json_schema_extra={
+            "x-kubernetes-list-type": "map",
+            "x-kubernetes-list-map-keys": ["type"],
+        },
+        description="Accepted, ResolvedRefs and Ready conditions.",
+    )
+    relay: Annotated[str, Field(max_length=253)] | None = Field(
+        default=None, description="Name of the MailRelay this route is bound to."
+    )
