@@ -1,1 +1,7 @@
 """Entry point for `python -m mailrelay.relay`."""
+
+import sys
+
+from mailrelay.relay.main import main
+
+sys.exit(main())

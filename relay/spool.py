@@ -261,11 +261,16 @@ class Spool:
         body_8bitmime: bool,
         client_address: str,
         authenticated_user: str | None,
+        queue_id: str | None = None,
     ) -> QueueEntry:
-        """Store a message durably; when this returns, a crash can no longer lose it."""
+        """Store a message durably; when this returns, a crash can no longer lose it.
+
+        `queue_id` lets the caller name the message before it is written (the SMTP front
+        puts the id in its Received header); by default a new one is made.
+        """
         now = self._clock()
         entry = QueueEntry(
-            queue_id=new_queue_id(),
+            queue_id=queue_id or new_queue_id(now),
             mail_from=mail_from,
             recipients=[
                 RecipientState(address=address, route=route, next_attempt_at=now)

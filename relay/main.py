@@ -1,0 +1,364 @@
+"""Command line and lifecycle of the relay process.
+
+`parse_args` turns argv into a `Command` (tested on its own); `main` dispatches:
+
+* run (default): `RelayApp` wires spool, metrics, SMTP front, delivery engine, health
+  server and config watcher, runs until SIGTERM/SIGINT, then drains;
+* `--check-config`: validate the file (and the users file) and exit 0 or 2;
+* `queue ...`: the spool CLI in `queue_cli`, safe beside a running relay.
+
+With `listener.workers > 1` the process becomes a small supervisor that starts that many
+worker processes sharing the SMTP ports (SO_REUSEPORT) and the spool; worker N serves
+metrics on `metrics.port + N`, so each worker's numbers stay scrapeable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import importlib
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+
+from mailrelay.relay.auth import load_users
+from mailrelay.relay.config import ConfigError, RelayConfig, load_config
+from mailrelay.relay.health import HealthServer
+from mailrelay.relay.logging import configure_logging
+from mailrelay.relay.metrics import RelayMetrics
+from mailrelay.relay.reload import ConfigWatcher
+from mailrelay.relay.server import FrontSettings, SmtpFront, build_tls_context
+from mailrelay.relay.spool import Spool
+
+__all__ = ["Command", "RelayApp", "main", "parse_args"]
+
+log = logging.getLogger("mailrelay.relay")
+
+EXIT_OK, EXIT_ERROR, EXIT_CONFIG = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class Command:
+    """What the command line asked for."""
+
+    action: str  # "run", "check-config" or "queue"
+    config: Path | None = None
+    spool_dir: Path | None = None
+    worker_index: int | None = None
+    queue_args: list[str] = field(default_factory=list)
+    queue: argparse.Namespace | None = None
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    from mailrelay.relay.queue_cli import add_queue_parser  # noqa: PLC0415
+
+    parser = argparse.ArgumentParser(
+        prog="python -m mailrelay.relay",
+        description="The mailrelay SMTP relay: accept, spool durably, deliver.",
+    )
+    parser.add_argument("--config", type=Path, help="relay configuration file (YAML)")
+    parser.add_argument(
+        "--check-config",
+        action="store_true",
+        help="validate the configuration (and the users file) and exit",
+    )
+    parser.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
+    sub = parser.add_subparsers(dest="command", metavar="{queue}")
+    add_queue_parser(sub)
+    return parser
+
+
+def parse_args(argv: list[str]) -> Command:
+    """Parse the command line; argparse exits with status 2 on a usage error."""
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "queue":
+        if args.config is None and args.spool_dir is None:
+            parser.error("queue commands need --config or --spool-dir")
+        return Command(action="queue", config=args.config, spool_dir=args.spool_dir, queue=args)
+    if args.config is None:
+        parser.error("--config is required")
+    if args.check_config:
+        return Command(action="check-config", config=args.config)
+    return Command(action="run", config=args.config, worker_index=args.worker_index)
+
+
+def _delivery_engine_class() -> Any:
+    """The delivery engine if its module exists (it is built alongside the front)."""
+    try:
+        module = importlib.import_module("mailrelay.relay.delivery")
+    except ModuleNotFoundError as exc:
+        if exc.name != "mailrelay.relay.delivery":
+            raise
+        return None
+    return getattr(module, "DeliveryEngine", None)
+
+
+class RelayApp:
+    """One relay process: everything started in order and stopped in reverse."""
+
+    def __init__(
+        self,
+        config: RelayConfig,
+        *,
+        config_path: Path | None = None,
+        registry: CollectorRegistry | None = None,
+        reuse_port: bool = False,
+        metrics_port: int | None = None,
+        enable_delivery: bool = True,
+        reload_interval: float = 1.0,
+    ) -> None:
+        self.config = config
+        self.config_path = config_path
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self.metrics = RelayMetrics(self.registry)
+        self.spool = Spool(config.spool.directory)
+        self.engine: Any = None
+        self._engine_class = _delivery_engine_class() if enable_delivery else None
+        self._reuse_port = reuse_port
+        self._metrics_port = config.metrics.port if metrics_port is None else metrics_port
+        self._reload_interval = reload_interval
+        self.front: SmtpFront | None = None
+        self.health: HealthServer | None = None
+        self.watcher: ConfigWatcher | None = None
+        self._gauge_task: asyncio.Task[None] | None = None
+        self.stopped = asyncio.Event()
+
+    @property
+    def smtp_port(self) -> int:
+        """The bound submission port (useful with port 0)."""
+        assert self.front is not None
+        return self.front.ports["submission"]
+
+    @property
+    def implicit_tls_port(self) -> int | None:
+        """The bound implicit-TLS port, if configured."""
+        assert self.front is not None
+        return self.front.ports.get("implicit_tls")
+
+    @property
+    def health_port(self) -> int:
+        """The bound metrics/health port."""
+        assert self.health is not None
+        return self.health.port
+
+    async def start(self) -> None:
+        """Spool, delivery, SMTP, health, watcher: each ready before the next starts."""
+        await self.spool.start()
+        users = await asyncio.to_thread(load_users, self.config.auth.users_file)
+        if self._engine_class is not None:
+            self.engine = self._engine_class(self.config, self.spool, self.metrics)
+            await self.engine.start()
+        else:
+            log.warning("Started without a delivery engine: mail is accepted and spooled only")
+        self.front = SmtpFront(
+            FrontSettings.build(self.config, users),
+            self.spool,
+            self.metrics,
+            delivery=self.engine,
+            reuse_port=self._reuse_port,
+        )
+        await self.front.start()
+        self.health = HealthServer(
+            self.registry,
+            self._ready,
+            host=self.config.metrics.host,
+            port=self._metrics_port,
+            reuse_port=self._reuse_port,
+        )
+        await self.health.start()
+        if self.config_path is not None:
+            self.watcher = ConfigWatcher(
+                self.config_path,
+                self.config,
+                self.apply_config,
+                self.metrics,
+                interval=self._reload_interval,
+            )
+            await self.watcher.start()
+        self._gauge_task = asyncio.create_task(self._update_gauges(), name="queue-gauges")
+
+    async def _ready(self) -> tuple[bool, str]:
+        if self.front is None or not self.front.listening:
+            return False, "SMTP listeners not open"
+        if not await asyncio.to_thread(self.spool.writable):
+            return False, "spool not writable"
+        return True, "ready"
+
+    async def apply_config(self, config: RelayConfig) -> None:
+        """Swap in a new config; raises (and changes nothing) if any part fails to load."""
+        assert self.front is not None
+        users = await asyncio.to_thread(load_users, config.auth.users_file)
+        tls = config.listener.tls
+        if tls is not None:
+            # Prove the new certificate loads before touching the live context.
+            await asyncio.to_thread(build_tls_context, str(tls.cert_file), str(tls.key_file))
+        restart_only = [
+            name
+            for name in ("listener", "metrics", "spool")
+            if getattr(config, name) != getattr(self.config, name)
+            and not (name == "listener" and _only_tls_changed(config, self.config))
+        ]
+        if restart_only:
+            log.warning(
+                "Kept the running %s settings; changes to them apply after a restart",
+                ", ".join(restart_only),
+            )
+        if self.engine is not None:
+            await self.engine.reload(config)
+        self.front.apply(FrontSettings.build(config, users))
+        if config.log_format != self.config.log_format:
+            configure_logging(config.log_format)
+        self.config = config
+
+    async def _update_gauges(self) -> None:
+        while True:
+            try:
+                depth, oldest, dead = await asyncio.to_thread(self._queue_stats)
+                self.metrics.queue_depth.set(depth)
+                self.metrics.queue_oldest_age.set(oldest)
+                self.metrics.dead_letter_depth.set(dead)
+            except Exception:
+                log.exception("Failed to update the queue gauges")
+            await asyncio.sleep(2.0)
+
+    def _queue_stats(self) -> tuple[int, float, int]:
+        ids = list(self.spool.iter_queue_ids())
+        oldest = 0.0
+        if ids:
+            # Queue ids start with the receive time in microseconds (see new_queue_id).
+            first = min(ids)
+            oldest = max(0.0, time.time() - int(first[:14], 16) / 1_000_000)
+        dead = sum(1 for p in self.spool.dead_dir.glob("*.json"))
+        return len(ids), oldest, dead
+
+    async def stop(self) -> None:
+        """SIGTERM semantics: 421 to new sessions, finish transactions, give deliveries
+        the grace period, keep the rest in the spool."""
+        grace = self.config.shutdown_grace_seconds
+        log.info("Stopping the relay (grace %.0fs)", grace)
+        if self.watcher is not None:
+            await self.watcher.stop()
+        steps = []
+        if self.front is not None:
+            steps.append(self.front.drain(grace))
+        if self.engine is not None:
+            steps.append(self.engine.stop(grace))
+        results = await asyncio.gather(*steps, return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                log.error("Failed to stop cleanly: %r", result)
+        if self._gauge_task is not None:
+            self._gauge_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._gauge_task
+        if self.health is not None:
+            await self.health.close()
+        if self.front is not None:
+            self.front.settings.users.close()
+        self.stopped.set()
+        log.info("Stopped the relay")
+
+
+def _only_tls_changed(new: RelayConfig, old: RelayConfig) -> bool:
+    return new.listener.model_copy(update={"tls": None}) == old.listener.model_copy(
+        update={"tls": None}
+    )
+
+
+async def _serve(config: RelayConfig, config_path: Path, worker_index: int | None) -> int:
+    loop = asyncio.get_running_loop()
+    # Spool writes and fsyncs run in threads; let enough run at once for group commit.
+    from concurrent.futures import ThreadPoolExecutor  # noqa: PLC0415
+
+    loop.set_default_executor(ThreadPoolExecutor(max_workers=32, thread_name_prefix="io"))
+    reuse = worker_index is not None
+    metrics_port = config.metrics.port + worker_index if worker_index is not None else None
+    app = RelayApp(config, config_path=config_path, reuse_port=reuse, metrics_port=metrics_port)
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await app.start()
+    log.info("Started the relay %s (pid %d)", config.hostname, os.getpid())
+    await stop.wait()
+    await app.stop()
+    return EXIT_OK
+
+
+def _supervise(config: RelayConfig, config_path: Path) -> int:
+    """Run `workers` processes sharing the ports; forward SIGTERM and wait for them."""
+    workers = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "mailrelay.relay",
+                "--config",
+                str(config_path),
+                "--worker-index",
+                str(index),
+            ]
+        )
+        for index in range(config.listener.workers)
+    ]
+    log.info("Started %d relay worker processes", len(workers))
+
+    def forward(signum: int, _frame: object) -> None:
+        for worker in workers:
+            if worker.poll() is None:
+                worker.send_signal(signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    codes = [worker.wait() for worker in workers]
+    return EXIT_OK if all(code == 0 for code in codes) else EXIT_ERROR
+
+
+def _check_config(path: Path) -> int:
+    try:
+        config = load_config(path)
+        users = load_users(config.auth.users_file)
+        users.close()
+        tls = config.listener.tls
+        if tls is not None:
+            build_tls_context(str(tls.cert_file), str(tls.key_file))
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return EXIT_CONFIG
+    except OSError as exc:
+        print(f"{path}: TLS certificate or key does not load: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    print(f"{path}: configuration is valid ({len(config.routes)} route(s), {len(users)} user(s))")
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the process exit status."""
+    command = parse_args(sys.argv[1:] if argv is None else argv)
+    if command.action == "check-config":
+        assert command.config is not None
+        return _check_config(command.config)
+    if command.action == "queue":
+        from mailrelay.relay.queue_cli import run_queue_command  # noqa: PLC0415
+
+        assert command.queue is not None
+        return run_queue_command(command.queue)
+    assert command.config is not None
+    try:
+        config = load_config(command.config)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return EXIT_CONFIG
+    configure_logging(config.log_format)
+    if config.listener.workers > 1 and command.worker_index is None:
+        return _supervise(config, command.config)
+    return asyncio.run(_serve(config, command.config, command.worker_index))

@@ -1,0 +1,612 @@
+"""The SMTP front: aiosmtpd sessions that accept mail into the spool, and nothing more.
+
+Three pieces:
+
+* `RelaySMTP`, a small subclass of aiosmtpd's `SMTP` protocol. It adds what aiosmtpd
+  cannot express through handler hooks: password checks awaited in a thread pool (the
+  stock `authenticator` is synchronous), 421 for connections over the limit or during
+  shutdown, a DATA timeout separate from the command timeout, and enhanced status codes
+  on aiosmtpd's own 552 replies.
+* `RelayHandler`, the thin aiosmtpd handler: policy at MAIL (who may send, as whom, is
+  there disk), routing at RCPT, and at DATA the size and hop checks, our Received header
+  and the durable enqueue that must finish before the `250`.
+* `SmtpFront`, which owns the listeners, the live sessions (for limits and the SIGTERM
+  drain) and the swappable `FrontSettings` a reload replaces.
+
+The front never delivers: it calls `DeliveryHook.notify` after each durable enqueue and
+asks `try_acquire_rate` at RCPT for routes that reject when over their rate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import re
+import ssl
+import time
+from base64 import b64decode
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from email.utils import format_datetime
+from typing import Any, Protocol
+
+from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, Session
+
+from mailrelay.relay.auth import User, UserDatabase
+from mailrelay.relay.config import RelayConfig, RouteConfig
+from mailrelay.relay.metrics import RelayMetrics
+from mailrelay.relay.routing import domain_of, select_route
+from mailrelay.relay.spool import QueueEntry, Spool, new_queue_id
+
+__all__ = [
+    "DeliveryHook",
+    "FrontSettings",
+    "RelayHandler",
+    "RelaySMTP",
+    "SmtpFront",
+    "build_tls_context",
+    "count_received_headers",
+    "received_header",
+]
+
+log = logging.getLogger(__name__)
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+_HELO_SAFE = re.compile(r"[^A-Za-z0-9.\-_:\[\]]")
+
+
+class DeliveryHook(Protocol):
+    """What the front needs from the delivery engine."""
+
+    def notify(self, entry: QueueEntry) -> None:
+        """A message was durably enqueued; deliver it soon."""
+
+    def try_acquire_rate(self, route_name: str) -> bool:
+        """Take one token from a route's bucket; False when the route is over its rate."""
+
+
+@dataclass(frozen=True)
+class FrontSettings:
+    """Everything a reload may change for new commands, swapped as one object."""
+
+    config: RelayConfig
+    users: UserDatabase
+    networks: tuple[IPNetwork, ...]
+
+    @classmethod
+    def build(cls, config: RelayConfig, users: UserDatabase) -> FrontSettings:
+        """Settings for `config` with its users loaded."""
+        return cls(config=config, users=users, networks=tuple(config.allowed_networks))
+
+
+def build_tls_context(cert_file: str, key_file: str) -> ssl.SSLContext:
+    """A server context for STARTTLS and implicit TLS (TLS 1.2 or newer)."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(cert_file, key_file)
+    return context
+
+
+def count_received_headers(data: bytes) -> int:
+    """How many Received headers the message's header section holds (loop detection)."""
+    end = data.find(b"\r\n\r\n")
+    head = data if end < 0 else data[: end + 2]
+    if data.startswith(b"\r\n"):
+        return 0
+    count = 0
+    for line in head.split(b"\r\n"):
+        if line[:9].lower() == b"received:":
+            count += 1
+    return count
+
+
+def received_header(
+    *,
+    helo: str,
+    peer_ip: str,
+    hostname: str,
+    protocol: str,
+    queue_id: str,
+    recipient: str | None,
+    now: datetime,
+) -> bytes:
+    """Our trace header (RFC 5321 4.4); `for` only for a single ASCII recipient."""
+    helo = _HELO_SAFE.sub("?", helo)[:255] or "unknown"
+    text = f"Received: from {helo} ([{peer_ip}])\r\n\tby {hostname} (mailrelay) with {protocol}"
+    text += f" id {queue_id}"
+    if recipient is not None and recipient.isascii() and "\r" not in recipient:
+        text += f"\r\n\tfor <{recipient}>"
+    text += f"; {format_datetime(now)}\r\n"
+    return text.encode("ascii", "replace")
+
+
+class RelayEnvelope(Envelope):
+    """aiosmtpd's envelope plus what we decide per transaction."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.routes: list[RouteConfig] = []
+        self.declared_size: int | None = None
+        self.body_8bitmime = False
+
+
+class RelaySMTP(SMTP):
+    """One SMTP session; see the module docstring for what it adds to aiosmtpd."""
+
+    def __init__(self, front: SmtpFront, listener: str, *, implicit_tls: bool) -> None:
+        settings = front.settings
+        limits = settings.config.limits
+        self.front = front
+        self.listener = listener
+        self.implicit_tls = implicit_tls
+        self._registered = False
+        self._refusal: str | None = None
+        self._data_timeout = limits.data_timeout_seconds
+        super().__init__(
+            front.handler,
+            data_size_limit=limits.max_message_size,
+            enable_SMTPUTF8=True,
+            decode_data=False,
+            hostname=settings.config.hostname,
+            ident="mailrelay ESMTP",
+            # On the implicit-TLS port the whole connection is TLS already.
+            tls_context=None if implicit_tls else front.tls_context,
+            timeout=limits.command_timeout_seconds,
+            auth_required=False,  # checked at MAIL, where allowed_networks also counts
+            auth_require_tls=not implicit_tls,
+            loop=asyncio.get_running_loop(),
+        )
+
+    # -- session bookkeeping ----------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        first = self.transport is None
+        super().connection_made(transport)
+        if first and not self._registered:
+            self._registered = True
+            self._refusal = self.front.session_opened(self)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        if self._registered:
+            self._registered = False
+            self.front.session_closed(self)
+        super().connection_lost(error)
+
+    async def _handle_client(self) -> None:
+        if self._refusal is not None:
+            with contextlib.suppress(ConnectionError):
+                await self.push(self._refusal)
+            if self.transport is not None:
+                self.transport.close()
+            return
+        await super()._handle_client()
+
+    @property
+    def in_transaction(self) -> bool:
+        """Between MAIL and the reply to DATA: a drain lets this finish."""
+        return self.envelope is not None and self.envelope.mail_from is not None
+
+    def close_for_shutdown(self) -> None:
+        """Say 421 and hang up (an idle session while the relay drains)."""
+        if self.transport is None:
+            return
+        with contextlib.suppress(Exception):
+            self._writer.write(b"421 4.3.2 Service shutting down, try again later\r\n")
+        self.transport.close()
+
+    def _create_envelope(self) -> RelayEnvelope:
+        return RelayEnvelope()
+
+    # -- commands ---------------------------------------------------------------------
+
+    async def smtp_MAIL(self, arg: str | None) -> None:
+        if self.front.draining:
+            self.front.metrics.reject("shutting_down")
+            await self.push("421 4.3.2 Service shutting down, try again later")
+            if self.transport is not None:
+                self.transport.close()
+            return
+        await super().smtp_MAIL(arg)
+
+    async def smtp_DATA(self, arg: str) -> None:
+        # aiosmtpd re-arms its idle timer per command only, so this bounds the whole DATA.
+        self._reset_timeout(self._data_timeout)
+        await super().smtp_DATA(arg)
+
+    async def push(self, status: Any) -> None:
+        if isinstance(status, str) and status.startswith("552 Error"):
+            self.front.metrics.reject("message_too_large")
+            status = "552 5.3.4 Message size exceeds fixed maximum message size"
+        await super().push(status)
+
+    # -- AUTH: aiosmtpd's parsing, with the password check awaited off the loop -------
+
+    async def auth_PLAIN(self, _: Any, args: list[str]) -> AuthResult:
+        if len(args) == 1:
+            blob = await self.challenge_auth("")
+            if blob is MISSING:
+                return AuthResult(success=False)
+        else:
+            try:
+                blob = b64decode(args[1].encode(), validate=True)
+            except ValueError:
+                await self.push("501 5.5.2 Can't decode base64")
+                return AuthResult(success=False, handled=True)
+        try:
+            _, login, password = blob.split(b"\x00")
+        except ValueError:
+            await self.push("501 5.5.2 Can't split auth value")
+            return AuthResult(success=False, handled=True)
+        return await self._check_password("PLAIN", login, password)
+
+    async def auth_LOGIN(self, _: Any, args: list[str]) -> AuthResult:
+        if len(args) == 1:
+            login = await self.challenge_auth(self.AuthLoginUsernameChallenge)
+            if login is MISSING:
+                return AuthResult(success=False)
+        else:
+            try:
+                login = b64decode(args[1].encode(), validate=True)
+            except ValueError:
+                await self.push("501 5.5.2 Can't decode base64")
+                return AuthResult(success=False, handled=True)
+        password = await self.challenge_auth(self.AuthLoginPasswordChallenge)
+        if password is MISSING:
+            return AuthResult(success=False)
+        return await self._check_password("LOGIN", login, password)
+
+    async def _check_password(self, mechanism: str, login: bytes, password: bytes) -> AuthResult:
+        metrics = self.front.metrics
+        username = login.decode("utf-8", "replace")
+        user = await self.front.settings.users.verify(username, password)
+        if user is None:
+            metrics.auth_attempts.labels("failure").inc()
+            metrics.auth_failures.inc()
+            log.warning(
+                "Refused AUTH %s for user %r from %s", mechanism, username, _peer_ip(self.session)
+            )
+            # handled=False makes aiosmtpd answer 535 5.7.8; handled=True would leave the
+            # client waiting for a reply that never comes.
+            return AuthResult(success=False, handled=False)
+        metrics.auth_attempts.labels("success").inc()
+        return AuthResult(success=True, auth_data=user)
+
+
+def _peer_ip(session: Session | None) -> str:
+    peer = getattr(session, "peer", None)
+    if isinstance(peer, tuple) and peer:
+        return str(peer[0])
+    return "unknown"
+
+
+def _in_networks(ip: str, networks: Sequence[IPNetwork]) -> bool:
+    if not networks:
+        return False
+    try:
+        addr = ipaddress.ip_address(ip)
+    except ValueError:
+        return False
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    return any(addr in net for net in networks)
+
+
+def _declared_size(options: Sequence[str]) -> int | None:
+    for option in options:
+        if option.upper().startswith("SIZE="):
+            value = option[5:]
+            return int(value) if value.isdigit() else None
+    return None
+
+
+class RelayHandler:
+    """aiosmtpd handler hooks: policy, routing and the durable enqueue."""
+
+    def __init__(self, front: SmtpFront) -> None:
+        self.front = front
+
+    def handle_STARTTLS(self, server: RelaySMTP, session: Session, envelope: Envelope) -> bool:
+        self.front.metrics.tls_sessions.labels("starttls").inc()
+        return True
+
+    async def handle_MAIL(
+        self,
+        server: RelaySMTP,
+        session: Session,
+        envelope: RelayEnvelope,
+        address: str,
+        mail_options: list[str],
+    ) -> str:
+        front = self.front
+        settings = front.settings
+        user: User | None = session.auth_data if session.authenticated else None
+        peer_ip = _peer_ip(session)
+        if user is None and not _in_networks(peer_ip, settings.networks):
+            front.metrics.reject("auth_required")
+            log.info("Refused MAIL from %s: not authenticated and not an allowed network", peer_ip)
+            return "530 5.7.0 Authentication required"
+        sender_domain = domain_of(address) if address != "<>" else ""
+        if user is not None and not user.may_send_as(sender_domain):
+            front.metrics.reject("sender_forbidden")
+            log.warning(
+                "Refused sender <%s> for user %r: domain not allowed", address, user.username
+            )
+            return f"553 5.7.1 Sender address <{address}> not owned by user {user.username}"
+        if front.low_on_disk():
+            front.metrics.reject("low_disk")
+            log.error("Refused MAIL from %s: spool is low on disk space", peer_ip)
+            return "452 4.3.1 Insufficient system storage"
+        # aiosmtpd needs a truthy mail_from to know MAIL happened; "<>" becomes "" at spooling.
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        envelope.declared_size = _declared_size(mail_options)
+        envelope.body_8bitmime = "BODY=8BITMIME" in mail_options
+        return "250 2.1.0 Sender OK"
+
+    async def handle_RCPT(
+        self,
+        server: RelaySMTP,
+        session: Session,
+        envelope: RelayEnvelope,
+        address: str,
+        rcpt_options: list[str],
+    ) -> str:
+        front = self.front
+        config = front.settings.config
+        if len(envelope.rcpt_tos) >= config.limits.max_recipients:
+            front.metrics.reject("too_many_recipients")
+            return "452 4.5.3 Too many recipients"
+        route = select_route(config.routes, domain_of(envelope.mail_from or ""), domain_of(address))
+        if route is None:
+            front.metrics.reject("no_route")
+            log.info("Refused recipient <%s>: no route takes it", address)
+            return f"550 5.7.1 Relaying denied: no route for <{address}>"
+        if (
+            route.max_message_size is not None
+            and envelope.declared_size is not None
+            and envelope.declared_size > route.max_message_size
+        ):
+            front.metrics.reject("message_too_large")
+            return "552 5.3.4 Message size exceeds the limit for this recipient"
+        if (
+            route.rate_limit is not None
+            and route.rate_limit.on_exceed == "reject"
+            and front.delivery is not None
+            and not front.delivery.try_acquire_rate(route.name)
+        ):
+            front.metrics.reject("rate_limited")
+            return "450 4.7.0 Rate limit exceeded, try again later"
+        envelope.rcpt_tos.append(address)
+        envelope.rcpt_options.extend(rcpt_options)
+        envelope.routes.append(route)
+        return "250 2.1.5 Recipient OK"
+
+    async def handle_DATA(
+        self, server: RelaySMTP, session: Session, envelope: RelayEnvelope
+    ) -> str:
+        try:
+            return await self._accept(server, session, envelope)
+        except Exception:
+            log.exception("Failed to accept a message from %s", _peer_ip(session))
+            self.front.metrics.reject("internal_error")
+            return "451 4.3.0 Internal error, try again later"
+
+    async def _accept(self, server: RelaySMTP, session: Session, envelope: RelayEnvelope) -> str:
+        front = self.front
+        config = front.settings.config
+        data: bytes = envelope.original_content or b""
+        limit = min(
+            [config.limits.max_message_size]
+            + [r.max_message_size for r in envelope.routes if r.max_message_size is not None]
+        )
+        if len(data) > limit:
+            front.metrics.reject("message_too_large")
+            return "552 5.3.4 Message size exceeds fixed maximum message size"
+        hops = count_received_headers(data)
+        if hops > config.limits.max_received_headers:
+            front.metrics.reject("loop_detected")
+            log.warning("Refused a message with %d Received headers: mail loop", hops)
+            return "554 5.4.6 Too many hops: mail loop detected"
+        queue_id = new_queue_id()
+        user: User | None = session.auth_data if session.authenticated else None
+        tls = server.implicit_tls or session.ssl is not None
+        protocol = (
+            ("UTF8SMTP" if envelope.smtp_utf8 else "ESMTP" if session.extended_smtp else "SMTP")
+            + ("S" if tls else "")
+            + ("A" if user is not None else "")
+        )
+        header = received_header(
+            helo=session.host_name or "unknown",
+            peer_ip=_peer_ip(session),
+            hostname=config.hostname,
+            protocol=protocol,
+            queue_id=queue_id,
+            recipient=envelope.rcpt_tos[0] if len(envelope.rcpt_tos) == 1 else None,
+            now=datetime.now(UTC),
+        )
+        message = header + data
+        started = time.perf_counter()
+        try:
+            entry = await front.spool.enqueue(
+                "" if envelope.mail_from in (None, "<>") else envelope.mail_from,
+                [
+                    (rcpt, route.name)
+                    for rcpt, route in zip(envelope.rcpt_tos, envelope.routes, strict=True)
+                ],
+                message,
+                smtputf8=envelope.smtp_utf8,
+                body_8bitmime=envelope.body_8bitmime,
+                client_address=_peer_ip(session),
+                authenticated_user=user.username if user is not None else None,
+                queue_id=queue_id,
+            )
+        except OSError as exc:
+            front.metrics.reject("spool_error")
+            log.error("Failed to spool message %s: %s", queue_id, exc)
+            return "451 4.3.0 Could not store the message, try again later"
+        front.metrics.spool_write_seconds.observe(time.perf_counter() - started)
+        front.metrics.messages_accepted.inc()
+        front.metrics.accepted_bytes.inc(len(message))
+        for route in envelope.routes:
+            front.metrics.recipients_accepted.labels(route.name).inc()
+        log.info(
+            "Accepted message %s from <%s> for %d recipient(s), %d bytes, client %s%s",
+            entry.queue_id,
+            entry.mail_from,
+            len(entry.recipients),
+            entry.size,
+            entry.client_address,
+            f" user {entry.authenticated_user}" if entry.authenticated_user else "",
+        )
+        if front.delivery is not None:
+            try:
+                front.delivery.notify(entry)
+            except Exception:
+                # The message is durable; the engine's next scan picks it up.
+                log.exception("Failed to notify delivery of message %s", entry.queue_id)
+        return f"250 2.0.0 Ok: queued as {entry.queue_id}"
+
+    async def handle_exception(self, error: Exception) -> str:
+        log.error("Failed to handle an SMTP command: %r", error, exc_info=error)
+        self.front.metrics.reject("internal_error")
+        return "451 4.3.0 Internal error, try again later"
+
+
+class SmtpFront:
+    """The SMTP listeners and their sessions."""
+
+    def __init__(
+        self,
+        settings: FrontSettings,
+        spool: Spool,
+        metrics: RelayMetrics,
+        *,
+        delivery: DeliveryHook | None = None,
+        reuse_port: bool = False,
+    ) -> None:
+        self.settings = settings
+        self.spool = spool
+        self.metrics = metrics
+        self.delivery = delivery
+        self.handler = RelayHandler(self)
+        self.sessions: set[RelaySMTP] = set()
+        self.draining = False
+        self._reuse_port = reuse_port
+        self._servers: list[asyncio.Server] = []
+        self.ports: dict[str, int] = {}
+        self.tls_context: ssl.SSLContext | None = None
+        tls = settings.config.listener.tls
+        if tls is not None:
+            self.tls_context = build_tls_context(str(tls.cert_file), str(tls.key_file))
+        self._free_checked_at = 0.0
+        self._low_disk = False
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Open the submission listener and, if configured, the implicit-TLS one."""
+        loop = asyncio.get_running_loop()
+        listener = self.settings.config.listener
+        server = await loop.create_server(
+            lambda: RelaySMTP(self, "submission", implicit_tls=False),
+            host=listener.host,
+            port=listener.submission_port,
+            reuse_port=self._reuse_port or None,
+        )
+        self._servers.append(server)
+        self.ports["submission"] = server.sockets[0].getsockname()[1]
+        if listener.implicit_tls_port is not None and self.tls_context is not None:
+            server = await loop.create_server(
+                lambda: RelaySMTP(self, "implicit_tls", implicit_tls=True),
+                host=listener.host,
+                port=listener.implicit_tls_port,
+                ssl=self.tls_context,
+                reuse_port=self._reuse_port or None,
+            )
+            self._servers.append(server)
+            self.ports["implicit_tls"] = server.sockets[0].getsockname()[1]
+        log.info(
+            "Listening for SMTP on %s (%s)",
+            listener.host,
+            ", ".join(f"{name} {port}" for name, port in self.ports.items()),
+        )
+
+    @property
+    def listening(self) -> bool:
+        """Whether the listeners are open and not draining (for /readyz)."""
+        return (
+            bool(self._servers) and not self.draining and all(s.is_serving() for s in self._servers)
+        )
+
+    async def drain(self, grace_seconds: float) -> None:
+        """Refuse new sessions with 421, let transactions in flight finish, then close."""
+        self.draining = True
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace_seconds
+        log.info("Draining %d SMTP session(s)", len(self.sessions))
+        while self.sessions and loop.time() < deadline:
+            for session in list(self.sessions):
+                if not session.in_transaction:
+                    session.close_for_shutdown()
+            await asyncio.sleep(0.05)
+        for session in list(self.sessions):
+            session.close_for_shutdown()
+        await self.close()
+
+    async def close(self) -> None:
+        """Close the listeners (sessions are left to `drain`)."""
+        for server in self._servers:
+            server.close()
+        for server in self._servers:
+            await server.wait_closed()
+        self._servers.clear()
+
+    def apply(self, settings: FrontSettings) -> None:
+        """Use new settings for new commands; sessions in flight keep working."""
+        old = self.settings
+        self.settings = settings
+        tls = settings.config.listener.tls
+        if tls is not None:
+            if self.tls_context is None:
+                self.tls_context = build_tls_context(str(tls.cert_file), str(tls.key_file))
+            else:
+                # Same context object: the implicit-TLS listener holds a reference to it.
+                self.tls_context.load_cert_chain(str(tls.cert_file), str(tls.key_file))
+        if settings.users is not old.users:
+            old.users.close()
+        self._free_checked_at = 0.0
+
+    # -- sessions -----------------------------------------------------------------------
+
+    def session_opened(self, session: RelaySMTP) -> str | None:
+        """Track a new session; a reply string means refuse it with that reply."""
+        self.metrics.smtp_sessions.labels(session.listener).inc()
+        if self.draining:
+            self.metrics.reject("shutting_down")
+            return "421 4.3.2 Service shutting down, try again later"
+        if len(self.sessions) >= self.settings.config.limits.max_connections:
+            self.metrics.reject("too_many_connections")
+            log.warning("Refused a connection: %d sessions open", len(self.sessions))
+            return "421 4.7.0 Too many connections, try again later"
+        self.sessions.add(session)
+        self.metrics.smtp_sessions_active.set(len(self.sessions))
+        if session.implicit_tls:
+            self.metrics.tls_sessions.labels("implicit").inc()
+        return None
+
+    def session_closed(self, session: RelaySMTP) -> None:
+        """Forget a finished session."""
+        self.sessions.discard(session)
+        self.metrics.smtp_sessions_active.set(len(self.sessions))
+
+    def low_on_disk(self) -> bool:
+        """Whether the spool has less free space than configured (checked at most 1/s)."""
+        now = time.monotonic()
+        if now - self._free_checked_at >= 1.0:
+            self._free_checked_at = now
+            minimum = self.settings.config.spool.min_free_bytes
+            self._low_disk = self.spool.free_bytes() < minimum
+        return self._low_disk
