@@ -20,9 +20,8 @@ import email.utils
 import re
 import secrets
 from dataclasses import dataclass
-from email import charset, policy
-from email.message import EmailMessage
-from email.mime.text import MIMEText
+from email import policy
+from email.message import EmailMessage, MIMEPart
 
 __all__ = ["Dsn", "FailedRecipient", "build_dsn", "original_headers", "status_for"]
 
@@ -133,10 +132,11 @@ def build_dsn(
     lines += [f"<{f.address}>: {_one_line(f.diagnostic)}" for f in failed]
     text = "\r\n".join(lines) + "\r\n"
     # Quoted-printable keeps a non-ASCII explanation readable in a raw view.
-    text_charset = charset.Charset("utf-8")
-    text_charset.body_encoding = charset.QP
-    explanation = MIMEText(text, "plain", "us-ascii" if text.isascii() else text_charset)
-    del explanation["MIME-Version"]
+    explanation = MIMEPart(policy=smtp_policy)
+    if text.isascii():
+        explanation.set_content(text, subtype="plain", charset="us-ascii", cte="7bit")
+    else:
+        explanation.set_content(text, subtype="plain", charset="utf-8", cte="quoted-printable")
     explanation["Content-Description"] = "Notification"
 
     def block(fields: list[tuple[str, str]]) -> bytes:

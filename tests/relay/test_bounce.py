@@ -27,6 +27,15 @@ def parse(data: bytes) -> EmailMessage:
     return message
 
 
+def blocks_of(part: Message) -> list[Message]:
+    """The header blocks of a parsed message/delivery-status part."""
+    payload = part.get_payload()
+    assert isinstance(payload, list)
+    blocks = [block for block in payload if isinstance(block, Message)]
+    assert len(blocks) == len(payload)
+    return blocks
+
+
 def dsn_for(*failed: FailedRecipient, sender: str = "alice@example.com") -> EmailMessage:
     dsn = build_dsn(
         reporting_mta="relay.test",
@@ -58,8 +67,7 @@ def test_report_structure_and_fields() -> None:
     assert text.get_content_type() == "text/plain"
     assert "gone@example.net" in text.get_content()
     assert report.get_content_type() == "message/delivery-status"
-    per_message, per_rcpt = report.get_payload()
-    assert isinstance(per_message, Message) and isinstance(per_rcpt, Message)
+    per_message, per_rcpt = blocks_of(report)
     assert per_message["Reporting-MTA"] == "dns; relay.test"
     assert per_rcpt["Final-Recipient"] == "rfc822; gone@example.net"
     assert per_rcpt["Action"] == "failed"
@@ -94,7 +102,7 @@ def test_one_block_per_failed_recipient() -> None:
     )
 
     report = list(message.iter_parts())[1]
-    blocks = report.get_payload()
+    blocks = blocks_of(report)
     assert [b["Final-Recipient"] for b in blocks[1:]] == [
         "rfc822; a@example.net",
         "rfc822; b@example.net",
