@@ -1,0 +1,568 @@
+"""Shared fixtures for relay tests: real peers on 127.0.0.1, no mocks.
+
+* `tls_certs`: a trustme CA and a server certificate for localhost/127.0.0.1, as files.
+* `users_file`: a users file with a bcrypt user (any sender) and an argon2 user limited
+  to example.com; `USERS` holds their passwords.
+* `recording_upstream`: factory of aiosmtpd upstreams (own thread and loop) with
+  STARTTLS, implicit TLS or plain, optional AUTH, that record every envelope and the
+  exact bytes received, and whose replies a test can change while running.
+* `relay_factory`: writes a config (defaults below, deep-merged with overrides) and
+  starts the relay in-process (`RelayApp` on the test's loop) or as a real subprocess
+  (`python -m mailrelay.relay`), on free loopback ports. `smtp_route` builds a route
+  entry for a recording upstream.
+* `RelayHandle.client(...)`: an aiosmtplib client connected to the relay.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import copy
+import os
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiosmtplib
+import pytest
+import trustme
+import yaml
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
+from prometheus_client import CollectorRegistry
+
+from mailrelay.relay.auth import hash_password
+from mailrelay.relay.config import RelayConfig, load_config
+from mailrelay.relay.main import RelayApp
+
+REPO = Path(__file__).resolve().parents[2]
+USERS = {"alice": "alice-secret", "bob": "bob-secret"}
+UPSTREAM_USER = ("relayuser", "upstream-secret")
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (for subprocess relays)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+# -- TLS and users --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TlsCerts:
+    """A CA and a server certificate for localhost, as files and contexts."""
+
+    ca: trustme.CA
+    ca_file: Path
+    cert_file: Path
+    key_file: Path
+
+    def client_context(self) -> ssl.SSLContext:
+        """A client context trusting only this CA."""
+        return ssl.create_default_context(cafile=str(self.ca_file))
+
+    def server_context(self) -> ssl.SSLContext:
+        """A server context with the localhost certificate."""
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(str(self.cert_file), str(self.key_file))
+        return context
+
+    def issue(self, directory: Path, name: str) -> tuple[Path, Path]:
+        """Another localhost certificate (for reload tests), as (cert_file, key_file)."""
+        cert = self.ca.issue_cert("localhost", "127.0.0.1")
+        cert_file, key_file = directory / f"{name}.crt", directory / f"{name}.key"
+        cert.private_key_pem.write_to_path(str(key_file))
+        with cert_file.open("wb") as fh:
+            for blob in cert.cert_chain_pems:
+                fh.write(blob.bytes())
+        return cert_file, key_file
+
+
+@pytest.fixture(scope="session")
+def tls_certs(tmp_path_factory: pytest.TempPathFactory) -> TlsCerts:
+    """One CA and localhost certificate for the whole session."""
+    directory = tmp_path_factory.mktemp("tls")
+    ca = trustme.CA()
+    ca_file = directory / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    certs = TlsCerts(ca=ca, ca_file=ca_file, cert_file=directory / "x", key_file=directory / "x")
+    cert_file, key_file = certs.issue(directory, "server")
+    return TlsCerts(ca=ca, ca_file=ca_file, cert_file=cert_file, key_file=key_file)
+
+
+@pytest.fixture(scope="session")
+def users_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """alice (bcrypt, any sender) and bob (argon2, only example.com senders)."""
+    path = tmp_path_factory.mktemp("users") / "users.yaml"
+    users = [
+        {"username": "alice", "password_hash": hash_password(USERS["alice"])},
+        {
+            "username": "bob",
+            "password_hash": hash_password(USERS["bob"], "argon2"),
+            "allowed_sender_domains": ["example.com"],
+        },
+    ]
+    path.write_text(yaml.safe_dump({"users": users}))
+    return path
+
+
+# -- the recording upstream -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Received:
+    """One message as an upstream received it."""
+
+    mail_from: str
+    rcpt_tos: tuple[str, ...]
+    data: bytes
+    mail_options: tuple[str, ...]
+    tls: bool
+    auth_user: str | None
+
+
+@dataclass
+class RecordingUpstream:
+    """An aiosmtpd upstream on its own thread; tests read `messages` and set replies.
+
+    `rcpt_reply(address)` may return a status to refuse a recipient; `data_reply(env)`
+    may return a status instead of 250 (the message is then not recorded).
+    """
+
+    host: str
+    port: int
+    tls: str
+    auth: tuple[str, str] | None
+    messages: list[Received] = field(default_factory=list)
+    rcpt_reply: Callable[[str], str | None] | None = None
+    data_reply: Callable[[Envelope], str | None] | None = None
+    connections: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _controller: Any = None
+
+    def record(self, message: Received) -> None:
+        with self._lock:
+            self.messages.append(message)
+
+    def snapshot(self) -> list[Received]:
+        """A copy of the messages received so far."""
+        with self._lock:
+            return list(self.messages)
+
+    async def wait_for(self, count: int, within: float = 10.0) -> list[Received]:
+        """Wait until at least `count` messages arrived; fail the test after `within` s."""
+        deadline = time.monotonic() + within
+        while time.monotonic() < deadline:
+            got = self.snapshot()
+            if len(got) >= count:
+                return got
+            await asyncio.sleep(0.02)
+        raise AssertionError(f"upstream got {len(self.snapshot())} message(s), wanted {count}")
+
+    def message_ids(self) -> set[str]:
+        """Message-ID header values of everything received."""
+        from mailrelay.relay.spool import extract_message_id  # noqa: PLC0415
+
+        return {mid for m in self.snapshot() if (mid := extract_message_id(m.data)) is not None}
+
+    def stop(self) -> None:
+        """Stop listening (connections then fail: 'upstream down')."""
+        if self._controller is not None:
+            self._controller.stop()
+            self._controller = None
+
+    def start(self) -> None:
+        """(Re)start listening on the same port."""
+        assert self._controller is None
+        self._controller = _start_controller(self)
+
+    def smtp_upstream(self, name: str, ca_file: Path, **extra: Any) -> dict[str, Any]:
+        """The config entry for this upstream (credential files: see `relay_factory`)."""
+        entry: dict[str, Any] = {
+            "type": "smtp",
+            "name": name,
+            "host": self.host,
+            "port": self.port,
+            "tls": self.tls,
+            "ca_file": str(ca_file),
+            "connect_timeout_seconds": 2,
+            "timeout_seconds": 5,
+        }
+        entry.update(extra)
+        return entry
+
+
+class _RecordingHandler:
+    def __init__(self, upstream: RecordingUpstream) -> None:
+        self.upstream = upstream
+
+    async def handle_RCPT(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
+    ) -> str:
+        reply = self.upstream.rcpt_reply(address) if self.upstream.rcpt_reply else None
+        if reply is not None:
+            return reply
+        envelope.rcpt_tos.append(address)
+        envelope.rcpt_options.extend(options)
+        return "250 OK"
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        reply = self.upstream.data_reply(envelope) if self.upstream.data_reply else None
+        if reply is not None:
+            return reply
+        auth_user = getattr(session.auth_data, "login", b"").decode() or None
+        self.upstream.record(
+            Received(
+                mail_from=envelope.mail_from or "",
+                rcpt_tos=tuple(envelope.rcpt_tos),
+                data=bytes(envelope.original_content or b""),
+                mail_options=tuple(envelope.mail_options),
+                tls=session.ssl is not None or self.upstream.tls == "implicit",
+                auth_user=auth_user,
+            )
+        )
+        return "250 2.0.0 Recorded"
+
+
+class _UpstreamController(Controller):
+    def __init__(self, upstream: RecordingUpstream, certs: TlsCerts | None) -> None:
+        self.upstream = upstream
+        self.certs = certs
+        implicit = upstream.tls == "implicit"
+        super().__init__(
+            _RecordingHandler(upstream),
+            hostname=upstream.host,
+            port=upstream.port,
+            ssl_context=certs.server_context() if implicit and certs else None,
+        )
+
+    def factory(self) -> SMTP:
+        upstream = self.upstream
+
+        def authenticator(
+            server: SMTP, session: Session, envelope: Envelope, mechanism: str, data: Any
+        ) -> AuthResult:
+            ok = (
+                isinstance(data, LoginPassword)
+                and upstream.auth is not None
+                and (data.login.decode(), data.password.decode()) == upstream.auth
+            )
+            return AuthResult(success=ok, handled=False, auth_data=data if ok else None)
+
+        upstream.connections += 1
+        return SMTP(
+            self.handler,
+            hostname="upstream.test",
+            enable_SMTPUTF8=True,
+            decode_data=False,
+            tls_context=(
+                self.certs.server_context() if upstream.tls == "starttls" and self.certs else None
+            ),
+            require_starttls=upstream.tls == "starttls",
+            auth_required=upstream.auth is not None,
+            auth_require_tls=upstream.tls == "starttls",
+            authenticator=authenticator,
+            data_size_limit=None,
+        )
+
+
+def _start_controller(upstream: RecordingUpstream) -> _UpstreamController:
+    controller = _UpstreamController(upstream, _CERTS)
+    controller.start()
+    return controller
+
+
+_CERTS: TlsCerts | None = None
+
+
+@pytest.fixture
+def recording_upstream(
+    tls_certs: TlsCerts,
+) -> Iterator[Callable[..., RecordingUpstream]]:
+    """Factory: `recording_upstream(tls="starttls"|"implicit"|"none", auth=(user, pw))`."""
+    global _CERTS  # noqa: PLW0603 - the controller factory runs in aiosmtpd's thread
+    _CERTS = tls_certs
+    made: list[RecordingUpstream] = []
+
+    def make(tls: str = "starttls", auth: tuple[str, str] | None = None) -> RecordingUpstream:
+        upstream = RecordingUpstream(host="127.0.0.1", port=free_port(), tls=tls, auth=auth)
+        upstream.start()
+        made.append(upstream)
+        return upstream
+
+    yield make
+    for upstream in made:
+        upstream.stop()
+
+
+# -- the relay ------------------------------------------------------------------------
+
+
+def smtp_route(
+    name: str,
+    upstream: RecordingUpstream,
+    ca_file: Path,
+    *,
+    upstream_name: str | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
+    """A route entry sending to a recording upstream (match and more via `extra`)."""
+    route: dict[str, Any] = {
+        "name": name,
+        "upstream": upstream.smtp_upstream(upstream_name or f"{name}-up", ca_file),
+    }
+    route.update(extra)
+    return route
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+@dataclass
+class RelayHandle:
+    """A running relay, in-process (`app`) or as a subprocess (`process`)."""
+
+    config_path: Path
+    spool_dir: Path
+    log_path: Path
+    host: str = "127.0.0.1"
+    smtp_port: int = 0
+    implicit_tls_port: int | None = None
+    health_port: int = 0
+    app: RelayApp | None = None
+    process: subprocess.Popen[bytes] | None = None
+    registry: CollectorRegistry | None = None
+    ca_file: Path | None = None
+
+    @property
+    def config(self) -> RelayConfig:
+        """The config file as it is now."""
+        return load_config(self.config_path)
+
+    def write_config(self, data: dict[str, Any]) -> None:
+        """Replace the config file atomically (the relay's watcher picks it up)."""
+        tmp = self.config_path.with_suffix(".tmp")
+        tmp.write_text(yaml.safe_dump(data))
+        os.replace(tmp, self.config_path)
+
+    def metric(self, name: str, labels: dict[str, str] | None = None) -> float:
+        """A sample from the in-process registry (0 if absent)."""
+        assert self.registry is not None, "metric() needs an in-process relay"
+        value = self.registry.get_sample_value(name, labels or {})
+        return 0.0 if value is None else value
+
+    @contextlib.asynccontextmanager
+    async def client(
+        self,
+        *,
+        starttls: bool = True,
+        implicit: bool = False,
+        login: tuple[str, str] | None = None,
+        command_timeout: float = 10,
+    ) -> AsyncIterator[aiosmtplib.SMTP]:
+        """An aiosmtplib session to the relay (EHLO done, STARTTLS and AUTH as asked)."""
+        context = ssl.create_default_context(cafile=str(self.ca_file)) if self.ca_file else None
+        port = self.implicit_tls_port if implicit else self.smtp_port
+        assert port is not None
+        smtp = aiosmtplib.SMTP(
+            hostname=self.host,
+            port=port,
+            use_tls=implicit,
+            start_tls=False,
+            tls_context=context,
+            timeout=command_timeout,
+            local_hostname="client.test",
+        )
+        await smtp.connect()
+        try:
+            await smtp.ehlo()
+            if starttls and not implicit:
+                await smtp.starttls(tls_context=context)
+                await smtp.ehlo()
+            if login is not None:
+                await smtp.login(*login)
+            yield smtp
+        finally:
+            with contextlib.suppress(Exception):
+                await smtp.quit()
+            smtp.close()
+
+    async def wait_ready(self, within: float = 20.0) -> None:
+        """Poll /readyz until it answers 200."""
+        deadline = time.monotonic() + within
+        while time.monotonic() < deadline:
+            if self.process is not None and self.process.poll() is not None:
+                raise AssertionError(f"relay exited {self.process.returncode}: {self.log()}")
+            with contextlib.suppress(OSError):
+                status = await http_get(self.host, self.health_port, "/readyz")
+                if status[0] == 200:
+                    return
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"relay not ready after {within}s: {self.log()}")
+
+    def log(self) -> str:
+        """The subprocess's log so far."""
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    async def stop(self) -> None:
+        """Stop gracefully (SIGTERM for a subprocess)."""
+        if self.app is not None:
+            await self.app.stop()
+            self.app = None
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            await asyncio.to_thread(self.process.wait, 30)
+
+    def kill(self) -> None:
+        """SIGKILL the subprocess: a crash."""
+        assert self.process is not None
+        self.process.kill()
+        self.process.wait()
+
+
+async def http_get(host: str, port: int, path: str) -> tuple[int, bytes]:
+    """A minimal HTTP GET: (status, body)."""
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        writer.write(f"GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+        await writer.drain()
+        raw = await asyncio.wait_for(reader.read(), 10)
+    finally:
+        writer.close()
+        with contextlib.suppress(Exception):
+            await writer.wait_closed()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    return int(head.split()[1]), body
+
+
+RelayFactory = Callable[..., Awaitable[RelayHandle]]
+
+
+@pytest.fixture
+async def relay_factory(
+    tmp_path: Path, tls_certs: TlsCerts, users_file: Path
+) -> AsyncIterator[RelayFactory]:
+    """Factory: `await relay_factory(routes=[...], subprocess=False, **config_overrides)`.
+
+    Defaults: STARTTLS with the session certificate, the `users_file` users, no allowed
+    networks, fast retries, spool under tmp_path. Overrides are deep-merged into the
+    config dict (e.g. `limits={"max_recipients": 2}`, `allowed_networks=["127.0.0.0/8"]`).
+    """
+    handles: list[RelayHandle] = []
+    counter = 0
+
+    async def make(
+        routes: list[dict[str, Any]] | None = None,
+        *,
+        subprocess: bool = False,
+        start: bool = True,
+        enable_delivery: bool = True,
+        env: dict[str, str] | None = None,
+        **overrides: Any,
+    ) -> RelayHandle:
+        nonlocal counter
+        counter += 1
+        base_dir = tmp_path / f"relay{counter}"
+        base_dir.mkdir()
+        spool_dir = overrides.pop("spool_dir", base_dir / "spool")
+        smtp_port = free_port() if subprocess else 0
+        health_port = free_port() if subprocess else 0
+        data: dict[str, Any] = {
+            "hostname": "relay.test",
+            "listener": {
+                "host": "127.0.0.1",
+                "submission_port": smtp_port,
+                "tls": {"cert_file": str(tls_certs.cert_file), "key_file": str(tls_certs.key_file)},
+            },
+            "auth": {"required": True, "users_file": str(users_file)},
+            "allowed_networks": [],
+            "spool": {"directory": str(spool_dir), "min_free_bytes": 0},
+            "retry": {
+                "initial_backoff_seconds": 0.2,
+                "max_backoff_seconds": 1,
+                "max_age_seconds": 60,
+                "jitter": 0,
+            },
+            "delivery": {"concurrency": 8, "poll_interval_seconds": 0.1},
+            "metrics": {"host": "127.0.0.1", "port": health_port},
+            "routes": routes or [],
+            "shutdown_grace_seconds": 5,
+        }
+        data = _merge(data, overrides)
+        config_path = base_dir / "relay.yaml"
+        config_path.write_text(yaml.safe_dump(data))
+        handle = RelayHandle(
+            config_path=config_path,
+            spool_dir=Path(spool_dir),
+            log_path=base_dir / "relay.log",
+            ca_file=tls_certs.ca_file,
+        )
+        handles.append(handle)
+        if not start:
+            return handle
+        if subprocess:
+            await start_subprocess(handle, env=env)
+        else:
+            registry = CollectorRegistry()
+            app = RelayApp(
+                load_config(config_path),
+                config_path=config_path,
+                registry=registry,
+                enable_delivery=enable_delivery,
+                reload_interval=0.1,
+            )
+            await app.start()
+            handle.app, handle.registry = app, registry
+            handle.smtp_port = app.smtp_port
+            handle.implicit_tls_port = app.implicit_tls_port
+            handle.health_port = app.health_port
+        return handle
+
+    yield make
+    for handle in handles:
+        with contextlib.suppress(Exception):
+            await handle.stop()
+        if handle.process is not None and handle.process.poll() is None:
+            handle.process.kill()
+            handle.process.wait()
+
+
+async def start_subprocess(handle: RelayHandle, env: dict[str, str] | None = None) -> None:
+    """Start (or restart) `python -m mailrelay.relay` for `handle` and wait for /readyz."""
+    config = load_config(handle.config_path)
+    handle.smtp_port = config.listener.submission_port
+    handle.implicit_tls_port = config.listener.implicit_tls_port
+    handle.health_port = config.metrics.port
+    handle.process = _spawn(handle, env)
+    await handle.wait_ready()
+
+
+def _spawn(handle: RelayHandle, env: dict[str, str] | None) -> subprocess.Popen[bytes]:
+    full_env = {**os.environ, "PYTHONSAFEPATH": "1", **(env or {})}
+    log = handle.log_path.open("ab")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mailrelay.relay", "--config", str(handle.config_path)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=full_env,
+        cwd=str(handle.config_path.parent),
+    )
+    log.close()
+    return process
