@@ -1,0 +1,465 @@
+"""Manifests for the CRD tests: valid bases, the examples, and a table of invalid specs.
+
+Each invalid case is one small edit of a valid base spec, with two expectations: the text the
+API server's refusal must contain (field path and reason) and the text pydantic's
+ValidationError must contain. ``test_models`` checks the second, ``test_api`` the first, so the
+CEL rules in the CRD and the validators in the models are held to the same table.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+CRD_DIR = REPO_ROOT / "crds"
+EXAMPLES_DIR = REPO_ROOT / "examples"
+
+Kind = Literal["MailRelay", "MailRoute"]
+
+BASE_RELAY_SPEC: dict[str, Any] = {
+    "listener": {"tls": {"secretName": "relay-tls"}},
+    "auth": {"usersSecretRef": {"name": "relay-users"}},
+}
+BASE_ROUTE_SPEC: dict[str, Any] = {
+    "relayRef": {"name": "outbound"},
+    "upstream": {"smtp": {"host": "smtp.example.net"}},
+}
+MAILGUN = {"provider": "mailgun", "domain": "mg.example.com", "credentialsSecretRef": {"name": "k"}}
+
+
+class _Remove:
+    """Marks a key an edit deletes."""
+
+
+REMOVE = _Remove()
+
+
+def edited(base: dict[str, Any], edits: dict[str, Any]) -> dict[str, Any]:
+    """A deep copy of ``base`` with each dotted path set (or removed with ``REMOVE``)."""
+    result = copy.deepcopy(base)
+    for path, value in edits.items():
+        *parents, leaf = path.split(".")
+        node = result
+        for key in parents:
+            node = node.setdefault(key, {})
+        if isinstance(value, _Remove):
+            node.pop(leaf, None)
+        else:
+            node[leaf] = copy.deepcopy(value)
+    return result
+
+
+@dataclass(frozen=True)
+class Invalid:
+    """One manifest the API server and the models must both refuse."""
+
+    id: str
+    kind: Kind
+    edits: dict[str, Any]
+    api_error: tuple[str, ...]
+    """Substrings of kubectl's error output: the field path and what is wrong."""
+    model_error: str | None
+    """Substring of pydantic's error; None when the rule is about metadata, not the spec."""
+    name: str = "example"
+
+    @property
+    def spec(self) -> dict[str, Any]:
+        return edited(BASE_RELAY_SPEC if self.kind == "MailRelay" else BASE_ROUTE_SPEC, self.edits)
+
+    def manifest(self) -> dict[str, Any]:
+        return {
+            "apiVersion": "mailrelay.dev/v1alpha1",
+            "kind": self.kind,
+            "metadata": {"name": self.name},
+            "spec": self.spec,
+        }
+
+
+INVALID: list[Invalid] = [
+    # --- MailRoute: the upstream ------------------------------------------------------------
+    Invalid(
+        "no-upstream",
+        "MailRoute",
+        {"upstream": {}},
+        ("spec.upstream: Invalid value", "set exactly one of smtp or api"),
+        "set exactly one of smtp or api",
+    ),
+    Invalid(
+        "upstream-missing",
+        "MailRoute",
+        {"upstream": REMOVE},
+        ("spec.upstream: Required value",),
+        "upstream\n  Field required",
+    ),
+    Invalid(
+        "both-smtp-and-api",
+        "MailRoute",
+        {"upstream.api": MAILGUN},
+        ("spec.upstream: Invalid value", "set exactly one of smtp or api"),
+        "set exactly one of smtp or api",
+    ),
+    Invalid(
+        "tls-none-without-opt-in",
+        "MailRoute",
+        {"upstream.smtp.tls": "none"},
+        ("spec.upstream.smtp.tls: Invalid value", "set insecureAllowPlaintext: true"),
+        "set insecureAllowPlaintext: true",
+    ),
+    Invalid(
+        "bad-port",
+        "MailRoute",
+        {"upstream.smtp.port": 70000},
+        ("spec.upstream.smtp.port: Invalid value: 70000", "less than or equal to 65535"),
+        "less than or equal to 65535",
+    ),
+    Invalid(
+        "port-zero",
+        "MailRoute",
+        {"upstream.smtp.port": 0},
+        ("spec.upstream.smtp.port: Invalid value: 0", "greater than or equal to 1"),
+        "greater than or equal to 1",
+    ),
+    Invalid(
+        "bad-tls-enum",
+        "MailRoute",
+        {"upstream.smtp.tls": "ssl"},
+        ('spec.upstream.smtp.tls: Unsupported value: "ssl"', '"starttls", "implicit", "none"'),
+        "Input should be 'starttls', 'implicit' or 'none'",
+    ),
+    Invalid(
+        "bad-host",
+        "MailRoute",
+        {"upstream.smtp.host": "smtp_relay!.example.net"},
+        ("spec.upstream.smtp.host: Invalid value", "must be a DNS name"),
+        "must be a DNS name",
+    ),
+    Invalid(
+        "bad-provider-enum",
+        "MailRoute",
+        {"upstream": {"api": {"provider": "mandrill"}}},
+        ('spec.upstream.api.provider: Unsupported value: "mandrill"', '"mailgun", "ses"'),
+        "Input should be 'mailgun', 'ses'",
+    ),
+    Invalid(
+        "mailgun-without-domain",
+        "MailRoute",
+        {"upstream": {"api": MAILGUN}, "upstream.api.domain": REMOVE},
+        ("spec.upstream.api.domain: Required value", "domain is required for provider mailgun"),
+        "domain is required for provider mailgun",
+    ),
+    Invalid(
+        "ses-without-region",
+        "MailRoute",
+        {"upstream": {"api": {"provider": "ses"}}},
+        ("spec.upstream.api.region: Required value", "provider ses needs a region"),
+        "provider ses needs a region",
+    ),
+    Invalid(
+        "ses-bad-region",
+        "MailRoute",
+        {"upstream": {"api": {"provider": "ses", "region": "europe"}}},
+        ("spec.upstream.api.region: Invalid value", "must be an AWS region"),
+        "must be an AWS region",
+    ),
+    Invalid(
+        "region-for-postmark",
+        "MailRoute",
+        {"upstream": {"api": {"provider": "postmark", "region": "eu"}}},
+        ("spec.upstream.api.region: Forbidden", "region is only used by"),
+        "region is only used by",
+    ),
+    Invalid(
+        "webhook-without-endpoint",
+        "MailRoute",
+        {"upstream": {"api": {"provider": "webhook"}}},
+        ("spec.upstream.api.endpoint: Required value", "provider webhook needs an endpoint"),
+        "provider webhook needs an endpoint",
+    ),
+    Invalid(
+        "endpoint-not-http",
+        "MailRoute",
+        {"upstream": {"api": {"provider": "webhook", "endpoint": "ftp://hooks.example.org/x"}}},
+        ("spec.upstream.api.endpoint: Invalid value", "must be an absolute http:// or https://"),
+        "must be an absolute http:// or https://",
+    ),
+    Invalid(
+        "api-key-provider-without-credentials",
+        "MailRoute",
+        {"upstream": {"api": {"provider": "sendgrid"}}},
+        (
+            "spec.upstream.api.credentialsSecretRef: Required value",
+            "credentialsSecretRef is required",
+        ),
+        "credentialsSecretRef is required",
+    ),
+    Invalid(
+        "fallback-with-both-kinds",
+        "MailRoute",
+        {"fallbacks": [{"smtp": {"host": "smtp.example.org"}, "api": MAILGUN}]},
+        ("spec.fallbacks[0]: Invalid value", "set exactly one of smtp or api"),
+        "set exactly one of smtp or api",
+    ),
+    Invalid(
+        "too-many-fallbacks",
+        "MailRoute",
+        {"fallbacks": [{"smtp": {"host": f"smtp{i}.example.org"}} for i in range(5)]},
+        ("spec.fallbacks: Too many: 5: must have at most 4 items",),
+        "List should have at most 4 items",
+    ),
+    # --- MailRoute: match, rate limit, the rest --------------------------------------------
+    Invalid(
+        "bad-domain-pattern",
+        "MailRoute",
+        {"match.senderDomains": ["example..com"]},
+        ('spec.match.senderDomains[0]: Invalid value: "example..com"', "should match"),
+        "String should match pattern",
+    ),
+    Invalid(
+        "wildcard-inside-domain",
+        "MailRoute",
+        {"match.recipientDomains": ["mail.*.example.com"]},
+        ('spec.match.recipientDomains[0]: Invalid value: "mail.*.example.com"', "should match"),
+        "String should match pattern",
+    ),
+    Invalid(
+        "rate-limit-zero",
+        "MailRoute",
+        {"rateLimit": {"perSecond": 0}},
+        ("spec.rateLimit.perSecond: Invalid value: 0", "should be greater than 0"),
+        "Input should be greater than 0",
+    ),
+    Invalid(
+        "rate-limit-burst-below-rate",
+        "MailRoute",
+        {"rateLimit": {"perSecond": 10, "burst": 2}},
+        ("spec.rateLimit.burst: Invalid value", "burst must be at least perSecond"),
+        "burst must be at least perSecond",
+    ),
+    Invalid(
+        "rate-limit-bad-on-exceed",
+        "MailRoute",
+        {"rateLimit": {"perSecond": 10, "onExceed": "drop"}},
+        ('spec.rateLimit.onExceed: Unsupported value: "drop"', '"defer", "reject"'),
+        "Input should be 'defer' or 'reject'",
+    ),
+    Invalid(
+        "negative-priority",
+        "MailRoute",
+        {"priority": -1},
+        ("spec.priority: Invalid value: -1", "greater than or equal to 0"),
+        "greater than or equal to 0",
+    ),
+    Invalid(
+        "route-unknown-field",
+        "MailRoute",
+        {"upstream.smtp.hostname": "smtp.example.net"},
+        ('unknown field "spec.upstream.smtp.hostname"',),
+        "hostname\n  Extra inputs are not permitted",
+    ),
+    # --- MailRelay --------------------------------------------------------------------------
+    Invalid(
+        "negative-replicas",
+        "MailRelay",
+        {"replicas": -1},
+        ("spec.replicas: Invalid value: -1", "greater than or equal to 0"),
+        "greater than or equal to 0",
+    ),
+    Invalid(
+        "bad-cidr-prefix",
+        "MailRelay",
+        {"allowedNetworks": ["10.0.0.0/33"]},
+        ('spec.allowedNetworks[0]: Invalid value: "10.0.0.0/33"', "must be a CIDR"),
+        "is not a CIDR",
+    ),
+    Invalid(
+        "cidr-without-prefix",
+        "MailRelay",
+        {"allowedNetworks": ["192.168.1.10"]},
+        ('spec.allowedNetworks[0]: Invalid value: "192.168.1.10"', "must be a CIDR"),
+        "is not a CIDR",
+    ),
+    Invalid(
+        "auth-without-users",
+        "MailRelay",
+        {"auth": {}},
+        ("spec.auth.usersSecretRef: Required value", "usersSecretRef is required"),
+        "usersSecretRef is required",
+    ),
+    Invalid(
+        "auth-without-tls",
+        "MailRelay",
+        {"listener": {}},
+        ("spec.listener.tls: Required value", "AUTH is only offered over TLS"),
+        "AUTH is only offered over TLS",
+    ),
+    Invalid(
+        "no-auth-and-no-networks",
+        "MailRelay",
+        {"auth": {"required": False}},
+        ("spec.allowedNetworks: Required value", "allowedNetworks must list at least one"),
+        "allowedNetworks must list at least one",
+    ),
+    Invalid(
+        "implicit-tls-port-clash",
+        "MailRelay",
+        {"listener.implicitTlsPort": 587},
+        ("spec.listener.implicitTlsPort: Invalid value", "implicitTlsPort must differ from port"),
+        "implicitTlsPort must differ from port",
+    ),
+    Invalid(
+        "metrics-port-clash",
+        "MailRelay",
+        {"metrics": {"port": 587}},
+        ("spec.metrics.port: Invalid value", "metrics.port must differ"),
+        "metrics.port must differ",
+    ),
+    Invalid(
+        "retry-out-of-order",
+        "MailRelay",
+        {"queue": {"retry": {"initialBackoff": "2h", "maxBackoff": "1h"}}},
+        ("spec.queue.retry: Invalid value", "initialBackoff <= maxBackoff <= maxAge"),
+        "initialBackoff <= maxBackoff <= maxAge",
+    ),
+    Invalid(
+        "bad-duration",
+        "MailRelay",
+        {"queue": {"retry": {"maxAge": "5 days"}}},
+        ('spec.queue.retry.maxAge: Invalid value: "5 days"', "should match"),
+        "String should match pattern",
+    ),
+    Invalid(
+        "bad-tls-version",
+        "MailRelay",
+        {"listener.tls.minVersion": "TLSv1.0"},
+        ('spec.listener.tls.minVersion: Unsupported value: "TLSv1.0"',),
+        "Input should be 'TLSv1.2' or 'TLSv1.3'",
+    ),
+    Invalid(
+        "bad-queue-size",
+        "MailRelay",
+        {"queue": {"size": "lots"}},
+        ('spec.queue.size: Invalid value: "lots"', "should match"),
+        "String should match pattern",
+    ),
+    Invalid(
+        "pdb-both-bounds",
+        "MailRelay",
+        {"podDisruptionBudget": {"minAvailable": 1, "maxUnavailable": "50%"}},
+        ("spec.podDisruptionBudget: Invalid value", "at most one of minAvailable"),
+        "at most one of minAvailable",
+    ),
+    Invalid(
+        "selector-in-without-values",
+        "MailRelay",
+        {"routeSelector": {"matchExpressions": [{"key": "team", "operator": "In"}]}},
+        (
+            "spec.routeSelector.matchExpressions[0].values: Invalid value",
+            "values must be non-empty",
+        ),
+        "values must be non-empty",
+    ),
+    Invalid(
+        "relay-unknown-field",
+        "MailRelay",
+        {"replica": 3},
+        ('unknown field "spec.replica"',),
+        "replica\n  Extra inputs are not permitted",
+    ),
+    Invalid(
+        "relay-name-not-a-dns-label",
+        "MailRelay",
+        {},
+        ('metadata.name: Invalid value: "1st.relay"', "should match"),
+        None,
+        name="1st.relay",
+    ),
+]
+INVALID_IDS = [case.id for case in INVALID]
+
+
+def _api(provider: str, **fields: Any) -> dict[str, Any]:
+    """Edits that make the base route's upstream a provider API with credentials."""
+    return {
+        "upstream": {"api": {"provider": provider, "credentialsSecretRef": {"name": "k"}, **fields}}
+    }
+
+
+# Edge cases on both sides of a rule: (edits of the base spec, whether it is accepted).
+ROUTE_FIELD_RULES: list[tuple[dict[str, Any], bool]] = [
+    ({"upstream.smtp.host": "2001:db8::25"}, True),
+    ({"upstream.smtp.host": "192.0.2.25"}, True),
+    ({"upstream.smtp.host": "-smtp.example.net"}, False),
+    ({"match.senderDomains": ["*.example.com", "example.com"]}, True),
+    ({"match.senderDomains": ["*example.com"]}, False),
+    ({"match.senderDomains": ["Example.com"]}, False),
+    ({"upstream.smtp.tls": "none", "upstream.smtp.insecureAllowPlaintext": True}, True),
+    ({"upstream.smtp.insecureAllowPlaintext": "yes"}, False),  # no truthy-string coercion
+    ({"upstream.smtp.port": "587"}, False),  # strict, as the API server is
+    ({"rateLimit": {"perSecond": 0.5}}, True),
+    ({"rateLimit": {"perSecond": 0.5, "burst": 1}}, True),
+    ({"upstream": {"api": {"provider": "ses", "region": "eu-west-1"}}}, True),
+    (_api("sendgrid", region="eu"), True),
+    (_api("mailgun", region="ap", domain="mg.example.com"), False),
+    (_api("resend", domain="example.com"), False),
+    (_api("resend", messageStream="x"), False),
+    (_api("webhook", endpoint="https://hooks.example.org/in"), True),
+    (_api("webhook", endpoint="https:///no-host"), False),
+    (_api("sparkpost", endpoint="http://127.0.0.1:8080"), True),
+]
+RELAY_FIELD_RULES: list[tuple[dict[str, Any], bool]] = [
+    ({"allowedNetworks": ["fd00::/8", "10.0.0.0/8", "192.168.1.0/24"]}, True),
+    ({"allowedNetworks": ["10.0.0.0/255.0.0.0"]}, False),  # netmask form: isCIDR refuses it
+    ({"allowedNetworks": ["10.0.0.0/8x"]}, False),
+    ({"auth": {"required": False}, "allowedNetworks": ["10.0.0.0/8"]}, True),
+    ({"listener.implicitTlsPort": 465}, True),
+    (  # implicit TLS without a certificate
+        {
+            "listener": {"implicitTlsPort": 465},
+            "auth": {"required": False},
+            "allowedNetworks": ["10.0.0.0/8"],
+        },
+        False,
+    ),
+    ({"metrics": {"enabled": False, "port": 587}}, True),
+    ({"queue": {"retry": {"initialBackoff": "500ms", "maxBackoff": "1s"}}}, False),
+    ({"queue": {"retry": {"initialBackoff": "1m30s", "maxBackoff": "2h", "maxAge": "72h"}}}, True),
+    ({"resources": {"requests": {"cpu": 1, "memory": "128Mi"}}}, True),
+    ({"resources": {"requests": {"cpu": "one"}}}, False),
+    ({"podDisruptionBudget": {"maxUnavailable": "25%"}}, True),
+    ({"podDisruptionBudget": {"maxUnavailable": "25"}}, False),
+    ({"affinity": {"nodeAffinity": {"anything": ["goes", 1]}}}, True),
+    ({"tolerations": [{"key": "mail", "operator": "Exists", "effect": "NoSchedule"}]}, True),
+    ({"routeSelector": {"matchExpressions": [{"key": "t", "operator": "Exists"}]}}, True),
+    (
+        {
+            "routeSelector": {
+                "matchExpressions": [{"key": "t", "operator": "Exists", "values": ["a"]}]
+            }
+        },
+        False,
+    ),
+]
+
+
+def load_documents(path: Path) -> list[dict[str, Any]]:
+    """The non-empty YAML documents of a manifest file."""
+    return [document for document in yaml.safe_load_all(path.read_text()) if document]
+
+
+def example_files() -> list[Path]:
+    return sorted(EXAMPLES_DIR.glob("*.yaml"))
+
+
+def example_resources(kind: Kind) -> list[dict[str, Any]]:
+    """Every object of ``kind`` across the example files."""
+    return [
+        document
+        for path in example_files()
+        for document in load_documents(path)
+        if document.get("kind") == kind
+    ]
