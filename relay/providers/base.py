@@ -1,0 +1,589 @@
+"""What every HTTP provider transport shares: client, limits, credentials, error classes.
+
+`ApiTransport` implements the relay's `Transport` protocol once. A provider subclass only
+says where its API lives (`default_base_url`), turns one envelope and message into HTTP
+requests (`prepare`, one `Call` per batch of recipients) and, where its API has its own
+error vocabulary, refines `classify_error`. The base class owns the rest:
+
+- one long-lived `httpx.AsyncClient` per upstream endpoint, explicit connect and read
+  timeouts, and a semaphore so at most `concurrency` requests are in flight;
+- the provider's size limit, checked before anything is sent;
+- one error classification for all providers (`classify_status`): network errors,
+  timeouts, 429 and 5xx are temporary; 400/413/422 permanent; 401/403/404 a configuration
+  problem that keeps the mail queued, logs loudly and sets a metric;
+- a throttle: a 429 (or SparkPost's 420) pauses the whole upstream until the provider's
+  `Retry-After` or rate-limit reset, so queued mail is deferred without calling the API;
+- credentials from files in a mounted Secret, re-read when the files change.
+
+`deliver` never raises: whatever happens becomes one `RecipientResult` per recipient.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import logging
+import os
+import ssl
+import time
+import weakref
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
+from pathlib import Path
+from typing import ClassVar
+
+import httpx
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from mailrelay.relay.config import ApiUpstream
+from mailrelay.relay.providers.limits import PROVIDER_LIMITS, ProviderLimits
+from mailrelay.relay.providers.mime import UnrepresentableMessage, ascii_address
+from mailrelay.relay.transport import Envelope, RecipientOutcome, RecipientResult
+
+__all__ = [
+    "ApiTransport",
+    "Call",
+    "CredentialError",
+    "CredentialStore",
+    "ProviderMetrics",
+    "Verdict",
+    "classify_status",
+    "error_text",
+    "provider_metrics",
+    "retry_after_seconds",
+]
+
+log = logging.getLogger(__name__)
+
+# A 429 without any hint still pauses the upstream, briefly; a hint is never trusted past
+# an hour, so a bogus reset header cannot park the upstream for days.
+DEFAULT_THROTTLE_SECONDS = 10.0
+MAX_THROTTLE_SECONDS = 3600.0
+_DETAIL_LIMIT = 300
+
+
+class CredentialError(Exception):
+    """A credential file is missing or empty: our configuration, never the sender's fault."""
+
+
+@dataclass
+class _CachedFile:
+    signature: tuple[int, int, int]
+    value: str
+    checked_at: float
+
+
+class CredentialStore:
+    """Secret files of one upstream, re-read when they change (a Secret update swaps them).
+
+    Files are stat'ed at most every `check_interval` seconds, in a worker thread; an
+    authentication failure calls `invalidate` so the next attempt looks again at once.
+    """
+
+    def __init__(
+        self,
+        directory: Path | None,
+        *,
+        upstream: str,
+        check_interval: float = 2.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._directory = directory
+        self._upstream = upstream
+        self._check_interval = check_interval
+        self._clock = clock
+        self._cache: dict[str, _CachedFile] = {}
+
+    def invalidate(self) -> None:
+        """Forget when files were last checked; the next `get` stats them again."""
+        for cached in self._cache.values():
+            cached.checked_at = float("-inf")
+
+    async def get(self, name: str) -> str:
+        """The file's content without surrounding whitespace, or CredentialError."""
+        value = await self.get_optional(name)
+        if value is None:
+            where = self._directory if self._directory is not None else "(no credentials_dir)"
+            raise CredentialError(
+                f"upstream {self._upstream!r}: credential file {name!r} is missing in {where}; "
+                "mount the provider's Secret there (see docs/providers.md)"
+            )
+        return value
+
+    async def get_optional(self, name: str) -> str | None:
+        """The file's content, or None when the directory or the file does not exist."""
+        if self._directory is None:
+            return None
+        now = self._clock()
+        cached = self._cache.get(name)
+        if cached is not None and now - cached.checked_at < self._check_interval:
+            return cached.value
+        path = self._directory / name
+        previous = cached.signature if cached is not None else None
+        loaded = await asyncio.to_thread(_load_if_changed, path, previous)
+        if loaded is None:
+            self._cache.pop(name, None)
+            return None
+        signature, value = loaded
+        if value is None:
+            assert cached is not None
+            cached.checked_at = now
+            return cached.value
+        if cached is not None:
+            log.info("Reloaded credential %s of upstream %s", name, self._upstream)
+        if not value:
+            raise CredentialError(f"upstream {self._upstream!r}: credential file {path} is empty")
+        self._cache[name] = _CachedFile(signature=signature, value=value, checked_at=now)
+        return value
+
+
+def _load_if_changed(
+    path: Path, previous: tuple[int, int, int] | None
+) -> tuple[tuple[int, int, int], str | None] | None:
+    """(signature, new content or None if unchanged), or None if the file is gone."""
+    try:
+        st = os.stat(path)
+        signature = (st.st_mtime_ns, st.st_size, st.st_ino)
+        if signature == previous:
+            return signature, None
+        return signature, path.read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        return None
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """How one failed API answer is treated; `throttle` pauses the whole upstream."""
+
+    outcome: RecipientOutcome
+    detail: str
+    retry_after: float | None = None
+    throttle: bool = False
+
+
+def retry_after_seconds(headers: Mapping[str, str], now: float) -> float | None:
+    """Seconds until the provider wants us back: `Retry-After`, else a rate-limit reset.
+
+    Reset headers differ by provider: seconds to wait (Resend's `ratelimit-reset`), or a
+    unix time in seconds or milliseconds (SendGrid's and Mailgun's `X-RateLimit-Reset`);
+    the size of the number tells which.
+    """
+    value = headers.get("retry-after")
+    if value:
+        try:
+            return max(0.0, float(value))
+        except ValueError:
+            try:
+                return max(0.0, parsedate_to_datetime(value).timestamp() - now)
+            except (TypeError, ValueError):
+                pass
+    for name in ("ratelimit-reset", "x-ratelimit-reset", "x-rate-limit-reset"):
+        raw = headers.get(name)
+        if not raw:
+            continue
+        try:
+            number = float(raw)
+        except ValueError:
+            continue
+        if number > 1e12:
+            return max(0.0, number / 1000 - now)
+        if number > 1e9:
+            return max(0.0, number - now)
+        return max(0.0, number)
+    return None
+
+
+def error_text(response: httpx.Response) -> str:
+    """A short human reason from an error body: the provider's message, else the raw text."""
+    text = response.text.strip()
+    try:
+        body = json.loads(text) if text else None
+    except ValueError:
+        body = None
+    if isinstance(body, dict):
+        for key in ("message", "Message", "error"):
+            if isinstance(body.get(key), str):
+                return str(body[key])[:_DETAIL_LIMIT]
+        errors = body.get("errors")
+        if isinstance(errors, list) and errors:
+            messages = [
+                str(e.get("message") or e.get("description") or e) if isinstance(e, dict) else e
+                for e in errors
+            ]
+            return "; ".join(str(m) for m in messages)[:_DETAIL_LIMIT]
+    return text[:_DETAIL_LIMIT] or response.reason_phrase
+
+
+def classify_status(status: int, headers: Mapping[str, str], detail: str, *, now: float) -> Verdict:
+    """The shared classification of a non-2xx HTTP status."""
+    reason = f"HTTP {status}: {detail}"
+    if status in (420, 429):
+        return Verdict(
+            RecipientOutcome.TEMPORARY,
+            f"rate limited by the provider ({reason})",
+            retry_after_seconds(headers, now),
+            throttle=True,
+        )
+    if status in {408, 409} or status >= 500:
+        return Verdict(RecipientOutcome.TEMPORARY, reason, retry_after_seconds(headers, now))
+    if status in (401, 403):
+        return Verdict(
+            RecipientOutcome.CONFIG_ERROR,
+            f"the provider refused our credentials ({reason}); check the upstream's Secret",
+        )
+    if status in (400, 413, 422):
+        return Verdict(RecipientOutcome.PERMANENT, f"the provider rejected the message ({reason})")
+    # 3xx, 404, 405, 415 ...: a wrong endpoint, region or domain. Our mistake: keep the mail.
+    return Verdict(
+        RecipientOutcome.CONFIG_ERROR,
+        f"unexpected answer from the provider ({reason}); check endpoint, region and domain",
+    )
+
+
+class ProviderMetrics:
+    """Metrics of all API upstreams, on the registry the relay passes in."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        labels = ["upstream", "provider"]
+        self.requests = Counter(
+            "mailrelay_provider_requests_total",
+            "Provider API requests by result (delivered, temporary, permanent, config_error).",
+            [*labels, "result"],
+            registry=registry,
+        )
+        self.request_seconds = Histogram(
+            "mailrelay_provider_request_seconds",
+            "Time from sending an API request to its answer.",
+            labels,
+            registry=registry,
+        )
+        self.config_error = Gauge(
+            "mailrelay_provider_config_error",
+            "1 while the upstream's last answer was a configuration problem (credentials, "
+            "account suspended or paused, wrong endpoint); mail stays queued meanwhile.",
+            labels,
+            registry=registry,
+        )
+        self.throttled = Counter(
+            "mailrelay_provider_throttled_total",
+            "Times a provider rate-limited us and the upstream was paused.",
+            labels,
+            registry=registry,
+        )
+
+
+_METRICS: weakref.WeakKeyDictionary[CollectorRegistry, ProviderMetrics] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def provider_metrics(registry: CollectorRegistry) -> ProviderMetrics:
+    """The one ProviderMetrics of a registry; transports rebuilt on reload share it."""
+    metrics = _METRICS.get(registry)
+    if metrics is None:
+        metrics = _METRICS[registry] = ProviderMetrics(registry)
+    return metrics
+
+
+@dataclass(frozen=True)
+class Call:
+    """One API request and the recipients its answer speaks for."""
+
+    recipients: tuple[str, ...]
+    request: httpx.Request
+
+
+class ApiTransport:
+    """The shared half of every provider transport; subclasses fill in the API."""
+
+    provider: ClassVar[str]
+
+    def __init__(
+        self,
+        upstream: ApiUpstream,
+        *,
+        registry: CollectorRegistry | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.name = upstream.name
+        self.upstream = upstream
+        self.limits: ProviderLimits = PROVIDER_LIMITS[self.provider]
+        self._clock = clock
+        self._wall_clock = wall_clock
+        self._metrics = provider_metrics(registry) if registry is not None else None
+        self._labels = {"upstream": upstream.name, "provider": self.provider}
+        self.credentials = CredentialStore(
+            upstream.credentials_dir, upstream=upstream.name, clock=clock
+        )
+        self._semaphore = asyncio.Semaphore(upstream.concurrency)
+        self._paused_until = float("-inf")
+        verify: ssl.SSLContext | bool = True
+        if upstream.ca_file is not None:
+            verify = ssl.create_default_context(cafile=str(upstream.ca_file))
+        self.base_url = (upstream.endpoint or self.default_base_url()).rstrip("/")
+        self.client = httpx.AsyncClient(
+            base_url=self.base_url,
+            timeout=httpx.Timeout(
+                upstream.timeout_seconds, connect=upstream.connect_timeout_seconds
+            ),
+            limits=httpx.Limits(
+                max_connections=upstream.concurrency,
+                max_keepalive_connections=upstream.concurrency,
+            ),
+            follow_redirects=False,
+            verify=verify,
+            headers={"User-Agent": "mailrelay"},
+        )
+
+    # --- what a provider supplies ------------------------------------------------------
+
+    def default_base_url(self) -> str:
+        """The API's base URL when `endpoint` does not override it."""
+        raise NotImplementedError
+
+    async def prepare(self, envelope: Envelope, message: bytes) -> list[Call]:
+        """The requests that send `message` to every envelope recipient."""
+        raise NotImplementedError
+
+    def classify_error(self, response: httpx.Response) -> Verdict:
+        """A non-2xx answer; providers with richer error bodies refine this."""
+        return classify_status(
+            response.status_code, response.headers, error_text(response), now=self._wall_clock()
+        )
+
+    def accepted(self, call: Call, response: httpx.Response) -> list[RecipientResult]:
+        """A 2xx answer: every recipient of the call delivered, with the provider's id."""
+        remote_id = self.remote_id(response)
+        return [
+            RecipientResult(
+                address=rcpt,
+                outcome=RecipientOutcome.DELIVERED,
+                detail=f"accepted by {self.provider} (HTTP {response.status_code})",
+                remote_id=remote_id,
+            )
+            for rcpt in call.recipients
+        ]
+
+    def remote_id(self, response: httpx.Response) -> str | None:
+        """The provider's message id from a success answer."""
+        return None
+
+    # --- helpers for providers ---------------------------------------------------------
+
+    def check_request_size(self, body: bytes) -> None:
+        """Providers that count the encoded request (base64 inflates by a third) call this."""
+        limit = self.limits.max_message_size
+        if limit is not None and len(body) > limit:
+            raise UnrepresentableMessage(
+                f"the {self.provider} request would be {len(body)} bytes after encoding; "
+                f"the provider accepts at most {limit}"
+            )
+
+    def json_request(
+        self, path: str, payload: object, headers: Mapping[str, str], *, check_size: bool = True
+    ) -> httpx.Request:
+        """A POST of compact UTF-8 JSON, refused here if it exceeds the provider's limit."""
+        body = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+        if check_size:
+            self.check_request_size(body)
+        return self.client.build_request(
+            "POST",
+            path,
+            content=body,
+            headers={"Content-Type": "application/json", "Accept": "application/json", **headers},
+        )
+
+    def api_addresses(self, addresses: Sequence[str]) -> list[str]:
+        """Envelope addresses as the provider accepts them (IDNA domains, ASCII mailboxes)."""
+        if self.limits.smtputf8:
+            return list(addresses)
+        return [ascii_address(a) for a in addresses]
+
+    def batches(self, recipients: Sequence[str]) -> list[tuple[str, ...]]:
+        """Recipients cut to the provider's per-request maximum, in order."""
+        size = self.limits.max_recipients or len(recipients) or 1
+        return [tuple(recipients[i : i + size]) for i in range(0, len(recipients), size)]
+
+    # --- the Transport protocol --------------------------------------------------------
+
+    async def deliver(self, envelope: Envelope, message: bytes) -> list[RecipientResult]:
+        """Send to every recipient; every failure becomes a classified result."""
+        try:
+            return _one_per_recipient(envelope, await self._deliver(envelope, message))
+        except Exception as exc:
+            # A bug of ours must not bounce mail: keep it queued and make it visible.
+            log.exception(
+                "Failed to deliver message %s through upstream %s: internal error",
+                envelope.queue_id,
+                self.name,
+            )
+            return self._all(envelope.recipients, RecipientOutcome.TEMPORARY, f"internal: {exc}")
+
+    async def close(self) -> None:
+        """Close the HTTP client and its pooled connections."""
+        await self.client.aclose()
+
+    def _all(
+        self,
+        recipients: Sequence[str],
+        outcome: RecipientOutcome,
+        detail: str,
+        retry_after: float | None = None,
+    ) -> list[RecipientResult]:
+        return [
+            RecipientResult(address=r, outcome=outcome, detail=detail, retry_after=retry_after)
+            for r in recipients
+        ]
+
+    def _throttled_for(self) -> float:
+        return self._paused_until - self._clock()
+
+    async def _deliver(self, envelope: Envelope, message: bytes) -> list[RecipientResult]:
+        limit = self.limits.max_message_size
+        if limit is not None and len(message) > limit:
+            return self._all(
+                envelope.recipients,
+                RecipientOutcome.PERMANENT,
+                f"message is {len(message)} bytes; {self.provider} accepts at most {limit}",
+            )
+        wait = self._throttled_for()
+        if wait > 0:
+            return self._throttled(envelope.recipients, wait)
+        try:
+            calls = await self.prepare(envelope, message)
+        except UnrepresentableMessage as exc:
+            log.warning("Refused message %s for upstream %s: %s", envelope.queue_id, self.name, exc)
+            return self._all(
+                envelope.recipients,
+                RecipientOutcome.PERMANENT,
+                f"{self.provider} cannot carry this message: {exc}",
+            )
+        except CredentialError as exc:
+            self._config_error(envelope, str(exc))
+            return self._all(envelope.recipients, RecipientOutcome.CONFIG_ERROR, str(exc))
+        results: list[RecipientResult] = []
+        for call in calls:
+            wait = self._throttled_for()
+            if wait > 0:
+                results += self._throttled(call.recipients, wait)
+                continue
+            results += await self._send(envelope, call)
+        return results
+
+    def _throttled(self, recipients: Sequence[str], wait: float) -> list[RecipientResult]:
+        return self._all(
+            recipients,
+            RecipientOutcome.TEMPORARY,
+            f"upstream {self.name} is paused for {wait:.0f}s after {self.provider} rate-limited us",
+            retry_after=wait,
+        )
+
+    def _count(self, result: str) -> None:
+        if self._metrics is not None:
+            self._metrics.requests.labels(**self._labels, result=result).inc()
+
+    def _config_error(self, envelope: Envelope, detail: str) -> None:
+        log.error(
+            "Kept message %s queued: upstream %s (%s) has a configuration problem: %s",
+            envelope.queue_id,
+            self.name,
+            self.provider,
+            detail,
+        )
+        if self._metrics is not None:
+            self._metrics.config_error.labels(**self._labels).set(1)
+        self._count(RecipientOutcome.CONFIG_ERROR.value)
+
+    async def _send(self, envelope: Envelope, call: Call) -> list[RecipientResult]:
+        async with self._semaphore:
+            started = self._clock()
+            try:
+                response = await self.client.send(call.request)
+            except httpx.TimeoutException as exc:
+                detail = f"{self.provider} API timed out ({type(exc).__name__})"
+                log.warning(
+                    "Deferred message %s on upstream %s: %s", envelope.queue_id, self.name, detail
+                )
+                self._count(RecipientOutcome.TEMPORARY.value)
+                return self._all(call.recipients, RecipientOutcome.TEMPORARY, detail)
+            except httpx.HTTPError as exc:
+                detail = f"{self.provider} API unreachable: {type(exc).__name__}: {exc}"
+                log.warning(
+                    "Deferred message %s on upstream %s: %s", envelope.queue_id, self.name, detail
+                )
+                self._count(RecipientOutcome.TEMPORARY.value)
+                return self._all(call.recipients, RecipientOutcome.TEMPORARY, detail)
+            finally:
+                if self._metrics is not None:
+                    self._metrics.request_seconds.labels(**self._labels).observe(
+                        self._clock() - started
+                    )
+        if response.is_success:
+            results = self.accepted(call, response)
+            if self._metrics is not None:
+                self._metrics.config_error.labels(**self._labels).set(0)
+            delivered = [r for r in results if r.outcome is RecipientOutcome.DELIVERED]
+            if delivered:
+                self._count(RecipientOutcome.DELIVERED.value)
+                log.info(
+                    "Delivered message %s to %d recipient(s) through upstream %s; %s message id %s",
+                    envelope.queue_id,
+                    len(delivered),
+                    self.name,
+                    self.provider,
+                    delivered[0].remote_id,
+                )
+            return results
+        verdict = self.classify_error(response)
+        if verdict.outcome is RecipientOutcome.CONFIG_ERROR:
+            if response.status_code in (401, 403):
+                self.credentials.invalidate()
+            self._config_error(envelope, verdict.detail)
+        else:
+            self._count(verdict.outcome.value)
+            log.warning(
+                "%s message %s on upstream %s: %s",
+                "Deferred" if verdict.outcome is RecipientOutcome.TEMPORARY else "Rejected",
+                envelope.queue_id,
+                self.name,
+                verdict.detail,
+            )
+        retry_after = verdict.retry_after
+        if verdict.throttle:
+            pause = min(
+                retry_after if retry_after is not None else DEFAULT_THROTTLE_SECONDS,
+                MAX_THROTTLE_SECONDS,
+            )
+            self._paused_until = max(self._paused_until, self._clock() + pause)
+            retry_after = pause
+            if self._metrics is not None:
+                self._metrics.throttled.labels(**self._labels).inc()
+            log.warning(
+                "Paused upstream %s for %.0fs: rate-limited by %s", self.name, pause, self.provider
+            )
+        return self._all(call.recipients, verdict.outcome, verdict.detail, retry_after)
+
+
+def _one_per_recipient(envelope: Envelope, results: list[RecipientResult]) -> list[RecipientResult]:
+    """Exactly one result per envelope recipient, in envelope order.
+
+    A recipient listed twice (in any letter case) was sent once; it shares that result.
+    """
+    by_exact = {r.address: r for r in results}
+    by_folded = {r.address.lower(): r for r in results}
+    out = []
+    for rcpt in envelope.recipients:
+        result = by_exact.get(rcpt) or by_folded.get(rcpt.lower())
+        if result is None:
+            result = RecipientResult(
+                address=rcpt,
+                outcome=RecipientOutcome.TEMPORARY,
+                detail="internal: the provider transport produced no result for this recipient",
+            )
+        elif result.address != rcpt:
+            result = dataclasses.replace(result, address=rcpt)
+        out.append(result)
+    return out

@@ -1,0 +1,57 @@
+"""Mailgun: the raw message through `messages.mime`, so it arrives byte for byte.
+
+POST {base}/v3/{domain}/messages.mime as multipart/form-data with a `to` field per
+envelope recipient (Mailgun ignores the Cc and Bcc headers inside the MIME, so the
+envelope is the only recipient list) and the message as the `message` file. Basic auth
+with user `api` and the key from the credential file `api_key`. `region: eu` selects
+api.eu.mailgun.net; `endpoint` overrides the base URL.
+"""
+
+from __future__ import annotations
+
+import base64
+
+import httpx
+
+from mailrelay.relay.providers.base import ApiTransport, Call
+from mailrelay.relay.transport import Envelope
+
+__all__ = ["MailgunTransport"]
+
+
+class MailgunTransport(ApiTransport):
+    """Mailgun's raw MIME endpoint."""
+
+    provider = "mailgun"
+
+    def default_base_url(self) -> str:
+        """US by default, EU when the upstream's region says so."""
+        if (self.upstream.region or "").lower() == "eu":
+            return "https://api.eu.mailgun.net"
+        return "https://api.mailgun.net"
+
+    async def prepare(self, envelope: Envelope, message: bytes) -> list[Call]:
+        """One multipart request per batch of up to 1000 recipients."""
+        key = await self.credentials.get("api_key")
+        auth = "Basic " + base64.b64encode(f"api:{key}".encode()).decode("ascii")
+        path = f"/v3/{self.upstream.domain}/messages.mime"
+        calls = []
+        for batch in self.batches(envelope.recipients):
+            request = self.client.build_request(
+                "POST",
+                path,
+                data={"to": self.api_addresses(batch)},
+                files={"message": ("message.eml", message, "message/rfc822")},
+                headers={"Authorization": auth},
+            )
+            calls.append(Call(recipients=batch, request=request))
+        return calls
+
+    def remote_id(self, response: httpx.Response) -> str | None:
+        """Mailgun answers {"id": "<...>", "message": "Queued. Thank you."}."""
+        try:
+            body = response.json()
+        except ValueError:
+            return None
+        value = body.get("id") if isinstance(body, dict) else None
+        return str(value) if value else None

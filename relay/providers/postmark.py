@@ -1,0 +1,117 @@
+"""Postmark: the `/email` endpoint, built from the parsed message.
+
+POST {base}/email with `X-Postmark-Server-Token: <api_key>`, at most 50 recipients
+across To, Cc and Bcc per request. Addresses are "Name <address>" strings joined by
+commas; bodies go to `TextBody`/`HtmlBody`; other parts to `Attachments` with `ContentID`
+(`cid:...`) for inline images; remaining headers to `Headers`; `message_stream` of the
+upstream to `MessageStream`. Postmark explains errors with an `ErrorCode`: bad token
+(10), sender signature missing or unconfirmed (400, 401), sending not allowed (405) and
+account pending (412) are our configuration; other 422s are permanent for the message.
+"""
+
+from __future__ import annotations
+
+import base64
+
+import httpx
+
+from mailrelay.relay.providers.base import ApiTransport, Call, Verdict, error_text
+from mailrelay.relay.providers.mime import (
+    Mailbox,
+    UnrepresentableMessage,
+    parse_message,
+    plan_batches,
+    split_recipients,
+)
+from mailrelay.relay.transport import Envelope, RecipientOutcome
+
+__all__ = ["PostmarkTransport"]
+
+_CONFIG_ERROR_CODES = frozenset({10, 400, 401, 405, 412})
+
+
+def _joined(mailboxes: tuple[Mailbox, ...]) -> str:
+    return ", ".join(m.formatted() for m in mailboxes)
+
+
+class PostmarkTransport(ApiTransport):
+    """Postmark's single-message API."""
+
+    provider = "postmark"
+
+    def default_base_url(self) -> str:
+        """Postmark has one API host."""
+        return "https://api.postmarkapp.com"
+
+    async def prepare(self, envelope: Envelope, message: bytes) -> list[Call]:
+        """One request per batch of up to 50 recipients."""
+        parsed = parse_message(message, envelope_sender=envelope.mail_from)
+        if not parsed.text and not parsed.html:
+            raise UnrepresentableMessage(
+                "Postmark requires a text or HTML body; the message has none"
+            )
+        base: dict[str, object] = {"From": parsed.sender.formatted()}
+        if parsed.subject is not None:
+            base["Subject"] = parsed.subject
+        if parsed.text:
+            base["TextBody"] = parsed.text
+        if parsed.html:
+            base["HtmlBody"] = parsed.html
+        if parsed.reply_to:
+            base["ReplyTo"] = _joined(parsed.reply_to)
+        if parsed.headers:
+            base["Headers"] = [{"Name": n, "Value": v} for n, v in parsed.headers]
+        if parsed.attachments:
+            attachments = []
+            for att in parsed.attachments:
+                item = {
+                    "Name": att.filename,
+                    "Content": base64.b64encode(att.content).decode("ascii"),
+                    "ContentType": att.content_type,
+                }
+                if att.content_id:
+                    item["ContentID"] = f"cid:{att.content_id}"
+                attachments.append(item)
+            base["Attachments"] = attachments
+        if self.upstream.message_stream:
+            base["MessageStream"] = self.upstream.message_stream
+        key = await self.credentials.get("api_key")
+        to, cc, bcc = split_recipients(parsed, envelope.recipients)
+        calls = []
+        for batch in plan_batches(to, cc, bcc, self.limits.max_recipients):
+            payload = dict(base, To=_joined(batch.to))
+            if batch.cc:
+                payload["Cc"] = _joined(batch.cc)
+            if batch.bcc:
+                payload["Bcc"] = _joined(batch.bcc)
+            request = self.json_request("/email", payload, {"X-Postmark-Server-Token": key})
+            calls.append(Call(recipients=batch.recipients, request=request))
+        return calls
+
+    def classify_error(self, response: httpx.Response) -> Verdict:
+        """Postmark's ErrorCode tells an account problem from a bad message."""
+        code = _error_code(response)
+        if code in _CONFIG_ERROR_CODES:
+            return Verdict(
+                RecipientOutcome.CONFIG_ERROR,
+                f"Postmark ErrorCode {code} (HTTP {response.status_code}): {error_text(response)}",
+            )
+        return super().classify_error(response)
+
+    def remote_id(self, response: httpx.Response) -> str | None:
+        """Postmark answers {"MessageID": ..., "ErrorCode": 0, ...}."""
+        try:
+            body = response.json()
+        except ValueError:
+            return None
+        value = body.get("MessageID") if isinstance(body, dict) else None
+        return str(value) if value else None
+
+
+def _error_code(response: httpx.Response) -> int | None:
+    try:
+        body = response.json()
+    except ValueError:
+        return None
+    code = body.get("ErrorCode") if isinstance(body, dict) else None
+    return code if isinstance(code, int) else None

@@ -1,0 +1,107 @@
+"""Resend: the `/emails` endpoint with an idempotency key.
+
+POST {base}/emails with `Authorization: Bearer <api_key>`, at most 50 recipients per
+request. `from`, `to`, `cc`, `bcc` and `reply_to` take "Name <address>" strings; bodies go
+to `text`/`html`; other parts to `attachments` (base64 `content`, `filename`,
+`content_type`, and `content_id` for inline images); remaining headers to `headers`.
+
+Every request carries an `Idempotency-Key` derived from the queue id and the batch's
+recipients, so the retry after a timeout (the request may have been sent) is the same
+request with the same key, and Resend sends it once.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+
+import httpx
+
+from mailrelay.relay.providers.base import ApiTransport, Call
+from mailrelay.relay.providers.mime import (
+    UnrepresentableMessage,
+    parse_message,
+    plan_batches,
+    split_recipients,
+)
+from mailrelay.relay.transport import Envelope
+
+__all__ = ["ResendTransport", "idempotency_key"]
+
+
+def idempotency_key(queue_id: str, recipients: tuple[str, ...]) -> str:
+    """Stable for one message and one set of recipients, whatever the attempt."""
+    digest = hashlib.sha256("\n".join(sorted(r.lower() for r in recipients)).encode()).hexdigest()
+    return f"mailrelay/{queue_id}/{digest[:24]}"
+
+
+class ResendTransport(ApiTransport):
+    """Resend's send-email API."""
+
+    provider = "resend"
+
+    def default_base_url(self) -> str:
+        """Resend has one API host."""
+        return "https://api.resend.com"
+
+    async def prepare(self, envelope: Envelope, message: bytes) -> list[Call]:
+        """One request per batch of up to 50 recipients, each with its idempotency key."""
+        parsed = parse_message(message, envelope_sender=envelope.mail_from)
+        if not parsed.subject:
+            raise UnrepresentableMessage("Resend requires a non-empty Subject")
+        if not parsed.text and not parsed.html:
+            raise UnrepresentableMessage(
+                "Resend requires a text or HTML body; the message has none"
+            )
+        base: dict[str, object] = {"from": parsed.sender.formatted(), "subject": parsed.subject}
+        if parsed.text:
+            base["text"] = parsed.text
+        if parsed.html:
+            base["html"] = parsed.html
+        if parsed.reply_to:
+            base["reply_to"] = [m.formatted() for m in parsed.reply_to]
+        headers: dict[str, str] = {}
+        for name, value in parsed.headers:
+            headers.setdefault(name, value)
+        if headers:
+            base["headers"] = headers
+        if parsed.attachments:
+            attachments = []
+            for att in parsed.attachments:
+                item = {
+                    "content": base64.b64encode(att.content).decode("ascii"),
+                    "filename": att.filename,
+                    "content_type": att.content_type,
+                }
+                if att.content_id:
+                    item["content_id"] = att.content_id
+                attachments.append(item)
+            base["attachments"] = attachments
+        key = await self.credentials.get("api_key")
+        to, cc, bcc = split_recipients(parsed, envelope.recipients)
+        calls = []
+        for batch in plan_batches(to, cc, bcc, self.limits.max_recipients):
+            payload = dict(base, to=[m.formatted() for m in batch.to])
+            if batch.cc:
+                payload["cc"] = [m.formatted() for m in batch.cc]
+            if batch.bcc:
+                payload["bcc"] = [m.formatted() for m in batch.bcc]
+            request = self.json_request(
+                "/emails",
+                payload,
+                {
+                    "Authorization": f"Bearer {key}",
+                    "Idempotency-Key": idempotency_key(envelope.queue_id, batch.recipients),
+                },
+            )
+            calls.append(Call(recipients=batch.recipients, request=request))
+        return calls
+
+    def remote_id(self, response: httpx.Response) -> str | None:
+        """Resend answers {"id": "..."}."""
+        try:
+            body = response.json()
+        except ValueError:
+            return None
+        value = body.get("id") if isinstance(body, dict) else None
+        return str(value) if value else None

@@ -1,0 +1,153 @@
+"""Amazon SES v2: `SendEmail` with `Content.Raw`, signed with SigV4 over httpx.
+
+POST https://email.{region}.amazonaws.com/v2/email/outbound-emails with the message
+base64-encoded in `Content.Raw.Data` and the envelope recipients as
+`Destination.ToAddresses` (SES sends to the Destination, not to the headers), at most 50
+per request. The request is signed with botocore's `SigV4Auth` (service `ses`); botocore
+is used only for signing and credentials, the HTTP goes through our own client.
+
+Credentials: the files `aws_access_key_id`, `aws_secret_access_key` and optionally
+`aws_session_token` in `credentials_dir`; without them, the standard AWS chain of a
+botocore session (environment, web identity token for IRSA, container and instance
+roles). The chain can call STS or the metadata service, so it runs in a worker thread.
+
+SES has its own error names: `AccountSuspendedException`, `SendingPausedException`,
+`MailFromDomainNotVerifiedException` and `NotFoundException` (a missing configuration
+set) are our configuration; `MessageRejected` and `BadRequestException` are permanent;
+`TooManyRequestsException` and `LimitExceededException` pause the upstream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import threading
+
+import botocore.session
+import httpx
+from botocore.auth import SigV4Auth
+from botocore.awsrequest import AWSRequest
+from botocore.credentials import Credentials, ReadOnlyCredentials
+
+from mailrelay.relay.providers.base import (
+    ApiTransport,
+    Call,
+    CredentialError,
+    Verdict,
+    error_text,
+    retry_after_seconds,
+)
+from mailrelay.relay.transport import Envelope, RecipientOutcome
+
+__all__ = ["SesTransport"]
+
+_CONFIG_ERRORS = frozenset(
+    {
+        "AccountSuspendedException",
+        "SendingPausedException",
+        "MailFromDomainNotVerifiedException",
+        "NotFoundException",
+    }
+)
+_PERMANENT_ERRORS = frozenset({"MessageRejected", "BadRequestException"})
+_THROTTLE_ERRORS = frozenset({"TooManyRequestsException", "LimitExceededException"})
+
+
+def ses_error_type(response: httpx.Response) -> str:
+    """The SES error name, from `x-amzn-ErrorType` or the JSON body's `__type`/`code`."""
+    raw = str(response.headers.get("x-amzn-errortype", ""))
+    if not raw:
+        try:
+            body = response.json()
+        except ValueError:
+            body = None
+        if isinstance(body, dict):
+            raw = str(body.get("__type") or body.get("code") or "")
+    return raw.split(":", 1)[0].rsplit("#", 1)[-1]
+
+
+class SesTransport(ApiTransport):
+    """SES v2 raw sending."""
+
+    provider = "ses"
+
+    _chain: Credentials | None = None
+    _chain_lock = threading.Lock()
+
+    def default_base_url(self) -> str:
+        """The regional SES endpoint."""
+        return f"https://email.{self.upstream.region}.amazonaws.com"
+
+    async def _aws_credentials(self) -> ReadOnlyCredentials:
+        key_id = await self.credentials.get_optional("aws_access_key_id")
+        if key_id is not None:
+            secret = await self.credentials.get("aws_secret_access_key")
+            token = await self.credentials.get_optional("aws_session_token")
+            return ReadOnlyCredentials(key_id, secret, token)
+        return await asyncio.to_thread(self._chain_credentials)
+
+    def _chain_credentials(self) -> ReadOnlyCredentials:
+        """The standard AWS chain; botocore refreshes temporary credentials itself."""
+        with self._chain_lock:
+            if self._chain is None:
+                self._chain = botocore.session.get_session().get_credentials()
+            chain = self._chain
+        if chain is None:
+            raise CredentialError(
+                f"upstream {self.name!r}: no AWS credentials: put aws_access_key_id and "
+                "aws_secret_access_key in credentials_dir, or give the pod an AWS role"
+            )
+        return chain.get_frozen_credentials()
+
+    async def prepare(self, envelope: Envelope, message: bytes) -> list[Call]:
+        """One signed SendEmail per batch of up to 50 recipients."""
+        credentials = await self._aws_credentials()
+        data = base64.b64encode(message).decode("ascii")
+        calls = []
+        for batch in self.batches(envelope.recipients):
+            payload: dict[str, object] = {
+                "Content": {"Raw": {"Data": data}},
+                "Destination": {"ToAddresses": self.api_addresses(batch)},
+            }
+            if self.upstream.configuration_set:
+                payload["ConfigurationSetName"] = self.upstream.configuration_set
+            request = self.json_request("/v2/email/outbound-emails", payload, {}, check_size=False)
+            self._sign(request, credentials)
+            calls.append(Call(recipients=batch, request=request))
+        return calls
+
+    def _sign(self, request: httpx.Request, credentials: ReadOnlyCredentials) -> None:
+        """SigV4 over exactly what httpx sends: method, URL, content type and body."""
+        aws_request = AWSRequest(
+            method=request.method,
+            url=str(request.url),
+            data=request.content,
+            headers={"Content-Type": request.headers["Content-Type"]},
+        )
+        SigV4Auth(credentials, "ses", str(self.upstream.region)).add_auth(aws_request)
+        for name in ("Authorization", "X-Amz-Date", "X-Amz-Security-Token"):
+            value = aws_request.headers.get(name)
+            if value is not None:
+                request.headers[name] = str(value)
+
+    def classify_error(self, response: httpx.Response) -> Verdict:
+        """SES error names first; the shared status rules for everything else."""
+        kind = ses_error_type(response)
+        detail = f"SES {kind or 'error'} (HTTP {response.status_code}): {error_text(response)}"
+        if kind in _CONFIG_ERRORS:
+            return Verdict(RecipientOutcome.CONFIG_ERROR, detail)
+        if kind in _THROTTLE_ERRORS:
+            retry_after = retry_after_seconds(response.headers, self._wall_clock())
+            return Verdict(RecipientOutcome.TEMPORARY, detail, retry_after, throttle=True)
+        if kind in _PERMANENT_ERRORS:
+            return Verdict(RecipientOutcome.PERMANENT, detail)
+        return super().classify_error(response)
+
+    def remote_id(self, response: httpx.Response) -> str | None:
+        """SES answers {"MessageId": "..."}."""
+        try:
+            body = response.json()
+        except ValueError:
+            return None
+        value = body.get("MessageId") if isinstance(body, dict) else None
+        return str(value) if value else None
