@@ -12,7 +12,14 @@ from typing import Final
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-__all__ = ["LISTENERS", "REJECT_REASONS", "RelayMetrics"]
+__all__ = [
+    "DEAD_LETTER_REASONS",
+    "DELIVERY_RESULTS",
+    "LISTENERS",
+    "REJECT_REASONS",
+    "DeliveryMetrics",
+    "RelayMetrics",
+]
 
 LISTENERS: Final = ("submission", "implicit_tls")
 
@@ -123,6 +130,8 @@ class RelayMetrics:
             "Messages in the dead-letter folder.",
             registry=registry,
         )
+        # -- delivery (owned by the delivery side) --------------------------------------
+        self.delivery = DeliveryMetrics(registry)
         for reason in REJECT_REASONS:
             self.messages_rejected.labels(reason)
         for result in ("success", "failure"):
@@ -135,3 +144,100 @@ class RelayMetrics:
         """Count one refusal; `reason` must be one of REJECT_REASONS."""
         assert reason in REJECT_REASONS, reason
         self.messages_rejected.labels(reason).inc()
+
+
+# What one delivery attempt did for one recipient (RecipientOutcome values).
+DELIVERY_RESULTS: Final = ("delivered", "temporary", "permanent", "config_error")
+# Why a message ended in the dead-letter folder.
+DEAD_LETTER_REASONS: Final = (
+    "permanent",  # an upstream refused a recipient with 5xx (or the message cannot be sent)
+    "expired",  # temporary failures until retry.max_age_seconds
+    "unroutable_bounce",  # a bounce that no route takes
+)
+BOUNCE_RESULTS: Final = ("queued", "unroutable", "null_sender")
+
+
+class DeliveryMetrics:
+    """The delivery engine's metrics; routes and upstreams are config names (bounded)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.attempts = Counter(
+            "mailrelay_delivery_attempts",
+            "Recipient delivery attempts by route, upstream and result.",
+            ["route", "upstream", "result"],
+            registry=registry,
+        )
+        self.latency = Histogram(
+            "mailrelay_delivery_latency_seconds",
+            "Time from acceptance to delivery, by route (once per message and route).",
+            ["route"],
+            buckets=(
+                0.01,
+                0.025,
+                0.05,
+                0.1,
+                0.25,
+                0.5,
+                1,
+                2.5,
+                5,
+                10,
+                30,
+                60,
+                300,
+                900,
+                3600,
+                14400,
+                86400,
+            ),
+            registry=registry,
+        )
+        self.dead_letters = Counter(
+            "mailrelay_dead_letters",
+            "Messages moved to the dead-letter folder, by route and reason (a fixed set).",
+            ["route", "reason"],
+            registry=registry,
+        )
+        self.bounces = Counter(
+            "mailrelay_bounces",
+            "Bounces (DSNs): queued, unroutable (dead-lettered), or not sent (null sender).",
+            ["result"],
+            registry=registry,
+        )
+        self.upstream_config_errors = Counter(
+            "mailrelay_upstream_config_errors",
+            "Delivery attempts that failed on our configuration (AUTH, TLS, provider).",
+            ["upstream"],
+            registry=registry,
+        )
+        self.rate_limited = Counter(
+            "mailrelay_delivery_rate_limited",
+            "Deliveries put off by a route's rate limit (on_exceed=defer).",
+            ["route"],
+            registry=registry,
+        )
+        self.connections_opened = Counter(
+            "mailrelay_upstream_connections_opened",
+            "Connections opened to SMTP upstreams.",
+            ["upstream"],
+            registry=registry,
+        )
+        self.connections_reused = Counter(
+            "mailrelay_upstream_connections_reused",
+            "Pooled SMTP connections reused for another message.",
+            ["upstream"],
+            registry=registry,
+        )
+        self.connections_open = Gauge(
+            "mailrelay_upstream_connections_open",
+            "SMTP upstream connections open now (in use or idle).",
+            ["upstream"],
+            registry=registry,
+        )
+        self.in_flight = Gauge(
+            "mailrelay_deliveries_in_flight",
+            "Messages being delivered now.",
+            registry=registry,
+        )
+        for result in BOUNCE_RESULTS:
+            self.bounces.labels(result)
