@@ -1,0 +1,55 @@
+"""Operator metrics (``mailrelay_operator_*``) on a registry passed in, never the global one.
+
+Label values are bounded: ``kind`` is MailRelay or MailRoute, ``result`` one of a few words,
+``child`` one of the seven child kinds, ``action`` created/updated.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+RESULTS = ("ok", "invalid", "error")
+CHILD_ACTIONS = ("created", "updated")
+
+
+class OperatorMetrics:
+    """The operator's counters, histograms and gauges."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.reconciles = Counter(
+            "mailrelay_operator_reconciles",
+            "Reconcile passes by kind and result (ok, invalid spec, error).",
+            ["kind", "result"],
+            registry=registry,
+        )
+        self.reconcile_duration = Histogram(
+            "mailrelay_operator_reconcile_duration_seconds",
+            "Time one reconcile pass took, by kind.",
+            ["kind"],
+            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            registry=registry,
+        )
+        self.children = Counter(
+            "mailrelay_operator_children",
+            "Child objects the operator wrote, by child kind and action (created, updated).",
+            ["child", "action"],
+            registry=registry,
+        )
+        self.status_writes = Counter(
+            "mailrelay_operator_status_writes",
+            "Status subresource patches, by kind; zero growth at steady state.",
+            ["kind"],
+            registry=registry,
+        )
+        self.errors = Counter(
+            "mailrelay_operator_errors",
+            "Errors while reconciling (API failures), by kind.",
+            ["kind"],
+            registry=registry,
+        )
+        self.relays = Gauge(
+            "mailrelay_operator_relays",
+            "MailRelays the operator currently knows about.",
+            registry=registry,
+        )

@@ -1,0 +1,295 @@
+"""MailRelay spec + bound, resolved MailRoutes -> the relay's own ``RelayConfig``.
+
+Pure functions only. The operator never invents a config format: it builds
+``mailrelay.relay.config.RelayConfig`` objects, so pydantic validation of the relay itself
+refuses anything the relay would refuse, and ``render_config_yaml`` dumps exactly what
+``load_config`` reads back.
+
+Secrets are never read here. Every secret the relay needs is a file under a fixed mount path
+(``SecretMount`` below, shared with ``render.py``): the TLS keypair, the users file, and one
+directory per route upstream whose Secret keys are projected to the file names the relay's
+transports expect (``username``, ``password``, ``ca.crt``, ``api_key``,
+``aws_access_key_id``, ``aws_secret_access_key``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from mailrelay.operator import models
+from mailrelay.relay import config as relay
+
+CONFIG_DIR = PurePosixPath("/etc/mailrelay/config")
+CONFIG_KEY = "relay.yaml"
+TLS_DIR = PurePosixPath("/etc/mailrelay/tls")
+USERS_DIR = PurePosixPath("/etc/mailrelay/users")
+USERS_FILE = "users.yaml"
+UPSTREAMS_DIR = PurePosixPath("/etc/mailrelay/upstreams")
+SPOOL_DIR = PurePosixPath("/var/spool/mailrelay")
+
+# File names the relay's transports read inside an upstream's directory.
+SMTP_USERNAME_FILE = "username"
+SMTP_PASSWORD_FILE = "password"
+CA_FILE = "ca.crt"
+API_KEY_FILE = "api_key"
+AWS_ACCESS_KEY_ID_FILE = "aws_access_key_id"
+AWS_SECRET_ACCESS_KEY_FILE = "aws_secret_access_key"
+
+
+class RelayConfigError(ValueError):
+    """The spec and routes do not make a config the relay accepts; the message says why."""
+
+
+@dataclass(frozen=True)
+class BoundRoute:
+    """A MailRoute bound to the relay whose Secrets and keys all exist."""
+
+    name: str
+    spec: models.MailRouteSpec
+
+
+@dataclass(frozen=True)
+class SecretMount:
+    """One Secret volume: which keys go to which file names, and where it is mounted."""
+
+    volume: str
+    secret_name: str
+    mount_path: str
+    items: tuple[tuple[str, str], ...]  # (secret key, file name), sorted
+
+    def files(self) -> dict[str, str]:
+        """File path -> secret key, for tests and for the demo's kubelet-like layout."""
+        return {f"{self.mount_path}/{path}": key for key, path in self.items}
+
+
+def upstream_dir(route: str, index: int) -> PurePosixPath:
+    """Directory of a route's upstream files: index 0 is the primary, then the fallbacks."""
+    return UPSTREAMS_DIR / route / str(index)
+
+
+def _volume_name(prefix: str, *parts: str) -> str:
+    """A stable, DNS-1123 label volume name (names may be up to 253 characters)."""
+    digest = hashlib.sha256("/".join(parts).encode()).hexdigest()[:12]
+    return f"{prefix}-{digest}"
+
+
+def secret_mounts(spec: models.MailRelaySpec, routes: Sequence[BoundRoute]) -> list[SecretMount]:
+    """Every Secret volume the relay pod needs, in a stable order."""
+    mounts: list[SecretMount] = []
+    if spec.listener.tls is not None:
+        mounts.append(
+            SecretMount(
+                "tls",
+                spec.listener.tls.secret_name,
+                str(TLS_DIR),
+                (("tls.crt", "tls.crt"), ("tls.key", "tls.key")),
+            )
+        )
+    if spec.auth.users_secret_ref is not None:
+        ref = spec.auth.users_secret_ref
+        mounts.append(SecretMount("users", ref.name, str(USERS_DIR), ((ref.key, USERS_FILE),)))
+    for route in sorted(routes, key=lambda r: r.name):
+        for index, upstream in enumerate((route.spec.upstream, *route.spec.fallbacks)):
+            mounts.extend(_upstream_mounts(route.name, index, upstream))
+    return mounts
+
+
+def _upstream_mounts(route: str, index: int, upstream: models.Upstream) -> list[SecretMount]:
+    """The Secret volumes of one upstream: credentials in its directory, a CA from another
+    Secret in a sibling ``-ca`` directory (volumes are never nested: Secret volumes are
+    read-only, so no mount point could be created inside one)."""
+    directory = str(upstream_dir(route, index))
+    by_path: dict[tuple[str, str], list[tuple[str, str]]] = {}
+    creds_secret: str | None = None
+    if upstream.smtp is not None:
+        creds = upstream.smtp.credentials_secret_ref
+        if creds is not None:
+            creds_secret = creds.name
+            by_path.setdefault((directory, creds.name), []).extend(
+                [(creds.username_key, SMTP_USERNAME_FILE), (creds.password_key, SMTP_PASSWORD_FILE)]
+            )
+        ca = upstream.smtp.ca_secret_ref
+        if ca is not None:
+            path = directory if ca.name == creds_secret else f"{directory}-ca"
+            by_path.setdefault((path, ca.name), []).append((ca.key, CA_FILE))
+    elif upstream.api is not None and upstream.api.credentials_secret_ref is not None:
+        ref = upstream.api.credentials_secret_ref
+        by_path[(directory, ref.name)] = (
+            [
+                (ref.access_key_id_key, AWS_ACCESS_KEY_ID_FILE),
+                (ref.secret_access_key_key, AWS_SECRET_ACCESS_KEY_FILE),
+            ]
+            if upstream.api.provider == "ses"
+            else [(ref.api_key_key, API_KEY_FILE)]
+        )
+    return [
+        SecretMount(_volume_name("up", path), secret, path, tuple(sorted(set(items))))
+        for (path, secret), items in sorted(by_path.items())
+    ]
+
+
+def required_secret_keys(
+    spec: models.MailRelaySpec, routes: Sequence[BoundRoute]
+) -> dict[str, set[str]]:
+    """Secret name -> keys the relay's mounts need (for the resolver and the tests)."""
+    needed: dict[str, set[str]] = {}
+    for mount in secret_mounts(spec, routes):
+        needed.setdefault(mount.secret_name, set()).update(key for key, _ in mount.items)
+    return needed
+
+
+def _file_for(mounts: Sequence[SecretMount], secret: str, directory: str, key: str) -> str:
+    for mount in mounts:
+        if mount.secret_name == secret and mount.mount_path in (directory, f"{directory}-ca"):
+            for item_key, file_name in mount.items:
+                if item_key == key:
+                    return f"{mount.mount_path}/{file_name}"
+    raise AssertionError(f"no mount for {secret}/{key}")  # secret_mounts() covers every ref
+
+
+def _seconds(duration: str) -> float:
+    return models.parse_duration(duration).total_seconds()
+
+
+def _upstream_config(
+    route: str, index: int, upstream: models.Upstream, mounts: Sequence[SecretMount]
+) -> dict[str, Any]:
+    name = route if index == 0 else f"{route}-fallback-{index}"
+    directory = str(upstream_dir(route, index))
+    if upstream.smtp is not None:
+        smtp = upstream.smtp
+        out: dict[str, Any] = {
+            "type": "smtp",
+            "name": name,
+            "host": smtp.host,
+            "port": smtp.port,
+            "tls": smtp.tls,
+        }
+        if smtp.credentials_secret_ref is not None:
+            creds = smtp.credentials_secret_ref
+            out["username_file"] = _file_for(mounts, creds.name, directory, creds.username_key)
+            out["password_file"] = _file_for(mounts, creds.name, directory, creds.password_key)
+        if smtp.ca_secret_ref is not None:
+            ca = smtp.ca_secret_ref
+            out["ca_file"] = _file_for(mounts, ca.name, directory, ca.key)
+        return out
+    assert upstream.api is not None
+    api = upstream.api
+    out = {"type": "api", "name": name, "provider": api.provider}
+    for field in ("endpoint", "region", "domain", "message_stream", "configuration_set"):
+        value = getattr(api, field)
+        if value is not None:
+            out[field] = value
+    if api.credentials_secret_ref is not None:
+        out["credentials_dir"] = directory
+    return out
+
+
+def _route_config(route: BoundRoute, mounts: Sequence[SecretMount]) -> dict[str, Any]:
+    spec = route.spec
+    out: dict[str, Any] = {
+        "name": route.name,
+        "priority": spec.priority,
+        "match": {
+            "sender_domains": list(spec.match.sender_domains),
+            "recipient_domains": list(spec.match.recipient_domains),
+        },
+        "upstream": _upstream_config(route.name, 0, spec.upstream, mounts),
+        "fallbacks": [
+            _upstream_config(route.name, index, upstream, mounts)
+            for index, upstream in enumerate(spec.fallbacks, start=1)
+        ],
+    }
+    if spec.rate_limit is not None:
+        limit = spec.rate_limit
+        out["rate_limit"] = {
+            "per_second": limit.per_second,
+            "burst": limit.burst if limit.burst is not None else math.ceil(limit.per_second),
+            "on_exceed": limit.on_exceed,
+        }
+    if spec.max_message_size is not None:
+        out["max_message_size"] = spec.max_message_size
+    return out
+
+
+def build_relay_config(
+    *,
+    name: str,
+    namespace: str,
+    spec: models.MailRelaySpec,
+    routes: Sequence[BoundRoute],
+    log_format: str = "text",
+    drain_seconds: float = 60.0,
+    cluster_domain: str = "cluster.local",
+) -> relay.RelayConfig:
+    """The relay's config for this spec and these routes; RelayConfigError if it refuses."""
+    mounts = secret_mounts(spec, routes)
+    listener: dict[str, Any] = {
+        "host": "0.0.0.0",
+        "submission_port": spec.listener.port,
+        "implicit_tls_port": spec.listener.implicit_tls_port,
+    }
+    if spec.listener.tls is not None:
+        listener["tls"] = {
+            "cert_file": str(TLS_DIR / "tls.crt"),
+            "key_file": str(TLS_DIR / "tls.key"),
+        }
+    retry = spec.queue.retry
+    data: dict[str, Any] = {
+        "hostname": spec.listener.hostname or f"{name}.{namespace}.svc.{cluster_domain}",
+        "listener": listener,
+        "auth": {
+            "required": spec.auth.required,
+            "users_file": (
+                str(USERS_DIR / USERS_FILE) if spec.auth.users_secret_ref is not None else None
+            ),
+        },
+        "allowed_networks": list(spec.allowed_networks),
+        "limits": {
+            "max_message_size": spec.limits.max_message_size,
+            "max_recipients": spec.limits.max_recipients,
+            "max_connections": spec.limits.max_connections,
+        },
+        "spool": {"directory": str(SPOOL_DIR)},
+        "retry": {
+            "initial_backoff_seconds": _seconds(retry.initial_backoff),
+            "max_backoff_seconds": _seconds(retry.max_backoff),
+            "max_age_seconds": _seconds(retry.max_age),
+        },
+        "routes": [_route_config(route, mounts) for route in sorted(routes, key=lambda r: r.name)],
+        "metrics": {"host": "0.0.0.0", "port": spec.metrics.port},
+        "log_format": log_format,
+        "shutdown_grace_seconds": drain_seconds,
+    }
+    try:
+        return relay.RelayConfig.model_validate(data)
+    except ValidationError as error:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or 'config'}: "
+            f"{e['msg'].removeprefix('Value error, ')}"
+            for e in error.errors()
+        )
+        raise RelayConfigError(problems) from None
+
+
+def render_config_yaml(config: relay.RelayConfig) -> str:
+    """The YAML text ``mailrelay.relay.config.load_config`` reads back into ``config``."""
+    data = config.model_dump(mode="json", exclude_none=True)
+    return yaml.safe_dump(data, sort_keys=True, default_flow_style=False)
+
+
+def config_hash(*parts: str) -> str:
+    """A short, stable hash of the rendered config (and anything else that should roll pods)."""
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(part.encode())
+        digest.update(b"\0")
+    return digest.hexdigest()[:16]

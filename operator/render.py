@@ -1,0 +1,420 @@
+"""Pure renderers: one function per child of a MailRelay, each returning a manifest dict.
+
+Every renderer takes a ``RelayInputs`` (the typed spec plus the object's identity), whatever
+else it needs (the rendered config, the Secret mounts) and the ``OperatorSettings``, and
+returns a fresh dict; nothing here talks to the API or mutates its inputs. Each child:
+
+* is named after the relay (``<name>``, ``<name>-config``, ``<name>-headless``),
+* carries the ``app.kubernetes.io/*`` labels and a controller owner reference to the relay,
+* mounts Secrets as volumes at fixed paths (``relay_config.SecretMount``); no Secret value is
+  ever copied into a ConfigMap, an annotation or a log line.
+
+The pod template carries ``mailrelay.dev/config-hash``: a config change rolls the pods, while
+credential rotation (Secret content) relies on the relay's hot reload instead.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from mailrelay.operator import models
+from mailrelay.operator.relay_config import (
+    CONFIG_DIR,
+    CONFIG_KEY,
+    SPOOL_DIR,
+    SecretMount,
+)
+from mailrelay.operator.settings import OperatorSettings
+
+CONFIG_HASH_ANNOTATION = "mailrelay.dev/config-hash"
+MANAGED_BY = "mailrelay-operator"
+RELAY_UID = 65532
+PRESTOP_SLEEP_SECONDS = 5
+SMTP_PORT_NAME = "submission"
+SMTPS_PORT_NAME = "submissions"
+METRICS_PORT_NAME = "metrics"
+
+
+@dataclass(frozen=True)
+class RelayInputs:
+    """What every renderer knows about the MailRelay: identity and typed spec."""
+
+    name: str
+    namespace: str
+    uid: str
+    spec: models.MailRelaySpec
+
+
+@dataclass(frozen=True)
+class NetworkPeer:
+    """One allowed source of SMTP traffic: a namespace selector, a pod selector, or both."""
+
+    namespace_selector: Mapping[str, Any] | None = None
+    pod_selector: Mapping[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class NetworkPolicyInputs:
+    """Who may reach the SMTP ports; an empty list lets nobody in (metrics stay open)."""
+
+    peers: Sequence[NetworkPeer] = field(default_factory=tuple)
+
+
+def config_map_name(relay: str) -> str:
+    return f"{relay}-config"
+
+
+def headless_service_name(relay: str) -> str:
+    return f"{relay}-headless"
+
+
+def selector_labels(relay: RelayInputs) -> dict[str, str]:
+    """The labels that select this relay's pods (stable across upgrades)."""
+    return {"app.kubernetes.io/name": "mailrelay", "app.kubernetes.io/instance": relay.name}
+
+
+def labels(relay: RelayInputs, component: str = "relay") -> dict[str, str]:
+    """Labels of every child."""
+    return {
+        **selector_labels(relay),
+        "app.kubernetes.io/component": component,
+        "app.kubernetes.io/part-of": "mailrelay",
+        "app.kubernetes.io/managed-by": MANAGED_BY,
+    }
+
+
+def owner_reference(relay: RelayInputs) -> dict[str, Any]:
+    """A controller reference to the MailRelay, so deleting it deletes the children."""
+    return {
+        "apiVersion": models.API_VERSION,
+        "kind": "MailRelay",
+        "name": relay.name,
+        "uid": relay.uid,
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def _metadata(relay: RelayInputs, name: str, component: str = "relay") -> dict[str, Any]:
+    return {
+        "name": name,
+        "namespace": relay.namespace,
+        "labels": labels(relay, component),
+        "ownerReferences": [owner_reference(relay)],
+    }
+
+
+def endpoint(relay: RelayInputs, settings: OperatorSettings) -> str:
+    """Where clients submit mail: the Service's DNS name and submission port."""
+    return (
+        f"{relay.name}.{relay.namespace}.svc.{settings.cluster_domain}:{relay.spec.listener.port}"
+    )
+
+
+def wants_persistence(spec: models.MailRelaySpec) -> bool:
+    """A spool volume per pod unless ``queue.size`` is zero (then an emptyDir)."""
+    number = re.match(r"^\+?([0-9]*\.?[0-9]*)", spec.queue.size)
+    return number is not None and float(number.group(1) or 0) > 0
+
+
+def render_configmap(
+    relay: RelayInputs, config_yaml: str, settings: OperatorSettings
+) -> dict[str, Any]:
+    """The relay's config file (secret-free: only paths to mounted Secrets)."""
+    del settings  # same shape for every operator configuration
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _metadata(relay, config_map_name(relay.name)),
+        "data": {CONFIG_KEY: config_yaml},
+    }
+
+
+def _ports(spec: models.MailRelaySpec) -> list[tuple[str, int]]:
+    ports = [(SMTP_PORT_NAME, spec.listener.port)]
+    if spec.listener.implicit_tls_port is not None:
+        ports.append((SMTPS_PORT_NAME, spec.listener.implicit_tls_port))
+    return ports
+
+
+def _service_ports(spec: models.MailRelaySpec) -> list[dict[str, Any]]:
+    ports = [
+        {"name": name, "port": port, "targetPort": name, "protocol": "TCP"}
+        for name, port in _ports(spec)
+    ]
+    ports.append(
+        {
+            "name": METRICS_PORT_NAME,
+            "port": spec.metrics.port,
+            "targetPort": METRICS_PORT_NAME,
+            "protocol": "TCP",
+        }
+    )
+    return ports
+
+
+def render_service(relay: RelayInputs, settings: OperatorSettings) -> dict[str, Any]:
+    """The Service clients submit to: submission, optional implicit TLS, and metrics."""
+    del settings
+    metadata = _metadata(relay, relay.name)
+    if relay.spec.service.annotations:
+        metadata["annotations"] = dict(relay.spec.service.annotations)
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": metadata,
+        "spec": {
+            "type": relay.spec.service.type,
+            "selector": selector_labels(relay),
+            "ports": _service_ports(relay.spec),
+        },
+    }
+
+
+def render_headless_service(relay: RelayInputs, settings: OperatorSettings) -> dict[str, Any]:
+    """The StatefulSet's governing Service: stable per-pod DNS names, not-ready pods too."""
+    del settings
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _metadata(relay, headless_service_name(relay.name)),
+        "spec": {
+            "clusterIP": "None",
+            "publishNotReadyAddresses": True,
+            "selector": selector_labels(relay),
+            "ports": _service_ports(relay.spec),
+        },
+    }
+
+
+def render_pdb(relay: RelayInputs, settings: OperatorSettings) -> dict[str, Any] | None:
+    """A PodDisruptionBudget, or None when turned off or pointless (fewer than 2 replicas)."""
+    del settings
+    budget = relay.spec.pod_disruption_budget
+    if not budget.enabled or relay.spec.replicas < 2:
+        return None
+    spec: dict[str, Any] = {"selector": {"matchLabels": selector_labels(relay)}}
+    if budget.min_available is not None:
+        spec["minAvailable"] = budget.min_available
+    else:
+        spec["maxUnavailable"] = budget.max_unavailable if budget.max_unavailable is not None else 1
+    return {
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": _metadata(relay, relay.name),
+        "spec": spec,
+    }
+
+
+def render_networkpolicy(
+    relay: RelayInputs, policy: NetworkPolicyInputs | None, settings: OperatorSettings
+) -> dict[str, Any] | None:
+    """Ingress to the SMTP ports only from the listed peers; metrics open to scrapers."""
+    del settings
+    if policy is None:
+        return None
+    peers = []
+    for peer in policy.peers:
+        entry: dict[str, Any] = {}
+        if peer.namespace_selector is not None:
+            entry["namespaceSelector"] = dict(peer.namespace_selector)
+        if peer.pod_selector is not None:
+            entry["podSelector"] = dict(peer.pod_selector)
+        peers.append(entry)
+    ingress: list[dict[str, Any]] = []
+    smtp_ports = [{"protocol": "TCP", "port": port} for _, port in _ports(relay.spec)]
+    if peers:
+        ingress.append({"from": peers, "ports": smtp_ports})
+    ingress.append({"ports": [{"protocol": "TCP", "port": relay.spec.metrics.port}]})
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": _metadata(relay, relay.name),
+        "spec": {
+            "podSelector": {"matchLabels": selector_labels(relay)},
+            "policyTypes": ["Ingress"],
+            "ingress": ingress,
+        },
+    }
+
+
+def render_servicemonitor(relay: RelayInputs, settings: OperatorSettings) -> dict[str, Any] | None:
+    """A prometheus-operator ServiceMonitor, or None unless metrics and the monitor are on."""
+    del settings
+    metrics = relay.spec.metrics
+    if not (metrics.enabled and metrics.service_monitor.enabled):
+        return None
+    metadata = _metadata(relay, relay.name)
+    metadata["labels"] = {**metrics.service_monitor.labels, **metadata["labels"]}
+    return {
+        "apiVersion": "monitoring.coreos.com/v1",
+        "kind": "ServiceMonitor",
+        "metadata": metadata,
+        "spec": {
+            "selector": {"matchLabels": labels(relay)},
+            "namespaceSelector": {"matchNames": [relay.namespace]},
+            "endpoints": [
+                {
+                    "port": METRICS_PORT_NAME,
+                    "path": "/metrics",
+                    "interval": metrics.service_monitor.interval,
+                }
+            ],
+        },
+    }
+
+
+def _resources(relay: RelayInputs, settings: OperatorSettings) -> dict[str, Any]:
+    if relay.spec.resources is None:
+        return {kind: dict(values) for kind, values in settings.default_resources.items()}
+    out: dict[str, Any] = {}
+    if relay.spec.resources.requests:
+        out["requests"] = {k: str(v) for k, v in relay.spec.resources.requests.items()}
+    if relay.spec.resources.limits:
+        out["limits"] = {k: str(v) for k, v in relay.spec.resources.limits.items()}
+    return out
+
+
+def _secret_volume(mount: SecretMount) -> dict[str, Any]:
+    return {
+        "name": mount.volume,
+        "secret": {
+            "secretName": mount.secret_name,
+            "items": [{"key": key, "path": path} for key, path in mount.items],
+            "defaultMode": 0o440,
+        },
+    }
+
+
+def _tolerations(spec: models.MailRelaySpec) -> list[dict[str, Any]]:
+    return [t.model_dump(by_alias=True, exclude_none=True) for t in spec.tolerations]
+
+
+def render_statefulset(
+    relay: RelayInputs,
+    *,
+    config_hash: str,
+    mounts: Sequence[SecretMount],
+    settings: OperatorSettings,
+) -> dict[str, Any]:
+    """The relay pods: hardened container, probes, drain on stop, spool per pod."""
+    spec = relay.spec
+    persistent = wants_persistence(spec)
+    container_ports = [
+        {"name": name, "containerPort": port, "protocol": "TCP"} for name, port in _ports(spec)
+    ]
+    container_ports.append(
+        {"name": METRICS_PORT_NAME, "containerPort": spec.metrics.port, "protocol": "TCP"}
+    )
+    volume_mounts = [
+        {"name": "config", "mountPath": str(CONFIG_DIR), "readOnly": True},
+        {"name": "spool", "mountPath": str(SPOOL_DIR)},
+        {"name": "tmp", "mountPath": "/tmp"},
+    ]
+    volume_mounts += [
+        {"name": m.volume, "mountPath": m.mount_path, "readOnly": True} for m in mounts
+    ]
+    volumes: list[dict[str, Any]] = [
+        {"name": "config", "configMap": {"name": config_map_name(relay.name)}},
+        {"name": "tmp", "emptyDir": {"medium": "Memory", "sizeLimit": "16Mi"}},
+    ]
+    if not persistent:
+        volumes.append({"name": "spool", "emptyDir": {}})
+    volumes += [_secret_volume(m) for m in mounts]
+    probe_port = METRICS_PORT_NAME
+    container: dict[str, Any] = {
+        "name": "relay",
+        "image": spec.image or settings.relay_image,
+        "imagePullPolicy": settings.image_pull_policy,
+        "command": ["python", "-m", "mailrelay.relay"],
+        "args": ["--config", f"{CONFIG_DIR}/{CONFIG_KEY}"],
+        "ports": container_ports,
+        "readinessProbe": {
+            "httpGet": {"path": "/readyz", "port": probe_port},
+            "periodSeconds": 5,
+            "failureThreshold": 2,
+        },
+        "livenessProbe": {
+            "httpGet": {"path": "/healthz", "port": probe_port},
+            "periodSeconds": 10,
+            "failureThreshold": 3,
+        },
+        # The sleep lets endpoints drop the pod before SIGTERM; the relay then stops
+        # accepting, finishes deliveries in flight and exits (shutdown_grace_seconds).
+        "lifecycle": {"preStop": {"sleep": {"seconds": PRESTOP_SLEEP_SECONDS}}},
+        "resources": _resources(relay, settings),
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "runAsNonRoot": True,
+            "capabilities": {"drop": ["ALL"]},
+        },
+        "volumeMounts": volume_mounts,
+    }
+    pod_spec: dict[str, Any] = {
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+        "terminationGracePeriodSeconds": settings.drain_seconds + PRESTOP_SLEEP_SECONDS + 10,
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": RELAY_UID,
+            "runAsGroup": RELAY_UID,
+            "fsGroup": RELAY_UID,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "containers": [container],
+        "volumes": volumes,
+    }
+    if spec.node_selector:
+        pod_spec["nodeSelector"] = dict(spec.node_selector)
+    if spec.tolerations:
+        pod_spec["tolerations"] = _tolerations(spec)
+    if spec.affinity is not None:
+        pod_spec["affinity"] = dict(spec.affinity)
+    if spec.priority_class_name is not None:
+        pod_spec["priorityClassName"] = spec.priority_class_name
+    statefulset: dict[str, Any] = {
+        "apiVersion": "apps/v1",
+        "kind": "StatefulSet",
+        "metadata": _metadata(relay, relay.name),
+        "spec": {
+            "replicas": spec.replicas,
+            "serviceName": headless_service_name(relay.name),
+            "podManagementPolicy": "Parallel",
+            "selector": {"matchLabels": selector_labels(relay)},
+            "updateStrategy": {"type": "RollingUpdate"},
+            "template": {
+                "metadata": {
+                    "labels": labels(relay),
+                    "annotations": {
+                        **spec.pod_annotations,
+                        CONFIG_HASH_ANNOTATION: config_hash,
+                    },
+                },
+                "spec": pod_spec,
+            },
+        },
+    }
+    if persistent:
+        claim_spec: dict[str, Any] = {
+            "accessModes": ["ReadWriteOnce"],
+            "resources": {"requests": {"storage": spec.queue.size}},
+        }
+        if spec.queue.storage_class_name is not None:
+            claim_spec["storageClassName"] = spec.queue.storage_class_name
+        statefulset["spec"]["volumeClaimTemplates"] = [
+            {
+                "apiVersion": "v1",
+                "kind": "PersistentVolumeClaim",
+                "metadata": {"name": "spool", "labels": labels(relay)},
+                "spec": claim_spec,
+            }
+        ]
+        statefulset["spec"]["persistentVolumeClaimRetentionPolicy"] = {
+            "whenDeleted": "Retain",
+            "whenScaled": "Retain",
+        }
+    return statefulset

@@ -1,0 +1,91 @@
+"""Operator settings: one frozen pydantic-settings object, built at startup and passed in.
+
+Values come from ``MAILRELAY_OPERATOR_*`` environment variables, overridden by the command
+line flags of ``python -m mailrelay.operator`` (which passes them as init arguments). The
+renderers and handlers receive the object explicitly, so tests build one with the values they
+need instead of patching a global.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+DEFAULT_RELAY_IMAGE = "ghcr.io/mailrelay/mailrelay:0.1.0"
+FIELD_MANAGER = "mailrelay-operator"
+
+
+def _default_resources() -> dict[str, dict[str, str]]:
+    return {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"memory": "256Mi"}}
+
+
+class OperatorSettings(BaseSettings):
+    """Everything the operator reads from its environment; frozen once built."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="MAILRELAY_OPERATOR_", frozen=True, extra="forbid", populate_by_name=True
+    )
+
+    namespaces: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Namespaces to watch; empty watches all (comma separated in the environment).",
+    )
+    relay_image: str = Field(
+        default=DEFAULT_RELAY_IMAGE, min_length=1, description="Relay image when a spec sets none."
+    )
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = Field(
+        default="IfNotPresent", description="Pull policy of the relay container."
+    )
+    default_resources: dict[str, dict[str, str]] = Field(
+        default_factory=_default_resources,
+        description="Relay container resources when a spec sets none.",
+    )
+    log_format: Literal["text", "json"] = Field(
+        default="text", description="Log format of the operator and of the relays it renders."
+    )
+    metrics_port: int = Field(default=8080, ge=0, le=65535, description="Operator /metrics port.")
+    liveness_port: int = Field(
+        default=8081, ge=0, le=65535, description="kopf liveness endpoint (/healthz) port."
+    )
+    peering_name: str = Field(
+        default="mailrelay", min_length=1, description="kopf peering object (leader election)."
+    )
+    standalone: bool = Field(default=False, description="Run without peering (tests, dev).")
+    priority: int = Field(default=0, description="Peering priority; the highest one acts.")
+    resync_seconds: float = Field(
+        default=30.0,
+        gt=0,
+        description=(
+            "Interval of the level-based pass per MailRelay; it puts back deleted or edited "
+            "children and picks up Secrets created later."
+        ),
+    )
+    drain_seconds: int = Field(
+        default=60,
+        ge=1,
+        le=3600,
+        description="Time a relay pod gets to finish deliveries in flight before it is killed.",
+    )
+    cluster_domain: str = Field(default="cluster.local", description="Cluster DNS suffix.")
+    api_qps_burst: int = Field(
+        default=64, ge=1, description="API requests the operator keeps in flight at once."
+    )
+
+    def watches_all_namespaces(self) -> bool:
+        """Whether the operator watches the whole cluster (a ClusterKopfPeering is used)."""
+        return not self.namespaces
+
+    @field_validator("namespaces", mode="before")
+    @classmethod
+    def _split(cls, value: Any) -> Any:
+        """Accept ``a,b`` from the environment or a flag, as well as a list."""
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+
+def load_settings(**overrides: Any) -> OperatorSettings:
+    """Build settings from the environment, with explicit overrides (command line) on top."""
+    return OperatorSettings(**{k: v for k, v in overrides.items() if v is not None})
