@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 from mailrelay.relay.config import ApiUpstream, SmtpUpstream
 
 if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+
     from mailrelay.relay.smtp_transport import PoolObserver
 
 __all__ = [
@@ -123,8 +125,14 @@ def build_transport(
     *,
     local_hostname: str | None = None,
     observer: PoolObserver | None = None,
+    registry: CollectorRegistry | None = None,
 ) -> Transport:
-    """The transport for one configured upstream; `local_hostname` is our EHLO name."""
+    """The transport for one configured upstream.
+
+    `local_hostname` is our EHLO name, `observer` receives SMTP pool events, and
+    `registry` is the relay's metrics registry for transports that keep their own metrics
+    (the HTTP providers).
+    """
     if isinstance(upstream, SmtpUpstream):
         # Imported here: smtp_transport imports this module, so a top-level import would cycle.
         from mailrelay.relay.smtp_transport import SmtpTransport  # noqa: PLC0415
