@@ -219,7 +219,8 @@ def _text(part: EmailMessage | None) -> str | None:
     if part is None:
         return None
     content = part.get_content()
-    return content if isinstance(content, str) else None
+    # JSON APIs take text with "\n" line ends and encode for SMTP themselves.
+    return content.replace("\r\n", "\n") if isinstance(content, str) else None
 
 
 def _unfold(value: str) -> str:
@@ -315,11 +316,19 @@ def plan_batches(
     the JSON APIs refuse a request without To, and listing Bcc recipients in To would
     disclose them.
     """
-    tagged = [("to", m) for m in to] + [("cc", m) for m in cc] + [("bcc", m) for m in bcc]
-    size = max_recipients or len(tagged) or 1
+    total = len(to) + len(cc) + len(bcc)
+    size = max_recipients or total or 1
+    count = -(-total // size)
+    # Spread the To recipients over all requests first, so each has one where possible.
+    chunks: list[list[tuple[str, Mailbox]]] = [[] for _ in range(count)]
+    for i, mailbox in enumerate(to):
+        chunks[i % count].append(("to", mailbox))
+    rest = [("cc", m) for m in cc] + [("bcc", m) for m in bcc]
+    for chunk in chunks:
+        while rest and len(chunk) < size:
+            chunk.append(rest.pop(0))
     batches: list[Batch] = []
-    for start in range(0, len(tagged), size):
-        chunk = tagged[start : start + size]
+    for chunk in chunks:
         chunk_to = tuple(m for role, m in chunk if role == "to")
         if not chunk_to:
             batches.extend(Batch(to=(m,), cc=(), bcc=()) for _, m in chunk)
