@@ -114,7 +114,7 @@ def _check_host(value: str) -> str:
     try:
         ipaddress.ip_address(value)
     except ValueError:
-        if not re.match(HOSTNAME, value):
+        if not re.fullmatch(HOSTNAME, value):
             raise ValueError(HOST_MESSAGE) from None
     return value
 
@@ -972,7 +972,7 @@ class ApiUpstream(KubeModel):
         if provider == "ses" and region is None:
             raise ValueError(SES_REGION_MESSAGE)
         if region is not None:
-            if provider == "ses" and not re.match(AWS_REGION, region):
+            if provider == "ses" and not re.fullmatch(AWS_REGION, region):
                 raise ValueError(SES_REGION_FORMAT_MESSAGE)
             if provider in REGIONAL_PROVIDERS and region not in ("us", "eu"):
                 raise ValueError(REGION_US_EU_MESSAGE)

@@ -394,6 +394,7 @@ ROUTE_FIELD_RULES: list[tuple[dict[str, Any], bool]] = [
     ({"upstream.smtp.host": "2001:db8::25"}, True),
     ({"upstream.smtp.host": "192.0.2.25"}, True),
     ({"upstream.smtp.host": "-smtp.example.net"}, False),
+    ({"upstream.smtp.host": "smtp.example.net\n"}, False),  # `$` must not match before \n
     ({"match.senderDomains": ["*.example.com", "example.com"]}, True),
     ({"match.senderDomains": ["*example.com"]}, False),
     ({"match.senderDomains": ["Example.com"]}, False),
@@ -403,6 +404,7 @@ ROUTE_FIELD_RULES: list[tuple[dict[str, Any], bool]] = [
     ({"rateLimit": {"perSecond": 0.5}}, True),
     ({"rateLimit": {"perSecond": 0.5, "burst": 1}}, True),
     ({"upstream": {"api": {"provider": "ses", "region": "eu-west-1"}}}, True),
+    ({"upstream": {"api": {"provider": "ses", "region": "eu-west-1\n"}}}, False),
     (_api("sendgrid", region="eu"), True),
     (_api("mailgun", region="ap", domain="mg.example.com"), False),
     (_api("resend", domain="example.com"), False),
