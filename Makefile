@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 export PYTHONSAFEPATH := 1
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck fmt venv control-plane cluster-up cluster-down crds clean
+.PHONY: demo test lint typecheck fmt venv control-plane cluster-up cluster-down crds clean bench
 
 # Main job: a local demo on an embedded default (local control plane, CRDs, examples).
 demo: venv control-plane
@@ -56,6 +56,11 @@ cluster-down: venv
 # Regenerates crds/*.yaml from the pydantic models.
 crds: venv
 	$(PY) -m mailrelay.operator.crdgen crds
+
+# Relay vs Postfix on loopback (needs root and Debian's postfix package); see bench/README.md.
+# Smoke run: make bench BENCH_ARGS=--quick
+bench: venv
+	$(PY) bench/relay_vs_postfix.py $(BENCH_ARGS)
 
 clean:
 	rm -rf .typecheck .mypy_cache .pytest_cache .ruff_cache
