@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from collections.abc import Mapping
 from datetime import datetime, timedelta
 from typing import Annotated, Any, Literal, Self
 from urllib.parse import urlsplit
@@ -92,6 +93,14 @@ class KubeModel(BaseModel):
         strict=True,
         frozen=True,
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _plain_mapping(cls, data: Any) -> Any:
+        """kopf hands handlers read-only Mapping views (kopf.Spec); strict mode wants a dict."""
+        if isinstance(data, Mapping) and not isinstance(data, dict):
+            return dict(data)
+        return data
 
 
 # --- Reusable scalar types -------------------------------------------------------------------

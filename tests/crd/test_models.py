@@ -9,6 +9,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import kopf
 import pytest
 from pydantic import BaseModel, ValidationError
 
@@ -196,6 +197,19 @@ def test_condition_refuses_malformed_fields(field: str, value: str) -> None:
     }
     with pytest.raises(ValidationError):
         Condition.model_validate({**condition, field: value})
+
+
+def test_specs_validate_straight_from_kopf_bodies() -> None:
+    """Handlers get kopf.Spec/kopf.Status views, not dicts; the models must take them as is."""
+    body = kopf.Body(
+        {
+            "metadata": {"name": "outbound", "namespace": "mail"},
+            "spec": BASE_RELAY_SPEC,
+            "status": {"routes": 2},
+        }
+    )
+    assert MailRelaySpec.model_validate(body.spec).listener.port == 587
+    assert MailRelayStatus.model_validate(body.status).routes == 2
 
 
 def test_models_are_frozen_so_renderers_cannot_mutate_inputs() -> None:
