@@ -6,7 +6,9 @@ Label values are bounded: ``kind`` is MailRelay or MailRoute, ``result`` one of 
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 RESULTS = ("ok", "invalid", "error")
 CHILD_ACTIONS = ("created", "updated")
@@ -53,3 +55,11 @@ class OperatorMetrics:
             "MailRelays the operator currently knows about.",
             registry=registry,
         )
+
+
+def serve_metrics(registry: CollectorRegistry, port: int, host: str = "0.0.0.0") -> Any:
+    """Serve ``/metrics`` from a daemon thread (port 0: not served); returns the server."""
+    if port == 0:
+        return None
+    server, _thread = start_http_server(port, addr=host, registry=registry)
+    return server

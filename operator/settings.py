@@ -8,6 +8,7 @@ need instead of patching a global.
 
 from __future__ import annotations
 
+import logging
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator
@@ -89,3 +90,17 @@ class OperatorSettings(BaseSettings):
 def load_settings(**overrides: Any) -> OperatorSettings:
     """Build settings from the environment, with explicit overrides (command line) on top."""
     return OperatorSettings(**{k: v for k, v in overrides.items() if v is not None})
+
+
+def configure_kopf(kopf_settings: Any, settings: OperatorSettings) -> None:
+    """Apply our settings to kopf's (peering, Event posting, watch timeouts)."""
+    kopf_settings.peering.name = settings.peering_name
+    kopf_settings.peering.standalone = settings.standalone
+    kopf_settings.peering.priority = settings.priority
+    kopf_settings.peering.mandatory = not settings.standalone
+    # Only our explicit Events reach users; kopf's handler chatter stays in the log.
+    kopf_settings.posting.level = logging.ERROR
+    kopf_settings.watching.server_timeout = 300
+    kopf_settings.watching.client_timeout = 330
+    kopf_settings.batching.worker_limit = settings.api_qps_burst * 4
+    kopf_settings.networking.request_timeout = 30

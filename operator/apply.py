@@ -1,0 +1,229 @@
+"""Thin I/O: server-side apply of rendered children, with no request when nothing changed.
+
+Deciding whether to write is pure (``needs_apply``) and uses two facts kept in memory:
+
+* the watch cache (kopf indices in ``main``) gives each live child's ``mailrelay.dev/applied-hash``
+  annotation and a digest of the fields our field manager owns (``managedFields``);
+* the ``Applier`` remembers the digest each of its own applies produced.
+
+A child is applied when it is missing, when its applied hash differs from the rendered one,
+or when our owned fields changed since our last apply: a hand edit of a field we set moves
+that field to the editor's manager, so the digest changes and the next pass puts it back
+(``force=True`` takes ownership again). After an operator restart the memory is empty and
+each child gets one server-side apply, which the API server treats as a no-op (no new
+resourceVersion) when nothing differs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from lightkube import ApiError, AsyncClient
+from lightkube.generic_resource import create_namespaced_resource
+from lightkube.resources.apps_v1 import StatefulSet
+from lightkube.resources.core_v1 import ConfigMap, Service
+from lightkube.resources.networking_v1 import NetworkPolicy
+from lightkube.resources.policy_v1 import PodDisruptionBudget
+from lightkube.types import PatchType
+
+from mailrelay.operator.metrics import OperatorMetrics
+from mailrelay.operator.settings import FIELD_MANAGER
+
+log = logging.getLogger(__name__)
+
+APPLIED_HASH_ANNOTATION = "mailrelay.dev/applied-hash"
+
+ServiceMonitor = create_namespaced_resource(
+    "monitoring.coreos.com", "v1", "ServiceMonitor", "servicemonitors"
+)
+MailRelayResource = create_namespaced_resource(
+    "mailrelay.dev", "v1alpha1", "MailRelay", "mailrelays"
+)
+MailRouteResource = create_namespaced_resource(
+    "mailrelay.dev", "v1alpha1", "MailRoute", "mailroutes"
+)
+
+RESOURCES: dict[str, Any] = {
+    "ConfigMap": ConfigMap,
+    "Service": Service,
+    "StatefulSet": StatefulSet,
+    "PodDisruptionBudget": PodDisruptionBudget,
+    "NetworkPolicy": NetworkPolicy,
+    "ServiceMonitor": ServiceMonitor,
+}
+STATUS_RESOURCES: dict[str, Any] = {"MailRelay": MailRelayResource, "MailRoute": MailRouteResource}
+
+Action = Literal["created", "updated", "unchanged", "deleted", "absent"]
+ChildKey = tuple[str, str, str]  # kind, namespace, name
+
+
+class ResourceMissing(Exception):
+    """The API server does not serve this kind (a CRD such as ServiceMonitor is missing)."""
+
+
+@dataclass(frozen=True)
+class ChildState:
+    """What the watch cache keeps of a child: enough to decide, never its content."""
+
+    applied_hash: str | None
+    fields_digest: str
+    owner_uids: tuple[str, ...]
+    generation: int
+    status: Mapping[str, Any] = field(default_factory=dict)
+
+
+def owned_fields_digest(managed_fields: Any) -> str:
+    """Digest of the fields our field manager owns through server-side apply."""
+    owned = [
+        entry.get("fieldsV1")
+        for entry in managed_fields or ()
+        if isinstance(entry, Mapping)
+        and entry.get("manager") == FIELD_MANAGER
+        and entry.get("operation") == "Apply"
+        and not entry.get("subresource")
+    ]
+    return hashlib.sha256(json.dumps(owned, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def child_state(body: Mapping[str, Any], *, keep_status: bool = False) -> ChildState:
+    """The cache entry of one live child (``keep_status`` for the StatefulSet's readiness)."""
+    metadata = body.get("metadata", {})
+    status = body.get("status") or {}
+    return ChildState(
+        applied_hash=(metadata.get("annotations") or {}).get(APPLIED_HASH_ANNOTATION),
+        fields_digest=owned_fields_digest(metadata.get("managedFields")),
+        owner_uids=tuple(ref.get("uid", "") for ref in metadata.get("ownerReferences") or ()),
+        generation=int(metadata.get("generation") or 0),
+        status=(
+            {
+                k: status.get(k)
+                for k in ("replicas", "readyReplicas", "updatedReplicas", "observedGeneration")
+            }
+            if keep_status
+            else {}
+        ),
+    )
+
+
+def applied_hash(desired: Mapping[str, Any]) -> str:
+    """Hash of a rendered child, stored in its annotation."""
+    text = json.dumps(desired, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def with_applied_hash(desired: Mapping[str, Any]) -> tuple[dict[str, Any], str]:
+    """A copy of ``desired`` carrying its own hash annotation, and the hash."""
+    digest = applied_hash(desired)
+    obj = json.loads(json.dumps(desired))
+    obj["metadata"].setdefault("annotations", {})[APPLIED_HASH_ANNOTATION] = digest
+    return obj, digest
+
+
+def needs_apply(
+    desired_hash: str, live: ChildState | None, remembered: tuple[str, str] | None
+) -> bool:
+    """Whether a server-side apply is needed for the child to match the rendered state."""
+    if live is None or live.applied_hash != desired_hash:
+        return True
+    return remembered != (desired_hash, live.fields_digest)
+
+
+def key_of(obj: Mapping[str, Any]) -> ChildKey:
+    metadata = obj["metadata"]
+    return (str(obj["kind"]), str(metadata["namespace"]), str(metadata["name"]))
+
+
+def _as_dict(obj: Any) -> dict[str, Any]:
+    if isinstance(obj, dict):
+        return obj
+    result: dict[str, Any] = obj.to_dict()
+    return result
+
+
+@dataclass
+class Applier:
+    """Applies children and status patches; counts what it writes."""
+
+    client: AsyncClient
+    metrics: OperatorMetrics | None = None
+    remembered: dict[ChildKey, tuple[str, str]] = field(default_factory=dict)
+
+    async def ensure(self, desired: Mapping[str, Any], live: ChildState | None) -> Action:
+        """Make one child match ``desired``; no request at all when it already does."""
+        obj, digest = with_applied_hash(desired)
+        key = key_of(obj)
+        if not needs_apply(digest, live, self.remembered.get(key)):
+            return "unchanged"
+        kind, namespace, name = key
+        try:
+            response = await self.client.patch(
+                RESOURCES[kind],
+                name,
+                obj,
+                namespace=namespace,
+                patch_type=PatchType.APPLY,
+                field_manager=FIELD_MANAGER,
+                force=True,
+            )
+        except ApiError as error:
+            if error.status.code == 404:
+                raise ResourceMissing(kind) from error
+            raise
+        previous = self.remembered.get(key)
+        metadata = _as_dict(response).get("metadata", {})
+        self.remembered[key] = (digest, owned_fields_digest(metadata.get("managedFields")))
+        action: Action
+        if live is None:
+            action = "created"
+            log.info("Created %s %s/%s", kind, namespace, name)
+        elif live.applied_hash != digest:
+            action = "updated"
+            log.info("Updated %s %s/%s", kind, namespace, name)
+        elif previous is not None:
+            action = "updated"
+            log.info("Put back %s %s/%s: it was edited by hand", kind, namespace, name)
+        else:
+            # First pass after a restart: a no-op apply that only records our fields.
+            log.debug("Confirmed %s %s/%s", kind, namespace, name)
+            return "unchanged"
+        if self.metrics is not None:
+            self.metrics.children.labels(kind, action).inc()
+        return action
+
+    async def remove(self, key: ChildKey, live: ChildState | None, owner_uid: str) -> Action:
+        """Delete a child that is no longer rendered (a feature turned off), if we own it."""
+        if live is None or owner_uid not in live.owner_uids:
+            return "absent"
+        kind, namespace, name = key
+        try:
+            await self.client.delete(RESOURCES[kind], name, namespace=namespace)
+        except ApiError as error:
+            if error.status.code != 404:
+                raise
+        self.remembered.pop(key, None)
+        log.info("Deleted %s %s/%s (no longer asked for)", kind, namespace, name)
+        return "deleted"
+
+    async def patch_status(
+        self, kind: str, namespace: str, name: str, status: Mapping[str, Any]
+    ) -> None:
+        """Merge-patch the status subresource (callers only call when something changed)."""
+        await self.client.patch(
+            STATUS_RESOURCES[kind].Status,
+            name,
+            {"status": dict(status)},
+            namespace=namespace,
+            patch_type=PatchType.MERGE,
+        )
+        if self.metrics is not None:
+            self.metrics.status_writes.labels(kind).inc()
+
+
+def make_client() -> AsyncClient:
+    """An API client from KUBECONFIG or the in-cluster ServiceAccount."""
+    return AsyncClient(field_manager=FIELD_MANAGER)

@@ -1,0 +1,229 @@
+"""Every kopf registration of the operator, and nothing else (``kopf run -m`` this module).
+
+Handlers only translate kopf's arguments into calls of plain async functions in
+``relays.py`` and ``routes.py``. Indices cache what the passes need, so a pass reads no API:
+
+* ``relay_index``: MailRelays by (namespace, name);
+* ``route_index``: MailRoutes by (namespace, relayRef.name), so a relay finds its routes;
+* ``secret_index``: the key names (never the values) of every Secret;
+* one index per child kind, filtered to children this operator manages.
+
+Triggers: a relay's own events, a route's events (its old and new relay), Secret events
+(relays in that namespace), child events (their owner), and a per-relay resync timer.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import kopf
+from prometheus_client import CollectorRegistry
+
+from mailrelay.operator.apply import Applier, ChildState, child_state, make_client
+from mailrelay.operator.metrics import OperatorMetrics, serve_metrics
+from mailrelay.operator.relays import Context, Indices, child_needs_pass, reconcile_relay
+from mailrelay.operator.render import MANAGED_BY
+from mailrelay.operator.routes import ObjectInfo, reconcile_orphan_route
+from mailrelay.operator.settings import configure_kopf, load_settings
+
+# Read once at import: kopf needs the timer interval when the decorators run.
+SETTINGS = load_settings()
+RELAYS = ("mailrelay.dev", "v1alpha1", "mailrelays")
+ROUTES = ("mailrelay.dev", "v1alpha1", "mailroutes")
+MANAGED = {"app.kubernetes.io/managed-by": MANAGED_BY}
+log = logging.getLogger("mailrelay.operator")
+
+
+def _info(kind: str, body: kopf.Body) -> ObjectInfo:
+    meta = body.get("metadata", {})
+    return ObjectInfo(
+        kind=kind,
+        namespace=str(meta.get("namespace")),
+        name=str(meta.get("name")),
+        uid=str(meta.get("uid")),
+        generation=int(meta.get("generation") or 0),
+        labels=dict(meta.get("labels") or {}),
+        spec=kopf_to_dict(body.get("spec") or {}),
+        status=kopf_to_dict(body.get("status") or {}),
+    )
+
+
+def kopf_to_dict(value: Any) -> Any:
+    """A plain deep copy of a kopf body part (kopf hands out live views)."""
+    if isinstance(value, dict) or hasattr(value, "items"):
+        return {k: kopf_to_dict(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [kopf_to_dict(v) for v in value]
+    return value
+
+
+def _indices(kwargs: dict[str, Any]) -> Indices:
+    return Indices(
+        relays=kwargs["relay_index"],
+        routes=kwargs["route_index"],
+        secrets=kwargs["secret_index"],
+        children={
+            "ConfigMap": kwargs["configmap_index"],
+            "Service": kwargs["service_index"],
+            "StatefulSet": kwargs["statefulset_index"],
+            "PodDisruptionBudget": kwargs["pdb_index"],
+            "NetworkPolicy": kwargs["networkpolicy_index"],
+            "ServiceMonitor": kwargs["servicemonitor_index"],
+        },
+    )
+
+
+def _post_event(target: ObjectInfo, type_: str, reason: str, message: str) -> None:
+    kopf.event(target.event_target(), type=type_, reason=reason, message=message)
+
+
+@kopf.on.startup()
+async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    configure_kopf(settings, SETTINGS)
+    registry = CollectorRegistry()
+    metrics = OperatorMetrics(registry)
+    memo.metrics_server = serve_metrics(registry, SETTINGS.metrics_port)
+    memo.ctx = Context(
+        settings=SETTINGS,
+        applier=Applier(make_client(), metrics),
+        metrics=metrics,
+        post_event=_post_event,
+    )
+    log.info("Started the mailrelay operator (relay image %s)", SETTINGS.relay_image)
+
+
+@kopf.on.cleanup()
+async def cleanup(memo: kopf.Memo, **_: Any) -> None:
+    if getattr(memo, "metrics_server", None) is not None:
+        memo.metrics_server.shutdown()
+    ctx = getattr(memo, "ctx", None)
+    if isinstance(ctx, Context):
+        await ctx.applier.client.close()
+
+
+# --- indices ---------------------------------------------------------------------------------
+
+
+@kopf.index(*RELAYS)
+def relay_index(body: kopf.Body, **_: Any) -> dict[Any, ObjectInfo]:
+    info = _info("MailRelay", body)
+    return {(info.namespace, info.name): info}
+
+
+@kopf.index(*ROUTES)
+def route_index(body: kopf.Body, **_: Any) -> dict[Any, ObjectInfo]:
+    info = _info("MailRoute", body)
+    relay = str((info.spec.get("relayRef") or {}).get("name", ""))
+    return {(info.namespace, relay): info}
+
+
+@kopf.index("", "v1", "secrets")
+def secret_index(body: kopf.Body, namespace: str, name: str, **_: Any) -> dict[Any, frozenset[str]]:
+    keys = {*(body.get("data") or {}), *(body.get("stringData") or {})}
+    return {(namespace, name): frozenset(keys)}
+
+
+@kopf.index("", "v1", "configmaps", labels=MANAGED)
+def configmap_index(body: kopf.Body, namespace: str, name: str, **_: Any) -> dict[Any, ChildState]:
+    return {(namespace, name): child_state(body)}
+
+
+@kopf.index("", "v1", "services", labels=MANAGED)
+def service_index(body: kopf.Body, namespace: str, name: str, **_: Any) -> dict[Any, ChildState]:
+    return {(namespace, name): child_state(body)}
+
+
+@kopf.index("apps", "v1", "statefulsets", labels=MANAGED)
+def statefulset_index(
+    body: kopf.Body, namespace: str, name: str, **_: Any
+) -> dict[Any, ChildState]:
+    return {(namespace, name): child_state(body, keep_status=True)}
+
+
+@kopf.index("policy", "v1", "poddisruptionbudgets", labels=MANAGED)
+def pdb_index(body: kopf.Body, namespace: str, name: str, **_: Any) -> dict[Any, ChildState]:
+    return {(namespace, name): child_state(body)}
+
+
+@kopf.index("networking.k8s.io", "v1", "networkpolicies", labels=MANAGED)
+def networkpolicy_index(
+    body: kopf.Body, namespace: str, name: str, **_: Any
+) -> dict[Any, ChildState]:
+    return {(namespace, name): child_state(body)}
+
+
+@kopf.index("monitoring.coreos.com", "v1", "servicemonitors", labels=MANAGED)
+def servicemonitor_index(
+    body: kopf.Body, namespace: str, name: str, **_: Any
+) -> dict[Any, ChildState]:
+    return {(namespace, name): child_state(body)}
+
+
+# --- triggers --------------------------------------------------------------------------------
+
+
+@kopf.on.event(*RELAYS)
+async def relay_event(namespace: str, name: str, memo: kopf.Memo, **kwargs: Any) -> None:
+    await reconcile_relay(memo.ctx, _indices(kwargs), namespace, name)
+
+
+@kopf.timer(*RELAYS, interval=SETTINGS.resync_seconds, initial_delay=SETTINGS.resync_seconds)
+async def relay_resync(namespace: str, name: str, memo: kopf.Memo, **kwargs: Any) -> None:
+    await reconcile_relay(memo.ctx, _indices(kwargs), namespace, name)
+
+
+@kopf.on.event(*ROUTES)
+async def route_event(
+    body: kopf.Body, namespace: str, memo: kopf.Memo, event: dict[str, Any], **kwargs: Any
+) -> None:
+    indices = _indices(kwargs)
+    info = _info("MailRoute", body)
+    relay = str((info.spec.get("relayRef") or {}).get("name", ""))
+    previous = info.status.get("relay")
+    for name in {relay, *([previous] if isinstance(previous, str) else [])}:
+        if indices.relay(namespace, name) is not None:
+            await reconcile_relay(memo.ctx, indices, namespace, name)
+    if event.get("type") != "DELETED" and indices.relay(namespace, relay) is None:
+        ctx: Context = memo.ctx
+        await reconcile_orphan_route(
+            info,
+            secret_keys=indices.secret_keys(namespace),
+            clock=ctx.clock,
+            patch_status=ctx.applier.patch_status,
+            post_event=ctx.post_event,
+        )
+
+
+@kopf.on.event("", "v1", "secrets")
+async def secret_event(namespace: str, memo: kopf.Memo, **kwargs: Any) -> None:
+    indices = _indices(kwargs)
+    for name in indices.relays_in(namespace):
+        await reconcile_relay(memo.ctx, indices, namespace, name)
+
+
+@kopf.on.event("", "v1", "configmaps", labels=MANAGED)
+@kopf.on.event("", "v1", "services", labels=MANAGED)
+@kopf.on.event("apps", "v1", "statefulsets", labels=MANAGED)
+@kopf.on.event("policy", "v1", "poddisruptionbudgets", labels=MANAGED)
+@kopf.on.event("networking.k8s.io", "v1", "networkpolicies", labels=MANAGED)
+@kopf.on.event("monitoring.coreos.com", "v1", "servicemonitors", labels=MANAGED)
+async def child_event(
+    *,
+    body: kopf.Body,
+    namespace: str,
+    name: str,
+    labels: dict[str, str],
+    event: dict[str, Any],
+    memo: kopf.Memo,
+    **kwargs: Any,
+) -> None:
+    owner = labels.get("app.kubernetes.io/instance")
+    indices = _indices(kwargs)
+    key = (str(body.get("kind")), namespace, name)
+    if (
+        owner
+        and indices.relay(namespace, owner) is not None
+        and child_needs_pass(memo.ctx, indices, key, event.get("type") == "DELETED")
+    ):
+        await reconcile_relay(memo.ctx, indices, namespace, owner)

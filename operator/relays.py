@@ -1,0 +1,495 @@
+"""MailRelay logic: one level-based pass that makes every child match the rendered state.
+
+``reconcile_relay`` is called by every trigger in ``main`` (the relay's own watch events, a
+bound route's events, Secret events in its namespace, and a per-relay resync timer); it does
+not care what changed. One pass:
+
+1. gather from the indices (no API reads): the relay, its routes, Secret key names, the
+   cached state of its children;
+2. decide with pure functions: ``judge_routes``, ``build_relay_config``, the renderers,
+   ``relay_status``;
+3. act through the ``Applier``: apply only children that differ, patch statuses only when
+   they changed, post an Event only when a condition flips.
+
+An invalid spec (one the CRD schema could not catch) becomes ``ConfigRendered=False`` with the
+reason and an Event, and the pass ends without an error, so kopf neither crash-loops nor
+retries in a storm. API failures propagate; the resync timer retries them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from collections.abc import Callable, Collection, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import ValidationError
+
+from mailrelay.operator import models
+from mailrelay.operator.apply import Applier, ChildKey, ChildState, ResourceMissing, key_of
+from mailrelay.operator.conditions import (
+    Clock,
+    ConditionUpdate,
+    find_condition,
+    flipped,
+    remove_condition,
+    set_conditions,
+    utc_now,
+)
+from mailrelay.operator.metrics import OperatorMetrics
+from mailrelay.operator.relay_config import (
+    RelayConfigError,
+    build_relay_config,
+    config_hash,
+    render_config_yaml,
+    secret_mounts,
+)
+from mailrelay.operator.render import (
+    NetworkPeer,
+    NetworkPolicyInputs,
+    RelayInputs,
+    endpoint,
+    render_configmap,
+    render_headless_service,
+    render_networkpolicy,
+    render_pdb,
+    render_service,
+    render_servicemonitor,
+    render_statefulset,
+    selector_labels,
+)
+from mailrelay.operator.routes import (
+    ObjectInfo,
+    PostEvent,
+    RouteVerdict,
+    bound_routes,
+    check_secret_refs,
+    judge_routes,
+    route_status,
+    status_differs,
+    validation_message,
+    write_route_status,
+)
+from mailrelay.operator.settings import OperatorSettings
+
+log = logging.getLogger(__name__)
+
+READY = "Ready"
+ROUTES_RESOLVED = "RoutesResolved"
+CONFIG_RENDERED = "ConfigRendered"
+SECRETS_RESOLVED = "SecretsResolved"
+SERVICE_MONITOR = "ServiceMonitorReady"
+# A StatefulSet's pods are named <name>-<ordinal> and carry a controller-revision-hash label
+# of <name>-<10 chars>, which must fit in 63 characters.
+MAX_RELAY_NAME = 52
+RELAY_NAME = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+
+
+@dataclass(frozen=True)
+class Indices:
+    """Read access to the kopf indices (live mappings of key -> collection of values)."""
+
+    relays: Mapping[Any, Collection[Any]]
+    routes: Mapping[Any, Collection[Any]]
+    secrets: Mapping[Any, Collection[Any]]
+    children: Mapping[str, Mapping[Any, Collection[Any]]]  # by kind
+
+    @staticmethod
+    def _one(index: Mapping[Any, Collection[Any]], key: Any) -> Any:
+        values = index.get(key)
+        return next(iter(values), None) if values else None
+
+    def relay(self, namespace: str, name: str) -> ObjectInfo | None:
+        value = self._one(self.relays, (namespace, name))
+        return value if isinstance(value, ObjectInfo) else None
+
+    def relays_in(self, namespace: str) -> list[str]:
+        return sorted(name for ns, name in list(self.relays) if ns == namespace)
+
+    def routes_for(self, namespace: str, relay: str) -> list[ObjectInfo]:
+        return [r for r in self.routes.get((namespace, relay), ()) if isinstance(r, ObjectInfo)]
+
+    def secret_keys(self, namespace: str) -> Callable[[str], frozenset[str] | None]:
+        def lookup(name: str) -> frozenset[str] | None:
+            value = self._one(self.secrets, (namespace, name))
+            return value if isinstance(value, frozenset) else None
+
+        return lookup
+
+    def child(self, key: ChildKey) -> ChildState | None:
+        index = self.children.get(key[0])
+        value = self._one(index, key[1:]) if index is not None else None
+        return value if isinstance(value, ChildState) else None
+
+
+@dataclass
+class Context:
+    """Everything a pass needs besides the indices; built once at startup."""
+
+    settings: OperatorSettings
+    applier: Applier
+    metrics: OperatorMetrics
+    post_event: PostEvent
+    clock: Clock = utc_now
+    locks: dict[tuple[str, str], asyncio.Lock] = field(default_factory=dict)
+
+    def lock(self, namespace: str, name: str) -> asyncio.Lock:
+        return self.locks.setdefault((namespace, name), asyncio.Lock())
+
+
+@dataclass(frozen=True)
+class RenderedRelay:
+    """The decisions of one pass, before anything is written."""
+
+    children: list[dict[str, Any]]
+    absent: list[ChildKey]  # optional children that must not exist
+    config_hash: str
+    routes: int
+
+
+def name_problem(name: str) -> str | None:
+    """Why the relay's name cannot name its children, or None."""
+    if len(name) > MAX_RELAY_NAME or not RELAY_NAME.match(name):
+        return (
+            f"The name {name!r} cannot name the relay's StatefulSet and Services: use at "
+            f"most {MAX_RELAY_NAME} characters, lowercase letters, digits and '-', starting "
+            "with a letter."
+        )
+    return None
+
+
+def network_policy_inputs(spec: models.MailRelaySpec) -> NetworkPolicyInputs | None:
+    """The NetworkPolicy the spec asks for (the field arrives with a later CRD version)."""
+    policy = getattr(spec, "network_policy", None)
+    if policy is None or not getattr(policy, "enabled", False):
+        return None
+    peers = [
+        NetworkPeer(
+            namespace_selector=_selector_dict(getattr(peer, "namespace_selector", None)),
+            pod_selector=_selector_dict(getattr(peer, "pod_selector", None)),
+        )
+        for peer in getattr(policy, "from_", getattr(policy, "peers", ()))
+    ]
+    return NetworkPolicyInputs(peers=tuple(peers))
+
+
+def _selector_dict(selector: Any) -> dict[str, Any] | None:
+    if selector is None:
+        return None
+    dumped: dict[str, Any] = selector.model_dump(by_alias=True, exclude_defaults=True)
+    return dumped
+
+
+def render_relay(
+    relay: RelayInputs,
+    verdicts: list[RouteVerdict],
+    settings: OperatorSettings,
+) -> RenderedRelay:
+    """Every child for this pass (pure); RelayConfigError if the relay would refuse the config."""
+    routes = bound_routes(verdicts)
+    config = build_relay_config(
+        name=relay.name,
+        namespace=relay.namespace,
+        spec=relay.spec,
+        routes=routes,
+        log_format=settings.log_format,
+        drain_seconds=float(settings.drain_seconds),
+        cluster_domain=settings.cluster_domain,
+    )
+    config_yaml = render_config_yaml(config)
+    mounts = secret_mounts(relay.spec, routes)
+    digest = config_hash(config_yaml)
+    children = [
+        render_configmap(relay, config_yaml, settings),
+        render_service(relay, settings),
+        render_headless_service(relay, settings),
+        render_statefulset(relay, config_hash=digest, mounts=mounts, settings=settings),
+    ]
+    absent: list[ChildKey] = []
+    optional = {
+        "PodDisruptionBudget": render_pdb(relay, settings),
+        "NetworkPolicy": render_networkpolicy(relay, network_policy_inputs(relay.spec), settings),
+        "ServiceMonitor": render_servicemonitor(relay, settings),
+    }
+    for kind, child in optional.items():
+        if child is None:
+            absent.append((kind, relay.namespace, relay.name))
+        else:
+            children.append(child)
+    return RenderedRelay(children, absent, digest, len(routes))
+
+
+def ready_condition(
+    spec: models.MailRelaySpec, statefulset: ChildState | None, config_ok: bool
+) -> ConditionUpdate:
+    """Ready from the StatefulSet's status: every desired pod ready on the current revision."""
+    if not config_ok:
+        return ConditionUpdate(
+            READY, "False", "ConfigNotRendered", "No valid config; see ConfigRendered."
+        )
+    if statefulset is None:
+        return ConditionUpdate(
+            READY, "False", "StatefulSetMissing", "The StatefulSet is being created."
+        )
+    status = statefulset.status
+    ready = int(status.get("readyReplicas") or 0)
+    observed = int(status.get("observedGeneration") or 0)
+    if spec.replicas == 0:
+        return ConditionUpdate(READY, "False", "ScaledToZero", "spec.replicas is 0: no pod runs.")
+    if observed < statefulset.generation:
+        return ConditionUpdate(
+            READY,
+            "False",
+            "RolloutPending",
+            f"The StatefulSet controller has not yet seen generation {statefulset.generation}.",
+        )
+    if ready < spec.replicas:
+        return ConditionUpdate(
+            READY,
+            "False",
+            "ReplicasNotReady",
+            f"{ready} of {spec.replicas} relay pods are ready; check the pods' events and logs.",
+        )
+    return ConditionUpdate(
+        READY, "True", "ReplicasReady", f"{ready} of {spec.replicas} relay pods are ready."
+    )
+
+
+def routes_condition(verdicts: list[RouteVerdict]) -> ConditionUpdate:
+    """RoutesResolved: every route that names this relay is carried, or which are not and why."""
+    left_out = [v for v in verdicts if not v.included]
+    if not left_out:
+        return ConditionUpdate(
+            ROUTES_RESOLVED, "True", "AllRoutesResolved", f"{len(verdicts)} route(s) bound."
+        )
+    first = left_out[0]
+    failing = first.accepted if first.accepted.status != "True" else first.resolved_refs
+    names = ", ".join(v.route.name for v in left_out)
+    return ConditionUpdate(
+        ROUTES_RESOLVED,
+        "False",
+        failing.reason,
+        f"Left out of the config: {names}. {first.route.name}: {failing.message}",
+    )
+
+
+def _relay_secret_refs(spec: models.MailRelaySpec) -> list[tuple[str, str, str]]:
+    refs: list[tuple[str, str, str]] = []
+    if spec.listener.tls is not None:
+        name = spec.listener.tls.secret_name
+        refs += [
+            ("listener.tls.secretName", name, "tls.crt"),
+            ("listener.tls.secretName", name, "tls.key"),
+        ]
+    if spec.auth.users_secret_ref is not None:
+        ref = spec.auth.users_secret_ref
+        refs.append(("auth.usersSecretRef", ref.name, ref.key))
+    return refs
+
+
+async def reconcile_relay(ctx: Context, indices: Indices, namespace: str, name: str) -> None:
+    """One level-based pass for a MailRelay (serialised per relay)."""
+    async with ctx.lock(namespace, name):
+        started = time.perf_counter()
+        result = "error"
+        try:
+            result = await _reconcile(ctx, indices, namespace, name)
+        except Exception:
+            ctx.metrics.errors.labels("MailRelay").inc()
+            raise
+        finally:
+            ctx.metrics.reconciles.labels("MailRelay", result).inc()
+            ctx.metrics.reconcile_duration.labels("MailRelay").observe(
+                time.perf_counter() - started
+            )
+
+
+async def _reconcile(ctx: Context, indices: Indices, namespace: str, name: str) -> str:
+    relay = indices.relay(namespace, name)
+    routes = indices.routes_for(namespace, name)
+    secret_keys = indices.secret_keys(namespace)
+    if relay is None:
+        # Deleted: the children go with their owner; tell the routes they lost their relay.
+        for verdict in judge_routes(None, None, routes, secret_keys):
+            status = route_status(verdict, relay_name=name, relay_ready=False, clock=ctx.clock)
+            await write_route_status(
+                verdict,
+                status,
+                patch_status=ctx.applier.patch_status,
+                post_event=ctx.post_event,
+            )
+        return "ok"
+
+    problem = name_problem(name)
+    try:
+        spec = models.MailRelaySpec.model_validate(relay.spec)
+    except ValidationError as error:
+        spec = None
+        problem = problem or f"The spec is invalid: {validation_message(error)}. Fix the MailRelay."
+    verdicts = judge_routes(relay, spec, routes, secret_keys)
+    updates: list[ConditionUpdate] = []
+    extra: dict[str, Any] = {"routes": sum(1 for v in verdicts if v.included)}
+    outcome = "ok"
+    statefulset: ChildState | None = None
+    config_ok = False
+    if spec is None or problem is not None:
+        updates.append(ConditionUpdate(CONFIG_RENDERED, "False", "InvalidSpec", problem or ""))
+        outcome = "invalid"
+    else:
+        inputs = RelayInputs(name, namespace, relay.uid, spec)
+        updates.append(check_secret_refs(_relay_secret_refs(spec), secret_keys, subject="relay"))
+        try:
+            rendered = render_relay(inputs, verdicts, ctx.settings)
+        except RelayConfigError as error:
+            updates.append(
+                ConditionUpdate(
+                    CONFIG_RENDERED,
+                    "False",
+                    "ConfigRejected",
+                    f"The relay would refuse this config: {error}. The last good config stays "
+                    "in place; fix the MailRelay or its routes.",
+                )
+            )
+            outcome = "invalid"
+        else:
+            config_ok = True
+            monitor = await _apply_children(ctx, indices, inputs, rendered)
+            if monitor is not None:
+                updates.append(monitor)
+            updates.append(
+                ConditionUpdate(
+                    CONFIG_RENDERED,
+                    "True",
+                    "Rendered",
+                    f"Config {rendered.config_hash} with {rendered.routes} route(s) rendered.",
+                )
+            )
+            extra.update(
+                configHash=rendered.config_hash,
+                endpoint=endpoint(inputs, ctx.settings),
+                selector=",".join(f"{k}={v}" for k, v in selector_labels(inputs).items()),
+            )
+            statefulset = indices.child(("StatefulSet", namespace, name))
+    # SecretsResolved keeps the route-style reason names but its own type.
+    updates = [
+        ConditionUpdate(SECRETS_RESOLVED, u.status, u.reason, u.message)
+        if u.type == "ResolvedRefs"
+        else u
+        for u in updates
+    ]
+    updates.append(routes_condition(verdicts))
+    ready = (
+        ready_condition(spec, statefulset, config_ok)
+        if spec is not None
+        else ConditionUpdate(
+            READY, "False", "InvalidSpec", "The spec is invalid; see ConfigRendered."
+        )
+    )
+    updates.append(ready)
+    if statefulset is not None:
+        extra["replicas"] = int(statefulset.status.get("replicas") or 0)
+        extra["readyReplicas"] = int(statefulset.status.get("readyReplicas") or 0)
+    await _write_relay_status(ctx, relay, updates, extra, monitor_wanted=_monitor_wanted(spec))
+    relay_ready = ready.status == "True"
+    for verdict in verdicts:
+        status = route_status(verdict, relay_name=name, relay_ready=relay_ready, clock=ctx.clock)
+        await write_route_status(
+            verdict, status, patch_status=ctx.applier.patch_status, post_event=ctx.post_event
+        )
+    return outcome
+
+
+def _monitor_wanted(spec: models.MailRelaySpec | None) -> bool:
+    return bool(spec and spec.metrics.enabled and spec.metrics.service_monitor.enabled)
+
+
+async def _apply_children(
+    ctx: Context, indices: Indices, relay: RelayInputs, rendered: RenderedRelay
+) -> ConditionUpdate | None:
+    """Apply what differs, delete what is turned off; the ServiceMonitor's condition if asked."""
+    monitor: ConditionUpdate | None = None
+    for child in rendered.children:
+        key = key_of(child)
+        if key[0] == "ServiceMonitor":
+            try:
+                await ctx.applier.ensure(child, indices.child(key))
+            except ResourceMissing:
+                monitor = ConditionUpdate(
+                    SERVICE_MONITOR,
+                    "False",
+                    "ServiceMonitorCRDMissing",
+                    "metrics.serviceMonitor.enabled is true, but the API server does not serve "
+                    "monitoring.coreos.com/v1 ServiceMonitor: install the prometheus-operator "
+                    "CRDs, or set metrics.serviceMonitor.enabled to false.",
+                )
+            else:
+                monitor = ConditionUpdate(
+                    SERVICE_MONITOR, "True", "Applied", "The ServiceMonitor is in place."
+                )
+            continue
+        await ctx.applier.ensure(child, indices.child(key))
+    for key in rendered.absent:
+        await ctx.applier.remove(key, indices.child(key), relay.uid)
+    return monitor
+
+
+async def _write_relay_status(
+    ctx: Context,
+    relay: ObjectInfo,
+    updates: Iterable[ConditionUpdate],
+    extra: Mapping[str, Any],
+    *,
+    monitor_wanted: bool,
+) -> None:
+    before = relay.status.get("conditions") or []
+    conditions = set_conditions(before, list(updates), generation=relay.generation, clock=ctx.clock)
+    if not monitor_wanted:
+        conditions = remove_condition(conditions, SERVICE_MONITOR)
+    order = [READY, CONFIG_RENDERED, ROUTES_RESOLVED, SECRETS_RESOLVED, SERVICE_MONITOR]
+    conditions.sort(key=lambda c: order.index(c["type"]) if c["type"] in order else len(order))
+    status: dict[str, Any] = {
+        "observedGeneration": relay.generation,
+        "conditions": conditions,
+        **extra,
+    }
+    if not status_differs(relay.status, status):
+        return
+    await ctx.applier.patch_status("MailRelay", relay.namespace, relay.name, status)
+    log.info("Wrote status of MailRelay %s/%s", relay.namespace, relay.name)
+    for condition in conditions:
+        if condition["type"] != READY and flipped(before, conditions, condition["type"]):
+            kind = "Normal" if condition["status"] == "True" else "Warning"
+            ctx.post_event(relay, kind, condition["reason"], condition["message"])
+    ready = find_condition(conditions, READY)
+    if ready is not None and flipped(before, conditions, READY) and ready["status"] == "True":
+        ctx.post_event(relay, "Normal", ready["reason"], ready["message"])
+
+
+def child_needs_pass(
+    ctx: Context,
+    indices: Indices,
+    key: ChildKey,
+    deleted: bool,
+) -> bool:
+    """Whether a child's watch event can change anything (so our own writes do not echo)."""
+    if deleted:
+        return True
+    live = indices.child(key)
+    if live is None:
+        return True
+    remembered = ctx.applier.remembered.get(key)
+    if remembered is not None and remembered != (live.applied_hash, live.fields_digest):
+        return True
+    if key[0] == "StatefulSet":
+        relay = indices.relay(key[1], key[2])
+        if relay is None:
+            return False
+        seen = (relay.status.get("replicas"), relay.status.get("readyReplicas"))
+        return seen != (
+            int(live.status.get("replicas") or 0),
+            int(live.status.get("readyReplicas") or 0),
+        ) or live.generation != int(live.status.get("observedGeneration") or 0)
+    return False

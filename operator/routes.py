@@ -1,0 +1,344 @@
+"""MailRoute logic: which routes a relay carries, and each route's status.
+
+Gather, decide, act:
+
+* gather: the kopf indices in ``main`` keep every route by ``(namespace, relayRef.name)`` and
+  the key names (never values) of every Secret; ``ObjectInfo`` is what an index keeps;
+* decide: ``judge_routes`` (pure) validates each route, checks its relay, the relay's
+  ``routeSelector``, its Secret references and conflicts, and says which routes go into the
+  relay's config; ``route_status`` (pure) turns a verdict into the status to write;
+* act: ``write_route_status`` patches a route's status only when it differs, and posts an
+  Event when a condition flips.
+
+Binding: a route names its relay with ``relayRef``; when the relay sets ``routeSelector`` the
+route must also match it. The relay's reconcile (``relays.py``) writes the statuses of the
+routes that name it; ``reconcile_orphan_route`` covers routes whose relay does not exist.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import ValidationError
+
+from mailrelay.operator import models
+from mailrelay.operator.conditions import (
+    Clock,
+    ConditionUpdate,
+    find_condition,
+    flipped,
+    set_conditions,
+)
+from mailrelay.operator.relay_config import BoundRoute
+
+log = logging.getLogger(__name__)
+
+ACCEPTED = "Accepted"
+RESOLVED_REFS = "ResolvedRefs"
+READY = "Ready"
+
+PostEvent = Callable[["ObjectInfo", str, str, str], None]  # object, type, reason, message
+SecretKeys = Callable[[str], frozenset[str] | None]  # Secret name -> its keys, None if missing
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """What an index keeps of a MailRelay or MailRoute (specs are small; no Secrets here)."""
+
+    kind: str
+    namespace: str
+    name: str
+    uid: str
+    generation: int
+    labels: Mapping[str, str] = field(default_factory=dict)
+    spec: Mapping[str, Any] = field(default_factory=dict)
+    status: Mapping[str, Any] = field(default_factory=dict)
+
+    def event_target(self) -> dict[str, Any]:
+        """The minimal body kopf needs to post an Event about this object."""
+        return {
+            "apiVersion": models.API_VERSION,
+            "kind": self.kind,
+            "metadata": {"namespace": self.namespace, "name": self.name, "uid": self.uid},
+        }
+
+
+@dataclass(frozen=True)
+class RouteVerdict:
+    """The decision about one route for one pass."""
+
+    route: ObjectInfo
+    spec: models.MailRouteSpec | None
+    accepted: ConditionUpdate
+    resolved_refs: ConditionUpdate
+
+    @property
+    def included(self) -> bool:
+        """Whether the route goes into the relay's config."""
+        return self.accepted.status == "True" and self.resolved_refs.status == "True"
+
+
+def validation_message(error: ValidationError) -> str:
+    """A one-line summary of a pydantic error, with the field paths in camelCase."""
+    parts = []
+    for problem in error.errors():
+        where = ".".join(str(p) for p in problem["loc"]) or "spec"
+        parts.append(f"{where}: {problem['msg'].removeprefix('Value error, ')}")
+    return "; ".join(parts)
+
+
+def secret_refs(spec: models.MailRouteSpec) -> list[tuple[str, str, str]]:
+    """(field path, Secret name, key) of every Secret key a route's upstreams need."""
+    refs: list[tuple[str, str, str]] = []
+    for index, upstream in enumerate((spec.upstream, *spec.fallbacks)):
+        where = "upstream" if index == 0 else f"fallbacks[{index - 1}]"
+        if upstream.smtp is not None:
+            creds = upstream.smtp.credentials_secret_ref
+            if creds is not None:
+                path = f"{where}.smtp.credentialsSecretRef"
+                refs += [
+                    (path, creds.name, creds.username_key),
+                    (path, creds.name, creds.password_key),
+                ]
+            if upstream.smtp.ca_secret_ref is not None:
+                ca = upstream.smtp.ca_secret_ref
+                refs.append((f"{where}.smtp.caSecretRef", ca.name, ca.key))
+        elif upstream.api is not None and upstream.api.credentials_secret_ref is not None:
+            ref = upstream.api.credentials_secret_ref
+            path = f"{where}.api.credentialsSecretRef"
+            if upstream.api.provider == "ses":
+                refs += [
+                    (path, ref.name, ref.access_key_id_key),
+                    (path, ref.name, ref.secret_access_key_key),
+                ]
+            else:
+                refs.append((path, ref.name, ref.api_key_key))
+    return refs
+
+
+def check_secret_refs(
+    refs: Sequence[tuple[str, str, str]], secret_keys: SecretKeys, *, subject: str
+) -> ConditionUpdate:
+    """ResolvedRefs for a list of references: the first missing Secret or key, or True."""
+    for path, name, key in refs:
+        keys = secret_keys(name)
+        if keys is None:
+            return ConditionUpdate(
+                RESOLVED_REFS,
+                "False",
+                "SecretNotFound",
+                f"{path} names Secret {name!r}, which does not exist in this namespace; "
+                f"create it (with key {key!r}) and the {subject} recovers on its own.",
+            )
+        if key not in keys:
+            return ConditionUpdate(
+                RESOLVED_REFS,
+                "False",
+                "SecretKeyMissing",
+                f"{path}: Secret {name!r} has no key {key!r} (it has: "
+                f"{', '.join(sorted(keys)) or 'no keys'}); add the key or point the "
+                "reference at the right one.",
+            )
+    return ConditionUpdate(
+        RESOLVED_REFS, "True", "ResolvedRefs", "Every referenced Secret key exists."
+    )
+
+
+def selector_matches(selector: models.LabelSelector, labels: Mapping[str, str]) -> bool:
+    """metav1.LabelSelector semantics: every term must hold."""
+    if any(labels.get(k) != v for k, v in selector.match_labels.items()):
+        return False
+    for term in selector.match_expressions:
+        present = term.key in labels
+        value = labels.get(term.key)
+        if term.operator == "In" and value not in term.values:
+            return False
+        if term.operator == "NotIn" and present and value in term.values:
+            return False
+        if term.operator == "Exists" and not present:
+            return False
+        if term.operator == "DoesNotExist" and present:
+            return False
+    return True
+
+
+def _match_key(spec: models.MailRouteSpec) -> tuple[int, tuple[str, ...], tuple[str, ...]]:
+    return (
+        spec.priority,
+        tuple(sorted(spec.match.sender_domains)),
+        tuple(sorted(spec.match.recipient_domains)),
+    )
+
+
+def _refs_pending() -> ConditionUpdate:
+    return ConditionUpdate(RESOLVED_REFS, "Unknown", "NotChecked", "The route is not accepted.")
+
+
+def judge_routes(
+    relay: ObjectInfo | None,
+    relay_spec: models.MailRelaySpec | None,
+    routes: Sequence[ObjectInfo],
+    secret_keys: SecretKeys,
+) -> list[RouteVerdict]:
+    """Decide, for every route naming ``relay``, whether and why it is (not) carried."""
+    verdicts: dict[str, RouteVerdict] = {}
+    candidates: dict[str, models.MailRouteSpec] = {}
+    for route in sorted(routes, key=lambda r: r.name):
+        try:
+            spec = models.MailRouteSpec.model_validate(route.spec)
+        except ValidationError as error:
+            verdicts[route.name] = RouteVerdict(
+                route,
+                None,
+                ConditionUpdate(
+                    ACCEPTED,
+                    "False",
+                    "InvalidSpec",
+                    f"The spec is invalid: {validation_message(error)}. Fix the MailRoute.",
+                ),
+                _refs_pending(),
+            )
+            continue
+        relay_name = spec.relay_ref.name
+        if relay is None:
+            accepted = ConditionUpdate(
+                ACCEPTED,
+                "False",
+                "RelayNotFound",
+                f"MailRelay {relay_name!r} does not exist in namespace {route.namespace}; "
+                "create it or fix spec.relayRef.name.",
+            )
+        elif relay_spec is None:
+            accepted = ConditionUpdate(
+                ACCEPTED,
+                "False",
+                "RelayInvalid",
+                f"MailRelay {relay_name!r} has an invalid spec; see its conditions.",
+            )
+        elif relay_spec.route_selector is not None and not selector_matches(
+            relay_spec.route_selector, route.labels
+        ):
+            accepted = ConditionUpdate(
+                ACCEPTED,
+                "False",
+                "NotSelected",
+                f"MailRelay {relay_name!r} has a routeSelector this route's labels do not "
+                "match; add the labels it selects.",
+            )
+        else:
+            candidates[route.name] = spec
+            continue
+        verdicts[route.name] = RouteVerdict(route, spec, accepted, _refs_pending())
+
+    by_key: dict[tuple[int, tuple[str, ...], tuple[str, ...]], list[str]] = {}
+    for name, spec in candidates.items():
+        by_key.setdefault(_match_key(spec), []).append(name)
+    for route in routes:
+        if route.name not in candidates:
+            continue
+        spec = candidates[route.name]
+        rivals = [n for n in by_key[_match_key(spec)] if n != route.name]
+        refs = check_secret_refs(secret_refs(spec), secret_keys, subject="route")
+        if rivals:
+            accepted = ConditionUpdate(
+                ACCEPTED,
+                "False",
+                "RouteConflict",
+                f"MailRoute(s) {', '.join(sorted(rivals))} have the same match and priority "
+                f"({spec.priority}), so which one wins would be arbitrary; change the priority "
+                "or the match of one of them. Neither is carried until then.",
+            )
+        else:
+            accepted = ConditionUpdate(
+                ACCEPTED, "True", "Accepted", f"Bound to MailRelay {spec.relay_ref.name!r}."
+            )
+        verdicts[route.name] = RouteVerdict(route, spec, accepted, refs)
+    return [verdicts[name] for name in sorted(verdicts)]
+
+
+def bound_routes(verdicts: Sequence[RouteVerdict]) -> list[BoundRoute]:
+    """The routes that go into the relay's config."""
+    return [BoundRoute(v.route.name, v.spec) for v in verdicts if v.included and v.spec is not None]
+
+
+def route_status(
+    verdict: RouteVerdict,
+    *,
+    relay_name: str,
+    relay_ready: bool,
+    clock: Clock,
+) -> dict[str, Any]:
+    """The status a route should have after this pass."""
+    if not verdict.included:
+        failing = verdict.accepted if verdict.accepted.status != "True" else verdict.resolved_refs
+        ready = ConditionUpdate(READY, "False", failing.reason, failing.message)
+    elif relay_ready:
+        ready = ConditionUpdate(
+            READY, "True", "Ready", f"MailRelay {relay_name!r} carries this route."
+        )
+    else:
+        ready = ConditionUpdate(
+            READY,
+            "False",
+            "RelayNotReady",
+            f"The route is in MailRelay {relay_name!r}'s config, but the relay is not Ready yet.",
+        )
+    current = verdict.route.status.get("conditions") or []
+    conditions = set_conditions(
+        current,
+        [verdict.accepted, verdict.resolved_refs, ready],
+        generation=verdict.route.generation,
+        clock=clock,
+    )
+    return {
+        "observedGeneration": verdict.route.generation,
+        "conditions": conditions,
+        "relay": relay_name if verdict.accepted.status == "True" else None,
+    }
+
+
+def status_differs(current: Mapping[str, Any], desired: Mapping[str, Any]) -> bool:
+    """Whether writing ``desired`` would change anything (None means the field is absent)."""
+    return any(current.get(key) != value for key, value in desired.items())
+
+
+async def write_route_status(
+    verdict: RouteVerdict,
+    status: Mapping[str, Any],
+    *,
+    patch_status: Callable[[str, str, str, Mapping[str, Any]], Awaitable[None]],
+    post_event: PostEvent,
+) -> bool:
+    """Patch the route's status if it changed; an Event for each condition that flipped."""
+    route = verdict.route
+    if not status_differs(route.status, status):
+        return False
+    await patch_status("MailRoute", route.namespace, route.name, status)
+    before = route.status.get("conditions") or []
+    for type_ in (ACCEPTED, RESOLVED_REFS):
+        after = status["conditions"]
+        condition = find_condition(after, type_)
+        if condition is not None and flipped(before, after, type_):
+            kind = "Normal" if condition["status"] == "True" else "Warning"
+            if condition["status"] != "Unknown":
+                post_event(route, kind, condition["reason"], condition["message"])
+    log.info("Wrote status of MailRoute %s/%s", route.namespace, route.name)
+    return True
+
+
+async def reconcile_orphan_route(
+    route: ObjectInfo,
+    *,
+    secret_keys: SecretKeys,
+    clock: Clock,
+    patch_status: Callable[[str, str, str, Mapping[str, Any]], Awaitable[None]],
+    post_event: PostEvent,
+) -> None:
+    """Status for a route whose relay does not exist (the relay's reconcile does the rest)."""
+    verdict = judge_routes(None, None, [route], secret_keys)[0]
+    relay_name = str((route.spec.get("relayRef") or {}).get("name", ""))
+    status = route_status(verdict, relay_name=relay_name, relay_ready=False, clock=clock)
+    await write_route_status(verdict, status, patch_status=patch_status, post_event=post_event)
