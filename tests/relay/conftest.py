@@ -26,6 +26,7 @@ import subprocess
 import sys
 import threading
 import time
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -176,10 +177,21 @@ class RecordingUpstream:
         return {mid for m in self.snapshot() if (mid := extract_message_id(m.data)) is not None}
 
     def stop(self) -> None:
-        """Stop listening (connections then fail: 'upstream down')."""
-        if self._controller is not None:
-            self._controller.stop()
-            self._controller = None
+        """Stop listening and drop open connections ('upstream down')."""
+        controller = self._controller
+        if controller is None:
+            return
+        self._controller = None
+
+        async def hang_up() -> None:
+            for session in list(controller.sessions):
+                if session.transport is not None:
+                    session.transport.close()
+            await asyncio.sleep(0.05)  # let connection_lost run before the loop stops
+
+        with contextlib.suppress(Exception):
+            asyncio.run_coroutine_threadsafe(hang_up(), controller.loop).result(5)
+        controller.stop()
 
     def start(self) -> None:
         """(Re)start listening on the same port."""
@@ -238,6 +250,7 @@ class _UpstreamController(Controller):
     def __init__(self, upstream: RecordingUpstream, certs: TlsCerts | None) -> None:
         self.upstream = upstream
         self.certs = certs
+        self.sessions: weakref.WeakSet[SMTP] = weakref.WeakSet()
         implicit = upstream.tls == "implicit"
         super().__init__(
             _RecordingHandler(upstream),
@@ -260,7 +273,7 @@ class _UpstreamController(Controller):
             return AuthResult(success=ok, handled=False, auth_data=data if ok else None)
 
         upstream.connections += 1
-        return SMTP(
+        session = SMTP(
             self.handler,
             hostname="upstream.test",
             enable_SMTPUTF8=True,
@@ -274,6 +287,8 @@ class _UpstreamController(Controller):
             authenticator=authenticator,
             data_size_limit=None,
         )
+        self.sessions.add(session)
+        return session
 
 
 def _start_controller(upstream: RecordingUpstream) -> _UpstreamController:
@@ -457,13 +472,17 @@ RelayFactory = Callable[..., Awaitable[RelayHandle]]
 
 @pytest.fixture
 async def relay_factory(
-    tmp_path: Path, tls_certs: TlsCerts, users_file: Path
+    tmp_path: Path,
+    tls_certs: TlsCerts,
+    users_file: Path,
+    recording_upstream: Callable[..., RecordingUpstream],
 ) -> AsyncIterator[RelayFactory]:
     """Factory: `await relay_factory(routes=[...], subprocess=False, **config_overrides)`.
 
     Defaults: STARTTLS with the session certificate, the `users_file` users, no allowed
     networks, fast retries, spool under tmp_path. Overrides are deep-merged into the
     config dict (e.g. `limits={"max_recipients": 2}`, `allowed_networks=["127.0.0.0/8"]`).
+    Depends on `recording_upstream` so relays stop before their upstreams do.
     """
     handles: list[RelayHandle] = []
     counter = 0
