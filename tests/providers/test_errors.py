@@ -1,0 +1,352 @@
+"""Error handling against the stand-ins: throttling, retries, bounces, configuration errors."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from mailrelay.relay.config import ApiUpstream
+from mailrelay.relay.providers import ApiTransport
+from mailrelay.relay.transport import Envelope, RecipientOutcome
+from tests.providers.conftest import PROVIDERS
+from tests.providers.messages import rich_message
+from tests.providers.servers import Fault, ProviderServer, ses_error
+
+ServerFactory = Callable[[str], Awaitable[ProviderServer]]
+
+
+class FakeClock:
+    """A monotonic clock the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def envelope(queue_id: str = "QERR") -> Envelope:
+    return Envelope(
+        queue_id=queue_id,
+        mail_from="ann@example.com",
+        recipients=("bob@example.org", "carol@example.net"),
+        smtputf8=False,
+        body_8bitmime=True,
+    )
+
+
+async def setup(
+    provider: str,
+    provider_server: ServerFactory,
+    api_upstream: Callable[..., ApiUpstream],
+    transport_factory: Callable[..., ApiTransport],
+    **kwargs: Any,
+) -> tuple[ProviderServer, ApiTransport, FakeClock, CollectorRegistry]:
+    server = await provider_server(provider)
+    clock = FakeClock()
+    registry = CollectorRegistry()
+    fields = kwargs.pop("fields", {})
+    transport = transport_factory(
+        api_upstream(provider, server, **fields), clock=clock, registry=registry, **kwargs
+    )
+    return server, transport, clock, registry
+
+
+def outcomes(results: list[Any]) -> set[RecipientOutcome]:
+    return {r.outcome for r in results}
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+async def test_429_defers_pauses_the_upstream_then_delivers(
+    provider: str, provider_server: ServerFactory, api_upstream: Any, transport_factory: Any
+) -> None:
+    server, transport, clock, registry = await setup(
+        provider, provider_server, api_upstream, transport_factory
+    )
+    server.inject(Fault(429, {"message": "slow down"}, {"Retry-After": "7"}))
+    results = await transport.deliver(envelope(), rich_message())
+    assert outcomes(results) == {RecipientOutcome.TEMPORARY}
+    assert [r.retry_after for r in results] == [7.0, 7.0]
+    # While paused the upstream is not called at all.
+    clock.now += 5
+    results = await transport.deliver(envelope(), rich_message())
+    assert outcomes(results) == {RecipientOutcome.TEMPORARY}
+    assert results[0].retry_after == pytest.approx(2.0)
+    assert len(server.requests) == 1
+    clock.now += 2.5
+    results = await transport.deliver(envelope(), rich_message())
+    assert outcomes(results) == {RecipientOutcome.DELIVERED}
+    assert len(server.sent) == 1
+    labels = {"upstream": f"{provider}-api", "provider": provider}
+    assert registry.get_sample_value("mailrelay_provider_throttled_total", labels) == 1
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+async def test_500_is_temporary_and_the_retry_delivers(
+    provider: str, provider_server: ServerFactory, api_upstream: Any, transport_factory: Any
+) -> None:
+    server, transport, _, _ = await setup(
+        provider, provider_server, api_upstream, transport_factory
+    )
+    server.inject(Fault(500, {"message": "internal error"}))
+    assert outcomes(await transport.deliver(envelope(), rich_message())) == {
+        RecipientOutcome.TEMPORARY
+    }
+    assert outcomes(await transport.deliver(envelope(), rich_message())) == {
+        RecipientOutcome.DELIVERED
+    }
+    assert (len(server.requests), len(server.sent)) == (2, 1)
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+async def test_400_is_permanent(
+    provider: str, provider_server: ServerFactory, api_upstream: Any, transport_factory: Any
+) -> None:
+    server, transport, _, _ = await setup(
+        provider, provider_server, api_upstream, transport_factory
+    )
+    server.inject(Fault(400, {"message": "'to' parameter is not a valid address"}))
+    results = await transport.deliver(envelope(), rich_message())
+    assert outcomes(results) == {RecipientOutcome.PERMANENT}
+    assert "not a valid address" in results[0].detail
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+async def test_401_is_a_configuration_error_with_the_metric_raised(
+    provider: str, provider_server: ServerFactory, api_upstream: Any, transport_factory: Any
+) -> None:
+    server, transport, _, registry = await setup(
+        provider, provider_server, api_upstream, transport_factory
+    )
+    labels = {"upstream": f"{provider}-api", "provider": provider}
+    server.inject(Fault(401, {"message": "Unauthorized"}))
+    results = await transport.deliver(envelope(), rich_message())
+    assert outcomes(results) == {RecipientOutcome.CONFIG_ERROR}
+    assert registry.get_sample_value("mailrelay_provider_config_error", labels) == 1
+    assert outcomes(await transport.deliver(envelope(), rich_message())) == {
+        RecipientOutcome.DELIVERED
+    }
+    assert registry.get_sample_value("mailrelay_provider_config_error", labels) == 0
+
+
+async def test_wrong_key_then_fixed_secret_is_picked_up(
+    provider_server: ServerFactory,
+    api_upstream: Any,
+    transport_factory: Any,
+    credentials_dir: Path,
+) -> None:
+    """The server's own 401 (not an injected one): the file is re-read after the fix."""
+    good = (credentials_dir / "api_key").read_text()
+    (credentials_dir / "api_key").write_text("wrong-key")
+    server, transport, clock, _ = await setup(
+        "sendgrid", provider_server, api_upstream, transport_factory
+    )
+    results = await transport.deliver(envelope(), rich_message())
+    assert outcomes(results) == {RecipientOutcome.CONFIG_ERROR}
+    assert "credentials" in results[0].detail
+    (credentials_dir / "api_key").write_text(good)
+    assert outcomes(await transport.deliver(envelope(), rich_message())) == {
+        RecipientOutcome.DELIVERED
+    }
+    # A rotated file is noticed without any failure once the check interval has passed.
+    (credentials_dir / "api_key").write_text("rotated-away")
+    os.utime(credentials_dir / "api_key", ns=(time.time_ns(), time.time_ns() + 10**9))
+    assert outcomes(await transport.deliver(envelope(), rich_message())) == {
+        RecipientOutcome.DELIVERED
+    }
+    clock.now += 5
+    assert outcomes(await transport.deliver(envelope(), rich_message())) == {
+        RecipientOutcome.CONFIG_ERROR
+    }
+    assert len(server.sent) == 2
+
+
+async def test_missing_credentials_is_a_configuration_error_without_a_request(
+    provider_server: ServerFactory, api_upstream: Any, transport_factory: Any, tmp_path: Path
+) -> None:
+    server, transport, _, _ = await setup(
+        "postmark",
+        provider_server,
+        api_upstream,
+        transport_factory,
+        fields={"credentials_dir": str(tmp_path / "nothing-here")},
+    )
+    results = await transport.deliver(envelope(), rich_message())
+    assert outcomes(results) == {RecipientOutcome.CONFIG_ERROR}
+    assert "api_key" in results[0].detail and "missing" in results[0].detail
+    assert server.requests == []
+
+
+@pytest.mark.parametrize("provider", ["resend", "webhook"])
+async def test_timeout_after_sending_retries_with_the_same_idempotency_key(
+    provider: str, provider_server: ServerFactory, api_upstream: Any, transport_factory: Any
+) -> None:
+    server, transport, _, _ = await setup(
+        provider,
+        provider_server,
+        api_upstream,
+        transport_factory,
+        fields={"timeout_seconds": 0.3},
+    )
+    server.inject(Fault(delay=1.0))
+    results = await transport.deliver(envelope("QSLOW"), rich_message())
+    assert outcomes(results) == {RecipientOutcome.TEMPORARY}
+    assert "timed out" in results[0].detail
+    assert len(server.sent) == 1  # the provider did get it
+    results = await transport.deliver(envelope("QSLOW"), rich_message())
+    assert outcomes(results) == {RecipientOutcome.DELIVERED}
+    keys = [r.headers["idempotency-key"] for r in server.requests]
+    assert len(keys) == 2 and keys[0] == keys[1]
+    if provider == "resend":
+        # Resend answered the retry from its idempotency store: still one email sent.
+        assert len(server.sent) == 1
+        assert results[0].remote_id == server.idempotency[keys[0]][1]["id"]
+
+
+async def test_network_error_is_temporary(api_upstream: Any, transport_factory: Any) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+
+    class Closed:
+        base_url = f"http://127.0.0.1:{port}"
+
+    upstream = api_upstream("mailgun", Closed())
+    results = await transport_factory(upstream).deliver(envelope(), rich_message())
+    assert outcomes(results) == {RecipientOutcome.TEMPORARY}
+    assert "unreachable" in results[0].detail
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        ("AccountSuspendedException", 400, RecipientOutcome.CONFIG_ERROR),
+        ("SendingPausedException", 400, RecipientOutcome.CONFIG_ERROR),
+        ("MailFromDomainNotVerifiedException", 400, RecipientOutcome.CONFIG_ERROR),
+        ("MessageRejected", 400, RecipientOutcome.PERMANENT),
+        ("TooManyRequestsException", 429, RecipientOutcome.TEMPORARY),
+        ("LimitExceededException", 400, RecipientOutcome.TEMPORARY),
+    ],
+)
+async def test_ses_error_names_decide(
+    case: tuple[str, int, RecipientOutcome],
+    provider_server: ServerFactory,
+    api_upstream: Any,
+    transport_factory: Any,
+) -> None:
+    kind, status, expected = case
+    server, transport, _, _ = await setup("ses", provider_server, api_upstream, transport_factory)
+    server.inject(ses_error(status, kind, "as injected"))
+    results = await transport.deliver(envelope(), rich_message())
+    assert outcomes(results) == {expected}
+    assert kind in results[0].detail
+    if expected is RecipientOutcome.TEMPORARY:
+        # SES sends no Retry-After: the upstream still pauses, for the default time.
+        assert results[0].retry_after == 10.0
+
+
+async def test_ses_signature_is_checked_by_the_server(
+    provider_server: ServerFactory,
+    api_upstream: Any,
+    transport_factory: Any,
+    credentials_dir: Path,
+) -> None:
+    (credentials_dir / "aws_secret_access_key").write_text("not-the-secret")
+    server, transport, _, _ = await setup("ses", provider_server, api_upstream, transport_factory)
+    results = await transport.deliver(envelope(), rich_message())
+    assert outcomes(results) == {RecipientOutcome.CONFIG_ERROR}
+    assert "signature" in results[0].detail
+    assert server.sent == []
+
+
+async def test_ses_uses_the_standard_aws_chain_without_credential_files(
+    provider_server: ServerFactory,
+    api_upstream: Any,
+    transport_factory: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    from tests.providers.servers import AWS_KEY_ID, AWS_SECRET  # noqa: PLC0415
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", AWS_KEY_ID)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", AWS_SECRET)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    server, transport, _, _ = await setup(
+        "ses", provider_server, api_upstream, transport_factory, fields={"credentials_dir": None}
+    )
+    assert outcomes(await transport.deliver(envelope(), rich_message())) == {
+        RecipientOutcome.DELIVERED
+    }
+    assert len(server.sent) == 1
+
+
+@pytest.mark.parametrize(
+    ("code", "expected"),
+    [(405, RecipientOutcome.CONFIG_ERROR), (300, RecipientOutcome.PERMANENT)],
+)
+async def test_postmark_error_codes(
+    code: int,
+    expected: RecipientOutcome,
+    provider_server: ServerFactory,
+    api_upstream: Any,
+    transport_factory: Any,
+) -> None:
+    server, transport, _, _ = await setup(
+        "postmark", provider_server, api_upstream, transport_factory
+    )
+    server.inject(Fault(422, {"ErrorCode": code, "Message": "as injected"}))
+    assert outcomes(await transport.deliver(envelope(), rich_message())) == {expected}
+
+
+async def test_sparkpost_420_pauses_like_429(
+    provider_server: ServerFactory, api_upstream: Any, transport_factory: Any
+) -> None:
+    server, transport, _, _ = await setup(
+        "sparkpost", provider_server, api_upstream, transport_factory
+    )
+    server.inject(Fault(420, {"errors": [{"message": "Exceed Sending Limit (daily)"}]}))
+    results = await transport.deliver(envelope(), rich_message())
+    assert outcomes(results) == {RecipientOutcome.TEMPORARY}
+    assert "Exceed Sending Limit" in results[0].detail
+    assert outcomes(await transport.deliver(envelope(), rich_message())) == {
+        RecipientOutcome.TEMPORARY
+    }
+    assert len(server.requests) == 1
+
+
+NOW = 1_000_000_000.0
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        # Resend: seconds to wait.
+        ("resend", {"ratelimit-reset": "3"}, 3.0),
+        # Mailgun style: epoch milliseconds.
+        ("mailgun", {"X-RateLimit-Reset": str(int((NOW + 30) * 1000))}, 30.0),
+        # SendGrid style: epoch seconds, here 4000 s away, so capped at an hour.
+        ("sendgrid", {"X-RateLimit-Reset": str(int(NOW + 4000))}, 3600.0),
+    ],
+)
+async def test_rate_limit_reset_headers_set_the_pause(
+    case: tuple[str, dict[str, str], float],
+    provider_server: ServerFactory,
+    api_upstream: Any,
+    transport_factory: Any,
+) -> None:
+    provider, headers, expected = case
+    server, transport, _, _ = await setup(
+        provider, provider_server, api_upstream, transport_factory, wall_clock=lambda: NOW
+    )
+    server.inject(Fault(429, {"message": "rate limited"}, headers))
+    results = await transport.deliver(envelope(), rich_message())
+    assert results[0].retry_after == pytest.approx(expected)
