@@ -38,6 +38,7 @@ from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, Session
 from mailrelay.relay.auth import User, UserDatabase
 from mailrelay.relay.config import RelayConfig, RouteConfig
 from mailrelay.relay.metrics import RelayMetrics
+from mailrelay.relay.providers.limits import effective_max_message_size
 from mailrelay.relay.routing import domain_of, select_route
 from mailrelay.relay.spool import QueueEntry, Spool, new_queue_id
 
@@ -364,11 +365,8 @@ class RelayHandler:
             front.metrics.reject("no_route")
             log.info("Refused recipient <%s>: no route takes it", address)
             return f"550 5.7.1 Relaying denied: no route for <{address}>"
-        if (
-            route.max_message_size is not None
-            and envelope.declared_size is not None
-            and envelope.declared_size > route.max_message_size
-        ):
+        route_limit = effective_max_message_size(route, config.limits.max_message_size)
+        if envelope.declared_size is not None and envelope.declared_size > route_limit:
             front.metrics.reject("message_too_large")
             return "552 5.3.4 Message size exceeds the limit for this recipient"
         if (
@@ -400,7 +398,10 @@ class RelayHandler:
         data: bytes = envelope.original_content or b""
         limit = min(
             [config.limits.max_message_size]
-            + [r.max_message_size for r in envelope.routes if r.max_message_size is not None]
+            + [
+                effective_max_message_size(r, config.limits.max_message_size)
+                for r in envelope.routes
+            ]
         )
         if len(data) > limit:
             front.metrics.reject("message_too_large")

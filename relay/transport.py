@@ -138,4 +138,7 @@ def build_transport(
         from mailrelay.relay.smtp_transport import SmtpTransport  # noqa: PLC0415
 
         return SmtpTransport(upstream, local_hostname=local_hostname, observer=observer)
-    return UnimplementedTransport(upstream)
+    # Imported here for the same reason: the providers import this module's types.
+    from mailrelay.relay.providers import build_api_transport  # noqa: PLC0415
+
+    return build_api_transport(upstream, registry=registry)
