@@ -1,0 +1,342 @@
+"""Renderers as data: one parametrized class per renderer, comparing parsed objects."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+
+from mailrelay.operator import models
+from mailrelay.operator.relay_config import BoundRoute, SecretMount, secret_mounts
+from mailrelay.operator.render import (
+    CONFIG_HASH_ANNOTATION,
+    NetworkPeer,
+    NetworkPolicyInputs,
+    RelayInputs,
+    render_configmap,
+    render_headless_service,
+    render_networkpolicy,
+    render_pdb,
+    render_service,
+    render_servicemonitor,
+    render_statefulset,
+)
+from mailrelay.operator.settings import OperatorSettings
+
+SETTINGS = OperatorSettings(relay_image="registry.test/mailrelay:1", drain_seconds=30)
+BASE_SPEC: dict[str, Any] = {
+    "replicas": 2,
+    "listener": {"port": 587, "tls": {"secretName": "relay-tls"}},
+    "auth": {"required": True, "usersSecretRef": {"name": "relay-users", "key": "users.yaml"}},
+}
+LABELS = {
+    "app.kubernetes.io/name": "mailrelay",
+    "app.kubernetes.io/instance": "outbound",
+    "app.kubernetes.io/component": "relay",
+    "app.kubernetes.io/part-of": "mailrelay",
+    "app.kubernetes.io/managed-by": "mailrelay-operator",
+}
+SELECTOR = {"app.kubernetes.io/name": "mailrelay", "app.kubernetes.io/instance": "outbound"}
+OWNER = {
+    "apiVersion": "mailrelay.dev/v1alpha1",
+    "kind": "MailRelay",
+    "name": "outbound",
+    "uid": "uid-1",
+    "controller": True,
+    "blockOwnerDeletion": True,
+}
+META = {"namespace": "mail", "labels": LABELS, "ownerReferences": [OWNER]}
+
+
+def relay(**overrides: Any) -> RelayInputs:
+    spec = copy.deepcopy(BASE_SPEC)
+    for key, value in overrides.items():
+        spec[key] = value
+    return RelayInputs("outbound", "mail", "uid-1", models.MailRelaySpec.model_validate(spec))
+
+
+def route(name: str, upstream: dict[str, Any], **spec: Any) -> BoundRoute:
+    body = {"relayRef": {"name": "outbound"}, "upstream": upstream, **spec}
+    return BoundRoute(name, models.MailRouteSpec.model_validate(body))
+
+
+SMTP_PORTS = [
+    {"name": "submission", "port": 587, "targetPort": "submission", "protocol": "TCP"},
+    {"name": "metrics", "port": 9090, "targetPort": "metrics", "protocol": "TCP"},
+]
+SMTPS = {"name": "submissions", "port": 465, "targetPort": "submissions", "protocol": "TCP"}
+
+
+class TestRenderService:
+    @pytest.mark.parametrize(
+        ("overrides", "expected_spec", "annotations"),
+        [
+            ({}, {"type": "ClusterIP", "selector": SELECTOR, "ports": SMTP_PORTS}, None),
+            (
+                {
+                    "listener": {**BASE_SPEC["listener"], "implicitTlsPort": 465},
+                    "service": {"type": "LoadBalancer", "annotations": {"lb": "internal"}},
+                },
+                {
+                    "type": "LoadBalancer",
+                    "selector": SELECTOR,
+                    "ports": [SMTP_PORTS[0], SMTPS, SMTP_PORTS[1]],
+                },
+                {"lb": "internal"},
+            ),
+        ],
+        ids=["defaults", "implicit-tls-and-load-balancer"],
+    )
+    def test_service(
+        self, overrides: dict[str, Any], expected_spec: dict[str, Any], annotations: Any
+    ) -> None:
+        expected_meta: dict[str, Any] = {"name": "outbound", **META}
+        if annotations:
+            expected_meta["annotations"] = annotations
+        assert render_service(relay(**overrides), SETTINGS) == {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": expected_meta,
+            "spec": expected_spec,
+        }
+
+
+class TestRenderHeadlessService:
+    @pytest.mark.parametrize(
+        "overrides", [{}, {"metrics": {"port": 9100}}], ids=["default", "metrics-port"]
+    )
+    def test_headless(self, overrides: dict[str, Any]) -> None:
+        rendered = render_headless_service(relay(**overrides), SETTINGS)
+        assert rendered["metadata"] == {"name": "outbound-headless", **META}
+        assert rendered["spec"]["clusterIP"] == "None"
+        assert rendered["spec"]["publishNotReadyAddresses"] is True
+        assert rendered["spec"]["selector"] == SELECTOR
+        metrics_port = overrides.get("metrics", {}).get("port", 9090)
+        assert rendered["spec"]["ports"][-1]["port"] == metrics_port
+
+
+class TestRenderPdb:
+    @pytest.mark.parametrize(
+        ("overrides", "expected"),
+        [
+            ({}, {"maxUnavailable": 1}),
+            ({"podDisruptionBudget": {"minAvailable": "50%"}}, {"minAvailable": "50%"}),
+            ({"podDisruptionBudget": {"maxUnavailable": 2}}, {"maxUnavailable": 2}),
+            ({"podDisruptionBudget": {"enabled": False}}, None),
+            ({"replicas": 1}, None),
+        ],
+        ids=["default", "min-available", "max-unavailable", "disabled", "single-replica"],
+    )
+    def test_pdb(self, overrides: dict[str, Any], expected: dict[str, Any] | None) -> None:
+        rendered = render_pdb(relay(**overrides), SETTINGS)
+        if expected is None:
+            assert rendered is None
+            return
+        assert rendered == {
+            "apiVersion": "policy/v1",
+            "kind": "PodDisruptionBudget",
+            "metadata": {"name": "outbound", **META},
+            "spec": {"selector": {"matchLabels": SELECTOR}, **expected},
+        }
+
+
+class TestRenderNetworkPolicy:
+    @pytest.mark.parametrize(
+        ("policy", "expected_ingress"),
+        [
+            (None, None),
+            (
+                NetworkPolicyInputs(
+                    peers=(
+                        NetworkPeer(namespace_selector={"matchLabels": {"team": "billing"}}),
+                        NetworkPeer(pod_selector={"matchLabels": {"app": "web"}}),
+                    )
+                ),
+                [
+                    {
+                        "from": [
+                            {"namespaceSelector": {"matchLabels": {"team": "billing"}}},
+                            {"podSelector": {"matchLabels": {"app": "web"}}},
+                        ],
+                        "ports": [{"protocol": "TCP", "port": 587}],
+                    },
+                    {"ports": [{"protocol": "TCP", "port": 9090}]},
+                ],
+            ),
+            (NetworkPolicyInputs(peers=()), [{"ports": [{"protocol": "TCP", "port": 9090}]}]),
+        ],
+        ids=["not-asked", "two-peers", "nobody-may-send"],
+    )
+    def test_networkpolicy(
+        self, policy: NetworkPolicyInputs | None, expected_ingress: list[Any] | None
+    ) -> None:
+        rendered = render_networkpolicy(relay(), policy, SETTINGS)
+        if expected_ingress is None:
+            assert rendered is None
+            return
+        assert rendered is not None
+        assert rendered["spec"] == {
+            "podSelector": {"matchLabels": SELECTOR},
+            "policyTypes": ["Ingress"],
+            "ingress": expected_ingress,
+        }
+
+
+class TestRenderServiceMonitor:
+    @pytest.mark.parametrize(
+        ("metrics", "expected_labels"),
+        [
+            ({"port": 9090}, None),
+            ({"enabled": False, "serviceMonitor": {"enabled": True}}, None),
+            (
+                {
+                    "serviceMonitor": {
+                        "enabled": True,
+                        "interval": "15s",
+                        "labels": {"release": "prom"},
+                    }
+                },
+                {"release": "prom", **LABELS},
+            ),
+        ],
+        ids=["off-by-default", "metrics-off", "on"],
+    )
+    def test_servicemonitor(self, metrics: dict[str, Any], expected_labels: Any) -> None:
+        rendered = render_servicemonitor(relay(metrics=metrics), SETTINGS)
+        if expected_labels is None:
+            assert rendered is None
+            return
+        assert rendered is not None
+        assert rendered["metadata"]["labels"] == expected_labels
+        assert rendered["spec"]["endpoints"] == [
+            {"port": "metrics", "path": "/metrics", "interval": "15s"}
+        ]
+        assert rendered["spec"]["selector"] == {"matchLabels": LABELS}
+
+
+class TestRenderConfigMap:
+    @pytest.mark.parametrize("text", ["hostname: a\n", "routes: []\n"])
+    def test_configmap_holds_the_text_verbatim(self, text: str) -> None:
+        assert render_configmap(relay(), text, SETTINGS) == {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {"name": "outbound-config", **META},
+            "data": {"relay.yaml": text},
+        }
+
+
+def _container(rendered: dict[str, Any]) -> dict[str, Any]:
+    container: dict[str, Any] = rendered["spec"]["template"]["spec"]["containers"][0]
+    return container
+
+
+class TestRenderStatefulSet:
+    ROUTES = (
+        route(
+            "billing",
+            {"smtp": {"host": "smtp.example.net", "credentialsSecretRef": {"name": "smarthost"}}},
+        ),
+    )
+
+    def render(self, **overrides: Any) -> dict[str, Any]:
+        inputs = relay(**overrides)
+        mounts = secret_mounts(inputs.spec, self.ROUTES)
+        return render_statefulset(inputs, config_hash="abc123", mounts=mounts, settings=SETTINGS)
+
+    @pytest.mark.parametrize(
+        ("overrides", "claim_size", "storage_class"),
+        [
+            ({}, "1Gi", None),
+            ({"queue": {"size": "5Gi", "storageClassName": "fast"}}, "5Gi", "fast"),
+            ({"queue": {"size": "0"}}, None, None),
+        ],
+        ids=["default-spool-claim", "sized-claim", "empty-dir"],
+    )
+    def test_spool_volume(
+        self, overrides: dict[str, Any], claim_size: Any, storage_class: Any
+    ) -> None:
+        rendered = self.render(**overrides)
+        volumes = {v["name"]: v for v in rendered["spec"]["template"]["spec"]["volumes"]}
+        if claim_size is None:
+            assert "volumeClaimTemplates" not in rendered["spec"]
+            assert volumes["spool"] == {"name": "spool", "emptyDir": {}}
+            return
+        assert "spool" not in volumes
+        (claim,) = rendered["spec"]["volumeClaimTemplates"]
+        assert claim["metadata"]["name"] == "spool"
+        assert claim["spec"]["resources"] == {"requests": {"storage": claim_size}}
+        assert claim["spec"].get("storageClassName") == storage_class
+
+    def test_hardened_container_with_probes_and_drain(self) -> None:
+        rendered = self.render()
+        pod = rendered["spec"]["template"]["spec"]
+        container = _container(rendered)
+        assert container["securityContext"] == {
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "runAsNonRoot": True,
+            "capabilities": {"drop": ["ALL"]},
+        }
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
+        assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
+        assert "preStop" in container["lifecycle"]
+        assert pod["terminationGracePeriodSeconds"] > SETTINGS.drain_seconds
+        assert container["image"] == "registry.test/mailrelay:1"
+        assert container["args"] == ["--config", "/etc/mailrelay/config/relay.yaml"]
+        assert rendered["spec"]["template"]["metadata"]["annotations"] == {
+            CONFIG_HASH_ANNOTATION: "abc123"
+        }
+
+    def test_secrets_are_mounted_never_copied(self) -> None:
+        rendered = self.render()
+        pod = rendered["spec"]["template"]["spec"]
+        secret_volumes = {v["secret"]["secretName"]: v for v in pod["volumes"] if "secret" in v}
+        assert set(secret_volumes) == {"relay-tls", "relay-users", "smarthost"}
+        assert secret_volumes["smarthost"]["secret"]["items"] == [
+            {"key": "password", "path": "password"},
+            {"key": "username", "path": "username"},
+        ]
+        mounts = {vm["name"]: vm for vm in _container(rendered)["volumeMounts"]}
+        for volume in secret_volumes.values():
+            assert mounts[volume["name"]]["readOnly"] is True
+        assert mounts[secret_volumes["smarthost"]["name"]]["mountPath"] == (
+            "/etc/mailrelay/upstreams/billing/0"
+        )
+        assert "env" not in _container(rendered)
+
+    @pytest.mark.parametrize(
+        ("overrides", "expected"),
+        [
+            ({}, {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"memory": "256Mi"}}),
+            (
+                {"resources": {"requests": {"cpu": "1"}, "limits": {"memory": "1Gi"}}},
+                {"requests": {"cpu": "1"}, "limits": {"memory": "1Gi"}},
+            ),
+        ],
+        ids=["settings-default", "from-spec"],
+    )
+    def test_resources(self, overrides: dict[str, Any], expected: dict[str, Any]) -> None:
+        assert _container(self.render(**overrides))["resources"] == expected
+
+
+def test_secret_mounts_keep_ca_from_another_secret_beside_the_credentials() -> None:
+    spec = relay().spec
+    routes = [
+        route(
+            "r",
+            {
+                "smtp": {
+                    "host": "h.example",
+                    "credentialsSecretRef": {"name": "creds"},
+                    "caSecretRef": {"name": "ca"},
+                }
+            },
+        )
+    ]
+    mounts = {m.secret_name: m for m in secret_mounts(spec, routes)}
+    assert mounts["creds"].mount_path == "/etc/mailrelay/upstreams/r/0"
+    assert mounts["ca"] == SecretMount(
+        mounts["ca"].volume, "ca", "/etc/mailrelay/upstreams/r/0-ca", (("ca.crt", "ca.crt"),)
+    )
