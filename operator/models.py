@@ -51,6 +51,11 @@ QUANTITY = (
     r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]"
     r"|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
 )
+# A quantity without a sign: sizes cannot be negative.
+SIZE = (
+    r"^(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]"
+    r"|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
+)
 PERCENT = r"^[0-9]+%$"
 AWS_REGION = r"^[a-z]{2}(-[a-z]+)+-[0-9]+$"
 CONDITION_TYPE = (
@@ -540,11 +545,38 @@ class Retry(KubeModel):
         return self
 
 
-class Queue(KubeModel):
-    """The durable spool each relay pod writes accepted mail to before it answers 250."""
+STORAGE_CLASS_IMMUTABLE_MESSAGE = (
+    "storageClassName cannot change once the spool volumes exist; create a new MailRelay instead"
+)
 
-    size: Annotated[str, Field(max_length=64, pattern=QUANTITY)] = Field(
-        default="1Gi", description="Size of each pod's spool volume (a quantity such as 1Gi)."
+
+class Queue(KubeModel):
+    """The durable spool each relay pod writes accepted mail to before it answers 250.
+
+    The storage class is fixed at creation (a StatefulSet's volume claim templates cannot
+    change). That is a transition rule, so only the API server can check it: pydantic never
+    sees the old object.
+    """
+
+    model_config = ConfigDict(
+        json_schema_extra=validations(
+            cel(
+                "has(self.storageClassName) == has(oldSelf.storageClassName)"
+                " && (!has(self.storageClassName)"
+                " || self.storageClassName == oldSelf.storageClassName)",
+                STORAGE_CLASS_IMMUTABLE_MESSAGE,
+                field_path=".storageClassName",
+                reason="FieldValueForbidden",
+            )
+        )
+    )
+
+    size: Annotated[str, Field(max_length=64, pattern=SIZE)] = Field(
+        default="1Gi",
+        description=(
+            "Size of each pod's spool volume (a quantity such as 1Gi). 0 keeps the spool in an "
+            "emptyDir, which loses queued mail with the pod: for tests only."
+        ),
     )
     storage_class_name: Annotated[str, Field(max_length=253)] | None = Field(
         default=None,

@@ -430,6 +430,8 @@ RELAY_FIELD_RULES: list[tuple[dict[str, Any], bool]] = [
     ({"metrics": {"enabled": False, "port": 587}}, True),
     ({"queue": {"retry": {"initialBackoff": "500ms", "maxBackoff": "1s"}}}, False),
     ({"queue": {"retry": {"initialBackoff": "1m30s", "maxBackoff": "2h", "maxAge": "72h"}}}, True),
+    ({"queue": {"size": "0"}}, True),
+    ({"queue": {"size": "-1Gi"}}, False),
     ({"resources": {"requests": {"cpu": 1, "memory": "128Mi"}}}, True),
     ({"resources": {"requests": {"cpu": "one"}}}, False),
     ({"podDisruptionBudget": {"maxUnavailable": "25%"}}, True),

@@ -20,6 +20,7 @@ from tests.crd.cases import (
     INVALID,
     INVALID_IDS,
     RELAY_FIELD_RULES,
+    REMOVE,
     ROUTE_FIELD_RULES,
     Invalid,
     edited,
@@ -305,6 +306,45 @@ def test_spec_update_leaves_status_alone(crds: LocalKube, namespace: str) -> Non
     assert after["spec"]["replicas"] == 3
     assert after["metadata"]["generation"] == 2
     assert after["status"] == STATUS
+
+
+def test_spool_storage_class_is_fixed_at_creation(crds: LocalKube, namespace: str) -> None:
+    spec = edited(BASE_RELAY_SPEC, {"queue": {"storageClassName": "fast"}})
+    crds.kubectl(
+        "apply", "-n", namespace, "-f", "-", input=_manifest("MailRelay", "outbound", spec)
+    )
+    grown = edited(spec, {"replicas": 3, "queue.size": "2Gi"})
+    crds.kubectl(
+        "apply", "-n", namespace, "-f", "-", input=_manifest("MailRelay", "outbound", grown)
+    )
+    moved = edited(grown, {"queue.storageClassName": "slow"})
+    refused = crds.kubectl(
+        "apply",
+        "-n",
+        namespace,
+        "-f",
+        "-",
+        input=_manifest("MailRelay", "outbound", moved),
+        check=False,
+    )
+    assert refused.returncode != 0
+    assert (
+        "spec.queue.storageClassName: Forbidden: storageClassName cannot change" in refused.stderr
+    )
+    dropped = edited(grown, {"queue.storageClassName": REMOVE})
+    refused = crds.kubectl(
+        "replace",
+        "-n",
+        namespace,
+        "-f",
+        "-",
+        input=_manifest("MailRelay", "outbound", dropped),
+        check=False,
+    )
+    assert "storageClassName cannot change" in refused.stderr
+    assert (
+        _get(crds, namespace, "mailrelay/outbound")["spec"]["queue"]["storageClassName"] == "fast"
+    )
 
 
 def test_status_is_validated_too(crds: LocalKube, namespace: str) -> None:
