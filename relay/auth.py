@@ -16,6 +16,7 @@ answer takes as long as for a wrong password.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -31,8 +32,12 @@ from mailrelay.relay.routing import match_specificity
 __all__ = ["User", "UserDatabase", "hash_password", "load_users"]
 
 _argon = argon2.PasswordHasher()
-# Same cost as typical stored hashes, so unknown users take as long as known ones.
-_DUMMY_BCRYPT = bcrypt.hashpw(b"not-a-password", bcrypt.gensalt(rounds=10))
+
+
+@functools.cache
+def _dummy_hash() -> str:
+    """A hash to check unknown users against, so they take as long as wrong passwords."""
+    return bcrypt.hashpw(b"not-a-password", bcrypt.gensalt(rounds=10)).decode()
 
 
 class User(BaseModel):
@@ -102,7 +107,7 @@ class UserDatabase:
     async def verify(self, username: str, password: bytes) -> User | None:
         """The user if the password matches, else None (in a worker thread)."""
         user = self._users.get(username)
-        stored = user.password_hash if user is not None else _DUMMY_BCRYPT.decode()
+        stored = user.password_hash if user is not None else _dummy_hash()
         loop = asyncio.get_running_loop()
         ok = await loop.run_in_executor(self._pool, _check, stored, password)
         if user is None or not ok:

@@ -1,0 +1,145 @@
+"""The queue CLI (`python -m mailrelay.relay queue ...`) run as a real process beside a
+live relay: list, show, retry now, delete, and the same for dead letters."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from mailrelay.relay.spool import Spool
+from tests.relay.conftest import (
+    USERS,
+    RecordingUpstream,
+    RelayFactory,
+    RelayHandle,
+    TlsCerts,
+    smtp_route,
+)
+
+ALICE = ("alice", USERS["alice"])
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "mailrelay.relay", *args],
+        capture_output=True,
+        text=True,
+        check=False,
+        env={**os.environ, "PYTHONSAFEPATH": "1"},
+        timeout=60,
+    )
+
+
+async def acli(*args: str) -> subprocess.CompletedProcess[str]:
+    return await asyncio.to_thread(cli, *args)
+
+
+def msg(n: int) -> bytes:
+    return b"Subject: %d\r\nMessage-ID: <cli-%d@example.com>\r\n\r\nbody %d\r\n" % (n, n, n)
+
+
+async def send(relay: RelayHandle, count: int, rcpt: str = "b@dest.test") -> list[str]:
+    ids = []
+    async with relay.client(login=ALICE) as smtp:
+        for n in range(count):
+            _, reply = await smtp.sendmail("a@example.com", [rcpt], msg(n))
+            ids.append(reply.split()[-1])
+    return ids
+
+
+async def until(predicate: Any, what: str, within: float = 10.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    while loop.time() < deadline:
+        if predicate():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+async def test_list_show_retry_delete_beside_a_live_relay(
+    relay_factory: RelayFactory, recording_upstream: Any, tls_certs: TlsCerts
+) -> None:
+    upstream: RecordingUpstream = recording_upstream(tls="starttls")
+    upstream.stop()  # down: mail waits in the queue
+    relay = await relay_factory(
+        routes=[smtp_route("out", upstream, tls_certs.ca_file)],
+        retry={"initial_backoff_seconds": 3600, "max_backoff_seconds": 3600},
+    )
+    spool = Spool(relay.spool_dir)
+    keep, drop = await send(relay, 2)
+    await until(
+        lambda: (
+            all(e.recipients[0].attempts >= 1 for e in spool.list_queue())
+            and len(spool.list_queue()) == 2
+        ),
+        "first failed attempts",
+    )
+    listing = await acli("--config", str(relay.config_path), "queue", "list")
+    assert listing.returncode == 0, listing.stderr
+    assert keep in listing.stdout and drop in listing.stdout
+    assert "deferred  b@dest.test via out" in listing.stdout
+    assert "-- 2 message(s)" in listing.stdout
+    as_json = await acli("queue", "--spool-dir", str(relay.spool_dir), "list", "--json")
+    assert {json.loads(line)["queue_id"] for line in as_json.stdout.splitlines()} == {keep, drop}
+    shown = await acli("queue", "--spool-dir", str(relay.spool_dir), "show", keep, "--message")
+    assert shown.returncode == 0
+    assert f'"queue_id": "{keep}"' in shown.stdout
+    assert shown.stdout.rstrip().endswith("body 0")
+    # Delete one; bring the upstream back and retry the other now (not in an hour).
+    deleted = await acli("queue", "--spool-dir", str(relay.spool_dir), "delete", drop)
+    assert (deleted.returncode, deleted.stdout) == (0, f"Deleted {drop}\n")
+    upstream.start()
+    retried = await acli("queue", "--spool-dir", str(relay.spool_dir), "retry", "--all")
+    assert retried.returncode == 0 and keep in retried.stdout
+    await upstream.wait_for(1)
+    await until(lambda: spool.list_queue() == [], "the queue to empty")
+    assert upstream.message_ids() == {"<cli-0@example.com>"}
+    assert (
+        await acli("queue", "--spool-dir", str(relay.spool_dir), "list")
+    ).stdout == "Queue is empty\n"
+    missing = await acli("queue", "--spool-dir", str(relay.spool_dir), "delete", drop)
+    assert missing.returncode == 1 and "no queued message" in missing.stderr
+
+
+async def test_dead_letters_list_show_retry_delete(
+    relay_factory: RelayFactory, recording_upstream: Any, tls_certs: TlsCerts
+) -> None:
+    upstream: RecordingUpstream = recording_upstream(tls="starttls")
+    refusing = {"b@dest.test"}
+    upstream.rcpt_reply = lambda rcpt: "550 5.1.1 No such user" if rcpt in refusing else None
+    relay = await relay_factory(routes=[smtp_route("out", upstream, tls_certs.ca_file)])
+    spool = Spool(relay.spool_dir)
+    first, second = await send(relay, 2)
+    await until(lambda: len(spool.list_dead_letters()) == 2, "two dead letters")
+    args = ("queue", "--spool-dir", str(relay.spool_dir), "dead")
+    listing = await acli(*args, "list")
+    assert first in listing.stdout and "dead: " in listing.stdout and "550" in listing.stdout
+    shown = await acli(*args, "show", first)
+    assert json.loads(shown.stdout)["dead_reason"]
+    # The user exists now: requeue one dead letter, delete the other.
+    refusing.clear()
+    upstream.messages.clear()  # forget the bounces sent to a@example.com
+    assert (await acli(*args, "retry", first)).returncode == 0
+    assert (await acli(*args, "delete", second)).returncode == 0
+    await until(lambda: "<cli-0@example.com>" in upstream.message_ids(), "the requeued delivery")
+    await until(lambda: spool.list_queue() == [], "the queue to empty")
+    assert spool.list_dead_letters() == []
+    assert "<cli-1@example.com>" not in upstream.message_ids()
+
+
+async def test_errors(tmp_path: Path) -> None:
+    nowhere = await acli("queue", "--spool-dir", str(tmp_path / "nothing"), "list")
+    assert nowhere.returncode == 1 and "no spool here" in nowhere.stderr
+    (tmp_path / "queue").mkdir()
+    bare = await acli("queue", "--spool-dir", str(tmp_path), "retry")
+    assert bare.returncode == 2 and "give queue ids or --all" in bare.stderr
+    bad_config = tmp_path / "bad.yaml"
+    bad_config.write_text("hostname: [\n")
+    broken = await acli("--config", str(bad_config), "queue", "list")
+    assert broken.returncode == 2 and "not valid YAML" in broken.stderr
