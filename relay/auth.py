@@ -75,7 +75,10 @@ class _UsersFile(BaseModel):
     users: list[User] = Field(default_factory=list)
 
 
-def _check(password_hash: str, password: bytes) -> bool:
+def _check(password_hash: str | None, password: bytes) -> bool:
+    if password_hash is None:  # unknown user: same work, always False
+        bcrypt.checkpw(password, _dummy_hash().encode())
+        return False
     if password_hash.startswith("$argon2"):
         try:
             return bool(_argon.verify(password_hash, password))
@@ -107,7 +110,7 @@ class UserDatabase:
     async def verify(self, username: str, password: bytes) -> User | None:
         """The user if the password matches, else None (in a worker thread)."""
         user = self._users.get(username)
-        stored = user.password_hash if user is not None else _dummy_hash()
+        stored = user.password_hash if user is not None else None
         loop = asyncio.get_running_loop()
         ok = await loop.run_in_executor(self._pool, _check, stored, password)
         if user is None or not ok:
