@@ -161,6 +161,18 @@ CIDR_MESSAGE = "must be a CIDR such as 10.0.0.0/8 or fd00::/8"
 HOST_MESSAGE = "must be a DNS name such as smtp.example.com or an IP address"
 ENDPOINT_MESSAGE = "must be an absolute http:// or https:// URL"
 
+
+def _no_duplicates(values: list[Any]) -> list[Any]:
+    """Lists marked x-kubernetes-list-type: set refuse repeats at the API server; so do we."""
+    repeated = sorted({str(value) for value in values if values.count(value) > 1})
+    if repeated:
+        raise ValueError(f"duplicate values: {', '.join(repeated)}")
+    return values
+
+
+# Marks a list as a set: uniqueness checked here, `x-kubernetes-list-type: set` in the CRD.
+SET = AfterValidator(_no_duplicates)
+LIST_TYPE_SET = {"x-kubernetes-list-type": "set"}
 Port = Annotated[int, Field(ge=1, le=65535)]
 ObjectName = Annotated[str, Field(min_length=1, max_length=253, pattern=DNS1123_SUBDOMAIN)]
 SecretKey = Annotated[str, Field(min_length=1, max_length=253, pattern=SECRET_KEY)]
@@ -476,11 +488,11 @@ class Auth(KubeModel):
     users_secret_ref: UsersSecretRef | None = Field(
         default=None, description="Secret holding the users and their password hashes."
     )
-    mechanisms: list[SaslMechanism] = Field(
+    mechanisms: Annotated[list[SaslMechanism], SET] = Field(
         default_factory=lambda: list(DEFAULT_MECHANISMS),
         min_length=1,
         max_length=2,
-        json_schema_extra={"x-kubernetes-list-type": "set"},
+        json_schema_extra=LIST_TYPE_SET,
         description="SASL mechanisms offered after TLS is up.",
     )
 
@@ -673,10 +685,10 @@ class MailRelaySpec(KubeModel):
         default_factory=Listener, description="Ports, hostname and TLS for clients."
     )
     auth: Auth = Field(default_factory=Auth, description="SMTP AUTH for clients.")
-    allowed_networks: list[Cidr] = Field(
+    allowed_networks: Annotated[list[Cidr], SET] = Field(
         default_factory=list,
         max_length=64,
-        json_schema_extra={"x-kubernetes-list-type": "set"},
+        json_schema_extra=LIST_TYPE_SET,
         description=(
             "Client networks (CIDRs) that may send without AUTH. Empty by default: no network "
             "is trusted unless listed."
@@ -772,16 +784,16 @@ class MailRelayStatus(KubeModel):
 class RouteMatch(KubeModel):
     """Which messages a route carries; empty lists match every message."""
 
-    sender_domains: list[DomainPattern] = Field(
+    sender_domains: Annotated[list[DomainPattern], SET] = Field(
         default_factory=list,
         max_length=256,
-        json_schema_extra={"x-kubernetes-list-type": "set"},
+        json_schema_extra=LIST_TYPE_SET,
         description="Envelope sender (MAIL FROM) domains; empty matches every sender.",
     )
-    recipient_domains: list[DomainPattern] = Field(
+    recipient_domains: Annotated[list[DomainPattern], SET] = Field(
         default_factory=list,
         max_length=256,
-        json_schema_extra={"x-kubernetes-list-type": "set"},
+        json_schema_extra=LIST_TYPE_SET,
         description="Envelope recipient (RCPT TO) domains; empty matches every recipient.",
     )
 

@@ -397,6 +397,7 @@ ROUTE_FIELD_RULES: list[tuple[dict[str, Any], bool]] = [
     ({"upstream.smtp.host": "smtp.example.net\n"}, False),  # `$` must not match before \n
     ({"match.senderDomains": ["*.example.com", "example.com"]}, True),
     ({"match.senderDomains": ["*example.com"]}, False),
+    ({"match.recipientDomains": ["example.com", "example.com"]}, False),  # a set
     ({"match.senderDomains": ["Example.com"]}, False),
     ({"upstream.smtp.tls": "none", "upstream.smtp.insecureAllowPlaintext": True}, True),
     ({"upstream.smtp.insecureAllowPlaintext": "yes"}, False),  # no truthy-string coercion
@@ -417,6 +418,8 @@ RELAY_FIELD_RULES: list[tuple[dict[str, Any], bool]] = [
     ({"allowedNetworks": ["fd00::/8", "10.0.0.0/8", "192.168.1.0/24"]}, True),
     ({"allowedNetworks": ["10.0.0.0/255.0.0.0"]}, False),  # netmask form: isCIDR refuses it
     ({"allowedNetworks": ["10.0.0.0/8x"]}, False),
+    ({"allowedNetworks": ["10.0.0.0/8", "10.0.0.0/8"]}, False),  # a set
+    ({"auth.mechanisms": ["PLAIN", "PLAIN"]}, False),
     ({"auth": {"required": False}, "allowedNetworks": ["10.0.0.0/8"]}, True),
     ({"listener.implicitTlsPort": 465}, True),
     (  # implicit TLS without a certificate
