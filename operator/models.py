@@ -30,7 +30,6 @@ from urllib.parse import urlsplit
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 from pydantic.alias_generators import to_camel
-from pydantic.json_schema import JsonDict
 
 GROUP = "mailrelay.dev"
 VERSION = "v1alpha1"
@@ -173,7 +172,7 @@ def _no_duplicates(values: list[Any]) -> list[Any]:
 
 # Marks a list as a set: uniqueness checked here, `x-kubernetes-list-type: set` in the CRD.
 SET = AfterValidator(_no_duplicates)
-LIST_TYPE_SET: JsonDict = {"x-kubernetes-list-type": "set"}
+LIST_TYPE_SET: dict[str, Any] = {"x-kubernetes-list-type": "set"}
 Port = Annotated[int, Field(ge=1, le=65535)]
 ObjectName = Annotated[str, Field(min_length=1, max_length=253, pattern=DNS1123_SUBDOMAIN)]
 SecretKey = Annotated[str, Field(min_length=1, max_length=253, pattern=SECRET_KEY)]
