@@ -361,7 +361,7 @@ class ApiTransport:
             RecipientResult(
                 address=rcpt,
                 outcome=RecipientOutcome.DELIVERED,
-                detail=f"accepted by {self.provider} (HTTP {response.status_code})",
+                detail=f"accepted by {self.provider} as {remote_id} (HTTP {response.status_code})",
                 remote_id=remote_id,
             )
             for rcpt in call.recipients

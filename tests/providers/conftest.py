@@ -6,6 +6,8 @@
   files (`api_key`, the AWS key pair, `signing_secret`) holding the servers' secrets.
 * `api_upstream(provider, server, **fields)`: the `ApiUpstream` pointing at a stand-in.
 * `transport_factory`: builds a transport on a fresh registry and closes it afterwards.
+* `relay_factory`, `recording_upstream`, `tls_certs`, `users_file`: the relay tests'
+  fixtures (tests/relay/conftest.py), for mail sent through the whole relay.
 """
 
 from __future__ import annotations
@@ -28,6 +30,14 @@ from tests.providers.servers import (
     SIGNING_SECRET,
     ProviderServer,
     start_provider_server,
+)
+
+# The relay's own fixtures (real relay, recording SMTP upstreams), shared with tests/relay.
+from tests.relay.conftest import (  # noqa: F401
+    recording_upstream,
+    relay_factory,
+    tls_certs,
+    users_file,
 )
 
 PROVIDERS = ("mailgun", "ses", "sparkpost", "sendgrid", "postmark", "resend", "webhook")
