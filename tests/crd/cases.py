@@ -378,6 +378,14 @@ INVALID: list[Invalid] = [
         None,
         name="1st.relay",
     ),
+    Invalid(
+        "relay-name-too-long-for-its-statefulset",
+        "MailRelay",
+        {},
+        ("metadata.name: Too long: may not be more than 52 bytes",),
+        None,
+        name="r" * 53,
+    ),
 ]
 INVALID_IDS = [case.id for case in INVALID]
 
