@@ -25,9 +25,11 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-# Builds (once, cached under ~/.cache/mailrelay) kube-apiserver, kubectl, etcd and helm.
+# Builds (once, cached under ~/.cache/mailrelay) kube-apiserver, kubectl, etcd and helm,
+# and promtool for the chart's alert tests.
 control-plane:
 	hack/build-control-plane.sh >/dev/null
+	hack/build-control-plane.sh promtool >/dev/null
 
 lint: venv
 	$(VENV)/bin/ruff check .

@@ -9,16 +9,34 @@
 #
 # Prints progress on stderr and, last on stdout, the bin directory.
 # With --check it only says (exit status) whether the cache is whole.
+# With `promtool` it builds Prometheus's promtool instead (for the chart's alert tests),
+# cached the same way in a directory of its own.
 set -euo pipefail
+
+TOOLSET=control-plane
+CHECK_ONLY=false
+for arg in "$@"; do
+  case "$arg" in
+    --check) CHECK_ONLY=true ;;
+    control-plane | promtool) TOOLSET="$arg" ;;
+    *) echo "usage: $0 [control-plane|promtool] [--check]" >&2; exit 2 ;;
+  esac
+done
 
 K8S_VERSION="${MAILRELAY_K8S_VERSION:-1.36.3}"
 ETCD_VERSION="${MAILRELAY_ETCD_VERSION:-3.6.16}"
 HELM_VERSION="${MAILRELAY_HELM_VERSION:-3.22.0}"
 CACHE_ROOT="${MAILRELAY_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/mailrelay}"
-DEST="$CACHE_ROOT/k8s-v${K8S_VERSION}-etcd-v${ETCD_VERSION}-helm-v${HELM_VERSION}"
+PROMETHEUS_VERSION="${MAILRELAY_PROMETHEUS_VERSION:-3.16.0}"
+if [[ "$TOOLSET" == promtool ]]; then
+  DEST="$CACHE_ROOT/promtool-v${PROMETHEUS_VERSION}"
+  BINARIES=(promtool)
+else
+  DEST="$CACHE_ROOT/k8s-v${K8S_VERSION}-etcd-v${ETCD_VERSION}-helm-v${HELM_VERSION}"
+  BINARIES=(kube-apiserver kubectl etcd helm)
+fi
 BIN="$DEST/bin"
 STAMP="$DEST/complete.sha256"
-BINARIES=(kube-apiserver kubectl etcd helm)
 
 export CGO_ENABLED=0 GOTOOLCHAIN=local GOFLAGS=-buildvcs=false
 
@@ -27,6 +45,10 @@ log() { printf '[control-plane] %s\n' "$*" >&2; }
 cache_is_whole() {
   [[ -f "$STAMP" ]] || return 1
   (cd "$BIN" && sha256sum --quiet --check "$STAMP") >/dev/null 2>&1 || return 1
+  if [[ "$TOOLSET" == promtool ]]; then
+    "$BIN/promtool" --version 2>&1 | grep -q "version ${PROMETHEUS_VERSION} " || return 1
+    return 0
+  fi
   "$BIN/kube-apiserver" --version 2>/dev/null | grep -qx "Kubernetes v${K8S_VERSION}" || return 1
   "$BIN/kubectl" version --client 2>/dev/null | grep -q "v${K8S_VERSION}" || return 1
   "$BIN/etcd" --version 2>/dev/null | grep -q "etcd Version: ${ETCD_VERSION}" || return 1
@@ -37,7 +59,7 @@ if cache_is_whole; then
   echo "$BIN"
   exit 0
 fi
-if [[ "${1:-}" == "--check" ]]; then
+if $CHECK_ONLY; then
   log "No whole cache at $DEST."
   exit 1
 fi
@@ -114,10 +136,26 @@ build_helm() {
   GOBIN="$WORK/bin" go install -trimpath -ldflags "$ldflags" "helm.sh/helm/v${major}/cmd/helm@v${HELM_VERSION}"
 }
 
+build_promtool() {
+  # Prometheus 3.x publishes its Go module as v0.3XX.Y for release 3.XX.Y.
+  local minor="${PROMETHEUS_VERSION#*.}" patch="${PROMETHEUS_VERSION##*.}"
+  minor="${minor%%.*}"
+  local module_version="v0.$((300 + minor)).${patch}"
+  local ldflags="-s -w -X github.com/prometheus/common/version.Version=${PROMETHEUS_VERSION}"
+  ldflags+=" -X github.com/prometheus/common/version.Branch=release"
+  log "Building promtool ${PROMETHEUS_VERSION} (module ${module_version}; about 5 minutes on 2 cores)..."
+  GOBIN="$WORK/bin" go install -trimpath -ldflags "$ldflags" \
+    "github.com/prometheus/prometheus/cmd/promtool@${module_version}"
+}
+
 start=$SECONDS
-build_etcd
-build_helm
-build_kubernetes
+if [[ "$TOOLSET" == promtool ]]; then
+  build_promtool
+else
+  build_etcd
+  build_helm
+  build_kubernetes
+fi
 mkdir -p "$BIN"
 for b in "${BINARIES[@]}"; do
   install -m 0755 "$WORK/bin/$b" "$BIN/$b"
@@ -128,5 +166,5 @@ if ! cache_is_whole; then
   rm -rf "$DEST"
   exit 1
 fi
-log "Built control plane in $((SECONDS - start))s into $BIN"
+log "Built ${TOOLSET} in $((SECONDS - start))s into $BIN"
 echo "$BIN"
