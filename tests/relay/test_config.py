@@ -217,3 +217,29 @@ def test_check_config_cli(tmp_path: Path, users_file: Path, tls_certs: Any) -> N
     result = run_check(worse)
     assert result.returncode == 2
     assert "password_hash must be a bcrypt" in result.stderr
+
+
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "relay-config.md"
+
+
+def test_docs_example_is_a_valid_config() -> None:
+    text = DOCS.read_text()
+    example = text.split("## A full example", 1)[1].split("```yaml", 1)[1].split("```", 1)[0]
+    config = parse_config(example, source="docs example")
+    assert [r.name for r in config.routes] == ["transactional", "partners"]
+
+
+def test_docs_cover_every_field() -> None:
+    from pydantic import BaseModel  # noqa: PLC0415
+
+    from mailrelay.relay import config as module  # noqa: PLC0415
+
+    text = DOCS.read_text()
+    missing = [
+        f"{name}.{field}"
+        for name in module.__all__
+        if isinstance(cls := getattr(module, name), type) and issubclass(cls, BaseModel)
+        for field in cls.model_fields
+        if f"| `{field}` |" not in text
+    ]
+    assert missing == []
