@@ -62,6 +62,8 @@ log = logging.getLogger(__name__)
 DEFAULT_THROTTLE_SECONDS = 10.0
 MAX_THROTTLE_SECONDS = 3600.0
 _DETAIL_LIMIT = 300
+# Messages above this size are converted, encoded and signed in a worker thread.
+OFFLOAD_BYTES = 256 * 1024
 
 
 class CredentialError(Exception):
@@ -346,7 +348,23 @@ class ApiTransport:
 
     async def prepare(self, envelope: Envelope, message: bytes) -> list[Call]:
         """The requests that send `message` to every envelope recipient."""
+        key = await self.load_secret()
+        return await self.offload(len(message), self.build, envelope, message, key)
+
+    async def load_secret(self) -> str:
+        """The provider's API key (the credential file `api_key`)."""
+        return await self.credentials.get("api_key")
+
+    def build(self, envelope: Envelope, message: bytes, key: str) -> list[Call]:
+        """The requests for one message, given the key; CPU work only, no awaiting."""
         raise NotImplementedError
+
+    async def offload(self, size: int, fn: Callable[..., list[Call]], *args: object) -> list[Call]:
+        """Run `fn` in a worker thread for big messages: parsing, base64, JSON and hashing
+        tens of megabytes would stall every SMTP session on the loop."""
+        if size > OFFLOAD_BYTES:
+            return await asyncio.to_thread(fn, *args)
+        return fn(*args)
 
     def classify_error(self, response: httpx.Response) -> Verdict:
         """A non-2xx answer; providers with richer error bodies refine this."""

@@ -30,9 +30,8 @@ class MailgunTransport(ApiTransport):
             return "https://api.eu.mailgun.net"
         return "https://api.mailgun.net"
 
-    async def prepare(self, envelope: Envelope, message: bytes) -> list[Call]:
+    def build(self, envelope: Envelope, message: bytes, key: str) -> list[Call]:
         """One multipart request per batch of up to 1000 recipients."""
-        key = await self.credentials.get("api_key")
         auth = "Basic " + base64.b64encode(f"api:{key}".encode()).decode("ascii")
         path = f"/v3/{self.upstream.domain}/messages.mime"
         calls = []

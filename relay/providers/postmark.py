@@ -43,7 +43,7 @@ class PostmarkTransport(ApiTransport):
         """Postmark has one API host."""
         return "https://api.postmarkapp.com"
 
-    async def prepare(self, envelope: Envelope, message: bytes) -> list[Call]:
+    def build(self, envelope: Envelope, message: bytes, key: str) -> list[Call]:
         """One request per batch of up to 50 recipients."""
         parsed = parse_message(message, envelope_sender=envelope.mail_from)
         if not parsed.text and not parsed.html:
@@ -75,7 +75,6 @@ class PostmarkTransport(ApiTransport):
             base["Attachments"] = attachments
         if self.upstream.message_stream:
             base["MessageStream"] = self.upstream.message_stream
-        key = await self.credentials.get("api_key")
         to, cc, bcc = split_recipients(parsed, envelope.recipients)
         calls = []
         for batch in plan_batches(to, cc, bcc, self.limits.max_recipients):

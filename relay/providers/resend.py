@@ -44,7 +44,7 @@ class ResendTransport(ApiTransport):
         """Resend has one API host."""
         return "https://api.resend.com"
 
-    async def prepare(self, envelope: Envelope, message: bytes) -> list[Call]:
+    def build(self, envelope: Envelope, message: bytes, key: str) -> list[Call]:
         """One request per batch of up to 50 recipients, each with its idempotency key."""
         parsed = parse_message(message, envelope_sender=envelope.mail_from)
         if not parsed.subject:
@@ -77,7 +77,6 @@ class ResendTransport(ApiTransport):
                     item["content_id"] = att.content_id
                 attachments.append(item)
             base["attachments"] = attachments
-        key = await self.credentials.get("api_key")
         to, cc, bcc = split_recipients(parsed, envelope.recipients)
         calls = []
         for batch in plan_batches(to, cc, bcc, self.limits.max_recipients):

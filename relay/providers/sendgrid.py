@@ -58,7 +58,7 @@ class SendGridTransport(ApiTransport):
         """The global API; an EU subuser sets `endpoint: https://api.eu.sendgrid.com`."""
         return "https://api.sendgrid.com"
 
-    async def prepare(self, envelope: Envelope, message: bytes) -> list[Call]:
+    def build(self, envelope: Envelope, message: bytes, key: str) -> list[Call]:
         """One request per 1000 recipients, each batch a personalization."""
         parsed = parse_message(message, envelope_sender=envelope.mail_from)
         if not parsed.subject:
@@ -100,7 +100,6 @@ class SendGridTransport(ApiTransport):
                 headers[name] = value
         if headers:
             base["headers"] = headers
-        key = await self.credentials.get("api_key")
         to, cc, bcc = split_recipients(parsed, envelope.recipients)
         limit = self.limits.max_recipients or 1000
         groups: list[list[Batch]] = [[]]

@@ -102,6 +102,11 @@ class SesTransport(ApiTransport):
     async def prepare(self, envelope: Envelope, message: bytes) -> list[Call]:
         """One signed SendEmail per batch of up to 50 recipients."""
         credentials = await self._aws_credentials()
+        return await self.offload(len(message), self._build, envelope, message, credentials)
+
+    def _build(
+        self, envelope: Envelope, message: bytes, credentials: ReadOnlyCredentials
+    ) -> list[Call]:
         data = base64.b64encode(message).decode("ascii")
         calls = []
         for batch in self.batches(envelope.recipients):

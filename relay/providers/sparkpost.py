@@ -30,7 +30,7 @@ class SparkPostTransport(ApiTransport):
             return "https://api.eu.sparkpost.com"
         return "https://api.sparkpost.com"
 
-    async def prepare(self, envelope: Envelope, message: bytes) -> list[Call]:
+    def build(self, envelope: Envelope, message: bytes, key: str) -> list[Call]:
         """One transmission per batch of recipients."""
         try:
             text = message.decode("utf-8")
@@ -39,7 +39,6 @@ class SparkPostTransport(ApiTransport):
                 "SparkPost carries the message in a JSON string; it has 8-bit bytes that are "
                 f"not UTF-8 (offset {exc.start}), which cannot be sent unchanged"
             ) from exc
-        key = await self.credentials.get("api_key")
         calls = []
         for batch in self.batches(envelope.recipients):
             payload = {

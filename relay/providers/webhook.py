@@ -71,9 +71,12 @@ class WebhookTransport(ApiTransport):
         """The endpoint is the whole URL (required by the config)."""
         return str(self.upstream.endpoint)
 
-    async def prepare(self, envelope: Envelope, message: bytes) -> list[Call]:
+    async def load_secret(self) -> str:
+        """The HMAC key."""
+        return await self.credentials.get("signing_secret")
+
+    def build(self, envelope: Envelope, message: bytes, key: str) -> list[Call]:
         """One request for all recipients; signed at preparation, just before sending."""
-        secret = await self.credentials.get("signing_secret")
         envelope_json = json.dumps(
             {
                 "queue_id": envelope.queue_id,
@@ -93,7 +96,7 @@ class WebhookTransport(ApiTransport):
                 "Content-Type": "message/rfc822",
                 ENVELOPE_HEADER: envelope_json,
                 TIMESTAMP_HEADER: timestamp,
-                SIGNATURE_HEADER: sign(secret, timestamp, envelope_json, message),
+                SIGNATURE_HEADER: sign(key, timestamp, envelope_json, message),
                 "Idempotency-Key": idempotency_key(envelope.queue_id, envelope.recipients),
             },
         )

@@ -207,3 +207,29 @@ async def test_json_provider_without_subject_fails_with_a_reason(
     assert results[0].outcome is RecipientOutcome.PERMANENT
     assert "Subject" in results[0].detail
     assert server.requests == []
+
+
+@pytest.mark.parametrize("provider", ["ses", "resend"])
+async def test_large_message_is_prepared_off_the_loop_and_still_exact(
+    provider: str, provider_server: ServerFactory, api_upstream: Any, transport_factory: Any
+) -> None:
+    """Over OFFLOAD_BYTES the conversion runs in a worker thread; the result is the same."""
+    from email.message import EmailMessage  # noqa: PLC0415
+
+    from mailrelay.relay.providers.base import OFFLOAD_BYTES  # noqa: PLC0415
+
+    server, transport = await _setup(provider, provider_server, api_upstream, transport_factory)
+    blob = bytes(range(256)) * (OFFLOAD_BYTES // 128)
+    msg = EmailMessage()
+    msg["From"], msg["To"], msg["Subject"] = "ann@example.com", "bob@example.org", "big"
+    msg.set_content("see attachment")
+    msg.add_attachment(blob, maintype="application", subtype="octet-stream", filename="b.bin")
+    message = msg.as_bytes()
+    assert len(message) > OFFLOAD_BYTES
+    results = await transport.deliver(envelope("bob@example.org"), message)
+    assert results[0].outcome is RecipientOutcome.DELIVERED
+    if provider == "ses":
+        assert raw_sent("ses", server.sent[0])[0] == message
+    else:
+        (mail,) = sent_mail("resend", server.sent[0])
+        assert mail.attachments["b.bin"][0] == blob
