@@ -461,6 +461,7 @@ class RelayHandler:
             entry.size,
             entry.client_address,
             f" user {entry.authenticated_user}" if entry.authenticated_user else "",
+            extra={"queue_id": entry.queue_id, "event": "accepted"},
         )
         if front.delivery is not None:
             try:
