@@ -112,6 +112,29 @@ def tree_cpu_seconds(root: int) -> float:
     return ticks / CLK_TCK
 
 
+def tree_thread_ticks(root: int) -> dict[tuple[int, int], int]:
+    """CPU ticks of every live thread in a tree, keyed by (pid, tid): finds a pinned loop."""
+    ticks: dict[tuple[int, int], int] = {}
+    for pid in process_tree(root):
+        with contextlib.suppress(OSError):
+            for task in os.scandir(f"/proc/{pid}/task"):
+                with contextlib.suppress(OSError, ValueError):
+                    raw = Path(task.path, "stat").read_text()
+                    fields = raw[raw.rindex(")") + 2 :].split()
+                    ticks[(pid, int(task.name))] = int(fields[11]) + int(fields[12])
+    return ticks
+
+
+def hottest_thread_share(
+    before: dict[tuple[int, int], int], after: dict[tuple[int, int], int], seconds: float
+) -> tuple[float, float]:
+    """(busiest thread's share of one core, CPU seconds of non-main threads) between samples."""
+    deltas = {key: ticks - before.get(key, 0) for key, ticks in after.items()}
+    hottest = max(deltas.values(), default=0) / CLK_TCK / seconds if seconds > 0 else math.nan
+    side = sum(d for (pid, tid), d in deltas.items() if pid != tid) / CLK_TCK
+    return hottest, side
+
+
 def _status_kb(pid: int, key: str) -> int:
     try:
         text = Path(f"/proc/{pid}/status").read_text()
@@ -438,6 +461,7 @@ smtpd_tls_security_level = none
 smtp_tls_security_level = none
 # Log to a file like the relay does (there is no syslog daemon here).
 maillog_file = {root}/maillog
+maillog_file_prefixes = {root}
 biff = no
 append_dot_mydomain = no
 """
@@ -746,6 +770,8 @@ class RunResult:
     peak_pss_mb: float = math.nan
     processes: int = 0
     sink_cpu_seconds: float = math.nan
+    hottest_thread_share: float = math.nan
+    side_thread_cpu_seconds: float = math.nan
     probe_errors: int = 0
     left_in_queue: int = 0
     problems: list[str] = field(default_factory=list)
@@ -783,6 +809,7 @@ async def run_once(
         memory = MemorySampler(root)
         memory.start()
         cpu_start = await asyncio.to_thread(tree_cpu_seconds, root)
+        threads_start = await asyncio.to_thread(tree_thread_ticks, root)
         sink_cpu_start = await asyncio.to_thread(sink.cpu_seconds)
         probe = ProbeResults()
         stop_probe = asyncio.Event()
@@ -824,6 +851,7 @@ async def run_once(
         expected = load.messages + result.probe_messages
         reached = await sink.wait_for(expected, load.drain_timeout)
         cpu_end = await asyncio.to_thread(tree_cpu_seconds, root)
+        threads_end = await asyncio.to_thread(tree_thread_ticks, root)
         sink_cpu_end = await asyncio.to_thread(sink.cpu_seconds)
         await memory.stop()
         result.load_after = load_average()
@@ -852,6 +880,9 @@ async def run_once(
         result.e2e_rate = expected / result.e2e_seconds
         result.cpu_ms_per_message = result.cpu_seconds / expected * 1000
         result.cores_used = result.cpu_seconds / result.e2e_seconds
+        result.hottest_thread_share, result.side_thread_cpu_seconds = hottest_thread_share(
+            threads_start, threads_end, result.e2e_seconds
+        )
         await asyncio.sleep(0.5)  # a duplicate delivery would show up as an extra count
         result.delivered = sink.count
         if sink.count > expected:
@@ -895,7 +926,9 @@ def print_run(result: RunResult) -> None:
         f"accepted {_fmt(result.accepted_rate)}/s, e2e {_fmt(result.e2e_rate)}/s, "
         f"session p50/p99 {_fmt(result.session_p50_ms, 1)}/{_fmt(result.session_p99_ms, 1)} ms "
         f"(n={result.probe_messages}), cpu {_fmt(result.cpu_seconds, 1)} s "
-        f"({_fmt(result.cores_used, 2)} cores), rss {_fmt(result.peak_rss_mb, 1)} MB, "
+        f"({_fmt(result.cores_used, 2)} cores, hottest thread "
+        f"{_fmt(result.hottest_thread_share * 100)}%, side threads "
+        f"{_fmt(result.side_thread_cpu_seconds, 1)} s), rss {_fmt(result.peak_rss_mb, 1)} MB, "
         f"load {result.load_before} -> {result.load_after}"
     )
     for problem in result.problems:
@@ -911,6 +944,7 @@ COLUMNS = (
     ("CPU s", "cpu_seconds", 1),
     ("cores", "cores_used", 2),
     ("CPU ms/msg", "cpu_ms_per_message", 2),
+    ("hottest thread", "hottest_thread_share", 2),
     ("peak RSS MB", "peak_rss_mb", 1),
     ("peak PSS MB", "peak_pss_mb", 1),
 )
@@ -1138,7 +1172,10 @@ async def bench(args: argparse.Namespace) -> int:
                 if profile is not None:
                     print_profile(profile)
     finally:
-        if not args.keep:
+        failed = [r for r in results if not r.ok]
+        if args.keep or failed:
+            print(f"Kept {top} (logs of every run{', failures included' if failed else ''})")
+        else:
             shutil.rmtree(top, ignore_errors=True)
     print()
     print(summary_table(results, variants))
