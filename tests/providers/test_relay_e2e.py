@@ -14,6 +14,8 @@ falling back to SMTP, and a provider's size limit enforced at the door.
 from __future__ import annotations
 
 import asyncio
+import logging
+import re
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -98,8 +100,10 @@ async def test_json_provider_gets_recipients_bodies_and_attachments_through_the_
     provider: str,
     provider_server: ServerFactory,
     credentials_dir: Path,
+    caplog: pytest.LogCaptureFixture,
     relay_factory: RelayFactory,
 ) -> None:
+    caplog.set_level(logging.INFO, logger="mailrelay.relay.providers")
     server = await provider_server(provider)
     relay = await relay_factory(routes=[api_route(provider, server, credentials_dir)])
     assert await send(relay, RCPTS, rich_message()) == {}
@@ -119,6 +123,15 @@ async def test_json_provider_gets_recipients_bodies_and_attachments_through_the_
     }
     assert not any("hidden@" in value for value in mail.headers.values())
     await eventually(lambda: _queue_empty(relay))
+    # The provider's message id is logged with our queue id.
+    logged = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Delivered")]
+    assert len(logged) == 1
+    assert re.fullmatch(
+        rf"Delivered message [0-9A-F]{{24}} to 3 recipient\(s\) through upstream "
+        rf"{provider}-api; {provider} message id \S+",
+        logged[0],
+    ), logged[0]
+    assert "message id None" not in logged[0]
 
 
 async def test_429_is_deferred_then_delivered(
