@@ -112,27 +112,57 @@ def tree_cpu_seconds(root: int) -> float:
     return ticks / CLK_TCK
 
 
-def tree_thread_ticks(root: int) -> dict[tuple[int, int], int]:
-    """CPU ticks of every live thread in a tree, keyed by (pid, tid): finds a pinned loop."""
-    ticks: dict[tuple[int, int], int] = {}
+def tree_thread_times(root: int) -> dict[tuple[int, int], tuple[int, int]]:
+    """(ns on CPU, ns waiting for a CPU) of every live thread in a tree, keyed by (pid, tid).
+
+    From /proc/PID/task/TID/schedstat: telling a thread that is busy from one that wants
+    the CPU but waits for it is what shows a pinned event loop on a shared, loaded machine.
+    """
+    times: dict[tuple[int, int], tuple[int, int]] = {}
     for pid in process_tree(root):
         with contextlib.suppress(OSError):
             for task in os.scandir(f"/proc/{pid}/task"):
-                with contextlib.suppress(OSError, ValueError):
-                    raw = Path(task.path, "stat").read_text()
-                    fields = raw[raw.rindex(")") + 2 :].split()
-                    ticks[(pid, int(task.name))] = int(fields[11]) + int(fields[12])
-    return ticks
+                with contextlib.suppress(OSError, ValueError, IndexError):
+                    on_cpu, waiting, *_ = Path(task.path, "schedstat").read_text().split()
+                    times[(pid, int(task.name))] = (int(on_cpu), int(waiting))
+    return times
 
 
-def hottest_thread_share(
-    before: dict[tuple[int, int], int], after: dict[tuple[int, int], int], seconds: float
-) -> tuple[float, float]:
-    """(busiest thread's share of one core, CPU seconds of non-main threads) between samples."""
-    deltas = {key: ticks - before.get(key, 0) for key, ticks in after.items()}
-    hottest = max(deltas.values(), default=0) / CLK_TCK / seconds if seconds > 0 else math.nan
-    side = sum(d for (pid, tid), d in deltas.items() if pid != tid) / CLK_TCK
-    return hottest, side
+@dataclass(frozen=True)
+class ThreadFigures:
+    hottest_share: float  # the busiest thread's time on CPU, as a share of one core
+    hottest_wait_share: float  # the same thread's time runnable but waiting for a CPU
+    side_cpu_seconds: float  # CPU of threads other than each process's main thread
+
+
+def thread_figures(
+    before: dict[tuple[int, int], tuple[int, int]],
+    after: dict[tuple[int, int], tuple[int, int]],
+    seconds: float,
+) -> ThreadFigures:
+    deltas = {
+        key: (cpu - before.get(key, (0, 0))[0], wait - before.get(key, (0, 0))[1])
+        for key, (cpu, wait) in after.items()
+    }
+    if not deltas or seconds <= 0:
+        return ThreadFigures(math.nan, math.nan, math.nan)
+    hottest = max(deltas, key=lambda key: deltas[key][0])
+    side = sum(cpu for (pid, tid), (cpu, _) in deltas.items() if pid != tid)
+    return ThreadFigures(
+        hottest_share=deltas[hottest][0] / 1e9 / seconds,
+        hottest_wait_share=deltas[hottest][1] / 1e9 / seconds,
+        side_cpu_seconds=side / 1e9,
+    )
+
+
+def cpu_pressure() -> str:
+    """`some avg10` of /proc/pressure/cpu: the share of time something waited for a CPU."""
+    try:
+        first = Path("/proc/pressure/cpu").read_text().splitlines()[0]
+    except (OSError, IndexError):
+        return "?"
+    match = re.search(r"avg10=([\d.]+)", first)
+    return f"{float(match.group(1)):.0f}%" if match else "?"
 
 
 def _status_kb(pid: int, key: str) -> int:
@@ -771,7 +801,10 @@ class RunResult:
     processes: int = 0
     sink_cpu_seconds: float = math.nan
     hottest_thread_share: float = math.nan
+    hottest_thread_wait_share: float = math.nan
     side_thread_cpu_seconds: float = math.nan
+    cpu_pressure_before: str = ""
+    cpu_pressure_after: str = ""
     probe_errors: int = 0
     left_in_queue: int = 0
     problems: list[str] = field(default_factory=list)
@@ -806,10 +839,11 @@ async def run_once(
         await asyncio.sleep(1.0)  # let start-up work (imports, first scans) settle
         root = server.root_pid()
         result.load_before = load_average()
+        result.cpu_pressure_before = cpu_pressure()
         memory = MemorySampler(root)
         memory.start()
         cpu_start = await asyncio.to_thread(tree_cpu_seconds, root)
-        threads_start = await asyncio.to_thread(tree_thread_ticks, root)
+        threads_start = await asyncio.to_thread(tree_thread_times, root)
         sink_cpu_start = await asyncio.to_thread(sink.cpu_seconds)
         probe = ProbeResults()
         stop_probe = asyncio.Event()
@@ -851,10 +885,11 @@ async def run_once(
         expected = load.messages + result.probe_messages
         reached = await sink.wait_for(expected, load.drain_timeout)
         cpu_end = await asyncio.to_thread(tree_cpu_seconds, root)
-        threads_end = await asyncio.to_thread(tree_thread_ticks, root)
+        threads_end = await asyncio.to_thread(tree_thread_times, root)
         sink_cpu_end = await asyncio.to_thread(sink.cpu_seconds)
         await memory.stop()
         result.load_after = load_average()
+        result.cpu_pressure_after = cpu_pressure()
         result.accepted_seconds = accepted_at - started
         # Probe sessions that ended after smtp-source did add nothing to the accepted rate.
         probe_in_time = sum(1 for t in probe.finished_at if t <= accepted_at)
@@ -880,9 +915,10 @@ async def run_once(
         result.e2e_rate = expected / result.e2e_seconds
         result.cpu_ms_per_message = result.cpu_seconds / expected * 1000
         result.cores_used = result.cpu_seconds / result.e2e_seconds
-        result.hottest_thread_share, result.side_thread_cpu_seconds = hottest_thread_share(
-            threads_start, threads_end, result.e2e_seconds
-        )
+        threads = thread_figures(threads_start, threads_end, result.e2e_seconds)
+        result.hottest_thread_share = threads.hottest_share
+        result.hottest_thread_wait_share = threads.hottest_wait_share
+        result.side_thread_cpu_seconds = threads.side_cpu_seconds
         await asyncio.sleep(0.5)  # a duplicate delivery would show up as an extra count
         result.delivered = sink.count
         if sink.count > expected:
@@ -925,11 +961,16 @@ def print_run(result: RunResult) -> None:
         f"  {result.system:<10} rep {result.repetition}: "
         f"accepted {_fmt(result.accepted_rate)}/s, e2e {_fmt(result.e2e_rate)}/s, "
         f"session p50/p99 {_fmt(result.session_p50_ms, 1)}/{_fmt(result.session_p99_ms, 1)} ms "
-        f"(n={result.probe_messages}), cpu {_fmt(result.cpu_seconds, 1)} s "
-        f"({_fmt(result.cores_used, 2)} cores, hottest thread "
-        f"{_fmt(result.hottest_thread_share * 100)}%, side threads "
-        f"{_fmt(result.side_thread_cpu_seconds, 1)} s), rss {_fmt(result.peak_rss_mb, 1)} MB, "
-        f"load {result.load_before} -> {result.load_after}"
+        f"(n={result.probe_messages}), CPU {_fmt(result.cpu_seconds, 1)} s "
+        f"({_fmt(result.cores_used, 2)} cores), RSS {_fmt(result.peak_rss_mb, 1)} MB, "
+        f"PSS {_fmt(result.peak_pss_mb, 1)} MB"
+    )
+    print(
+        f"      hottest thread {_fmt(result.hottest_thread_share * 100)}% on CPU + "
+        f"{_fmt(result.hottest_thread_wait_share * 100)}% waiting for one; side threads "
+        f"{_fmt(result.side_thread_cpu_seconds, 1)} CPU s; load {result.load_before} -> "
+        f"{result.load_after}, CPU pressure {result.cpu_pressure_before} -> "
+        f"{result.cpu_pressure_after}"
     )
     for problem in result.problems:
         print(f"      ! {problem}")
@@ -944,7 +985,8 @@ COLUMNS = (
     ("CPU s", "cpu_seconds", 1),
     ("cores", "cores_used", 2),
     ("CPU ms/msg", "cpu_ms_per_message", 2),
-    ("hottest thread", "hottest_thread_share", 2),
+    ("hot thread CPU", "hottest_thread_share", 2),
+    ("hot thread wait", "hottest_thread_wait_share", 2),
     ("peak RSS MB", "peak_rss_mb", 1),
     ("peak PSS MB", "peak_pss_mb", 1),
 )
