@@ -42,22 +42,39 @@ export CGO_ENABLED=0 GOTOOLCHAIN=local GOFLAGS=-buildvcs=false
 
 log() { printf '[control-plane] %s\n' "$*" >&2; }
 
+# Output is captured before matching: `cmd | grep -q` under pipefail fails at random when
+# grep exits early and the command dies of SIGPIPE, which would throw away a good cache.
+output_of() { "$@" 2>&1 || true; }
+
 cache_is_whole() {
   [[ -f "$STAMP" ]] || return 1
   (cd "$BIN" && sha256sum --quiet --check "$STAMP") >/dev/null 2>&1 || return 1
   if [[ "$TOOLSET" == promtool ]]; then
-    "$BIN/promtool" --version 2>&1 | grep -q "version ${PROMETHEUS_VERSION} " || return 1
+    [[ "$(output_of "$BIN/promtool" --version)" == *"version ${PROMETHEUS_VERSION} "* ]] || return 1
     return 0
   fi
-  "$BIN/kube-apiserver" --version 2>/dev/null | grep -qx "Kubernetes v${K8S_VERSION}" || return 1
-  "$BIN/kubectl" version --client 2>/dev/null | grep -q "v${K8S_VERSION}" || return 1
-  "$BIN/etcd" --version 2>/dev/null | grep -q "etcd Version: ${ETCD_VERSION}" || return 1
-  "$BIN/helm" version --short 2>/dev/null | grep -q "v${HELM_VERSION}" || return 1
+  [[ "$(output_of "$BIN/kube-apiserver" --version)" == "Kubernetes v${K8S_VERSION}" ]] || return 1
+  [[ "$(output_of "$BIN/kubectl" version --client)" == *"v${K8S_VERSION}"* ]] || return 1
+  [[ "$(output_of "$BIN/etcd" --version)" == *"etcd Version: ${ETCD_VERSION}"* ]] || return 1
+  [[ "$(output_of "$BIN/helm" version --short)" == *"v${HELM_VERSION}"* ]] || return 1
 }
 
 if cache_is_whole; then
   echo "$BIN"
   exit 0
+fi
+if ! $CHECK_ONLY; then
+  # Concurrent test runs share the cache: one builds, the others wait and then reuse it.
+  mkdir -p "$CACHE_ROOT"
+  exec 9>"$CACHE_ROOT/.${TOOLSET}.lock"
+  if ! flock --nonblock 9; then
+    log "Another build of ${TOOLSET} is running; waiting for it..."
+    flock 9
+  fi
+  if cache_is_whole; then
+    echo "$BIN"
+    exit 0
+  fi
 fi
 if $CHECK_ONLY; then
   log "No whole cache at $DEST."
