@@ -290,6 +290,12 @@ class DeliveryEngine:
                 changed.append(entry)
         return found, changed
 
+    def _json_mtime(self, queue_id: str) -> int | None:
+        try:
+            return os.stat(self._spool.queue_dir / f"{queue_id}.json").st_mtime_ns
+        except FileNotFoundError:
+            return None
+
     @staticmethod
     def _next_due(entry: QueueEntry) -> float | None:
         undone = [r.next_attempt_at for r in entry.recipients if r.status in _UNDONE]
@@ -377,6 +383,11 @@ class DeliveryEngine:
         if undone:
             if dirty:
                 await self._spool.save(entry)
+                # Remember our own write, so the scan notices only changes made by others
+                # (the queue CLI's "retry now", another worker) from here on.
+                self._known[entry.queue_id] = await asyncio.to_thread(
+                    self._json_mtime, entry.queue_id
+                )
             return min(r.next_attempt_at for r in undone)
         failed = [r for r in entry.recipients if r.status == "bounced"]
         if failed:
