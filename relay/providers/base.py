@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -34,6 +35,7 @@ from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import ClassVar
 
+import certifi
 import httpx
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -289,6 +291,15 @@ def provider_metrics(registry: CollectorRegistry) -> ProviderMetrics:
     return metrics
 
 
+@functools.cache
+def _default_tls_context() -> ssl.SSLContext:
+    """System CAs plus certifi's bundle, built once: loading CAs takes tens of milliseconds,
+    and a minimal image may lack a system store."""
+    context = ssl.create_default_context()
+    context.load_verify_locations(cafile=certifi.where())
+    return context
+
+
 @dataclass(frozen=True)
 class Call:
     """One API request and the recipients its answer speaks for."""
@@ -322,9 +333,10 @@ class ApiTransport:
         )
         self._semaphore = asyncio.Semaphore(upstream.concurrency)
         self._paused_until = float("-inf")
-        verify: ssl.SSLContext | bool = True
         if upstream.ca_file is not None:
             verify = ssl.create_default_context(cafile=str(upstream.ca_file))
+        else:
+            verify = _default_tls_context()
         self.base_url = (upstream.endpoint or self.default_base_url()).rstrip("/")
         self.client = httpx.AsyncClient(
             base_url=self.base_url,

@@ -1,0 +1,56 @@
+"""The size a route can promise: the relay's, the route's and every provider's limit."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mailrelay.relay.config import RouteConfig
+from mailrelay.relay.providers.limits import PROVIDER_LIMITS, effective_max_message_size
+
+RELAY_LIMIT = 26_214_400
+
+
+def route(upstream: dict[str, Any], *fallbacks: dict[str, Any], **extra: Any) -> RouteConfig:
+    return RouteConfig.model_validate(
+        {"name": "r", "upstream": upstream, "fallbacks": list(fallbacks), **extra}
+    )
+
+
+def api(provider: str, name: str | None = None) -> dict[str, Any]:
+    return {
+        "type": "api",
+        "name": name or provider,
+        "provider": provider,
+        "endpoint": "https://hooks.example.com/mail",
+        "domain": "mg.example.com",
+        "region": "us-east-1",
+    }
+
+
+SMTP = {"type": "smtp", "name": "smtp", "host": "smtp.example.com"}
+
+
+def test_smtp_only_route_keeps_the_relay_limit() -> None:
+    assert effective_max_message_size(route(SMTP), RELAY_LIMIT) == RELAY_LIMIT
+
+
+def test_provider_limit_applies_when_smaller() -> None:
+    assert effective_max_message_size(route(api("postmark")), RELAY_LIMIT) == 10_000_000
+    # SES takes 40 MB, the relay's own limit is smaller.
+    assert effective_max_message_size(route(api("ses")), RELAY_LIMIT) == RELAY_LIMIT
+
+
+def test_route_limit_applies_when_smaller() -> None:
+    r = route(api("mailgun"), max_message_size=1_000_000)
+    assert effective_max_message_size(r, RELAY_LIMIT) == 1_000_000
+
+
+def test_fallbacks_count_too() -> None:
+    r = route(SMTP, api("sparkpost"))
+    assert (
+        effective_max_message_size(r, RELAY_LIMIT) == PROVIDER_LIMITS["sparkpost"].max_message_size
+    )
+
+
+def test_webhook_has_no_limit_of_its_own() -> None:
+    assert effective_max_message_size(route(api("webhook")), 5_000) == 5_000
