@@ -295,32 +295,37 @@ async def _serve(config: RelayConfig, config_path: Path, worker_index: int | Non
 
 
 def _supervise(config: RelayConfig, config_path: Path) -> int:
-    """Run `workers` processes sharing the ports; forward SIGTERM and wait for them."""
-    workers = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "mailrelay.relay",
-                "--config",
-                str(config_path),
-                "--worker-index",
-                str(index),
-            ]
-        )
-        for index in range(config.listener.workers)
-    ]
+    """Run `workers` processes sharing the ports and the spool.
+
+    SIGTERM/SIGINT are forwarded and the supervisor waits for every worker. If a worker
+    dies on its own, the others are stopped too and the exit status is non-zero, so the
+    pod restarts as a whole instead of running with part of its capacity.
+    """
+    stopping = False
+
+    def spawn(index: int) -> subprocess.Popen[bytes]:
+        argv = [sys.executable, "-m", "mailrelay.relay", "--config", str(config_path)]
+        return subprocess.Popen([*argv, "--worker-index", str(index)])
+
+    workers = [spawn(index) for index in range(config.listener.workers)]
     log.info("Started %d relay worker processes", len(workers))
 
     def forward(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
         for worker in workers:
             if worker.poll() is None:
                 worker.send_signal(signum)
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
-    codes = [worker.wait() for worker in workers]
-    return EXIT_OK if all(code == 0 for code in codes) else EXIT_ERROR
+    while any(worker.poll() is None for worker in workers):
+        if not stopping and any(worker.poll() is not None for worker in workers):
+            log.error("A relay worker exited unexpectedly; stopping the others")
+            forward(signal.SIGTERM, None)
+        time.sleep(0.2)
+    codes = [worker.returncode for worker in workers]
+    return EXIT_OK if all(code == 0 for code in codes) and stopping else EXIT_ERROR
 
 
 def _check_config(path: Path) -> int:

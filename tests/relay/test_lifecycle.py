@@ -213,3 +213,45 @@ def test_parse_args_usage_errors(argv: list[str], capsys: pytest.CaptureFixture[
     with pytest.raises(SystemExit) as exited:
         parse_args(argv)
     assert exited.value.code == 2
+
+
+@pytest.mark.slow
+async def test_worker_processes_share_port_and_spool(
+    relay_factory: RelayFactory, recording_upstream: Any, tls_certs: TlsCerts
+) -> None:
+    upstream: RecordingUpstream = recording_upstream(tls="starttls")
+    relay = await relay_factory(
+        routes=[smtp_route("out", upstream, tls_certs.ca_file)],
+        subprocess=True,
+        allowed_networks=["127.0.0.0/8"],
+        listener={"workers": 2},
+    )
+    assert relay.process is not None
+    for port in (relay.health_port, relay.health_port + 1):  # worker N: metrics.port + N
+        for _ in range(100):
+            try:
+                if (await http_get("127.0.0.1", port, "/readyz"))[0] == 200:
+                    break
+            except OSError:
+                pass
+            await asyncio.sleep(0.1)
+        else:
+            raise AssertionError(f"worker on metrics port {port} never became ready")
+
+    async def one(n: int) -> None:
+        async with relay.client(starttls=False) as smtp:
+            await smtp.sendmail("a@example.com", ["b@dest.test"], message(n))
+
+    await asyncio.gather(*(one(n) for n in range(30)))
+    await upstream.wait_for(30)
+    assert upstream.message_ids() == {f"<msg-{n}@example.com>" for n in range(30)}
+    accepted = []
+    for port in (relay.health_port, relay.health_port + 1):
+        _, body = await http_get("127.0.0.1", port, "/metrics")
+        line = next(
+            x for x in body.splitlines() if x.startswith(b"mailrelay_messages_accepted_total")
+        )
+        accepted.append(float(line.split()[1]))
+    assert sum(accepted) == 30
+    relay.process.send_signal(signal.SIGTERM)
+    assert await asyncio.to_thread(relay.process.wait, 30) == 0
