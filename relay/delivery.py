@@ -352,7 +352,8 @@ class DeliveryEngine:
         try:
             return await self._deliver_claimed(entry, data)
         finally:
-            claim.release()
+            # Closing the flocked descriptor is a syscall that can take 0.4 ms: off the loop.
+            await asyncio.to_thread(claim.release)
 
     async def _deliver_claimed(self, entry: QueueEntry, data: bytes) -> float | None:
         now = self._clock()
