@@ -285,6 +285,15 @@ class ApiUpstream(_Model):
             raise ValueError(f"upstream {self.name!r}: provider {self.provider} needs `{field}`")
         if self.provider == "webhook" and self.endpoint is None:
             raise ValueError(f"upstream {self.name!r}: provider webhook needs `endpoint` (a URL)")
+        if self.endpoint is not None and not self.endpoint.startswith(("https://", "http://")):
+            raise ValueError(
+                f"upstream {self.name!r}: endpoint {self.endpoint!r} must start with https://"
+            )
+        if self.provider in ("mailgun", "sparkpost") and self.region not in (None, "us", "eu"):
+            raise ValueError(
+                f"upstream {self.name!r}: {self.provider} region must be `us` or `eu`, "
+                f"not {self.region!r}"
+            )
         return self
 
 

@@ -1,10 +1,13 @@
-"""The size a route can promise: the relay's, the route's and every provider's limit."""
+"""The size a route can promise (relay, route and provider limits), and api upstream checks."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from mailrelay.relay.config import RouteConfig
+import pytest
+from pydantic import ValidationError
+
+from mailrelay.relay.config import ApiUpstream, RouteConfig
 from mailrelay.relay.providers.limits import PROVIDER_LIMITS, effective_max_message_size
 
 RELAY_LIMIT = 26_214_400
@@ -23,7 +26,7 @@ def api(provider: str, name: str | None = None) -> dict[str, Any]:
         "provider": provider,
         "endpoint": "https://hooks.example.com/mail",
         "domain": "mg.example.com",
-        "region": "us-east-1",
+        "region": "us-east-1" if provider == "ses" else None,
     }
 
 
@@ -54,3 +57,15 @@ def test_fallbacks_count_too() -> None:
 
 def test_webhook_has_no_limit_of_its_own() -> None:
     assert effective_max_message_size(route(api("webhook")), 5_000) == 5_000
+
+
+def test_api_upstream_config_is_checked_with_readable_messages() -> None:
+    def check(fields: dict[str, Any], message: str) -> None:
+        with pytest.raises(ValidationError, match=message):
+            ApiUpstream.model_validate({"type": "api", "name": "u", **fields})
+
+    check({"provider": "mailgun"}, "needs `domain`")
+    check({"provider": "ses"}, "needs `region`")
+    check({"provider": "webhook"}, "needs `endpoint`")
+    check({"provider": "resend", "endpoint": "api.resend.com"}, "must start with https://")
+    check({"provider": "sparkpost", "region": "eu-west-1"}, "region must be `us` or `eu`")
