@@ -124,6 +124,27 @@ def received_header(
     return text.encode("ascii", "replace")
 
 
+_HOOK_NAMES: dict[type, list[str]] = {}
+
+
+def _hook_names(cls: type) -> list[str]:
+    names = _HOOK_NAMES.get(cls)
+    if names is None:
+        prefixes = ("auth_", "smtp_", "handle_")
+        names = _HOOK_NAMES[cls] = sorted(n for n in dir(cls) if n.startswith(prefixes))
+    return names
+
+
+class _CheapDir:
+    """aiosmtpd finds its commands and hooks with `dir()`/`inspect.getmembers()` on every
+    new session, which walks ~170 attributes each time (a fifth of a millisecond per
+    connection). Listing only the names it looks for (cached per class) keeps the
+    per-connection cost down; nothing else relies on `dir()` of these objects."""
+
+    def __dir__(self) -> list[str]:
+        return _hook_names(type(self))
+
+
 class RelayEnvelope(Envelope):
     """aiosmtpd's envelope plus what we decide per transaction."""
 
@@ -134,7 +155,7 @@ class RelayEnvelope(Envelope):
         self.body_8bitmime = False
 
 
-class RelaySMTP(SMTP):
+class RelaySMTP(_CheapDir, SMTP):
     """One SMTP session; see the module docstring for what it adds to aiosmtpd."""
 
     def __init__(self, front: SmtpFront, listener: str, *, implicit_tls: bool) -> None:
@@ -303,7 +324,7 @@ def _declared_size(options: Sequence[str]) -> int | None:
     return None
 
 
-class RelayHandler:
+class RelayHandler(_CheapDir):
     """aiosmtpd handler hooks: policy, routing and the durable enqueue."""
 
     def __init__(self, front: SmtpFront) -> None:
