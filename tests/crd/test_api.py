@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from localkube import LocalKube
 
+from mailrelay.operator.crdgen import build_crds, crd_filename
 from mailrelay.operator.models import MailRelaySpec, MailRouteSpec
 from tests.crd.cases import (
     BASE_RELAY_SPEC,
@@ -35,8 +36,9 @@ pytestmark = pytest.mark.kube
 
 @pytest.fixture(scope="module")
 def crds(kube: LocalKube) -> LocalKube:
-    """The cluster with the committed CRDs installed and Established."""
-    kube.install_crds(sorted(CRD_DIR.glob("*.yaml")))
+    """The cluster with our committed CRDs installed and Established (only ours: crds/ also
+    holds files other parts own)."""
+    kube.install_crds([CRD_DIR / crd_filename(crd) for crd in build_crds()])
     return kube
 
 
