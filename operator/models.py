@@ -699,8 +699,9 @@ class MailRelaySpec(KubeModel):
     route_selector: LabelSelector | None = Field(
         default=None,
         description=(
-            "Selects the MailRoutes in this namespace that bind to this relay, by label. "
-            "When unset, the routes whose relayRef names this relay bind."
+            "Which of the MailRoutes naming this relay in relayRef may bind: only those whose "
+            "labels match (the others get Accepted=False, NotSelected). When unset, every "
+            "route in this namespace whose relayRef names this relay binds."
         ),
     )
     service: ServiceSettings = Field(
