@@ -29,6 +29,7 @@ import fcntl
 import itertools
 import logging
 import os
+import random
 import re
 import secrets
 import time
@@ -70,7 +71,9 @@ def new_queue_id(now: float | None = None) -> str:
     """
     micros = int((time.time() if now is None else now) * 1_000_000)
     local = ((os.getpid() & 0xFF) << 8) | (next(_counter) & 0xFF)
-    return f"{micros:014X}{local:04X}{secrets.token_hex(3).upper()}"
+    # Not secret, just unique: the PRNG (seeded from urandom, reseeded after fork) saves
+    # a getrandom syscall per message.
+    return f"{micros:014X}{local:04X}{random.getrandbits(24):06X}"
 
 
 class SpoolError(Exception):
@@ -310,7 +313,7 @@ class Spool:
         await asyncio.to_thread(self._save_sync, entry, self.queue_dir)
 
     def _save_sync(self, entry: QueueEntry, folder: Path) -> None:
-        tmp = self.tmp_dir / f"{entry.queue_id}.{secrets.token_hex(4)}.json"
+        tmp = self.tmp_dir / f"{entry.queue_id}.{random.getrandbits(32):08x}.json"
         try:
             _write_durably(tmp, entry.model_dump_json().encode())
             os.rename(tmp, folder / f"{entry.queue_id}.json")
