@@ -5,10 +5,9 @@ upstream) and returns one `RecipientResult` per recipient. It never raises for a
 delivery problem: every failure is classified into a `RecipientOutcome`, so the
 delivery engine only decides what to do next (done, retry, bounce, keep queued).
 
-`build_transport` maps an upstream from the config to its transport class. The HTTP
-providers arrive with a later issue; until then an api upstream gets
-`UnimplementedTransport`, which reports a configuration error and so keeps the mail
-queued instead of bouncing it for our own gap.
+`build_transport` maps an upstream from the config to its transport class: SMTP
+upstreams to `smtp_transport.SmtpTransport`, api upstreams to the HTTP provider
+transports in `providers/`.
 """
 
 from __future__ import annotations
@@ -29,7 +28,6 @@ __all__ = [
     "RecipientOutcome",
     "RecipientResult",
     "Transport",
-    "UnimplementedTransport",
     "all_recipients",
     "build_transport",
 ]
@@ -98,26 +96,6 @@ def all_recipients(
         )
         for rcpt in envelope.recipients
     ]
-
-
-class UnimplementedTransport:
-    """Stands in for an HTTP provider that does not exist yet: a configuration error."""
-
-    def __init__(self, upstream: ApiUpstream) -> None:
-        self.name = upstream.name
-        self._provider = upstream.provider
-
-    async def deliver(self, envelope: Envelope, message: bytes) -> list[RecipientResult]:
-        """Report the gap; the engine keeps the mail queued and raises the alarm."""
-        return all_recipients(
-            envelope,
-            RecipientOutcome.CONFIG_ERROR,
-            f"upstream {self.name!r}: the {self._provider!r} API provider is not implemented "
-            "in this relay version; use an smtp upstream",
-        )
-
-    async def close(self) -> None:
-        """Nothing to release."""
 
 
 def build_transport(

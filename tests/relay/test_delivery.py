@@ -379,29 +379,27 @@ async def test_config_error_keeps_mail_queued_and_never_bounces(world: World) ->
     assert up.messages[0].auth_user == "relay"
 
 
-async def test_api_upstream_without_provider_is_a_config_error(world: World) -> None:
+async def test_misconfigured_api_primary_falls_back_to_smtp(world: World) -> None:
+    # A webhook upstream without its signing secret is our configuration error: the
+    # SMTP fallback takes the mail, and nothing is bounced.
+    fallback = await world.upstream()
+    hook = {
+        "type": "api",
+        "name": "hook",
+        "provider": "webhook",
+        "endpoint": "http://127.0.0.1:9/",
+    }
     config = world.config(
-        [
-            {
-                "name": "r",
-                "upstream": {
-                    "type": "api",
-                    "name": "hook",
-                    "provider": "webhook",
-                    "endpoint": "http://127.0.0.1:9/",
-                },
-            }
-        ]
+        [{"name": "r", "upstream": hook, "fallbacks": [world.smtp(fallback, "smtp")]}]
     )
     engine = await world.engine(config)
 
     entry = await world.submit(engine, [("bob@example.net", "r")])
+    await fallback.wait_for(1)
 
-    def attempted() -> bool:
-        state = world.spool.load_entry(entry.queue_id)
-        return state is not None and state.recipients[0].attempts >= 1
-
-    await eventually(attempted)
+    assert fallback.messages[0].data == MESSAGE
+    await eventually(lambda: world.spool.load_entry(entry.queue_id) is None)
+    assert world.metric("mailrelay_upstream_config_errors_total", upstream="hook") == 1
     assert world.spool.list_dead_letters() == []
 
 
