@@ -805,6 +805,7 @@ class RunResult:
     sink_cpu_seconds: float = math.nan
     hottest_thread_share: float = math.nan
     hottest_thread_wait_share: float = math.nan
+    hottest_thread_ms_per_message: float = math.nan
     side_thread_cpu_seconds: float = math.nan
     cpu_pressure_before: str = ""
     cpu_pressure_after: str = ""
@@ -922,6 +923,9 @@ async def run_once(
         result.hottest_thread_share = threads.hottest_share
         result.hottest_thread_wait_share = threads.hottest_wait_share
         result.side_thread_cpu_seconds = threads.side_cpu_seconds
+        result.hottest_thread_ms_per_message = (
+            threads.hottest_share * result.e2e_seconds / expected * 1000
+        )
         await asyncio.sleep(0.5)  # a duplicate delivery would show up as an extra count
         result.delivered = sink.count
         if sink.count > expected:
@@ -970,7 +974,8 @@ def print_run(result: RunResult) -> None:
     )
     print(
         f"      hottest thread {_fmt(result.hottest_thread_share * 100)}% on CPU + "
-        f"{_fmt(result.hottest_thread_wait_share * 100)}% waiting for one; side threads "
+        f"{_fmt(result.hottest_thread_wait_share * 100)}% waiting for one "
+        f"({_fmt(result.hottest_thread_ms_per_message, 2)} ms/msg); side threads "
         f"{_fmt(result.side_thread_cpu_seconds, 1)} CPU s; load {result.load_before} -> "
         f"{result.load_after}, CPU pressure {result.cpu_pressure_before} -> "
         f"{result.cpu_pressure_after}"
@@ -990,6 +995,7 @@ COLUMNS = (
     ("CPU ms/msg", "cpu_ms_per_message", 2),
     ("hot thread CPU", "hottest_thread_share", 2),
     ("hot thread wait", "hottest_thread_wait_share", 2),
+    ("hot thread ms/msg", "hottest_thread_ms_per_message", 2),
     ("peak RSS MB", "peak_rss_mb", 1),
     ("peak PSS MB", "peak_pss_mb", 1),
 )
@@ -1080,10 +1086,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         description=textwrap.dedent(__doc__ or "").split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--messages", type=int, default=20_000, help="messages per run")
+    parser.add_argument(
+        "--messages", type=int, help="messages per run (default 20,000; --quick: 2,000)"
+    )
     parser.add_argument("--sessions", type=int, default=20, help="smtp-source sessions")
     parser.add_argument("--size", type=int, default=2048, help="message payload bytes")
-    parser.add_argument("--repetitions", type=int, default=3, help="alternating repetitions")
+    parser.add_argument(
+        "--repetitions", type=int, help="alternating repetitions (default 3; --quick: 1)"
+    )
     parser.add_argument(
         "--probe-sessions",
         type=int,
@@ -1110,7 +1120,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="PYTHONPATH for the relay: a directory holding a patched copy as "
         "mailrelay/relay, to measure a lever before changing the real code",
     )
-    parser.add_argument("--quick", action="store_true", help="smoke run: 2,000 msgs, 1 rep")
+    parser.add_argument(
+        "--quick", action="store_true", help="smoke run: 2,000 messages, 1 repetition"
+    )
     parser.add_argument(
         "--workdir", type=Path, default=Path("/var/tmp"), help="where the temp dir goes"
     )
@@ -1120,9 +1132,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--python", default=sys.executable, help="interpreter that has mailrelay installed"
     )
     args = parser.parse_args(argv)
-    if args.quick:
-        args.messages = min(args.messages, 2_000)
-        args.repetitions = 1
+    # --quick changes the defaults only; explicit --messages/--repetitions still win.
+    if args.messages is None:
+        args.messages = 2_000 if args.quick else 20_000
+    if args.repetitions is None:
+        args.repetitions = 1 if args.quick else 3
     return args
 
 
