@@ -49,5 +49,6 @@ def configure_logging(fmt: Literal["text", "json"], level: int = logging.INFO) -
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root.setLevel(level)
-    # aiosmtpd logs every command at INFO; its own lines add nothing to ours.
-    logging.getLogger("mail.log").setLevel(logging.WARNING)
+    # aiosmtpd logs every command at INFO and a deprecation warning on every successful
+    # AUTH (Session.login_data); our own lines already say what happened.
+    logging.getLogger("mail.log").setLevel(logging.ERROR)

@@ -255,3 +255,19 @@ async def test_worker_processes_share_port_and_spool(
     assert sum(accepted) == 30
     relay.process.send_signal(signal.SIGTERM)
     assert await asyncio.to_thread(relay.process.wait, 30) == 0
+
+
+def test_json_log_lines_carry_structured_fields() -> None:
+    import json  # noqa: PLC0415
+    import logging  # noqa: PLC0415
+
+    from mailrelay.relay.logging import JsonFormatter  # noqa: PLC0415
+
+    record = logging.LogRecord(
+        "mailrelay.relay.server", logging.INFO, __file__, 1, "Accepted message %s", ("Q1",), None
+    )
+    record.queue_id = "Q1"
+    line = json.loads(JsonFormatter().format(record))
+    assert line["message"] == "Accepted message Q1"
+    assert line["queue_id"] == "Q1"
+    assert line["level"] == "info" and line["logger"] == "mailrelay.relay.server"

@@ -471,3 +471,14 @@ async def test_rejections_are_counted_by_reason(relay_factory: RelayFactory) -> 
     assert relay.metric("mailrelay_messages_rejected_total", {"reason": "no_route"}) == 1
     assert relay.metric("mailrelay_messages_accepted_total") == 0
     assert relay.metric("mailrelay_smtp_sessions_total", {"listener": "submission"}) == 1
+
+
+async def test_null_sender_is_accepted_and_spooled_as_empty(relay_factory: RelayFactory) -> None:
+    relay = await accept_only(relay_factory)
+    async with relay.client(login=ALICE) as smtp:
+        assert (await cmd(smtp, "MAIL FROM:<>"))[0] == 250
+        assert (await cmd(smtp, "RCPT TO:<b@d.test>"))[0] == 250
+        response = await smtp.data(message())
+        assert response.code == 250
+    [(entry, _)] = spooled(relay)
+    assert entry.mail_from == ""
