@@ -107,6 +107,30 @@ def test_every_example_applies_cleanly(crds: LocalKube, namespace: str) -> None:
     assert "secret/relay-tls" in secrets and "secret/mailgun-credentials" in secrets
 
 
+def test_examples_apply_server_side_and_reapplying_changes_nothing(
+    crds: LocalKube, namespace: str
+) -> None:
+    """GitOps tools (Flux, Argo CD) apply server-side; defaults must not make them drift."""
+    for path in example_files():
+        crds.kubectl("apply", "--server-side", "-n", namespace, "-f", str(path))
+    before = crds.kubectl("get", "mail", "-n", namespace, "-o", "json").stdout
+    for path in example_files():
+        crds.kubectl("apply", "--server-side", "-n", namespace, "-f", str(path))
+    after = crds.kubectl("get", "mail", "-n", namespace, "-o", "json").stdout
+    versions = [
+        (
+            item["metadata"]["name"],
+            item["metadata"]["resourceVersion"],
+            item["metadata"]["generation"],
+        )
+        for item in json.loads(after)["items"]
+    ]
+    assert versions == [
+        (item["metadata"]["name"], item["metadata"]["resourceVersion"], 1)
+        for item in json.loads(before)["items"]
+    ]
+
+
 def test_get_prints_the_printer_columns(crds: LocalKube, namespace: str) -> None:
     _apply_examples(crds, namespace)
     endpoint = f"outbound.{namespace}.svc:587"
