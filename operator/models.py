@@ -643,7 +643,7 @@ RELAY_METRICS_PORT_MESSAGE = "metrics.port must differ from the listener ports"
 
 
 class MailRelaySpec(KubeModel):
-    """Desired state of a MailRelay: an SMTP submission relay run as a Deployment."""
+    """Desired state of a MailRelay: an SMTP submission relay run as a StatefulSet."""
 
     model_config = ConfigDict(
         json_schema_extra=validations(
