@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 export PYTHONSAFEPATH := 1
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck fmt venv control-plane cluster-up cluster-down crds clean bench
+.PHONY: demo test lint typecheck fmt venv control-plane cluster-up cluster-down crds chart-sync clean bench
 
 # Main job: a local demo on an embedded default (local control plane, CRDs, examples).
 demo: venv control-plane
@@ -55,9 +55,14 @@ cluster-up: venv control-plane
 cluster-down: venv
 	$(PY) hack/localkube.py down
 
-# Regenerates crds/*.yaml from the pydantic models.
+# Regenerates crds/*.yaml from the pydantic models, and the chart's copies of them.
 crds: venv
 	$(PY) -m mailrelay.operator.crdgen crds
+	$(MAKE) --no-print-directory chart-sync
+
+# Writes the chart's generated files (RBAC rules, CRDs) from their one source.
+chart-sync: venv
+	$(PY) hack/sync_chart.py
 
 # Relay vs Postfix on loopback (needs root and Debian's postfix package); see bench/README.md.
 # Smoke run: make bench BENCH_ARGS=--quick
