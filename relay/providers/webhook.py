@@ -11,6 +11,9 @@ message/rfc822`) and these headers:
   too, so nobody can re-address a captured request);
 - `Idempotency-Key`: the same on every retry of the same message and recipients.
 
+The envelope header is kept under 4 KiB: a longer recipient list is split over several
+requests, each with its own recipients, signature and idempotency key.
+
 A receiver recomputes the HMAC, compares in constant time and rejects old timestamps
 (`verify_signature` does all three). Any 2xx is delivery of every recipient; a JSON
 answer's `id` is logged as the remote id. Status codes are classified like any provider.
@@ -21,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+from collections.abc import Sequence
 
 import httpx
 
@@ -33,6 +37,22 @@ __all__ = ["WebhookTransport", "sign", "verify_signature"]
 ENVELOPE_HEADER = "X-Mailrelay-Envelope"
 TIMESTAMP_HEADER = "X-Mailrelay-Timestamp"
 SIGNATURE_HEADER = "X-Mailrelay-Signature"
+# Envelope header size above which recipients are split over several requests.
+MAX_ENVELOPE_HEADER = 4096
+
+
+def _envelope_json(envelope: Envelope, recipients: Sequence[str]) -> str:
+    """The envelope header value: compact JSON, ASCII only (non-ASCII as \\uXXXX)."""
+    return json.dumps(
+        {
+            "queue_id": envelope.queue_id,
+            "mail_from": envelope.mail_from,
+            "recipients": list(recipients),
+            "smtputf8": envelope.smtputf8,
+            "body_8bitmime": envelope.body_8bitmime,
+        },
+        separators=(",", ":"),
+    )
 
 
 def sign(secret: str, timestamp: str, envelope_json: str, body: bytes) -> str:
@@ -76,31 +96,45 @@ class WebhookTransport(ApiTransport):
         return await self.credentials.get("signing_secret")
 
     def build(self, envelope: Envelope, message: bytes, key: str) -> list[Call]:
-        """One request for all recipients; signed at preparation, just before sending."""
-        envelope_json = json.dumps(
-            {
-                "queue_id": envelope.queue_id,
-                "mail_from": envelope.mail_from,
-                "recipients": list(envelope.recipients),
-                "smtputf8": envelope.smtputf8,
-                "body_8bitmime": envelope.body_8bitmime,
-            },
-            separators=(",", ":"),
-        )
+        """One signed request per group of recipients whose envelope header stays small."""
         timestamp = str(int(self._wall_clock()))
-        request = self.client.build_request(
-            "POST",
-            str(self.upstream.endpoint),
-            content=message,
-            headers={
-                "Content-Type": "message/rfc822",
-                ENVELOPE_HEADER: envelope_json,
-                TIMESTAMP_HEADER: timestamp,
-                SIGNATURE_HEADER: sign(key, timestamp, envelope_json, message),
-                "Idempotency-Key": idempotency_key(envelope.queue_id, envelope.recipients),
-            },
-        )
-        return [Call(recipients=envelope.recipients, request=request)]
+        calls = []
+        for group in self._groups(envelope):
+            envelope_json = _envelope_json(envelope, group)
+            request = self.client.build_request(
+                "POST",
+                str(self.upstream.endpoint),
+                content=message,
+                headers={
+                    "Content-Type": "message/rfc822",
+                    ENVELOPE_HEADER: envelope_json,
+                    TIMESTAMP_HEADER: timestamp,
+                    SIGNATURE_HEADER: sign(key, timestamp, envelope_json, message),
+                    "Idempotency-Key": idempotency_key(envelope.queue_id, group),
+                },
+            )
+            calls.append(Call(recipients=group, request=request))
+        return calls
+
+    @staticmethod
+    def _groups(envelope: Envelope) -> list[tuple[str, ...]]:
+        """Recipients in order, cut where the envelope header would pass the size limit.
+
+        Web servers refuse large header sections (nginx: 8 KiB per line by default), so
+        a big recipient list is split over several requests instead of one huge header.
+        """
+        base = len(_envelope_json(envelope, []))
+        groups: list[list[str]] = [[]]
+        size = base
+        for rcpt in envelope.recipients:
+            # Each recipient adds its JSON string and, after the first, a comma.
+            grows = len(json.dumps(rcpt)) + (1 if groups[-1] else 0)
+            if groups[-1] and size + grows > MAX_ENVELOPE_HEADER:
+                groups.append([])
+                size, grows = base, grows - 1
+            groups[-1].append(rcpt)
+            size += grows
+        return [tuple(g) for g in groups if g]
 
     def remote_id(self, response: httpx.Response) -> str | None:
         """An optional {"id": ...} in the receiver's answer."""

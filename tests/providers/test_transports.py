@@ -233,3 +233,24 @@ async def test_large_message_is_prepared_off_the_loop_and_still_exact(
     else:
         (mail,) = sent_mail("resend", server.sent[0])
         assert mail.attachments["b.bin"][0] == blob
+
+
+async def test_webhook_splits_a_long_recipient_list_to_keep_headers_small(
+    provider_server: ServerFactory, api_upstream: Any, transport_factory: Any
+) -> None:
+    from mailrelay.relay.providers.webhook import MAX_ENVELOPE_HEADER  # noqa: PLC0415
+
+    server, transport = await _setup("webhook", provider_server, api_upstream, transport_factory)
+    many = tuple(f"recipient-with-a-long-name-{i:04d}@department.example.org" for i in range(300))
+    message = rich_message()
+    results = await transport.deliver(envelope(*many), message)
+    assert {r.outcome for r in results} == {RecipientOutcome.DELIVERED}
+    assert len(server.sent) > 1
+    headers = [req.headers["x-mailrelay-envelope"] for req in server.sent]
+    assert all(len(h) <= MAX_ENVELOPE_HEADER for h in headers)
+    # Filled up to the limit, not split needlessly.
+    assert all(len(h) > MAX_ENVELOPE_HEADER - 100 for h in headers[:-1])
+    got = [rcpt for req in server.sent for rcpt in raw_sent("webhook", req)[1]]
+    assert got == list(many)
+    assert all(raw_sent("webhook", req)[0] == message for req in server.sent)
+    assert len({req.headers["idempotency-key"] for req in server.sent}) == len(server.sent)
