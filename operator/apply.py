@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -37,6 +38,8 @@ from mailrelay.operator.settings import FIELD_MANAGER
 log = logging.getLogger(__name__)
 
 APPLIED_HASH_ANNOTATION = "mailrelay.dev/applied-hash"
+STATUS_MEMORY_SECONDS = 10.0
+CACHE_LAG_SECONDS = 5.0
 
 ServiceMonitor = create_namespaced_resource(
     "monitoring.coreos.com", "v1", "ServiceMonitor", "servicemonitors"
@@ -124,13 +127,36 @@ def with_applied_hash(desired: Mapping[str, Any]) -> tuple[dict[str, Any], str]:
     return obj, digest
 
 
+@dataclass(frozen=True)
+class Remembered:
+    """What our last apply of a child produced, and when."""
+
+    applied_hash: str
+    fields_digest: str
+    at: float
+
+
 def needs_apply(
-    desired_hash: str, live: ChildState | None, remembered: tuple[str, str] | None
+    desired_hash: str, live: ChildState | None, remembered: Remembered | None, now: float
 ) -> bool:
-    """Whether a server-side apply is needed for the child to match the rendered state."""
+    """Whether a server-side apply is needed for the child to match the rendered state.
+
+    Right after our own apply the watch cache may still show the object from before it (or
+    not at all); for ``CACHE_LAG_SECONDS`` the apply we just made is trusted instead, and
+    the resync timer looks again after that window.
+    """
+    if (
+        remembered is not None
+        and remembered.applied_hash == desired_hash
+        and now - remembered.at < CACHE_LAG_SECONDS
+    ):
+        return False
     if live is None or live.applied_hash != desired_hash:
         return True
-    return remembered != (desired_hash, live.fields_digest)
+    return remembered is None or (remembered.applied_hash, remembered.fields_digest) != (
+        desired_hash,
+        live.fields_digest,
+    )
 
 
 def key_of(obj: Mapping[str, Any]) -> ChildKey:
@@ -151,13 +177,14 @@ class Applier:
 
     client: AsyncClient
     metrics: OperatorMetrics | None = None
-    remembered: dict[ChildKey, tuple[str, str]] = field(default_factory=dict)
+    remembered: dict[ChildKey, Remembered] = field(default_factory=dict)
+    recent_status: dict[ChildKey, tuple[float, dict[str, Any]]] = field(default_factory=dict)
 
     async def ensure(self, desired: Mapping[str, Any], live: ChildState | None) -> Action:
         """Make one child match ``desired``; no request at all when it already does."""
         obj, digest = with_applied_hash(desired)
         key = key_of(obj)
-        if not needs_apply(digest, live, self.remembered.get(key)):
+        if not needs_apply(digest, live, self.remembered.get(key), time.monotonic()):
             return "unchanged"
         kind, namespace, name = key
         try:
@@ -176,7 +203,9 @@ class Applier:
             raise
         previous = self.remembered.get(key)
         metadata = _as_dict(response).get("metadata", {})
-        self.remembered[key] = (digest, owned_fields_digest(metadata.get("managedFields")))
+        self.remembered[key] = Remembered(
+            digest, owned_fields_digest(metadata.get("managedFields")), time.monotonic()
+        )
         action: Action
         if live is None:
             action = "created"
@@ -211,8 +240,18 @@ class Applier:
 
     async def patch_status(
         self, kind: str, namespace: str, name: str, status: Mapping[str, Any]
-    ) -> None:
-        """Merge-patch the status subresource (callers only call when something changed)."""
+    ) -> bool:
+        """Merge-patch the status subresource, unless this very status was just written.
+
+        Callers compare with the watch cache first; the cache may still hold the status from
+        before our previous write for a few milliseconds, and several triggers may run a pass
+        in that window, so the last written status is remembered briefly.
+        """
+        key = (kind, namespace, name)
+        recent = self.recent_status.get(key)
+        now = time.monotonic()
+        if recent is not None and recent[1] == status and now - recent[0] < STATUS_MEMORY_SECONDS:
+            return False
         await self.client.patch(
             STATUS_RESOURCES[kind].Status,
             name,
@@ -220,8 +259,10 @@ class Applier:
             namespace=namespace,
             patch_type=PatchType.MERGE,
         )
+        self.recent_status[key] = (now, json.loads(json.dumps(status)))
         if self.metrics is not None:
             self.metrics.status_writes.labels(kind).inc()
+        return True
 
 
 def make_client() -> AsyncClient:

@@ -457,7 +457,8 @@ async def _write_relay_status(
     }
     if not status_differs(relay.status, status):
         return
-    await ctx.applier.patch_status("MailRelay", relay.namespace, relay.name, status)
+    if not await ctx.applier.patch_status("MailRelay", relay.namespace, relay.name, status):
+        return
     log.info("Wrote status of MailRelay %s/%s", relay.namespace, relay.name)
     for condition in conditions:
         if condition["type"] != READY and flipped(before, conditions, condition["type"]):
@@ -481,7 +482,10 @@ def child_needs_pass(
     if live is None:
         return True
     remembered = ctx.applier.remembered.get(key)
-    if remembered is not None and remembered != (live.applied_hash, live.fields_digest):
+    if remembered is not None and (remembered.applied_hash, remembered.fields_digest) != (
+        live.applied_hash,
+        live.fields_digest,
+    ):
         return True
     if key[0] == "StatefulSet":
         relay = indices.relay(key[1], key[2])

@@ -309,14 +309,15 @@ async def write_route_status(
     verdict: RouteVerdict,
     status: Mapping[str, Any],
     *,
-    patch_status: Callable[[str, str, str, Mapping[str, Any]], Awaitable[None]],
+    patch_status: Callable[[str, str, str, Mapping[str, Any]], Awaitable[bool]],
     post_event: PostEvent,
 ) -> bool:
     """Patch the route's status if it changed; an Event for each condition that flipped."""
     route = verdict.route
     if not status_differs(route.status, status):
         return False
-    await patch_status("MailRoute", route.namespace, route.name, status)
+    if not await patch_status("MailRoute", route.namespace, route.name, status):
+        return False
     before = route.status.get("conditions") or []
     for type_ in (ACCEPTED, RESOLVED_REFS):
         after = status["conditions"]
@@ -334,7 +335,7 @@ async def reconcile_orphan_route(
     *,
     secret_keys: SecretKeys,
     clock: Clock,
-    patch_status: Callable[[str, str, str, Mapping[str, Any]], Awaitable[None]],
+    patch_status: Callable[[str, str, str, Mapping[str, Any]], Awaitable[bool]],
     post_event: PostEvent,
 ) -> None:
     """Status for a route whose relay does not exist (the relay's reconcile does the rest)."""

@@ -59,3 +59,18 @@ def op_namespace(crds: LocalKube, request: pytest.FixtureRequest) -> Iterator[st
     name = crds.create_namespace(f"op-{stem}-{secrets.token_hex(3)}")
     yield name
     crds.kubectl("delete", "namespace", name, "--wait=false", check=False)
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> object:
+    """Attach the shared operator's log tail to a failing test's report."""
+    report = yield
+    if (
+        call.when == "call"
+        and call.excinfo is not None
+        and "operator" in getattr(item, "funcargs", {})
+    ):
+        process = item.funcargs["operator"]  # type: ignore[attr-defined]
+        if isinstance(process, OperatorProcess):
+            report.sections.append(("operator log", process.log_tail(80)))  # type: ignore[attr-defined]
+    return report

@@ -5,6 +5,8 @@ Each test works in its own ``op-*`` namespace, which the shared operator watches
 
 from __future__ import annotations
 
+import json
+import time
 from typing import Any
 
 import pytest
@@ -58,3 +60,275 @@ def test_creates_every_child_with_expected_content(
     assert get(kube, "service", "outbound", ns) is not None
     assert get(kube, "service", "outbound-headless", ns) is not None
     assert get(kube, "poddisruptionbudget", "outbound", ns) is not None
+
+
+def _status(kube: LocalKube, kind: str, name: str, ns: str) -> dict[str, Any]:
+    obj = get(kube, kind, name, ns) or {}
+    status: dict[str, Any] = obj.get("status") or {}
+    return status
+
+
+def _events(kube: LocalKube, ns: str, name: str) -> list[dict[str, Any]]:
+    result = kube.kubectl(
+        "get", "events", "-n", ns, "--field-selector", f"involvedObject.name={name}", "-o", "json"
+    )
+    items: list[dict[str, Any]] = json.loads(result.stdout)["items"]
+    return items
+
+
+def _has_condition(kube: LocalKube, kind: str, name: str, ns: str, want: tuple[str, ...]) -> bool:
+    """Whether the condition ``want[0]`` has status ``want[1]`` (and reason ``want[2]``)."""
+    found = condition(get(kube, kind, name, ns), want[0])
+    return bool(found and (found["status"], found["reason"])[: len(want) - 1] == want[1:])
+
+
+def test_route_update_changes_config_and_hash_and_delete_removes_it(
+    crds: LocalKube, operator: OperatorProcess, op_namespace: str
+) -> None:
+    kube, ns = crds, op_namespace
+    _setup(
+        kube,
+        ns,
+        m.smtp_route("billing", senders=["billing.example.com"]),
+        m.smtp_route("news", senders=["news.example.com"], priority=50),
+    )
+    wait_for(lambda: _route_names(kube, ns) == ["billing", "news"], what="both routes")
+    first_hash = wait_for(lambda: _status(kube, "mailrelay", "outbound", ns).get("configHash"))
+    template_hash = lambda: get(kube, "statefulset", "outbound", ns)["spec"]["template"][  # noqa: E731
+        "metadata"
+    ]["annotations"]["mailrelay.dev/config-hash"]
+    assert template_hash() == first_hash
+
+    apply(kube, ns, m.smtp_route("billing", senders=["billing.example.com"], port=2525))
+    wait_for(
+        lambda: (_config(kube, ns) or {})["routes"][0]["upstream"]["port"] == 2525,
+        what="the new port in the config",
+    )
+    second_hash = wait_for(
+        lambda: (
+            (h := _status(kube, "mailrelay", "outbound", ns).get("configHash")) != first_hash and h
+        )
+    )
+    wait_for(lambda: template_hash() == second_hash, what="the pod template to roll")
+
+    kube.kubectl("delete", "mailroute", "news", "-n", ns)
+    wait_for(lambda: _route_names(kube, ns) == ["billing"], what="news to leave the config")
+    wait_for(lambda: _status(kube, "mailrelay", "outbound", ns).get("routes") == 1)
+
+
+def test_missing_secret_sets_condition_and_event_then_recovers(
+    crds: LocalKube, operator: OperatorProcess, op_namespace: str
+) -> None:
+    kube, ns = crds, op_namespace
+    apply(kube, ns, m.tls_secret(), m.users_secret())
+    apply(
+        kube,
+        ns,
+        m.relay(),
+        m.smtp_route("billing", senders=["billing.example.com"], credentials="later"),
+        m.smtp_route("open", senders=["open.example.com"], credentials=None),
+    )
+    wait_for(
+        lambda: _has_condition(
+            kube, "mailroute", "billing", ns, ("ResolvedRefs", "False", "SecretNotFound")
+        ),
+        what="ResolvedRefs=False SecretNotFound",
+    )
+    # The relay keeps serving its other routes.
+    assert _route_names(kube, ns) == ["open"]
+    assert _has_condition(
+        kube, "mailrelay", "outbound", ns, ("RoutesResolved", "False", "SecretNotFound")
+    )
+    wait_for(
+        lambda: any(
+            e["reason"] == "SecretNotFound" and e["type"] == "Warning"
+            for e in _events(kube, ns, "billing")
+        ),
+        what="a SecretNotFound Event",
+    )
+    message = condition(get(kube, "mailroute", "billing", ns), "ResolvedRefs")["message"]  # type: ignore[index]
+    assert "'later'" in message and "create it" in message
+
+    apply(kube, ns, m.secret("later", {"username": "u"}))
+    wait_for(
+        lambda: _has_condition(
+            kube, "mailroute", "billing", ns, ("ResolvedRefs", "False", "SecretKeyMissing")
+        ),
+        what="SecretKeyMissing once the Secret exists without the password key",
+    )
+    apply(kube, ns, m.secret("later", {"username": "u", "password": "p"}))
+    wait_for(lambda: _route_names(kube, ns) == ["billing", "open"], what="recovery")
+    wait_for(lambda: _has_condition(kube, "mailrelay", "outbound", ns, ("RoutesResolved", "True")))
+    assert _has_condition(kube, "mailroute", "billing", ns, ("Accepted", "True"))
+
+
+def test_statefulset_ready_makes_relay_and_routes_ready(
+    crds: LocalKube, operator: OperatorProcess, op_namespace: str
+) -> None:
+    kube, ns = crds, op_namespace
+    _setup(kube, ns, m.smtp_route("billing"))
+    # The route may arrive after the relay: wait for the config that carries it.
+    wait_for(lambda: _status(kube, "mailrelay", "outbound", ns).get("routes") == 1)
+    sts = wait_for(lambda: get(kube, "statefulset", "outbound", ns))
+    assert _has_condition(kube, "mailrelay", "outbound", ns, ("Ready", "False"))
+    status = {
+        "observedGeneration": sts["metadata"]["generation"],
+        "replicas": 2,
+        "readyReplicas": 2,
+        "updatedReplicas": 2,
+        "availableReplicas": 2,
+    }
+    kube.kubectl(
+        "patch",
+        "statefulset",
+        "outbound",
+        "-n",
+        ns,
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        json.dumps({"status": status}),
+    )
+    wait_for(
+        lambda: _has_condition(
+            kube, "mailrelay", "outbound", ns, ("Ready", "True", "ReplicasReady")
+        ),
+        what="the relay to turn Ready",
+    )
+    relay_status = _status(kube, "mailrelay", "outbound", ns)
+    assert (relay_status["replicas"], relay_status["readyReplicas"]) == (2, 2)
+    assert relay_status["endpoint"] == f"outbound.{ns}.svc.cluster.local:587"
+    wait_for(lambda: _has_condition(kube, "mailroute", "billing", ns, ("Ready", "True")))
+    assert _status(kube, "mailroute", "billing", ns)["relay"] == "outbound"
+
+
+def test_deleted_or_edited_children_come_back(
+    crds: LocalKube, operator: OperatorProcess, op_namespace: str
+) -> None:
+    kube, ns = crds, op_namespace
+    _setup(kube, ns, m.smtp_route("billing"))
+    wait_for(lambda: _route_names(kube, ns) == ["billing"], what="the route in the config")
+    original = _config(kube, ns)
+    wait_for(lambda: get(kube, "service", "outbound-headless", ns))
+    kube.kubectl("delete", "service", "outbound-headless", "-n", ns)
+    kube.kubectl("delete", "statefulset", "outbound", "-n", ns)
+    wait_for(lambda: get(kube, "service", "outbound-headless", ns), what="the Service back")
+    wait_for(lambda: get(kube, "statefulset", "outbound", ns), what="the StatefulSet back")
+    kube.kubectl(
+        "patch",
+        "configmap",
+        "outbound-config",
+        "-n",
+        ns,
+        "--type=merge",
+        "-p",
+        json.dumps({"data": {"relay.yaml": "hostname: hacked\n"}}),
+    )
+    wait_for(lambda: _config(kube, ns) == original, what="the ConfigMap put back")
+
+
+def test_steady_state_writes_nothing(
+    crds: LocalKube, operator: OperatorProcess, op_namespace: str
+) -> None:
+    kube, ns = crds, op_namespace
+    _setup(kube, ns, m.smtp_route("billing"), m.smtp_route("news", senders=["n.example.com"]))
+    wait_for(lambda: _has_condition(kube, "mailroute", "news", ns, ("Accepted", "True")))
+    wait_for(lambda: _status(kube, "mailrelay", "outbound", ns).get("configHash"))
+    time.sleep(3)  # let the creation echoes settle
+
+    def versions() -> dict[str, str]:
+        out = {}
+        for kind in (
+            "mailrelays",
+            "mailroutes",
+            "configmaps",
+            "services",
+            "statefulsets",
+            "poddisruptionbudgets",
+        ):
+            items = json.loads(kube.kubectl("get", kind, "-n", ns, "-o", "json").stdout)["items"]
+            for item in items:
+                out[f"{kind}/{item['metadata']['name']}"] = item["metadata"]["resourceVersion"]
+        return out
+
+    before = versions()
+    writes_before = operator.total("mailrelay_operator_status_writes_total") + operator.total(
+        "mailrelay_operator_children_total"
+    )
+    time.sleep(6)  # three resync periods
+    assert versions() == before
+    writes_after = operator.total("mailrelay_operator_status_writes_total") + operator.total(
+        "mailrelay_operator_children_total"
+    )
+    assert writes_after == writes_before
+
+
+def test_invalid_spec_is_a_condition_and_event_not_a_crash(
+    crds: LocalKube, operator: OperatorProcess, op_namespace: str
+) -> None:
+    kube, ns = crds, op_namespace
+    long_name = "relay-" + "x" * 50  # valid for the CRD, too long for the StatefulSet's pods
+    apply(kube, ns, m.tls_secret(), m.users_secret(), m.relay(long_name))
+    wait_for(
+        lambda: _has_condition(
+            kube, "mailrelay", long_name, ns, ("ConfigRendered", "False", "InvalidSpec")
+        ),
+        what="ConfigRendered=False InvalidSpec",
+    )
+    wait_for(lambda: any(e["reason"] == "InvalidSpec" for e in _events(kube, ns, long_name)))
+    assert get(kube, "statefulset", long_name, ns) is None
+    errors_before = operator.total("mailrelay_operator_errors_total")
+    time.sleep(4)
+    assert operator.process.poll() is None
+    assert operator.total("mailrelay_operator_errors_total") == errors_before
+
+
+def test_conflicting_routes_are_reported_not_resolved(
+    crds: LocalKube, operator: OperatorProcess, op_namespace: str
+) -> None:
+    kube, ns = crds, op_namespace
+    _setup(
+        kube,
+        ns,
+        m.smtp_route("a", senders=["same.example.com"]),
+        m.smtp_route("b", senders=["same.example.com"]),
+        m.smtp_route("c", senders=["other.example.com"]),
+    )
+    for name, rival in (("a", "b"), ("b", "a")):
+        wait_for(
+            lambda n=name: _has_condition(
+                kube, "mailroute", n, ns, ("Accepted", "False", "RouteConflict")
+            )
+        )
+        assert rival in condition(get(kube, "mailroute", name, ns), "Accepted")["message"]  # type: ignore[index]
+    wait_for(lambda: _route_names(kube, ns) == ["c"])
+
+
+def test_route_selector_and_missing_relay(
+    crds: LocalKube, operator: OperatorProcess, op_namespace: str
+) -> None:
+    kube, ns = crds, op_namespace
+    apply(kube, ns, m.tls_secret(), m.users_secret(), m.smtp_credentials())
+    apply(kube, ns, m.smtp_route("early", relay_name="later"))
+    wait_for(
+        lambda: _has_condition(
+            kube, "mailroute", "early", ns, ("Accepted", "False", "RelayNotFound")
+        )
+    )
+    apply(
+        kube,
+        ns,
+        m.relay("later", routeSelector={"matchLabels": {"tier": "gold"}}),
+        m.smtp_route(
+            "gold", relay_name="later", senders=["g.example.com"], labels={"tier": "gold"}
+        ),
+    )
+    wait_for(
+        lambda: _has_condition(kube, "mailroute", "early", ns, ("Accepted", "False", "NotSelected"))
+    )
+    wait_for(lambda: _has_condition(kube, "mailroute", "gold", ns, ("Accepted", "True")))
+    wait_for(
+        lambda: (
+            [r["name"] for r in (_config(kube, ns, "later") or {}).get("routes", [])] == ["gold"]
+        )
+    )
