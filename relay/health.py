@@ -48,7 +48,7 @@ class HealthServer:
             self._serve, self._host, self._port, reuse_port=self._reuse_port or None
         )
         self.port = self._server.sockets[0].getsockname()[1]
-        log.info("Serving metrics and health on %s:%d", self._host, self.port)
+        log.info("Opened the metrics and health server on %s:%d", self._host, self.port)
 
     async def close(self) -> None:
         """Stop listening."""

@@ -245,7 +245,7 @@ class RelayApp:
         """SIGTERM semantics: 421 to new sessions, finish transactions, give deliveries
         the grace period, keep the rest in the spool."""
         grace = self.config.shutdown_grace_seconds
-        log.info("Stopping the relay (grace %.0fs)", grace)
+        log.info("Began stopping the relay (grace %.0fs)", grace)
         if self.watcher is not None:
             await self.watcher.stop()
         steps = []

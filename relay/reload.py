@@ -19,7 +19,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from mailrelay.relay.config import ConfigError, RelayConfig, load_config
+from mailrelay.relay.config import RelayConfig, load_config
 from mailrelay.relay.metrics import RelayMetrics
 
 __all__ = ["ConfigWatcher", "fingerprint"]
@@ -103,11 +103,11 @@ class ConfigWatcher:
         try:
             config = await asyncio.to_thread(load_config, self._path)
             await self._apply(config)
-        except (ConfigError, OSError, ValueError) as exc:
+        except Exception as exc:  # whatever failed, the old config stays in force
             self._metrics.config_reloads.labels("failure").inc()
             self._metrics.config_last_reload_success.set(0)
             log.error(
-                "Refused the new configuration from %s; keeping the old one: %s", self._path, exc
+                "Refused the new configuration from %s; kept the old one: %s", self._path, exc
             )
             return False
         self._config = config

@@ -552,7 +552,7 @@ class SmtpFront:
             self._servers.append(server)
             self.ports["implicit_tls"] = server.sockets[0].getsockname()[1]
         log.info(
-            "Listening for SMTP on %s (%s)",
+            "Opened SMTP listeners on %s (%s)",
             listener.host,
             ", ".join(f"{name} {port}" for name, port in self.ports.items()),
         )
@@ -569,7 +569,7 @@ class SmtpFront:
         self.draining = True
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace_seconds
-        log.info("Draining %d SMTP session(s)", len(self.sessions))
+        log.info("Started draining %d SMTP session(s)", len(self.sessions))
         while self.sessions and loop.time() < deadline:
             for session in list(self.sessions):
                 if not session.in_transaction:
