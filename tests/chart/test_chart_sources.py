@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import sync_chart
+import yaml
 
 
 def test_generated_chart_files_are_current() -> None:
@@ -22,3 +25,28 @@ def test_split_rules_cover_every_rule_once() -> None:
     assert cluster <= sync_chart.CLUSTER_SCOPED
     expected = {r for rule in sync_chart.RULES for r in rule.resources}
     assert namespaced | cluster == expected
+
+
+def _value_paths(values: dict[str, Any], prefix: str = "") -> list[str]:
+    """Leaf key paths of values.yaml; free-form maps (security contexts, image) count as leaves."""
+    paths = []
+    for key, value in values.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict) and value and key not in FREE_FORM_VALUES:
+            paths.extend(_value_paths(value, f"{path}."))
+        else:
+            paths.append(path)
+    return paths
+
+
+FREE_FORM_VALUES = {"podSecurityContext", "securityContext", "image"}
+
+
+def test_every_value_is_documented_in_the_chart_readme() -> None:
+    chart = sync_chart.CHART
+    values = yaml.safe_load((chart / "values.yaml").read_text())
+    readme = (chart / "README.md").read_text()
+    missing = [path for path in _value_paths(values) if f"| `{path}` |" not in readme]
+    assert not missing, f"Values missing from charts/mailrelay/README.md: {missing}"
+    image_keys = [f"image.{key}" for key in values["image"]]
+    assert all(f"| `{key}` |" in readme for key in image_keys)
