@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from email import policy
+from email.message import EmailMessage
+
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mailrelay.relay.providers.mime import (
     Mailbox,
@@ -131,3 +136,27 @@ def test_several_from_mailboxes_refused() -> None:
 def test_plain_message_has_no_attachments() -> None:
     parsed = parse_message(plain_message())
     assert parsed.text == "Just text.\n" and parsed.html is None and parsed.attachments == ()
+
+
+_FILENAME_CHARS = st.characters(
+    blacklist_categories=("Cc", "Cs", "Zl", "Zp"), blacklist_characters='"\\/'
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    content=st.binary(max_size=3000),
+    filename=st.text(_FILENAME_CHARS, min_size=1, max_size=40).filter(lambda s: s.strip() == s),
+    subject=st.text(_FILENAME_CHARS, min_size=1, max_size=60).filter(lambda s: s.strip() == s),
+)
+def test_any_attachment_and_subject_survive_conversion(
+    content: bytes, filename: str, subject: str
+) -> None:
+    msg = EmailMessage(policy=policy.SMTP)
+    msg["From"], msg["To"], msg["Subject"] = "a@example.com", "b@example.org", subject
+    msg.set_content("body\n")
+    msg.add_attachment(content, maintype="application", subtype="octet-stream", filename=filename)
+    parsed = parse_message(msg.as_bytes())
+    assert parsed.subject == subject
+    (attachment,) = parsed.attachments
+    assert (attachment.filename, attachment.content) == (filename, content)
