@@ -289,7 +289,8 @@ class ApiUpstream(_Model):
             raise ValueError(
                 f"upstream {self.name!r}: endpoint {self.endpoint!r} must start with https://"
             )
-        if self.provider in ("mailgun", "sparkpost") and self.region not in (None, "us", "eu"):
+        regional = self.provider in ("mailgun", "sparkpost", "sendgrid")
+        if regional and self.region not in (None, "us", "eu"):
             raise ValueError(
                 f"upstream {self.name!r}: {self.provider} region must be `us` or `eu`, "
                 f"not {self.region!r}"

@@ -55,7 +55,9 @@ class SendGridTransport(ApiTransport):
     provider = "sendgrid"
 
     def default_base_url(self) -> str:
-        """The global API; an EU subuser sets `endpoint: https://api.eu.sendgrid.com`."""
+        """The global API; `region: eu` for EU-pinned subusers."""
+        if (self.upstream.region or "").lower() == "eu":
+            return "https://api.eu.sendgrid.com"
         return "https://api.sendgrid.com"
 
     def build(self, envelope: Envelope, message: bytes, key: str) -> list[Call]:

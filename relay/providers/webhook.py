@@ -6,9 +6,10 @@ message/rfc822`) and these headers:
 - `X-Mailrelay-Envelope`: compact ASCII JSON {"queue_id", "mail_from", "recipients",
   "smtputf8", "body_8bitmime"};
 - `X-Mailrelay-Timestamp`: unix seconds when the request was signed;
-- `X-Mailrelay-Signature`: `v1=` and the hex HMAC-SHA256, keyed with the credential file
-  `signing_secret`, of `timestamp + "." + envelope + "." + body` (the envelope is signed
-  too, so nobody can re-address a captured request);
+- `X-Mailrelay-Signature`: `v1=` and the hex HMAC-SHA256 of
+  `timestamp + "." + envelope + "." + body`, keyed with the credential file
+  `signing_secret` (or `api_key`, the name the operator projects Secrets to). The
+  envelope is signed too, so nobody can re-address a captured request;
 - `Idempotency-Key`: the same on every retry of the same message and recipients.
 
 The envelope header is kept under 4 KiB: a longer recipient list is split over several
@@ -28,7 +29,7 @@ from collections.abc import Sequence
 
 import httpx
 
-from mailrelay.relay.providers.base import ApiTransport, Call
+from mailrelay.relay.providers.base import ApiTransport, Call, CredentialError
 from mailrelay.relay.providers.resend import idempotency_key
 from mailrelay.relay.transport import Envelope
 
@@ -92,8 +93,16 @@ class WebhookTransport(ApiTransport):
         return str(self.upstream.endpoint)
 
     async def load_secret(self) -> str:
-        """The HMAC key."""
-        return await self.credentials.get("signing_secret")
+        """The HMAC key: the file `signing_secret`, else `api_key` (the operator's name)."""
+        secret = await self.credentials.get_optional("signing_secret")
+        if secret is None:
+            secret = await self.credentials.get_optional("api_key")
+        if secret is None:
+            raise CredentialError(
+                f"upstream {self.name!r}: the webhook is signed, but credentials_dir "
+                f"({self.upstream.credentials_dir}) has neither `signing_secret` nor `api_key`"
+            )
+        return secret
 
     def build(self, envelope: Envelope, message: bytes, key: str) -> list[Call]:
         """One signed request per group of recipients whose envelope header stays small."""

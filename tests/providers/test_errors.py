@@ -350,3 +350,28 @@ async def test_rate_limit_reset_headers_set_the_pause(
     server.inject(Fault(429, {"message": "rate limited"}, headers))
     results = await transport.deliver(envelope(), rich_message())
     assert results[0].retry_after == pytest.approx(expected)
+
+
+async def test_webhook_signs_with_api_key_when_there_is_no_signing_secret_file(
+    provider_server: ServerFactory,
+    api_upstream: Any,
+    transport_factory: Any,
+    credentials_dir: Path,
+) -> None:
+    """The operator projects every API Secret to `api_key`; the webhook accepts that name."""
+    from tests.providers.servers import SIGNING_SECRET  # noqa: PLC0415
+
+    (credentials_dir / "signing_secret").unlink()
+    (credentials_dir / "api_key").write_text(SIGNING_SECRET)
+    server, transport, _, _ = await setup(
+        "webhook", provider_server, api_upstream, transport_factory
+    )
+    assert outcomes(await transport.deliver(envelope(), rich_message())) == {
+        RecipientOutcome.DELIVERED
+    }
+    (credentials_dir / "api_key").unlink()
+    transport.credentials.invalidate()
+    results = await transport.deliver(envelope(), rich_message())
+    assert outcomes(results) == {RecipientOutcome.CONFIG_ERROR}
+    assert "signing_secret" in results[0].detail
+    assert len(server.requests) == 1

@@ -69,3 +69,37 @@ def test_api_upstream_config_is_checked_with_readable_messages() -> None:
     check({"provider": "webhook"}, "needs `endpoint`")
     check({"provider": "resend", "endpoint": "api.resend.com"}, "must start with https://")
     check({"provider": "sparkpost", "region": "eu-west-1"}, "region must be `us` or `eu`")
+
+
+@pytest.mark.parametrize(
+    ("provider", "region", "base_url"),
+    [
+        ("mailgun", None, "https://api.mailgun.net"),
+        ("mailgun", "eu", "https://api.eu.mailgun.net"),
+        ("sparkpost", "eu", "https://api.eu.sparkpost.com"),
+        ("sendgrid", "eu", "https://api.eu.sendgrid.com"),
+        ("sendgrid", "us", "https://api.sendgrid.com"),
+        ("ses", "eu-west-1", "https://email.eu-west-1.amazonaws.com"),
+        ("postmark", None, "https://api.postmarkapp.com"),
+        ("resend", None, "https://api.resend.com"),
+    ],
+)
+async def test_default_base_urls_follow_the_region(
+    provider: str, region: str | None, base_url: str
+) -> None:
+    from mailrelay.relay.providers import build_api_transport  # noqa: PLC0415
+
+    upstream = ApiUpstream.model_validate(
+        {
+            "type": "api",
+            "name": "u",
+            "provider": provider,
+            "region": region,
+            "domain": "mg.example.com" if provider == "mailgun" else None,
+        }
+    )
+    transport = build_api_transport(upstream)
+    try:
+        assert transport.base_url == base_url
+    finally:
+        await transport.close()
