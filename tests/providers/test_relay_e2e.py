@@ -256,3 +256,19 @@ async def test_provider_size_limit_is_enforced_at_the_door(
             await smtp.data(big)
         assert too_big.value.code == 552
     assert server.requests == []
+
+
+async def test_timeout_after_sending_is_retried_without_sending_twice(
+    provider_server: ServerFactory, credentials_dir: Path, relay_factory: RelayFactory
+) -> None:
+    """Resend got the request but its answer was too slow: the retry reuses the key."""
+    server = await provider_server("resend")
+    server.inject(Fault(delay=1.0))
+    route = api_route("resend", server, credentials_dir)
+    route["upstream"]["timeout_seconds"] = 0.3
+    relay = await relay_factory(routes=[route])
+    assert await send(relay, ["bob@example.org"], plain_message()) == {}
+    await eventually(lambda: len(server.requests) >= 2 and _queue_empty(relay))
+    keys = {r.headers["idempotency-key"] for r in server.requests}
+    assert len(keys) == 1
+    assert len(server.sent) == 1
