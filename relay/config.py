@@ -324,7 +324,10 @@ class RelayConfig(_Model):
     """The whole relay configuration."""
 
     hostname: str = Field(
-        min_length=1, description="Our name in the SMTP greeting and Received header."
+        min_length=1,
+        max_length=253,
+        pattern=r"^[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?$",
+        description="Our name in the SMTP greeting and Received header (a DNS name).",
     )
     listener: ListenerConfig = Field(default_factory=ListenerConfig, description="SMTP listeners.")
     auth: AuthConfig = Field(default_factory=AuthConfig, description="SMTP AUTH.")

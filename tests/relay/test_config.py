@@ -94,6 +94,7 @@ def test_every_field_is_described() -> None:
         ({"listener": {"implicit_tls_port": 465}}, "implicit_tls_port needs listener.tls"),
         ({"allowed_networks": ["10.0.0.1/8"]}, "allowed_networks.0"),
         ({"colour": "blue"}, "colour: Extra inputs are not permitted"),
+        ({"hostname": "relay.test\r\nX-Injected: 1"}, "hostname: String should match pattern"),
         (
             {"retry": {"initial_backoff_seconds": 10, "max_backoff_seconds": 5}},
             "max_backoff_seconds",
