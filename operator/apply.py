@@ -24,6 +24,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import httpx2
 from lightkube import ApiError, AsyncClient
 from lightkube.generic_resource import create_namespaced_resource
 from lightkube.resources.apps_v1 import StatefulSet
@@ -199,6 +200,11 @@ class Applier:
             )
         except ApiError as error:
             if error.status.code == 404:
+                raise ResourceMissing(kind) from error
+            raise
+        except httpx2.HTTPStatusError as error:
+            # An unserved group answers with a bare 404 page, not a Status object.
+            if error.response.status_code == 404:
                 raise ResourceMissing(kind) from error
             raise
         previous = self.remembered.get(key)

@@ -267,20 +267,29 @@ def test_invalid_spec_is_a_condition_and_event_not_a_crash(
     crds: LocalKube, operator: OperatorProcess, op_namespace: str
 ) -> None:
     kube, ns = crds, op_namespace
-    long_name = "relay-" + "x" * 50  # valid for the CRD, too long for the StatefulSet's pods
-    apply(kube, ns, m.tls_secret(), m.users_secret(), m.relay(long_name))
+    # Valid for the CRD, refused by the relay: a users file without TLS to protect AUTH.
+    spec = {
+        "auth": {"required": False, "usersSecretRef": {"name": "relay-users", "key": "users.yaml"}},
+        "allowedNetworks": ["10.0.0.0/8"],
+        "listener": {"port": 2525},
+    }
+    apply(kube, ns, m.users_secret(), m.relay("plain", **spec))
     wait_for(
         lambda: _has_condition(
-            kube, "mailrelay", long_name, ns, ("ConfigRendered", "False", "InvalidSpec")
+            kube, "mailrelay", "plain", ns, ("ConfigRendered", "False", "ConfigRejected")
         ),
-        what="ConfigRendered=False InvalidSpec",
+        what="ConfigRendered=False ConfigRejected",
     )
-    wait_for(lambda: any(e["reason"] == "InvalidSpec" for e in _events(kube, ns, long_name)))
-    assert get(kube, "statefulset", long_name, ns) is None
+    message = condition(get(kube, "mailrelay", "plain", ns), "ConfigRendered")["message"]  # type: ignore[index]
+    assert "listener.tls" in message
+    wait_for(lambda: any(e["reason"] == "ConfigRejected" for e in _events(kube, ns, "plain")))
+    assert get(kube, "statefulset", "plain", ns) is None
     errors_before = operator.total("mailrelay_operator_errors_total")
-    time.sleep(4)
+    writes_before = operator.total("mailrelay_operator_status_writes_total")
+    time.sleep(4)  # two resync periods: no retry storm, no crash, no rewrites
     assert operator.process.poll() is None
     assert operator.total("mailrelay_operator_errors_total") == errors_before
+    assert operator.total("mailrelay_operator_status_writes_total") == writes_before
 
 
 def test_conflicting_routes_are_reported_not_resolved(
