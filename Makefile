@@ -4,7 +4,8 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 # The repo root holds a folder named `operator`; never let the current directory shadow
-# the standard library's module of that name (sys.path[0] for `python -m`).
+# the standard library's module of that name (sys.path[0] for `python -m`). With it, a
+# script's own folder is not on sys.path either, hence PYTHONPATH=hack for the dev tools.
 export PYTHONSAFEPATH := 1
 STAMP := $(VENV)/.installed
 
@@ -12,7 +13,7 @@ STAMP := $(VENV)/.installed
 
 # Main job: a local demo on an embedded default (local control plane, CRDs, examples).
 demo: venv control-plane
-	$(PY) hack/demo.py
+	PYTHONPATH=hack $(PY) hack/demo.py
 
 # All tests: unit, relay on loopback, and API tests against a real kube-apiserver + etcd.
 test: venv control-plane lint
@@ -50,10 +51,10 @@ fmt: venv
 	$(VENV)/bin/ruff check --fix .
 
 cluster-up: venv control-plane
-	$(PY) hack/localkube.py up
+	PYTHONPATH=hack $(PY) hack/localkube.py up
 
 cluster-down: venv
-	$(PY) hack/localkube.py down
+	PYTHONPATH=hack $(PY) hack/localkube.py down
 
 # Regenerates crds/*.yaml from the pydantic models, and the chart's copies of them.
 crds: venv
