@@ -36,9 +36,8 @@ from typing import Any, Protocol
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, Session
 
 from mailrelay.relay.auth import User, UserDatabase
-from mailrelay.relay.config import RelayConfig, RouteConfig
+from mailrelay.relay.config import ApiUpstream, RelayConfig, RouteConfig
 from mailrelay.relay.metrics import RelayMetrics
-from mailrelay.relay.providers.limits import effective_max_message_size
 from mailrelay.relay.routing import domain_of, select_route
 from mailrelay.relay.spool import QueueEntry, Spool, new_queue_id
 
@@ -324,6 +323,19 @@ def _declared_size(options: Sequence[str]) -> int | None:
     return None
 
 
+def _route_size_limit(route: RouteConfig, relay_limit: int) -> int:
+    """The size a route can carry: min of the relay's, the route's and its providers' limits."""
+    if any(isinstance(u, ApiUpstream) for u in (route.upstream, *route.fallbacks)):
+        # Importing the providers loads every provider SDK (botocore for SES): only pay
+        # for that in memory and startup time when a route really uses an HTTP provider.
+        from mailrelay.relay.providers.limits import effective_max_message_size  # noqa: PLC0415
+
+        return effective_max_message_size(route, relay_limit)
+    if route.max_message_size is None:
+        return relay_limit
+    return min(relay_limit, route.max_message_size)
+
+
 class RelayHandler(_CheapDir):
     """aiosmtpd handler hooks: policy, routing and the durable enqueue."""
 
@@ -386,7 +398,7 @@ class RelayHandler(_CheapDir):
             front.metrics.reject("no_route")
             log.info("Refused recipient <%s>: no route takes it", address)
             return f"550 5.7.1 Relaying denied: no route for <{address}>"
-        route_limit = effective_max_message_size(route, config.limits.max_message_size)
+        route_limit = _route_size_limit(route, config.limits.max_message_size)
         if envelope.declared_size is not None and envelope.declared_size > route_limit:
             front.metrics.reject("message_too_large")
             return "552 5.3.4 Message size exceeds the limit for this recipient"
@@ -419,10 +431,7 @@ class RelayHandler(_CheapDir):
         data: bytes = envelope.original_content or b""
         limit = min(
             [config.limits.max_message_size]
-            + [
-                effective_max_message_size(r, config.limits.max_message_size)
-                for r in envelope.routes
-            ]
+            + [_route_size_limit(r, config.limits.max_message_size) for r in envelope.routes]
         )
         if len(data) > limit:
             front.metrics.reject("message_too_large")
