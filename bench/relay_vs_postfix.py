@@ -960,28 +960,31 @@ def _fmt(value: float, digits: int = 0) -> str:
     return "-" if math.isnan(value) else f"{value:,.{digits}f}"
 
 
-def print_run(result: RunResult) -> None:
+def run_lines(result: RunResult) -> list[str]:
+    """One run, as printed after it ends and kept in the README."""
     if not result.ok:
-        print(f"  {result.system:<10} rep {result.repetition}: FAILED: {result.error}")
-        return
-    print(
-        f"  {result.system:<10} rep {result.repetition}: "
+        return [f"{result.system:<10} rep {result.repetition}: FAILED: {result.error}"]
+    lines = [
+        f"{result.system:<10} rep {result.repetition}: "
         f"accepted {_fmt(result.accepted_rate)}/s, e2e {_fmt(result.e2e_rate)}/s, "
         f"session p50/p99 {_fmt(result.session_p50_ms, 1)}/{_fmt(result.session_p99_ms, 1)} ms "
         f"(n={result.probe_messages}), CPU {_fmt(result.cpu_seconds, 1)} s "
         f"({_fmt(result.cores_used, 2)} cores), RSS {_fmt(result.peak_rss_mb, 1)} MB, "
-        f"PSS {_fmt(result.peak_pss_mb, 1)} MB"
-    )
-    print(
-        f"      hottest thread {_fmt(result.hottest_thread_share * 100)}% on CPU + "
+        f"PSS {_fmt(result.peak_pss_mb, 1)} MB",
+        f"    hottest thread {_fmt(result.hottest_thread_share * 100)}% on CPU + "
         f"{_fmt(result.hottest_thread_wait_share * 100)}% waiting for one "
         f"({_fmt(result.hottest_thread_ms_per_message, 2)} ms/msg); side threads "
         f"{_fmt(result.side_thread_cpu_seconds, 1)} CPU s; load {result.load_before} -> "
         f"{result.load_after}, CPU pressure {result.cpu_pressure_before} -> "
-        f"{result.cpu_pressure_after}"
-    )
-    for problem in result.problems:
-        print(f"      ! {problem}")
+        f"{result.cpu_pressure_after}",
+    ]
+    lines += [f"    ! {problem}" for problem in result.problems]
+    return lines
+
+
+def print_run(result: RunResult) -> None:
+    for line in run_lines(result):
+        print(f"  {line}")
 
 
 COLUMNS = (
@@ -999,7 +1002,7 @@ COLUMNS = (
     ("peak RSS MB", "peak_rss_mb", 1),
     ("peak PSS MB", "peak_pss_mb", 1),
 )
-RATIO_COLUMNS = ("e2e_rate", "session_p99_ms", "cpu_seconds", "peak_rss_mb")
+RATIO_COLUMNS = ("e2e_rate", "session_p99_ms", "cpu_seconds", "peak_rss_mb", "peak_pss_mb")
 
 
 def summary_table(results: list[RunResult], systems: list[str]) -> str:
@@ -1067,6 +1070,37 @@ def machine_description(workdir: Path, postconf: str) -> dict[str, str]:
     }
 
 
+README = Path(__file__).resolve().parent / "README.md"
+RESULTS_HEADING = "### Latest results"
+
+
+def write_readme(
+    path: Path, machine: dict[str, str], setup: str, table: str, results: list[RunResult]
+) -> None:
+    """Replace the README's results section (everything from its heading) with this run."""
+    text = path.read_text() if path.exists() else ""
+    head = text.split(RESULTS_HEADING)[0].rstrip() + "\n\n" if RESULTS_HEADING in text else text
+    runs = [line for result in results for line in run_lines(result)]
+    section = [
+        RESULTS_HEADING,
+        "",
+        "Written by `relay_vs_postfix.py --write-readme`; everything above the heading is kept.",
+        "",
+        *(f"- {key}: {value}" for key, value in machine.items()),
+        f"- load: {setup}",
+        "",
+        table,
+        "",
+        "Every run, in the order they ran:",
+        "",
+        "```",
+        *runs,
+        "```",
+        "",
+    ]
+    path.write_text(head + "\n".join(section))
+
+
 def print_profile(path: Path, limit: int = 30) -> None:
     if not path.exists():
         print(f"(no profile written at {path})")
@@ -1128,6 +1162,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument("--keep", action="store_true", help="keep the temp dir")
     parser.add_argument("--json", type=Path, help="also write every run's figures here")
+    parser.add_argument(
+        "--write-readme",
+        action="store_true",
+        help=f"replace the '{RESULTS_HEADING}' section of bench/README.md with this run",
+    )
     parser.add_argument(
         "--python", default=sys.executable, help="interpreter that has mailrelay installed"
     )
@@ -1201,11 +1240,12 @@ async def bench(args: argparse.Namespace) -> int:
     print("Relay vs Postfix benchmark")
     for key, value in machine.items():
         print(f"  {key}: {value}")
-    print(
-        f"  load: smtp-source {load.sessions} sessions x {load.messages} messages of "
+    setup = (
+        f"smtp-source {load.sessions} sessions x {load.messages} messages of "
         f"{load.size} B (one message per session), + {load.probe_sessions} latency probe "
-        f"session(s); {args.repetitions} alternating repetition(s); temp dir {top}"
+        f"session(s); {args.repetitions} alternating repetition(s)"
     )
+    print(f"  load: {setup}; temp dir {top}")
     results: list[RunResult] = []
     try:
         for rep in range(1, args.repetitions + 1):
@@ -1244,7 +1284,11 @@ async def bench(args: argparse.Namespace) -> int:
         else:
             shutil.rmtree(top, ignore_errors=True)
     print()
-    print(summary_table(results, variants))
+    table = summary_table(results, variants)
+    print(table)
+    if args.write_readme:
+        write_readme(README, machine, setup, table, results)
+        print(f"Wrote the results into {README}")
     if args.json is not None:
         args.json.write_text(
             json.dumps(
