@@ -15,7 +15,8 @@ Triggers: a relay's own events, a route's events (its old and new relay), Secret
 from __future__ import annotations
 
 import logging
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, cast
 
 import kopf
 from prometheus_client import CollectorRegistry
@@ -75,11 +76,12 @@ def _indices(kwargs: dict[str, Any]) -> Indices:
 
 
 def _post_event(target: ObjectInfo, type_: str, reason: str, message: str) -> None:
-    kopf.event(target.event_target(), type=type_, reason=reason, message=message)
+    body = kopf.Body(cast(kopf.RawBody, target.event_target()))
+    kopf.event(body, type=type_, reason=reason, message=message)
 
 
 @kopf.on.startup()
-async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+async def startup(settings: kopf.OperatorSettings, memo: Any, **_: Any) -> None:
     configure_kopf(settings, SETTINGS)
     registry = CollectorRegistry()
     metrics = OperatorMetrics(registry)
@@ -94,7 +96,7 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
 
 
 @kopf.on.cleanup()
-async def cleanup(memo: kopf.Memo, **_: Any) -> None:
+async def cleanup(memo: Any, **_: Any) -> None:
     if getattr(memo, "metrics_server", None) is not None:
         memo.metrics_server.shutdown()
     ctx = getattr(memo, "ctx", None)
@@ -103,6 +105,7 @@ async def cleanup(memo: kopf.Memo, **_: Any) -> None:
 
 
 # --- indices ---------------------------------------------------------------------------------
+# kopf passes ``namespace`` as ``str | None`` (None for cluster objects); ours are namespaced.
 
 
 @kopf.index(*RELAYS)
@@ -119,76 +122,78 @@ def route_index(body: kopf.Body, **_: Any) -> dict[Any, ObjectInfo]:
 
 
 @kopf.index("", "v1", "secrets")
-def secret_index(body: kopf.Body, namespace: str, name: str, **_: Any) -> dict[Any, frozenset[str]]:
+def secret_index(
+    body: kopf.Body, namespace: str | None, name: str, **_: Any
+) -> dict[Any, frozenset[str]]:
     keys = {*(body.get("data") or {}), *(body.get("stringData") or {})}
-    return {(namespace, name): frozenset(keys)}
+    return {(namespace or "", name): frozenset(keys)}
+
+
+def _child(body: kopf.Body, namespace: str | None, name: str) -> dict[Any, ChildState]:
+    return {
+        (namespace or "", name): child_state(body, keep_status=body.get("kind") == "StatefulSet")
+    }
 
 
 @kopf.index("", "v1", "configmaps", labels=MANAGED)
-def configmap_index(body: kopf.Body, namespace: str, name: str, **_: Any) -> dict[Any, ChildState]:
-    return {(namespace, name): child_state(body)}
+def configmap_index(body: kopf.Body, namespace: str | None, name: str, **_: Any) -> object:
+    return _child(body, namespace, name)
 
 
 @kopf.index("", "v1", "services", labels=MANAGED)
-def service_index(body: kopf.Body, namespace: str, name: str, **_: Any) -> dict[Any, ChildState]:
-    return {(namespace, name): child_state(body)}
+def service_index(body: kopf.Body, namespace: str | None, name: str, **_: Any) -> object:
+    return _child(body, namespace, name)
 
 
 @kopf.index("apps", "v1", "statefulsets", labels=MANAGED)
-def statefulset_index(
-    body: kopf.Body, namespace: str, name: str, **_: Any
-) -> dict[Any, ChildState]:
-    return {(namespace, name): child_state(body, keep_status=True)}
+def statefulset_index(body: kopf.Body, namespace: str | None, name: str, **_: Any) -> object:
+    return {(namespace or "", name): child_state(body, keep_status=True)}
 
 
 @kopf.index("policy", "v1", "poddisruptionbudgets", labels=MANAGED)
-def pdb_index(body: kopf.Body, namespace: str, name: str, **_: Any) -> dict[Any, ChildState]:
-    return {(namespace, name): child_state(body)}
+def pdb_index(body: kopf.Body, namespace: str | None, name: str, **_: Any) -> object:
+    return _child(body, namespace, name)
 
 
 @kopf.index("networking.k8s.io", "v1", "networkpolicies", labels=MANAGED)
-def networkpolicy_index(
-    body: kopf.Body, namespace: str, name: str, **_: Any
-) -> dict[Any, ChildState]:
-    return {(namespace, name): child_state(body)}
+def networkpolicy_index(body: kopf.Body, namespace: str | None, name: str, **_: Any) -> object:
+    return _child(body, namespace, name)
 
 
 @kopf.index("monitoring.coreos.com", "v1", "servicemonitors", labels=MANAGED)
-def servicemonitor_index(
-    body: kopf.Body, namespace: str, name: str, **_: Any
-) -> dict[Any, ChildState]:
-    return {(namespace, name): child_state(body)}
+def servicemonitor_index(body: kopf.Body, namespace: str | None, name: str, **_: Any) -> object:
+    return _child(body, namespace, name)
 
 
 # --- triggers --------------------------------------------------------------------------------
 
 
 @kopf.on.event(*RELAYS)
-async def relay_event(namespace: str, name: str, memo: kopf.Memo, **kwargs: Any) -> None:
-    await reconcile_relay(memo.ctx, _indices(kwargs), namespace, name)
+async def relay_event(namespace: str | None, name: str, memo: Any, **kwargs: Any) -> None:
+    await reconcile_relay(memo.ctx, _indices(kwargs), namespace or "", name)
 
 
 @kopf.timer(*RELAYS, interval=SETTINGS.resync_seconds, initial_delay=SETTINGS.resync_seconds)
-async def relay_resync(namespace: str, name: str, memo: kopf.Memo, **kwargs: Any) -> None:
-    await reconcile_relay(memo.ctx, _indices(kwargs), namespace, name)
+async def relay_resync(namespace: str | None, name: str, memo: Any, **kwargs: Any) -> None:
+    await reconcile_relay(memo.ctx, _indices(kwargs), namespace or "", name)
 
 
 @kopf.on.event(*ROUTES)
 async def route_event(
-    body: kopf.Body, namespace: str, memo: kopf.Memo, event: dict[str, Any], **kwargs: Any
+    body: kopf.Body, namespace: str | None, memo: Any, type: str, **kwargs: Any
 ) -> None:
     indices = _indices(kwargs)
+    ctx: Context = memo.ctx
     info = _info("MailRoute", body)
     relay = str((info.spec.get("relayRef") or {}).get("name", ""))
     previous = info.status.get("relay")
     for name in {relay, *([previous] if isinstance(previous, str) else [])}:
-        if indices.relay(namespace, name) is not None:
-            await reconcile_relay(memo.ctx, indices, namespace, name)
-    if event.get("type") != "DELETED" and indices.relay(namespace, relay) is None:
-        ctx: Context = memo.ctx
+        if indices.relay(info.namespace, name) is not None:
+            await reconcile_relay(ctx, indices, info.namespace, name)
+    if type != "DELETED" and indices.relay(info.namespace, relay) is None:
         await reconcile_orphan_route(
             info,
-            secret_keys=indices.secret_keys(namespace),
+            secret_keys=indices.secret_keys(info.namespace),
             clock=ctx.clock,
             patch_status=ctx.applier.patch_status,
             post_event=ctx.post_event,
@@ -196,10 +201,10 @@ async def route_event(
 
 
 @kopf.on.event("", "v1", "secrets")
-async def secret_event(namespace: str, memo: kopf.Memo, **kwargs: Any) -> None:
+async def secret_event(namespace: str | None, memo: Any, **kwargs: Any) -> None:
     indices = _indices(kwargs)
-    for name in indices.relays_in(namespace):
-        await reconcile_relay(memo.ctx, indices, namespace, name)
+    for name in indices.relays_in(namespace or ""):
+        await reconcile_relay(memo.ctx, indices, namespace or "", name)
 
 
 @kopf.on.event("", "v1", "configmaps", labels=MANAGED)
@@ -211,19 +216,20 @@ async def secret_event(namespace: str, memo: kopf.Memo, **kwargs: Any) -> None:
 async def child_event(
     *,
     body: kopf.Body,
-    namespace: str,
+    namespace: str | None,
     name: str,
-    labels: dict[str, str],
-    event: dict[str, Any],
-    memo: kopf.Memo,
+    labels: Mapping[str, str],
+    memo: Any,
+    type: str,
     **kwargs: Any,
 ) -> None:
+    ns = namespace or ""
     owner = labels.get("app.kubernetes.io/instance")
     indices = _indices(kwargs)
-    key = (str(body.get("kind")), namespace, name)
+    key = (str(body.get("kind")), ns, name)
     if (
         owner
-        and indices.relay(namespace, owner) is not None
-        and child_needs_pass(memo.ctx, indices, key, event.get("type") == "DELETED")
+        and indices.relay(ns, owner) is not None
+        and child_needs_pass(memo.ctx, indices, key, type == "DELETED")
     ):
-        await reconcile_relay(memo.ctx, indices, namespace, owner)
+        await reconcile_relay(memo.ctx, indices, ns, owner)

@@ -94,9 +94,11 @@ def test_route_update_changes_config_and_hash_and_delete_removes_it(
     )
     wait_for(lambda: _route_names(kube, ns) == ["billing", "news"], what="both routes")
     first_hash = wait_for(lambda: _status(kube, "mailrelay", "outbound", ns).get("configHash"))
-    template_hash = lambda: get(kube, "statefulset", "outbound", ns)["spec"]["template"][  # noqa: E731
-        "metadata"
-    ]["annotations"]["mailrelay.dev/config-hash"]
+
+    def template_hash() -> str:
+        sts = get(kube, "statefulset", "outbound", ns) or {}
+        return str(sts["spec"]["template"]["metadata"]["annotations"]["mailrelay.dev/config-hash"])
+
     assert template_hash() == first_hash
 
     apply(kube, ns, m.smtp_route("billing", senders=["billing.example.com"], port=2525))
@@ -303,12 +305,13 @@ def test_conflicting_routes_are_reported_not_resolved(
         m.smtp_route("b", senders=["same.example.com"]),
         m.smtp_route("c", senders=["other.example.com"]),
     )
+    want = ("Accepted", "False", "RouteConflict")
     for name, rival in (("a", "b"), ("b", "a")):
-        wait_for(
-            lambda n=name: _has_condition(
-                kube, "mailroute", n, ns, ("Accepted", "False", "RouteConflict")
-            )
-        )
+
+        def conflicted(route: str = name) -> bool:
+            return _has_condition(kube, "mailroute", route, ns, want)
+
+        wait_for(conflicted)
         assert rival in condition(get(kube, "mailroute", name, ns), "Accepted")["message"]  # type: ignore[index]
     wait_for(lambda: _route_names(kube, ns) == ["c"])
 
