@@ -5,40 +5,47 @@ SES, SparkPost, webhook) send the spooled bytes unchanged; JSON providers (SendG
 Postmark, Resend) rebuild the message from fields parsed by `mime`. `base` holds what all
 share (HTTP client, throttle, error classes, credentials, metrics); `limits` what each
 provider documents it accepts.
+
+Importing this package is cheap: a provider's module (and its SDK, botocore for SES) is
+imported only when an upstream of that provider is built, so the relay's size checks can
+use `limits` without loading any of them.
 """
 
 from __future__ import annotations
 
+import importlib
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry
-
-from mailrelay.relay.config import ApiUpstream
-from mailrelay.relay.providers.base import ApiTransport
 from mailrelay.relay.providers.limits import effective_max_message_size
-from mailrelay.relay.providers.mailgun import MailgunTransport
-from mailrelay.relay.providers.postmark import PostmarkTransport
-from mailrelay.relay.providers.resend import ResendTransport
-from mailrelay.relay.providers.sendgrid import SendGridTransport
-from mailrelay.relay.providers.ses import SesTransport
-from mailrelay.relay.providers.sparkpost import SparkPostTransport
-from mailrelay.relay.providers.webhook import WebhookTransport
 
-__all__ = ["TRANSPORTS", "ApiTransport", "build_api_transport", "effective_max_message_size"]
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
 
-TRANSPORTS: dict[str, type[ApiTransport]] = {
-    cls.provider: cls
-    for cls in (
-        MailgunTransport,
-        SesTransport,
-        SparkPostTransport,
-        SendGridTransport,
-        PostmarkTransport,
-        ResendTransport,
-        WebhookTransport,
-    )
+    from mailrelay.relay.config import ApiUpstream
+    from mailrelay.relay.providers.base import ApiTransport
+
+__all__ = ["TRANSPORTS", "build_api_transport", "effective_max_message_size"]
+
+# provider -> (module under mailrelay.relay.providers, transport class)
+TRANSPORTS: dict[str, tuple[str, str]] = {
+    "mailgun": ("mailgun", "MailgunTransport"),
+    "ses": ("ses", "SesTransport"),
+    "sparkpost": ("sparkpost", "SparkPostTransport"),
+    "sendgrid": ("sendgrid", "SendGridTransport"),
+    "postmark": ("postmark", "PostmarkTransport"),
+    "resend": ("resend", "ResendTransport"),
+    "webhook": ("webhook", "WebhookTransport"),
 }
+
+
+def transport_class(provider: str) -> type[ApiTransport]:
+    """The transport class of a provider, importing its module on first use."""
+    module_name, class_name = TRANSPORTS[provider]
+    module = importlib.import_module(f"{__name__}.{module_name}")
+    cls: type[ApiTransport] = getattr(module, class_name)
+    return cls
 
 
 def build_api_transport(
@@ -49,6 +56,6 @@ def build_api_transport(
     wall_clock: Callable[[], float] = time.time,
 ) -> ApiTransport:
     """The transport for one API upstream; metrics go to `registry` when given."""
-    return TRANSPORTS[upstream.provider](
+    return transport_class(upstream.provider)(
         upstream, registry=registry, clock=clock, wall_clock=wall_clock
     )

@@ -13,7 +13,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from mailrelay.relay.config import ApiUpstream
-from mailrelay.relay.providers import ApiTransport
+from mailrelay.relay.providers.base import ApiTransport
 from mailrelay.relay.transport import Envelope, RecipientOutcome
 from tests.providers.conftest import PROVIDERS
 from tests.providers.messages import rich_message

@@ -103,3 +103,20 @@ async def test_default_base_urls_follow_the_region(
         assert transport.base_url == base_url
     finally:
         await transport.close()
+
+
+def test_size_checks_do_not_load_the_provider_sdks() -> None:
+    """The relay's SIZE check imports `limits`; botocore and httpx stay unloaded."""
+    import subprocess  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+
+    code = (
+        "import sys, mailrelay.relay.providers.limits\n"
+        "loaded = [m for m in ('botocore', 'httpx', 'mailrelay.relay.providers.ses') "
+        "if m in sys.modules]\n"
+        "print(','.join(loaded))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert out.stdout.strip() == ""
