@@ -5,8 +5,10 @@ across To, Cc and Bcc per request. Addresses are "Name <address>" strings joined
 commas; bodies go to `TextBody`/`HtmlBody`; other parts to `Attachments` with `ContentID`
 (`cid:...`) for inline images; remaining headers to `Headers`; `message_stream` of the
 upstream to `MessageStream`. Postmark explains errors with an `ErrorCode`: bad token
-(10), sender signature missing or unconfirmed (400, 401), sending not allowed (405) and
-account pending (412) are our configuration; other 422s are permanent for the message.
+(10), sender signature missing or unconfirmed (400, 401), sending not allowed (405),
+account pending (412) or not allowed to send (413) are our configuration; maintenance
+(100) is temporary; other 422s (300 invalid request, 406 inactive recipient ...) are
+permanent for the message.
 """
 
 from __future__ import annotations
@@ -27,7 +29,10 @@ from mailrelay.relay.transport import Envelope, RecipientOutcome
 
 __all__ = ["PostmarkTransport"]
 
-_CONFIG_ERROR_CODES = frozenset({10, 400, 401, 405, 412})
+# 10 bad token, 400/401 sender signature missing/unconfirmed, 405 not allowed to send,
+# 412 account pending, 413 account may not send. 100 is Postmark's maintenance.
+_CONFIG_ERROR_CODES = frozenset({10, 400, 401, 405, 412, 413})
+_MAINTENANCE = 100
 
 
 def _joined(mailboxes: tuple[Mailbox, ...]) -> str:
@@ -90,6 +95,11 @@ class PostmarkTransport(ApiTransport):
     def classify_error(self, response: httpx.Response) -> Verdict:
         """Postmark's ErrorCode tells an account problem from a bad message."""
         code = _error_code(response)
+        if code == _MAINTENANCE:
+            return Verdict(
+                RecipientOutcome.TEMPORARY,
+                f"Postmark is in maintenance (HTTP {response.status_code}): {error_text(response)}",
+            )
         if code in _CONFIG_ERROR_CODES:
             return Verdict(
                 RecipientOutcome.CONFIG_ERROR,

@@ -291,7 +291,13 @@ async def test_ses_uses_the_standard_aws_chain_without_credential_files(
 
 @pytest.mark.parametrize(
     ("code", "expected"),
-    [(405, RecipientOutcome.CONFIG_ERROR), (300, RecipientOutcome.PERMANENT)],
+    [
+        (405, RecipientOutcome.CONFIG_ERROR),
+        (413, RecipientOutcome.CONFIG_ERROR),
+        (300, RecipientOutcome.PERMANENT),
+        (406, RecipientOutcome.PERMANENT),
+        (100, RecipientOutcome.TEMPORARY),
+    ],
 )
 async def test_postmark_error_codes(
     code: int,
