@@ -155,6 +155,8 @@ def _load_if_changed(
         return signature, path.read_text(encoding="utf-8").strip()
     except FileNotFoundError:
         return None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CredentialError(f"cannot read credential file {path}: {exc}") from exc
 
 
 @dataclass(frozen=True)

@@ -381,3 +381,20 @@ async def test_webhook_signs_with_api_key_when_there_is_no_signing_secret_file(
     assert outcomes(results) == {RecipientOutcome.CONFIG_ERROR}
     assert "signing_secret" in results[0].detail
     assert len(server.requests) == 1
+
+
+async def test_unreadable_credential_file_is_a_configuration_error(
+    provider_server: ServerFactory,
+    api_upstream: Any,
+    transport_factory: Any,
+    credentials_dir: Path,
+) -> None:
+    (credentials_dir / "api_key").unlink()
+    (credentials_dir / "api_key").mkdir()  # a directory where the file should be
+    server, transport, _, _ = await setup(
+        "resend", provider_server, api_upstream, transport_factory
+    )
+    results = await transport.deliver(envelope(), rich_message())
+    assert outcomes(results) == {RecipientOutcome.CONFIG_ERROR}
+    assert "cannot read credential file" in results[0].detail
+    assert server.requests == []
