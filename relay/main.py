@@ -7,9 +7,10 @@
 * `--check-config`: validate the file (and the users file) and exit 0 or 2;
 * `queue ...`: the spool CLI in `queue_cli`, safe beside a running relay.
 
-With `listener.workers > 1` the process becomes a small supervisor that starts that many
-worker processes sharing the SMTP ports (SO_REUSEPORT) and the spool; worker N serves
-metrics on `metrics.port + N`, so each worker's numbers stay scrapeable.
+With `listener.workers > 1` the process is worker 0 and starts workers 1..N-1, all sharing
+the SMTP ports (SO_REUSEPORT) and the spool; worker N serves metrics on
+`metrics.port + N`, so each worker's numbers stay scrapeable. Worker 0 forwards SIGTERM
+and exits non-zero if a worker dies; workers die with worker 0 (PR_SET_PDEATHSIG).
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ __all__ = ["Command", "RelayApp", "main", "parse_args"]
 log = logging.getLogger("mailrelay.relay")
 
 EXIT_OK, EXIT_ERROR, EXIT_CONFIG = 0, 1, 2
+_PARENT_ENV = "MAILRELAY_WORKER_PARENT_PID"
 
 
 @dataclass(frozen=True)
@@ -275,7 +277,42 @@ def _only_tls_changed(new: RelayConfig, old: RelayConfig) -> bool:
     )
 
 
-async def _serve(config: RelayConfig, config_path: Path, worker_index: int | None) -> int:
+def _spawn_workers(config_path: Path, count: int) -> list[subprocess.Popen[bytes]]:
+    """Start worker processes 1..count-1 (this process is worker 0)."""
+    argv = [sys.executable, "-m", "mailrelay.relay", "--config", str(config_path)]
+    env = {**os.environ, _PARENT_ENV: str(os.getpid())}
+    return [
+        subprocess.Popen([*argv, "--worker-index", str(index)], env=env)
+        for index in range(1, count)
+    ]
+
+
+def _die_with_parent() -> bool:
+    """Ask Linux to SIGTERM this worker if worker 0 dies, so no orphan keeps the port.
+
+    False if worker 0 is already gone (it died before this worker got here).
+    """
+    with contextlib.suppress(OSError, AttributeError):
+        import ctypes  # noqa: PLC0415
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
+    parent = os.environ.get(_PARENT_ENV)
+    return parent is None or os.getppid() == int(parent)
+
+
+async def _serve(
+    config: RelayConfig,
+    config_path: Path,
+    worker_index: int | None,
+    children: list[subprocess.Popen[bytes]],
+) -> int:
+    """Run one relay process until a signal; worker 0 also forwards it to its workers.
+
+    If a worker dies on its own, worker 0 stops everything and exits non-zero, so the pod
+    restarts as a whole instead of running with part of its capacity.
+    """
     loop = asyncio.get_running_loop()
     # Spool writes and fsyncs run in threads; let enough run at once for group commit.
     from concurrent.futures import ThreadPoolExecutor  # noqa: PLC0415
@@ -287,45 +324,32 @@ async def _serve(config: RelayConfig, config_path: Path, worker_index: int | Non
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    status = EXIT_OK
+
+    async def watch_children() -> None:
+        nonlocal status
+        while not stop.is_set():
+            if any(child.poll() is not None for child in children):
+                log.error("A relay worker process exited unexpectedly; stopping all workers")
+                status = EXIT_ERROR
+                stop.set()
+            await asyncio.sleep(0.5)
+
+    watcher = asyncio.create_task(watch_children()) if children else None
     await app.start()
     log.info("Started the relay %s (pid %d)", config.hostname, os.getpid())
     await stop.wait()
+    for child in children:
+        if child.poll() is None:
+            child.send_signal(signal.SIGTERM)
     await app.stop()
-    return EXIT_OK
-
-
-def _supervise(config: RelayConfig, config_path: Path) -> int:
-    """Run `workers` processes sharing the ports and the spool.
-
-    SIGTERM/SIGINT are forwarded and the supervisor waits for every worker. If a worker
-    dies on its own, the others are stopped too and the exit status is non-zero, so the
-    pod restarts as a whole instead of running with part of its capacity.
-    """
-    stopping = False
-
-    def spawn(index: int) -> subprocess.Popen[bytes]:
-        argv = [sys.executable, "-m", "mailrelay.relay", "--config", str(config_path)]
-        return subprocess.Popen([*argv, "--worker-index", str(index)])
-
-    workers = [spawn(index) for index in range(config.listener.workers)]
-    log.info("Started %d relay worker processes", len(workers))
-
-    def forward(signum: int, _frame: object) -> None:
-        nonlocal stopping
-        stopping = True
-        for worker in workers:
-            if worker.poll() is None:
-                worker.send_signal(signum)
-
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
-    while any(worker.poll() is None for worker in workers):
-        if not stopping and any(worker.poll() is not None for worker in workers):
-            log.error("A relay worker exited unexpectedly; stopping the others")
-            forward(signal.SIGTERM, None)
-        time.sleep(0.2)
-    codes = [worker.returncode for worker in workers]
-    return EXIT_OK if all(code == 0 for code in codes) and stopping else EXIT_ERROR
+    if watcher is not None:
+        watcher.cancel()
+    for child in children:
+        code = await asyncio.to_thread(child.wait)
+        if code != 0:
+            status = EXIT_ERROR
+    return status
 
 
 def _check_config(path: Path) -> int:
@@ -364,6 +388,12 @@ def main(argv: list[str] | None = None) -> int:
         print(exc, file=sys.stderr)
         return EXIT_CONFIG
     configure_logging(config.log_format)
-    if config.listener.workers > 1 and command.worker_index is None:
-        return _supervise(config, command.config)
-    return asyncio.run(_serve(config, command.config, command.worker_index))
+    worker_index, children = command.worker_index, []
+    if worker_index is not None:
+        if not _die_with_parent():
+            log.error("Exited worker %d: worker 0 is already gone", worker_index)
+            return EXIT_ERROR
+    elif config.listener.workers > 1:
+        worker_index, children = 0, _spawn_workers(command.config, config.listener.workers)
+        log.info("Started %d more relay worker processes", len(children))
+    return asyncio.run(_serve(config, command.config, worker_index, children))

@@ -4,6 +4,7 @@ and the command line parser."""
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 from pathlib import Path
 from typing import Any
@@ -271,3 +272,41 @@ def test_json_log_lines_carry_structured_fields() -> None:
     assert line["message"] == "Accepted message Q1"
     assert line["queue_id"] == "Q1"
     assert line["level"] == "info" and line["logger"] == "mailrelay.relay.server"
+
+
+def _children(pid: int) -> list[int]:
+    raw = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    return [int(x) for x in raw.split()]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.slow
+async def test_workers_live_and_die_together(relay_factory: RelayFactory) -> None:
+    route = {"name": "r", "upstream": {"type": "smtp", "name": "u", "host": "127.0.0.1", "port": 9}}
+    relay = await relay_factory(
+        routes=[route], subprocess=True, allowed_networks=["127.0.0.0/8"], listener={"workers": 2}
+    )
+    assert relay.process is not None
+    [worker] = _children(relay.process.pid)
+    os.kill(worker, signal.SIGKILL)  # a worker crashes: worker 0 stops and reports it
+    assert await asyncio.to_thread(relay.process.wait, 30) == 1
+    assert "exited unexpectedly" in relay.log()
+    # And when worker 0 is killed outright, its workers do not linger on the port.
+    relay2 = await relay_factory(
+        routes=[route], subprocess=True, allowed_networks=["127.0.0.0/8"], listener={"workers": 2}
+    )
+    assert relay2.process is not None
+    [worker] = _children(relay2.process.pid)
+    relay2.kill()
+    for _ in range(100):
+        if not _alive(worker):
+            break
+        await asyncio.sleep(0.1)
+    assert not _alive(worker), relay2.log()
