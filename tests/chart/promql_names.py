@@ -11,6 +11,12 @@ the dashboard and panel (or variable) or the alert, so a failing test says where
 `known_names(exposition)` turns a scraped /metrics text into every name a query may use:
 the sample names it holds plus, per family, the names its type implies even before the first
 observation (a labelled histogram has no `_bucket` samples until it observes something).
+
+`label_uses(expr)` finds the label names an expression relies on, per selected metric (its
+matchers) and overall (`by`, `without`, `on`, ... lists), so a test can catch a misspelt label
+that would leave a panel silently empty. `exposed_labels` reads label names from a scrape;
+`declared_labels` reads them from a registry's collectors (a labelled family has no samples,
+and so shows no label names, until its first use).
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
 CHART = Path(__file__).resolve().parents[2] / "charts" / "mailrelay"
@@ -54,6 +61,17 @@ _GRAFANA_VARIABLE = re.compile(r"\$\{[^}]*\}|\$\w+")
 _LABEL_LIST = re.compile(
     r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", re.IGNORECASE
 )
+_SELECTOR = re.compile(r"([A-Za-z_:][\w:]*)?\s*\{([^}]*)\}")
+_MATCHER = re.compile(r"([A-Za-z_]\w*)\s*(?:=~|!~|!=|=)")
+_GROUPING = re.compile(
+    r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\(([^)]*)\)", re.IGNORECASE
+)
+# Labels Prometheus (prometheus-operator's scrape configs) adds to every target's series.
+TARGET_LABELS = frozenset(
+    {"namespace", "pod", "container", "endpoint", "job", "instance", "service"}
+)
+# Labels the chart's queries make with label_replace (the relay's name, from its pod name).
+DERIVED_LABELS = frozenset({"relay"})
 _IDENTIFIER = re.compile(r"(?<![\w.:])[A-Za-z_:][\w:]*")
 _SUFFIXES = {
     "counter": ("_total", "_created"),
@@ -92,6 +110,55 @@ def metric_names(expr: str) -> set[str]:
             continue
         names.add(name)
     return names
+
+
+def label_uses(expr: str) -> tuple[list[tuple[str | None, str]], set[str]]:
+    """(metric or None, label) per matcher, and the labels of grouping/matching lists."""
+    text = _STRING.sub('""', expr)
+    text = re.sub(r"#[^\n]*", " ", text)
+    text = _GRAFANA_VARIABLE.sub(" ", text)
+    matchers: list[tuple[str | None, str]] = []
+    for selector in _SELECTOR.finditer(text):
+        metric = selector.group(1)
+        for label in _MATCHER.findall(selector.group(2)):
+            if label != "__name__":
+                matchers.append((metric, label))
+    grouping = {
+        label.strip()
+        for group in _GROUPING.findall(text)
+        for label in group.split(",")
+        if label.strip()
+    }
+    return matchers, grouping
+
+
+def exposed_labels(exposition: str) -> dict[str, set[str]]:
+    """Label names per sample name, as scraped (only families with samples show any)."""
+    labels: dict[str, set[str]] = {}
+    for family in text_string_to_metric_families(exposition):
+        for sample in family.samples:
+            labels.setdefault(sample.name, set()).update(sample.labels)
+    return labels
+
+
+def declared_labels(registry: CollectorRegistry, known: dict[str, str]) -> dict[str, set[str]]:
+    """Label names per known sample name, from the collectors' declarations.
+
+    prometheus-client keeps them in the private `_labelnames`, the only place they exist
+    before a labelled family's first sample; histogram samples add `le`.
+    """
+    by_family: dict[str, set[str]] = {}
+    for collector in list(registry._collector_to_names):
+        name = getattr(collector, "_name", None)
+        if isinstance(name, str):
+            by_family[name] = set(getattr(collector, "_labelnames", ()))
+    labels: dict[str, set[str]] = {}
+    for sample_name, family in known.items():
+        declared = set(by_family.get(family, set()))
+        if sample_name.endswith("_bucket"):
+            declared.add("le")
+        labels[sample_name] = declared
+    return labels
 
 
 def family_of(name: str, known: dict[str, str]) -> str:

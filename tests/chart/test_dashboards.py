@@ -22,15 +22,24 @@ from typing import Any
 import pytest
 import yaml
 from localkube import LocalKube
+from prometheus_client import CollectorRegistry
 
+from mailrelay.operator.metrics import OperatorMetrics
+from mailrelay.relay.metrics import RelayMetrics
+from mailrelay.relay.providers.base import provider_metrics
 from tests.chart.promql_names import (
     CHART,
     DASHBOARDS,
+    DERIVED_LABELS,
+    TARGET_LABELS,
     UncheckableQuery,
     alert_expressions,
     dashboard_expressions,
+    declared_labels,
+    exposed_labels,
     family_of,
     known_names,
+    label_uses,
     load_dashboard,
     metric_names,
     panels,
@@ -94,6 +103,41 @@ def unknown_names(uses: dict[str, list[str]], known: dict[str, str]) -> list[str
     ]
 
 
+def unknown_labels(source: Callable[[str], bool], labels: dict[str, set[str]]) -> list[str]:
+    """One line per label a query expects on one source's metrics that they do not carry."""
+    problems: list[str] = []
+    for where, expr in dashboard_expressions() + alert_expressions():
+        names = metric_names(expr)
+        mine = {name for name in names if source(name)}
+        if not mine:
+            continue
+        matchers, grouping = label_uses(expr)
+        for metric, label in matchers:
+            if metric in mine and label not in labels.get(metric, set()) | TARGET_LABELS:
+                problems.append(f"{where}: {metric} has no label {label!r}")
+        if names == mine:  # grouping labels can only be checked when every metric is ours
+            available = set().union(*(labels.get(name, set()) for name in mine))
+            for label in sorted(grouping - available - TARGET_LABELS - DERIVED_LABELS):
+                problems.append(f"{where}: no metric in it has the label {label!r}")
+    return problems
+
+
+def is_relay_metric(name: str) -> bool:
+    return name.startswith("mailrelay_") and not name.startswith(OPERATOR_PREFIX)
+
+
+def is_operator_metric(name: str) -> bool:
+    return name.startswith(OPERATOR_PREFIX)
+
+
+def merged(*maps: dict[str, set[str]]) -> dict[str, set[str]]:
+    out: dict[str, set[str]] = {}
+    for mapping in maps:
+        for name, labels in mapping.items():
+            out.setdefault(name, set()).update(labels)
+    return out
+
+
 # -- the name extractor ----------------------------------------------------------------------
 
 
@@ -120,6 +164,15 @@ def unknown_names(uses: dict[str, list[str]], known: dict[str, str]) -> list[str
 )
 def test_metric_names_are_extracted(expr: str, names: set[str]) -> None:
     assert metric_names(expr) == names
+
+
+def test_label_uses_split_matchers_and_grouping() -> None:
+    matchers, grouping = label_uses(
+        'sum by (route, upsteam) (rate(a_total{pod=~"($relay)-[0-9]+", reslt!="x"}[5m]))'
+        " / on (pod) group_left b"
+    )
+    assert matchers == [("a_total", "pod"), ("a_total", "reslt")]
+    assert grouping == {"route", "upsteam", "pod"}
 
 
 def test_a_name_pattern_cannot_be_checked() -> None:
@@ -304,11 +357,17 @@ async def test_relay_exports_every_metric_the_dashboards_and_alerts_use(
     known = known_names(body.decode())
     # The scrape is live: both deliveries are in it, so this is the running relay's registry.
     assert 'route="api-route"' in body.decode() and 'route="smtp-route"' in body.decode()
-    uses = {n: w for n, w in referenced().items() if n.startswith("mailrelay_")}
-    uses = {n: w for n, w in uses.items() if not n.startswith(OPERATOR_PREFIX)}
+    uses = {n: w for n, w in referenced().items() if is_relay_metric(n)}
     assert len(uses) > 20, "the extractor found suspiciously few relay metrics"
     missing = unknown_names(uses, known)
     assert not missing, "not exported by a live relay:\n" + "\n".join(missing)
+    # Labels: as scraped, plus the declared ones of families still without samples.
+    registry = CollectorRegistry()
+    RelayMetrics(registry)
+    provider_metrics(registry)
+    labels = merged(exposed_labels(body.decode()), declared_labels(registry, known))
+    wrong = unknown_labels(is_relay_metric, labels)
+    assert not wrong, "\n".join(wrong)
 
 
 @pytest.mark.kube
@@ -338,7 +397,12 @@ def test_operator_exports_every_metric_the_dashboards_and_alerts_use(
             exposition = response.read().decode()
     kube.kubectl("delete", "namespace", namespace, "--wait=false", check=False)
     known = known_names(exposition)
-    uses = {n: w for n, w in referenced().items() if n.startswith(OPERATOR_PREFIX)}
+    uses = {n: w for n, w in referenced().items() if is_operator_metric(n)}
     assert len(uses) >= 5, "the extractor found suspiciously few operator metrics"
     missing = unknown_names(uses, known)
     assert not missing, "not exported by a live operator:\n" + "\n".join(missing)
+    registry = CollectorRegistry()
+    OperatorMetrics(registry)
+    labels = merged(exposed_labels(exposition), declared_labels(registry, known))
+    wrong = unknown_labels(is_operator_metric, labels)
+    assert not wrong, "\n".join(wrong)
