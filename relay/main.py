@@ -204,11 +204,15 @@ class RelayApp:
         if tls is not None:
             # Prove the new certificate loads before touching the live context.
             await asyncio.to_thread(build_tls_context, str(tls.cert_file), str(tls.key_file))
+        old = self.config
         restart_only = [
             name
-            for name in ("listener", "metrics", "spool")
-            if getattr(config, name) != getattr(self.config, name)
-            and not (name == "listener" and _only_tls_changed(config, self.config))
+            for name, changed in (
+                ("listener", not _only_tls_changed(config, old)),
+                ("metrics", config.metrics != old.metrics),
+                ("spool.directory", config.spool.directory != old.spool.directory),
+            )
+            if changed
         ]
         if restart_only:
             log.warning(
@@ -272,6 +276,7 @@ class RelayApp:
 
 
 def _only_tls_changed(new: RelayConfig, old: RelayConfig) -> bool:
+    """Whether the listener settings are equal apart from the certificate files."""
     return new.listener.model_copy(update={"tls": None}) == old.listener.model_copy(
         update={"tls": None}
     )
