@@ -123,6 +123,7 @@ LOOPBACK = ["127.0.0.0/8"]
         (False, None, LOOPBACK, 250),  # trusted network, no AUTH needed
         (True, None, LOOPBACK, 250),
         (True, None, ["10.0.0.0/8"], 530),  # some other network
+        (True, ("alice", "wrong"), [], 530),  # a failed AUTH grants nothing
     ],
 )
 async def test_no_open_relay_matrix(
@@ -133,12 +134,42 @@ async def test_no_open_relay_matrix(
     expected: int,
 ) -> None:
     relay = await accept_only(relay_factory, allowed_networks=networks)
-    async with relay.client(starttls=starttls, login=login) as smtp:
+    async with relay.client(starttls=starttls) as smtp:
+        if login is not None:
+            with contextlib.suppress(aiosmtplib.SMTPAuthenticationError):
+                await smtp.auth_plain(*login)
         code, text = await cmd(smtp, "MAIL FROM:<a@example.com>")
     assert code == expected
     if expected == 530:
         assert text.startswith("5.7.0")
         assert relay.metric("mailrelay_messages_rejected_total", {"reason": "auth_required"}) == 1
+
+
+@pytest.mark.parametrize("networks", [[], ["10.0.0.0/8"]])
+async def test_implicit_tls_alone_is_no_permission(
+    relay_factory: RelayFactory, networks: list[str]
+) -> None:
+    relay = await accept_only(
+        relay_factory, allowed_networks=networks, listener={"implicit_tls_port": 0}
+    )
+    async with relay.client(implicit=True) as smtp:
+        code, text = await cmd(smtp, "MAIL FROM:<a@example.com>")
+    assert (code, text[:5]) == (530, "5.7.0")
+
+
+async def test_rate_limited_route_with_reject_answers_450_at_rcpt(
+    relay_factory: RelayFactory,
+) -> None:
+    relay = await relay_factory(
+        routes=[route(rate_limit={"per_second": 0.01, "burst": 2, "on_exceed": "reject"})]
+    )
+    async with relay.client(login=ALICE) as smtp:
+        replies = await transaction(
+            smtp, "a@example.com", ["a@d.test", "b@d.test", "c@d.test"], message()
+        )
+    assert [code for code, _ in replies] == [250, 250, 250, 450, 250]
+    assert replies[3][1].startswith("4.7.0")
+    assert relay.metric("mailrelay_messages_rejected_total", {"reason": "rate_limited"}) == 1
 
 
 async def test_auth_is_refused_before_tls_and_not_advertised(relay_factory: RelayFactory) -> None:
