@@ -869,7 +869,7 @@ class ApiCredentialsSecretRef(KubeModel):
         default="apiKey",
         description=(
             "Key holding the API key or token (Mailgun, SparkPost, SendGrid, Postmark, "
-            "Resend) or the bearer token sent to a webhook."
+            "Resend), or the HMAC-SHA256 secret a webhook request is signed with."
         ),
     )
     access_key_id_key: SecretKey = Field(
@@ -882,7 +882,9 @@ class ApiCredentialsSecretRef(KubeModel):
 
 Provider = Literal["mailgun", "ses", "sparkpost", "sendgrid", "postmark", "resend", "webhook"]
 REGIONAL_PROVIDERS = ("mailgun", "sparkpost", "sendgrid")
-AMBIENT_CREDENTIAL_PROVIDERS = ("ses", "webhook")
+# Only SES can go without a Secret (the pod's AWS identity); the relay never sends an
+# unsigned webhook.
+AMBIENT_CREDENTIAL_PROVIDERS = ("ses",)
 
 MAILGUN_DOMAIN_MESSAGE = "domain is required for provider mailgun"
 DOMAIN_ONLY_MAILGUN_MESSAGE = "domain is only used by provider mailgun"
@@ -892,7 +894,7 @@ REGION_US_EU_MESSAGE = "region for mailgun, sparkpost and sendgrid must be us or
 REGION_UNUSED_MESSAGE = "region is only used by mailgun, sparkpost, sendgrid and ses"
 WEBHOOK_ENDPOINT_MESSAGE = "provider webhook needs an endpoint"
 API_CREDENTIALS_MESSAGE = (
-    "credentialsSecretRef is required for this provider (only ses and webhook may go without)"
+    "credentialsSecretRef is required for this provider (only ses may go without)"
 )
 CONFIGURATION_SET_MESSAGE = "configurationSet is only used by provider ses"
 MESSAGE_STREAM_MESSAGE = "messageStream is only used by provider postmark"
@@ -946,7 +948,7 @@ class ApiUpstream(KubeModel):
                 reason="FieldValueRequired",
             ),
             cel(
-                "self.provider in ['ses', 'webhook'] || has(self.credentialsSecretRef)",
+                "self.provider == 'ses' || has(self.credentialsSecretRef)",
                 API_CREDENTIALS_MESSAGE,
                 field_path=".credentialsSecretRef",
                 reason="FieldValueRequired",
@@ -1011,8 +1013,8 @@ class ApiUpstream(KubeModel):
     credentials_secret_ref: ApiCredentialsSecretRef | None = Field(
         default=None,
         description=(
-            "Secret with the API credentials. Optional for ses (the pod's AWS identity is "
-            "used) and webhook (no Authorization header)."
+            "Secret with the API credentials. Optional only for ses (the pod's AWS identity "
+            "is used); a webhook needs it for its signing secret."
         ),
     )
 

@@ -188,6 +188,16 @@ INVALID: list[Invalid] = [
         "must be an absolute http:// or https://",
     ),
     Invalid(
+        "webhook-without-signing-secret",
+        "MailRoute",
+        {"upstream": {"api": {"provider": "webhook", "endpoint": "https://hooks.example.org/in"}}},
+        (
+            "spec.upstream.api.credentialsSecretRef: Required value",
+            "credentialsSecretRef is required",
+        ),
+        "credentialsSecretRef is required",
+    ),
+    Invalid(
         "api-key-provider-without-credentials",
         "MailRoute",
         {"upstream": {"api": {"provider": "sendgrid"}}},
