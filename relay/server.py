@@ -165,6 +165,7 @@ class RelaySMTP(_CheapDir, SMTP):
         self.implicit_tls = implicit_tls
         self._registered = False
         self._refusal: str | None = None
+        self._held_lines: list[str] = []
         self._data_timeout = limits.data_timeout_seconds
         super().__init__(
             front.handler,
@@ -238,9 +239,23 @@ class RelaySMTP(_CheapDir, SMTP):
         await super().smtp_DATA(arg)
 
     async def push(self, status: Any) -> None:
-        if isinstance(status, str) and status.startswith("552 Error"):
-            self.front.metrics.reject("message_too_large")
-            status = "552 5.3.4 Message size exceeds fixed maximum message size"
+        if isinstance(status, str):
+            if status.startswith("552 Error"):
+                self.front.metrics.reject("message_too_large")
+                status = "552 5.3.4 Message size exceeds fixed maximum message size"
+            elif len(status) > 3 and status[3] == "-":
+                # A continuation line of a multi-line reply (EHLO): hold it and send the
+                # whole reply with its last line, one write instead of one per line.
+                self._held_lines.append(status)
+                return
+        if self._held_lines:
+            held = "\r\n".join(self._held_lines)
+            self._held_lines.clear()
+            status = (
+                f"{held}\r\n{status}"
+                if isinstance(status, str)
+                else held.encode() + b"\r\n" + status
+            )
         await super().push(status)
 
     # -- AUTH: aiosmtpd's parsing, with the password check awaited off the loop -------
