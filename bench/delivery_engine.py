@@ -13,6 +13,8 @@ many upstream connections were opened.
 
 Variants:
 - `pool`: the real engine, connections pooled and reused (`pool_size` = `--pool-size`);
+- `pool+rset`: pooled, but every reuse is preceded by an RSET round trip (the pool only
+  sends one after `RSET_AFTER_IDLE_SECONDS` idle; this shows what that saves);
 - `no-reuse`: the same, but every connection is closed after one message (the pool's
   idle timeout set to 0), which is what delivery without a pool costs.
 
@@ -35,6 +37,7 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 
+from mailrelay.relay import smtp_transport
 from mailrelay.relay.config import ApiUpstream, RelayConfig, SmtpUpstream
 from mailrelay.relay.delivery import DeliveryEngine
 from mailrelay.relay.metrics import RelayMetrics
@@ -42,7 +45,7 @@ from mailrelay.relay.smtp_transport import PoolObserver, SmtpTransport
 from mailrelay.relay.spool import Spool
 from mailrelay.relay.transport import Transport, build_transport
 
-VARIANTS = ("pool", "no-reuse")
+VARIANTS = ("pool", "pool+rset", "no-reuse")
 
 
 def free_port() -> int:
@@ -138,8 +141,11 @@ async def one_run(
             return build_transport(upstream, observer=observer)
 
         engine = DeliveryEngine(
-            config, spool, metrics, transport_factory=pooled if variant == "pool" else no_reuse
+            config, spool, metrics, transport_factory=no_reuse if variant == "no-reuse" else pooled
         )
+        default_rset_after = smtp_transport.RSET_AFTER_IDLE_SECONDS
+        if variant == "pool+rset":
+            smtp_transport.RSET_AFTER_IDLE_SECONDS = -1.0
         cpu_before = resource.getrusage(resource.RUSAGE_SELF)
         started = time.perf_counter()
         await engine.start()
@@ -149,6 +155,7 @@ async def one_run(
         elapsed = time.perf_counter() - started
         cpu_after = resource.getrusage(resource.RUSAGE_SELF)
         await engine.stop(5)
+        smtp_transport.RSET_AFTER_IDLE_SECONDS = default_rset_after
         cpu = (cpu_after.ru_utime - cpu_before.ru_utime) + (
             cpu_after.ru_stime - cpu_before.ru_stime
         )
@@ -180,7 +187,8 @@ def cli() -> int:
 async def main(args: argparse.Namespace) -> int:
     results: dict[str, list[tuple[float, float, int]]] = {v: [] for v in VARIANTS}
     for rep in range(args.reps):
-        order = VARIANTS if rep % 2 == 0 else tuple(reversed(VARIANTS))
+        shift = rep % len(VARIANTS)
+        order = VARIANTS[shift:] + VARIANTS[:shift]
         for variant in order:
             figures = await one_run(variant, args, args.workdir)
             results[variant].append(figures)
@@ -203,8 +211,9 @@ async def main(args: argparse.Namespace) -> int:
         conns = statistics.median(r[2] for r in rows)
         print(f"{variant:10s} {rate:8.0f} {cpu:9.2f} {conns:12.0f}")
     pool = statistics.median(r[0] for r in results["pool"])
+    rset = statistics.median(r[0] for r in results["pool+rset"])
     plain = statistics.median(r[0] for r in results["no-reuse"])
-    print(f"pool / no-reuse throughput: {pool / plain:.2f}x")
+    print(f"pool / no-reuse throughput: {pool / plain:.2f}x; pool / pool+rset: {pool / rset:.2f}x")
     return 0
 
 

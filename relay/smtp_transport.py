@@ -56,6 +56,13 @@ log = logging.getLogger(__name__)
 DEFAULT_IDLE_TIMEOUT_SECONDS = 30.0
 # An RSET on a reused connection answers in milliseconds; this only bounds a dead peer.
 _RSET_TIMEOUT_SECONDS = 10.0
+# A connection idle longer than this is probed with RSET before reuse. One used moments
+# ago is not: the last transaction ended with 250 (which resets the server's state,
+# RFC 5321 4.1.1.4) or with aiosmtplib's own RSET after a refusal, and a probe would add
+# a round trip to every message (measured with bench/delivery_engine.py).
+RSET_AFTER_IDLE_SECONDS = 1.0
+# Credential files are stat'ed at most this often (each check is a thread hop).
+CREDENTIAL_CHECK_SECONDS = 1.0
 _QUIT_TIMEOUT_SECONDS = 5.0
 # AUTH answers that mean "these credentials are wrong", as opposed to "try later" (454).
 _AUTH_CONFIG_CODES = frozenset({530, 534, 535, 538})
@@ -114,10 +121,20 @@ def _file_identity(path: Path) -> tuple[int, ...]:
 class CredentialFiles:
     """The AUTH user and password, read from files and re-read when the files change."""
 
-    def __init__(self, username_file: Path, password_file: Path) -> None:
+    def __init__(
+        self,
+        username_file: Path,
+        password_file: Path,
+        *,
+        check_interval: float = CREDENTIAL_CHECK_SECONDS,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._username_file = username_file
         self._password_file = password_file
         self._cached: _Credentials | None = None
+        self._check_interval = check_interval
+        self._monotonic = monotonic
+        self._checked_at = float("-inf")
 
     def _read(self) -> _Credentials:
         # Stat through the path each time: a Kubernetes Secret update swaps a symlink.
@@ -131,8 +148,13 @@ class CredentialFiles:
         return self._cached
 
     async def current(self) -> _Credentials:
-        """The credentials as the files hold them now (file I/O off the event loop)."""
-        return await asyncio.to_thread(self._read)
+        """The credentials as the files hold them (re-checked at most every interval)."""
+        now = self._monotonic()
+        if self._cached is not None and now - self._checked_at < self._check_interval:
+            return self._cached
+        credentials = await asyncio.to_thread(self._read)
+        self._checked_at = now
+        return credentials
 
 
 @dataclass(eq=False)
@@ -152,6 +174,7 @@ class SmtpConnectionPool:
         local_hostname: str | None = None,
         observer: PoolObserver | None = None,
         idle_timeout: float = DEFAULT_IDLE_TIMEOUT_SECONDS,
+        credential_check_interval: float = CREDENTIAL_CHECK_SECONDS,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.upstream = upstream
@@ -165,7 +188,12 @@ class SmtpConnectionPool:
         self._closed = False
         self._reaper: asyncio.Task[None] | None = None
         self._credentials = (
-            CredentialFiles(upstream.username_file, upstream.password_file)
+            CredentialFiles(
+                upstream.username_file,
+                upstream.password_file,
+                check_interval=credential_check_interval,
+                monotonic=monotonic,
+            )
             if upstream.username_file is not None and upstream.password_file is not None
             else None
         )
@@ -197,11 +225,12 @@ class SmtpConnectionPool:
                 ):
                     await self._discard(conn, polite=conn.smtp.is_connected)
                     continue
-                try:
-                    await conn.smtp.rset(timeout=_RSET_TIMEOUT_SECONDS)
-                except (aiosmtplib.SMTPException, OSError, TimeoutError):
-                    await self._discard(conn, polite=False)
-                    continue
+                if self._monotonic() - conn.last_used > RSET_AFTER_IDLE_SECONDS:
+                    try:
+                        await conn.smtp.rset(timeout=_RSET_TIMEOUT_SECONDS)
+                    except (aiosmtplib.SMTPException, OSError, TimeoutError):
+                        await self._discard(conn, polite=False)
+                        continue
                 self._observer.connection_reused(self.upstream.name)
                 return conn
             conn = await self._connect(credentials)
@@ -331,11 +360,16 @@ class SmtpTransport:
         local_hostname: str | None = None,
         observer: PoolObserver | None = None,
         idle_timeout: float = DEFAULT_IDLE_TIMEOUT_SECONDS,
+        credential_check_interval: float = CREDENTIAL_CHECK_SECONDS,
     ) -> None:
         self.name = upstream.name
         self.upstream = upstream
         self.pool = SmtpConnectionPool(
-            upstream, local_hostname=local_hostname, observer=observer, idle_timeout=idle_timeout
+            upstream,
+            local_hostname=local_hostname,
+            observer=observer,
+            idle_timeout=idle_timeout,
+            credential_check_interval=credential_check_interval,
         )
 
     async def close(self) -> None:

@@ -61,6 +61,7 @@ class Harness:
 
     def transport(self, up: Upstream, **fields: Any) -> SmtpTransport:
         idle_timeout = fields.pop("idle_timeout", 30.0)
+        check = fields.pop("credential_check_interval", 1.0)
         fields.setdefault("tls", up.tls)
         fields.setdefault("ca_file", self.certs.ca_file)
         config = SmtpUpstream(
@@ -72,7 +73,12 @@ class Harness:
             timeout_seconds=fields.pop("timeout_seconds", 5),
             **fields,
         )
-        transport = SmtpTransport(config, local_hostname="relay.test", idle_timeout=idle_timeout)
+        transport = SmtpTransport(
+            config,
+            local_hostname="relay.test",
+            idle_timeout=idle_timeout,
+            credential_check_interval=check,
+        )
         self.transports.append(transport)
         return transport
 
@@ -323,7 +329,9 @@ async def test_idle_connections_are_closed(harness: Harness) -> None:
 async def test_rotated_credentials_are_used_for_new_connections(harness: Harness) -> None:
     up = await harness.upstream(tls="starttls", users={"relay": "old"})
     user_file, password_file = harness.credentials("relay", "old")
-    transport = harness.transport(up, username_file=user_file, password_file=password_file)
+    transport = harness.transport(
+        up, username_file=user_file, password_file=password_file, credential_check_interval=0
+    )
     [first] = await transport.deliver(envelope(), MESSAGE)
     assert first.outcome is RecipientOutcome.DELIVERED
 
