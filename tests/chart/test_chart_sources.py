@@ -7,6 +7,8 @@ from typing import Any
 import sync_chart
 import yaml
 
+from mailrelay.operator.rbac import RULES
+
 
 def test_generated_chart_files_are_current() -> None:
     stale = [
@@ -23,7 +25,7 @@ def test_split_rules_cover_every_rule_once() -> None:
     cluster = {r for rule in split["cluster"] for r in rule["resources"]}
     assert not namespaced & cluster
     assert cluster <= sync_chart.CLUSTER_SCOPED
-    expected = {r for rule in sync_chart.RULES for r in rule.resources}
+    expected = {r for rule in RULES for r in rule.resources}
     assert namespaced | cluster == expected
 
 
