@@ -587,18 +587,36 @@ class DeliveryEngine:
                 continue
             outcome = result.outcome
             args = (entry.queue_id, rcpt.address, route.name, upstream.name, result.detail)
+            # Structured fields for JSON logs (the text format shows only the message).
+            extra = {
+                "queue_id": entry.queue_id,
+                "event": "delivery",
+                "recipient": rcpt.address,
+                "route": route.name,
+                "upstream": upstream.name,
+                "result": outcome.value,
+                "attempt": rcpt.attempts,
+                "remote_id": result.remote_id,
+            }
             if outcome is RecipientOutcome.DELIVERED:
-                log.info("Delivered message %s to %s via route %s upstream %s: %s", *args)
+                log.info(
+                    "Delivered message %s to %s via route %s upstream %s: %s", *args, extra=extra
+                )
             elif outcome is RecipientOutcome.PERMANENT:
                 log.warning(
-                    "Failed message %s to %s via route %s upstream %s permanently: %s", *args
+                    "Failed message %s to %s via route %s upstream %s permanently: %s",
+                    *args,
+                    extra=extra,
                 )
             elif outcome is RecipientOutcome.TEMPORARY:
-                log.info("Deferred message %s to %s via route %s upstream %s: %s", *args)
+                log.info(
+                    "Deferred message %s to %s via route %s upstream %s: %s", *args, extra=extra
+                )
             else:
                 log.error(
                     "Kept message %s to %s queued: route %s upstream %s is misconfigured: %s",
                     *args,
+                    extra=extra,
                 )
 
     @staticmethod

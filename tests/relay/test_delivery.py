@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import email
 import email.policy
+import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from email.message import EmailMessage, Message
@@ -155,7 +156,10 @@ def report_blocks(bounce: EmailMessage) -> list[Message]:
     return [b for b in payload if isinstance(b, Message)]
 
 
-async def test_delivers_exact_bytes_and_removes_from_spool(world: World) -> None:
+async def test_delivers_exact_bytes_and_removes_from_spool(
+    world: World, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="mailrelay.relay.delivery")
     up = await world.upstream()
     engine = await world.engine(world.config([{"name": "r", "upstream": world.smtp(up, "up")}]))
 
@@ -174,6 +178,14 @@ async def test_delivers_exact_bytes_and_removes_from_spool(world: World) -> None
         == 2
     )
     assert world.metric("mailrelay_delivery_latency_seconds_count", route="r") == 1
+    # One log line per recipient result, carrying the queue id (a field in JSON logs).
+    lines = [r for r in caplog.records if getattr(r, "event", None) == "delivery"]
+    assert sorted(getattr(r, "recipient", "") for r in lines) == [
+        "bob@example.net",
+        "carol@example.org",
+    ]
+    assert all(getattr(r, "queue_id", None) == entry.queue_id for r in lines)
+    assert all(entry.queue_id in r.getMessage() for r in lines)
 
 
 async def test_resumes_the_spool_on_start(world: World) -> None:
