@@ -640,3 +640,25 @@ async def test_changes_by_another_process_are_picked_up(world: World) -> None:
         await asyncio.sleep(0.02)  # a new mtime even on coarse file systems
         world.spool.retry_now_sync(entry.queue_id)
     await up.wait_for(1, within=5)
+
+
+async def test_two_engines_sharing_a_spool_deliver_each_message_once(world: World) -> None:
+    # Two worker processes share one spool: each notifies only its own mail, and each
+    # scan also sees the other's. The claim must keep every message to one delivery.
+    up = await world.upstream()
+    up.data_delay = 0.01
+    config = world.config(
+        [{"name": "r", "upstream": world.smtp(up, "up", pool_size=4)}],
+        delivery={"concurrency": 4, "poll_interval_seconds": 0.02},
+    )
+    first = await world.engine(config)
+    second = await world.engine(config)
+
+    for i in range(40):
+        await world.submit(first if i % 2 else second, [(f"r{i}@example.net", "r")])
+    await up.wait_for(40, within=20)
+    await eventually(lambda: world.spool.list_queue() == [])
+    await asyncio.sleep(0.3)  # time for any duplicate to show up
+
+    rcpts = [m.rcpt_tos[0] for m in up.messages]
+    assert sorted(rcpts) == sorted(f"r{i}@example.net" for i in range(40))
