@@ -1019,7 +1019,7 @@ def summary_table(results: list[RunResult], systems: list[str]) -> str:
         row += [_fmt(medians[system][attr], digits) for _, attr, digits in COLUMNS]
         lines.append("| " + " | ".join(row) + " |")
     base = medians.get("postfix")
-    if base is not None:
+    if base is not None and len(systems) > 1:
         lines.append("")
         names = {attr: name for name, attr, _ in COLUMNS}
         header = ["ratio to postfix", *(names[a] for a in RATIO_COLUMNS)]
