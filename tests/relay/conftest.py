@@ -49,11 +49,24 @@ USERS = {"alice": "alice-secret", "bob": "bob-secret"}
 UPSTREAM_USER = ("relayuser", "upstream-secret")
 
 
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now (for subprocess relays)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+def free_port(span: int = 1) -> int:
+    """A TCP port free on 127.0.0.1 right now, with the `span - 1` ports after it free too
+    (worker N of a relay serves metrics on the metrics port + N)."""
+    for _ in range(100):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = int(sock.getsockname()[1])
+        if port + span > 65535:
+            continue
+        try:
+            with contextlib.ExitStack() as stack:
+                for extra in range(1, span):
+                    probe = stack.enter_context(socket.socket())
+                    probe.bind(("127.0.0.1", port + extra))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError("no run of free ports on 127.0.0.1")
 
 
 # -- TLS and users --------------------------------------------------------------------
@@ -502,7 +515,7 @@ async def relay_factory(
         base_dir.mkdir()
         spool_dir = overrides.pop("spool_dir", base_dir / "spool")
         smtp_port = free_port() if subprocess else 0
-        health_port = free_port() if subprocess else 0
+        health_port = free_port(span=4) if subprocess else 0
         data: dict[str, Any] = {
             "hostname": "relay.test",
             "listener": {
