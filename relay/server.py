@@ -55,6 +55,9 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+# Each failed AUTH waits this long times the session's failures; this many close it.
+_AUTH_FAILURE_DELAY = 0.2
+_AUTH_FAILURE_LIMIT = 3
 _HELO_SAFE = re.compile(r"[^A-Za-z0-9.\-_:\[\]]")
 
 
@@ -166,6 +169,7 @@ class RelaySMTP(_CheapDir, SMTP):
         self._registered = False
         self._refusal: str | None = None
         self._held_lines: list[str] = []
+        self._auth_failures = 0
         self._data_timeout = limits.data_timeout_seconds
         super().__init__(
             front.handler,
@@ -301,9 +305,18 @@ class RelaySMTP(_CheapDir, SMTP):
         if user is None:
             metrics.auth_attempts.labels("failure").inc()
             metrics.auth_failures.inc()
+            self._auth_failures += 1
             log.warning(
                 "Refused AUTH %s for user %r from %s", mechanism, username, _peer_ip(self.session)
             )
+            # Slow down password guessing: each failure costs more, and a session that
+            # keeps failing is closed (Postfix's smtpd_hard_error_limit in spirit).
+            await asyncio.sleep(_AUTH_FAILURE_DELAY * self._auth_failures)
+            if self._auth_failures >= _AUTH_FAILURE_LIMIT:
+                await self.push("421 4.7.0 Too many authentication failures")
+                if self.transport is not None:
+                    self.transport.close()
+                return AuthResult(success=False, handled=True)
             # handled=False makes aiosmtpd answer 535 5.7.8; handled=True would leave the
             # client waiting for a reply that never comes.
             return AuthResult(success=False, handled=False)

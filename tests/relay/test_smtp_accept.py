@@ -537,3 +537,15 @@ async def test_null_sender_is_accepted_and_spooled_as_empty(relay_factory: Relay
         assert response.code == 250
     [(entry, _)] = spooled(relay)
     assert entry.mail_from == ""
+
+
+async def test_repeated_auth_failures_close_the_session(relay_factory: RelayFactory) -> None:
+    relay = await accept_only(relay_factory)
+    async with relay.client() as smtp:
+        for _ in range(2):
+            with pytest.raises(aiosmtplib.SMTPAuthenticationError):
+                await smtp.auth_plain("alice", "guess")
+        with pytest.raises(aiosmtplib.SMTPResponseException) as third:
+            await smtp.auth_plain("alice", "guess")
+        assert (third.value.code, third.value.message[:5]) == (421, "4.7.0")
+    assert relay.metric("mailrelay_smtp_auth_failures_total") == 3
