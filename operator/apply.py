@@ -39,7 +39,6 @@ from mailrelay.operator.settings import FIELD_MANAGER
 log = logging.getLogger(__name__)
 
 APPLIED_HASH_ANNOTATION = "mailrelay.dev/applied-hash"
-STATUS_MEMORY_SECONDS = 10.0
 CACHE_LAG_SECONDS = 5.0
 
 ServiceMonitor = create_namespaced_resource(
@@ -179,7 +178,7 @@ class Applier:
     client: AsyncClient
     metrics: OperatorMetrics | None = None
     remembered: dict[ChildKey, Remembered] = field(default_factory=dict)
-    recent_status: dict[ChildKey, tuple[float, dict[str, Any]]] = field(default_factory=dict)
+    written_status: dict[ChildKey, tuple[int, Mapping[str, Any]]] = field(default_factory=dict)
 
     async def ensure(self, desired: Mapping[str, Any], live: ChildState | None) -> Action:
         """Make one child match ``desired``; no request at all when it already does."""
@@ -246,29 +245,43 @@ class Applier:
 
     async def patch_status(
         self, kind: str, namespace: str, name: str, status: Mapping[str, Any]
-    ) -> bool:
-        """Merge-patch the status subresource, unless this very status was just written.
+    ) -> None:
+        """Merge-patch the status subresource and remember what it became.
 
-        Callers compare with the watch cache first; the cache may still hold the status from
-        before our previous write for a few milliseconds, and several triggers may run a pass
-        in that window, so the last written status is remembered briefly.
+        Callers compare with ``fresh_status`` first: the watch cache lags behind our own
+        writes, and a pass that compared with the stale cache would write again.
         """
-        key = (kind, namespace, name)
-        recent = self.recent_status.get(key)
-        now = time.monotonic()
-        if recent is not None and recent[1] == status and now - recent[0] < STATUS_MEMORY_SECONDS:
-            return False
-        await self.client.patch(
+        response = await self.client.patch(
             STATUS_RESOURCES[kind].Status,
             name,
             {"status": dict(status)},
             namespace=namespace,
             patch_type=PatchType.MERGE,
         )
-        self.recent_status[key] = (now, json.loads(json.dumps(status)))
+        body = _as_dict(response)
+        version = resource_version_number(body.get("metadata", {}).get("resourceVersion"))
+        self.written_status[(kind, namespace, name)] = (version, body.get("status") or {})
         if self.metrics is not None:
             self.metrics.status_writes.labels(kind).inc()
-        return True
+
+    def fresh_status(
+        self, kind: str, namespace: str, name: str, cached: Mapping[str, Any], version: int
+    ) -> Mapping[str, Any]:
+        """The newer of the watch cache's status and the one our last write returned."""
+        written = self.written_status.get((kind, namespace, name))
+        if written is not None and written[0] > version:
+            return written[1]
+        if written is not None:
+            del self.written_status[(kind, namespace, name)]  # the cache caught up
+        return cached
+
+
+def resource_version_number(value: Any) -> int:
+    """resourceVersion as a number (etcd's revision), to tell which of two copies is newer."""
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return 0
 
 
 def make_client() -> AsyncClient:

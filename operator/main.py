@@ -21,9 +21,15 @@ from typing import Any, cast
 import kopf
 from prometheus_client import CollectorRegistry
 
-from mailrelay.operator.apply import Applier, ChildState, child_state, make_client
+from mailrelay.operator.apply import (
+    Applier,
+    ChildState,
+    child_state,
+    make_client,
+    resource_version_number,
+)
 from mailrelay.operator.metrics import OperatorMetrics, serve_metrics
-from mailrelay.operator.relays import Context, Indices, child_needs_pass, reconcile_relay
+from mailrelay.operator.relays import Context, Indices, WorkQueue, child_needs_pass
 from mailrelay.operator.render import MANAGED_BY
 from mailrelay.operator.routes import ObjectInfo, reconcile_orphan_route
 from mailrelay.operator.settings import configure_kopf, load_settings
@@ -47,6 +53,7 @@ def _info(kind: str, body: kopf.Body) -> ObjectInfo:
         labels=dict(meta.get("labels") or {}),
         spec=kopf_to_dict(body.get("spec") or {}),
         status=kopf_to_dict(body.get("status") or {}),
+        resource_version=resource_version_number(meta.get("resourceVersion")),
     )
 
 
@@ -92,6 +99,7 @@ async def startup(settings: kopf.OperatorSettings, memo: Any, **_: Any) -> None:
         metrics=metrics,
         post_event=_post_event,
     )
+    memo.queue = WorkQueue(memo.ctx, workers=SETTINGS.workers)
     log.info("Started the mailrelay operator (relay image %s)", SETTINGS.relay_image)
 
 
@@ -99,6 +107,9 @@ async def startup(settings: kopf.OperatorSettings, memo: Any, **_: Any) -> None:
 async def cleanup(memo: Any, **_: Any) -> None:
     if getattr(memo, "metrics_server", None) is not None:
         memo.metrics_server.shutdown()
+    queue = getattr(memo, "queue", None)
+    if isinstance(queue, WorkQueue):
+        await queue.stop()
     ctx = getattr(memo, "ctx", None)
     if isinstance(ctx, Context):
         await ctx.applier.client.close()
@@ -170,12 +181,12 @@ def servicemonitor_index(body: kopf.Body, namespace: str | None, name: str, **_:
 
 @kopf.on.event(*RELAYS)
 async def relay_event(namespace: str | None, name: str, memo: Any, **kwargs: Any) -> None:
-    await reconcile_relay(memo.ctx, _indices(kwargs), namespace or "", name)
+    memo.queue.enqueue(_indices(kwargs), namespace or "", name)
 
 
 @kopf.timer(*RELAYS, interval=SETTINGS.resync_seconds, initial_delay=SETTINGS.resync_seconds)
 async def relay_resync(namespace: str | None, name: str, memo: Any, **kwargs: Any) -> None:
-    await reconcile_relay(memo.ctx, _indices(kwargs), namespace or "", name)
+    memo.queue.enqueue(_indices(kwargs), namespace or "", name)
 
 
 @kopf.on.event(*ROUTES)
@@ -184,12 +195,12 @@ async def route_event(
 ) -> None:
     indices = _indices(kwargs)
     ctx: Context = memo.ctx
-    info = _info("MailRoute", body)
+    info = ctx.fresh(_info("MailRoute", body))
     relay = str((info.spec.get("relayRef") or {}).get("name", ""))
     previous = info.status.get("relay")
     for name in {relay, *([previous] if isinstance(previous, str) else [])}:
         if indices.relay(info.namespace, name) is not None:
-            await reconcile_relay(ctx, indices, info.namespace, name)
+            memo.queue.enqueue(indices, info.namespace, name)
     if type != "DELETED" and indices.relay(info.namespace, relay) is None:
         await reconcile_orphan_route(
             info,
@@ -204,7 +215,7 @@ async def route_event(
 async def secret_event(namespace: str | None, memo: Any, **kwargs: Any) -> None:
     indices = _indices(kwargs)
     for name in indices.relays_in(namespace or ""):
-        await reconcile_relay(memo.ctx, indices, namespace or "", name)
+        memo.queue.enqueue(indices, namespace or "", name)
 
 
 @kopf.on.event("", "v1", "configmaps", labels=MANAGED)
@@ -232,4 +243,4 @@ async def child_event(
         and indices.relay(ns, owner) is not None
         and child_needs_pass(memo.ctx, indices, key, type == "DELETED")
     ):
-        await reconcile_relay(memo.ctx, indices, ns, owner)
+        memo.queue.enqueue(indices, ns, owner)

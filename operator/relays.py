@@ -23,8 +23,8 @@ import logging
 import re
 import time
 from collections.abc import Callable, Collection, Iterable, Mapping
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, field, replace
+from typing import Any, overload
 
 from pydantic import ValidationError
 
@@ -135,6 +135,19 @@ class Context:
     post_event: PostEvent
     clock: Clock = utc_now
     locks: dict[tuple[str, str], asyncio.Lock] = field(default_factory=dict)
+
+    @overload
+    def fresh(self, info: ObjectInfo) -> ObjectInfo: ...
+    @overload
+    def fresh(self, info: None) -> None: ...
+    def fresh(self, info: ObjectInfo | None) -> ObjectInfo | None:
+        """``info`` with the status our own last write returned, if the cache lags behind."""
+        if info is None:
+            return None
+        status = self.applier.fresh_status(
+            info.kind, info.namespace, info.name, info.status, info.resource_version
+        )
+        return info if status is info.status else replace(info, status=status)
 
     def lock(self, namespace: str, name: str) -> asyncio.Lock:
         return self.locks.setdefault((namespace, name), asyncio.Lock())
@@ -308,8 +321,8 @@ async def reconcile_relay(ctx: Context, indices: Indices, namespace: str, name: 
 
 
 async def _reconcile(ctx: Context, indices: Indices, namespace: str, name: str) -> str:
-    relay = indices.relay(namespace, name)
-    routes = indices.routes_for(namespace, name)
+    relay = ctx.fresh(indices.relay(namespace, name))
+    routes = [ctx.fresh(route) for route in indices.routes_for(namespace, name)]
     secret_keys = indices.secret_keys(namespace)
     if relay is None:
         # Deleted: the children go with their owner; tell the routes they lost their relay.
@@ -389,16 +402,22 @@ async def _reconcile(ctx: Context, indices: Indices, namespace: str, name: str) 
         )
     )
     updates.append(ready)
-    if statefulset is not None:
-        extra["replicas"] = int(statefulset.status.get("replicas") or 0)
-        extra["readyReplicas"] = int(statefulset.status.get("readyReplicas") or 0)
+    sts_status = statefulset.status if statefulset is not None else {}
+    extra["replicas"] = int(sts_status.get("replicas") or 0)
+    extra["readyReplicas"] = int(sts_status.get("readyReplicas") or 0)
     await _write_relay_status(ctx, relay, updates, extra, monitor_wanted=_monitor_wanted(spec))
     relay_ready = ready.status == "True"
-    for verdict in verdicts:
-        status = route_status(verdict, relay_name=name, relay_ready=relay_ready, clock=ctx.clock)
-        await write_route_status(
-            verdict, status, patch_status=ctx.applier.patch_status, post_event=ctx.post_event
+    await asyncio.gather(
+        *(
+            write_route_status(
+                verdict,
+                route_status(verdict, relay_name=name, relay_ready=relay_ready, clock=ctx.clock),
+                patch_status=ctx.applier.patch_status,
+                post_event=ctx.post_event,
+            )
+            for verdict in verdicts
         )
+    )
     return outcome
 
 
@@ -411,28 +430,35 @@ async def _apply_children(
 ) -> ConditionUpdate | None:
     """Apply what differs, delete what is turned off; the ServiceMonitor's condition if asked."""
     monitor: ConditionUpdate | None = None
-    for child in rendered.children:
+
+    async def ensure(child: dict[str, Any]) -> ConditionUpdate | None:
         key = key_of(child)
-        if key[0] == "ServiceMonitor":
-            try:
-                await ctx.applier.ensure(child, indices.child(key))
-            except ResourceMissing:
-                monitor = ConditionUpdate(
-                    SERVICE_MONITOR,
-                    "False",
-                    "ServiceMonitorCRDMissing",
-                    "metrics.serviceMonitor.enabled is true, but the API server does not serve "
-                    "monitoring.coreos.com/v1 ServiceMonitor: install the prometheus-operator "
-                    "CRDs, or set metrics.serviceMonitor.enabled to false.",
-                )
-            else:
-                monitor = ConditionUpdate(
-                    SERVICE_MONITOR, "True", "Applied", "The ServiceMonitor is in place."
-                )
-            continue
-        await ctx.applier.ensure(child, indices.child(key))
-    for key in rendered.absent:
-        await ctx.applier.remove(key, indices.child(key), relay.uid)
+        if key[0] != "ServiceMonitor":
+            await ctx.applier.ensure(child, indices.child(key))
+            return None
+        try:
+            await ctx.applier.ensure(child, indices.child(key))
+        except ResourceMissing:
+            return ConditionUpdate(
+                SERVICE_MONITOR,
+                "False",
+                "ServiceMonitorCRDMissing",
+                "metrics.serviceMonitor.enabled is true, but the API server does not serve "
+                "monitoring.coreos.com/v1 ServiceMonitor: install the prometheus-operator "
+                "CRDs, or set metrics.serviceMonitor.enabled to false.",
+            )
+        return ConditionUpdate(
+            SERVICE_MONITOR, "True", "Applied", "The ServiceMonitor is in place."
+        )
+
+    # The ConfigMap first, so a rolled pod never starts with an older config; the rest at once.
+    first, *rest = rendered.children
+    await ensure(first)
+    for result in await asyncio.gather(*(ensure(child) for child in rest)):
+        monitor = result or monitor
+    await asyncio.gather(
+        *(ctx.applier.remove(key, indices.child(key), relay.uid) for key in rendered.absent)
+    )
     return monitor
 
 
@@ -457,9 +483,18 @@ async def _write_relay_status(
     }
     if not status_differs(relay.status, status):
         return
-    if not await ctx.applier.patch_status("MailRelay", relay.namespace, relay.name, status):
-        return
-    log.info("Wrote status of MailRelay %s/%s", relay.namespace, relay.name)
+    await ctx.applier.patch_status("MailRelay", relay.namespace, relay.name, status)
+    changed = sorted(k for k, v in status.items() if relay.status.get(k) != v)
+    log.info(
+        "Wrote status of MailRelay %s/%s (%s)", relay.namespace, relay.name, ", ".join(changed)
+    )
+    log.debug(
+        "Status of MailRelay %s/%s was %s, now %s",
+        relay.namespace,
+        relay.name,
+        dict(relay.status),
+        status,
+    )
     for condition in conditions:
         if condition["type"] != READY and flipped(before, conditions, condition["type"]):
             kind = "Normal" if condition["status"] == "True" else "Warning"
@@ -497,3 +532,61 @@ def child_needs_pass(
             int(live.status.get("readyReplicas") or 0),
         ) or live.generation != int(live.status.get("observedGeneration") or 0)
     return False
+
+
+@dataclass
+class WorkQueue:
+    """Relays waiting for a pass, served by a few worker tasks; triggers only enqueue.
+
+    Many triggers for one relay (its own events, each child's, each route's, the timer)
+    collapse into one pending entry, and a relay is never reconciled twice at once: a trigger
+    during its pass marks it dirty and it runs once more afterwards. kopf's per-object
+    workers stay free, so the watch cache (indices) keeps up while passes run.
+    """
+
+    ctx: Context
+    workers: int = 8
+    indices: Indices | None = None
+    queue: asyncio.Queue[tuple[str, str]] = field(default_factory=asyncio.Queue)
+    pending: set[tuple[str, str]] = field(default_factory=set)
+    active: set[tuple[str, str]] = field(default_factory=set)
+    dirty: set[tuple[str, str]] = field(default_factory=set)
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+    def enqueue(self, indices: Indices, namespace: str, name: str) -> None:
+        """Ask for a pass over this relay (no-op if one is already waiting)."""
+        self.indices = indices
+        if not self.tasks:
+            # Started from a handler, so the tasks inherit kopf's context (Event posting).
+            self.tasks = [asyncio.create_task(self._work()) for _ in range(self.workers)]
+        key = (namespace, name)
+        if key in self.active:
+            self.dirty.add(key)
+        elif key not in self.pending:
+            self.pending.add(key)
+            self.queue.put_nowait(key)
+
+    async def _work(self) -> None:
+        while True:
+            key = await self.queue.get()
+            self.pending.discard(key)
+            self.active.add(key)
+            try:
+                assert self.indices is not None
+                await reconcile_relay(self.ctx, self.indices, *key)
+            except Exception:
+                log.exception(
+                    "Reconciling MailRelay %s/%s failed; the resync timer tries again", *key
+                )
+            finally:
+                self.active.discard(key)
+                if key in self.dirty and self.indices is not None:
+                    self.dirty.discard(key)
+                    self.enqueue(self.indices, *key)
+
+    async def stop(self) -> None:
+        """Cancel the workers (operator shutdown)."""
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        self.tasks = []

@@ -56,6 +56,7 @@ class ObjectInfo:
     labels: Mapping[str, str] = field(default_factory=dict)
     spec: Mapping[str, Any] = field(default_factory=dict)
     status: Mapping[str, Any] = field(default_factory=dict)
+    resource_version: int = 0
 
     def event_target(self) -> dict[str, Any]:
         """The minimal body kopf needs to post an Event about this object."""
@@ -309,15 +310,14 @@ async def write_route_status(
     verdict: RouteVerdict,
     status: Mapping[str, Any],
     *,
-    patch_status: Callable[[str, str, str, Mapping[str, Any]], Awaitable[bool]],
+    patch_status: Callable[[str, str, str, Mapping[str, Any]], Awaitable[None]],
     post_event: PostEvent,
 ) -> bool:
     """Patch the route's status if it changed; an Event for each condition that flipped."""
     route = verdict.route
     if not status_differs(route.status, status):
         return False
-    if not await patch_status("MailRoute", route.namespace, route.name, status):
-        return False
+    await patch_status("MailRoute", route.namespace, route.name, status)
     before = route.status.get("conditions") or []
     for type_ in (ACCEPTED, RESOLVED_REFS):
         after = status["conditions"]
@@ -335,7 +335,7 @@ async def reconcile_orphan_route(
     *,
     secret_keys: SecretKeys,
     clock: Clock,
-    patch_status: Callable[[str, str, str, Mapping[str, Any]], Awaitable[bool]],
+    patch_status: Callable[[str, str, str, Mapping[str, Any]], Awaitable[None]],
     post_event: PostEvent,
 ) -> None:
     """Status for a route whose relay does not exist (the relay's reconcile does the rest)."""

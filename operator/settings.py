@@ -69,6 +69,7 @@ class OperatorSettings(BaseSettings):
         le=3600,
         description="Time a relay pod gets to finish deliveries in flight before it is killed.",
     )
+    workers: int = Field(default=8, ge=1, le=256, description="MailRelays reconciled concurrently.")
     cluster_domain: str = Field(default="cluster.local", description="Cluster DNS suffix.")
     api_qps_burst: int = Field(
         default=64, ge=1, description="API requests the operator keeps in flight at once."

@@ -1,0 +1,330 @@
+"""Benchmark: the operator on the local API server with N MailRelays and 3 MailRoutes each.
+
+Why: the issue's target is 1,000 relays reconciled in 60 s or less, the operator under
+200 MB, and zero writes at steady state. This prints figures; it asserts nothing.
+
+One run per N (default 100 and 1,000), each on a fresh local control plane:
+
+1. start the operator (least-privilege user, standalone, one namespace, resync every
+   `--resync` seconds) and let it settle;
+2. create the Secrets, N relays and 3N routes with one `kubectl create` (timed apart);
+3. poll until every child (ConfigMap, 2 Services, StatefulSet, PodDisruptionBudget per relay)
+   exists and every relay and route has a status for its generation: "converged";
+4. watch for `--steady` seconds (at least two resync periods, so every relay's level-based
+   pass runs twice) and count the API server's write requests.
+
+Reported: time to converge (from the first create), the operator's peak RSS (VmHWM), its API
+write requests per reconcile pass (from the API server's `apiserver_request_total`: every
+operator write is a PATCH or an Event POST; the benchmark itself only POSTs objects and
+LISTs), and writes during the steady-state window.
+
+Run: `.venv/bin/python bench/operator_bench.py [--relays 100 1000] [--resync 10]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+import os
+import re
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO_ROOT), str(REPO_ROOT / "hack")]
+
+from lightkube import AsyncClient, KubeConfig, codecs  # noqa: E402
+from localkube import LocalKube, running_cluster  # noqa: E402
+
+import mailrelay.operator.apply  # noqa: E402, F401  (registers the MailRelay/MailRoute kinds)
+from tests.operator.harness import CRDS, OperatorProcess, bind_operator_role  # noqa: E402
+
+NAMESPACE = "bench"
+WRITE_VERBS = ("POST", "PUT", "PATCH", "DELETE")
+
+
+def _secret(name: str, data: dict[str, str]) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": name},
+        "data": {k: base64.b64encode(v.encode()).decode() for k, v in data.items()},
+    }
+
+
+def objects(relays: int) -> list[dict[str, Any]]:
+    """Shared Secrets, `relays` MailRelays and three MailRoutes for each."""
+    out = [
+        _secret("relay-tls", {"tls.crt": "cert", "tls.key": "key"}),
+        _secret("relay-users", {"users.yaml": "users: []\n"}),
+        _secret("smarthost", {"username": "u", "password": "p"}),
+        _secret("mailgun", {"apiKey": "k"}),
+    ]
+    for index in range(relays):
+        name = f"relay-{index:04d}"
+        out.append(
+            {
+                "apiVersion": "mailrelay.dev/v1alpha1",
+                "kind": "MailRelay",
+                "metadata": {"name": name},
+                "spec": {
+                    "replicas": 2,
+                    "listener": {"port": 587, "tls": {"secretName": "relay-tls"}},
+                    "auth": {
+                        "required": True,
+                        "usersSecretRef": {"name": "relay-users", "key": "users.yaml"},
+                    },
+                },
+            }
+        )
+        upstreams = [
+            {"smtp": {"host": "smtp.example.net", "credentialsSecretRef": {"name": "smarthost"}}},
+            {
+                "api": {
+                    "provider": "mailgun",
+                    "domain": "mg.example.com",
+                    "credentialsSecretRef": {"name": "mailgun"},
+                }
+            },
+            {"smtp": {"host": "backup.example.net", "port": 2525}},
+        ]
+        for route_index, upstream in enumerate(upstreams):
+            out.append(
+                {
+                    "apiVersion": "mailrelay.dev/v1alpha1",
+                    "kind": "MailRoute",
+                    "metadata": {"name": f"{name}-r{route_index}"},
+                    "spec": {
+                        "relayRef": {"name": name},
+                        "priority": 100 + route_index,
+                        "match": {"senderDomains": [f"d{route_index}.example.com"]},
+                        "upstream": upstream,
+                    },
+                }
+            )
+    return out
+
+
+async def create_all(kube: LocalKube, items: list[dict[str, Any]], parallel: int = 32) -> None:
+    """POST every object, `parallel` at a time, as the admin (like many users applying)."""
+    client = AsyncClient(config=KubeConfig.from_file(str(kube.kubeconfig)))
+    limit = asyncio.Semaphore(parallel)
+
+    async def create(item: dict[str, Any]) -> None:
+        async with limit:
+            await client.create(codecs.from_dict(item), namespace=NAMESPACE)  # type: ignore[call-overload]
+
+    # Secrets first: a relay that sees its Secrets from the start needs fewer passes.
+    await asyncio.gather(*(create(i) for i in items if i["kind"] == "Secret"))
+    await asyncio.gather(*(create(i) for i in items if i["kind"] != "Secret"))
+    await client.close()
+
+
+def request_counts(kube: LocalKube) -> dict[tuple[str, str], float]:
+    """apiserver_request_total summed by (verb, resource)."""
+    text = kube.kubectl("get", "--raw", "/metrics").stdout
+    counts: dict[tuple[str, str], float] = {}
+    for line in text.splitlines():
+        if not line.startswith("apiserver_request_total{"):
+            continue
+        labels = dict(re.findall(r'(\w+)="([^"]*)"', line))
+        key = (labels.get("verb", ""), labels.get("resource", ""))
+        counts[key] = counts.get(key, 0.0) + float(line.rsplit(" ", 1)[1])
+    return counts
+
+
+def operator_writes(
+    before: dict[tuple[str, str], float], after: dict[tuple[str, str], float]
+) -> float:
+    """PATCHes (apply, status, finalizers) and Event POSTs: what the operator writes."""
+    total = 0.0
+    for (verb, resource), value in after.items():
+        delta = value - before.get((verb, resource), 0.0)
+        if verb == "PATCH" or (verb == "POST" and resource == "events"):
+            total += delta
+    return total
+
+
+OPERATOR_RESOURCES = (
+    "mailrelays",
+    "mailroutes",
+    "configmaps",
+    "services",
+    "statefulsets",
+    "poddisruptionbudgets",
+    "networkpolicies",
+    "servicemonitors",
+    "events",
+)
+
+
+def all_writes(before: dict[tuple[str, str], float], after: dict[tuple[str, str], float]) -> float:
+    """Writes of any verb to the kinds the operator touches (not the API server's own leases)."""
+    return sum(
+        value - before.get(key, 0.0)
+        for key, value in after.items()
+        if key[0] in WRITE_VERBS and key[1] in OPERATOR_RESOURCES
+    )
+
+
+def converged(kube: LocalKube, relays: int) -> tuple[bool, str]:
+    """Whether every child exists and every status describes the current generation."""
+    kinds = "configmaps,services,statefulsets,poddisruptionbudgets"
+    children = json.loads(kube.kubectl("get", kinds, "-n", NAMESPACE, "-o", "json").stdout)["items"]
+    counts: dict[str, int] = {}
+    for item in children:
+        counts[item["kind"]] = counts.get(item["kind"], 0) + 1
+    relay_items = json.loads(
+        kube.kubectl("get", "mailrelays", "-n", NAMESPACE, "-o", "json").stdout
+    )["items"]
+    route_items = json.loads(
+        kube.kubectl("get", "mailroutes", "-n", NAMESPACE, "-o", "json").stdout
+    )["items"]
+    relays_done = sum(
+        1
+        for r in relay_items
+        if (r.get("status") or {}).get("routes") == 3
+        and (r.get("status") or {}).get("observedGeneration") == r["metadata"]["generation"]
+    )
+    routes_done = sum(
+        1
+        for r in route_items
+        if (r.get("status") or {}).get("relay") == r["spec"]["relayRef"]["name"]
+    )
+    done = (
+        counts.get("ConfigMap", 0) >= relays
+        and counts.get("Service", 0) >= 2 * relays
+        and counts.get("StatefulSet", 0) >= relays
+        and counts.get("PodDisruptionBudget", 0) >= relays
+        and relays_done == relays
+        and routes_done == 3 * relays
+    )
+    summary = (
+        f"children {counts}, relay statuses {relays_done}/{relays}, "
+        f"route statuses {routes_done}/{3 * relays}"
+    )
+    return done, summary
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def run(
+    relays: int, resync: float, steady: float, timeout: float, keep_log: str | None = None
+) -> dict[str, Any]:
+    with running_cluster() as kube, tempfile.TemporaryDirectory() as tmp:
+        kube.install_crds(CRDS)
+        kubeconfig = bind_operator_role(kube)
+        kube.create_namespace(NAMESPACE)
+        operator = OperatorProcess(
+            kube,
+            kubeconfig,
+            "--standalone",
+            "--namespace",
+            NAMESPACE,
+            "--resync-seconds",
+            str(resync),
+            log_path=Path(tmp) / "operator.log",
+        )
+        try:
+            operator.wait_live()
+            time.sleep(2)
+            before = request_counts(kube)
+            started = time.monotonic()
+            asyncio.run(create_all(kube, objects(relays)))
+            created = time.monotonic() - started
+            summary = ""
+            while time.monotonic() - started < timeout:
+                done, summary = converged(kube, relays)
+                if done:
+                    break
+                time.sleep(1.0)
+            else:
+                print(f"  not converged after {timeout:.0f}s: {summary}")
+            elapsed = time.monotonic() - started
+            operator_cpu = cpu_seconds(operator.process.pid)
+            apiserver_cpu = cpu_seconds(kube.processes["kube-apiserver"].pid)
+            etcd_cpu = cpu_seconds(kube.processes["etcd"].pid)
+            at_convergence = request_counts(kube)
+            reconciles_at_convergence = operator.total("mailrelay_operator_reconciles_total")
+            time.sleep(steady)
+            after = request_counts(kube)
+            steady_by_key = {
+                f"{verb} {resource}": value - at_convergence.get((verb, resource), 0.0)
+                for (verb, resource), value in after.items()
+                if verb in WRITE_VERBS and value - at_convergence.get((verb, resource), 0.0) > 0
+            }
+            if steady_by_key:
+                print(f"  steady-state writes by verb and resource: {steady_by_key}")
+            if keep_log:
+                Path(keep_log).write_text(operator.log_path.read_text())
+            return {
+                "relays": relays,
+                "create_seconds": created,
+                "converge_seconds": elapsed,
+                "converged": done,
+                "peak_rss_mb": peak_rss_mb(operator.process.pid),
+                "operator_cpu_s": operator_cpu,
+                "apiserver_cpu_s": apiserver_cpu,
+                "etcd_cpu_s": etcd_cpu,
+                "operator_writes": operator_writes(before, at_convergence),
+                "reconciles": reconciles_at_convergence,
+                "steady_writes": all_writes(at_convergence, after),
+                "steady_reconciles": operator.total("mailrelay_operator_reconciles_total")
+                - reconciles_at_convergence,
+            }
+        finally:
+            operator.stop()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--relays", type=int, nargs="+", default=[100, 1000])
+    parser.add_argument("--resync", type=float, default=10.0, help="operator resync seconds")
+    parser.add_argument("--steady", type=float, default=25.0, help="steady-state window, s")
+    parser.add_argument("--timeout", type=float, default=300.0, help="give up converging, s")
+    parser.add_argument("--keep-log", help="copy the operator's log of the last run here")
+    args = parser.parse_args(argv)
+    results = []
+    for relays in args.relays:
+        print(f"Running {relays} relays x 3 routes ...", flush=True)
+        result = run(relays, args.resync, args.steady, args.timeout, args.keep_log)
+        results.append(result)
+        print(f"  {result}", flush=True)
+    print()
+    header = (
+        f"{'relays':>7} {'create s':>9} {'converge s':>11} {'peak RSS MB':>12} "
+        f"{'writes/reconcile':>17} {'writes/relay':>13} {'steady writes':>14} {'steady passes':>14}"
+    )
+    print(header)
+    for r in results:
+        per_reconcile = r["operator_writes"] / r["reconciles"] if r["reconciles"] else float("nan")
+        print(
+            f"{r['relays']:>7} {r['create_seconds']:>9.1f} "
+            f"{r['converge_seconds']:>10.1f}{'' if r['converged'] else '!':1} "
+            f"{r['peak_rss_mb']:>12.1f} {per_reconcile:>17.2f} "
+            f"{r['operator_writes'] / r['relays']:>13.1f} {r['steady_writes']:>14.0f} "
+            f"{r['steady_reconciles']:>14.0f}"
+        )
+    print("(converge s counts from the first create; '!' = did not converge before --timeout)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
