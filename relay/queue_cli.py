@@ -85,9 +85,11 @@ def _print_list(entries: list[QueueEntry], as_json: bool, out: TextIO) -> None:
 
 
 def run_queue_command(
-    args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = sys.stderr
+    args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None = None
 ) -> int:
     """Run one queue command; returns the exit status (1 if any id failed)."""
+    out = sys.stdout if out is None else out
+    err = sys.stderr if err is None else err
     try:
         spool = _spool_for(args)
     except ConfigError as exc:

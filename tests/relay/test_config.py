@@ -10,7 +10,14 @@ from typing import Any
 import pytest
 import yaml
 
-from mailrelay.relay.config import ConfigError, RelayConfig, SmtpUpstream, load_config, parse_config
+from mailrelay.relay.config import (
+    ConfigError,
+    RelayConfig,
+    SmtpUpstream,
+    load_config,
+    parse_config,
+)
+from mailrelay.relay.main import main
 
 MINIMAL: dict[str, Any] = {
     "hostname": "relay.test",
@@ -199,25 +206,36 @@ def test_check_config_cli(tmp_path: Path, users_file: Path, tls_certs: Any) -> N
     result = run_check(good)
     assert result.returncode == 0, result.stderr
     assert "configuration is valid (1 route(s), 2 user(s))" in result.stdout
+
+
+def test_check_config_reports_every_problem(
+    tmp_path: Path, tls_certs: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The same command in-process (`main`), for the failure cases."""
     bad = tmp_path / "bad.yaml"
     bad.write_text(merged(limits={"max_recipients": 0}))
-    result = run_check(bad)
-    assert result.returncode == 2
-    assert "limits.max_recipients: Input should be greater than or equal to 1" in result.stderr
+    assert main(["--config", str(bad), "--check-config"]) == 2
+    assert "limits.max_recipients: Input should be greater than or equal to 1" in (
+        capsys.readouterr().err
+    )
     broken_users = tmp_path / "users.yaml"
     broken_users.write_text("users:\n  - username: x\n    password_hash: plaintext\n")
     worse = tmp_path / "worse.yaml"
+    tls = {"cert_file": str(tls_certs.cert_file), "key_file": str(tls_certs.key_file)}
     worse.write_text(
+        merged(auth={"required": True, "users_file": str(broken_users)}, listener={"tls": tls})
+    )
+    assert main(["--config", str(worse), "--check-config"]) == 2
+    assert "password_hash must be a bcrypt" in capsys.readouterr().err
+    wrong_key = tmp_path / "wrong-key.yaml"
+    wrong_key.write_text(
         merged(
-            auth={"required": True, "users_file": str(broken_users)},
-            listener={
-                "tls": {"cert_file": str(tls_certs.cert_file), "key_file": str(tls_certs.key_file)}
-            },
+            listener={"tls": {"cert_file": str(tls_certs.cert_file), "key_file": str(bad)}},
+            auth={"required": False},
         )
     )
-    result = run_check(worse)
-    assert result.returncode == 2
-    assert "password_hash must be a bcrypt" in result.stderr
+    assert main(["--config", str(wrong_key), "--check-config"]) == 2
+    assert "TLS certificate or key does not load" in capsys.readouterr().err
 
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "relay-config.md"

@@ -11,6 +11,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
+
+from mailrelay.relay.main import main
 from mailrelay.relay.spool import Spool
 from tests.relay.conftest import (
     USERS,
@@ -133,13 +136,14 @@ async def test_dead_letters_list_show_retry_delete(
     assert "<cli-1@example.com>" not in upstream.message_ids()
 
 
-async def test_errors(tmp_path: Path) -> None:
-    nowhere = await acli("queue", "--spool-dir", str(tmp_path / "nothing"), "list")
-    assert nowhere.returncode == 1 and "no spool here" in nowhere.stderr
+def test_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Usage and spool errors, through `main` in-process (the real CLI runs above)."""
+    assert main(["queue", "--spool-dir", str(tmp_path / "nothing"), "list"]) == 1
+    assert "no spool here" in capsys.readouterr().err
     (tmp_path / "queue").mkdir()
-    bare = await acli("queue", "--spool-dir", str(tmp_path), "retry")
-    assert bare.returncode == 2 and "give queue ids or --all" in bare.stderr
+    assert main(["queue", "--spool-dir", str(tmp_path), "retry"]) == 2
+    assert "give queue ids or --all" in capsys.readouterr().err
     bad_config = tmp_path / "bad.yaml"
     bad_config.write_text("hostname: [\n")
-    broken = await acli("--config", str(bad_config), "queue", "list")
-    assert broken.returncode == 2 and "not valid YAML" in broken.stderr
+    assert main(["--config", str(bad_config), "queue", "list"]) == 2
+    assert "not valid YAML" in capsys.readouterr().err
