@@ -65,6 +65,7 @@ async def until(predicate: Any, what: str, within: float = 10.0) -> None:
     raise AssertionError(f"timed out waiting for {what}")
 
 
+@pytest.mark.slow
 async def test_list_show_retry_delete_beside_a_live_relay(
     relay_factory: RelayFactory, recording_upstream: Any, tls_certs: TlsCerts
 ) -> None:
