@@ -1,0 +1,249 @@
+"""Pure decisions: route binding and conflicts, Secret checks, readiness, when to write."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from typing import Any
+
+import pytest
+import yaml
+
+from mailrelay.operator import models, rbac
+from mailrelay.operator.__main__ import export_flags, parse_args
+from mailrelay.operator.apply import (
+    ChildState,
+    Remembered,
+    child_state,
+    needs_apply,
+    owned_fields_digest,
+    with_applied_hash,
+)
+from mailrelay.operator.relays import name_problem, ready_condition, routes_condition
+from mailrelay.operator.routes import ObjectInfo, judge_routes, selector_matches
+from mailrelay.operator.settings import FIELD_MANAGER, load_settings
+
+RELAY_SPEC: dict[str, Any] = {
+    "listener": {"tls": {"secretName": "tls"}},
+    "auth": {"usersSecretRef": {"name": "users"}},
+}
+SECRETS = {"smarthost": frozenset({"username", "password"}), "half": frozenset({"username"})}
+
+
+def route(
+    name: str, priority: int = 100, senders: tuple[str, ...] = (), **extra: Any
+) -> ObjectInfo:
+    smtp: dict[str, Any] = {"host": "smtp.example.net"}
+    if "secret" in extra:
+        smtp["credentialsSecretRef"] = {"name": extra.pop("secret")}
+    spec = {
+        "relayRef": {"name": "outbound"},
+        "priority": priority,
+        "match": {"senderDomains": list(senders)},
+        "upstream": {"smtp": smtp},
+        **extra.pop("spec", {}),
+    }
+    return ObjectInfo("MailRoute", "ns", name, "uid", 1, labels=extra.pop("labels", {}), spec=spec)
+
+
+RELAY = ObjectInfo("MailRelay", "ns", "outbound", "uid", 1, spec=RELAY_SPEC)
+
+
+def judge(
+    routes: list[ObjectInfo], relay_spec: dict[str, Any] | None = None
+) -> dict[str, tuple[str, str, bool]]:
+    spec = models.MailRelaySpec.model_validate(relay_spec or RELAY_SPEC)
+    verdicts = judge_routes(RELAY, spec, routes, SECRETS.get)
+    return {v.route.name: (v.accepted.reason, v.resolved_refs.reason, v.included) for v in verdicts}
+
+
+class TestJudgeRoutes:
+    @pytest.mark.parametrize(
+        ("routes", "expected"),
+        [
+            ([route("a")], {"a": ("Accepted", "ResolvedRefs", True)}),
+            (
+                [route("a", secret="missing")],
+                {"a": ("Accepted", "SecretNotFound", False)},
+            ),
+            ([route("a", secret="half")], {"a": ("Accepted", "SecretKeyMissing", False)}),
+            (
+                [route("a", senders=("x.example",)), route("b", senders=("x.example",))],
+                {
+                    "a": ("RouteConflict", "ResolvedRefs", False),
+                    "b": ("RouteConflict", "ResolvedRefs", False),
+                },
+            ),
+            (
+                [
+                    route("a", senders=("x.example",)),
+                    route("b", priority=50, senders=("x.example",)),
+                ],
+                {"a": ("Accepted", "ResolvedRefs", True), "b": ("Accepted", "ResolvedRefs", True)},
+            ),
+            (
+                [route("a", spec={"upstream": {"smtp": {"host": "h", "tls": "none"}}})],
+                {"a": ("InvalidSpec", "NotChecked", False)},
+            ),
+        ],
+        ids=["plain", "secret-missing", "key-missing", "conflict", "priorities-differ", "invalid"],
+    )
+    def test_verdicts(self, routes: list[ObjectInfo], expected: dict[str, Any]) -> None:
+        assert judge(routes) == expected
+
+    def test_route_selector_must_match(self) -> None:
+        spec = {**RELAY_SPEC, "routeSelector": {"matchLabels": {"tier": "gold"}}}
+        result = judge(
+            [route("a"), route("b", senders=("b.example",), labels={"tier": "gold"})], spec
+        )
+        assert result == {
+            "a": ("NotSelected", "NotChecked", False),
+            "b": ("Accepted", "ResolvedRefs", True),
+        }
+
+    def test_missing_relay(self) -> None:
+        (verdict,) = judge_routes(None, None, [route("a")], SECRETS.get)
+        assert (verdict.accepted.reason, verdict.included) == ("RelayNotFound", False)
+
+
+@pytest.mark.parametrize(
+    ("selector", "labels", "matches"),
+    [
+        ({"matchLabels": {"a": "1"}}, {"a": "1", "b": "2"}, True),
+        ({"matchLabels": {"a": "1"}}, {"a": "2"}, False),
+        (
+            {"matchExpressions": [{"key": "a", "operator": "In", "values": ["1", "2"]}]},
+            {"a": "2"},
+            True,
+        ),
+        ({"matchExpressions": [{"key": "a", "operator": "NotIn", "values": ["1"]}]}, {}, True),
+        ({"matchExpressions": [{"key": "a", "operator": "Exists"}]}, {}, False),
+        ({"matchExpressions": [{"key": "a", "operator": "DoesNotExist"}]}, {"a": "x"}, False),
+    ],
+)
+def test_selector_matches(selector: dict[str, Any], labels: dict[str, str], matches: bool) -> None:
+    assert selector_matches(models.LabelSelector.model_validate(selector), labels) is matches
+
+
+SPEC = models.MailRelaySpec.model_validate(RELAY_SPEC)  # replicas: 2
+
+
+@pytest.mark.parametrize(
+    ("sts", "config_ok", "expected"),
+    [
+        (None, False, ("False", "ConfigNotRendered")),
+        (None, True, ("False", "StatefulSetMissing")),
+        (
+            ChildState(None, "", (), 2, {"observedGeneration": 1, "readyReplicas": 2}),
+            True,
+            ("False", "RolloutPending"),
+        ),
+        (
+            ChildState(None, "", (), 2, {"observedGeneration": 2, "readyReplicas": 1}),
+            True,
+            ("False", "ReplicasNotReady"),
+        ),
+        (
+            ChildState(None, "", (), 2, {"observedGeneration": 2, "readyReplicas": 2}),
+            True,
+            ("True", "ReplicasReady"),
+        ),
+    ],
+)
+def test_ready_condition(
+    sts: ChildState | None, config_ok: bool, expected: tuple[str, str]
+) -> None:
+    update = ready_condition(SPEC, sts, config_ok)
+    assert (update.status, update.reason) == expected
+
+
+def test_routes_condition_names_what_was_left_out() -> None:
+    spec = models.MailRelaySpec.model_validate(RELAY_SPEC)
+    verdicts = judge_routes(
+        RELAY, spec, [route("a"), route("b", senders=("b.example",), secret="missing")], SECRETS.get
+    )
+    update = routes_condition(verdicts)
+    assert (update.status, update.reason) == ("False", "SecretNotFound")
+    assert "Left out of the config: b." in update.message
+
+
+def test_name_problem() -> None:
+    assert name_problem("outbound") is None
+    assert name_problem("x" * 53) is not None
+
+
+class TestNeedsApply:
+    DESIRED, _ = with_applied_hash(
+        {"kind": "ConfigMap", "metadata": {"name": "c", "namespace": "n"}}
+    )
+    HASH = DESIRED["metadata"]["annotations"]["mailrelay.dev/applied-hash"]
+
+    @pytest.mark.parametrize(
+        ("live", "remembered", "now", "expected"),
+        [
+            (None, None, 100.0, True),
+            (ChildState("other", "d1", (), 1), None, 100.0, True),
+            (ChildState(HASH, "d1", (), 1), None, 100.0, True),  # after a restart: confirm once
+            (ChildState(HASH, "d1", (), 1), Remembered(HASH, "d1", 0.0), 100.0, False),
+            (ChildState(HASH, "d2", (), 1), Remembered(HASH, "d1", 0.0), 100.0, True),  # hand edit
+            (None, Remembered(HASH, "d1", 99.0), 100.0, False),  # the cache has not seen it yet
+            (None, Remembered(HASH, "d1", 0.0), 100.0, True),  # deleted by hand
+        ],
+        ids=["missing", "outdated", "restart", "unchanged", "edited", "cache-lag", "deleted"],
+    )
+    def test_decision(
+        self, live: ChildState | None, remembered: Remembered | None, now: float, expected: bool
+    ) -> None:
+        assert needs_apply(self.HASH, live, remembered, now) is expected
+
+    def test_digest_only_counts_our_applied_fields(self) -> None:
+        ours = {"manager": FIELD_MANAGER, "operation": "Apply", "fieldsV1": {"f:data": {}}}
+        theirs = {"manager": "kubectl-edit", "operation": "Update", "fieldsV1": {"f:data": {}}}
+        assert owned_fields_digest([ours]) == owned_fields_digest([ours, theirs])
+        assert owned_fields_digest([ours]) != owned_fields_digest([])
+        state = child_state({"metadata": {"managedFields": [ours], "generation": 3}})
+        assert (state.generation, state.fields_digest) == (3, owned_fields_digest([ours]))
+
+
+def test_flags_become_settings() -> None:
+    saved = dict(os.environ)
+    try:
+        for key in [k for k in os.environ if k.startswith("MAILRELAY_OPERATOR_")]:
+            del os.environ[key]
+        args = parse_args(
+            ["-n", "a", "-n", "b", "--priority", "7", "--standalone", "--resync-seconds", "3"]
+        )
+        export_flags(args)
+        settings = load_settings()
+    finally:  # export_flags writes os.environ itself: put it back exactly
+        os.environ.clear()
+        os.environ.update(saved)
+    assert (settings.namespaces, settings.priority, settings.standalone) == (["a", "b"], 7, True)
+    assert settings.resync_seconds == 3.0
+    assert not settings.watches_all_namespaces()
+
+
+def test_rbac_module_prints_the_cluster_role() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "mailrelay.operator.rbac"],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={"PYTHONSAFEPATH": "1", "PATH": ""},
+    )
+    role = yaml.safe_load(result.stdout)
+    assert role == rbac.cluster_role()
+    secrets = [r for r in role["rules"] if "secrets" in r["resources"]]
+    assert secrets == [{"apiGroups": [""], "resources": ["secrets"], "verbs": ["list", "watch"]}]
+
+
+def test_operator_help() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "mailrelay.operator", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={"PYTHONSAFEPATH": "1", "PATH": ""},
+    )
+    assert "--namespace" in result.stdout and "--priority" in result.stdout
