@@ -14,7 +14,9 @@ transports expect (``username``, ``password``, ``ca.crt``, ``api_key``,
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -280,10 +282,22 @@ def build_relay_config(
         raise RelayConfigError(problems) from None
 
 
+# libyaml's emitter when PyYAML has it: the pure-Python one dominates a reconcile pass.
+_DUMPER: Any = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
+
+
 def render_config_yaml(config: relay.RelayConfig) -> str:
     """The YAML text ``mailrelay.relay.config.load_config`` reads back into ``config``."""
     data = config.model_dump(mode="json", exclude_none=True)
-    return yaml.safe_dump(data, sort_keys=True, default_flow_style=False)
+    return _yaml_of(json.dumps(data, sort_keys=True))
+
+
+@functools.lru_cache(maxsize=2048)
+def _yaml_of(json_text: str) -> str:
+    """YAML for a JSON document; cached, as most passes re-render an unchanged config."""
+    return yaml.dump(
+        json.loads(json_text), Dumper=_DUMPER, sort_keys=True, default_flow_style=False
+    )
 
 
 def config_hash(*parts: str) -> str:
