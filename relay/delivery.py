@@ -263,8 +263,8 @@ class DeliveryEngine:
                 self._known[queue_id] = mtime
         for entry in changed:
             due = self._next_due(entry)
-            if due is not None:
-                self._schedule(entry.queue_id, due)
+            # None: every recipient is done, yet the message is queued; a pass finishes it.
+            self._schedule(entry.queue_id, self._clock() if due is None else due)
 
     def _scan_sync(
         self, known: dict[str, int | None], skip: set[str]
@@ -375,7 +375,12 @@ class DeliveryEngine:
         now = self._clock()
         due = [r for r in entry.recipients if r.status in _UNDONE and r.next_attempt_at <= now]
         if not due:
-            return self._next_due(entry), False
+            if any(r.status in _UNDONE for r in entry.recipients):
+                return self._next_due(entry), False
+            # Every recipient is done but the message is still queued (an interrupted
+            # pass, or an edit by hand): finish it now rather than keep it forever.
+            return await self._finish(entry, [])
+
         dirty = self._reroute(entry, due, now)
         groups: dict[str, list[RecipientState]] = {}
         for rcpt in due:
@@ -391,6 +396,11 @@ class DeliveryEngine:
                 dirty = dirty or attempted
         except asyncio.CancelledError:
             # Stopped mid-pass: keep what is known (delivered recipients are not resent).
+            # Final failures of this pass are not recorded, because their bounce was not
+            # sent yet: they are tried again, and bounced then.
+            for failure in failures:
+                failure.recipient.status = "deferred"
+                failure.recipient.next_attempt_at = now
             with contextlib.suppress(Exception):
                 await asyncio.shield(self._spool.save(entry))
             raise
@@ -406,6 +416,12 @@ class DeliveryEngine:
                     self._json_mtime, entry.queue_id
                 )
             return min(r.next_attempt_at for r in undone), False
+        return await self._finish(entry, failures)
+
+    async def _finish(
+        self, entry: QueueEntry, failures: list[_Failure]
+    ) -> tuple[float | None, bool]:
+        """Every recipient is done: dead-letter the message if any failed, else remove it."""
         failed = [r for r in entry.recipients if r.status == "bounced"]
         if failed:
             reason, label = self._dead_reason(entry, failures)

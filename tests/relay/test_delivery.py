@@ -662,3 +662,72 @@ async def test_two_engines_sharing_a_spool_deliver_each_message_once(world: Worl
 
     rcpts = [m.rcpt_tos[0] for m in up.messages]
     assert sorted(rcpts) == sorted(f"r{i}@example.net" for i in range(40))
+
+
+async def test_messages_left_with_every_recipient_done_are_finished(world: World) -> None:
+    # An interrupted pass (or an edit by hand) can leave a message whose recipients are
+    # all done; the engine finishes it instead of keeping it queued for ever.
+    up = await world.upstream()
+    delivered = await world.submit(None, [("a@example.net", "r")])
+    failed = await world.submit(None, [("b@example.net", "r"), ("c@example.net", "r")])
+    delivered.recipients[0].status = "delivered"
+    failed.recipients[0].status = "delivered"
+    failed.recipients[1].status = "bounced"
+    failed.recipients[1].last_error = "550 5.1.1 no such user"
+    await world.spool.save(delivered)
+    await world.spool.save(failed)
+
+    await world.engine(world.config([{"name": "r", "upstream": world.smtp(up, "up")}]))
+
+    await eventually(lambda: world.spool.list_queue() == [])
+    [dead] = world.spool.list_dead_letters()
+    assert dead.queue_id == failed.queue_id
+    assert "c@example.net: 550 5.1.1 no such user" in (dead.dead_reason or "")
+    assert up.messages == []
+
+
+async def test_interrupted_pass_keeps_progress_and_still_bounces(world: World) -> None:
+    refusing = await world.upstream()
+    refusing.refuse_rcpt["gone@refuse.test"] = "550 5.1.1 no such user"
+    slow = await world.upstream()
+    slow.data_delay = 5
+    home = await world.upstream()
+    config = world.config(
+        [
+            {
+                "name": "refuse",
+                "match": {"recipient_domains": ["refuse.test"]},
+                "upstream": world.smtp(refusing, "refusing"),
+            },
+            {
+                "name": "slow",
+                "match": {"recipient_domains": ["slow.test"]},
+                "upstream": world.smtp(slow, "slow"),
+            },
+            {
+                "name": "home",
+                "match": {"recipient_domains": ["example.com"]},
+                "upstream": world.smtp(home, "home"),
+            },
+        ]
+    )
+    engine = await world.engine(config)
+    entry = await world.submit(engine, [("gone@refuse.test", "refuse"), ("bob@slow.test", "slow")])
+    await asyncio.sleep(0.5)  # gone@ failed for good; bob@ is in the slow DATA
+
+    await engine.stop(grace_seconds=0.1)
+    world.engines.remove(engine)
+
+    # No bounce went out, so the failure is not recorded as final yet.
+    assert home.messages == []
+    state = world.spool.load_entry(entry.queue_id)
+    assert state is not None
+    assert [r.status for r in state.recipients] == ["deferred", "pending"]
+
+    slow.data_delay = 0
+    await world.engine(config)
+    await home.wait_for(1)
+    [per_rcpt] = report_blocks(parse(home.messages[0].data))[1:]
+    assert per_rcpt["Final-Recipient"] == "rfc822; gone@refuse.test"
+    await eventually(lambda: len(world.spool.list_dead_letters()) == 1)
+    assert any(m.rcpt_tos == ("bob@slow.test",) for m in slow.messages)
