@@ -72,6 +72,14 @@ class UpstreamConfigError(Exception):
     """A connection failed for a reason only configuration can fix (TLS, AUTH)."""
 
 
+class _ClosedAtMailError(Exception):
+    """MAIL was answered 421: the server closed the channel before accepting anything."""
+
+    def __init__(self, results: list[RecipientResult]) -> None:
+        super().__init__("421 at MAIL")
+        self.results = results
+
+
 class PoolClosedError(Exception):
     """The pool was closed (reload or shutdown) while a delivery still wanted it."""
 
@@ -162,6 +170,7 @@ class _Connection:
     smtp: aiosmtplib.SMTP
     fingerprint: tuple[int, ...] | None
     last_used: float = field(default=0.0)
+    reused: bool = False
 
 
 class SmtpConnectionPool:
@@ -208,15 +217,15 @@ class SmtpConnectionPool:
         """Connections waiting to be reused."""
         return len(self._idle)
 
-    async def acquire(self) -> _Connection:
-        """A ready connection: reused if one is idle and alive, else newly made."""
+    async def acquire(self, *, fresh: bool = False) -> _Connection:
+        """A ready connection: reused if one is idle and alive (unless `fresh`), else new."""
         if self._closed:
             raise PoolClosedError(f"the pool for upstream {self.upstream.name!r} is closed")
         await self._slots.acquire()
         try:
             credentials = await self._credentials.current() if self._credentials else None
             fingerprint = credentials.fingerprint if credentials else None
-            while self._idle:
+            while self._idle and not fresh:
                 conn = self._idle.pop()  # most recently used first: likeliest alive
                 if (
                     conn.fingerprint != fingerprint
@@ -232,6 +241,7 @@ class SmtpConnectionPool:
                         await self._discard(conn, polite=False)
                         continue
                 self._observer.connection_reused(self.upstream.name)
+                conn.reused = True
                 return conn
             conn = await self._connect(credentials)
             self._open += 1
@@ -414,23 +424,34 @@ class SmtpTransport:
 
     async def deliver(self, envelope: Envelope, message: bytes) -> list[RecipientResult]:
         """Send one transaction; every recipient gets a result, nothing is raised."""
-        try:
-            conn = await self.pool.acquire()
-        except (
-            aiosmtplib.SMTPException,
-            OSError,
-            TimeoutError,
-            UpstreamConfigError,
-            PoolClosedError,
-        ) as exc:
-            return self._connection_failure(envelope, exc)
-        reusable = False
-        try:
-            results = await self._transaction(conn.smtp, envelope, message)
-            reusable = conn.smtp.is_connected
+        fresh = False
+        while True:
+            try:
+                conn = await self.pool.acquire(fresh=fresh)
+            except (
+                aiosmtplib.SMTPException,
+                OSError,
+                TimeoutError,
+                UpstreamConfigError,
+                PoolClosedError,
+            ) as exc:
+                return self._connection_failure(envelope, exc)
+            reusable = False
+            closed_at_mail = False
+            try:
+                results = await self._transaction(conn.smtp, envelope, message)
+                reusable = conn.smtp.is_connected
+            except _ClosedAtMailError as exc:
+                results, closed_at_mail = exc.results, True
+            finally:
+                self.pool.release(conn, reusable=reusable)
+            if conn.reused and not fresh and closed_at_mail:
+                # A pooled connection the server is done with (a per-connection message
+                # limit answers 421 at MAIL): nothing was accepted, so one more try on a
+                # new connection is safe and spares the message a whole backoff.
+                fresh = True
+                continue
             return results
-        finally:
-            self.pool.release(conn, reusable=reusable)
 
     async def _transaction(
         self, smtp: aiosmtplib.SMTP, envelope: Envelope, message: bytes
@@ -468,9 +489,12 @@ class SmtpTransport:
                 for rcpt in envelope.recipients
             ]
         except aiosmtplib.SMTPSenderRefused as exc:
-            return all_recipients(
+            results = all_recipients(
                 envelope, classify_reply(exc.code), f"{_reply_text(exc)} (MAIL)", code=exc.code
             )
+            if exc.code == 421:
+                raise _ClosedAtMailError(results) from exc
+            return results
         except aiosmtplib.SMTPDataError as exc:
             return all_recipients(
                 envelope, classify_reply(exc.code), f"{_reply_text(exc)} (DATA)", code=exc.code

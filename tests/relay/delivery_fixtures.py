@@ -82,6 +82,12 @@ class _Handler:
     ) -> str:
         if self.owner.refuse_mail is not None:
             return self.owner.refuse_mail
+        limit = self.owner.max_messages_per_connection
+        if limit is not None:
+            count = self.owner.session_messages.get(id(session), 0)
+            if count >= limit:
+                return "421 4.7.0 Too many messages on this connection"
+            self.owner.session_messages[id(session)] = count + 1
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
         return "250 2.1.0 OK"
@@ -124,6 +130,8 @@ class Upstream:
     refuse_mail: str | None = None
     refuse_data: str | None = None
     data_delay: float = 0.0
+    max_messages_per_connection: int | None = None
+    session_messages: dict[int, int] = field(default_factory=dict)
     arrived: asyncio.Event = field(default_factory=asyncio.Event)
     _server: asyncio.Server | None = None
     _protocols: list[SMTP] = field(default_factory=list)

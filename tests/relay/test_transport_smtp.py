@@ -294,6 +294,33 @@ async def test_pool_reuses_connections_sequentially(harness: Harness) -> None:
     assert up.connections == 1
 
 
+async def test_per_connection_limit_gets_a_fresh_connection(harness: Harness) -> None:
+    # The upstream answers 421 at MAIL after two messages on one connection: the pooled
+    # connection is dropped and the message goes out on a new one, not after a backoff.
+    up = await harness.upstream(tls="starttls")
+    up.max_messages_per_connection = 2
+    transport = harness.transport(up, pool_size=1)
+
+    for i in range(5):
+        [result] = await transport.deliver(envelope(f"r{i}@example.net"), MESSAGE)
+        assert result.outcome is RecipientOutcome.DELIVERED, result.detail
+
+    assert len(up.messages) == 5
+    assert up.connections == 3
+
+
+async def test_421_at_mail_on_a_new_connection_is_temporary(harness: Harness) -> None:
+    up = await harness.upstream(tls="starttls")
+    up.refuse_mail = "421 4.3.2 Shutting down"
+    transport = harness.transport(up)
+
+    [result] = await transport.deliver(envelope(), MESSAGE)
+
+    assert result.outcome is RecipientOutcome.TEMPORARY
+    assert result.code == 421
+    assert up.connections == 1
+
+
 async def test_pool_is_bounded_under_concurrency(harness: Harness) -> None:
     up = await harness.upstream(tls="starttls")
     up.data_delay = 0.05
