@@ -722,27 +722,41 @@ async def _expect(reader: asyncio.StreamReader, code: int) -> None:
             return
 
 
-async def probe_session(port: int, message: bytes) -> tuple[float, float]:
-    """One submission session; returns (whole session, end-of-data to 250) in seconds."""
-    start = time.perf_counter()
+PROBE_STEPS = ("connect", "banner", "ehlo", "mail", "rcpt", "data", "body", "quit")
+
+
+async def probe_session(port: int, message: bytes) -> dict[str, float]:
+    """One submission session; seconds per step (`body` is end-of-data to the 250)."""
+    steps: dict[str, float] = {}
+    mark = time.perf_counter()
+
+    def lap(step: str) -> None:
+        nonlocal mark
+        now = time.perf_counter()
+        steps[step] = now - mark
+        mark = now
+
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
+        lap("connect")
         await _expect(reader, 220)
-        for command, code in (
-            (b"EHLO probe.example.com", 250),
-            (f"MAIL FROM:<{SENDER}>".encode(), 250),
-            (f"RCPT TO:<{RECIPIENT}>".encode(), 250),
-            (b"DATA", 354),
+        lap("banner")
+        for step, command, code in (
+            ("ehlo", b"EHLO probe.example.com", 250),
+            ("mail", f"MAIL FROM:<{SENDER}>".encode(), 250),
+            ("rcpt", f"RCPT TO:<{RECIPIENT}>".encode(), 250),
+            ("data", b"DATA", 354),
         ):
             writer.write(command + b"\r\n")
             await _expect(reader, code)
-        data_sent = time.perf_counter()
+            lap(step)
         writer.write(message)
         await _expect(reader, 250)
-        acked = time.perf_counter()
+        lap("body")
         writer.write(b"QUIT\r\n")
         await _expect(reader, 221)
-        return time.perf_counter() - start, acked - data_sent
+        lap("quit")
+        return steps
     finally:
         writer.close()
         with contextlib.suppress(OSError):
@@ -752,7 +766,7 @@ async def probe_session(port: int, message: bytes) -> tuple[float, float]:
 @dataclass
 class ProbeResults:
     sessions: list[float] = field(default_factory=list)
-    data_acks: list[float] = field(default_factory=list)
+    steps: dict[str, list[float]] = field(default_factory=lambda: {s: [] for s in PROBE_STEPS})
     finished_at: list[float] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
 
@@ -763,15 +777,14 @@ async def run_probe(port: int, size: int, stop: asyncio.Event, results: ProbeRes
     while not stop.is_set():
         serial += 1
         try:
-            session, ack = await asyncio.wait_for(
-                probe_session(port, probe_message(size, serial)), 120
-            )
+            steps = await asyncio.wait_for(probe_session(port, probe_message(size, serial)), 120)
         except (OSError, TimeoutError, BenchError) as exc:
             results.errors.append(repr(exc))
             await asyncio.sleep(0.05)
             continue
-        results.sessions.append(session)
-        results.data_acks.append(ack)
+        results.sessions.append(sum(steps.values()))
+        for step, seconds in steps.items():
+            results.steps[step].append(seconds)
         results.finished_at.append(time.monotonic())
 
 
@@ -810,6 +823,8 @@ class RunResult:
     cpu_pressure_before: str = ""
     cpu_pressure_after: str = ""
     probe_errors: int = 0
+    step_p50_ms: dict[str, float] = field(default_factory=dict)
+    step_p99_ms: dict[str, float] = field(default_factory=dict)
     left_in_queue: int = 0
     problems: list[str] = field(default_factory=list)
     error: str | None = None
@@ -901,8 +916,10 @@ async def run_once(
         result.delivered = sink.count
         result.session_p50_ms = percentile(probe.sessions, 50) * 1000
         result.session_p99_ms = percentile(probe.sessions, 99) * 1000
-        result.data_ack_p50_ms = percentile(probe.data_acks, 50) * 1000
-        result.data_ack_p99_ms = percentile(probe.data_acks, 99) * 1000
+        result.data_ack_p50_ms = percentile(probe.steps["body"], 50) * 1000
+        result.data_ack_p99_ms = percentile(probe.steps["body"], 99) * 1000
+        result.step_p50_ms = {k: percentile(v, 50) * 1000 for k, v in probe.steps.items()}
+        result.step_p99_ms = {k: percentile(v, 99) * 1000 for k, v in probe.steps.items()}
         result.cpu_seconds = cpu_end - cpu_start
         result.sink_cpu_seconds = sink_cpu_end - sink_cpu_start
         result.peak_rss_mb = memory.peak_rss_kb / 1024
@@ -978,6 +995,15 @@ def run_lines(result: RunResult) -> list[str]:
         f"{result.load_after}, CPU pressure {result.cpu_pressure_before} -> "
         f"{result.cpu_pressure_after}",
     ]
+    if result.step_p99_ms:
+        lines.append(
+            "    probe p50/p99 ms by step: "
+            + ", ".join(
+                f"{step} {_fmt(result.step_p50_ms[step], 1)}/{_fmt(result.step_p99_ms[step], 1)}"
+                for step in PROBE_STEPS
+                if step in result.step_p99_ms
+            )
+        )
     lines += [f"    ! {problem}" for problem in result.problems]
     return lines
 
