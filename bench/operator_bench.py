@@ -26,13 +26,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import contextlib
 import json
 import os
 import re
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +41,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO_ROOT), str(REPO_ROOT / "hack")]
 
 from lightkube import AsyncClient, KubeConfig, codecs  # noqa: E402
-from localkube import LocalKube, running_cluster  # noqa: E402
+from localkube import LocalKube, ensure_binaries  # noqa: E402
 
 import mailrelay.operator.apply  # noqa: E402, F401  (registers the MailRelay/MailRoute kinds)
 from tests.operator.harness import CRDS, OperatorProcess, bind_operator_role  # noqa: E402
@@ -109,6 +110,26 @@ def objects(relays: int) -> list[dict[str, Any]]:
                 }
             )
     return out
+
+
+class BenchKube(LocalKube):
+    """The local control plane with room for 65k Service IPs (the default /24 has 254)."""
+
+    def _spawn(self, name: str, argv: list[str]) -> None:
+        wide = "--service-cluster-ip-range=10.0.0.0/16"
+        super()._spawn(
+            name, [wide if a.startswith("--service-cluster-ip-range=") else a for a in argv]
+        )
+
+
+@contextlib.contextmanager
+def bench_cluster(workdir: Path) -> Iterator[LocalKube]:
+    cluster = BenchKube(bin_dir=ensure_binaries(), workdir=workdir)
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
 
 
 async def create_all(kube: LocalKube, items: list[dict[str, Any]], parallel: int = 32) -> None:
@@ -228,7 +249,7 @@ def peak_rss_mb(pid: int) -> float:
 def run(
     relays: int, resync: float, steady: float, timeout: float, keep_log: str | None = None
 ) -> dict[str, Any]:
-    with running_cluster() as kube, tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, bench_cluster(Path(tmp) / "kube") as kube:
         kube.install_crds(CRDS)
         kubeconfig = bind_operator_role(kube)
         kube.create_namespace(NAMESPACE)

@@ -202,6 +202,7 @@ async def route_event(
         if indices.relay(info.namespace, name) is not None:
             memo.queue.enqueue(indices, info.namespace, name)
     if type != "DELETED" and indices.relay(info.namespace, relay) is None:
+        ctx.metrics.reconciles.labels("MailRoute", "ok").inc()
         await reconcile_orphan_route(
             info,
             secret_keys=indices.secret_keys(info.namespace),

@@ -85,7 +85,7 @@ RULES: tuple[Rule, ...] = (
         ("list", "watch"),
         "check that referenced Secrets and keys exist (only key names are kept, never values)",
     ),
-    Rule(("", "events.k8s.io"), ("events",), ("create", "patch"), "Events for users"),
+    Rule(("",), ("events",), ("create",), "Events for users (kopf posts core/v1 Events)"),
     Rule(
         ("kopf.dev",),
         ("clusterkopfpeerings", "kopfpeerings"),

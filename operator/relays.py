@@ -19,6 +19,7 @@ retries in a storm. API failures propagate; the resync timer retries them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import time
@@ -82,6 +83,7 @@ ROUTES_RESOLVED = "RoutesResolved"
 CONFIG_RENDERED = "ConfigRendered"
 SECRETS_RESOLVED = "SecretsResolved"
 SERVICE_MONITOR = "ServiceMonitorReady"
+CHILDREN_APPLIED = "ChildrenApplied"
 # A StatefulSet's pods are named <name>-<ordinal> and carry a controller-revision-hash label
 # of <name>-<10 chars>, which must fit in 63 characters.
 MAX_RELAY_NAME = 52
@@ -321,6 +323,7 @@ async def reconcile_relay(ctx: Context, indices: Indices, namespace: str, name: 
 
 
 async def _reconcile(ctx: Context, indices: Indices, namespace: str, name: str) -> str:
+    ctx.metrics.relays.set(len(indices.relays))
     relay = ctx.fresh(indices.relay(namespace, name))
     routes = [ctx.fresh(route) for route in indices.routes_for(namespace, name)]
     secret_keys = indices.secret_keys(namespace)
@@ -369,9 +372,7 @@ async def _reconcile(ctx: Context, indices: Indices, namespace: str, name: str) 
             outcome = "invalid"
         else:
             config_ok = True
-            monitor = await _apply_children(ctx, indices, inputs, rendered)
-            if monitor is not None:
-                updates.append(monitor)
+            updates += await _apply_children(ctx, indices, inputs, rendered)
             updates.append(
                 ConditionUpdate(
                     CONFIG_RENDERED,
@@ -425,41 +426,101 @@ def _monitor_wanted(spec: models.MailRelaySpec | None) -> bool:
     return bool(spec and spec.metrics.enabled and spec.metrics.service_monitor.enabled)
 
 
+def _api_message(error: BaseException) -> str:
+    """The API server's message for a failed request, without a traceback."""
+    status = getattr(error, "status", None)
+    message = getattr(status, "message", None)
+    if message:
+        return str(message)
+    response = getattr(error, "response", None)
+    if response is not None:
+        with contextlib.suppress(ValueError):
+            return str(response.json().get("message") or response.text)[:500]
+    return f"{type(error).__name__}: {error}"[:500]
+
+
 async def _apply_children(
     ctx: Context, indices: Indices, relay: RelayInputs, rendered: RenderedRelay
-) -> ConditionUpdate | None:
-    """Apply what differs, delete what is turned off; the ServiceMonitor's condition if asked."""
-    monitor: ConditionUpdate | None = None
+) -> list[ConditionUpdate]:
+    """Apply what differs, delete what is turned off; conditions for what went wrong.
 
-    async def ensure(child: dict[str, Any]) -> ConditionUpdate | None:
-        key = key_of(child)
-        if key[0] != "ServiceMonitor":
-            await ctx.applier.ensure(child, indices.child(key))
-            return None
-        try:
-            await ctx.applier.ensure(child, indices.child(key))
-        except ResourceMissing:
-            return ConditionUpdate(
-                SERVICE_MONITOR,
-                "False",
-                "ServiceMonitorCRDMissing",
-                "metrics.serviceMonitor.enabled is true, but the API server does not serve "
-                "monitoring.coreos.com/v1 ServiceMonitor: install the prometheus-operator "
-                "CRDs, or set metrics.serviceMonitor.enabled to false.",
-            )
-        return ConditionUpdate(
-            SERVICE_MONITOR, "True", "Applied", "The ServiceMonitor is in place."
-        )
+    A child the API server refuses (quota, admission, a full Service IP range) does not stop
+    the others or the status: it becomes ``ChildrenApplied=False`` with the server's message,
+    and the resync timer tries again.
+    """
+
+    async def ensure(child: dict[str, Any]) -> None:
+        await ctx.applier.ensure(child, indices.child(key_of(child)))
 
     # The ConfigMap first, so a rolled pod never starts with an older config; the rest at once.
     first, *rest = rendered.children
-    await ensure(first)
-    for result in await asyncio.gather(*(ensure(child) for child in rest)):
-        monitor = result or monitor
-    await asyncio.gather(
-        *(ctx.applier.remove(key, indices.child(key), relay.uid) for key in rendered.absent)
+    outcomes: list[BaseException | None] = [
+        *await asyncio.gather(ensure(first), return_exceptions=True)
+    ]
+    if outcomes[0] is None:
+        outcomes += await asyncio.gather(*(ensure(child) for child in rest), return_exceptions=True)
+    else:
+        outcomes += [None] * len(rest)
+    removals = await asyncio.gather(
+        *(ctx.applier.remove(key, indices.child(key), relay.uid) for key in rendered.absent),
+        return_exceptions=True,
     )
-    return monitor
+    updates: list[ConditionUpdate] = []
+    failures: list[str] = []
+    for child, outcome in zip(rendered.children, outcomes, strict=True):
+        kind, _, child_name = key_of(child)
+        if kind == "ServiceMonitor":
+            if isinstance(outcome, ResourceMissing):
+                updates.append(
+                    ConditionUpdate(
+                        SERVICE_MONITOR,
+                        "False",
+                        "ServiceMonitorCRDMissing",
+                        "metrics.serviceMonitor.enabled is true, but the API server does not "
+                        "serve monitoring.coreos.com/v1 ServiceMonitor: install the "
+                        "prometheus-operator CRDs, or set metrics.serviceMonitor.enabled to "
+                        "false.",
+                    )
+                )
+                continue
+            if outcome is None:
+                updates.append(
+                    ConditionUpdate(
+                        SERVICE_MONITOR, "True", "Applied", "The ServiceMonitor is in place."
+                    )
+                )
+        if isinstance(outcome, asyncio.CancelledError):
+            raise outcome
+        if isinstance(outcome, BaseException):
+            failures.append(f"{kind} {child_name}: {_api_message(outcome)}")
+    for key, removal in zip(rendered.absent, removals, strict=True):
+        if isinstance(removal, BaseException):
+            failures.append(f"deleting {key[0]} {key[2]}: {_api_message(removal)}")
+    if failures:
+        ctx.metrics.errors.labels("MailRelay").inc()
+        log.warning(
+            "Could not apply every child of MailRelay %s/%s: %s",
+            relay.namespace,
+            relay.name,
+            "; ".join(failures),
+        )
+        updates.append(
+            ConditionUpdate(
+                CHILDREN_APPLIED,
+                "False",
+                "ApplyFailed",
+                f"The API server refused: {'; '.join(failures)}. The operator retries every "
+                f"{ctx.settings.resync_seconds:g}s; fix the cause (quota, admission policy, "
+                "Service IP range) and it recovers on its own.",
+            )
+        )
+    else:
+        updates.append(
+            ConditionUpdate(
+                CHILDREN_APPLIED, "True", "Applied", "Every child matches the rendered state."
+            )
+        )
+    return updates
 
 
 async def _write_relay_status(
@@ -474,7 +535,14 @@ async def _write_relay_status(
     conditions = set_conditions(before, list(updates), generation=relay.generation, clock=ctx.clock)
     if not monitor_wanted:
         conditions = remove_condition(conditions, SERVICE_MONITOR)
-    order = [READY, CONFIG_RENDERED, ROUTES_RESOLVED, SECRETS_RESOLVED, SERVICE_MONITOR]
+    order = [
+        READY,
+        CONFIG_RENDERED,
+        CHILDREN_APPLIED,
+        ROUTES_RESOLVED,
+        SECRETS_RESOLVED,
+        SERVICE_MONITOR,
+    ]
     conditions.sort(key=lambda c: order.index(c["type"]) if c["type"] in order else len(order))
     status: dict[str, Any] = {
         "observedGeneration": relay.generation,
