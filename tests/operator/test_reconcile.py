@@ -229,6 +229,7 @@ def test_deleted_or_edited_children_come_back(
     wait_for(lambda: _config(kube, ns) == original, what="the ConfigMap put back")
 
 
+@pytest.mark.slow
 def test_steady_state_writes_nothing(
     crds: LocalKube, operator: OperatorProcess, op_namespace: str
 ) -> None:
