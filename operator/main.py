@@ -99,7 +99,9 @@ async def startup(settings: kopf.OperatorSettings, memo: Any, **_: Any) -> None:
         metrics=metrics,
         post_event=_post_event,
     )
-    memo.queue = WorkQueue(memo.ctx, workers=SETTINGS.workers)
+    memo.queue = WorkQueue(
+        memo.ctx, workers=SETTINGS.workers, settle_seconds=SETTINGS.settle_seconds
+    )
     log.info("Started the mailrelay operator (relay image %s)", SETTINGS.relay_image)
 
 

@@ -247,7 +247,10 @@ def ready_condition(
         )
     if statefulset is None:
         return ConditionUpdate(
-            READY, "False", "StatefulSetMissing", "The StatefulSet is being created."
+            READY,
+            "False",
+            "RolloutPending",
+            "The StatefulSet was just created; waiting for its controller to report pods.",
         )
     status = statefulset.status
     ready = int(status.get("readyReplicas") or 0)
@@ -607,13 +610,15 @@ class WorkQueue:
     """Relays waiting for a pass, served by a few worker tasks; triggers only enqueue.
 
     Many triggers for one relay (its own events, each child's, each route's, the timer)
-    collapse into one pending entry, and a relay is never reconciled twice at once: a trigger
-    during its pass marks it dirty and it runs once more afterwards. kopf's per-object
-    workers stay free, so the watch cache (indices) keeps up while passes run.
+    collapse into one pending entry, served after ``settle_seconds`` so a burst makes one
+    pass; a relay is never reconciled twice at once: a trigger during its pass marks it
+    dirty and it runs once more afterwards. kopf's per-object workers stay free, so the
+    watch cache (indices) keeps up while passes run.
     """
 
     ctx: Context
     workers: int = 8
+    settle_seconds: float = 0.0
     indices: Indices | None = None
     queue: asyncio.Queue[tuple[str, str]] = field(default_factory=asyncio.Queue)
     pending: set[tuple[str, str]] = field(default_factory=set)
@@ -632,7 +637,13 @@ class WorkQueue:
             self.dirty.add(key)
         elif key not in self.pending:
             self.pending.add(key)
-            self.queue.put_nowait(key)
+            if self.settle_seconds > 0:
+                # A burst (a relay and its routes applied together) becomes one pass.
+                asyncio.get_running_loop().call_later(
+                    self.settle_seconds, self.queue.put_nowait, key
+                )
+            else:
+                self.queue.put_nowait(key)
 
     async def _work(self) -> None:
         while True:

@@ -70,6 +70,12 @@ class OperatorSettings(BaseSettings):
         description="Time a relay pod gets to finish deliveries in flight before it is killed.",
     )
     workers: int = Field(default=8, ge=1, le=256, description="MailRelays reconciled concurrently.")
+    settle_seconds: float = Field(
+        default=0.5,
+        ge=0,
+        le=30,
+        description="How long a triggered pass waits, so a burst of changes makes one pass.",
+    )
     cluster_domain: str = Field(default="cluster.local", description="Cluster DNS suffix.")
     api_qps_burst: int = Field(
         default=64, ge=1, description="API requests the operator keeps in flight at once."

@@ -133,7 +133,7 @@ SPEC = models.MailRelaySpec.model_validate(RELAY_SPEC)  # replicas: 2
     ("sts", "config_ok", "expected"),
     [
         (None, False, ("False", "ConfigNotRendered")),
-        (None, True, ("False", "StatefulSetMissing")),
+        (None, True, ("False", "RolloutPending")),
         (
             ChildState(None, "", (), 2, {"observedGeneration": 1, "readyReplicas": 2}),
             True,
