@@ -109,6 +109,21 @@ def flipped(
     return (old.get("status"), old.get("reason")) != (new.get("status"), new.get("reason"))
 
 
+def worth_an_event(
+    before: Sequence[Mapping[str, Any]] | None,
+    after: Sequence[Mapping[str, Any]],
+    type_: str,
+) -> bool:
+    """A flip into trouble, or out of it; a condition that starts out fine is no news."""
+    if not flipped(before, after, type_):
+        return False
+    old, new = find_condition(before, type_), find_condition(after, type_)
+    assert new is not None
+    if new.get("status") == "True":
+        return old is not None and old.get("status") != "True"
+    return True
+
+
 def _condition(update: ConditionUpdate, generation: int | None, transition: str) -> dict[str, Any]:
     condition: dict[str, Any] = {
         "type": update.type,

@@ -35,10 +35,10 @@ from mailrelay.operator.conditions import (
     Clock,
     ConditionUpdate,
     find_condition,
-    flipped,
     remove_condition,
     set_conditions,
     utc_now,
+    worth_an_event,
 )
 from mailrelay.operator.metrics import OperatorMetrics
 from mailrelay.operator.relay_config import (
@@ -567,12 +567,11 @@ async def _write_relay_status(
         status,
     )
     for condition in conditions:
-        if condition["type"] != READY and flipped(before, conditions, condition["type"]):
+        # A new relay is not Ready yet: that is expected, not news; a later flip is.
+        first_ready = condition["type"] == READY and find_condition(before, READY) is None
+        if not first_ready and worth_an_event(before, conditions, condition["type"]):
             kind = "Normal" if condition["status"] == "True" else "Warning"
             ctx.post_event(relay, kind, condition["reason"], condition["message"])
-    ready = find_condition(conditions, READY)
-    if ready is not None and flipped(before, conditions, READY) and ready["status"] == "True":
-        ctx.post_event(relay, "Normal", ready["reason"], ready["message"])
 
 
 def child_needs_pass(

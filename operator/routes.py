@@ -29,8 +29,8 @@ from mailrelay.operator.conditions import (
     Clock,
     ConditionUpdate,
     find_condition,
-    flipped,
     set_conditions,
+    worth_an_event,
 )
 from mailrelay.operator.relay_config import BoundRoute
 
@@ -322,7 +322,7 @@ async def write_route_status(
     for type_ in (ACCEPTED, RESOLVED_REFS):
         after = status["conditions"]
         condition = find_condition(after, type_)
-        if condition is not None and flipped(before, after, type_):
+        if condition is not None and worth_an_event(before, after, type_):
             kind = "Normal" if condition["status"] == "True" else "Warning"
             if condition["status"] != "Unknown":
                 post_event(route, kind, condition["reason"], condition["message"])

@@ -12,6 +12,7 @@ from mailrelay.operator.conditions import (
     flipped,
     set_condition,
     set_conditions,
+    worth_an_event,
 )
 
 T0 = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)
@@ -88,3 +89,22 @@ class TestSetCondition:
         assert flipped(one, other, "Ready")
         assert flipped([], one, "Ready")
         assert find_condition(other, "Missing") is None
+
+
+@pytest.mark.parametrize(
+    ("first", "second", "expected"),
+    [
+        (None, READY, False),  # starts out fine: no news
+        (None, NOT_READY, True),  # starts out in trouble
+        (NOT_READY, READY, True),  # recovery
+        (READY, NOT_READY, True),  # into trouble
+        (READY, ConditionUpdate("Ready", "True", "Other", ""), False),  # still fine
+    ],
+)
+def test_worth_an_event(
+    first: ConditionUpdate | None, second: ConditionUpdate, expected: bool
+) -> None:
+    clock = Clock()
+    before = set_condition([], first, generation=1, clock=clock) if first else []
+    after = set_condition(before, second, generation=1, clock=clock)
+    assert worth_an_event(before, after, "Ready") is expected
