@@ -590,6 +590,7 @@ class RelayOptions:
     concurrency: int | None = None
     profile: Path | None = None
     pythonpath: Path | None = None  # a patched copy of the package, to measure a lever
+    spool_parent: Path | None = None  # diagnostic: the spool elsewhere (e.g. tmpfs)
 
 
 class RelayServer(Server):
@@ -605,6 +606,11 @@ class RelayServer(Server):
         self.sink_port = sink_port
         self.options = options
         self.metrics_port = free_port(options.workers)
+        self.spool_dir = (
+            root / "spool"
+            if options.spool_parent is None
+            else Path(tempfile.mkdtemp(prefix="mailrelay-bench-spool-", dir=options.spool_parent))
+        )
         self.proc: Process | None = None
 
     def config_text(self) -> str:
@@ -626,7 +632,7 @@ class RelayServer(Server):
             },
             "auth": {"required": False},
             "allowed_networks": ["127.0.0.1/32"],
-            "spool": {"directory": str(self.root / "spool")},
+            "spool": {"directory": str(self.spool_dir)},
             "routes": [{"name": "all", "upstream": upstream}],
             "metrics": {"host": "127.0.0.1", "port": self.metrics_port},
             "log_format": "text",
@@ -691,7 +697,7 @@ class RelayServer(Server):
         return [line for line in lines if " WARNING " in line or " ERROR " in line]
 
     def queued_files(self) -> int:
-        queue = self.root / "spool" / "queue"
+        queue = self.spool_dir / "queue"
         return sum(1 for _ in queue.glob("*.json")) if queue.is_dir() else 0
 
 
@@ -958,6 +964,8 @@ async def run_once(
         if result.left_in_queue:
             result.problems.append(f"{result.left_in_queue} message(s) left in the queue")
     if isinstance(server, RelayServer):
+        if server.options.spool_parent is not None:
+            shutil.rmtree(server.spool_dir, ignore_errors=True)
         logged = server.log_problems()
         if logged:
             result.problems.append(f"{len(logged)} warning/error log lines, first: {logged[0]}")
@@ -1181,6 +1189,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "mailrelay/relay, to measure a lever before changing the real code",
     )
     parser.add_argument(
+        "--relay-spool-parent",
+        type=Path,
+        help="diagnostic: put the relay's spool under this directory (e.g. /dev/shm) to see "
+        "how much of its cost is the disk; not equal durability",
+    )
+    parser.add_argument(
         "--quick", action="store_true", help="smoke run: 2,000 messages, 1 repetition"
     )
     parser.add_argument(
@@ -1296,6 +1310,7 @@ async def bench(args: argparse.Namespace) -> int:
                         concurrency=args.relay_concurrency,
                         profile=profile,
                         pythonpath=args.relay_pythonpath,
+                        spool_parent=args.relay_spool_parent,
                     )
                     server = RelayServer(args.python, run_dir, server_port, sink_port, options)
                 result = await run_once(server, sink, tools["smtp-source"], load, rep)
