@@ -47,7 +47,8 @@ import mailrelay.operator.apply  # noqa: E402, F401  (registers the MailRelay/Ma
 from tests.operator.harness import CRDS, OperatorProcess, bind_operator_role  # noqa: E402
 
 NAMESPACE = "bench"
-WRITE_VERBS = ("POST", "PUT", "PATCH", "DELETE")
+# Server-side apply requests are counted under their own verb, APPLY.
+WRITE_VERBS = ("POST", "PUT", "PATCH", "APPLY", "DELETE")
 
 
 def _secret(name: str, data: dict[str, str]) -> dict[str, Any]:
@@ -163,11 +164,11 @@ def request_counts(kube: LocalKube) -> dict[tuple[str, str], float]:
 def operator_writes(
     before: dict[tuple[str, str], float], after: dict[tuple[str, str], float]
 ) -> float:
-    """PATCHes (apply, status, finalizers) and Event POSTs: what the operator writes."""
+    """Applies, PATCHes (status, finalizers) and Event POSTs: what the operator writes."""
     total = 0.0
     for (verb, resource), value in after.items():
         delta = value - before.get((verb, resource), 0.0)
-        if verb == "PATCH" or (verb == "POST" and resource == "events"):
+        if verb in ("PATCH", "APPLY") or (verb == "POST" and resource == "events"):
             total += delta
     return total
 

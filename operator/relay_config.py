@@ -292,7 +292,7 @@ def render_config_yaml(config: relay.RelayConfig) -> str:
     return _yaml_of(json.dumps(data, sort_keys=True))
 
 
-@functools.lru_cache(maxsize=2048)
+@functools.lru_cache(maxsize=256)
 def _yaml_of(json_text: str) -> str:
     """YAML for a JSON document; cached, as most passes re-render an unchanged config."""
     return yaml.dump(
