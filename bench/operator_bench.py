@@ -15,8 +15,10 @@ One run per N (default 100 and 1,000), each on a fresh local control plane:
 
 Reported: time to converge (from the first create), the operator's peak RSS (VmHWM), its API
 write requests per reconcile pass (from the API server's `apiserver_request_total`: every
-operator write is a PATCH or an Event POST; the benchmark itself only POSTs objects and
-LISTs), and writes during the steady-state window.
+operator write is a server-side APPLY, a PATCH or an Event POST; the benchmark itself only
+POSTs objects and LISTs; the operator reads nothing but its watches), CPU seconds of the
+operator, kube-apiserver and etcd (the machine may be shared: CPU is the steadier figure),
+and writes during the steady-state window.
 
 Run: `.venv/bin/python bench/operator_bench.py [--relays 100 1000] [--resync 10]`.
 """
