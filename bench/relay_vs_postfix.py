@@ -15,8 +15,9 @@ One *run* measures one system once:
    127.0.0.1/32, one catch-all route to the sink with `tls: none`, a fresh spool);
 3. `smtp-source` sends the load (default 20 sessions, 2 KB, 20,000 messages, one message
    per session like real submission clients); at the same time a small async SMTP client
-   in this process runs `--probe-sessions` sequential sessions and times each one
-   (connect to the 221 after QUIT), because smtp-source reports no per-session latency;
+   in this process runs `--probe-sessions` sequential sessions and times each one, step
+   by step (connect, banner, EHLO, MAIL, RCPT, DATA, body to 250, QUIT to 221), because
+   smtp-source reports no per-session latency;
 4. accepted msg/s is measured until smtp-source exits, end-to-end msg/s until the sink has
    counted every message sent (smtp-source's plus the probe's);
 5. CPU seconds come from /proc (utime+stime+cutime+cstime summed over the server's process
