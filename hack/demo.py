@@ -150,29 +150,31 @@ async def start_mailgun() -> Any:
     return await servers.start_provider_server("mailgun")
 
 
+def _header(raw: str, name: str) -> str:
+    prefix = f"{name.lower()}:"
+    return next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in raw.splitlines()
+            if line.lower().startswith(prefix)
+        ),
+        "",
+    )
+
+
 def mailgun_arrivals(server: Any) -> list[Arrival]:
-    servers = importlib.import_module("tests.providers.servers")
+    """What the Mailgun stand-in accepted, read back from the MIME it was given."""
     arrivals = []
     for request in server.sent:
         raw = request.files.get("message", b"").decode(errors="replace")
-        subject = next(
-            (
-                line.split(":", 1)[1].strip()
-                for line in raw.splitlines()
-                if line.lower().startswith("subject:")
-            ),
-            "",
+        arrivals.append(
+            Arrival(
+                "mailgun",
+                _header(raw, "From"),
+                list(request.form.get("to", [])),
+                _header(raw, "Subject"),
+            )
         )
-        sender = next(
-            (
-                line.split(":", 1)[1].strip()
-                for line in raw.splitlines()
-                if line.lower().startswith("from:")
-            ),
-            "",
-        )
-        arrivals.append(Arrival("mailgun", sender, list(request.form.get("to", [])), subject))
-    del servers
     return arrivals
 
 
