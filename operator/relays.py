@@ -429,6 +429,13 @@ def _monitor_wanted(spec: models.MailRelaySpec | None) -> bool:
     return bool(spec and spec.metrics.enabled and spec.metrics.service_monitor.enabled)
 
 
+class _Skipped(Exception):
+    """Marks a child not applied because the ConfigMap before it failed."""
+
+
+_SKIPPED = _Skipped()
+
+
 def _api_message(error: BaseException) -> str:
     """The API server's message for a failed request, without a traceback."""
     status = getattr(error, "status", None)
@@ -463,7 +470,7 @@ async def _apply_children(
     if outcomes[0] is None:
         outcomes += await asyncio.gather(*(ensure(child) for child in rest), return_exceptions=True)
     else:
-        outcomes += [None] * len(rest)
+        outcomes += [_SKIPPED] * len(rest)
     removals = await asyncio.gather(
         *(ctx.applier.remove(key, indices.child(key), relay.uid) for key in rendered.absent),
         return_exceptions=True,
@@ -471,6 +478,8 @@ async def _apply_children(
     updates: list[ConditionUpdate] = []
     failures: list[str] = []
     for child, outcome in zip(rendered.children, outcomes, strict=True):
+        if outcome is _SKIPPED:
+            continue  # not tried: the ConfigMap failed first, and its failure is reported
         kind, _, child_name = key_of(child)
         if kind == "ServiceMonitor":
             if isinstance(outcome, ResourceMissing):
