@@ -10,7 +10,9 @@ Shape of one process's engine:
 - **Dispatch.** At most `delivery.concurrency` messages are delivered at once. One
   message is never delivered twice at once: in this process a set of queue ids in flight,
   across processes the spool's `flock` claim; after claiming, the entry is re-read so a
-  change made meanwhile by another process is honoured.
+  change made meanwhile by another process is honoured. A message the front just
+  spooled arrives with its claim, entry and bytes already in hand (`HeldMessage`, up to
+  `_MAX_HELD` at once), so its first attempt starts without touching the disk.
 - **One pass over a message.** Recipients that are due are grouped by route; each group
   is one transaction per upstream. Rate-limited routes (`on_exceed: defer`) put the
   group off without counting an attempt. The primary upstream is tried, then each
@@ -50,7 +52,7 @@ from mailrelay.relay.metrics import DeliveryMetrics, RelayMetrics
 from mailrelay.relay.ratelimit import RouteRateLimits
 from mailrelay.relay.routing import domain_of, select_route
 from mailrelay.relay.smtp_transport import PoolObserver
-from mailrelay.relay.spool import Claim, QueueEntry, RecipientState, Spool
+from mailrelay.relay.spool import Claim, HeldMessage, QueueEntry, RecipientState, Spool
 from mailrelay.relay.transport import (
     Envelope,
     RecipientOutcome,
@@ -69,6 +71,9 @@ _UNDONE = frozenset({"pending", "deferred"})
 _BUSY_RECHECK_SECONDS = 5.0
 # After an unexpected error in a pass, the message waits this long before the next one.
 _ERROR_RECHECK_SECONDS = 30.0
+# Fresh messages kept claimed in memory until their first attempt (one descriptor each);
+# beyond this backlog they are released and read back from the spool when their turn comes.
+_MAX_HELD = 256
 
 # Builds the transport for one upstream; tests and later issues may pass their own.
 TransportFactory = Callable[[SmtpUpstream | ApiUpstream, PoolObserver, RelayMetrics], Transport]
@@ -99,6 +104,11 @@ class _Failure:
     result: RecipientResult
     expired: bool
     upstream: SmtpUpstream | ApiUpstream | None
+
+
+def _release_all(claims: list[Claim]) -> None:
+    for claim in claims:
+        claim.release()
 
 
 class DeliveryEngine:
@@ -133,6 +143,9 @@ class DeliveryEngine:
         # through `notify`, mtime not looked at yet).
         self._known: dict[str, int | None] = {}
         self._in_flight: dict[str, asyncio.Task[None]] = {}
+        # Fresh messages handed over by the front with their claim (see `notify`).
+        self._held: dict[str, HeldMessage] = {}
+        self._releasing: set[asyncio.Future[None]] = set()
         self._wake = asyncio.Event()
         self._stopping = False
         self._tasks: list[asyncio.Task[None]] = []
@@ -168,6 +181,12 @@ class DeliveryEngine:
                     len(pending),
                 )
                 await asyncio.gather(*pending, return_exceptions=True)
+        held = list(self._held.values())
+        self._held.clear()
+        if held:
+            await asyncio.to_thread(_release_all, [h.claim for h in held])
+        if self._releasing:
+            await asyncio.gather(*self._releasing, return_exceptions=True)
         for transport in self._transports.values():
             await transport.close()
         self._transports.clear()
@@ -193,10 +212,25 @@ class DeliveryEngine:
 
     # -- the front's hooks ------------------------------------------------------------
 
-    def notify(self, entry: QueueEntry) -> None:
-        """A message was just spooled: deliver it now."""
+    def notify(self, entry: QueueEntry, held: HeldMessage | None = None) -> None:
+        """A message was just spooled: deliver it now.
+
+        With `held` (from `Spool.enqueue_held`) the engine takes over the writer's claim
+        and the bytes, and releases the claim when the first attempt ends.
+        """
+        if held is not None:
+            if self._stopping or len(self._held) >= _MAX_HELD:
+                self._release_soon(held.claim)
+            else:
+                self._held[entry.queue_id] = held
         self._known.setdefault(entry.queue_id, None)
         self._schedule(entry.queue_id, self._clock())
+
+    def _release_soon(self, claim: Claim) -> None:
+        """Release a claim in a thread (closing a flocked descriptor is slow here)."""
+        future = asyncio.ensure_future(asyncio.to_thread(claim.release))
+        self._releasing.add(future)
+        future.add_done_callback(self._releasing.discard)
 
     def try_acquire_rate(self, route_name: str) -> bool:
         """For `on_exceed: reject` routes, take a token at RCPT; other routes always pass."""
@@ -341,7 +375,14 @@ class DeliveryEngine:
 
     async def _deliver(self, queue_id: str) -> float | None:
         """One pass over a message; returns when to look at it again (None: it is done)."""
-        loaded = await asyncio.to_thread(self._claim_and_load, queue_id)
+        held = self._held.pop(queue_id, None)
+        loaded: tuple[Claim, QueueEntry, bytes] | Literal["busy", "gone"]
+        if held is not None:
+            # Claimed by the front before the message became visible: nobody else has seen
+            # it, so the entry and bytes in memory are current.
+            loaded = held.claim, held.entry, held.data
+        else:
+            loaded = await asyncio.to_thread(self._claim_and_load, queue_id)
         if loaded == "gone":
             return None
         if loaded == "busy":

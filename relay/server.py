@@ -13,8 +13,10 @@ Three pieces:
 * `SmtpFront`, which owns the listeners, the live sessions (for limits and the SIGTERM
   drain) and the swappable `FrontSettings` a reload replaces.
 
-The front never delivers: it calls `DeliveryHook.notify` after each durable enqueue and
-asks `try_acquire_rate` at RCPT for routes that reject when over their rate.
+The front never delivers: it calls `DeliveryHook.notify` after each durable enqueue,
+handing over the message's claim and bytes (`HeldMessage`) so the first attempt needs no
+disk reads, and asks `try_acquire_rate` at RCPT for routes that reject when over their
+rate.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from mailrelay.relay.auth import User, UserDatabase
 from mailrelay.relay.config import ApiUpstream, RelayConfig, RouteConfig
 from mailrelay.relay.metrics import RelayMetrics
 from mailrelay.relay.routing import domain_of, select_route
-from mailrelay.relay.spool import QueueEntry, Spool, new_queue_id
+from mailrelay.relay.spool import HeldMessage, QueueEntry, Spool, new_queue_id
 
 __all__ = [
     "DeliveryHook",
@@ -64,8 +66,8 @@ _HELO_SAFE = re.compile(r"[^A-Za-z0-9.\-_:\[\]]")
 class DeliveryHook(Protocol):
     """What the front needs from the delivery engine."""
 
-    def notify(self, entry: QueueEntry) -> None:
-        """A message was durably enqueued; deliver it soon."""
+    def notify(self, entry: QueueEntry, held: HeldMessage | None = None) -> None:
+        """A message was durably enqueued; deliver it soon (taking over `held`'s claim)."""
 
     def try_acquire_rate(self, route_name: str) -> bool:
         """Take one token from a route's bucket; False when the route is over its rate."""
@@ -489,7 +491,7 @@ class RelayHandler(_CheapDir):
         message = header + data
         started = time.perf_counter()
         try:
-            entry = await front.spool.enqueue(
+            held = await front.spool.enqueue_held(
                 "" if envelope.mail_from in (None, "<>") else envelope.mail_from,
                 [
                     (rcpt, route.name)
@@ -506,6 +508,7 @@ class RelayHandler(_CheapDir):
             front.metrics.reject("spool_error")
             log.error("Failed to spool message %s: %s", queue_id, exc)
             return "451 4.3.0 Could not store the message, try again later"
+        entry = held.entry
         front.metrics.spool_write_seconds.observe(time.perf_counter() - started)
         front.metrics.messages_accepted.inc()
         front.metrics.accepted_bytes.inc(len(message))
@@ -521,12 +524,16 @@ class RelayHandler(_CheapDir):
             f" user {entry.authenticated_user}" if entry.authenticated_user else "",
             extra={"queue_id": entry.queue_id, "event": "accepted"},
         )
-        if front.delivery is not None:
+        delivery = front.delivery
+        if delivery is None:
+            await asyncio.to_thread(held.claim.release)
+        else:
             try:
-                front.delivery.notify(entry)
+                delivery.notify(entry, held)
             except Exception:
                 # The message is durable; the engine's next scan picks it up.
                 log.exception("Failed to notify delivery of message %s", entry.queue_id)
+                await asyncio.to_thread(held.claim.release)
         return f"250 2.0.0 Ok: queued as {entry.queue_id}"
 
     async def handle_exception(self, error: Exception) -> str:

@@ -453,7 +453,7 @@ async def test_spool_write_error_answers_451(relay_factory: RelayFactory) -> Non
 class _FaultyDelivery:
     """A delivery side whose rate check raises: any handler exception must become 451."""
 
-    def notify(self, entry: object) -> None:
+    def notify(self, entry: object, held: object = None) -> None:
         raise AssertionError("not reached")
 
     def try_acquire_rate(self, route_name: str) -> bool:
