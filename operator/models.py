@@ -384,6 +384,77 @@ class PodDisruptionBudget(KubeModel):
         return self
 
 
+NETWORK_PEER_MESSAGE = "set namespaceSelector, podSelector or both"
+NETWORK_POLICY_PEERS_MESSAGE = (
+    "networkPolicy.allowedFrom must list at least one peer when the policy is enabled, "
+    "or no client could reach the relay"
+)
+
+
+class NetworkPolicyPeer(KubeModel):
+    """Pods allowed to reach the SMTP ports, as in networking/v1 NetworkPolicyPeer."""
+
+    model_config = ConfigDict(
+        json_schema_extra=validations(
+            cel("has(self.namespaceSelector) || has(self.podSelector)", NETWORK_PEER_MESSAGE)
+        )
+    )
+
+    namespace_selector: LabelSelector | None = Field(
+        default=None,
+        description=(
+            "Namespaces whose pods may connect; {} selects every namespace. With podSelector, "
+            "only the matching pods in those namespaces."
+        ),
+    )
+    pod_selector: LabelSelector | None = Field(
+        default=None,
+        description=(
+            "Pods that may connect; alone it selects pods in the relay's namespace, {} all of them."
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _some_selector(self) -> Self:
+        if self.namespace_selector is None and self.pod_selector is None:
+            raise ValueError(NETWORK_PEER_MESSAGE)
+        return self
+
+
+class NetworkPolicySettings(KubeModel):
+    """A NetworkPolicy that lets only the listed peers reach the relay's SMTP ports."""
+
+    model_config = ConfigDict(
+        json_schema_extra=validations(
+            cel(
+                "!self.enabled || size(self.allowedFrom) > 0",
+                NETWORK_POLICY_PEERS_MESSAGE,
+                field_path=".allowedFrom",
+                reason="FieldValueRequired",
+            )
+        )
+    )
+
+    enabled: bool = Field(
+        default=False,
+        description=(
+            "Create a NetworkPolicy for the relay pods: SMTP ports only from allowedFrom, the "
+            "metrics port from anywhere (for scrapers). Needs a CNI that enforces policies."
+        ),
+    )
+    allowed_from: list[NetworkPolicyPeer] = Field(
+        default_factory=list,
+        max_length=32,
+        description="Peers that may connect to the SMTP ports; any one of them suffices.",
+    )
+
+    @model_validator(mode="after")
+    def _peers_when_enabled(self) -> Self:
+        if self.enabled and not self.allowed_from:
+            raise ValueError(NETWORK_POLICY_PEERS_MESSAGE)
+        return self
+
+
 # --- MailRelay -------------------------------------------------------------------------------
 
 
@@ -731,6 +802,10 @@ class MailRelaySpec(KubeModel):
     pod_disruption_budget: PodDisruptionBudget = Field(
         default_factory=PodDisruptionBudget,
         description="Disruption budget that keeps mail flowing during drains.",
+    )
+    network_policy: NetworkPolicySettings = Field(
+        default_factory=NetworkPolicySettings,
+        description="Restrict who may reach the relay's SMTP ports (off by default).",
     )
 
     @model_validator(mode="after")

@@ -177,21 +177,21 @@ def name_problem(name: str) -> str | None:
 
 
 def network_policy_inputs(spec: models.MailRelaySpec) -> NetworkPolicyInputs | None:
-    """The NetworkPolicy the spec asks for (the field arrives with a later CRD version)."""
-    policy = getattr(spec, "network_policy", None)
-    if policy is None or not getattr(policy, "enabled", False):
+    """The NetworkPolicy the spec asks for, or None when it is off."""
+    policy = spec.network_policy
+    if not policy.enabled:
         return None
     peers = [
         NetworkPeer(
-            namespace_selector=_selector_dict(getattr(peer, "namespace_selector", None)),
-            pod_selector=_selector_dict(getattr(peer, "pod_selector", None)),
+            namespace_selector=_selector_dict(peer.namespace_selector),
+            pod_selector=_selector_dict(peer.pod_selector),
         )
-        for peer in getattr(policy, "from_", getattr(policy, "peers", ()))
+        for peer in policy.allowed_from
     ]
     return NetworkPolicyInputs(peers=tuple(peers))
 
 
-def _selector_dict(selector: Any) -> dict[str, Any] | None:
+def _selector_dict(selector: models.LabelSelector | None) -> dict[str, Any] | None:
     if selector is None:
         return None
     dumped: dict[str, Any] = selector.model_dump(by_alias=True, exclude_defaults=True)

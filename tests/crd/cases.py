@@ -364,6 +364,23 @@ INVALID: list[Invalid] = [
         "at most one of minAvailable",
     ),
     Invalid(
+        "network-policy-without-peers",
+        "MailRelay",
+        {"networkPolicy": {"enabled": True}},
+        ("spec.networkPolicy.allowedFrom: Required value", "at least one peer"),
+        "at least one peer",
+    ),
+    Invalid(
+        "network-policy-peer-without-selector",
+        "MailRelay",
+        {"networkPolicy": {"enabled": True, "allowedFrom": [{}]}},
+        (
+            "spec.networkPolicy.allowedFrom[0]: Invalid value",
+            "set namespaceSelector, podSelector or both",
+        ),
+        "set namespaceSelector, podSelector or both",
+    ),
+    Invalid(
         "selector-in-without-values",
         "MailRelay",
         {"routeSelector": {"matchExpressions": [{"key": "team", "operator": "In"}]}},
@@ -457,6 +474,23 @@ RELAY_FIELD_RULES: list[tuple[dict[str, Any], bool]] = [
     ({"resources": {"requests": {"cpu": "one"}}}, False),
     ({"podDisruptionBudget": {"maxUnavailable": "25%"}}, True),
     ({"podDisruptionBudget": {"maxUnavailable": "25"}}, False),
+    ({"networkPolicy": {"allowedFrom": []}}, True),  # off: no peers needed
+    ({"networkPolicy": {"enabled": True, "allowedFrom": [{"podSelector": {}}]}}, True),
+    (
+        {
+            "networkPolicy": {
+                "enabled": True,
+                "allowedFrom": [
+                    {
+                        "namespaceSelector": {"matchLabels": {"team": "shop"}},
+                        "podSelector": {"matchExpressions": [{"key": "app", "operator": "Exists"}]},
+                    }
+                ],
+            }
+        },
+        True,
+    ),
+    ({"networkPolicy": {"enabled": True, "allowedFrom": [{"ipBlock": {}}]}}, False),
     ({"affinity": {"nodeAffinity": {"anything": ["goes", 1]}}}, True),
     ({"tolerations": [{"key": "mail", "operator": "Exists", "effect": "NoSchedule"}]}, True),
     ({"routeSelector": {"matchExpressions": [{"key": "t", "operator": "Exists"}]}}, True),

@@ -345,3 +345,66 @@ def test_route_selector_and_missing_relay(
             [r["name"] for r in (_config(kube, ns, "later") or {}).get("routes", [])] == ["gold"]
         )
     )
+
+
+def test_network_policy_follows_the_spec(
+    crds: LocalKube, operator: OperatorProcess, op_namespace: str
+) -> None:
+    kube, ns = crds, op_namespace
+    policy = {
+        "enabled": True,
+        "allowedFrom": [
+            {"namespaceSelector": {"matchLabels": {"team": "shop"}}},
+            {"podSelector": {"matchLabels": {"app": "api"}}},
+        ],
+    }
+    apply(kube, ns, m.tls_secret(), m.users_secret(), m.smtp_credentials())
+    apply(kube, ns, m.relay(networkPolicy=policy), m.smtp_route("billing"))
+    created = wait_for(lambda: get(kube, "networkpolicy", "outbound", ns), what="the NetworkPolicy")
+    assert created["metadata"]["ownerReferences"][0]["kind"] == "MailRelay"
+    assert created["spec"]["policyTypes"] == ["Ingress"]
+    assert created["spec"]["podSelector"]["matchLabels"]["app.kubernetes.io/instance"] == "outbound"
+    assert created["spec"]["ingress"] == [
+        {
+            "from": [
+                {"namespaceSelector": {"matchLabels": {"team": "shop"}}},
+                {"podSelector": {"matchLabels": {"app": "api"}}},
+            ],
+            "ports": [{"protocol": "TCP", "port": 587}],
+        },
+        {"ports": [{"protocol": "TCP", "port": 9090}]},
+    ]
+
+    apply(kube, ns, m.relay(networkPolicy={"enabled": False}))
+    wait_for(
+        lambda: get(kube, "networkpolicy", "outbound", ns) is None,
+        what="the NetworkPolicy deleted once turned off",
+    )
+
+
+def test_a_child_the_api_server_refuses_is_a_condition(
+    crds: LocalKube, operator: OperatorProcess, op_namespace: str
+) -> None:
+    kube, ns = crds, op_namespace
+    # Valid for the CRD (affinity is copied unchanged), refused in the StatefulSet's pod spec.
+    apply(kube, ns, m.tls_secret(), m.users_secret(), m.smtp_credentials())
+    apply(kube, ns, m.relay(affinity={"nodeAffinity": {"noSuchField": 1}}), m.smtp_route("billing"))
+    wait_for(
+        lambda: _has_condition(
+            kube, "mailrelay", "outbound", ns, ("ChildrenApplied", "False", "ApplyFailed")
+        ),
+        what="ChildrenApplied=False ApplyFailed",
+    )
+    message = condition(get(kube, "mailrelay", "outbound", ns), "ChildrenApplied")["message"]  # type: ignore[index]
+    assert "StatefulSet outbound" in message and "noSuchField" in message
+    # The other children and the status are still written.
+    assert get(kube, "configmap", "outbound-config", ns) is not None
+    assert get(kube, "service", "outbound", ns) is not None
+    assert get(kube, "statefulset", "outbound", ns) is None
+
+    apply(kube, ns, m.relay())
+    wait_for(
+        lambda: _has_condition(kube, "mailrelay", "outbound", ns, ("ChildrenApplied", "True")),
+        what="recovery once the spec is fixed",
+    )
+    assert get(kube, "statefulset", "outbound", ns) is not None
