@@ -71,6 +71,9 @@ def headless_service_name(relay: str) -> str:
     return f"{relay}-headless"
 
 
+HEADLESS_COMPONENT = "relay-peers"
+
+
 def selector_labels(relay: RelayInputs) -> dict[str, str]:
     """The labels that select this relay's pods (stable across upgrades)."""
     return {"app.kubernetes.io/name": "mailrelay", "app.kubernetes.io/instance": relay.name}
@@ -175,12 +178,16 @@ def render_service(relay: RelayInputs, settings: OperatorSettings) -> dict[str, 
 
 
 def render_headless_service(relay: RelayInputs, settings: OperatorSettings) -> dict[str, Any]:
-    """The StatefulSet's governing Service: stable per-pod DNS names, not-ready pods too."""
+    """The StatefulSet's governing Service: stable per-pod DNS names, not-ready pods too.
+
+    Its own component label keeps the ServiceMonitor (which selects component=relay) from
+    scraping every pod twice, once through each Service.
+    """
     del settings
     return {
         "apiVersion": "v1",
         "kind": "Service",
-        "metadata": _metadata(relay, headless_service_name(relay.name)),
+        "metadata": _metadata(relay, headless_service_name(relay.name), HEADLESS_COMPONENT),
         "spec": {
             "clusterIP": "None",
             "publishNotReadyAddresses": True,

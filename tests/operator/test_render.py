@@ -108,7 +108,12 @@ class TestRenderHeadlessService:
     )
     def test_headless(self, overrides: dict[str, Any]) -> None:
         rendered = render_headless_service(relay(**overrides), SETTINGS)
-        assert rendered["metadata"] == {"name": "outbound-headless", **META}
+        headless_labels = {**LABELS, "app.kubernetes.io/component": "relay-peers"}
+        assert rendered["metadata"] == {
+            "name": "outbound-headless",
+            **META,
+            "labels": headless_labels,
+        }
         assert rendered["spec"]["clusterIP"] == "None"
         assert rendered["spec"]["publishNotReadyAddresses"] is True
         assert rendered["spec"]["selector"] == SELECTOR
@@ -213,6 +218,18 @@ class TestRenderServiceMonitor:
             {"port": "metrics", "path": "/metrics", "interval": "15s"}
         ]
         assert rendered["spec"]["selector"] == {"matchLabels": LABELS}
+
+    def test_selects_the_client_service_only(self) -> None:
+        """Each pod is scraped once: the headless Service exposes the same metrics port."""
+        spec = relay(metrics={"serviceMonitor": {"enabled": True}})
+        monitor = render_servicemonitor(spec, SETTINGS)
+        assert monitor is not None
+        wanted = monitor["spec"]["selector"]["matchLabels"].items()
+        services = [render_service(spec, SETTINGS), render_headless_service(spec, SETTINGS)]
+        selected = [
+            s["metadata"]["name"] for s in services if wanted <= s["metadata"]["labels"].items()
+        ]
+        assert selected == ["outbound"]
 
 
 class TestRenderConfigMap:
