@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Final
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 
 __all__ = [
     "DEAD_LETTER_REASONS",
@@ -45,6 +45,8 @@ class RelayMetrics:
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
+        # CPU, memory, open fds and start time of this process, as mailrelay_process_*.
+        ProcessCollector(namespace="mailrelay", registry=registry)
         # -- SMTP front ---------------------------------------------------------------
         self.smtp_sessions = Counter(
             "mailrelay_smtp_sessions",
