@@ -699,7 +699,7 @@ class RelayServer(Server):
 
     def queued_files(self) -> int:
         queue = self.spool_dir / "queue"
-        return sum(1 for _ in queue.glob("*.json")) if queue.is_dir() else 0
+        return sum(1 for _ in queue.glob("*.msg")) if queue.is_dir() else 0
 
 
 # --------------------------------------------------------------------------------------

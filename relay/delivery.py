@@ -5,8 +5,8 @@ Shape of one process's engine:
 - **Schedule.** A heap of (due time, queue id). `notify` (called by the SMTP front after
   a durable enqueue) puts a message at the front; a background scan of the spool's queue
   directory every `delivery.poll_interval_seconds` picks up what other processes (worker
-  processes, the queue CLI) added or changed, by file mtime, without re-reading what it
-  already knows.
+  processes, the queue CLI) added or changed, by the version of its state (`Spool.
+  queue_versions`), without re-reading what it already knows.
 - **Dispatch.** At most `delivery.concurrency` messages are delivered at once. One
   message is never delivered twice at once: in this process a set of queue ids in flight,
   across processes the spool's `flock` claim; after claiming, the entry is re-read so a
@@ -38,12 +38,10 @@ import asyncio
 import contextlib
 import heapq
 import logging
-import os
 import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
 
 from mailrelay.relay.backoff import backoff_delay, next_attempt_at
 from mailrelay.relay.bounce import FailedRecipient, build_dsn, status_for
@@ -52,7 +50,7 @@ from mailrelay.relay.metrics import DeliveryMetrics, RelayMetrics
 from mailrelay.relay.ratelimit import RouteRateLimits
 from mailrelay.relay.routing import domain_of, select_route
 from mailrelay.relay.smtp_transport import PoolObserver
-from mailrelay.relay.spool import Claim, HeldMessage, QueueEntry, RecipientState, Spool
+from mailrelay.relay.spool import Claim, HeldMessage, Loaded, QueueEntry, RecipientState, Spool
 from mailrelay.relay.transport import (
     Envelope,
     RecipientOutcome,
@@ -139,8 +137,8 @@ class DeliveryEngine:
         self._transport_configs: dict[str, SmtpUpstream | ApiUpstream] = {}
         self._heap: list[tuple[float, str]] = []
         self._scheduled: dict[str, float] = {}
-        # Queue ids known to this process with the .json mtime last seen (None: known
-        # through `notify`, mtime not looked at yet).
+        # Queue ids known to this process with the state version last seen (None: known
+        # through `notify`, version not looked at yet).
         self._known: dict[str, int | None] = {}
         self._in_flight: dict[str, asyncio.Task[None]] = {}
         # Fresh messages handed over by the front with their claim (see `notify`).
@@ -303,17 +301,12 @@ class DeliveryEngine:
     def _scan_sync(
         self, known: dict[str, int | None], skip: set[str]
     ) -> tuple[dict[str, int], list[QueueEntry]]:
-        found: dict[str, int] = {}
+        found = self._spool.queue_versions()
         changed: list[QueueEntry] = []
-        for queue_id in self._spool.iter_queue_ids():
-            try:
-                mtime = os.stat(self._spool.queue_dir / f"{queue_id}.json").st_mtime_ns
-            except FileNotFoundError:
-                continue
-            found[queue_id] = mtime
+        for queue_id, version in found.items():
             if queue_id in skip:
                 continue
-            if queue_id in known and known[queue_id] in (None, mtime):
+            if queue_id in known and known[queue_id] in (None, version):
                 continue  # unchanged, or notified by our own front (we have its state)
             try:
                 entry = self._spool.load_entry(queue_id)
@@ -323,12 +316,6 @@ class DeliveryEngine:
             if entry is not None:
                 changed.append(entry)
         return found, changed
-
-    def _json_mtime(self, queue_id: str) -> int | None:
-        try:
-            return os.stat(self._spool.queue_dir / f"{queue_id}.json").st_mtime_ns
-        except FileNotFoundError:
-            return None
 
     @staticmethod
     def _next_due(entry: QueueEntry) -> float | None:
@@ -354,35 +341,16 @@ class DeliveryEngine:
         elif not self._stopping:
             self._schedule(queue_id, due)
 
-    def _claim_and_load(
-        self, queue_id: str
-    ) -> tuple[Claim, QueueEntry, bytes] | Literal["busy", "gone"]:
-        """Claim, then read the current state and bytes (blocking: runs in a thread)."""
-        claim = self._spool.try_claim(queue_id)
-        if claim is None:
-            exists = (self._spool.queue_dir / f"{queue_id}.json").exists()
-            return "busy" if exists else "gone"
-        try:
-            entry = self._spool.load_entry(queue_id)
-            if entry is None:
-                claim.release()
-                return "gone"
-            data = (self._spool.queue_dir / f"{queue_id}.eml").read_bytes()
-        except BaseException:
-            claim.release()
-            raise
-        return claim, entry, data
-
     async def _deliver(self, queue_id: str) -> float | None:
         """One pass over a message; returns when to look at it again (None: it is done)."""
         held = self._held.pop(queue_id, None)
-        loaded: tuple[Claim, QueueEntry, bytes] | Literal["busy", "gone"]
+        loaded: Loaded
         if held is not None:
             # Claimed by the front before the message became visible: nobody else has seen
             # it, so the entry and bytes in memory are current.
             loaded = held.claim, held.entry, held.data
         else:
-            loaded = await asyncio.to_thread(self._claim_and_load, queue_id)
+            loaded = await asyncio.to_thread(self._spool.claim_and_load, queue_id)
         if loaded == "gone":
             return None
         if loaded == "busy":
@@ -398,18 +366,9 @@ class DeliveryEngine:
             # Closing the flocked descriptor is a syscall that can take 0.4 ms: off the loop,
             # and for a delivered message in the same thread hop as removing its files.
             if done:
-                await asyncio.to_thread(self._remove_and_release, entry.queue_id, claim)
+                await asyncio.to_thread(self._spool.remove_and_release, entry.queue_id, claim)
             else:
                 await asyncio.to_thread(claim.release)
-
-    def _remove_and_release(self, queue_id: str, claim: Claim) -> None:
-        """Forget a fully delivered message (the .json first: it is the record), then unlock."""
-        try:
-            for suffix in (".json", ".eml"):
-                with contextlib.suppress(FileNotFoundError):
-                    (self._spool.queue_dir / f"{queue_id}{suffix}").unlink()
-        finally:
-            claim.release()
 
     async def _deliver_claimed(self, entry: QueueEntry, data: bytes) -> tuple[float | None, bool]:
         """The pass proper: (when to look again, whether the message is to be removed)."""
@@ -450,12 +409,9 @@ class DeliveryEngine:
         undone = [r for r in entry.recipients if r.status in _UNDONE]
         if undone:
             if dirty:
-                await self._spool.save(entry)
                 # Remember our own write, so the scan notices only changes made by others
                 # (the queue CLI's "retry now", another worker) from here on.
-                self._known[entry.queue_id] = await asyncio.to_thread(
-                    self._json_mtime, entry.queue_id
-                )
+                self._known[entry.queue_id] = await self._spool.save(entry)
             return min(r.next_attempt_at for r in undone), False
         return await self._finish(entry, failures)
 

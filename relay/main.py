@@ -244,7 +244,7 @@ class RelayApp:
             # Queue ids start with the receive time in microseconds (see new_queue_id).
             first = min(ids)
             oldest = max(0.0, time.time() - int(first[:14], 16) / 1_000_000)
-        dead = sum(1 for p in self.spool.dead_dir.glob("*.json"))
+        dead = self.spool.count_dead_letters()
         return len(ids), oldest, dead
 
     async def stop(self) -> None:

@@ -98,6 +98,12 @@ def run_queue_command(
     if not spool.queue_dir.is_dir():
         err.write(f"{spool.directory}: no spool here (no queue/ directory)\n")
         return 1
+    legacy = spool.legacy_message_count()
+    if legacy:
+        err.write(
+            f"{spool.directory}: {legacy} message(s) in the old two-file format are not shown;"
+            " the relay converts them when it starts\n"
+        )
     dead = args.queue_action == "dead"
     action = args.dead_action if dead else args.queue_action
     if action == "list":

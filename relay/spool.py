@@ -3,31 +3,36 @@
 Layout under the spool directory::
 
     tmp/         files being written; renamed into place once fsync'd
-    queue/       <qid>.eml (exact bytes to deliver) + <qid>.json (envelope state)
-    deadletter/  the same pair for messages that failed for good, with `dead_reason`
+    queue/       <qid>.msg: the envelope as one JSON line, then the exact bytes to deliver
+                 <qid>.state: the current envelope state, once it changed after enqueue
+    deadletter/  the same for messages that failed for good (their state has `dead_reason`)
 
-The `.json` is the commit record: it is renamed into `queue/` after its `.eml` is
-complete, so a `.json` there always has its message, and a lone `.eml` is debris from a
-crash (or a message still being written). Each state change rewrites the `.json`
-atomically (temp file, fsync, rename).
+One file per message at enqueue: `<qid>.msg` is written in `tmp/`, fsync'd and renamed into
+`queue/`, so a `.msg` there is always complete and a half-written one is only ever debris
+in `tmp/` (removed on start once old enough to belong to nobody). Then the queue directory
+is fsync'd. Directory fsyncs are shared between concurrent enqueues (group commit): a
+caller waits for the first directory sync that *starts* after its rename, so one fsync
+can cover many sessions. Every file syscall costs tens of microseconds or more where we
+run (gVisor), so the write path is counted in syscalls: create, write, fsync, rename,
+close, and a share of one directory fsync.
 
-Durability before `250`: in one worker-thread hop the `.eml` is created directly under
-its final name in `queue/` and fsync'd (nothing lists `.eml` files, so it needs no
-rename), then the `.json` is written to `tmp/`, fsync'd and renamed into `queue/`; then
-the directory is fsync'd. Directory fsyncs are shared between concurrent enqueues (group
-commit): a caller waits for the first directory sync that *starts* after its rename, so
-one fsync can cover many sessions. Every file syscall costs tens of microseconds or
-more where we run (gVisor), so the write path is counted in syscalls.
+The `.msg` is never rewritten. Later state (attempts, next attempt, per-recipient
+results, the dead-letter reason) goes to `<qid>.state` (temp file, fsync, rename), which
+wins over the header line. Most messages are delivered on their first attempt and never
+get one. A lone `.state` (a crash between removing a message's two files) is debris.
 
 Several processes (SO_REUSEPORT workers, the queue CLI) may share a spool. A message is
-claimed with `flock` on its `.eml` (never rewritten, unlike the `.json`), so two
+claimed with `flock` on its `.msg` (never rewritten, unlike the `.state`), so two
 processes never deliver or edit the same message at once. After claiming, re-read the
-entry with `load_entry`: another process may have changed or removed it meanwhile.
+entry (`claim_and_load`, `load_entry`): another process may have changed or removed it.
 
-`enqueue_held` takes the claim on the `.eml` while writing it, before the `.json` makes
-the message visible, and hands back the claim with the entry and bytes (`HeldMessage`):
-the SMTP front passes that to its delivery engine, whose first attempt then needs no
-claim, no re-read and no thread hop, because nobody else can have seen the message.
+`enqueue_held` takes the claim on the `.msg` while writing it, before the rename makes the
+message visible, and hands back the claim with the entry and bytes (`HeldMessage`): the
+SMTP front passes that to its delivery engine, whose first attempt then needs no claim,
+no re-read and no thread hop, because nobody else can have seen the message.
+
+Spools of earlier versions (`<qid>.eml` + `<qid>.json`) are converted on start
+(`migrate_legacy_sync`), one message at a time under the old format's claim.
 """
 
 from __future__ import annotations
@@ -46,25 +51,30 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Literal
+from typing import Literal, TypeAlias
 
 from pydantic import BaseModel, ConfigDict
 
 __all__ = [
     "Claim",
     "HeldMessage",
+    "Loaded",
     "QueueEntry",
     "RecipientState",
     "Spool",
     "SpoolError",
+    "decode_message",
+    "encode_header",
+    "extract_message_id",
     "new_queue_id",
 ]
 
 log = logging.getLogger(__name__)
 
 _TMP, _QUEUE, _DEAD = "tmp", "queue", "deadletter"
-# Debris (temp files, a lone .eml) older than this is removed on start; younger files may
-# belong to a live writer in another process.
+_MSG, _STATE = ".msg", ".state"
+# Debris (temp files, a lone .state) older than this is removed on start; younger files
+# may belong to a live writer in another process.
 _DEBRIS_AGE_SECONDS = 3600.0
 _QID_RE = re.compile(r"^[0-9A-F]{24}$")
 _MESSAGE_ID_RE = re.compile(
@@ -106,7 +116,7 @@ class RecipientState(BaseModel):
 
 
 class QueueEntry(BaseModel):
-    """The envelope and state of one queued message (`<qid>.json`)."""
+    """The envelope and state of one queued message (`.msg` header line, or `.state`)."""
 
     model_config = ConfigDict(extra="ignore")
 
@@ -151,22 +161,71 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[written:]
 
 
-def _write_durably(path: Path, data: bytes) -> None:
-    """Create `path` with `data` and fsync it (no rename: the caller decides where it goes)."""
+def _write_parts(fd: int, head: bytes, body: bytes) -> None:
+    """Write `head` then `body` in one syscall when the kernel takes it all (no copy)."""
+    written = os.writev(fd, [head, body])
+    if written < len(head) + len(body):
+        _write_all(fd, (head + body)[written:])
+
+
+def _write_durably(path: Path, data: bytes) -> int:
+    """Create `path` with `data`, fsync it, return its mtime (ns) as the state's version."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
     try:
         _write_all(fd, data)
         os.fsync(fd)
+        return os.fstat(fd).st_mtime_ns
     finally:
         os.close(fd)
 
 
+def _read_fd(fd: int) -> bytes:
+    chunks = []
+    while chunk := os.read(fd, 1 << 20):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _read_header_fd(fd: int) -> bytes:
+    """The `.msg` header line, reading no further into the message than needed."""
+    head = b""
+    while (end := head.find(b"\n")) < 0:
+        chunk = os.read(fd, 16384)
+        if not chunk:
+            raise ValueError("message file without a complete header line")
+        head += chunk
+    return head[:end]
+
+
+def encode_header(entry: QueueEntry) -> bytes:
+    """The `.msg` header line (JSON never holds a raw newline: strings escape it)."""
+    return entry.model_dump_json().encode() + b"\n"
+
+
+def decode_message(raw: bytes) -> tuple[QueueEntry, bytes]:
+    """Split a `.msg` file into its envelope and message; refuse a truncated one."""
+    end = raw.find(b"\n")
+    if end < 0:
+        raise ValueError("message file without a complete header line")
+    entry = QueueEntry.model_validate_json(raw[:end])
+    data = raw[end + 1 :]
+    if len(data) != entry.size:
+        raise ValueError(f"message file holds {len(data)} bytes, its header says {entry.size}")
+    return entry, data
+
+
 class Claim:
-    """An exclusive claim on one queued message (flock on its .eml); release when done."""
+    """An exclusive claim on one queued message (flock on its .msg); release when done."""
 
     def __init__(self, queue_id: str, fd: int) -> None:
         self.queue_id = queue_id
         self._fd: int | None = fd
+
+    def fileno(self) -> int:
+        """The open, flocked descriptor of the `.msg` (to read it without opening it again)."""
+        if self._fd is None:
+            raise SpoolError(f"the claim on message {self.queue_id} was released")
+        return self._fd
 
     def release(self) -> None:
         """Drop the lock; closing the descriptor releases the flock."""
@@ -196,6 +255,10 @@ class HeldMessage:
     entry: QueueEntry
     data: bytes
     claim: Claim
+
+
+Loaded: TypeAlias = "tuple[Claim, QueueEntry, bytes] | Literal['busy', 'gone']"
+"""What `Spool.claim_and_load` found: the claim with the current state and bytes, or why not."""
 
 
 class _DirSync:
@@ -248,16 +311,20 @@ class Spool:
         self._queue_sync = _DirSync(self.queue_dir)
         self._dead_sync = _DirSync(self.dead_dir)
 
+    def _folder(self, dead: bool) -> Path:
+        return self.dead_dir if dead else self.queue_dir
+
     # -- setup ------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Create the directories and clear crash debris old enough to belong to nobody."""
+        """Create the directories, convert an old spool, clear debris that belongs to nobody."""
         await asyncio.to_thread(self.start_sync)
 
     def start_sync(self) -> None:
         """Blocking `start`, for the CLI and tests outside an event loop."""
         for path in (self.tmp_dir, self.queue_dir, self.dead_dir):
             path.mkdir(parents=True, exist_ok=True)
+        self.migrate_legacy_sync()
         cutoff = time.time() - _DEBRIS_AGE_SECONDS
         for path in self.tmp_dir.iterdir():
             with contextlib.suppress(FileNotFoundError):
@@ -265,11 +332,79 @@ class Spool:
                     path.unlink()
                     log.info("Removed stale temp file %s from the spool", path.name)
         for folder in (self.queue_dir, self.dead_dir):
-            for eml in folder.glob("*.eml"):
+            # A lone .state is left by a crash while removing a message; a lone .eml by a
+            # crash of a relay of the two-file format while writing one.
+            for lone, partner in ((_STATE, _MSG), (".eml", ".json")):
+                for path in folder.glob(f"*{lone}"):
+                    with contextlib.suppress(FileNotFoundError):
+                        if not path.with_suffix(partner).exists() and path.stat().st_mtime < cutoff:
+                            path.unlink()
+                            log.info("Removed debris %s from the spool", path.name)
+
+    def migrate_legacy_sync(self) -> int:
+        """Convert messages of the two-file format (`.eml` + `.json`); returns how many.
+
+        Each is claimed the old way (flock on its `.eml`) while it is converted, so a relay
+        of the old version still running on the spool and two new processes starting at
+        once cannot both act on it. The new `.msg` is complete before the old files go,
+        so a crash in between leaves both, and the next start just drops the old pair.
+        """
+        converted = 0
+        for folder in (self.queue_dir, self.dead_dir):
+            moved = 0
+            for json_path in sorted(folder.glob("*.json")):
+                if _QID_RE.match(json_path.stem) and self._migrate_one(folder, json_path.stem):
+                    moved += 1
+            if moved:
+                _fsync_dir(folder)
+                log.info("Converted %d message(s) in %s to the one-file format", moved, folder)
+            converted += moved
+        return converted
+
+    def legacy_message_count(self) -> int:
+        """How many messages are still in the two-file format (the CLI warns about them)."""
+        return sum(
+            1
+            for folder in (self.queue_dir, self.dead_dir)
+            for path in folder.glob("*.json")
+            if _QID_RE.match(path.stem)
+        )
+
+    def _migrate_one(self, folder: Path, queue_id: str) -> bool:
+        old_json, old_eml = folder / f"{queue_id}.json", folder / f"{queue_id}.eml"
+        try:
+            fd = os.open(old_eml, os.O_RDONLY)
+        except FileNotFoundError:
+            return False  # converted by someone else meanwhile, or a lone .json: no message
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                log.warning(
+                    "Left message %s in the old format: another process holds it"
+                    " (converting it, or a relay of the old version delivering it)",
+                    queue_id,
+                )
+                return False
+            target = folder / f"{queue_id}{_MSG}"
+            if not target.exists():
+                try:
+                    entry = QueueEntry.model_validate_json(old_json.read_bytes())
+                except FileNotFoundError:
+                    return False
+                except ValueError:
+                    log.warning("Left message %s in the old format: unreadable envelope", queue_id)
+                    return False
+                data = _read_fd(fd)
+                entry = entry.model_copy(update={"size": len(data)})
+                tmp = self.tmp_dir / f"{queue_id}.{random.getrandbits(32):08x}{_MSG}"
+                self._write_file(tmp, encode_header(entry), data, target)
+            for path in (old_json, old_eml):
                 with contextlib.suppress(FileNotFoundError):
-                    if not eml.with_suffix(".json").exists() and eml.stat().st_mtime < cutoff:
-                        eml.unlink()
-                        log.info("Removed message %s without envelope from the spool", eml.stem)
+                    path.unlink()
+            return True
+        finally:
+            os.close(fd)
 
     @property
     def directory_syncs(self) -> int:
@@ -277,36 +412,6 @@ class Spool:
         return self._queue_sync.syncs
 
     # -- accepting --------------------------------------------------------------------
-
-    def _new_entry(
-        self,
-        mail_from: str,
-        recipients: list[tuple[str, str]],
-        data: bytes,
-        *,
-        smtputf8: bool,
-        body_8bitmime: bool,
-        client_address: str,
-        authenticated_user: str | None,
-        queue_id: str | None,
-    ) -> QueueEntry:
-        now = self._clock()
-        entry = QueueEntry(
-            queue_id=queue_id or new_queue_id(now),
-            mail_from=mail_from,
-            recipients=[
-                RecipientState(address=address, route=route, next_attempt_at=now)
-                for address, route in recipients
-            ],
-            received_at=now,
-            size=len(data),
-            smtputf8=smtputf8,
-            body_8bitmime=body_8bitmime,
-            client_address=client_address,
-            authenticated_user=authenticated_user,
-            message_id=extract_message_id(data),
-        )
-        return entry
 
     async def enqueue(
         self,
@@ -325,7 +430,7 @@ class Spool:
         `queue_id` lets the caller name the message before it is written (the SMTP front
         puts the id in its Received header); by default a new one is made.
         """
-        entry = self._new_entry(
+        entry, _ = await self._enqueue(
             mail_from,
             recipients,
             data,
@@ -334,10 +439,8 @@ class Spool:
             client_address=client_address,
             authenticated_user=authenticated_user,
             queue_id=queue_id,
+            hold=False,
         )
-        fd = await asyncio.to_thread(self._write_new, entry, data, hold=False)
-        assert fd is None
-        await self._queue_sync.sync()
         return entry
 
     async def enqueue_held(
@@ -355,9 +458,9 @@ class Spool:
         """`enqueue`, keeping the claim taken while writing: the caller must release it.
 
         Why: the first delivery attempt of a fresh message then starts from memory, saving
-        a thread hop and about ten file syscalls (open, flock, reading both files back).
+        a thread hop and several file syscalls (open, flock, reading the file back).
         """
-        entry = self._new_entry(
+        entry, claim = await self._enqueue(
             mail_from,
             recipients,
             data,
@@ -366,103 +469,198 @@ class Spool:
             client_address=client_address,
             authenticated_user=authenticated_user,
             queue_id=queue_id,
+            hold=True,
         )
-        fd = await asyncio.to_thread(self._write_new, entry, data, hold=True)
-        assert fd is not None
-        claim = Claim(entry.queue_id, fd)
+        assert claim is not None
+        return HeldMessage(entry, data, claim)
+
+    async def _enqueue(
+        self,
+        mail_from: str,
+        recipients: list[tuple[str, str]],
+        data: bytes,
+        *,
+        smtputf8: bool,
+        body_8bitmime: bool,
+        client_address: str,
+        authenticated_user: str | None,
+        queue_id: str | None,
+        hold: bool,
+    ) -> tuple[QueueEntry, Claim | None]:
+        """Write, then wait for the group-committed directory fsync; with `hold`, keep the claim."""
+        now = self._clock()
+        entry = QueueEntry(
+            queue_id=queue_id or new_queue_id(now),
+            mail_from=mail_from,
+            recipients=[
+                RecipientState(address=address, route=route, next_attempt_at=now)
+                for address, route in recipients
+            ],
+            received_at=now,
+            size=len(data),
+            smtputf8=smtputf8,
+            body_8bitmime=body_8bitmime,
+            client_address=client_address,
+            authenticated_user=authenticated_user,
+            message_id=extract_message_id(data),
+        )
+        fd = await asyncio.to_thread(self._write_new, entry, data, hold)
+        claim = None if fd is None else Claim(entry.queue_id, fd)
         try:
             await self._queue_sync.sync()
         except BaseException:
-            await asyncio.to_thread(claim.release)
+            if claim is not None:
+                await asyncio.to_thread(claim.release)
             raise
-        return HeldMessage(entry, data, claim)
+        return entry, claim
 
-    def _write_new(self, entry: QueueEntry, data: bytes, *, hold: bool) -> int | None:
-        """Write `.eml` in place, then commit with the `.json` (temp file + rename).
+    def _write_new(self, entry: QueueEntry, data: bytes, hold: bool) -> int | None:
+        """Write the `.msg` in tmp/, fsync, rename into queue/; with `hold`, return it flocked.
 
-        With `hold`, the `.eml` is flocked before the `.json` exists and its descriptor is
-        returned open: the caller owns the claim from the moment the message is visible.
+        The flock is taken before the rename makes the message visible, so the caller owns
+        the claim from the first moment anyone else could see the message.
         """
         qid = entry.queue_id
-        eml = self.queue_dir / f"{qid}.eml"
-        tmp_json = self.tmp_dir / f"{qid}.json"
-        fd: int | None = None
+        return self._write_file(
+            self.tmp_dir / f"{qid}{_MSG}",
+            encode_header(entry),
+            data,
+            self.queue_dir / f"{qid}{_MSG}",
+            hold=hold,
+        )
+
+    @staticmethod
+    def _write_file(
+        tmp: Path, head: bytes, data: bytes, target: Path, *, hold: bool = False
+    ) -> int | None:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
         try:
-            fd = os.open(eml, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
-            _write_all(fd, data)
+            _write_parts(fd, head, data)
             os.fsync(fd)
             if hold:
-                # Nobody else can hold it yet: the .json that makes it visible is not there.
+                # Nobody else can hold it yet: it is not in queue/ until the rename.
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            else:
-                os.close(fd)
-                fd = None
-            _write_durably(tmp_json, entry.model_dump_json().encode())
-            os.rename(tmp_json, self.queue_dir / f"{qid}.json")
+            os.rename(tmp, target)
         except BaseException:
-            if fd is not None:
-                os.close(fd)
-            for path in (tmp_json, eml):
-                with contextlib.suppress(OSError):
-                    path.unlink()
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                tmp.unlink()
             raise
-        return fd
+        if hold:
+            return fd
+        os.close(fd)
+        return None
 
     # -- state ------------------------------------------------------------------------
 
-    async def save(self, entry: QueueEntry) -> None:
-        """Rewrite the entry's state atomically (the message bytes never change)."""
-        await asyncio.to_thread(self._save_sync, entry, self.queue_dir)
+    async def save(self, entry: QueueEntry) -> int:
+        """Record the entry's state atomically; returns its version (see `queue_versions`)."""
+        return await asyncio.to_thread(self._save_sync, entry, self.queue_dir)
 
-    def _save_sync(self, entry: QueueEntry, folder: Path) -> None:
-        tmp = self.tmp_dir / f"{entry.queue_id}.{random.getrandbits(32):08x}.json"
+    def _save_sync(self, entry: QueueEntry, folder: Path) -> int:
+        tmp = self.tmp_dir / f"{entry.queue_id}.{random.getrandbits(32):08x}{_STATE}"
         try:
-            _write_durably(tmp, entry.model_dump_json().encode())
-            os.rename(tmp, folder / f"{entry.queue_id}.json")
+            version = _write_durably(tmp, entry.model_dump_json().encode())
+            os.rename(tmp, folder / f"{entry.queue_id}{_STATE}")
         except BaseException:
             with contextlib.suppress(OSError):
                 tmp.unlink()
             raise
+        return version
 
-    async def read_message(self, queue_id: str) -> bytes:
-        """The exact bytes to deliver."""
-        return await asyncio.to_thread((self.queue_dir / f"{queue_id}.eml").read_bytes)
-
-    def load_entry(self, queue_id: str, *, dead: bool = False) -> QueueEntry | None:
-        """The current state of one message, or None if it is gone."""
-        folder = self.dead_dir if dead else self.queue_dir
+    def _state_or_none(self, folder: Path, queue_id: str) -> QueueEntry | None:
         try:
-            raw = (folder / f"{queue_id}.json").read_bytes()
+            raw = (folder / f"{queue_id}{_STATE}").read_bytes()
         except FileNotFoundError:
             return None
         return QueueEntry.model_validate_json(raw)
+
+    def load_entry(self, queue_id: str, *, dead: bool = False) -> QueueEntry | None:
+        """The current state of one message, or None if it is gone."""
+        folder = self._folder(dead)
+        try:
+            fd = os.open(folder / f"{queue_id}{_MSG}", os.O_RDONLY)
+        except FileNotFoundError:
+            return None
+        try:
+            state = self._state_or_none(folder, queue_id)
+            if state is not None:
+                return state
+            return QueueEntry.model_validate_json(_read_header_fd(fd))
+        finally:
+            os.close(fd)
 
     async def read_entry(self, queue_id: str, *, dead: bool = False) -> QueueEntry | None:
         """`load_entry` off the event loop."""
         return await asyncio.to_thread(self.load_entry, queue_id, dead=dead)
 
+    def read_message_sync(self, queue_id: str, *, dead: bool = False) -> bytes:
+        """The exact bytes to deliver (blocking, for the CLI's `show`)."""
+        raw = (self._folder(dead) / f"{queue_id}{_MSG}").read_bytes()
+        return decode_message(raw)[1]
+
+    async def read_message(self, queue_id: str) -> bytes:
+        """The exact bytes to deliver."""
+        return await asyncio.to_thread(self.read_message_sync, queue_id)
+
+    def claim_and_load(self, queue_id: str) -> Loaded:
+        """Claim a queued message, then read its current state and bytes (blocking).
+
+        "busy": another holder has it; "gone": it was delivered, deleted or dead-lettered.
+        The bytes are read through the claimed descriptor: no second open.
+        """
+        path = self.queue_dir / f"{queue_id}{_MSG}"
+        claim = self.try_claim(queue_id)
+        if claim is None:
+            return "busy" if path.exists() else "gone"
+        try:
+            # The holder we waited for may have removed or dead-lettered it meanwhile.
+            if not path.exists():
+                claim.release()
+                return "gone"
+            entry, data = decode_message(_read_fd(claim.fileno()))
+            state = self._state_or_none(self.queue_dir, queue_id)
+        except BaseException:
+            claim.release()
+            raise
+        return claim, state or entry, data
+
     async def remove(self, queue_id: str) -> None:
-        """Forget a message whose recipients are all done (json first: it is the record)."""
+        """Forget a message whose recipients are all done."""
         await asyncio.to_thread(self._remove_sync, queue_id, self.queue_dir)
 
     @staticmethod
     def _remove_sync(queue_id: str, folder: Path) -> None:
-        for suffix in (".json", ".eml"):
+        # The .msg first: it is the record; a .state left by a crash here is debris.
+        for suffix in (_MSG, _STATE):
             with contextlib.suppress(FileNotFoundError):
                 (folder / f"{queue_id}{suffix}").unlink()
+
+    def remove_and_release(self, queue_id: str, claim: Claim) -> None:
+        """Forget a delivered message, then drop its claim: one thread hop for both."""
+        try:
+            self._remove_sync(queue_id, self.queue_dir)
+        finally:
+            claim.release()
 
     async def move_to_dead_letter(self, entry: QueueEntry, reason: str) -> None:
         """Park a message that failed for good in deadletter/, with its reason."""
         dead = entry.model_copy(update={"dead_reason": reason})
-        await asyncio.to_thread(self._move_dead_sync, dead)
+        await asyncio.to_thread(self._move_sync, dead, self.queue_dir, self.dead_dir)
         await self._dead_sync.sync()
 
-    def _move_dead_sync(self, dead: QueueEntry) -> None:
-        qid = dead.queue_id
-        os.rename(self.queue_dir / f"{qid}.eml", self.dead_dir / f"{qid}.eml")
-        self._save_sync(dead, self.dead_dir)
+    def _move_sync(self, entry: QueueEntry, source: Path, target: Path) -> None:
+        """Move a message between queue/ and deadletter/ with `entry` as its state.
+
+        The new state is written first, then the `.msg` renamed (the switch), then the
+        old state dropped: a crash leaves the message where it was, or where it goes with
+        its new state, plus at most a lone `.state` (debris).
+        """
+        qid = entry.queue_id
+        self._save_sync(entry, target)
+        os.rename(source / f"{qid}{_MSG}", target / f"{qid}{_MSG}")
         with contextlib.suppress(FileNotFoundError):
-            (self.queue_dir / f"{qid}.json").unlink()
+            (source / f"{qid}{_STATE}").unlink()
 
     async def retry_dead_letter(self, queue_id: str) -> QueueEntry:
         """Put a dead letter back in the queue; undelivered recipients start over now."""
@@ -486,10 +684,7 @@ class Spool:
         revived = entry.model_copy(
             update={"recipients": recipients, "dead_reason": None, "received_at": now}
         )
-        os.rename(self.dead_dir / f"{queue_id}.eml", self.queue_dir / f"{queue_id}.eml")
-        self._save_sync(revived, self.queue_dir)
-        with contextlib.suppress(FileNotFoundError):
-            (self.dead_dir / f"{queue_id}.json").unlink()
+        self._move_sync(revived, self.dead_dir, self.queue_dir)
         _fsync_dir(self.queue_dir)
         return revived
 
@@ -511,24 +706,18 @@ class Spool:
 
     def delete_sync(self, queue_id: str, *, dead: bool = False) -> None:
         """Delete a message for good (the CLI's `queue delete`); claim first."""
-        folder = self.dead_dir if dead else self.queue_dir
-        if not (folder / f"{queue_id}.json").exists():
+        folder = self._folder(dead)
+        if not (folder / f"{queue_id}{_MSG}").exists():
             kind = "dead letter" if dead else "queued message"
             raise SpoolError(f"no {kind} with queue id {queue_id}")
         self._remove_sync(queue_id, folder)
-
-    def read_message_sync(self, queue_id: str, *, dead: bool = False) -> bytes:
-        """The stored bytes, for the CLI's `show`."""
-        folder = self.dead_dir if dead else self.queue_dir
-        return (folder / f"{queue_id}.eml").read_bytes()
 
     # -- claims -----------------------------------------------------------------------
 
     def try_claim(self, queue_id: str, *, dead: bool = False) -> Claim | None:
         """Claim a message without waiting; None if another holder has it or it is gone."""
-        folder = self.dead_dir if dead else self.queue_dir
         try:
-            fd = os.open(folder / f"{queue_id}.eml", os.O_RDONLY)
+            fd = os.open(self._folder(dead) / f"{queue_id}{_MSG}", os.O_RDONLY)
         except FileNotFoundError:
             return None
         try:
@@ -543,13 +732,12 @@ class Spool:
 
     def claim_blocking(self, queue_id: str, *, dead: bool = False, timeout: float = 10.0) -> Claim:
         """Claim, waiting up to `timeout` for a delivery in progress (the CLI's way)."""
-        folder = self.dead_dir if dead else self.queue_dir
         deadline = time.monotonic() + timeout
         while True:
             claim = self.try_claim(queue_id, dead=dead)
             if claim is not None:
                 return claim
-            if not (folder / f"{queue_id}.eml").exists():
+            if not (self._folder(dead) / f"{queue_id}{_MSG}").exists():
                 kind = "dead letter" if dead else "queued message"
                 raise SpoolError(f"no {kind} with queue id {queue_id}")
             if time.monotonic() > deadline:
@@ -560,15 +748,14 @@ class Spool:
 
     def _list(self, folder: Path) -> list[QueueEntry]:
         entries = []
-        for path in sorted(folder.glob("*.json")):
-            if not _QID_RE.match(path.stem):
-                continue
+        for queue_id in sorted(self._ids(folder)):
             try:
-                entries.append(QueueEntry.model_validate_json(path.read_bytes()))
-            except FileNotFoundError:
-                continue  # delivered or moved while we listed
+                entry = self.load_entry(queue_id, dead=folder == self.dead_dir)
             except ValueError:
-                log.warning("Skipped unreadable envelope %s in the spool", path.name)
+                log.warning("Skipped unreadable envelope of message %s in the spool", queue_id)
+                continue
+            if entry is not None:  # else delivered or moved while we listed
+                entries.append(entry)
         return entries
 
     def list_queue(self) -> list[QueueEntry]:
@@ -579,17 +766,43 @@ class Spool:
         """Every dead letter, oldest first."""
         return self._list(self.dead_dir)
 
+    @staticmethod
+    def _ids(folder: Path) -> Iterator[str]:
+        with os.scandir(folder) as it:
+            for item in it:
+                name = item.name
+                if name.endswith(_MSG) and _QID_RE.match(name[: -len(_MSG)]):
+                    yield name[: -len(_MSG)]
+
     def queue_ids(self) -> list[str]:
         """Queued ids without parsing envelopes (cheap, for metrics)."""
-        return sorted(p.stem for p in self.queue_dir.glob("*.json") if _QID_RE.match(p.stem))
+        return sorted(self._ids(self.queue_dir))
 
     def iter_queue_ids(self) -> Iterator[str]:
         """Queued ids in directory order, for scans that do not need sorting."""
+        return self._ids(self.queue_dir)
+
+    def count_dead_letters(self) -> int:
+        """How many dead letters there are (for the gauge)."""
+        return sum(1 for _ in self._ids(self.dead_dir))
+
+    def queue_versions(self) -> dict[str, int]:
+        """Each queued id with the version of its state: 0 as enqueued, else its `.state` mtime.
+
+        A change of version means someone recorded a new state. One directory listing, and
+        a stat only for the few messages that have a `.state`.
+        """
+        messages: list[str] = []
+        states: dict[str, int] = {}
         with os.scandir(self.queue_dir) as it:
             for item in it:
                 name = item.name
-                if name.endswith(".json") and _QID_RE.match(name[:-5]):
-                    yield name[:-5]
+                if name.endswith(_MSG):
+                    messages.append(name[: -len(_MSG)])
+                elif name.endswith(_STATE):
+                    with contextlib.suppress(FileNotFoundError):
+                        states[name[: -len(_STATE)]] = item.stat().st_mtime_ns
+        return {qid: states.get(qid, 0) for qid in messages if _QID_RE.match(qid)}
 
     # -- health -----------------------------------------------------------------------
 

@@ -92,7 +92,7 @@ async def test_raw_provider_gets_the_submitted_bytes_through_the_relay(
 
 
 def _queue_empty(relay: RelayHandle) -> bool:
-    return not any(relay.spool_dir.joinpath("queue").glob("*.json"))
+    return not any(relay.spool_dir.joinpath("queue").glob("*.msg"))
 
 
 @pytest.mark.parametrize("provider", JSON_PROVIDERS)
@@ -200,7 +200,7 @@ async def test_401_keeps_the_mail_queued_and_raises_the_metric(
     await eventually(lambda: relay.metric("mailrelay_provider_config_error", labels) == 1)
     await eventually(lambda: len(server.requests) >= 2)
     assert not _queue_empty(relay)
-    assert list(relay.spool_dir.joinpath("deadletter").glob("*.json")) == []
+    assert list(relay.spool_dir.joinpath("deadletter").glob("*.msg")) == []
     assert server.sent == []
     # The Secret is fixed: the queued mail goes out, the alarm clears.
     from tests.providers.servers import API_KEY  # noqa: PLC0415

@@ -15,7 +15,7 @@ from typing import Any
 import aiosmtplib
 import pytest
 
-from mailrelay.relay.spool import Spool
+from mailrelay.relay.spool import QueueEntry, RecipientState, Spool, new_queue_id
 from tests.relay.conftest import (
     RecordingUpstream,
     RelayFactory,
@@ -98,3 +98,36 @@ async def test_sigkill_under_load_loses_no_acknowledged_message(
     )
     await relay.stop()
     assert relay.process is not None and relay.process.returncode == 0
+
+
+@pytest.mark.slow
+async def test_upgrade_in_place_delivers_a_two_file_spool(
+    relay_factory: RelayFactory, recording_upstream: Any, tls_certs: TlsCerts
+) -> None:
+    """A spool left by the previous version (`.eml` + `.json`) is converted and delivered."""
+    upstream: RecordingUpstream = recording_upstream(tls="starttls")
+    relay = await relay_factory(
+        routes=[smtp_route("out", upstream, tls_certs.ca_file)], subprocess=True, start=False
+    )
+    queue = relay.spool_dir / "queue"
+    queue.mkdir(parents=True)
+    sent: dict[str, bytes] = {}
+    for n in range(5):
+        mid, data = msg(99, n)
+        entry = QueueEntry(
+            queue_id=new_queue_id(),
+            mail_from="a@example.com",
+            recipients=[RecipientState(address=f"b{n}@dest.test", route="out")],
+            received_at=time.time(),
+            size=len(data),
+            message_id=mid,
+        )
+        (queue / f"{entry.queue_id}.eml").write_bytes(data)
+        (queue / f"{entry.queue_id}.json").write_text(entry.model_dump_json())
+        sent[mid] = data
+    await start_subprocess(relay)
+    got = await upstream.wait_for(5)
+    assert sorted(r.data for r in got) == sorted(sent.values())
+    assert upstream.message_ids() == set(sent)
+    await relay.stop()
+    assert list(queue.iterdir()) == []

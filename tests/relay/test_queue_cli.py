@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from mailrelay.relay.main import main
-from mailrelay.relay.spool import Spool
+from mailrelay.relay.spool import QueueEntry, RecipientState, Spool, new_queue_id
 from tests.relay.conftest import (
     USERS,
     RecordingUpstream,
@@ -148,3 +148,32 @@ def test_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     bad_config.write_text("hostname: [\n")
     assert main(["--config", str(bad_config), "queue", "list"]) == 2
     assert "not valid YAML" in capsys.readouterr().err
+
+
+def test_old_two_file_spool_is_flagged_then_listed_once_converted(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The CLI never converts (an old relay may still run); it says what it cannot show."""
+    queue = tmp_path / "queue"
+    queue.mkdir()
+    entry = QueueEntry(
+        queue_id=new_queue_id(),
+        mail_from="old@example.com",
+        recipients=[RecipientState(address="b@dest.test", route="out")],
+        received_at=1000.0,
+        size=len(msg(7)),
+    )
+    (queue / f"{entry.queue_id}.eml").write_bytes(msg(7))
+    (queue / f"{entry.queue_id}.json").write_text(entry.model_dump_json())
+    assert main(["queue", "--spool-dir", str(tmp_path), "list"]) == 0
+    out, err = capsys.readouterr()
+    assert out == "Queue is empty\n"
+    assert "1 message(s) in the old two-file format are not shown" in err
+    Spool(tmp_path).start_sync()  # what the relay does when it starts
+    assert main(["queue", "--spool-dir", str(tmp_path), "show", entry.queue_id, "--message"]) == 0
+    out, err = capsys.readouterr()
+    assert err == ""
+    assert '"mail_from": "old@example.com"' in out
+    assert out.endswith(msg(7).decode())
+    assert main(["queue", "--spool-dir", str(tmp_path), "delete", entry.queue_id]) == 0
+    assert list(queue.iterdir()) == []

@@ -1,16 +1,26 @@
-"""The spool: durable layout, atomic state, group commit, claims across processes."""
+"""The spool: one-file layout, atomic state, group commit, claims, crashes, old spools."""
 
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import multiprocessing
 import os
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from mailrelay.relay.spool import QueueEntry, Spool, SpoolError, extract_message_id, new_queue_id
+from mailrelay.relay.spool import (
+    QueueEntry,
+    RecipientState,
+    Spool,
+    SpoolError,
+    encode_header,
+    extract_message_id,
+    new_queue_id,
+)
 
 
 async def enqueue(
@@ -34,19 +44,58 @@ async def spool(tmp_path: Path) -> Spool:
     return s
 
 
-async def test_enqueue_writes_both_files_and_nothing_in_tmp(spool: Spool) -> None:
-    data = b"Message-ID: <m1@x>\r\nSubject: x\r\n\r\n\x00\xff binary\r\n"
+async def test_enqueue_writes_one_file_and_nothing_in_tmp(spool: Spool) -> None:
+    data = b"Message-ID: <m1@x>\r\nSubject: x\r\n\r\n\x00\xff binary\n\r\n"
     entry = await enqueue(spool, data, rcpts=2)
-    assert (spool.queue_dir / f"{entry.queue_id}.eml").read_bytes() == data
-    stored = QueueEntry.model_validate_json(
-        (spool.queue_dir / f"{entry.queue_id}.json").read_bytes()
-    )
-    assert stored == entry
+    assert sorted(p.name for p in spool.queue_dir.iterdir()) == [f"{entry.queue_id}.msg"]
+    head, _, body = (spool.queue_dir / f"{entry.queue_id}.msg").read_bytes().partition(b"\n")
+    assert body == data
+    assert QueueEntry.model_validate_json(head) == entry
     assert entry.message_id == "<m1@x>"
     assert entry.size == len(data)
     assert [r.next_attempt_at for r in entry.recipients] == [1000.0, 1000.0]
     assert list(spool.tmp_dir.iterdir()) == []
     assert await spool.read_message(entry.queue_id) == data
+    assert spool.load_entry(entry.queue_id) == entry
+
+
+async def test_held_enqueue_keeps_the_claim_until_released(spool: Spool) -> None:
+    held = await spool.enqueue_held(
+        "s@example.com",
+        [("r@d.test", "route")],
+        b"x\r\n",
+        smtputf8=True,
+        body_8bitmime=False,
+        client_address="::1",
+        authenticated_user=None,
+    )
+    assert held.entry.smtputf8 and held.entry.client_address == "::1"
+    assert spool.claim_and_load(held.entry.queue_id) == "busy"
+    held.claim.release()
+    loaded = spool.claim_and_load(held.entry.queue_id)
+    assert not isinstance(loaded, str)
+    claim, entry, data = loaded
+    assert (entry, data) == (held.entry, b"x\r\n")
+    spool.remove_and_release(entry.queue_id, claim)
+    assert spool.claim_and_load(entry.queue_id) == "gone"
+    assert list(spool.queue_dir.iterdir()) == []
+
+
+async def test_state_file_only_after_a_change_and_it_wins(spool: Spool) -> None:
+    entry = await enqueue(spool)
+    assert spool.queue_versions() == {entry.queue_id: 0}
+    entry.recipients[0].status = "deferred"
+    entry.recipients[0].last_error = "451 line one\nline two"  # a newline inside the JSON
+    version = await spool.save(entry)
+    assert version > 0
+    assert spool.queue_versions() == {entry.queue_id: version}
+    assert (spool.queue_dir / f"{entry.queue_id}.state").exists()
+    loaded = spool.claim_and_load(entry.queue_id)
+    assert not isinstance(loaded, str)
+    claim, state, _ = loaded
+    assert state == entry == spool.load_entry(entry.queue_id)
+    spool.remove_and_release(entry.queue_id, claim)
+    assert list(spool.queue_dir.iterdir()) == []
 
 
 def test_queue_ids_sort_by_time_and_are_unique() -> None:
@@ -164,21 +213,124 @@ async def test_claims_exclude_other_processes(spool: Spool) -> None:
 async def test_start_removes_only_old_debris(tmp_path: Path) -> None:
     spool = Spool(tmp_path)
     await spool.start()
-    old_tmp, new_tmp = spool.tmp_dir / "A.eml", spool.tmp_dir / "B.eml"
-    lone_eml = spool.queue_dir / ("0" * 24 + ".eml")
-    for path in (old_tmp, new_tmp, lone_eml):
+    old_tmp, new_tmp = spool.tmp_dir / "A.msg", spool.tmp_dir / "B.msg"
+    lone_state = spool.queue_dir / ("0" * 24 + ".state")
+    young_state = spool.dead_dir / ("1" * 24 + ".state")
+    lone_old_eml = spool.queue_dir / ("2" * 24 + ".eml")
+    for path in (old_tmp, new_tmp, lone_state, young_state, lone_old_eml):
         path.write_bytes(b"x")
-    for path in (old_tmp, lone_eml):
+    for path in (old_tmp, lone_state, lone_old_eml):
         os.utime(path, (0, 0))
     await spool.start()
-    assert not old_tmp.exists() and not lone_eml.exists()
-    assert new_tmp.exists()
+    assert not old_tmp.exists() and not lone_state.exists() and not lone_old_eml.exists()
+    assert new_tmp.exists() and young_state.exists()
 
 
-async def test_unreadable_envelope_is_skipped_not_fatal(spool: Spool) -> None:
+def _crash_while_writing(directory: str, ready: Any) -> None:
+    """Enqueue a large message and get killed while writing it (SIGKILL from the parent)."""
+    spool = Spool(Path(directory))
+
+    def slow_writev(fd: int, parts: list[bytes]) -> int:
+        written = os.write(fd, parts[0] + parts[1][:1000])
+        ready.set()
+        time.sleep(60)
+        return written
+
+    os.writev = slow_writev  # type: ignore[assignment]
+    asyncio.run(enqueue(spool, b"y" * 100_000))
+
+
+async def test_a_message_half_written_at_a_crash_is_never_a_message(spool: Spool) -> None:
     good = await enqueue(spool)
-    (spool.queue_dir / ("F" * 24 + ".json")).write_text("{not json")
+    ctx = multiprocessing.get_context("spawn")
+    ready = ctx.Event()
+    proc = ctx.Process(target=_crash_while_writing, args=(str(spool.directory), ready))
+    proc.start()
+    try:
+        assert await asyncio.to_thread(ready.wait, 20)
+        [partial] = spool.tmp_dir.iterdir()
+        assert partial.stat().st_size > 1000
+    finally:
+        proc.kill()
+        await asyncio.to_thread(proc.join, 20)
     assert [e.queue_id for e in spool.list_queue()] == [good.queue_id]
+    assert spool.queue_versions() == {good.queue_id: 0}
+    os.utime(partial, (0, 0))  # an hour later: the next start clears it
+    await spool.start()
+    assert list(spool.tmp_dir.iterdir()) == []
+    assert [e.queue_id for e in spool.list_queue()] == [good.queue_id]
+
+
+async def test_truncated_or_unreadable_message_is_skipped_not_fatal(spool: Spool) -> None:
+    good = await enqueue(spool)
+    truncated = await enqueue(spool, b"z" * 500)
+    path = spool.queue_dir / f"{truncated.queue_id}.msg"
+    path.write_bytes(path.read_bytes()[:-10])
+    (spool.queue_dir / ("F" * 24 + ".msg")).write_text("{not json\n")
+    (spool.queue_dir / ("E" * 24 + ".msg")).write_text("no header line at all")
+    assert [e.queue_id for e in spool.list_queue()] == [good.queue_id, truncated.queue_id]
+    with pytest.raises(ValueError, match="header says 500"):
+        spool.claim_and_load(truncated.queue_id)
+    assert spool.try_claim(truncated.queue_id) is not None  # the failed load let go
+
+
+def _legacy_pair(folder: Path, entry: QueueEntry, data: bytes) -> None:
+    (folder / f"{entry.queue_id}.eml").write_bytes(data)
+    (folder / f"{entry.queue_id}.json").write_bytes(entry.model_dump_json().encode())
+
+
+def _legacy_entry(queue_id: str, data: bytes, **update: Any) -> QueueEntry:
+    return QueueEntry(
+        queue_id=queue_id,
+        mail_from="old@example.com",
+        recipients=[
+            RecipientState(address="a@d.test", route="r", status="delivered"),
+            RecipientState(address="b@d.test", route="r", status="deferred", attempts=2),
+        ],
+        received_at=500.0,
+        size=len(data),
+        **update,
+    )
+
+
+async def test_start_converts_a_two_file_spool(tmp_path: Path) -> None:
+    queue, dead = tmp_path / "queue", tmp_path / "deadletter"
+    for path in (tmp_path / "tmp", queue, dead):
+        path.mkdir(parents=True)
+    queued = _legacy_entry(new_queue_id(500.0), b"queued\r\n")
+    held = _legacy_entry(new_queue_id(501.0), b"held\r\n")
+    done = _legacy_entry(new_queue_id(502.0), b"half converted\r\n")
+    dead_letter = _legacy_entry(new_queue_id(503.0), b"dead\r\n", dead_reason="550 gone")
+    _legacy_pair(queue, queued, b"queued\r\n")
+    _legacy_pair(queue, held, b"held\r\n")
+    _legacy_pair(queue, done, b"half converted\r\n")
+    _legacy_pair(dead, dead_letter, b"dead\r\n")
+    # A crash after writing the new file but before removing the old pair:
+    (queue / f"{done.queue_id}.msg").write_bytes(encode_header(done) + b"half converted\r\n")
+    lock = os.open(queue / f"{held.queue_id}.eml", os.O_RDONLY)
+    fcntl.flock(lock, fcntl.LOCK_EX)  # an old relay still delivering it
+    spool = Spool(tmp_path, clock=lambda: 1000.0)
+    try:
+        await spool.start()
+        assert spool.legacy_message_count() == 1
+        assert [e.queue_id for e in spool.list_queue()] == [queued.queue_id, done.queue_id]
+    finally:
+        os.close(lock)
+    await spool.start()
+    assert spool.legacy_message_count() == 0
+    assert spool.list_queue() == [queued, held, done]
+    assert spool.list_dead_letters() == [dead_letter]
+    assert spool.read_message_sync(held.queue_id) == b"held\r\n"
+    assert spool.read_message_sync(dead_letter.queue_id, dead=True) == b"dead\r\n"
+    assert sorted(p.suffix for p in queue.iterdir()) == [".msg"] * 3
+    assert list(spool.tmp_dir.iterdir()) == []
+    # The converted messages behave like any other: retry a dead letter, deliver.
+    revived = await spool.retry_dead_letter(dead_letter.queue_id)
+    assert [r.status for r in revived.recipients] == ["delivered", "pending"]
+    loaded = spool.claim_and_load(dead_letter.queue_id)
+    assert not isinstance(loaded, str)
+    assert loaded[1] == revived and loaded[2] == b"dead\r\n"
+    spool.remove_and_release(dead_letter.queue_id, loaded[0])
 
 
 async def test_free_bytes_and_writable(spool: Spool) -> None:
