@@ -1,16 +1,20 @@
 """Benchmark: what the durable spool costs per message, and what raw file patterns cost.
 
 Why: in `relay_vs_postfix.py` the relay's I/O threads spend about as much CPU per message
-as its event loop, and Postfix writes one fsync'd file per message where the spool writes
-two plus a shared directory fsync. This script separates that cost from SMTP:
+as its event loop; Postfix writes one fsync'd file per message, and so does the spool
+now (it wrote two before), plus a shared directory fsync. This script separates that
+cost from SMTP:
 
 - `spool`: `Spool.enqueue` with `--concurrency` enqueues in flight (what the SMTP front
   does), then, for every message, claim + load + read + remove + release (what the
-  delivery engine does on a first-attempt success);
+  delivery engine does for a message it did not spool itself, on a first-attempt
+  success), then one state save per message (what a deferral costs);
 - `raw`: the same number of messages written with plain syscalls in a thread pool:
-  two fsync'd files + two renames (today's pattern without the directory fsync), one
-  fsync'd file + one rename (a one-file spool), and both without fsync (the syscall cost
-  alone).
+  two fsync'd files + two renames (the old two-file pattern without the directory
+  fsync), one fsync'd file + one rename (the spool's pattern), one fsync'd file written
+  in place and marked complete with `fchmod` (Postfix's execute bit), the first two
+  without fsync (the syscall cost alone), and a state change as a small file vs. the
+  whole message file rewritten.
 
 Figures are this process's CPU milliseconds per message (user + system, all threads) and
 messages per second of wall time. Run it under `--dir` on the disk the spool uses:
@@ -29,7 +33,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from mailrelay.relay.spool import Spool
+from mailrelay.relay.spool import QueueEntry, Spool
 
 DATA = b"x" * 2300  # a 2 KB message plus our Received header, as in the relay benchmark
 
@@ -50,7 +54,7 @@ async def spool_figures(directory: Path, messages: int, concurrency: int) -> Non
     spool = Spool(directory)
     await spool.start()
     gate = asyncio.Semaphore(concurrency)
-    ids: list[str] = []
+    entries: list[QueueEntry] = []
 
     async def enqueue() -> None:
         async with gate:
@@ -63,27 +67,27 @@ async def spool_figures(directory: Path, messages: int, concurrency: int) -> Non
                 client_address="127.0.0.1",
                 authenticated_user=None,
             )
-            ids.append(entry.queue_id)
-
-    def claim_and_read(queue_id: str) -> Callable[[], None]:
-        claim = spool.try_claim(queue_id)
-        assert claim is not None
-        spool.load_entry(queue_id)
-        (spool.queue_dir / f"{queue_id}.eml").read_bytes()
-        return claim.release
+            entries.append(entry)
 
     async def deliver(queue_id: str) -> None:
         async with gate:
-            release = await asyncio.to_thread(claim_and_read, queue_id)
-            await spool.remove(queue_id)
-            await asyncio.to_thread(release)
+            loaded = await asyncio.to_thread(spool.claim_and_load, queue_id)
+            assert not isinstance(loaded, str)
+            await asyncio.to_thread(spool.remove_and_release, queue_id, loaded[0])
+
+    async def save(entry: QueueEntry) -> None:
+        async with gate:
+            await spool.save(entry)
 
     cpu, wall = _cpu(), time.perf_counter()
     await asyncio.gather(*(enqueue() for _ in range(messages)))
     _report("spool enqueue", messages, _cpu() - cpu, time.perf_counter() - wall)
     print(f"    ({spool.directory_syncs} directory fsyncs for {messages} messages)")
     cpu, wall = _cpu(), time.perf_counter()
-    await asyncio.gather(*(deliver(queue_id) for queue_id in ids))
+    await asyncio.gather(*(save(entry) for entry in entries))
+    _report("state save (deferral)", messages, _cpu() - cpu, time.perf_counter() - wall)
+    cpu, wall = _cpu(), time.perf_counter()
+    await asyncio.gather(*(deliver(entry.queue_id) for entry in entries))
     _report(
         "claim + load + read + remove + release", messages, _cpu() - cpu, time.perf_counter() - wall
     )
@@ -107,18 +111,41 @@ def raw_figures(directory: Path, messages: int, concurrency: int) -> None:
         for k in range(files):
             os.rename(tmp / f"{index}.{k}", queue / f"{index}.{k}")
 
-    for name, files, fsync in (
-        ("raw: 2 fsync'd files + 2 renames", 2, True),
-        ("raw: 1 fsync'd file + 1 rename", 1, True),
-        ("raw: 2 files + 2 renames, no fsync", 2, False),
-        ("raw: 1 file + 1 rename, no fsync", 1, False),
-    ):
+    def in_place(index: int) -> None:
+        fd = os.open(queue / f"{index}.0", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+        try:
+            os.write(fd, DATA)
+            os.fchmod(fd, 0o740)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def rewrite(index: int, size: int) -> None:
+        fd = os.open(tmp / f"{index}.s", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+        try:
+            os.write(fd, DATA[:size])
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp / f"{index}.s", queue / f"{index}.s")
+
+    patterns: list[tuple[str, Callable[[int], None]]] = [
+        ("raw: 2 fsync'd files + 2 renames", lambda i: one(i, 2, True)),
+        ("raw: 1 fsync'd file + 1 rename", lambda i: one(i, 1, True)),
+        ("raw: 1 fsync'd file in place + fchmod", in_place),
+        ("raw: 2 files + 2 renames, no fsync", lambda i: one(i, 2, False)),
+        ("raw: 1 file + 1 rename, no fsync", lambda i: one(i, 1, False)),
+        ("raw: state as a 400 B file + rename", lambda i: rewrite(i, 400)),
+        ("raw: state as the whole file rewritten", lambda i: rewrite(i, len(DATA))),
+    ]
+    for name, pattern in patterns:
         with ThreadPoolExecutor(concurrency) as pool:
             cpu, wall = _cpu(), time.perf_counter()
-            list(pool.map(lambda i, n=files, s=fsync: one(i, n, s), range(messages)))
+            list(pool.map(pattern, range(messages)))
             _report(name, messages, _cpu() - cpu, time.perf_counter() - wall)
-        for path in queue.iterdir():
-            path.unlink()
+        if not name.startswith("raw: state as"):
+            for path in queue.iterdir():
+                path.unlink()
 
 
 def main() -> None:
