@@ -10,9 +10,10 @@ Shape:
   are reused (after an RSET, which also proves the connection is still alive); broken
   ones are dropped; idle ones are closed after `idle_timeout` seconds, and a connection
   authenticated with credentials that have since changed is not reused.
-- `SmtpTransport.deliver` runs one transaction with `sendmail(mail_from, rcpts, bytes)`,
-  the original bytes unchanged, and turns every answer or exception into per-recipient
-  results: 4xx temporary, 5xx permanent, connection problems temporary for all, and
+- `SmtpTransport.deliver` runs one transaction, the original bytes unchanged: when the
+  upstream offers PIPELINING (RFC 2920) MAIL, every RCPT and DATA go out in one write
+  (`smtp_pipelining`), otherwise through aiosmtplib's `sendmail`. Every answer or
+  exception becomes per-recipient results: 4xx temporary, 5xx permanent, connection problems temporary for all, and
   problems that are ours to fix (AUTH refused, STARTTLS missing, a certificate that does
   not verify) `CONFIG_ERROR`, which keeps mail queued instead of bouncing it.
 
@@ -29,7 +30,7 @@ import logging
 import os
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -37,6 +38,12 @@ from typing import Protocol
 import aiosmtplib
 
 from mailrelay.relay.config import SmtpUpstream
+from mailrelay.relay.smtp_pipelining import (
+    command_group,
+    data_payload,
+    normalized_size,
+    pipeline,
+)
 from mailrelay.relay.transport import Envelope, RecipientOutcome, RecipientResult, all_recipients
 
 __all__ = [
@@ -47,6 +54,7 @@ __all__ = [
     "SmtpTransport",
     "UpstreamConfigError",
     "classify_reply",
+    "pipelined_results",
 ]
 
 log = logging.getLogger(__name__)
@@ -471,6 +479,8 @@ class SmtpTransport:
             options.append("SMTPUTF8")
         if envelope.body_8bitmime and smtp.supports_extension("8bitmime"):
             options.append("BODY=8BITMIME")
+        if smtp.supports_extension("pipelining"):
+            return await self._pipelined(smtp, envelope, message, options)
         try:
             refused, data_reply = await smtp.sendmail(
                 envelope.mail_from, list(envelope.recipients), message, mail_options=options
@@ -542,3 +552,126 @@ class SmtpTransport:
                     )
                 )
         return results
+
+    async def _pipelined(
+        self, smtp: aiosmtplib.SMTP, envelope: Envelope, message: bytes, options: list[str]
+    ) -> list[RecipientResult]:
+        """One transaction with RFC 2920 PIPELINING: MAIL, RCPTs and DATA in one write.
+
+        The body follows only after a 354 and only when MAIL and at least one RCPT were
+        accepted. A server that answers 354 anyway gets a lone "." (RFC 2920 3.1), which
+        ends the transaction and keeps the connection usable.
+        """
+        if smtp.supports_extension("size"):
+            # Same position and spelling as aiosmtplib's sendmail.
+            options = [f"size={normalized_size(message)}", *options]
+        encoding = "utf-8" if envelope.smtputf8 else "ascii"
+        try:
+            group = command_group(envelope.mail_from, envelope.recipients, options, encoding)
+        except ValueError as exc:
+            return all_recipients(
+                envelope, RecipientOutcome.PERMANENT, f"unsendable address: {exc}"
+            )
+        timeout = self.upstream.timeout_seconds
+        replies: list[aiosmtplib.SMTPResponse] = []
+        final: aiosmtplib.SMTPResponse | None = None
+        try:
+            async with pipeline(smtp) as reader:
+                reader.write(group)
+                for _ in range(len(envelope.recipients) + 2):
+                    replies.append(await reader.next_reply(timeout))
+                    if replies[-1].code == 421:
+                        break  # the server is closing the channel: no more answers
+                if replies[-1].code == 354:
+                    accepted = replies[0].code == 250 and any(
+                        r.code in (250, 251) for r in replies[1:-1]
+                    )
+                    reader.write(data_payload(message) if accepted else b".\r\n")
+                    final = await reader.next_reply(timeout)
+                    if not accepted:
+                        final = None  # the reply to an empty message delivers nothing
+        except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
+            smtp.close()
+            return all_recipients(
+                envelope,
+                RecipientOutcome.TEMPORARY,
+                f"upstream {self.name!r}: {type(exc).__name__} during the transaction: {exc}",
+            )
+        if any(r.code == 421 for r in replies) or (final is not None and final.code == 421):
+            smtp.close()
+        elif replies[-1].code != 354:
+            # DATA was refused, so MAIL and RCPT may still hold an open transaction.
+            with contextlib.suppress(aiosmtplib.SMTPException, OSError, TimeoutError):
+                await smtp.rset(timeout=_RSET_TIMEOUT_SECONDS)
+        results = pipelined_results(envelope, replies, final)
+        if replies[0].code == 421:
+            raise _ClosedAtMailError(results)
+        return results
+
+
+def pipelined_results(
+    envelope: Envelope,
+    replies: Sequence[aiosmtplib.SMTPResponse],
+    final: aiosmtplib.SMTPResponse | None,
+) -> list[RecipientResult]:
+    """Per-recipient results from a pipelined group's replies, in command order.
+
+    `replies` holds MAIL's reply, then one per RCPT, then DATA's; it stops early after a
+    421. `final` is the reply to the body, None if no body was sent.
+    """
+    mail = replies[0]
+    if mail.code != 250:
+        detail = f"{mail.code} {mail.message} (MAIL)".strip()
+        return all_recipients(envelope, classify_reply(mail.code), detail, code=mail.code)
+    closing = next((r for r in replies if r.code == 421), None)
+    rcpt_replies = replies[1 : 1 + len(envelope.recipients)]
+    data = replies[1 + len(envelope.recipients)] if closing is None else None
+    results = []
+    for index, rcpt in enumerate(envelope.recipients):
+        reply = rcpt_replies[index] if index < len(rcpt_replies) else None
+        if reply is not None and reply.code not in (250, 251):
+            results.append(
+                RecipientResult(
+                    rcpt,
+                    classify_reply(reply.code),
+                    f"{reply.code} {reply.message} (RCPT)",
+                    code=reply.code,
+                )
+            )
+        elif closing is not None:
+            results.append(
+                RecipientResult(
+                    rcpt,
+                    RecipientOutcome.TEMPORARY,
+                    f"{closing.code} {closing.message} (the server closed the transaction)",
+                    code=closing.code,
+                )
+            )
+        elif data is not None and data.code != 354:
+            results.append(
+                RecipientResult(
+                    rcpt,
+                    classify_reply(data.code),
+                    f"{data.code} {data.message} (DATA)",
+                    code=data.code,
+                )
+            )
+        elif final is not None and final.code == 250:
+            results.append(
+                RecipientResult(
+                    rcpt,
+                    RecipientOutcome.DELIVERED,
+                    final.message,
+                    remote_id=final.message or None,
+                    code=250,
+                )
+            )
+        else:
+            # The body was refused (a recipient was accepted, so `final` is DATA's
+            # final reply whenever DATA answered 354).
+            refusal = final or data
+            code = refusal.code if refusal is not None else None
+            text = f"{refusal.code} {refusal.message}" if refusal is not None else "no reply"
+            outcome = classify_reply(code) if code is not None else RecipientOutcome.TEMPORARY
+            results.append(RecipientResult(rcpt, outcome, f"{text} (DATA)", code=code))
+    return results

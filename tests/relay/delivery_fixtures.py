@@ -25,6 +25,7 @@ from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword
 __all__ = [
     "Certificates",
     "Received",
+    "ScriptedUpstream",
     "Upstream",
     "make_certificates",
     "start_upstream",
@@ -66,6 +67,15 @@ class Received:
 @dataclass
 class _Handler:
     owner: Upstream
+
+    async def handle_EHLO(
+        self, server: SMTP, session: Any, envelope: Any, hostname: str, responses: list[str]
+    ) -> list[str]:
+        # aiosmtpd reads pipelined commands fine but does not advertise PIPELINING.
+        session.host_name = hostname
+        if self.owner.pipelining:
+            responses.insert(-1, "250-PIPELINING")
+        return responses
 
     async def handle_RCPT(
         self, server: SMTP, session: Any, envelope: Any, address: str, rcpt_options: list[str]
@@ -113,6 +123,18 @@ class _Handler:
         return f"250 2.0.0 Ok: queued as U{len(self.owner.messages)}"
 
 
+class _RecordingSMTP(SMTP):
+    """aiosmtpd's server, noting each chunk it reads, to show what came in one write."""
+
+    def __init__(self, chunks: list[bytes], *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._chunks = chunks
+
+    def data_received(self, data: bytes) -> None:
+        self._chunks.append(bytes(data))
+        super().data_received(data)
+
+
 @dataclass
 class Upstream:
     """A running aiosmtpd upstream and what it saw."""
@@ -123,7 +145,10 @@ class Upstream:
     server_context: ssl.SSLContext | None
     users: dict[str, str] | None
     smtputf8: bool
+    pipelining: bool = True
     messages: list[Received] = field(default_factory=list)
+    # Every chunk the server's protocol was handed (one per TCP read), in order.
+    chunks: list[bytes] = field(default_factory=list)
     connections: int = 0
     auth_failures: int = 0
     refuse_rcpt: dict[str, str] = field(default_factory=dict)
@@ -150,7 +175,8 @@ class Upstream:
 
     def _factory(self) -> SMTP:
         self.connections += 1
-        smtp = SMTP(
+        smtp = _RecordingSMTP(
+            self.chunks,
             _Handler(self),
             hostname="upstream.test",
             enable_SMTPUTF8=self.smtputf8,
@@ -214,6 +240,7 @@ async def start_upstream(
     certs: Certificates | None = None,
     users: dict[str, str] | None = None,
     smtputf8: bool = True,
+    pipelining: bool = True,
     configure: Callable[[Upstream], None] | None = None,
 ) -> Upstream:
     """Start an upstream on 127.0.0.1; `certs` is needed unless tls is 'none'."""
@@ -226,8 +253,77 @@ async def start_upstream(
         server_context=certs.server_context if certs is not None else None,
         users=users,
         smtputf8=smtputf8,
+        pipelining=pipelining,
     )
     if configure is not None:
         configure(upstream)
     await upstream.start()
     return upstream
+
+
+@dataclass
+class ScriptedUpstream:
+    """A minimal plain-text SMTP server with PIPELINING that answers DATA with 354 always.
+
+    aiosmtpd refuses DATA without an accepted recipient; some servers do not, and RFC
+    2920 3.1 says what the client must then do (send a lone "."). This server records
+    every line it reads, so a test sees exactly what the client sent.
+    """
+
+    rcpt_replies: dict[str, str] = field(default_factory=dict)
+    lines: list[bytes] = field(default_factory=list)
+    connections: int = 0
+    host: str = "127.0.0.1"
+    port: int = 0
+    _server: asyncio.Server | None = None
+    _writers: list[asyncio.StreamWriter] = field(default_factory=list)
+
+    async def start(self) -> None:
+        """Listen on a free port."""
+        self._server = await asyncio.start_server(self._session, self.host, 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        """Stop listening and close open sessions."""
+        if self._server is not None:
+            self._server.close()
+            for writer in self._writers:
+                writer.close()
+            await self._server.wait_closed()
+
+    async def _session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        self._writers.append(writer)
+        recipients = 0
+        writer.write(b"220 scripted.test ESMTP\r\n")
+        try:
+            while line := await reader.readline():
+                self.lines.append(line)
+                verb = line[:4].upper()
+                if verb == b"EHLO":
+                    writer.write(b"250-scripted.test\r\n250-PIPELINING\r\n250 8BITMIME\r\n")
+                elif verb == b"MAIL":
+                    recipients = 0
+                    writer.write(b"250 2.1.0 OK\r\n")
+                elif verb == b"RCPT":
+                    address = line.decode().split(":", 1)[1].strip().strip("<>")
+                    reply = self.rcpt_replies.get(address, "250 2.1.5 OK")
+                    recipients += reply.startswith("250")
+                    writer.write(reply.encode() + b"\r\n")
+                elif verb == b"DATA":
+                    writer.write(b"354 End data with <CR><LF>.<CR><LF>\r\n")
+                    while (body_line := await reader.readline()) not in (b".\r\n", b""):
+                        self.lines.append(body_line)
+                    self.lines.append(b".\r\n")
+                    if recipients:
+                        writer.write(b"250 2.0.0 Ok: queued\r\n")
+                    else:
+                        writer.write(b"554 5.5.1 No valid recipients\r\n")
+                elif verb == b"QUIT":
+                    writer.write(b"221 Bye\r\n")
+                    break
+                else:  # RSET, NOOP
+                    recipients = 0
+                    writer.write(b"250 OK\r\n")
+        finally:
+            writer.close()

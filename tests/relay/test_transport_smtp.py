@@ -13,12 +13,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aiosmtplib.protocol import PERIOD_REGEX, normalize_message_line_endings
 
 from mailrelay.relay.config import SmtpUpstream
+from mailrelay.relay.smtp_pipelining import data_payload, take_replies
 from mailrelay.relay.smtp_transport import SmtpTransport
 from mailrelay.relay.transport import Envelope, RecipientOutcome, build_transport
 from tests.relay.delivery_fixtures import (
     Certificates,
+    ScriptedUpstream,
     Upstream,
     make_certificates,
     start_upstream,
@@ -189,27 +192,36 @@ async def test_certificate_from_another_ca_is_refused(harness: Harness, tmp_path
     assert up.messages == []
 
 
-async def test_partial_recipient_failure(harness: Harness) -> None:
-    up = await harness.upstream(tls="starttls")
+@pytest.mark.parametrize("pipelining", [True, False])
+async def test_partial_recipient_failure(harness: Harness, pipelining: bool) -> None:
+    up = await harness.upstream(tls="starttls", pipelining=pipelining)
     up.refuse_rcpt["gone@example.net"] = "550 5.1.1 No such user"
     up.refuse_rcpt["busy@example.net"] = "451 4.2.1 Mailbox busy"
+    up.refuse_rcpt["full@example.net"] = "450 4.2.2 Mailbox full"
     transport = harness.transport(up)
+    rcpts = ("bob@example.net", "gone@example.net", "busy@example.net", "full@example.net")
 
-    results = await transport.deliver(
-        envelope("bob@example.net", "gone@example.net", "busy@example.net"), MESSAGE
-    )
+    results = await transport.deliver(envelope(*rcpts, "carol@example.org"), MESSAGE)
 
-    by_rcpt = {r.address: r for r in results}
-    assert by_rcpt["bob@example.net"].outcome is RecipientOutcome.DELIVERED
-    assert by_rcpt["gone@example.net"].outcome is RecipientOutcome.PERMANENT
-    assert by_rcpt["gone@example.net"].code == 550
-    assert "5.1.1" in by_rcpt["gone@example.net"].detail
-    assert by_rcpt["busy@example.net"].outcome is RecipientOutcome.TEMPORARY
-    assert up.messages[0].rcpt_tos == ("bob@example.net",)
+    # Each RCPT reply lands on its own recipient, in order.
+    assert [(r.address, r.outcome, r.code) for r in results] == [
+        ("bob@example.net", RecipientOutcome.DELIVERED, 250),
+        ("gone@example.net", RecipientOutcome.PERMANENT, 550),
+        ("busy@example.net", RecipientOutcome.TEMPORARY, 451),
+        ("full@example.net", RecipientOutcome.TEMPORARY, 450),
+        ("carol@example.org", RecipientOutcome.DELIVERED, 250),
+    ]
+    assert results[1].detail == "550 5.1.1 No such user (RCPT)"
+    assert results[3].detail == "450 4.2.2 Mailbox full (RCPT)"
+    assert results[0].remote_id is not None and "queued as U1" in results[0].remote_id
+    [got] = up.messages
+    assert got.rcpt_tos == ("bob@example.net", "carol@example.org")
+    assert got.data == MESSAGE
 
 
-async def test_all_recipients_refused_are_reported_each(harness: Harness) -> None:
-    up = await harness.upstream(tls="starttls")
+@pytest.mark.parametrize("pipelining", [True, False])
+async def test_all_recipients_refused_are_reported_each(harness: Harness, pipelining: bool) -> None:
+    up = await harness.upstream(tls="starttls", pipelining=pipelining)
     up.refuse_rcpt["x@example.net"] = "550 5.1.1 No such user"
     up.refuse_rcpt["y@example.net"] = "452 4.2.2 Over quota"
     transport = harness.transport(up)
@@ -220,12 +232,16 @@ async def test_all_recipients_refused_are_reported_each(harness: Harness) -> Non
         RecipientOutcome.PERMANENT,
         RecipientOutcome.TEMPORARY,
     ]
+    assert [r.code for r in results] == [550, 452]
+    # The body was never sent (aiosmtpd answered the pipelined DATA with 503).
+    assert not any(b"Line one." in chunk for chunk in up.chunks)
     # The connection survives a refused envelope and is reused for the next message.
     [ok] = await transport.deliver(envelope("z@example.net"), MESSAGE)
     assert ok.outcome is RecipientOutcome.DELIVERED
     assert up.connections == 1
 
 
+@pytest.mark.parametrize("pipelining", [True, False])
 @pytest.mark.parametrize(
     ("where", "reply", "outcome"),
     [
@@ -236,9 +252,9 @@ async def test_all_recipients_refused_are_reported_each(harness: Harness) -> Non
     ],
 )
 async def test_mail_and_data_refusals_hit_every_recipient(
-    harness: Harness, where: str, reply: str, outcome: RecipientOutcome
+    harness: Harness, where: str, reply: str, outcome: RecipientOutcome, pipelining: bool
 ) -> None:
-    up = await harness.upstream(tls="starttls")
+    up = await harness.upstream(tls="starttls", pipelining=pipelining)
     if where == "mail":
         up.refuse_mail = reply
     else:
@@ -250,6 +266,15 @@ async def test_mail_and_data_refusals_hit_every_recipient(
     assert [r.outcome for r in results] == [outcome, outcome]
     assert results[0].code == int(reply[:3])
     assert reply[4:] in results[0].detail
+    assert up.messages == []
+    # The refused transaction was reset: the next message goes out on the same connection.
+    if where == "mail":
+        up.refuse_mail = None
+    else:
+        up.refuse_data = None
+    [ok] = await transport.deliver(envelope("c@example.net"), MESSAGE)
+    assert ok.outcome is RecipientOutcome.DELIVERED, ok.detail
+    assert up.connections == 1
 
 
 async def test_upstream_down_is_temporary(harness: Harness) -> None:
@@ -417,3 +442,113 @@ async def test_null_sender_is_sent_as_empty_reverse_path(harness: Harness) -> No
 def test_build_transport_picks_the_class() -> None:
     smtp = SmtpUpstream(type="smtp", name="s", host="127.0.0.1")
     assert isinstance(build_transport(smtp), SmtpTransport)
+
+
+def _group(*rcpts: str, size: int) -> bytes:
+    lines = [f"MAIL FROM:<alice@example.com> size={size}"]
+    lines += [f"RCPT TO:<{rcpt}>" for rcpt in rcpts] + ["DATA"]
+    return ("\r\n".join(lines) + "\r\n").encode()
+
+
+async def test_pipelined_group_goes_out_in_one_write(harness: Harness) -> None:
+    up = await harness.upstream(tls="none", certs=None)
+    transport = harness.transport(up, tls="none", ca_file=None)
+    rcpts = ("bob@example.net", "carol@example.org", "dave@example.org")
+
+    results = await transport.deliver(envelope(*rcpts), MESSAGE)
+
+    assert [r.outcome for r in results] == [RecipientOutcome.DELIVERED] * 3
+    [got] = up.messages
+    assert got.data == MESSAGE
+    assert got.rcpt_tos == rcpts
+    # The server read MAIL, every RCPT and DATA as one chunk, then the body as another.
+    start = next(i for i, c in enumerate(up.chunks) if c.startswith(b"MAIL"))
+    assert up.chunks[start] == _group(*rcpts, size=len(MESSAGE))
+    assert b"".join(up.chunks[start + 1 :]) == MESSAGE.replace(b"\n.", b"\n..") + b".\r\n"
+    assert len(up.chunks[start + 1 :]) == 1
+
+
+async def test_without_pipelining_each_command_waits_for_its_reply(harness: Harness) -> None:
+    up = await harness.upstream(tls="none", certs=None, pipelining=False)
+    transport = harness.transport(up, tls="none", ca_file=None)
+
+    results = await transport.deliver(envelope("bob@example.net", "carol@example.org"), MESSAGE)
+
+    assert [r.outcome for r in results] == [RecipientOutcome.DELIVERED] * 2
+    assert up.messages[0].data == MESSAGE
+    commands = [c for c in up.chunks if c[:4] in (b"MAIL", b"RCPT", b"DATA")]
+    assert commands == [
+        f"MAIL FROM:<alice@example.com> size={len(MESSAGE)}\r\n".encode(),
+        b"RCPT TO:<bob@example.net>\r\n",
+        b"RCPT TO:<carol@example.org>\r\n",
+        b"DATA\r\n",
+    ]
+
+
+async def test_pipelined_connection_is_handed_back_to_aiosmtplib(harness: Harness) -> None:
+    # The pipelined transaction lends the transport to its own reader (asyncio's public
+    # set_protocol); afterwards aiosmtplib's protocol must read again, or the next
+    # aiosmtplib command (RSET after idle, QUIT) would hang.
+    up = await harness.upstream(tls="starttls")
+    transport = harness.transport(up)
+    await transport.deliver(envelope(), MESSAGE)
+
+    conn = await transport.pool.acquire()
+    try:
+        assert conn.smtp.transport is not None
+        assert conn.smtp.transport.get_protocol() is conn.smtp.protocol
+        assert (await conn.smtp.noop()).code == 250
+    finally:
+        transport.pool.release(conn, reusable=True)
+
+
+async def test_354_without_accepted_recipients_gets_a_lone_dot(harness: Harness) -> None:
+    # RFC 2920 3.1: a server may accept DATA although every RCPT failed; the client
+    # then sends a single "." and no body. The connection stays usable.
+    up = ScriptedUpstream(
+        rcpt_replies={"x@example.net": "550 5.1.1 No such user", "y@example.net": "450 4.2.0 Later"}
+    )
+    await up.start()
+    try:
+        config = SmtpUpstream(type="smtp", name="s", host=up.host, port=up.port, tls="none")
+        transport = SmtpTransport(config, local_hostname="relay.test")
+        try:
+            refused = await transport.deliver(envelope("x@example.net", "y@example.net"), MESSAGE)
+            [ok] = await transport.deliver(envelope("z@example.net"), MESSAGE)
+        finally:
+            await transport.close()
+    finally:
+        await up.stop()
+
+    assert [(r.outcome, r.code) for r in refused] == [
+        (RecipientOutcome.PERMANENT, 550),
+        (RecipientOutcome.TEMPORARY, 450),
+    ]
+    assert ok.outcome is RecipientOutcome.DELIVERED, ok.detail
+    assert up.connections == 1
+    first = up.lines[: up.lines.index(b".\r\n") + 1]
+    assert first[-2:] == [b"DATA\r\n", b".\r\n"]
+    assert not any(b"Line one." in line for line in first)
+    assert b"Line one.\r\n" in up.lines
+
+
+def test_take_replies_keeps_order_and_partial_tails() -> None:
+    buffer = bytearray(b"250 2.1.0 OK\r\n550-5.1.1 No such\r\n550 5.1.1 user\r\n354 go\r\n25")
+
+    replies = take_replies(buffer)
+
+    assert [(r.code, r.message) for r in replies] == [
+        (250, "2.1.0 OK"),
+        (550, "5.1.1 No such\n5.1.1 user"),
+        (354, "go"),
+    ]
+    assert buffer == b"25"
+    buffer.extend(b"0-part\r\n")
+    assert take_replies(buffer) == []
+    assert buffer == b"250-part\r\n"
+
+
+def test_data_payload_matches_what_aiosmtplib_sends() -> None:
+    message = b"a\n.b\r\n..c\rd"
+    stuffed = PERIOD_REGEX.sub(b"..", normalize_message_line_endings(message)) + b".\r\n"
+    assert data_payload(message) == stuffed == b"a\r\n..b\r\n...c\r\nd\r\n.\r\n"

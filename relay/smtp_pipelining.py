@@ -1,0 +1,201 @@
+"""RFC 2920 PIPELINING on an aiosmtplib connection: one write for MAIL, RCPT and DATA.
+
+Why: on this machine every `send` is a costly syscall and every reply a loop wake-up;
+aiosmtplib sends each command on its own and waits for its reply, 3 + n round trips per
+message. With PIPELINING the group goes out in one write and the body in a second.
+
+Shape:
+
+- pure functions build the bytes: `command_group` (MAIL, every RCPT, DATA),
+  `data_payload` (the body as aiosmtplib would send it: CRLF line endings, dot-stuffed,
+  `.` line at the end) and `take_replies` (complete replies cut off a receive buffer);
+- `pipeline(smtp)` lends the connection's transport to a `ReplyReader` for the length
+  of one transaction and gives it back to aiosmtplib's protocol afterwards. aiosmtplib's
+  own protocol cannot read a pipelined group: it holds one parsed reply at a time and
+  drops bytes that arrive while that reply waits to be picked up (its guard against
+  unsolicited data), and the replies to a group arrive together. Only public API is used
+  (`SMTP.transport`, `SMTP.protocol`, asyncio's `Transport.set_protocol`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections import deque
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+
+import aiosmtplib
+from aiosmtplib.email import quote_address
+
+__all__ = [
+    "MAX_REPLY_BYTES",
+    "ReplyReader",
+    "command_group",
+    "data_payload",
+    "normalized_size",
+    "pipeline",
+    "take_replies",
+]
+
+# aiosmtplib's own bound on one reply (4 x its 8 KiB line limit); a peer that streams more
+# without finishing a reply is not an SMTP server we want to keep reading from.
+MAX_REPLY_BYTES = 4 * 8192
+_LINE_ENDINGS = re.compile(rb"(?:\r\n|\n|\r(?!\n))")
+_LEADING_DOT = re.compile(rb"(?m)^\.")
+# CR, LF or any other control character would let a parameter inject a command.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _normalized(message: bytes) -> bytes:
+    message = _LINE_ENDINGS.sub(b"\r\n", message)
+    return message if message.endswith(b"\r\n") else message + b"\r\n"
+
+
+def normalized_size(message: bytes) -> int:
+    """The SIZE (RFC 1870) aiosmtplib announces: octets with CRLF line endings."""
+    return len(_normalized(message))
+
+
+def data_payload(message: bytes) -> bytes:
+    """What follows a 354: the message with CRLF endings, dot-stuffed, then `.` CRLF."""
+    return _LEADING_DOT.sub(b"..", _normalized(message)) + b".\r\n"
+
+
+def command_group(
+    mail_from: str, recipients: Sequence[str], mail_options: Sequence[str], encoding: str
+) -> bytes:
+    """MAIL, one RCPT per recipient, then DATA, as one pipelined group (RFC 2920 3.1).
+
+    Raises ValueError for an address or option that cannot go on a command line
+    (aiosmtplib's checks, or not encodable without SMTPUTF8).
+    """
+    for option in mail_options:
+        if _CONTROL.search(option):
+            raise ValueError(f"MAIL option {option!r} contains a control character")
+    mail = " ".join(["MAIL", "FROM:" + quote_address(mail_from), *mail_options])
+    lines = [mail, *(f"RCPT TO:{quote_address(rcpt)}" for rcpt in recipients), "DATA"]
+    return ("\r\n".join(lines) + "\r\n").encode(encoding)
+
+
+def take_replies(buffer: bytearray) -> list[aiosmtplib.SMTPResponse]:
+    """Cut every complete reply off the front of `buffer`, in order.
+
+    A multi-line reply (`250-...` lines, then `250 ...`) becomes one response whose
+    message joins the lines with newlines, as aiosmtplib does.
+    """
+    replies: list[aiosmtplib.SMTPResponse] = []
+    lines: list[bytes] = []
+    start = offset = 0
+    while (end := buffer.find(b"\n", offset)) != -1:
+        line = bytes(buffer[offset : end + 1])
+        offset = end + 1
+        try:
+            code = int(line[:3])
+        except ValueError:
+            raise aiosmtplib.SMTPResponseException(
+                -1, f"Malformed SMTP response line: {line.decode('utf-8', 'replace')!r}"
+            ) from None
+        lines.append(line[4:].strip(b" \t\r\n"))
+        if line[3:4] != b"-":
+            text = b"\n".join(lines).decode("utf-8", "surrogateescape")
+            replies.append(aiosmtplib.SMTPResponse(code, text))
+            lines = []
+            start = offset
+    del buffer[:start]
+    if len(buffer) > MAX_REPLY_BYTES:
+        raise aiosmtplib.SMTPResponseException(-1, "Response too long")
+    return replies
+
+
+class ReplyReader(asyncio.Protocol):
+    """Holds the transport while a pipelined group is answered; keeps every reply in order.
+
+    Flow control and the end of the connection are passed on to aiosmtplib's protocol,
+    so the `SMTP` object learns of a lost connection as it would have on its own.
+    """
+
+    def __init__(self, inner: asyncio.BaseProtocol, transport: asyncio.WriteTransport) -> None:
+        self._inner = inner
+        self._transport = transport
+        self._buffer = bytearray()
+        self._replies: deque[aiosmtplib.SMTPResponse] = deque()
+        self._error: BaseException | None = None
+        self._waiter: asyncio.Future[None] | None = None
+
+    def write(self, data: bytes) -> None:
+        """Send bytes on the lent transport (one `send` when the socket takes it all)."""
+        if self._error is not None or self._transport.is_closing():
+            raise aiosmtplib.SMTPServerDisconnected("Connection lost")
+        self._transport.write(data)
+
+    async def next_reply(self, read_timeout: float | None) -> aiosmtplib.SMTPResponse:
+        """The next reply in order; raises if the connection ends or times out first."""
+        while not self._replies:
+            if self._error is not None:
+                raise self._error
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await asyncio.wait_for(self._waiter, read_timeout)
+            except TimeoutError as exc:
+                raise aiosmtplib.SMTPReadTimeoutError(
+                    "Timed out waiting for server response"
+                ) from exc
+            finally:
+                self._waiter = None
+        return self._replies.popleft()
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    def data_received(self, data: bytes) -> None:
+        if self._error is not None:
+            return
+        self._buffer.extend(data)
+        try:
+            self._replies.extend(take_replies(self._buffer))
+        except aiosmtplib.SMTPResponseException as exc:
+            self._error = exc
+        self._wake()
+
+    def eof_received(self) -> bool:
+        self._fail(aiosmtplib.SMTPServerDisconnected("Unexpected EOF received"))
+        return False  # close the transport
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        error = aiosmtplib.SMTPServerDisconnected("Connection lost")
+        error.__cause__ = exc
+        self._fail(error)
+        self._inner.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self._inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._inner.resume_writing()
+
+    def _fail(self, error: BaseException) -> None:
+        if self._error is None:
+            self._error = error
+        self._wake()
+
+
+@asynccontextmanager
+async def pipeline(smtp: aiosmtplib.SMTP) -> AsyncIterator[ReplyReader]:
+    """Lend `smtp`'s transport to a `ReplyReader`, and give it back to aiosmtplib after.
+
+    The caller owns the connection (the pool hands it to one delivery at a time), so
+    no aiosmtplib command runs meanwhile. After the block aiosmtplib's protocol reads
+    again, with nothing pending: every command of the group was answered or the
+    connection is closed.
+    """
+    transport, inner = smtp.transport, smtp.protocol
+    if inner is None or not isinstance(transport, asyncio.WriteTransport) or transport.is_closing():
+        raise aiosmtplib.SMTPServerDisconnected("Server not connected")
+    reader = ReplyReader(inner, transport)
+    transport.set_protocol(reader)
+    try:
+        yield reader
+    finally:
+        transport.set_protocol(inner)
