@@ -45,10 +45,18 @@ _LINE_ENDINGS = re.compile(rb"(?:\r\n|\n|\r(?!\n))")
 _LEADING_DOT = re.compile(rb"(?m)^\.")
 # CR, LF or any other control character would let a parameter inject a command.
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# A dot-atom local part and a plain domain (RFC 5322 atext, ASCII only): parseaddr
+# returns such an address unchanged, so it needs no parsing to be quoted.
+_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_PLAIN_ADDRESS = re.compile(rf"{_ATEXT}(?:\.{_ATEXT})*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*")
 
 
 def _normalized(message: bytes) -> bytes:
-    message = _LINE_ENDINGS.sub(b"\r\n", message)
+    # Spooled messages almost always have CRLF endings already; counting is much cheaper
+    # than the regex substitution (measured ~10 us per 2 KB message each).
+    crlf = message.count(b"\r\n")
+    if crlf != message.count(b"\n") or crlf != message.count(b"\r"):
+        message = _LINE_ENDINGS.sub(b"\r\n", message)
     return message if message.endswith(b"\r\n") else message + b"\r\n"
 
 
@@ -59,7 +67,18 @@ def normalized_size(message: bytes) -> int:
 
 def data_payload(message: bytes) -> bytes:
     """What follows a 354: the message with CRLF endings, dot-stuffed, then `.` CRLF."""
-    return _LEADING_DOT.sub(b"..", _normalized(message)) + b".\r\n"
+    message = _normalized(message)
+    if message.startswith(b".") or b"\n." in message:
+        message = _LEADING_DOT.sub(b"..", message)
+    return message + b".\r\n"
+
+
+def _quoted(address: str) -> str:
+    """`<address>` as aiosmtplib's `quote_address` gives it, without its parser for the
+    common plain `local@domain` (email.utils.parseaddr cost ~30 us per address)."""
+    if _PLAIN_ADDRESS.fullmatch(address):
+        return f"<{address}>"
+    return quote_address(address)
 
 
 def command_group(
@@ -73,8 +92,8 @@ def command_group(
     for option in mail_options:
         if _CONTROL.search(option):
             raise ValueError(f"MAIL option {option!r} contains a control character")
-    mail = " ".join(["MAIL", "FROM:" + quote_address(mail_from), *mail_options])
-    lines = [mail, *(f"RCPT TO:{quote_address(rcpt)}" for rcpt in recipients), "DATA"]
+    mail = " ".join(["MAIL", "FROM:" + _quoted(mail_from), *mail_options])
+    lines = [mail, *(f"RCPT TO:{_quoted(rcpt)}" for rcpt in recipients), "DATA"]
     return ("\r\n".join(lines) + "\r\n").encode(encoding)
 
 
@@ -134,16 +153,28 @@ class ReplyReader(asyncio.Protocol):
         while not self._replies:
             if self._error is not None:
                 raise self._error
-            self._waiter = asyncio.get_running_loop().create_future()
+            loop = asyncio.get_running_loop()
+            self._waiter = waiter = loop.create_future()
+            # A plain timer, not asyncio.wait_for: this wait runs for every reply.
+            timer = (
+                loop.call_later(read_timeout, self._time_out, waiter)
+                if read_timeout is not None
+                else None
+            )
             try:
-                await asyncio.wait_for(self._waiter, read_timeout)
-            except TimeoutError as exc:
-                raise aiosmtplib.SMTPReadTimeoutError(
-                    "Timed out waiting for server response"
-                ) from exc
+                await waiter
             finally:
                 self._waiter = None
+                if timer is not None:
+                    timer.cancel()
         return self._replies.popleft()
+
+    @staticmethod
+    def _time_out(waiter: asyncio.Future[None]) -> None:
+        if not waiter.done():
+            waiter.set_exception(
+                aiosmtplib.SMTPReadTimeoutError("Timed out waiting for server response")
+            )
 
     def _wake(self) -> None:
         if self._waiter is not None and not self._waiter.done():

@@ -13,9 +13,10 @@ Shape:
 - `SmtpTransport.deliver` runs one transaction, the original bytes unchanged: when the
   upstream offers PIPELINING (RFC 2920) MAIL, every RCPT and DATA go out in one write
   (`smtp_pipelining`), otherwise through aiosmtplib's `sendmail`. Every answer or
-  exception becomes per-recipient results: 4xx temporary, 5xx permanent, connection problems temporary for all, and
-  problems that are ours to fix (AUTH refused, STARTTLS missing, a certificate that does
-  not verify) `CONFIG_ERROR`, which keeps mail queued instead of bouncing it.
+  exception becomes per-recipient results: 4xx temporary, 5xx permanent, connection
+  problems temporary for all, and problems that are ours to fix (AUTH refused, STARTTLS
+  missing, a certificate that does not verify) `CONFIG_ERROR`, which keeps mail queued
+  instead of bouncing it.
 
 TLS is never negotiated down: `starttls` passes `start_tls=True` (aiosmtplib's default
 `None` silently continues in plain text when the server offers no STARTTLS) and the

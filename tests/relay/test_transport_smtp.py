@@ -13,10 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aiosmtplib.email import quote_address
 from aiosmtplib.protocol import PERIOD_REGEX, normalize_message_line_endings
 
 from mailrelay.relay.config import SmtpUpstream
-from mailrelay.relay.smtp_pipelining import data_payload, take_replies
+from mailrelay.relay.smtp_pipelining import command_group, data_payload, take_replies
 from mailrelay.relay.smtp_transport import SmtpTransport
 from mailrelay.relay.transport import Envelope, RecipientOutcome, build_transport
 from tests.relay.delivery_fixtures import (
@@ -548,7 +549,63 @@ def test_take_replies_keeps_order_and_partial_tails() -> None:
     assert buffer == b"250-part\r\n"
 
 
-def test_data_payload_matches_what_aiosmtplib_sends() -> None:
-    message = b"a\n.b\r\n..c\rd"
+@pytest.mark.parametrize(
+    ("message", "sent"),
+    [
+        (b"a\n.b\r\n..c\rd", b"a\r\n..b\r\n...c\r\nd\r\n.\r\n"),
+        (b".a\r\nb\r\n", b"..a\r\nb\r\n.\r\n"),
+        (b"a\r\nb.\r\n", b"a\r\nb.\r\n.\r\n"),
+        (b"a\r\nb", b"a\r\nb\r\n.\r\n"),
+        (b"a\r\r\nb\r\n", b"a\r\n\r\nb\r\n.\r\n"),
+    ],
+)
+def test_data_payload_matches_what_aiosmtplib_sends(message: bytes, sent: bytes) -> None:
     stuffed = PERIOD_REGEX.sub(b"..", normalize_message_line_endings(message)) + b".\r\n"
-    assert data_payload(message) == stuffed == b"a\r\n..b\r\n...c\r\nd\r\n.\r\n"
+    assert data_payload(message) == stuffed == sent
+
+
+@pytest.mark.parametrize(
+    "address",
+    [
+        "bob@example.net",
+        "first.last+tag@sub.example.org",
+        "o'neil@example.com",
+        "Bob <bob@example.net>",
+        '"quoted local"@example.net',
+        "zoë@example.net",
+        "a..b@example.net",
+        "",
+    ],
+)
+def test_addresses_are_quoted_as_aiosmtplib_quotes_them(address: str) -> None:
+    group = command_group(address, [address], [], "utf-8").decode()
+    quoted = quote_address(address)
+    assert group == f"MAIL FROM:{quoted}\r\nRCPT TO:{quoted}\r\nDATA\r\n"
+
+
+@pytest.mark.parametrize(
+    "address", ["b@example.net>\r\nRCPT TO:<c@example.net", "b@example.net\r\nRSET"]
+)
+def test_an_address_cannot_inject_a_command(address: str) -> None:
+    group = command_group("a@example.com", [address], [], "ascii")
+    assert group.count(b"\r\n") == 3
+    assert group.split(b"\r\n")[1] == f"RCPT TO:{quote_address(address)}".encode()
+
+
+def test_an_option_cannot_inject_a_command() -> None:
+    with pytest.raises(ValueError, match="control character"):
+        command_group("a@example.com", ["b@example.net"], ["X=1\r\nRSET"], "ascii")
+
+
+async def test_pipelined_reply_timeout_is_temporary_and_drops_the_connection(
+    harness: Harness,
+) -> None:
+    up = await harness.upstream(tls="starttls")
+    up.data_delay = 2.0
+    transport = harness.transport(up, timeout_seconds=0.3)
+
+    [result] = await transport.deliver(envelope(), MESSAGE)
+
+    assert result.outcome is RecipientOutcome.TEMPORARY
+    assert "SMTPReadTimeoutError" in result.detail
+    assert transport.pool.open_connections == 0
