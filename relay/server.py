@@ -51,6 +51,7 @@ __all__ = [
     "SmtpFront",
     "build_tls_context",
     "count_received_headers",
+    "plain_path",
     "received_header",
 ]
 
@@ -61,6 +62,9 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 _AUTH_FAILURE_DELAY = 0.2
 _AUTH_FAILURE_LIMIT = 3
 _HELO_SAFE = re.compile(r"[^A-Za-z0-9.\-_:\[\]]")
+# `<local@domain>` with a dot-atom local part and a plain ASCII domain, then the rest.
+_ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_PLAIN_PATH = re.compile(rf"<({_ATOM}(?:\.{_ATOM})*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*)>(.*)", re.S)
 
 
 class DeliveryHook(Protocol):
@@ -126,6 +130,22 @@ def received_header(
         text += f"\r\n\tfor <{recipient}>"
     text += f"; {format_datetime(now)}\r\n"
     return text.encode("ascii", "replace")
+
+
+def plain_path(arg: str) -> tuple[str, str] | None:
+    """`(address, parameters)` of a MAIL/RCPT argument in the plain `<local@domain>` form,
+    or None for anything else (null path, quoted or non-ASCII parts, comments, source
+    routes), which aiosmtpd's full RFC 5322 parser then handles. Same result as that
+    parser for every argument it takes, at a fraction of the cost (the parser walks a
+    token tree and defines a class on each call)."""
+    match = _PLAIN_PATH.fullmatch(arg)
+    if match is None:
+        return None
+    rest = match[2]
+    params = rest.lstrip(" \t")
+    if (rest and params == rest) or params.startswith("("):
+        return None
+    return match[1], params
 
 
 _HOOK_NAMES: dict[type, list[str]] = {}
@@ -263,6 +283,15 @@ class RelaySMTP(_CheapDir, SMTP):
                 else held.encode() + b"\r\n" + status
             )
         await super().push(status)
+
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        found = plain_path(arg)
+        if found is None:
+            return super()._getaddr(arg)
+        address, params = found
+        if self.local_part_limit and len(address.rpartition("@")[0]) > self.local_part_limit:
+            return None, None
+        return address, params
 
     # -- AUTH: aiosmtpd's parsing, with the password check awaited off the loop -------
 
