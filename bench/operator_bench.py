@@ -286,6 +286,12 @@ def run(
             apiserver_cpu = cpu_seconds(kube.processes["kube-apiserver"].pid)
             etcd_cpu = cpu_seconds(kube.processes["etcd"].pid)
             at_convergence = request_counts(kube)
+            converge_by_key = {
+                f"{verb} {resource}": value - before.get((verb, resource), 0.0)
+                for (verb, resource), value in at_convergence.items()
+                if resource in OPERATOR_RESOURCES and value - before.get((verb, resource), 0.0) > 0
+            }
+            print(f"  requests until converged by verb and resource: {converge_by_key}")
             reconciles_at_convergence = operator.total("mailrelay_operator_reconciles_total")
             time.sleep(steady)
             after = request_counts(kube)
