@@ -264,6 +264,14 @@ class Applier:
         if self.metrics is not None:
             self.metrics.status_writes.labels(kind).inc()
 
+    def own_status_echo(self, kind: str, namespace: str, name: str, version: int) -> bool:
+        """Whether a watch event shows exactly the object our last status write returned.
+
+        Such an event brings nothing the pass that wrote it did not know, so it needs no pass.
+        """
+        written = self.written_status.get((kind, namespace, name))
+        return written is not None and version != 0 and written[0] == version
+
     def fresh_status(
         self, kind: str, namespace: str, name: str, cached: Mapping[str, Any], version: int
     ) -> Mapping[str, Any]:

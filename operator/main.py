@@ -31,7 +31,7 @@ from mailrelay.operator.apply import (
 from mailrelay.operator.metrics import OperatorMetrics, serve_metrics
 from mailrelay.operator.relays import Context, Indices, WorkQueue, child_needs_pass
 from mailrelay.operator.render import MANAGED_BY
-from mailrelay.operator.routes import ObjectInfo, reconcile_orphan_route
+from mailrelay.operator.routes import ObjectInfo
 from mailrelay.operator.settings import configure_kopf, load_settings
 
 # Read once at import: kopf needs the timer interval when the decorators run.
@@ -39,6 +39,8 @@ SETTINGS = load_settings()
 RELAYS = ("mailrelay.dev", "v1alpha1", "mailrelays")
 ROUTES = ("mailrelay.dev", "v1alpha1", "mailroutes")
 MANAGED = {"app.kubernetes.io/managed-by": MANAGED_BY}
+# How long a route naming an unknown relay waits before it is called an orphan.
+ORPHAN_GRACE_SECONDS = 2.0
 log = logging.getLogger("mailrelay.operator")
 
 
@@ -119,23 +121,24 @@ async def cleanup(memo: Any, **_: Any) -> None:
 
 # --- indices ---------------------------------------------------------------------------------
 # kopf passes ``namespace`` as ``str | None`` (None for cluster objects); ours are namespaced.
+# Async on purpose: kopf runs a sync handler in a thread, a hop per watch event.
 
 
 @kopf.index(*RELAYS)
-def relay_index(body: kopf.Body, **_: Any) -> dict[Any, ObjectInfo]:
+async def relay_index(body: kopf.Body, **_: Any) -> dict[Any, ObjectInfo]:
     info = _info("MailRelay", body)
     return {(info.namespace, info.name): info}
 
 
 @kopf.index(*ROUTES)
-def route_index(body: kopf.Body, **_: Any) -> dict[Any, ObjectInfo]:
+async def route_index(body: kopf.Body, **_: Any) -> dict[Any, ObjectInfo]:
     info = _info("MailRoute", body)
     relay = str((info.spec.get("relayRef") or {}).get("name", ""))
     return {(info.namespace, relay): info}
 
 
 @kopf.index("", "v1", "secrets")
-def secret_index(
+async def secret_index(
     body: kopf.Body, namespace: str | None, name: str, **_: Any
 ) -> dict[Any, frozenset[str]]:
     keys = {*(body.get("data") or {}), *(body.get("stringData") or {})}
@@ -149,32 +152,36 @@ def _child(body: kopf.Body, namespace: str | None, name: str) -> dict[Any, Child
 
 
 @kopf.index("", "v1", "configmaps", labels=MANAGED)
-def configmap_index(body: kopf.Body, namespace: str | None, name: str, **_: Any) -> object:
+async def configmap_index(body: kopf.Body, namespace: str | None, name: str, **_: Any) -> object:
     return _child(body, namespace, name)
 
 
 @kopf.index("", "v1", "services", labels=MANAGED)
-def service_index(body: kopf.Body, namespace: str | None, name: str, **_: Any) -> object:
+async def service_index(body: kopf.Body, namespace: str | None, name: str, **_: Any) -> object:
     return _child(body, namespace, name)
 
 
 @kopf.index("apps", "v1", "statefulsets", labels=MANAGED)
-def statefulset_index(body: kopf.Body, namespace: str | None, name: str, **_: Any) -> object:
+async def statefulset_index(body: kopf.Body, namespace: str | None, name: str, **_: Any) -> object:
     return {(namespace or "", name): child_state(body, keep_status=True)}
 
 
 @kopf.index("policy", "v1", "poddisruptionbudgets", labels=MANAGED)
-def pdb_index(body: kopf.Body, namespace: str | None, name: str, **_: Any) -> object:
+async def pdb_index(body: kopf.Body, namespace: str | None, name: str, **_: Any) -> object:
     return _child(body, namespace, name)
 
 
 @kopf.index("networking.k8s.io", "v1", "networkpolicies", labels=MANAGED)
-def networkpolicy_index(body: kopf.Body, namespace: str | None, name: str, **_: Any) -> object:
+async def networkpolicy_index(
+    body: kopf.Body, namespace: str | None, name: str, **_: Any
+) -> object:
     return _child(body, namespace, name)
 
 
 @kopf.index("monitoring.coreos.com", "v1", "servicemonitors", labels=MANAGED)
-def servicemonitor_index(body: kopf.Body, namespace: str | None, name: str, **_: Any) -> object:
+async def servicemonitor_index(
+    body: kopf.Body, namespace: str | None, name: str, **_: Any
+) -> object:
     return _child(body, namespace, name)
 
 
@@ -182,7 +189,14 @@ def servicemonitor_index(body: kopf.Body, namespace: str | None, name: str, **_:
 
 
 @kopf.on.event(*RELAYS)
-async def relay_event(namespace: str | None, name: str, memo: Any, **kwargs: Any) -> None:
+async def relay_event(
+    body: kopf.Body, namespace: str | None, name: str, memo: Any, type: str, **kwargs: Any
+) -> None:
+    version = resource_version_number(body.get("metadata", {}).get("resourceVersion"))
+    if type != "DELETED" and memo.ctx.applier.own_status_echo(
+        "MailRelay", namespace or "", name, version
+    ):
+        return  # our own status write coming back
     memo.queue.enqueue(_indices(kwargs), namespace or "", name)
 
 
@@ -193,24 +207,31 @@ async def relay_resync(namespace: str | None, name: str, memo: Any, **kwargs: An
 
 @kopf.on.event(*ROUTES)
 async def route_event(
-    body: kopf.Body, namespace: str | None, memo: Any, type: str, **kwargs: Any
+    body: kopf.Body, namespace: str | None, name: str, memo: Any, type: str, **kwargs: Any
 ) -> None:
-    indices = _indices(kwargs)
+    """Queue a pass of the route's relay, and of the relay it was bound to before.
+
+    The pass writes the statuses of every route naming the relay, and of orphans when the
+    relay does not exist. It is queued even when the relay is not in the cache yet: a relay
+    and its routes applied together arrive on separate watches, and a route seen first is
+    not an orphan worth a Warning (and three status writes) but a relay a moment late.
+    """
     ctx: Context = memo.ctx
+    ns = namespace or ""
+    version = resource_version_number(body.get("metadata", {}).get("resourceVersion"))
+    if type != "DELETED" and ctx.applier.own_status_echo("MailRoute", ns, name, version):
+        return  # our own status write coming back
+    indices = _indices(kwargs)
     info = ctx.fresh(_info("MailRoute", body))
     relay = str((info.spec.get("relayRef") or {}).get("name", ""))
     previous = info.status.get("relay")
-    for name in {relay, *([previous] if isinstance(previous, str) else [])}:
-        if indices.relay(info.namespace, name) is not None:
-            memo.queue.enqueue(indices, info.namespace, name)
-    if type != "DELETED" and indices.relay(info.namespace, relay) is None:
-        ctx.metrics.reconciles.labels("MailRoute", "ok").inc()
-        await reconcile_orphan_route(
-            info,
-            secret_keys=indices.secret_keys(info.namespace),
-            clock=ctx.clock,
-            patch_status=ctx.applier.patch_status,
-            post_event=ctx.post_event,
+    for relay_name in {relay, *([previous] if isinstance(previous, str) else [])}:
+        known = indices.relay(info.namespace, relay_name) is not None
+        memo.queue.enqueue(
+            indices,
+            info.namespace,
+            relay_name,
+            delay=0.0 if known else ORPHAN_GRACE_SECONDS,
         )
 
 

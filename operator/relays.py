@@ -245,25 +245,23 @@ def ready_condition(
         return ConditionUpdate(
             READY, "False", "ConfigNotRendered", "No valid config; see ConfigRendered."
         )
+    # Just created (not cached yet) and not yet seen by its controller read the same, so the
+    # cache catching up with our own apply is not worth a status write.
+    pending = ConditionUpdate(
+        READY,
+        "False",
+        "RolloutPending",
+        "Waiting for the StatefulSet controller to pick up the latest spec.",
+    )
     if statefulset is None:
-        return ConditionUpdate(
-            READY,
-            "False",
-            "RolloutPending",
-            "The StatefulSet was just created; waiting for its controller to report pods.",
-        )
+        return pending
     status = statefulset.status
     ready = int(status.get("readyReplicas") or 0)
     observed = int(status.get("observedGeneration") or 0)
     if spec.replicas == 0:
         return ConditionUpdate(READY, "False", "ScaledToZero", "spec.replicas is 0: no pod runs.")
     if observed < statefulset.generation:
-        return ConditionUpdate(
-            READY,
-            "False",
-            "RolloutPending",
-            f"The StatefulSet controller has not yet seen generation {statefulset.generation}.",
-        )
+        return pending
     if ready < spec.replicas:
         return ConditionUpdate(
             READY,
@@ -634,8 +632,11 @@ class WorkQueue:
     dirty: set[tuple[str, str]] = field(default_factory=set)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
-    def enqueue(self, indices: Indices, namespace: str, name: str) -> None:
-        """Ask for a pass over this relay (no-op if one is already waiting)."""
+    def enqueue(self, indices: Indices, namespace: str, name: str, *, delay: float = 0.0) -> None:
+        """Ask for a pass over this relay (no-op if one is already waiting).
+
+        ``delay`` waits longer than ``settle_seconds`` (a route whose relay is not cached yet).
+        """
         self.indices = indices
         if not self.tasks:
             # Started from a handler, so the tasks inherit kopf's context (Event posting).
@@ -645,11 +646,10 @@ class WorkQueue:
             self.dirty.add(key)
         elif key not in self.pending:
             self.pending.add(key)
-            if self.settle_seconds > 0:
+            wait = max(self.settle_seconds, delay)
+            if wait > 0:
                 # A burst (a relay and its routes applied together) becomes one pass.
-                asyncio.get_running_loop().call_later(
-                    self.settle_seconds, self.queue.put_nowait, key
-                )
+                asyncio.get_running_loop().call_later(wait, self.queue.put_nowait, key)
             else:
                 self.queue.put_nowait(key)
 

@@ -12,7 +12,7 @@ Gather, decide, act:
 
 Binding: a route names its relay with ``relayRef``; when the relay sets ``routeSelector`` the
 route must also match it. The relay's reconcile (``relays.py``) writes the statuses of the
-routes that name it; ``reconcile_orphan_route`` covers routes whose relay does not exist.
+routes that name it, and of the routes naming a relay that does not exist.
 """
 
 from __future__ import annotations
@@ -328,18 +328,3 @@ async def write_route_status(
                 post_event(route, kind, condition["reason"], condition["message"])
     log.info("Wrote status of MailRoute %s/%s", route.namespace, route.name)
     return True
-
-
-async def reconcile_orphan_route(
-    route: ObjectInfo,
-    *,
-    secret_keys: SecretKeys,
-    clock: Clock,
-    patch_status: Callable[[str, str, str, Mapping[str, Any]], Awaitable[None]],
-    post_event: PostEvent,
-) -> None:
-    """Status for a route whose relay does not exist (the relay's reconcile does the rest)."""
-    verdict = judge_routes(None, None, [route], secret_keys)[0]
-    relay_name = str((route.spec.get("relayRef") or {}).get("name", ""))
-    status = route_status(verdict, relay_name=relay_name, relay_ready=False, clock=clock)
-    await write_route_status(verdict, status, patch_status=patch_status, post_event=post_event)
