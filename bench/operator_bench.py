@@ -18,7 +18,7 @@ write requests per reconcile pass (from the API server's `apiserver_request_tota
 operator write is a server-side APPLY, a PATCH or an Event POST; the benchmark itself only
 POSTs objects and LISTs; the operator reads nothing but its watches), CPU seconds of the
 operator, kube-apiserver and etcd (the machine may be shared: CPU is the steadier figure),
-and writes during the steady-state window.
+and writes and the operator's CPU seconds during the steady-state window.
 
 Run: `.venv/bin/python bench/operator_bench.py [--relays 100 1000] [--resync 10]`.
 """
@@ -295,6 +295,7 @@ def run(
             reconciles_at_convergence = operator.total("mailrelay_operator_reconciles_total")
             time.sleep(steady)
             after = request_counts(kube)
+            steady_cpu = cpu_seconds(operator.process.pid) - operator_cpu
             steady_by_key = {
                 f"{verb} {resource}": value - at_convergence.get((verb, resource), 0.0)
                 for (verb, resource), value in after.items()
@@ -316,6 +317,7 @@ def run(
                 "operator_writes": operator_writes(before, at_convergence),
                 "reconciles": reconciles_at_convergence,
                 "steady_writes": all_writes(at_convergence, after),
+                "steady_operator_cpu_s": steady_cpu,
                 "steady_reconciles": operator.total("mailrelay_operator_reconciles_total")
                 - reconciles_at_convergence,
             }
