@@ -29,7 +29,7 @@ from mailrelay.operator.apply import (
     resource_version_number,
 )
 from mailrelay.operator.metrics import OperatorMetrics, serve_metrics
-from mailrelay.operator.relays import Context, Indices, WorkQueue, child_needs_pass
+from mailrelay.operator.relays import RESYNC, Context, Indices, WorkQueue, child_needs_pass
 from mailrelay.operator.render import MANAGED_BY
 from mailrelay.operator.routes import ObjectInfo
 from mailrelay.operator.settings import configure_kopf, load_settings
@@ -202,7 +202,7 @@ async def relay_event(
 
 @kopf.timer(*RELAYS, interval=SETTINGS.resync_seconds, initial_delay=SETTINGS.resync_seconds)
 async def relay_resync(namespace: str | None, name: str, memo: Any, **kwargs: Any) -> None:
-    memo.queue.enqueue(_indices(kwargs), namespace or "", name)
+    memo.queue.enqueue(_indices(kwargs), namespace or "", name, priority=RESYNC)
 
 
 @kopf.on.event(*ROUTES)
@@ -237,6 +237,8 @@ async def route_event(
 
 @kopf.on.event("", "v1", "secrets")
 async def secret_event(namespace: str | None, memo: Any, **kwargs: Any) -> None:
+    ctx: Context = memo.ctx
+    ctx.secret_epochs[namespace or ""] = ctx.secret_epochs.get(namespace or "", 0) + 1
     indices = _indices(kwargs)
     for name in indices.relays_in(namespace or ""):
         memo.queue.enqueue(indices, namespace or "", name)
