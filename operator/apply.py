@@ -293,5 +293,10 @@ def resource_version_number(value: Any) -> int:
 
 
 def make_client() -> AsyncClient:
-    """An API client from KUBECONFIG or the in-cluster ServiceAccount."""
-    return AsyncClient(field_manager=FIELD_MANAGER)
+    """An API client from KUBECONFIG or the in-cluster ServiceAccount.
+
+    HTTP/2 multiplexes every write over one connection: with HTTP/1.1 the client's pool
+    grows to dozens of connections under a burst and checks each one's socket before every
+    request (1,000 relays: operator CPU 41-46 s -> 38-40 s, API server 58-63 s -> 53-56 s).
+    """
+    return AsyncClient(field_manager=FIELD_MANAGER, http2=True)
