@@ -811,6 +811,8 @@ class RunResult:
     e2e_seconds: float = math.nan
     accepted_rate: float = math.nan
     e2e_rate: float = math.nan
+    backlog_at_accepted: int = 0
+    drain_seconds: float = math.nan
     delivered: int = 0
     session_p50_ms: float = math.nan
     session_p99_ms: float = math.nan
@@ -899,6 +901,7 @@ async def run_once(
         ]
         source_out, _ = await source.communicate()
         accepted_at = time.monotonic()
+        delivered_at_accepted = sink.count
         stop_probe.set()
         await asyncio.gather(*probes)
         if source.returncode != 0:
@@ -940,6 +943,9 @@ async def run_once(
                 f"{load.drain_timeout:.0f}s"
             )
         result.e2e_seconds = reached - started
+        # What was accepted but not yet delivered when smtp-source ended, and how long it took.
+        result.backlog_at_accepted = max(0, expected - delivered_at_accepted)
+        result.drain_seconds = max(0.0, reached - accepted_at)
         result.e2e_rate = expected / result.e2e_seconds
         result.cpu_ms_per_message = result.cpu_seconds / expected * 1000
         result.cores_used = result.cpu_seconds / result.e2e_seconds
@@ -992,7 +998,8 @@ def run_lines(result: RunResult) -> list[str]:
         return [f"{result.system:<10} rep {result.repetition}: FAILED: {result.error}"]
     lines = [
         f"{result.system:<10} rep {result.repetition}: "
-        f"accepted {_fmt(result.accepted_rate)}/s, e2e {_fmt(result.e2e_rate)}/s, "
+        f"accepted {_fmt(result.accepted_rate)}/s, e2e {_fmt(result.e2e_rate)}/s "
+        f"(backlog {result.backlog_at_accepted} drained in {_fmt(result.drain_seconds, 2)} s), "
         f"session p50/p99 {_fmt(result.session_p50_ms, 1)}/{_fmt(result.session_p99_ms, 1)} ms "
         f"(n={result.probe_messages}), CPU {_fmt(result.cpu_seconds, 1)} s "
         f"({_fmt(result.cores_used, 2)} cores), RSS {_fmt(result.peak_rss_mb, 1)} MB, "
