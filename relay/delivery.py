@@ -141,6 +141,9 @@ class DeliveryEngine:
         # through `notify`, version not looked at yet).
         self._known: dict[str, int | None] = {}
         self._in_flight: dict[str, asyncio.Task[None]] = {}
+        # The earliest due time asked for a message while a pass over it was running
+        # (`notify` of its fresh copy, the scan seeing a change): the pass's end honours it.
+        self._rerun: dict[str, float] = {}
         # Fresh messages handed over by the front with their claim (see `notify`).
         self._held: dict[str, HeldMessage] = {}
         self._releasing: set[asyncio.Future[None]] = set()
@@ -261,7 +264,9 @@ class DeliveryEngine:
                     continue  # superseded by an earlier due time
                 del self._scheduled[queue_id]
                 if queue_id in self._in_flight:
-                    continue  # the running pass reschedules it when it ends
+                    # The running pass reschedules it when it ends, no later than this.
+                    self._rerun[queue_id] = min(due, self._rerun.get(queue_id, due))
+                    continue
                 task = asyncio.create_task(self._run(queue_id), name=f"deliver-{queue_id}")
                 self._in_flight[queue_id] = task
                 self._metrics.in_flight.set(len(self._in_flight))
@@ -336,6 +341,14 @@ class DeliveryEngine:
             self._in_flight.pop(queue_id, None)
             self._metrics.in_flight.set(len(self._in_flight))
             self._wake.set()
+        rerun = self._rerun.pop(queue_id, None)
+        if queue_id in self._held:
+            # Handed over by our front while this pass ran (a scan had listed the file
+            # before `notify`, and the pass found the front's claim "busy"): deliver now,
+            # not after the busy recheck, and not with the claim held idle meanwhile.
+            due = self._clock() if due is None else min(due, self._clock())
+        elif due is not None and rerun is not None:
+            due = min(due, rerun)
         if due is None:
             self._known.pop(queue_id, None)
         elif not self._stopping:

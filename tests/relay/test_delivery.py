@@ -11,6 +11,7 @@ import asyncio
 import email
 import email.policy
 import logging
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from email.message import EmailMessage, Message
@@ -23,7 +24,7 @@ from prometheus_client import CollectorRegistry
 from mailrelay.relay.config import RelayConfig
 from mailrelay.relay.delivery import DeliveryEngine
 from mailrelay.relay.metrics import RelayMetrics
-from mailrelay.relay.spool import QueueEntry, Spool
+from mailrelay.relay.spool import Loaded, QueueEntry, Spool
 from tests.relay.delivery_fixtures import Certificates, Upstream, make_certificates, start_upstream
 
 MESSAGE = (
@@ -731,3 +732,45 @@ async def test_interrupted_pass_keeps_progress_and_still_bounces(world: World) -
     assert per_rcpt["Final-Recipient"] == "rfc822; gone@refuse.test"
     await eventually(lambda: len(world.spool.list_dead_letters()) == 1)
     assert any(m.rcpt_tos == ("bob@slow.test",) for m in slow.messages)
+
+
+async def test_fresh_message_listed_by_the_scan_before_notify_is_not_delayed(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The front makes a message visible, then notifies. A scan in between starts a pass
+    # that finds the front's claim "busy"; the front's hand-over arriving during that pass
+    # must be delivered when the pass ends, not after the busy recheck (5 s here).
+    up = await world.upstream()
+    retry = dict(FAST_RETRY, max_backoff_seconds=60)
+    engine = await world.engine(
+        world.config([{"name": "r", "upstream": world.smtp(up, "up")}], retry=retry)
+    )
+    entered = threading.Event()
+    proceed = threading.Event()
+    real_claim_and_load = world.spool.claim_and_load
+
+    def claim_and_load(queue_id: str) -> Loaded:
+        entered.set()
+        proceed.wait(5)
+        return real_claim_and_load(queue_id)
+
+    monkeypatch.setattr(world.spool, "claim_and_load", claim_and_load)
+    held = await world.spool.enqueue_held(
+        "alice@example.com",
+        [("bob@example.net", "r")],
+        MESSAGE,
+        smtputf8=False,
+        body_8bitmime=False,
+        client_address="127.0.0.1",
+        authenticated_user=None,
+    )
+    await eventually(entered.is_set, within=5)  # the scan's pass is claiming it
+
+    engine.notify(held.entry, held)
+    proceed.set()
+    started = time.monotonic()
+    await up.wait_for(1, within=4)
+
+    assert time.monotonic() - started < 2.0
+    await eventually(lambda: world.spool.list_queue() == [])
+    assert len(up.messages) == 1
