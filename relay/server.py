@@ -5,8 +5,8 @@ Three pieces:
 * `RelaySMTP`, a small subclass of aiosmtpd's `SMTP` protocol. It adds what aiosmtpd
   cannot express through handler hooks: password checks awaited in a thread pool (the
   stock `authenticator` is synchronous), 421 for connections over the limit or during
-  shutdown, a DATA timeout separate from the command timeout, and enhanced status codes
-  on aiosmtpd's own 552 replies.
+  shutdown, a DATA timeout separate from the command timeout, enhanced status codes
+  on aiosmtpd's own 552 replies, and the DATA body read in bulk (`data_reader`).
 * `RelayHandler`, the thin aiosmtpd handler: policy at MAIL (who may send, as whom, is
   there disk), routing at RCPT, and at DATA the size and hop checks, our Received header
   and the durable enqueue that must finish before the `250`.
@@ -35,10 +35,11 @@ from datetime import UTC, datetime
 from email.utils import format_datetime
 from typing import Any, Protocol
 
-from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, Session
+from aiosmtpd.smtp import MISSING, AuthResult, Envelope, Session
 
 from mailrelay.relay.auth import User, UserDatabase
 from mailrelay.relay.config import ApiUpstream, RelayConfig, RouteConfig
+from mailrelay.relay.data_reader import BulkDataSMTP
 from mailrelay.relay.metrics import RelayMetrics
 from mailrelay.relay.routing import domain_of, select_route
 from mailrelay.relay.spool import HeldMessage, QueueEntry, Spool, new_queue_id
@@ -179,7 +180,7 @@ class RelayEnvelope(Envelope):
         self.body_8bitmime = False
 
 
-class RelaySMTP(_CheapDir, SMTP):
+class RelaySMTP(_CheapDir, BulkDataSMTP):
     """One SMTP session; see the module docstring for what it adds to aiosmtpd."""
 
     def __init__(self, front: SmtpFront, listener: str, *, implicit_tls: bool) -> None:
