@@ -395,6 +395,17 @@ class SmtpTransport:
         """Close the pool's idle connections; in-flight ones close on release."""
         await self.pool.close()
 
+    def _broken_transaction(
+        self, smtp: aiosmtplib.SMTP, envelope: Envelope, exc: BaseException
+    ) -> list[RecipientResult]:
+        """A transaction cut off midway: the connection's state is unknown, so drop it."""
+        smtp.close()
+        return all_recipients(
+            envelope,
+            RecipientOutcome.TEMPORARY,
+            f"upstream {self.name!r}: {type(exc).__name__} during the transaction: {exc}",
+        )
+
     def _connection_failure(self, envelope: Envelope, exc: BaseException) -> list[RecipientResult]:
         where = f"upstream {self.name!r} ({self.upstream.host}:{self.upstream.port})"
         if isinstance(exc, UpstreamConfigError):
@@ -524,12 +535,7 @@ class SmtpTransport:
                 envelope, RecipientOutcome.PERMANENT, f"unsendable address: {exc}"
             )
         except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
-            smtp.close()
-            return all_recipients(
-                envelope,
-                RecipientOutcome.TEMPORARY,
-                f"upstream {self.name!r}: {type(exc).__name__} during the transaction: {exc}",
-            )
+            return self._broken_transaction(smtp, envelope, exc)
         results = []
         for rcpt in envelope.recipients:
             reply = refused.get(rcpt)
@@ -592,12 +598,7 @@ class SmtpTransport:
                     if not accepted:
                         final = None  # the reply to an empty message delivers nothing
         except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
-            smtp.close()
-            return all_recipients(
-                envelope,
-                RecipientOutcome.TEMPORARY,
-                f"upstream {self.name!r}: {type(exc).__name__} during the transaction: {exc}",
-            )
+            return self._broken_transaction(smtp, envelope, exc)
         if any(r.code == 421 for r in replies) or (final is not None and final.code == 421):
             smtp.close()
         elif replies[-1].code != 354:
