@@ -41,7 +41,7 @@ from mailrelay.relay.auth import User, UserDatabase
 from mailrelay.relay.config import ApiUpstream, RelayConfig, RouteConfig
 from mailrelay.relay.data_reader import BulkDataSMTP
 from mailrelay.relay.metrics import RelayMetrics
-from mailrelay.relay.routing import domain_of, select_route
+from mailrelay.relay.routing import PLAIN_ADDRESS, domain_of, select_route
 from mailrelay.relay.spool import HeldMessage, QueueEntry, Spool, new_queue_id
 
 __all__ = [
@@ -64,8 +64,7 @@ _AUTH_FAILURE_DELAY = 0.2
 _AUTH_FAILURE_LIMIT = 3
 _HELO_SAFE = re.compile(r"[^A-Za-z0-9.\-_:\[\]]")
 # `<local@domain>` with a dot-atom local part and a plain ASCII domain, then the rest.
-_ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
-_PLAIN_PATH = re.compile(rf"<({_ATOM}(?:\.{_ATOM})*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*)>(.*)", re.S)
+_PLAIN_PATH = re.compile(rf"<({PLAIN_ADDRESS})>(.*)", re.S)
 
 
 class DeliveryHook(Protocol):

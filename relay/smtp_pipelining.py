@@ -28,6 +28,8 @@ from contextlib import asynccontextmanager
 import aiosmtplib
 from aiosmtplib.email import quote_address
 
+from mailrelay.relay.routing import PLAIN_ADDRESS
+
 __all__ = [
     "MAX_REPLY_BYTES",
     "ReplyReader",
@@ -45,10 +47,8 @@ _LINE_ENDINGS = re.compile(rb"(?:\r\n|\n|\r(?!\n))")
 _LEADING_DOT = re.compile(rb"(?m)^\.")
 # CR, LF or any other control character would let a parameter inject a command.
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-# A dot-atom local part and a plain domain (RFC 5322 atext, ASCII only): parseaddr
-# returns such an address unchanged, so it needs no parsing to be quoted.
-_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
-_PLAIN_ADDRESS = re.compile(rf"{_ATEXT}(?:\.{_ATEXT})*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*")
+# parseaddr returns such an address unchanged, so it needs no parsing to be quoted.
+_PLAIN_ADDRESS = re.compile(PLAIN_ADDRESS)
 
 
 def _normalized(message: bytes) -> bytes:
