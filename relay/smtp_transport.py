@@ -122,6 +122,23 @@ def classify_reply(code: int) -> RecipientOutcome:
     return RecipientOutcome.PERMANENT if 500 <= code <= 599 else RecipientOutcome.TEMPORARY
 
 
+def _refused(rcpt: str, reply: aiosmtplib.SMTPResponse, command: str) -> RecipientResult:
+    """A recipient the upstream refused with `reply` to `command` (RCPT, DATA)."""
+    return RecipientResult(
+        rcpt,
+        classify_reply(reply.code),
+        f"{reply.code} {reply.message} ({command})",
+        code=reply.code,
+    )
+
+
+def _delivered(rcpt: str, reply_text: str) -> RecipientResult:
+    """A recipient the upstream took; its reply to the body usually names its queue id."""
+    return RecipientResult(
+        rcpt, RecipientOutcome.DELIVERED, reply_text, remote_id=reply_text or None, code=250
+    )
+
+
 @dataclass(frozen=True)
 class _Credentials:
     username: str
@@ -536,29 +553,12 @@ class SmtpTransport:
             )
         except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
             return self._broken_transaction(smtp, envelope, exc)
-        results = []
-        for rcpt in envelope.recipients:
-            reply = refused.get(rcpt)
-            if reply is None:
-                results.append(
-                    RecipientResult(
-                        address=rcpt,
-                        outcome=RecipientOutcome.DELIVERED,
-                        detail=data_reply,
-                        remote_id=data_reply or None,
-                        code=250,
-                    )
-                )
-            else:
-                results.append(
-                    RecipientResult(
-                        address=rcpt,
-                        outcome=classify_reply(reply.code),
-                        detail=f"{reply.code} {reply.message} (RCPT)",
-                        code=reply.code,
-                    )
-                )
-        return results
+        return [
+            _delivered(rcpt, data_reply)
+            if rcpt not in refused
+            else _refused(rcpt, refused[rcpt], "RCPT")
+            for rcpt in envelope.recipients
+        ]
 
     async def _pipelined(
         self, smtp: aiosmtplib.SMTP, envelope: Envelope, message: bytes, options: list[str]
@@ -632,14 +632,7 @@ def pipelined_results(
     for index, rcpt in enumerate(envelope.recipients):
         reply = rcpt_replies[index] if index < len(rcpt_replies) else None
         if reply is not None and reply.code not in (250, 251):
-            results.append(
-                RecipientResult(
-                    rcpt,
-                    classify_reply(reply.code),
-                    f"{reply.code} {reply.message} (RCPT)",
-                    code=reply.code,
-                )
-            )
+            results.append(_refused(rcpt, reply, "RCPT"))
         elif closing is not None:
             results.append(
                 RecipientResult(
@@ -650,24 +643,9 @@ def pipelined_results(
                 )
             )
         elif data is not None and data.code != 354:
-            results.append(
-                RecipientResult(
-                    rcpt,
-                    classify_reply(data.code),
-                    f"{data.code} {data.message} (DATA)",
-                    code=data.code,
-                )
-            )
+            results.append(_refused(rcpt, data, "DATA"))
         elif final is not None and final.code == 250:
-            results.append(
-                RecipientResult(
-                    rcpt,
-                    RecipientOutcome.DELIVERED,
-                    final.message,
-                    remote_id=final.message or None,
-                    code=250,
-                )
-            )
+            results.append(_delivered(rcpt, final.message))
         else:
             # The body was refused (a recipient was accepted, so `final` is DATA's
             # final reply whenever DATA answered 354).
