@@ -73,6 +73,8 @@ log = logging.getLogger(__name__)
 
 _TMP, _QUEUE, _DEAD = "tmp", "queue", "deadletter"
 _MSG, _STATE = ".msg", ".state"
+# The two files of a message in the format before the one-file spool.
+_LEGACY_ENVELOPE, _LEGACY_MESSAGE = ".json", ".eml"
 # Debris (temp files, a lone .state) older than this is removed on start; younger files
 # may belong to a live writer in another process.
 _DEBRIS_AGE_SECONDS = 3600.0
@@ -334,7 +336,7 @@ class Spool:
         for folder in (self.queue_dir, self.dead_dir):
             # A lone .state is left by a crash while removing a message; a lone .eml by a
             # crash of a relay of the two-file format while writing one.
-            for lone, partner in ((_STATE, _MSG), (".eml", ".json")):
+            for lone, partner in ((_STATE, _MSG), (_LEGACY_MESSAGE, _LEGACY_ENVELOPE)):
                 for path in folder.glob(f"*{lone}"):
                     with contextlib.suppress(FileNotFoundError):
                         if not path.with_suffix(partner).exists() and path.stat().st_mtime < cutoff:
@@ -352,8 +354,8 @@ class Spool:
         converted = 0
         for folder in (self.queue_dir, self.dead_dir):
             moved = 0
-            for json_path in sorted(folder.glob("*.json")):
-                if _QID_RE.match(json_path.stem) and self._migrate_one(folder, json_path.stem):
+            for queue_id in sorted(self._ids(folder, _LEGACY_ENVELOPE)):
+                if self._migrate_one(folder, queue_id):
                     moved += 1
             if moved:
                 _fsync_dir(folder)
@@ -366,12 +368,13 @@ class Spool:
         return sum(
             1
             for folder in (self.queue_dir, self.dead_dir)
-            for path in folder.glob("*.json")
-            if _QID_RE.match(path.stem)
+            if folder.is_dir()  # the CLI may look at a spool no relay has started yet
+            for _ in self._ids(folder, _LEGACY_ENVELOPE)
         )
 
     def _migrate_one(self, folder: Path, queue_id: str) -> bool:
-        old_json, old_eml = folder / f"{queue_id}.json", folder / f"{queue_id}.eml"
+        old_json = folder / f"{queue_id}{_LEGACY_ENVELOPE}"
+        old_eml = folder / f"{queue_id}{_LEGACY_MESSAGE}"
         try:
             fd = os.open(old_eml, os.O_RDONLY)
         except FileNotFoundError:
@@ -767,12 +770,13 @@ class Spool:
         return self._list(self.dead_dir)
 
     @staticmethod
-    def _ids(folder: Path) -> Iterator[str]:
+    def _ids(folder: Path, suffix: str = _MSG) -> Iterator[str]:
+        """Queue ids of the files in `folder` named `<id><suffix>`."""
         with os.scandir(folder) as it:
             for item in it:
                 name = item.name
-                if name.endswith(_MSG) and _QID_RE.match(name[: -len(_MSG)]):
-                    yield name[: -len(_MSG)]
+                if name.endswith(suffix) and _QID_RE.match(name[: -len(suffix)]):
+                    yield name[: -len(suffix)]
 
     def queue_ids(self) -> list[str]:
         """Queued ids without parsing envelopes (cheap, for metrics)."""
