@@ -188,15 +188,23 @@ async def servicemonitor_index(
 # --- triggers --------------------------------------------------------------------------------
 
 
+def _own_status_echo(ctx: Context, kind: str, body: kopf.Body, event_type: str) -> bool:
+    """Whether a watch event is our own status write coming back (it needs no pass)."""
+    if event_type == "DELETED":
+        return False
+    metadata = body.get("metadata", {})
+    version = resource_version_number(metadata.get("resourceVersion"))
+    return ctx.applier.own_status_echo(
+        kind, metadata.get("namespace") or "", metadata.get("name", ""), version
+    )
+
+
 @kopf.on.event(*RELAYS)
 async def relay_event(
     body: kopf.Body, namespace: str | None, name: str, memo: Any, type: str, **kwargs: Any
 ) -> None:
-    version = resource_version_number(body.get("metadata", {}).get("resourceVersion"))
-    if type != "DELETED" and memo.ctx.applier.own_status_echo(
-        "MailRelay", namespace or "", name, version
-    ):
-        return  # our own status write coming back
+    if _own_status_echo(memo.ctx, "MailRelay", body, type):
+        return
     memo.queue.enqueue(_indices(kwargs), namespace or "", name)
 
 
@@ -206,9 +214,7 @@ async def relay_resync(namespace: str | None, name: str, memo: Any, **kwargs: An
 
 
 @kopf.on.event(*ROUTES)
-async def route_event(
-    body: kopf.Body, namespace: str | None, name: str, memo: Any, type: str, **kwargs: Any
-) -> None:
+async def route_event(body: kopf.Body, memo: Any, type: str, **kwargs: Any) -> None:
     """Queue a pass of the route's relay, and of the relay it was bound to before.
 
     The pass writes the statuses of every route naming the relay, and of orphans when the
@@ -217,10 +223,8 @@ async def route_event(
     not an orphan worth a Warning (and three status writes) but a relay a moment late.
     """
     ctx: Context = memo.ctx
-    ns = namespace or ""
-    version = resource_version_number(body.get("metadata", {}).get("resourceVersion"))
-    if type != "DELETED" and ctx.applier.own_status_echo("MailRoute", ns, name, version):
-        return  # our own status write coming back
+    if _own_status_echo(ctx, "MailRoute", body, type):
+        return
     indices = _indices(kwargs)
     info = ctx.fresh(_info("MailRoute", body))
     relay = str((info.spec.get("relayRef") or {}).get("name", ""))
