@@ -379,7 +379,14 @@ class DeliveryEngine:
             # Closing the flocked descriptor is a syscall that can take 0.4 ms: off the loop,
             # and for a delivered message in the same thread hop as removing its files.
             if done:
-                await asyncio.to_thread(self._spool.remove_and_release, entry.queue_id, claim)
+                # A held message was never saved: it has no `.state` to remove (a pass that
+                # saves is one that leaves recipients undone, so it is not `done`).
+                await asyncio.to_thread(
+                    self._spool.remove_and_release,
+                    entry.queue_id,
+                    claim,
+                    state_file=held is None,
+                )
             else:
                 await asyncio.to_thread(claim.release)
 

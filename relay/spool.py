@@ -633,16 +633,21 @@ class Spool:
         await asyncio.to_thread(self._remove_sync, queue_id, self.queue_dir)
 
     @staticmethod
-    def _remove_sync(queue_id: str, folder: Path) -> None:
+    def _remove_sync(queue_id: str, folder: Path, *, state_file: bool = True) -> None:
         # The .msg first: it is the record; a .state left by a crash here is debris.
-        for suffix in (_MSG, _STATE):
+        for suffix in (_MSG, _STATE) if state_file else (_MSG,):
             with contextlib.suppress(FileNotFoundError):
                 (folder / f"{queue_id}{suffix}").unlink()
 
-    def remove_and_release(self, queue_id: str, claim: Claim) -> None:
-        """Forget a delivered message, then drop its claim: one thread hop for both."""
+    def remove_and_release(self, queue_id: str, claim: Claim, *, state_file: bool = True) -> None:
+        """Forget a delivered message, then drop its claim: one thread hop for both.
+
+        `state_file=False` is for a message the caller knows has no `.state` (held since
+        it was written, never saved): it skips a failing unlink. Were it wrong, the
+        `.state` left would be debris, removed on a later start.
+        """
         try:
-            self._remove_sync(queue_id, self.queue_dir)
+            self._remove_sync(queue_id, self.queue_dir, state_file=state_file)
         finally:
             claim.release()
 
