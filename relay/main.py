@@ -46,6 +46,7 @@ log = logging.getLogger("mailrelay.relay")
 
 EXIT_OK, EXIT_ERROR, EXIT_CONFIG = 0, 1, 2
 _PARENT_ENV = "MAILRELAY_WORKER_PARENT_PID"
+_IO_THREADS = 4  # the default executor: spool file work and other blocking calls
 
 
 @dataclass(frozen=True)
@@ -271,6 +272,7 @@ class RelayApp:
             await self.health.close()
         if self.front is not None:
             self.front.settings.users.close()
+        self.spool.close()
         self.stopped.set()
         log.info("Stopped the relay")
 
@@ -319,10 +321,12 @@ async def _serve(
     restarts as a whole instead of running with part of its capacity.
     """
     loop = asyncio.get_running_loop()
-    # Spool writes and fsyncs run in threads; let enough run at once for group commit.
+    # Spool writes and fsyncs run in threads. A few are enough for group commit; more
+    # only contend for the GIL and the spool's directory locks (bench/README.md: 32
+    # threads cost 15% more CPU per message than 4, at a lower rate).
     from concurrent.futures import ThreadPoolExecutor  # noqa: PLC0415
 
-    loop.set_default_executor(ThreadPoolExecutor(max_workers=32, thread_name_prefix="io"))
+    loop.set_default_executor(ThreadPoolExecutor(max_workers=_IO_THREADS, thread_name_prefix="io"))
     reuse = worker_index is not None
     metrics_port = config.metrics.port + worker_index if worker_index is not None else None
     app = RelayApp(config, config_path=config_path, reuse_port=reuse, metrics_port=metrics_port)

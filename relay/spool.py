@@ -264,14 +264,38 @@ Loaded: TypeAlias = "tuple[Claim, QueueEntry, bytes] | Literal['busy', 'gone']"
 
 
 class _DirSync:
-    """Group commit for directory fsyncs: one fsync serves every rename made before it began."""
+    """Group commit for directory fsyncs: one fsync serves every rename made before it began.
+
+    The directory stays open between syncs: opening and closing it around each fsync
+    cost two more syscalls per sync, each tens of microseconds under load where we run.
+    """
 
     def __init__(self, directory: Path) -> None:
         self._directory = directory
+        self._fd: int | None = None
         self._started = 0  # generation of the latest sync that has started
         self._done = 0  # generation of the latest sync that has finished
         self._running: asyncio.Future[None] | None = None
         self.syncs = 0  # fsyncs actually made, for benchmarks and tests
+
+    def _fsync(self) -> None:
+        if self._fd is None:
+            self._fd = os.open(self._directory, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(self._fd)
+        except OSError:
+            # Start over from a fresh descriptor next time (the directory may be new).
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Close the directory descriptor (a later sync opens it again)."""
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
+
+    def __del__(self) -> None:
+        self.close()
 
     async def sync(self) -> None:
         """Return once a directory fsync that started after this call has finished."""
@@ -287,7 +311,7 @@ class _DirSync:
             loop = asyncio.get_running_loop()
             self._running = loop.create_future()
             try:
-                await asyncio.to_thread(_fsync_dir, self._directory)
+                await asyncio.to_thread(self._fsync)
                 self.syncs += 1
             except BaseException as exc:
                 self._running.set_exception(exc)
@@ -312,6 +336,11 @@ class Spool:
         self._clock = clock
         self._queue_sync = _DirSync(self.queue_dir)
         self._dead_sync = _DirSync(self.dead_dir)
+
+    def close(self) -> None:
+        """Release the directory descriptors kept for group commits (the spool stays usable)."""
+        self._queue_sync.close()
+        self._dead_sync.close()
 
     def _folder(self, dead: bool) -> Path:
         return self.dead_dir if dead else self.queue_dir

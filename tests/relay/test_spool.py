@@ -113,6 +113,24 @@ async def test_concurrent_enqueues_share_directory_fsyncs(spool: Spool) -> None:
     assert 1 <= spool.directory_syncs < 64
 
 
+def _open_descriptors() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+async def test_group_commits_reuse_one_directory_descriptor(spool: Spool) -> None:
+    await enqueue(spool)  # opens the queue directory for its fsync, once
+    before = _open_descriptors()
+    for _ in range(3):
+        await asyncio.gather(*(enqueue(spool) for _ in range(8)))
+    assert spool.directory_syncs >= 4
+    assert _open_descriptors() == before
+    spool.close()
+    assert _open_descriptors() == before - 1
+    # Still usable after close: the next group commit opens the directory again.
+    await enqueue(spool)
+    assert len(spool.list_queue()) == 26
+
+
 async def test_save_is_atomic_and_listing_sees_the_new_state(spool: Spool) -> None:
     entry = await enqueue(spool)
     entry.recipients[0].status = "deferred"
