@@ -42,6 +42,7 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 from mailrelay.relay.backoff import backoff_delay, next_attempt_at
 from mailrelay.relay.bounce import FailedRecipient, build_dsn, status_for
@@ -50,7 +51,7 @@ from mailrelay.relay.metrics import DeliveryMetrics, RelayMetrics
 from mailrelay.relay.ratelimit import RouteRateLimits
 from mailrelay.relay.routing import domain_of, select_route
 from mailrelay.relay.smtp_transport import PoolObserver
-from mailrelay.relay.spool import Claim, HeldMessage, Loaded, QueueEntry, RecipientState, Spool
+from mailrelay.relay.spool import Claim, HeldMessage, QueueEntry, RecipientState, Spool
 from mailrelay.relay.transport import (
     Envelope,
     RecipientOutcome,
@@ -146,6 +147,8 @@ class DeliveryEngine:
         self._rerun: dict[str, float] = {}
         # Fresh messages handed over by the front with their claim (see `notify`).
         self._held: dict[str, HeldMessage] = {}
+        # Journaled messages whose queue file could not be written: kept for the next pass.
+        self._stranded: dict[str, HeldMessage] = {}
         self._releasing: set[asyncio.Future[None]] = set()
         self._wake = asyncio.Event()
         self._stopping = False
@@ -182,10 +185,12 @@ class DeliveryEngine:
                     len(pending),
                 )
                 await asyncio.gather(*pending, return_exceptions=True)
-        held = list(self._held.values())
+        # Journaled messages not started stay in the spool's care (see `Spool.aclose`).
+        claims = [h.claim for h in self._held.values() if h.claim is not None]
         self._held.clear()
-        if held:
-            await asyncio.to_thread(_release_all, [h.claim for h in held])
+        self._stranded.clear()
+        if claims:
+            await asyncio.to_thread(_release_all, claims)
         if self._releasing:
             await asyncio.gather(*self._releasing, return_exceptions=True)
         for transport in self._transports.values():
@@ -220,7 +225,12 @@ class DeliveryEngine:
         and the bytes, and releases the claim when the first attempt ends.
         """
         if held is not None:
-            if self._stopping or len(self._held) >= _MAX_HELD:
+            if held.claim is None:
+                # In the spool's journal (which bounds how many): only memory has it.
+                if self._stopping:
+                    return  # the spool moves it to a queue file when it closes
+                self._held[entry.queue_id] = held
+            elif self._stopping or len(self._held) >= _MAX_HELD:
                 self._release_soon(held.claim)
             else:
                 self._held[entry.queue_id] = held
@@ -292,7 +302,9 @@ class DeliveryEngine:
         found, changed = await asyncio.to_thread(self._scan_sync, known, skip)
         # Only what was known before the scan began can be missing for a reason: a message
         # notified meanwhile may have been renamed into the queue after the listing.
-        for queue_id in set(known) - set(found) - set(self._in_flight):
+        # Messages held in memory (journaled ones have no queue file) are not missing.
+        held = set(self._in_flight) | set(self._held) | set(self._stranded)
+        for queue_id in set(known) - set(found) - held:
             self._known.pop(queue_id, None)
             self._scheduled.pop(queue_id, None)
         for queue_id, mtime in found.items():
@@ -306,6 +318,8 @@ class DeliveryEngine:
     def _scan_sync(
         self, known: dict[str, int | None], skip: set[str]
     ) -> tuple[dict[str, int], list[QueueEntry]]:
+        # Segments a crashed or stopped process left in the journal become queue files.
+        self._spool.recover_journal_sync()
         found = self._spool.queue_versions()
         changed: list[QueueEntry] = []
         for queue_id, version in found.items():
@@ -356,8 +370,8 @@ class DeliveryEngine:
 
     async def _deliver(self, queue_id: str) -> float | None:
         """One pass over a message; returns when to look at it again (None: it is done)."""
-        held = self._held.pop(queue_id, None)
-        loaded: Loaded
+        held = self._held.pop(queue_id, None) or self._stranded.pop(queue_id, None)
+        loaded: tuple[Claim | None, QueueEntry, bytes] | Literal["busy", "gone"]
         if held is not None:
             # Claimed by the front before the message became visible: nobody else has seen
             # it, so the entry and bytes in memory are current.
@@ -376,9 +390,11 @@ class DeliveryEngine:
             due, done = await self._deliver_claimed(entry, data)
             return due
         finally:
+            if claim is None:
+                await self._settle_journaled(entry, data, done)
             # Closing the flocked descriptor is a syscall that can take 0.4 ms: off the loop,
             # and for a delivered message in the same thread hop as removing its files.
-            if done:
+            elif done:
                 # A held message was never saved: it has no `.state` to remove (a pass that
                 # saves is one that leaves recipients undone, so it is not `done`).
                 await asyncio.to_thread(
@@ -389,6 +405,25 @@ class DeliveryEngine:
                 )
             else:
                 await asyncio.to_thread(claim.release)
+
+    async def _settle_journaled(self, entry: QueueEntry, data: bytes, done: bool) -> None:
+        """End a pass over a message of the spool's journal: done, or given a queue file.
+
+        A pass that leaves recipients undone without saving (a rate-limit deferral, an
+        error) still needs the queue file, since later passes read the message from there.
+        If writing it fails, the message stays in memory for the next pass.
+        """
+        queue_id = entry.queue_id
+        if done:
+            self._spool.finish_journaled(queue_id)
+            return
+        if not self._spool.is_journaled(queue_id):
+            return  # saved or dead-lettered by the pass
+        try:
+            self._known[queue_id] = await asyncio.shield(self._spool.save(entry))
+        except OSError as exc:
+            log.error("Failed to write message %s to a queue file: %s", queue_id, exc)
+            self._stranded[queue_id] = HeldMessage(entry, data, None)
 
     async def _deliver_claimed(self, entry: QueueEntry, data: bytes) -> tuple[float | None, bool]:
         """The pass proper: (when to look again, whether the message is to be removed)."""

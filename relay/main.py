@@ -240,13 +240,15 @@ class RelayApp:
 
     def _queue_stats(self) -> tuple[int, float, int]:
         ids = list(self.spool.iter_queue_ids())
+        # Messages in this process's journal are queued too (in their first attempt).
+        journaled = self.spool.journaled_count
         oldest = 0.0
         if ids:
             # Queue ids start with the receive time in microseconds (see new_queue_id).
             first = min(ids)
             oldest = max(0.0, time.time() - int(first[:14], 16) / 1_000_000)
         dead = self.spool.count_dead_letters()
-        return len(ids), oldest, dead
+        return len(ids) + journaled, oldest, dead
 
     async def stop(self) -> None:
         """SIGTERM semantics: 421 to new sessions, finish transactions, give deliveries
@@ -272,7 +274,7 @@ class RelayApp:
             await self.health.close()
         if self.front is not None:
             self.front.settings.users.close()
-        self.spool.close()
+        await self.spool.aclose()
         self.stopped.set()
         log.info("Stopped the relay")
 

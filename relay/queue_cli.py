@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
@@ -64,14 +65,30 @@ def _when(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%S")
 
 
-def _print_list(entries: list[QueueEntry], as_json: bool, out: TextIO) -> None:
+def _print_list(
+    entries: list[QueueEntry], as_json: bool, out: TextIO, journaled: Sequence[QueueEntry] = ()
+) -> None:
+    """Print queue entries, then those in a journal (JSON: with `"journal": true`)."""
     if as_json:
         for entry in entries:
             out.write(entry.model_dump_json() + "\n")
+        for entry in journaled:
+            out.write(json.dumps({**entry.model_dump(mode="json"), "journal": True}) + "\n")
         return
-    if not entries:
+    if not entries and not journaled:
         out.write("Queue is empty\n")
         return
+    if entries:
+        _print_table(entries, out)
+    if journaled:
+        out.write(
+            "In the journal (first delivery attempt running, or left by a crash and"
+            " recovered when a relay starts; not editable):\n"
+        )
+        _print_table(journaled, out)
+
+
+def _print_table(entries: Sequence[QueueEntry], out: TextIO) -> None:
     out.write(f"{'QUEUE ID':<24} {'SIZE':>9} {'ARRIVED (UTC)':<19}  SENDER\n")
     for entry in entries:
         sender = entry.mail_from or "<>"
@@ -107,8 +124,10 @@ def run_queue_command(
     dead = args.queue_action == "dead"
     action = args.dead_action if dead else args.queue_action
     if action == "list":
-        entries = spool.list_dead_letters() if dead else spool.list_queue()
-        _print_list(entries, args.json, out)
+        if dead:
+            _print_list(spool.list_dead_letters(), args.json, out)
+        else:
+            _print_list(spool.list_queue(), args.json, out, spool.list_journal())
         return 0
     if action == "show":
         entry = spool.load_entry(args.queue_id, dead=dead)

@@ -532,6 +532,7 @@ class RelayHandler(_CheapDir):
                 client_address=_peer_ip(session),
                 authenticated_user=user.username if user is not None else None,
                 queue_id=queue_id,
+                journal=front.delivery is not None,
             )
         except OSError as exc:
             front.metrics.reject("spool_error")
@@ -555,14 +556,19 @@ class RelayHandler(_CheapDir):
         )
         delivery = front.delivery
         if delivery is None:
+            assert held.claim is not None  # only a relay that delivers uses the journal
             await asyncio.to_thread(held.claim.release)
         else:
             try:
                 delivery.notify(entry, held)
             except Exception:
-                # The message is durable; the engine's next scan picks it up.
+                # The message is durable; the engine's next scan picks it up from its
+                # queue file (a journaled one gets that file now).
                 log.exception("Failed to notify delivery of message %s", entry.queue_id)
-                await asyncio.to_thread(held.claim.release)
+                if held.claim is None:
+                    await front.spool.save(entry)
+                else:
+                    await asyncio.to_thread(held.claim.release)
         return f"250 2.0.0 Ok: queued as {entry.queue_id}"
 
     async def handle_exception(self, error: Exception) -> str:

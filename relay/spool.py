@@ -3,6 +3,7 @@
 Layout under the spool directory::
 
     tmp/         files being written; renamed into place once fsync'd
+    journal/     <writer>-<n>.jnl: fresh messages on their first attempt (`journal.py`)
     queue/       <qid>.msg: the envelope as one JSON line, then the exact bytes to deliver
                  <qid>.state: the current envelope state, once it changed after enqueue
     deadletter/  the same for messages that failed for good (their state has `dead_reason`)
@@ -31,6 +32,13 @@ message visible, and hands back the claim with the entry and bytes (`HeldMessage
 SMTP front passes that to its delivery engine, whose first attempt then needs no claim,
 no re-read and no thread hop, because nobody else can have seen the message.
 
+Fresh messages from the SMTP front go to the journal instead (`enqueue_held` with
+`journal=True`): one append to an open file and a shared `fdatasync`, no file of their
+own. The spool remembers which messages live in its journal; `save` and
+`move_to_dead_letter` write such a message's `.msg` (in queue/ or deadletter/) with its
+current state, and `finish_journaled` marks a delivered one done. On start, and in every
+delivery scan, segments nobody holds are recovered into queue files (`recover_journal_sync`).
+
 Spools of earlier versions (`<qid>.eml` + `<qid>.json`) are converted on start
 (`migrate_legacy_sync`), one message at a time under the old format's claim.
 """
@@ -55,6 +63,9 @@ from typing import Literal, TypeAlias
 
 from pydantic import BaseModel, ConfigDict
 
+from mailrelay.relay.journal import SUFFIX as _JOURNAL_SUFFIX
+from mailrelay.relay.journal import Journal, pending_messages
+
 __all__ = [
     "Claim",
     "HeldMessage",
@@ -71,7 +82,13 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-_TMP, _QUEUE, _DEAD = "tmp", "queue", "deadletter"
+_TMP, _QUEUE, _DEAD, _JOURNAL = "tmp", "queue", "deadletter", "journal"
+# What the journal may hold at once per process (each message also stays in memory until
+# its first attempt ends); beyond it, fresh messages get queue files as before.
+_JOURNAL_MAX_MESSAGES = 256
+_JOURNAL_MAX_BYTES = 16 << 20
+# Bigger messages always get a queue file: the journal is for the common, small case.
+_JOURNAL_MAX_MESSAGE_BYTES = 1 << 20
 _MSG, _STATE = ".msg", ".state"
 # The two files of a message in the format before the one-file spool.
 _LEGACY_ENVELOPE, _LEGACY_MESSAGE = ".json", ".eml"
@@ -252,11 +269,15 @@ class Claim:
 
 @dataclass(frozen=True, slots=True)
 class HeldMessage:
-    """A message just enqueued whose writer still holds its claim (see `enqueue_held`)."""
+    """A message just enqueued whose writer still holds it (see `enqueue_held`).
+
+    `claim` is the flock on its queue file, or None for a message in this process's
+    journal, which nobody else can see.
+    """
 
     entry: QueueEntry
     data: bytes
-    claim: Claim
+    claim: Claim | None
 
 
 Loaded: TypeAlias = "tuple[Claim, QueueEntry, bytes] | Literal['busy', 'gone']"
@@ -333,14 +354,47 @@ class Spool:
         self.tmp_dir = self.directory / _TMP
         self.queue_dir = self.directory / _QUEUE
         self.dead_dir = self.directory / _DEAD
+        self.journal_dir = self.directory / _JOURNAL
         self._clock = clock
         self._queue_sync = _DirSync(self.queue_dir)
         self._dead_sync = _DirSync(self.dead_dir)
+        self._journal = Journal(self.journal_dir, self.tmp_dir)
+        # Messages in our journal: envelope line as enqueued, and bytes (to write a queue
+        # file when needed).
+        self._journaled: dict[str, tuple[bytes, bytes]] = {}
+        self._journaled_bytes = 0
 
     def close(self) -> None:
         """Release the directory descriptors kept for group commits (the spool stays usable)."""
         self._queue_sync.close()
         self._dead_sync.close()
+
+    async def aclose(self) -> None:
+        """`close`, after moving what is left in the journal to queue files.
+
+        What is left never had a delivery attempt (the engine stopped first), so its
+        envelope as enqueued is current. After a clean stop the spool is all queue files,
+        readable by the queue CLI and by relay versions without a journal.
+        """
+        if self._journaled:
+            left = dict(self._journaled)
+            await asyncio.to_thread(self._write_queue_files, left)
+            for queue_id in left:
+                self.finish_journaled(queue_id)
+            log.info("Moved %d message(s) from the journal to queue files", len(left))
+        await self._journal.close()
+        self.close()
+
+    def _write_queue_files(self, messages: dict[str, tuple[bytes, bytes]]) -> None:
+        for queue_id, (head, data) in messages.items():
+            tmp = self.tmp_dir / f"{queue_id}.{random.getrandbits(32):08x}{_MSG}"
+            self._write_file(tmp, head, data, self.queue_dir / f"{queue_id}{_MSG}")
+        _fsync_dir(self.queue_dir)
+
+    @property
+    def journal(self) -> Journal:
+        """This process's journal (for tests and benchmarks)."""
+        return self._journal
 
     def _folder(self, dead: bool) -> Path:
         return self.dead_dir if dead else self.queue_dir
@@ -353,9 +407,10 @@ class Spool:
 
     def start_sync(self) -> None:
         """Blocking `start`, for the CLI and tests outside an event loop."""
-        for path in (self.tmp_dir, self.queue_dir, self.dead_dir):
+        for path in (self.tmp_dir, self.queue_dir, self.dead_dir, self.journal_dir):
             path.mkdir(parents=True, exist_ok=True)
         self.migrate_legacy_sync()
+        self.recover_journal_sync()
         cutoff = time.time() - _DEBRIS_AGE_SECONDS
         for path in self.tmp_dir.iterdir():
             with contextlib.suppress(FileNotFoundError):
@@ -462,7 +517,7 @@ class Spool:
         `queue_id` lets the caller name the message before it is written (the SMTP front
         puts the id in its Received header); by default a new one is made.
         """
-        entry, _ = await self._enqueue(
+        entry = self._new_entry(
             mail_from,
             recipients,
             data,
@@ -471,8 +526,8 @@ class Spool:
             client_address=client_address,
             authenticated_user=authenticated_user,
             queue_id=queue_id,
-            hold=False,
         )
+        await self._store(entry, data, hold=False)
         return entry
 
     async def enqueue_held(
@@ -486,13 +541,16 @@ class Spool:
         client_address: str,
         authenticated_user: str | None,
         queue_id: str | None = None,
+        journal: bool = False,
     ) -> HeldMessage:
-        """`enqueue`, keeping the claim taken while writing: the caller must release it.
+        """`enqueue`, keeping hold of the message: the caller must finish or release it.
 
         Why: the first delivery attempt of a fresh message then starts from memory, saving
-        a thread hop and several file syscalls (open, flock, reading the file back).
+        a thread hop and several file syscalls (open, flock, reading the file back). With
+        `journal` (and room in it), the message goes to the journal and the hold has no
+        claim: the caller must then `save`, `move_to_dead_letter` or `finish_journaled` it.
         """
-        entry, claim = await self._enqueue(
+        entry = self._new_entry(
             mail_from,
             recipients,
             data,
@@ -501,12 +559,26 @@ class Spool:
             client_address=client_address,
             authenticated_user=authenticated_user,
             queue_id=queue_id,
-            hold=True,
         )
+        if journal and self._journal_has_room(len(data)):
+            head = encode_header(entry)
+            await self._journal.append(entry.queue_id, [head, data])
+            self._journaled[entry.queue_id] = head, data
+            self._journaled_bytes += len(data)
+            return HeldMessage(entry, data, None)
+        claim = await self._store(entry, data, hold=True)
         assert claim is not None
         return HeldMessage(entry, data, claim)
 
-    async def _enqueue(
+    def _journal_has_room(self, size: int) -> bool:
+        return (
+            self._journal.accepting
+            and size <= _JOURNAL_MAX_MESSAGE_BYTES
+            and len(self._journaled) < _JOURNAL_MAX_MESSAGES
+            and self._journaled_bytes + size <= _JOURNAL_MAX_BYTES
+        )
+
+    def _new_entry(
         self,
         mail_from: str,
         recipients: list[tuple[str, str]],
@@ -517,11 +589,9 @@ class Spool:
         client_address: str,
         authenticated_user: str | None,
         queue_id: str | None,
-        hold: bool,
-    ) -> tuple[QueueEntry, Claim | None]:
-        """Write, then wait for the group-committed directory fsync; with `hold`, keep the claim."""
+    ) -> QueueEntry:
         now = self._clock()
-        entry = QueueEntry(
+        return QueueEntry(
             queue_id=queue_id or new_queue_id(now),
             mail_from=mail_from,
             recipients=[
@@ -536,6 +606,9 @@ class Spool:
             authenticated_user=authenticated_user,
             message_id=extract_message_id(data),
         )
+
+    async def _store(self, entry: QueueEntry, data: bytes, *, hold: bool) -> Claim | None:
+        """Write the queue file, then wait for the group-committed directory fsync."""
         fd = await asyncio.to_thread(self._write_new, entry, data, hold)
         claim = None if fd is None else Claim(entry.queue_id, fd)
         try:
@@ -544,7 +617,7 @@ class Spool:
             if claim is not None:
                 await asyncio.to_thread(claim.release)
             raise
-        return entry, claim
+        return claim
 
     def _write_new(self, entry: QueueEntry, data: bytes, hold: bool) -> int | None:
         """Write the `.msg` in tmp/, fsync, rename into queue/; with `hold`, return it flocked.
@@ -586,8 +659,46 @@ class Spool:
     # -- state ------------------------------------------------------------------------
 
     async def save(self, entry: QueueEntry) -> int:
-        """Record the entry's state atomically; returns its version (see `queue_versions`)."""
+        """Record the entry's state atomically; returns its version (see `queue_versions`).
+
+        A message in our journal gets its queue file now, with this state in its envelope
+        line (version 0, as for any `.msg` without a `.state`), and leaves the journal.
+        """
+        if entry.queue_id in self._journaled:
+            await self._move_out_of_journal(entry, self.queue_dir)
+            return 0
         return await asyncio.to_thread(self._save_sync, entry, self.queue_dir)
+
+    def is_journaled(self, queue_id: str) -> bool:
+        """Whether the message lives in this process's journal (no queue file yet)."""
+        return queue_id in self._journaled
+
+    @property
+    def journaled_count(self) -> int:
+        """Messages in this process's journal (fresh, first attempt not ended)."""
+        return len(self._journaled)
+
+    def finish_journaled(self, queue_id: str) -> None:
+        """A message of our journal is delivered: mark it done (no file work on this path)."""
+        message = self._journaled.pop(queue_id, None)
+        if message is not None:
+            self._journaled_bytes -= len(message[1])
+            self._journal.done(queue_id)
+
+    async def _move_out_of_journal(self, entry: QueueEntry, folder: Path) -> None:
+        """Write a journaled message's `.msg` into `folder` with `entry` as its state, make
+        it durable (file and directory fsync), then mark it done in the journal."""
+        qid = entry.queue_id
+        _, data = self._journaled[qid]
+        await asyncio.to_thread(
+            self._write_file,
+            self.tmp_dir / f"{qid}.{random.getrandbits(32):08x}{_MSG}",
+            encode_header(entry),
+            data,
+            folder / f"{qid}{_MSG}",
+        )
+        await (self._dead_sync if folder == self.dead_dir else self._queue_sync).sync()
+        self.finish_journaled(qid)
 
     def _save_sync(self, entry: QueueEntry, folder: Path) -> int:
         tmp = self.tmp_dir / f"{entry.queue_id}.{random.getrandbits(32):08x}{_STATE}"
@@ -683,6 +794,9 @@ class Spool:
     async def move_to_dead_letter(self, entry: QueueEntry, reason: str) -> None:
         """Park a message that failed for good in deadletter/, with its reason."""
         dead = entry.model_copy(update={"dead_reason": reason})
+        if entry.queue_id in self._journaled:
+            await self._move_out_of_journal(dead, self.dead_dir)
+            return
         await asyncio.to_thread(self._move_sync, dead, self.queue_dir, self.dead_dir)
         await self._dead_sync.sync()
 
@@ -841,6 +955,80 @@ class Spool:
                     with contextlib.suppress(FileNotFoundError):
                         states[name[: -len(_STATE)]] = item.stat().st_mtime_ns
         return {qid: states.get(qid, 0) for qid in messages if _QID_RE.match(qid)}
+
+    # -- the journal's leftovers --------------------------------------------------------
+
+    def recover_journal_sync(self) -> int:
+        """Write queue files for the messages of journal segments nobody holds; returns how many.
+
+        A segment's writer holds its flock while it has messages not done, so a segment we
+        can lock was left by a process that exited or crashed. Its messages without a done
+        mark become queue files (unless one exists: a crash after `save` and before the
+        mark), the queue directory is fsync'd, and only then is the segment removed.
+        """
+        if not self.journal_dir.is_dir():
+            return 0
+        recovered = 0
+        for path in sorted(self.journal_dir.glob(f"*{_JOURNAL_SUFFIX}")):
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except FileNotFoundError:
+                continue  # retired by its writer or recovered by someone else meanwhile
+            try:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue  # a live writer's segment
+                if os.fstat(fd).st_nlink == 0:
+                    continue  # removed between our open and our lock
+                recovered += self._recover_segment(path, _read_fd(fd))
+            finally:
+                os.close(fd)
+        return recovered
+
+    def _recover_segment(self, path: Path, raw: bytes) -> int:
+        written = 0
+        for queue_id, content in pending_messages(raw).items():
+            if not _QID_RE.match(queue_id):
+                log.warning("Skipped a journal record with a bad queue id in %s", path.name)
+                continue
+            name = f"{queue_id}{_MSG}"
+            if (self.queue_dir / name).exists() or (self.dead_dir / name).exists():
+                continue
+            try:
+                decode_message(content)
+            except ValueError as exc:
+                log.warning("Skipped unreadable message %s in %s: %s", queue_id, path.name, exc)
+                continue
+            tmp = self.tmp_dir / f"{queue_id}.{random.getrandbits(32):08x}{_MSG}"
+            self._write_file(tmp, content, b"", self.queue_dir / f"{queue_id}{_MSG}")
+            written += 1
+        if written:
+            _fsync_dir(self.queue_dir)
+            log.info("Recovered %d message(s) from journal segment %s", written, path.name)
+        path.unlink()
+        return written
+
+    def list_journal(self) -> list[QueueEntry]:
+        """Messages in any journal segment without a done mark (read only, for the CLI).
+
+        They are in their first delivery attempt in a live relay, or wait for recovery.
+        """
+        entries: list[QueueEntry] = []
+        if not self.journal_dir.is_dir():
+            return entries
+        for path in sorted(self.journal_dir.glob(f"*{_JOURNAL_SUFFIX}")):
+            try:
+                raw = path.read_bytes()
+            except FileNotFoundError:
+                continue
+            for queue_id, content in pending_messages(raw).items():
+                try:
+                    entries.append(decode_message(content)[0])
+                except ValueError:
+                    log.warning("Skipped unreadable message %s in %s", queue_id, path.name)
+        entries.sort(key=lambda e: e.queue_id)
+        return entries
 
     # -- health -----------------------------------------------------------------------
 

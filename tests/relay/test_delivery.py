@@ -16,7 +16,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from email.message import EmailMessage, Message
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -24,7 +24,7 @@ from prometheus_client import CollectorRegistry
 from mailrelay.relay.config import RelayConfig
 from mailrelay.relay.delivery import DeliveryEngine
 from mailrelay.relay.metrics import RelayMetrics
-from mailrelay.relay.spool import HeldMessage, Loaded, QueueEntry, Spool
+from mailrelay.relay.spool import Loaded, QueueEntry, Spool
 from tests.relay.delivery_fixtures import Certificates, Upstream, make_certificates, start_upstream
 
 MESSAGE = (
@@ -36,6 +36,17 @@ MESSAGE = (
     b"\r\n"
     b"Hello.\r\n"
 )
+
+# How a test message reaches the engine: found by the spool scan; handed over by the
+# front with its queue file claimed; or handed over from the spool's journal (no file).
+Held = Literal["scanned", "held", "journal"]
+HOW_HELD = ["scanned", "held", "journal"]
+ENVELOPE: dict[str, Any] = {
+    "smtputf8": False,
+    "body_8bitmime": False,
+    "client_address": "127.0.0.1",
+    "authenticated_user": None,
+}
 
 FAST_RETRY = {
     "initial_backoff_seconds": 0.05,
@@ -104,30 +115,24 @@ class World:
         *,
         mail_from: str = "alice@example.com",
         data: bytes = MESSAGE,
-        held: bool = False,
+        held: Held = "scanned",
     ) -> QueueEntry:
-        """Spool a message and notify `engine`; `held` hands over the claim as the front does."""
+        """Spool a message and notify `engine`, handing it over as `held` says (see `Held`)."""
         await self.spool.start()
-        enqueue = self.spool.enqueue_held if held else self.spool.enqueue
-        result = await enqueue(
-            mail_from,
-            recipients,
-            data,
-            smtputf8=False,
-            body_8bitmime=False,
-            client_address="127.0.0.1",
-            authenticated_user=None,
-        )
-        if isinstance(result, HeldMessage):
-            entry = result.entry
+        if held == "scanned":
+            entry = await self.spool.enqueue(mail_from, recipients, data, **ENVELOPE)
             if engine is not None:
-                engine.notify(entry, result)
-            else:
-                result.claim.release()
+                engine.notify(entry)
             return entry
+        message = await self.spool.enqueue_held(
+            mail_from, recipients, data, journal=held == "journal", **ENVELOPE
+        )
+        assert (message.claim is None) == (held == "journal")
         if engine is not None:
-            engine.notify(result)
-        return result
+            engine.notify(message.entry, message)
+        elif message.claim is not None:
+            message.claim.release()
+        return message.entry
 
     def metric(self, name: str, **labels: str) -> float:
         return self.registry.get_sample_value(name, labels) or 0.0
@@ -135,6 +140,7 @@ class World:
     async def close(self) -> None:
         for engine in self.engines:
             await engine.stop(1.0)
+        await self.spool.aclose()
         for up in self.upstreams:
             await up.stop()
 
@@ -167,9 +173,9 @@ def report_blocks(bounce: EmailMessage) -> list[Message]:
     return [b for b in payload if isinstance(b, Message)]
 
 
-@pytest.mark.parametrize("held", [False, True], ids=["scanned", "held-by-front"])
+@pytest.mark.parametrize("held", HOW_HELD)
 async def test_delivers_exact_bytes_and_removes_from_spool(
-    world: World, caplog: pytest.LogCaptureFixture, held: bool
+    world: World, caplog: pytest.LogCaptureFixture, held: Held
 ) -> None:
     caplog.set_level(logging.INFO, logger="mailrelay.relay.delivery")
     up = await world.upstream()
@@ -247,8 +253,8 @@ async def test_partial_failure_bounces_only_the_refused_recipient(world: World) 
     assert world.metric("mailrelay_bounces_total", result="queued") == 1
 
 
-@pytest.mark.parametrize("held", [False, True], ids=["scanned", "held-by-front"])
-async def test_upstream_down_then_back_is_retried(world: World, held: bool) -> None:
+@pytest.mark.parametrize("held", HOW_HELD)
+async def test_upstream_down_then_back_is_retried(world: World, held: Held) -> None:
     up = await world.upstream()
     await up.go_down()
     engine = await world.engine(world.config([{"name": "r", "upstream": world.smtp(up, "up")}]))
@@ -446,7 +452,10 @@ async def test_null_sender_is_never_bounced(world: World) -> None:
     assert world.metric("mailrelay_bounces_total", result="null_sender") == 1
 
 
-async def test_rate_limit_defer_sends_later_without_failing(world: World) -> None:
+@pytest.mark.parametrize("held", HOW_HELD)
+async def test_rate_limit_defer_sends_later_without_failing(world: World, held: Held) -> None:
+    """A deferral saves nothing, yet a journaled message must get its queue file (later
+    passes read it from there)."""
     up = await world.upstream()
     route = {
         "name": "r",
@@ -457,7 +466,7 @@ async def test_rate_limit_defer_sends_later_without_failing(world: World) -> Non
 
     started = time.monotonic()
     for i in range(6):
-        await world.submit(engine, [(f"r{i}@example.net", "r")])
+        await world.submit(engine, [(f"r{i}@example.net", "r")], held=held)
     await up.wait_for(6)
     elapsed = time.monotonic() - started
 
@@ -472,6 +481,8 @@ async def test_rate_limit_defer_sends_later_without_failing(world: World) -> Non
     )
     await eventually(lambda: world.spool.list_queue() == [])
     assert world.spool.list_dead_letters() == []
+    assert sorted(m.rcpt_tos[0] for m in up.messages) == [f"r{i}@example.net" for i in range(6)]
+    assert world.spool.journaled_count == 0
 
 
 async def test_try_acquire_rate_only_limits_reject_routes(world: World) -> None:

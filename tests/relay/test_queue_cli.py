@@ -13,8 +13,9 @@ from typing import Any
 
 import pytest
 
+from mailrelay.relay.journal import encode_record
 from mailrelay.relay.main import main
-from mailrelay.relay.spool import QueueEntry, RecipientState, Spool, new_queue_id
+from mailrelay.relay.spool import QueueEntry, RecipientState, Spool, encode_header, new_queue_id
 from tests.relay.conftest import (
     USERS,
     RecordingUpstream,
@@ -177,3 +178,30 @@ def test_old_two_file_spool_is_flagged_then_listed_once_converted(
     assert out.endswith(msg(7).decode())
     assert main(["queue", "--spool-dir", str(tmp_path), "delete", entry.queue_id]) == 0
     assert list(queue.iterdir()) == []
+
+
+def test_messages_in_a_journal_are_listed_apart(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A journal segment (here as a crash leaves it) is listed, read only, after the queue."""
+    (tmp_path / "queue").mkdir()
+    (tmp_path / "journal").mkdir()
+    entry = QueueEntry(
+        queue_id=new_queue_id(),
+        mail_from="fresh@example.com",
+        recipients=[RecipientState(address="b@dest.test", route="out")],
+        received_at=1000.0,
+        size=len(msg(3)),
+    )
+    record = encode_record(b"M", encode_header(entry), msg(3))
+    (tmp_path / "journal" / "0badc0de-000001.jnl").write_bytes(b"".join(record))
+    assert main(["queue", "--spool-dir", str(tmp_path), "list"]) == 0
+    out = capsys.readouterr().out
+    head, _, journaled = out.partition("In the journal")
+    assert entry.queue_id not in head and entry.queue_id in journaled
+    assert "pending   b@dest.test via out" in journaled
+    assert main(["queue", "--spool-dir", str(tmp_path), "list", "--json"]) == 0
+    [line] = capsys.readouterr().out.splitlines()
+    assert json.loads(line) == {**entry.model_dump(mode="json"), "journal": True}
+    # Listing never recovers or removes anything: that is a starting relay's job.
+    assert len(list((tmp_path / "journal").iterdir())) == 1

@@ -71,6 +71,7 @@ async def test_held_enqueue_keeps_the_claim_until_released(spool: Spool) -> None
     )
     assert held.entry.smtputf8 and held.entry.client_address == "::1"
     assert spool.claim_and_load(held.entry.queue_id) == "busy"
+    assert held.claim is not None  # no journal asked for: a claimed queue file
     held.claim.release()
     loaded = spool.claim_and_load(held.entry.queue_id)
     assert not isinstance(loaded, str)
