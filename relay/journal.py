@@ -251,14 +251,19 @@ class Journal:
                     append.future.set_result(None)
             if error is None and appends:
                 self.syncs += 1
-            if segment is not None and (segment.broken or segment.size >= self._segment_bytes):
+            if segment is not None and segment.size >= self._segment_bytes:
                 self._seal(segment)
+            for written in self._segments:
+                # Sealed here or, after a failed write, by the round itself.
+                if written.sealed:
+                    self._seal(written)
 
     def _seal(self, segment: _Segment) -> None:
+        """Take no more messages into `segment`; retire it now if nothing in it is left."""
         segment.sealed = True
         if segment is self._current:
             self._current = None
-        if segment.outstanding == 0 and segment not in self._retiring:
+        if segment.outstanding == 0 and segment.fd >= 0 and segment not in self._retiring:
             self._retiring.append(segment)
 
     def _round(
@@ -287,6 +292,8 @@ class Journal:
             self._retire(segment)
         if not appends:
             return current, None
+        if current is not None and current.broken:
+            current = None  # a done mark failed on it: the appends go to a new segment
         try:
             if current is None:
                 current = self._open_segment()

@@ -169,6 +169,36 @@ async def test_a_failed_flush_fails_the_batch_and_moves_to_a_new_segment(
     assert segments(dirs[0]) == []
 
 
+async def test_a_failed_done_mark_never_leaves_later_messages_behind_a_torn_record(
+    dirs: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Recovery stops at a torn record, so nothing may be appended after one."""
+    journal = Journal(*dirs)
+    first_id, first = content(0)
+    await journal.append(first_id, [first])
+    [old] = segments(dirs[0])
+    real = os.writev
+    calls: list[bytes] = []
+
+    def writev_tearing_the_first(fd: int, parts: list[bytes]) -> int:
+        calls.append(b"".join(parts))
+        if len(calls) == 1:  # the done mark: half written, then the disk fails
+            os.write(fd, calls[0][:5])
+            raise OSError(5, "Input/output error")
+        return real(fd, parts)
+
+    monkeypatch.setattr(os, "writev", writev_tearing_the_first)
+    later_id, later = content(1)
+    journal.done(first_id)  # the mark and the next append share one round
+    await journal.append(later_id, [later])
+    assert len(calls) == 2
+    [new] = segments(dirs[0])  # the torn one held nothing left and was removed
+    assert new != old and not old.exists()
+    assert pending_messages(new.read_bytes()) == {later_id: later}
+    journal.done(later_id)
+    await journal.close()
+
+
 # -- the spool around it ----------------------------------------------------------------
 
 

@@ -450,6 +450,20 @@ async def test_spool_write_error_answers_451(relay_factory: RelayFactory) -> Non
     assert relay.metric("mailrelay_messages_rejected_total", {"reason": "spool_error"}) == 1
 
 
+async def test_journal_write_error_answers_451(relay_factory: RelayFactory) -> None:
+    """With delivery on, fresh mail goes to the spool's journal: its failure is a 451 too."""
+    relay = await relay_factory(routes=[route()])
+    journal_dir = relay.spool_dir / "journal"
+    journal_dir.rmdir()
+    journal_dir.write_text("not a directory")  # no journal segment can be created now
+    async with relay.client(login=ALICE) as smtp:
+        replies = await transaction(smtp, "a@example.com", ["b@d.test"], message())
+    assert replies[-1][0] == 451 and replies[-1][1].startswith("4.3.0")
+    assert list((relay.spool_dir / "tmp").iterdir()) == []
+    assert list((relay.spool_dir / "queue").iterdir()) == []
+    assert relay.metric("mailrelay_messages_rejected_total", {"reason": "spool_error"}) == 1
+
+
 class _FaultyDelivery:
     """A delivery side whose rate check raises: any handler exception must become 451."""
 
