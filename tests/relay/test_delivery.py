@@ -23,8 +23,16 @@ from prometheus_client import CollectorRegistry
 
 from mailrelay.relay.config import RelayConfig
 from mailrelay.relay.delivery import DeliveryEngine
+from mailrelay.relay.journal import encode_record
 from mailrelay.relay.metrics import RelayMetrics
-from mailrelay.relay.spool import Loaded, QueueEntry, Spool
+from mailrelay.relay.spool import (
+    Loaded,
+    QueueEntry,
+    RecipientState,
+    Spool,
+    encode_header,
+    new_queue_id,
+)
 from tests.relay.delivery_fixtures import Certificates, Upstream, make_certificates, start_upstream
 
 MESSAGE = (
@@ -218,6 +226,30 @@ async def test_resumes_the_spool_on_start(world: World) -> None:
     assert sorted(m.rcpt_tos[0] for m in up.messages) == [f"r{i}@example.net" for i in range(3)]
     await eventually(lambda: world.spool.list_queue() == [])
     assert len(queued) == 3
+
+
+async def test_scan_recovers_a_journal_segment_a_dead_process_left(world: World) -> None:
+    """A worker that crashed leaves its journal segment unlocked: a live engine's scan
+    turns its messages into queue files and delivers them; done ones are not sent."""
+    up = await world.upstream()
+    await world.engine(world.config([{"name": "r", "upstream": world.smtp(up, "up")}]))
+    records: list[bytes] = []
+    for n in range(3):
+        entry = QueueEntry(
+            queue_id=new_queue_id(),
+            mail_from="alice@example.com",
+            recipients=[RecipientState(address=f"r{n}@example.net", route="r")],
+            received_at=time.time(),
+            size=len(MESSAGE),
+        )
+        records += encode_record(b"M", encode_header(entry), MESSAGE)
+        if n == 1:  # delivered before the crash
+            records += encode_record(b"D", entry.queue_id.encode())
+    (world.spool.journal_dir / "deadbeef-000001.jnl").write_bytes(b"".join(records))
+    await up.wait_for(2)
+    assert sorted(m.rcpt_tos[0] for m in up.messages) == ["r0@example.net", "r2@example.net"]
+    await eventually(lambda: world.spool.list_queue() == [])
+    assert list(world.spool.journal_dir.iterdir()) == []
 
 
 async def test_partial_failure_bounces_only_the_refused_recipient(world: World) -> None:
