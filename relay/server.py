@@ -566,7 +566,13 @@ class RelayHandler(_CheapDir):
                 # queue file (a journaled one gets that file now).
                 log.exception("Failed to notify delivery of message %s", entry.queue_id)
                 if held.claim is None:
-                    await front.spool.save(entry)
+                    try:
+                        await front.spool.save(entry)
+                    except OSError as exc:
+                        # Still durable in the journal: a stop or a restart moves it on.
+                        log.error(
+                            "Failed to write message %s to a queue file: %s", entry.queue_id, exc
+                        )
                 else:
                     await asyncio.to_thread(held.claim.release)
         return f"250 2.0.0 Ok: queued as {entry.queue_id}"

@@ -562,9 +562,15 @@ class Spool:
         )
         if journal and self._journal_has_room(len(data)):
             head = encode_header(entry)
-            await self._journal.append(entry.queue_id, [head, data])
+            # Counted before the append, so concurrent sessions cannot overrun the bound.
             self._journaled[entry.queue_id] = head, data
             self._journaled_bytes += len(data)
+            try:
+                await self._journal.append(entry.queue_id, [head, data])
+            except BaseException:
+                del self._journaled[entry.queue_id]
+                self._journaled_bytes -= len(data)
+                raise
             return HeldMessage(entry, data, None)
         claim = await self._store(entry, data, hold=True)
         assert claim is not None
