@@ -205,6 +205,12 @@ class Journal:
             segment.unwritten_done.extend(encode_record(_DONE, queue_id.encode("ascii")))
         self._kick()
 
+    async def settle(self) -> None:
+        """Wait until the writer has nothing left to do (done marks written, finished
+        segments removed): for tests, and for `close`."""
+        while self._runner is not None and not self._runner.done():
+            await asyncio.shield(self._runner)
+
     def _kick(self) -> None:
         if self._runner is None or self._runner.done():
             self._runner = asyncio.create_task(self._run(), name="journal-writer")
@@ -348,14 +354,12 @@ class Journal:
         stays on disk, unlocked: the next start, or another worker's scan, recovers it.
         """
         self._closed = True
-        if self._runner is not None and not self._runner.done():
-            await asyncio.shield(self._runner)
+        await self.settle()
         for segment in list(self._segments):
             if segment.outstanding == 0:
                 self._seal(segment)
         self._kick()
-        if self._runner is not None:
-            await self._runner
+        await self.settle()
         left = [s for s in self._segments if s.fd >= 0]
         await asyncio.to_thread(_close_all, left)
         if left:

@@ -125,7 +125,7 @@ async def test_done_messages_retire_their_segments(dirs: tuple[Path, Path]) -> N
     assert len(segments(dirs[0])) >= 3  # rotated
     for qid in ids[:-1]:
         journal.done(qid)
-    await asyncio.sleep(0.05)  # let the writer retire what is finished
+    await journal.settle()  # the writer retires what is finished
     [left] = segments(dirs[0])  # only the segment of the last message
     assert pending_messages(left.read_bytes()) == {ids[-1]: content_of(left, ids[-1])}
     journal.done(ids[-1])
@@ -192,6 +192,7 @@ async def test_a_failed_done_mark_never_leaves_later_messages_behind_a_torn_reco
     journal.done(first_id)  # the mark and the next append share one round
     await journal.append(later_id, [later])
     assert len(calls) == 2
+    await journal.settle()
     [new] = segments(dirs[0])  # the torn one held nothing left and was removed
     assert new != old and not old.exists()
     assert pending_messages(new.read_bytes()) == {later_id: later}
