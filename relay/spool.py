@@ -13,9 +13,10 @@ One file per message at enqueue: `<qid>.msg` is written in `tmp/`, fsync'd and r
 in `tmp/` (removed on start once old enough to belong to nobody). Then the queue directory
 is fsync'd. Directory fsyncs are shared between concurrent enqueues (group commit): a
 caller waits for the first directory sync that *starts* after its rename, so one fsync
-can cover many sessions. Every file syscall costs tens of microseconds or more where we
-run (gVisor), so the write path is counted in syscalls: create, write, fsync, rename,
-close, and a share of one directory fsync.
+can cover many sessions. Creating, renaming and unlinking files costs tens to hundreds
+of microseconds each where we measured (`bench/README.md`), so the write path is counted
+in syscalls: create, write, fsync, rename, close, and a share of one directory fsync;
+the journal (below) avoids all but the write and a share of one fsync for most mail.
 
 The `.msg` is never rewritten. Later state (attempts, next attempt, per-recipient
 results, the dead-letter reason) goes to `<qid>.state` (temp file, fsync, rename), which
