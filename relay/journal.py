@@ -11,8 +11,8 @@ Layout: `journal/<writer>-<n>.jnl` under the spool directory. A segment is flock
 writer as long as it holds a message not done: it is created in `tmp/` and flocked before
 the rename makes it visible, so nobody ever sees a live segment unlocked. A segment whose
 flock can be taken belongs to nobody (its writer exited or crashed): recovery
-(`read_pending`) hands its messages without a done mark to the spool, which writes them
-to queue files before unlinking the segment.
+(`Spool.recover_journal_sync`, reading it with `pending_messages`) writes its messages
+without a done mark to queue files before unlinking the segment.
 
 A record is a frame (magic, kind, payload length, CRC-32 of the payload) and its payload.
 "M" records hold a `.msg` file's content (envelope line, then the bytes); "D" records the
@@ -36,6 +36,8 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from mailrelay.relay.fileio import fsync_dir, write_parts
 
 __all__ = ["Journal", "JournalRecord", "encode_record", "iter_records", "pending_messages"]
 
@@ -110,16 +112,6 @@ def _queue_id_of(content: bytes) -> str | None:
         return None
     end = content.find(b'"', len(_QUEUE_ID_PREFIX))
     return content[len(_QUEUE_ID_PREFIX) : end].decode("ascii", "replace")
-
-
-def _write_all(fd: int, parts: list[bytes]) -> None:
-    """`writev` until every part is written (a short write continues where it stopped)."""
-    total = sum(len(p) for p in parts)
-    written = os.writev(fd, parts)
-    if written < total:
-        rest = memoryview(b"".join(parts))[written:]
-        while rest:
-            rest = rest[os.write(fd, rest) :]
 
 
 @dataclass(eq=False)
@@ -289,7 +281,7 @@ class Journal:
             if segment.broken or segment in retiring:
                 continue
             try:
-                _write_all(segment.fd, parts)
+                write_parts(segment.fd, parts)
                 segment.size += sum(len(p) for p in parts)
             except OSError as exc:
                 log.error("Failed to write done marks to journal %s: %s", segment.path.name, exc)
@@ -308,7 +300,7 @@ class Journal:
             log.error("Failed to open a journal segment: %s", exc)
             return None, exc
         try:
-            _write_all(current.fd, parts)
+            write_parts(current.fd, parts)
             current.size += sum(len(p) for p in parts)
             os.fdatasync(current.fd)
         except OSError as exc:
@@ -327,11 +319,7 @@ class Journal:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             path = self.directory / name
             os.rename(tmp, path)
-            dir_fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+            fsync_dir(self.directory)
         except BaseException:
             os.close(fd)
             with contextlib.suppress(OSError):

@@ -64,6 +64,7 @@ from typing import Literal, TypeAlias
 
 from pydantic import BaseModel, ConfigDict
 
+from mailrelay.relay.fileio import fsync_dir, write_parts
 from mailrelay.relay.journal import SUFFIX as _JOURNAL_SUFFIX
 from mailrelay.relay.journal import Journal, pending_messages
 
@@ -166,33 +167,11 @@ def extract_message_id(data: bytes) -> str | None:
     return value.decode("utf-8", "replace") or None
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        written = os.write(fd, view)
-        view = view[written:]
-
-
-def _write_parts(fd: int, head: bytes, body: bytes) -> None:
-    """Write `head` then `body` in one syscall when the kernel takes it all (no copy)."""
-    written = os.writev(fd, [head, body])
-    if written < len(head) + len(body):
-        _write_all(fd, (head + body)[written:])
-
-
 def _write_durably(path: Path, data: bytes) -> int:
     """Create `path` with `data`, fsync it, return its mtime (ns) as the state's version."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
     try:
-        _write_all(fd, data)
+        write_parts(fd, [data])
         os.fsync(fd)
         return os.fstat(fd).st_mtime_ns
     finally:
@@ -388,14 +367,8 @@ class Spool:
 
     def _write_queue_files(self, messages: dict[str, tuple[bytes, bytes]]) -> None:
         for queue_id, (head, data) in messages.items():
-            tmp = self.tmp_dir / f"{queue_id}.{random.getrandbits(32):08x}{_MSG}"
-            self._write_file(tmp, head, data, self.queue_dir / f"{queue_id}{_MSG}")
-        _fsync_dir(self.queue_dir)
-
-    @property
-    def journal(self) -> Journal:
-        """This process's journal (for tests and benchmarks)."""
-        return self._journal
+            self._write_message(self.queue_dir, queue_id, head, data)
+        fsync_dir(self.queue_dir)
 
     def _folder(self, dead: bool) -> Path:
         return self.dead_dir if dead else self.queue_dir
@@ -443,7 +416,7 @@ class Spool:
                 if self._migrate_one(folder, queue_id):
                     moved += 1
             if moved:
-                _fsync_dir(folder)
+                fsync_dir(folder)
                 log.info("Converted %d message(s) in %s to the one-file format", moved, folder)
             converted += moved
         return converted
@@ -485,8 +458,7 @@ class Spool:
                     return False
                 data = _read_fd(fd)
                 entry = entry.model_copy(update={"size": len(data)})
-                tmp = self.tmp_dir / f"{queue_id}.{random.getrandbits(32):08x}{_MSG}"
-                self._write_file(tmp, encode_header(entry), data, target)
+                self._write_message(folder, queue_id, encode_header(entry), data)
             for path in (old_json, old_eml):
                 with contextlib.suppress(FileNotFoundError):
                     path.unlink()
@@ -641,13 +613,21 @@ class Spool:
             hold=hold,
         )
 
+    def _write_message(self, folder: Path, queue_id: str, head: bytes, data: bytes) -> None:
+        """Write `<queue_id>.msg` into `folder` (temp file, fsync, rename), replacing any.
+
+        The temp name is unique per call: several writers may produce the same message.
+        """
+        tmp = self.tmp_dir / f"{queue_id}.{random.getrandbits(32):08x}{_MSG}"
+        self._write_file(tmp, head, data, folder / f"{queue_id}{_MSG}")
+
     @staticmethod
     def _write_file(
         tmp: Path, head: bytes, data: bytes, target: Path, *, hold: bool = False
     ) -> int | None:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
         try:
-            _write_parts(fd, head, data)
+            write_parts(fd, [head, data])
             os.fsync(fd)
             if hold:
                 # Nobody else can hold it yet: it is not in queue/ until the rename.
@@ -697,13 +677,7 @@ class Spool:
         it durable (file and directory fsync), then mark it done in the journal."""
         qid = entry.queue_id
         _, data = self._journaled[qid]
-        await asyncio.to_thread(
-            self._write_file,
-            self.tmp_dir / f"{qid}.{random.getrandbits(32):08x}{_MSG}",
-            encode_header(entry),
-            data,
-            folder / f"{qid}{_MSG}",
-        )
+        await asyncio.to_thread(self._write_message, folder, qid, encode_header(entry), data)
         await (self._dead_sync if folder == self.dead_dir else self._queue_sync).sync()
         self.finish_journaled(qid)
 
@@ -843,7 +817,7 @@ class Spool:
             update={"recipients": recipients, "dead_reason": None, "received_at": now}
         )
         self._move_sync(revived, self.dead_dir, self.queue_dir)
-        _fsync_dir(self.queue_dir)
+        fsync_dir(self.queue_dir)
         return revived
 
     def retry_now_sync(self, queue_id: str) -> QueueEntry:
@@ -1007,11 +981,10 @@ class Spool:
             except ValueError as exc:
                 log.warning("Skipped unreadable message %s in %s: %s", queue_id, path.name, exc)
                 continue
-            tmp = self.tmp_dir / f"{queue_id}.{random.getrandbits(32):08x}{_MSG}"
-            self._write_file(tmp, content, b"", self.queue_dir / f"{queue_id}{_MSG}")
+            self._write_message(self.queue_dir, queue_id, content, b"")
             written += 1
         if written:
-            _fsync_dir(self.queue_dir)
+            fsync_dir(self.queue_dir)
             log.info("Recovered %d message(s) from journal segment %s", written, path.name)
         path.unlink()
         return written
