@@ -43,10 +43,32 @@ from prometheus_client import CollectorRegistry
 from mailrelay.relay.auth import hash_password
 from mailrelay.relay.config import RelayConfig, load_config
 from mailrelay.relay.main import RelayApp
+from mailrelay.relay.spool import QueueEntry, RecipientState, new_queue_id
 
 REPO = Path(__file__).resolve().parents[2]
 USERS = {"alice": "alice-secret", "bob": "bob-secret"}
 UPSTREAM_USER = ("relayuser", "upstream-secret")
+
+
+def fresh_entry(
+    address: str, route: str, data: bytes, *, mail_from: str = "a@example.com", **fields: Any
+) -> QueueEntry:
+    """The envelope of `data` as if just queued (new id, one pending recipient), for
+    tests that write spool files by hand."""
+    return QueueEntry(
+        queue_id=new_queue_id(),
+        mail_from=mail_from,
+        recipients=[RecipientState(address=address, route=route)],
+        received_at=time.time(),
+        size=len(data),
+        **fields,
+    )
+
+
+def write_legacy_pair(folder: Path, entry: QueueEntry, data: bytes) -> None:
+    """A message as the two-file spool of earlier versions stored it (`.eml` + `.json`)."""
+    (folder / f"{entry.queue_id}.eml").write_bytes(data)
+    (folder / f"{entry.queue_id}.json").write_text(entry.model_dump_json())
 
 
 def free_port(span: int = 1) -> int:

@@ -15,13 +15,15 @@ from typing import Any
 import aiosmtplib
 import pytest
 
-from mailrelay.relay.spool import QueueEntry, RecipientState, Spool, new_queue_id
+from mailrelay.relay.spool import Spool
 from tests.relay.conftest import (
     RecordingUpstream,
     RelayFactory,
     TlsCerts,
+    fresh_entry,
     smtp_route,
     start_subprocess,
+    write_legacy_pair,
 )
 
 
@@ -119,16 +121,8 @@ async def test_upgrade_in_place_delivers_a_two_file_spool(
     sent: dict[str, bytes] = {}
     for n in range(5):
         mid, data = msg(99, n)
-        entry = QueueEntry(
-            queue_id=new_queue_id(),
-            mail_from="a@example.com",
-            recipients=[RecipientState(address=f"b{n}@dest.test", route="out")],
-            received_at=time.time(),
-            size=len(data),
-            message_id=mid,
-        )
-        (queue / f"{entry.queue_id}.eml").write_bytes(data)
-        (queue / f"{entry.queue_id}.json").write_text(entry.model_dump_json())
+        entry = fresh_entry(f"b{n}@dest.test", "out", data, message_id=mid)
+        write_legacy_pair(queue, entry, data)
         sent[mid] = data
     await start_subprocess(relay)
     got = await upstream.wait_for(5)

@@ -28,11 +28,10 @@ from mailrelay.relay.metrics import RelayMetrics
 from mailrelay.relay.spool import (
     Loaded,
     QueueEntry,
-    RecipientState,
     Spool,
     encode_header,
-    new_queue_id,
 )
+from tests.relay.conftest import fresh_entry
 from tests.relay.delivery_fixtures import Certificates, Upstream, make_certificates, start_upstream
 
 MESSAGE = (
@@ -235,13 +234,7 @@ async def test_scan_recovers_a_journal_segment_a_dead_process_left(world: World)
     await world.engine(world.config([{"name": "r", "upstream": world.smtp(up, "up")}]))
     records: list[bytes] = []
     for n in range(3):
-        entry = QueueEntry(
-            queue_id=new_queue_id(),
-            mail_from="alice@example.com",
-            recipients=[RecipientState(address=f"r{n}@example.net", route="r")],
-            received_at=time.time(),
-            size=len(MESSAGE),
-        )
+        entry = fresh_entry(f"r{n}@example.net", "r", MESSAGE, mail_from="alice@example.com")
         records += encode_record(b"M", encode_header(entry), MESSAGE)
         if n == 1:  # delivered before the crash
             records += encode_record(b"D", entry.queue_id.encode())

@@ -11,7 +11,8 @@ from typing import Any
 import pytest
 
 from mailrelay.relay.journal import Journal, encode_record, iter_records, pending_messages
-from mailrelay.relay.spool import QueueEntry, RecipientState, Spool, encode_header, new_queue_id
+from mailrelay.relay.spool import QueueEntry, Spool, encode_header
+from tests.relay.conftest import fresh_entry
 
 ENVELOPE: dict[str, Any] = {
     "smtputf8": False,
@@ -23,13 +24,7 @@ ENVELOPE: dict[str, Any] = {
 
 def content(n: int, body: bytes = b"Subject: x\r\n\r\nbody\r\n") -> tuple[str, bytes]:
     """A `.msg` content (envelope line + bytes) with a fresh queue id."""
-    entry = QueueEntry(
-        queue_id=new_queue_id(),
-        mail_from="a@example.com",
-        recipients=[RecipientState(address=f"r{n}@d.test", route="out")],
-        received_at=1000.0,
-        size=len(body),
-    )
+    entry = fresh_entry(f"r{n}@d.test", "out", body)
     return entry.queue_id, encode_header(entry) + body
 
 

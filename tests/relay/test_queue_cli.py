@@ -15,14 +15,16 @@ import pytest
 
 from mailrelay.relay.journal import encode_record
 from mailrelay.relay.main import main
-from mailrelay.relay.spool import QueueEntry, RecipientState, Spool, encode_header, new_queue_id
+from mailrelay.relay.spool import Spool, encode_header
 from tests.relay.conftest import (
     USERS,
     RecordingUpstream,
     RelayFactory,
     RelayHandle,
     TlsCerts,
+    fresh_entry,
     smtp_route,
+    write_legacy_pair,
 )
 
 ALICE = ("alice", USERS["alice"])
@@ -157,15 +159,8 @@ def test_old_two_file_spool_is_flagged_then_listed_once_converted(
     """The CLI never converts (an old relay may still run); it says what it cannot show."""
     queue = tmp_path / "queue"
     queue.mkdir()
-    entry = QueueEntry(
-        queue_id=new_queue_id(),
-        mail_from="old@example.com",
-        recipients=[RecipientState(address="b@dest.test", route="out")],
-        received_at=1000.0,
-        size=len(msg(7)),
-    )
-    (queue / f"{entry.queue_id}.eml").write_bytes(msg(7))
-    (queue / f"{entry.queue_id}.json").write_text(entry.model_dump_json())
+    entry = fresh_entry("b@dest.test", "out", msg(7), mail_from="old@example.com")
+    write_legacy_pair(queue, entry, msg(7))
     assert main(["queue", "--spool-dir", str(tmp_path), "list"]) == 0
     out, err = capsys.readouterr()
     assert out == "Queue is empty\n"
@@ -186,13 +181,7 @@ def test_messages_in_a_journal_are_listed_apart(
     """A journal segment (here as a crash leaves it) is listed, read only, after the queue."""
     (tmp_path / "queue").mkdir()
     (tmp_path / "journal").mkdir()
-    entry = QueueEntry(
-        queue_id=new_queue_id(),
-        mail_from="fresh@example.com",
-        recipients=[RecipientState(address="b@dest.test", route="out")],
-        received_at=1000.0,
-        size=len(msg(3)),
-    )
+    entry = fresh_entry("b@dest.test", "out", msg(3), mail_from="fresh@example.com")
     record = encode_record(b"M", encode_header(entry), msg(3))
     (tmp_path / "journal" / "0badc0de-000001.jnl").write_bytes(b"".join(record))
     assert main(["queue", "--spool-dir", str(tmp_path), "list"]) == 0

@@ -21,6 +21,7 @@ from mailrelay.relay.spool import (
     extract_message_id,
     new_queue_id,
 )
+from tests.relay.conftest import write_legacy_pair
 
 
 async def enqueue(
@@ -293,11 +294,6 @@ async def test_truncated_or_unreadable_message_is_skipped_not_fatal(spool: Spool
     assert spool.try_claim(truncated.queue_id) is not None  # the failed load let go
 
 
-def _legacy_pair(folder: Path, entry: QueueEntry, data: bytes) -> None:
-    (folder / f"{entry.queue_id}.eml").write_bytes(data)
-    (folder / f"{entry.queue_id}.json").write_bytes(entry.model_dump_json().encode())
-
-
 def _legacy_entry(queue_id: str, data: bytes, **update: Any) -> QueueEntry:
     return QueueEntry(
         queue_id=queue_id,
@@ -320,10 +316,10 @@ async def test_start_converts_a_two_file_spool(tmp_path: Path) -> None:
     held = _legacy_entry(new_queue_id(501.0), b"held\r\n")
     done = _legacy_entry(new_queue_id(502.0), b"half converted\r\n")
     dead_letter = _legacy_entry(new_queue_id(503.0), b"dead\r\n", dead_reason="550 gone")
-    _legacy_pair(queue, queued, b"queued\r\n")
-    _legacy_pair(queue, held, b"held\r\n")
-    _legacy_pair(queue, done, b"half converted\r\n")
-    _legacy_pair(dead, dead_letter, b"dead\r\n")
+    write_legacy_pair(queue, queued, b"queued\r\n")
+    write_legacy_pair(queue, held, b"held\r\n")
+    write_legacy_pair(queue, done, b"half converted\r\n")
+    write_legacy_pair(dead, dead_letter, b"dead\r\n")
     # A crash after writing the new file but before removing the old pair:
     (queue / f"{done.queue_id}.msg").write_bytes(encode_header(done) + b"half converted\r\n")
     lock = os.open(queue / f"{held.queue_id}.eml", os.O_RDONLY)
