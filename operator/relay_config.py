@@ -28,6 +28,7 @@ from pydantic import ValidationError
 
 from mailrelay.operator import models
 from mailrelay.relay import config as relay
+from mailrelay.relay.problems import validation_problems
 
 CONFIG_DIR = PurePosixPath("/etc/mailrelay/config")
 CONFIG_KEY = "relay.yaml"
@@ -274,12 +275,7 @@ def build_relay_config(
     try:
         return relay.RelayConfig.model_validate(data)
     except ValidationError as error:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or 'config'}: "
-            f"{e['msg'].removeprefix('Value error, ')}"
-            for e in error.errors()
-        )
-        raise RelayConfigError(problems) from None
+        raise RelayConfigError("; ".join(validation_problems(error, data))) from None
 
 
 # libyaml's emitter when PyYAML has it: the pure-Python one dominates a reconcile pass.

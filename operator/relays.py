@@ -422,7 +422,9 @@ async def _reconcile(ctx: Context, indices: Indices, namespace: str, name: str) 
         spec = models.MailRelaySpec.model_validate(relay.spec)
     except ValidationError as error:
         spec = None
-        problem = problem or f"The spec is invalid: {validation_message(error)}. Fix the MailRelay."
+        problem = problem or (
+            f"The spec is invalid: {validation_message(error, relay.spec)}. Fix the MailRelay."
+        )
     verdicts = judge_routes(relay, spec, routes, secret_keys)
     updates: list[ConditionUpdate] = []
     extra: dict[str, Any] = {"routes": sum(1 for v in verdicts if v.included)}

@@ -33,6 +33,7 @@ from mailrelay.operator.conditions import (
     worth_an_event,
 )
 from mailrelay.operator.relay_config import BoundRoute
+from mailrelay.relay.problems import validation_problems
 
 log = logging.getLogger(__name__)
 
@@ -82,13 +83,9 @@ class RouteVerdict:
         return self.accepted.status == "True" and self.resolved_refs.status == "True"
 
 
-def validation_message(error: ValidationError) -> str:
-    """A one-line summary of a pydantic error, with the field paths in camelCase."""
-    parts = []
-    for problem in error.errors():
-        where = ".".join(str(p) for p in problem["loc"]) or "spec"
-        parts.append(f"{where}: {problem['msg'].removeprefix('Value error, ')}")
-    return "; ".join(parts)
+def validation_message(error: ValidationError, data: object) -> str:
+    """A one-line summary of a spec's problems (camelCase paths, never the input values)."""
+    return "; ".join(validation_problems(error, data))
 
 
 def secret_refs(spec: models.MailRouteSpec) -> list[tuple[str, str, str]]:
@@ -198,7 +195,8 @@ def judge_routes(
                     ACCEPTED,
                     "False",
                     "InvalidSpec",
-                    f"The spec is invalid: {validation_message(error)}. Fix the MailRoute.",
+                    f"The spec is invalid: {validation_message(error, route.spec)}. "
+                    "Fix the MailRoute.",
                 ),
                 _refs_pending(),
             )

@@ -9,8 +9,20 @@ File format (`auth.users_file`)::
 
 bcrypt and argon2 are deliberately slow (tens to hundreds of milliseconds), so checks run
 in a small dedicated thread pool: a burst of logins can neither stall SMTP sessions nor
-starve the spool's fsync threads. An unknown user is checked against a dummy hash so the
-answer takes as long as for a wrong password.
+starve the spool's fsync threads.
+
+AUTH must not tell which usernames exist. Whatever a name, the password is checked
+against one real hash of the file: the user's own, or for an unknown name the hash of the
+entry a keyed digest of the name picks (`UserDatabase.decoy_index`), whose result is then
+thrown away. So an unknown name costs exactly what a known one of the same scheme and
+parameters costs (bcrypt at any cost, argon2 with any memory, time and parallelism), a
+given name always costs the same, and in a file mixing schemes unknown names spread over
+them in the proportions of the real entries. A cache of verifications added later must
+keep this: key it on the name as given and cache only what unknown names can reach too
+(e.g. successes, which they never have), so both paths stay one path.
+
+The file's errors never show its values (a hash, or a password pasted where a hash
+belongs): see `mailrelay.relay.problems`.
 """
 
 from __future__ import annotations
@@ -18,15 +30,28 @@ from __future__ import annotations
 import asyncio
 import functools
 import hmac
+import re
+import secrets
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import argon2
 import bcrypt
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ModelWrapValidatorHandler,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from mailrelay.relay.config import ConfigError
+from mailrelay.relay.problems import validation_problems, yaml_problem
 from mailrelay.relay.routing import match_specificity
 
 __all__ = ["User", "UserDatabase", "hash_password", "load_users"]
@@ -34,10 +59,35 @@ __all__ = ["User", "UserDatabase", "hash_password", "load_users"]
 _argon = argon2.PasswordHasher()
 
 
+_BCRYPT_RE = re.compile(r"^\$2[aby]\$(\d\d)\$[./A-Za-z0-9]{53}$")
+_ARGON_TYPES = (argon2.Type.ID, argon2.Type.I)
+_HASH_HELP = (
+    "must be a bcrypt hash ($2b$<cost>$ and 53 characters) or an argon2id hash "
+    "($argon2id$v=19$m=...,t=...,p=...$...); docs/relay-config.md shows how to make one"
+)
+
+
+def hash_problem(value: str) -> str | None:
+    """Why `value` is not a usable password hash, in words that never quote it."""
+    match = _BCRYPT_RE.match(value)
+    if match is not None:
+        cost = int(match.group(1))
+        return None if 4 <= cost <= 31 else f"bcrypt cost must be between 4 and 31, not {cost}"
+    if value.startswith("$argon2"):
+        try:
+            params = argon2.extract_parameters(value)
+        except argon2.exceptions.InvalidHashError:
+            return "is not a well-formed argon2 hash; it " + _HASH_HELP
+        if params.type not in _ARGON_TYPES:
+            return "argon2 hashes must be argon2id (or argon2i), not argon2d"
+        return None
+    return _HASH_HELP
+
+
 @functools.cache
-def _dummy_hash() -> str:
-    """A hash to check unknown users against, so they take as long as wrong passwords."""
-    return bcrypt.hashpw(b"not-a-password", bcrypt.gensalt(rounds=10)).decode()
+def _empty_file_hash() -> str:
+    """What a password is checked against when the file has no users at all."""
+    return bcrypt.hashpw(secrets.token_bytes(16).hex().encode(), bcrypt.gensalt(rounds=10)).decode()
 
 
 class User(BaseModel):
@@ -52,8 +102,9 @@ class User(BaseModel):
     @field_validator("password_hash")
     @classmethod
     def _known_scheme(cls, value: str) -> str:
-        if not value.startswith(("$2a$", "$2b$", "$2y$", "$argon2id$", "$argon2i$")):
-            raise ValueError("password_hash must be a bcrypt ($2b$) or argon2 ($argon2id$) hash")
+        problem = hash_problem(value)
+        if problem is not None:
+            raise ValueError(problem)
         return value
 
     @field_validator("allowed_sender_domains")
@@ -70,15 +121,61 @@ class User(BaseModel):
         return match_specificity(self.allowed_sender_domains, sender_domain) is not None
 
 
+def _duplicate_names(names: list[tuple[int, object]]) -> list[InitErrorDetails]:
+    """A problem for each entry repeating an earlier entry's username."""
+    first: dict[object, int] = {}
+    problems = []
+    for index, name in names:
+        if name in first:
+            message = f"username is already used by users[{first[name]}]; names must be unique"
+            problems.append(
+                InitErrorDetails(
+                    type=PydanticCustomError("value_error", "{message}", {"message": message}),
+                    loc=("users", index, "username"),
+                    input=None,
+                )
+            )
+        else:
+            first[name] = index
+    return problems
+
+
 class _UsersFile(BaseModel):
     model_config = ConfigDict(extra="forbid")
     users: list[User] = Field(default_factory=list)
 
+    @model_validator(mode="wrap")
+    @classmethod
+    def _unique(cls, data: Any, handler: ModelWrapValidatorHandler[_UsersFile]) -> _UsersFile:
+        """Repeated names are reported even beside other problems (all listed at once)."""
+        try:
+            parsed = handler(data)
+        except ValidationError as exc:
+            raw = data.get("users") if isinstance(data, dict) else None
+            names = [
+                (i, u["username"])
+                for i, u in enumerate(raw if isinstance(raw, list) else [])
+                if isinstance(u, dict) and isinstance(u.get("username"), str)
+            ]
+            extra = _duplicate_names(names)
+            if not extra:
+                raise
+            details: list[InitErrorDetails] = [
+                InitErrorDetails(
+                    type=PydanticCustomError(e["type"], "{message}", {"message": e["msg"]}),
+                    loc=e["loc"],
+                    input=None,
+                )
+                for e in exc.errors(include_input=False)
+            ]
+            raise ValidationError.from_exception_data(cls.__name__, details + extra) from None
+        extra = _duplicate_names([(i, u.username) for i, u in enumerate(parsed.users)])
+        if extra:
+            raise ValidationError.from_exception_data(cls.__name__, extra)
+        return parsed
 
-def _check(password_hash: str | None, password: bytes) -> bool:
-    if password_hash is None:  # unknown user: same work, always False
-        bcrypt.checkpw(password, _dummy_hash().encode())
-        return False
+
+def _check(password_hash: str, password: bytes) -> bool:
     if password_hash.startswith("$argon2"):
         try:
             return bool(_argon.verify(password_hash, password))
@@ -102,21 +199,35 @@ class UserDatabase:
 
     def __init__(self, users: list[User]) -> None:
         self._users = {u.username: u for u in users}
+        # Stable order, so a given unknown name keeps its decoy across reloads of one file.
+        self._hashes = [u.password_hash for u in sorted(users, key=lambda u: u.username)]
+        self._decoy_key = secrets.token_bytes(32)
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="auth")
 
     def __len__(self) -> int:
         return len(self._users)
 
+    def decoy_index(self, username: str) -> int:
+        """The entry whose hash an unknown `username` is checked against (keyed, stable)."""
+        digest = hmac.new(self._decoy_key, username.encode("utf-8", "surrogatepass"), "sha256")
+        return int.from_bytes(digest.digest()[:8], "big") % max(1, len(self._hashes))
+
+    def _hash_to_check(self, username: str) -> tuple[User | None, str]:
+        """The user (None if unknown) and the hash the password is checked against."""
+        decoy = self.decoy_index(username)  # computed for every name: one path for both
+        user = self._users.get(username)
+        if user is not None:
+            return user, user.password_hash
+        return None, self._hashes[decoy] if self._hashes else _empty_file_hash()
+
     async def verify(self, username: str, password: bytes) -> User | None:
         """The user if the password matches, else None (in a worker thread)."""
-        user = self._users.get(username)
-        stored = user.password_hash if user is not None else None
+        user, stored = self._hash_to_check(username)
         loop = asyncio.get_running_loop()
         ok = await loop.run_in_executor(self._pool, _check, stored, password)
         if user is None or not ok:
             return None
-        # Compare names in constant time too; cheap, and keeps the two paths alike.
-        return user if hmac.compare_digest(user.username, username) else None
+        return user
 
     def close(self) -> None:
         """Stop the worker threads (after a reload replaced this database)."""
@@ -127,14 +238,22 @@ def load_users(path: Path | None) -> UserDatabase:
     """Read the users file; no file means no users (AUTH then always fails)."""
     if path is None:
         return UserDatabase([])
+    # `from None` throughout: a chained exception's text could quote the file's content.
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        parsed = _UsersFile.model_validate(data)
+        text = path.read_text(encoding="utf-8")
     except OSError as exc:
-        raise ConfigError(f"{path}: cannot read the users file: {exc.strerror}") from exc
-    except (yaml.YAMLError, ValidationError) as exc:
-        raise ConfigError(f"{path}: invalid users file: {exc}") from exc
-    names = [u.username for u in parsed.users]
-    if len(names) != len(set(names)):
-        raise ConfigError(f"{path}: usernames must be unique")
+        raise ConfigError(f"{path}: cannot read the users file: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: the users file is not UTF-8 text") from None
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        problem = yaml_problem(exc)
+        raise ConfigError(f"{path}: the users file is not valid YAML: {problem}") from None
+    try:
+        parsed = _UsersFile.model_validate(data)
+    except ValidationError as exc:
+        problems = validation_problems(exc, data)
+        lines = [f"{path}: invalid users file ({len(problems)} problem(s)):"]
+        raise ConfigError("\n".join(lines + [f"  - {p}" for p in problems])) from None
     return UserDatabase(parsed.users)

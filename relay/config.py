@@ -13,13 +13,29 @@ reloader can watch them too.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import re
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ModelWrapValidatorHandler,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import ErrorDetails, InitErrorDetails, PydanticCustomError
+
+from mailrelay.relay.problems import validation_problems, yaml_problem
 
 __all__ = [
     "ApiUpstream",
@@ -190,16 +206,47 @@ class RateLimit(_Model):
     )
 
 
+def network_problem(value: str) -> str | None:
+    """Why `value` is not a network in CIDR notation, in words; None if it is one.
+
+    One rule for the relay config and the operator's MailRelay spec.
+    """
+    try:
+        ipaddress.ip_network(value)
+    except ValueError:
+        pass
+    else:
+        return None
+    try:
+        meant = ipaddress.ip_network(value, strict=False)
+    except ValueError:
+        return f"{value!r} is not a network; write it in CIDR notation, like 10.0.0.0/8 or fd00::/8"
+    return f"{value} has host bits set; did you mean {meant}?"
+
+
+def _network(value: object) -> object:
+    """A CIDR string as a network, with a message that says what is wrong."""
+    if isinstance(value, ipaddress.IPv4Network | ipaddress.IPv6Network):
+        return value
+    if not isinstance(value, str):
+        raise ValueError("must be a network in CIDR notation, like 10.0.0.0/8 or fd00::/8")
+    problem = network_problem(value.strip())
+    if problem is not None:
+        raise ValueError(problem)
+    return ipaddress.ip_network(value.strip())
+
+
 def _check_domain_patterns(values: list[str]) -> list[str]:
-    out = []
+    out, bad = [], []
     for raw in values:
         value = raw.strip().lower()
         bare = value[2:] if value.startswith("*.") else value
         if "*" in bare or not _DOMAIN_RE.match(bare):
-            raise ValueError(
-                f"{raw!r} is not a domain pattern; use `example.com` or `*.example.com`"
-            )
+            bad.append(repr(raw))
         out.append(value)
+    if bad:
+        what = "is not a domain pattern" if len(bad) == 1 else "are not domain patterns"
+        raise ValueError(f"{', '.join(bad)} {what}; use `example.com` or `*.example.com`")
     return out
 
 
@@ -320,6 +367,160 @@ class RouteConfig(_Model):
     )
 
 
+_UPSTREAM = TypeAdapter[SmtpUpstream | ApiUpstream](Upstream)
+Loc = tuple[int | str, ...]
+
+
+@dataclass(frozen=True)
+class _Facts:
+    """What the rules across fields look at; None where the input does not say (validly)."""
+
+    route_names: list[tuple[Loc, str]]
+    upstreams: list[tuple[Loc, SmtpUpstream | ApiUpstream]]
+    users_file: bool | None
+    tls: bool | None
+    implicit_tls_port: bool | None
+    auth_required: bool | None
+    allowed_networks: bool | None
+
+    @classmethod
+    def from_config(cls, config: RelayConfig) -> _Facts:
+        """The facts of a config whose fields all validated."""
+        upstreams: list[tuple[Loc, SmtpUpstream | ApiUpstream]] = []
+        for i, route in enumerate(config.routes):
+            upstreams.append((("routes", i, "upstream", "name"), route.upstream))
+            upstreams += [
+                (("routes", i, "fallbacks", j, "name"), up) for j, up in enumerate(route.fallbacks)
+            ]
+        return cls(
+            route_names=[(("routes", i, "name"), r.name) for i, r in enumerate(config.routes)],
+            upstreams=upstreams,
+            users_file=config.auth.users_file is not None,
+            tls=config.listener.tls is not None,
+            implicit_tls_port=config.listener.implicit_tls_port is not None,
+            auth_required=config.auth.required,
+            allowed_networks=bool(config.allowed_networks),
+        )
+
+    @classmethod
+    def from_input(cls, data: object) -> _Facts:
+        """The facts the raw input states validly, when some other field did not validate."""
+        root = data if isinstance(data, Mapping) else {}
+        routes = root.get("routes")
+        route_names: list[tuple[Loc, str]] = []
+        upstreams: list[tuple[Loc, SmtpUpstream | ApiUpstream]] = []
+        for i, route in enumerate(routes if isinstance(routes, list) else []):
+            if not isinstance(route, Mapping):
+                continue
+            if isinstance(route.get("name"), str) and route["name"]:
+                route_names.append((("routes", i, "name"), route["name"]))
+            fallbacks = route.get("fallbacks")
+            candidates = [(("routes", i, "upstream", "name"), route.get("upstream"))] + [
+                (("routes", i, "fallbacks", j, "name"), up)
+                for j, up in enumerate(fallbacks if isinstance(fallbacks, list) else [])
+            ]
+            for loc, raw in candidates:
+                with contextlib.suppress(ValidationError):  # reported by its own field
+                    upstreams.append((loc, _UPSTREAM.validate_python(raw)))
+        auth = _section(root, "auth")
+        listener = _section(root, "listener")
+        networks = root.get("allowed_networks", [])
+        required = auth.get("required", True) if auth is not None else None
+        return cls(
+            route_names=route_names,
+            upstreams=upstreams,
+            users_file=None if auth is None else auth.get("users_file") is not None,
+            tls=None if listener is None else listener.get("tls") is not None,
+            implicit_tls_port=(
+                None if listener is None else listener.get("implicit_tls_port") is not None
+            ),
+            auth_required=required if isinstance(required, bool) else None,
+            allowed_networks=bool(networks) if isinstance(networks, list) else None,
+        )
+
+
+def _section(root: Mapping[str, Any], name: str) -> Mapping[str, Any] | None:
+    value = root.get(name, {})
+    if value is None:
+        return {}
+    return value if isinstance(value, Mapping) else None
+
+
+def _consistency_problems(facts: _Facts) -> list[tuple[Loc, str]]:
+    """Every rule across fields that `facts` break (one source for both paths)."""
+    problems: list[tuple[Loc, str]] = []
+    first_route: dict[str, Loc] = {}
+    for loc, name in facts.route_names:
+        if name in first_route:
+            where = f"routes[{first_route[name][1]}]"
+            message = f"route name {name!r} is already used by {where}; names must be unique"
+            problems.append((loc, message))
+        else:
+            first_route[name] = loc
+    seen: dict[str, SmtpUpstream | ApiUpstream] = {}
+    for loc, upstream in facts.upstreams:
+        other = seen.setdefault(upstream.name, upstream)
+        if other != upstream:
+            problems.append(
+                (
+                    loc,
+                    f"upstream name {upstream.name!r} is used for two different upstreams; "
+                    "give each upstream its own name",
+                )
+            )
+    if facts.users_file and facts.tls is False:
+        problems.append(
+            (
+                ("auth", "users_file"),
+                "auth.users_file is set but listener.tls is not: AUTH is only offered after "
+                "TLS, so configure listener.tls (cert_file, key_file)",
+            )
+        )
+    if facts.implicit_tls_port and facts.tls is False:
+        problems.append(
+            (("listener", "implicit_tls_port"), "listener.implicit_tls_port needs listener.tls")
+        )
+    if facts.auth_required and facts.users_file is False:
+        problems.append(
+            (
+                ("auth", "required"),
+                "auth.required is true but auth.users_file is not set; set users_file, "
+                "or required: false for a relay that only trusts allowed_networks",
+            )
+        )
+    if facts.users_file is False and facts.allowed_networks is False:
+        problems.append(
+            (
+                ("allowed_networks",),
+                "no auth.users_file and no allowed_networks: no client could ever send; "
+                "add a users file or allowed networks",
+            )
+        )
+    return problems
+
+
+def _problem(loc: Loc, message: str) -> InitErrorDetails:
+    return InitErrorDetails(
+        type=PydanticCustomError("value_error", "{message}", {"message": message}),
+        loc=loc,
+        input=None,
+    )
+
+
+def _init_details(error: ErrorDetails) -> InitErrorDetails:
+    """A reported error as pydantic takes it back, to merge with more problems."""
+    kind: str | PydanticCustomError = error["type"]
+    ctx = dict(error.get("ctx") or {})
+    if kind in ("value_error", "assertion_error") or "error" in ctx:
+        # Errors raised by validators carry an exception object pydantic cannot rebuild.
+        kind = PydanticCustomError(error["type"], "{message}", {"message": error["msg"]})
+        ctx = {}
+    details = InitErrorDetails(type=kind, loc=error["loc"], input=error.get("input"))
+    if ctx:
+        details["ctx"] = ctx
+    return details
+
+
 class RelayConfig(_Model):
     """The whole relay configuration."""
 
@@ -331,7 +532,9 @@ class RelayConfig(_Model):
     )
     listener: ListenerConfig = Field(default_factory=ListenerConfig, description="SMTP listeners.")
     auth: AuthConfig = Field(default_factory=AuthConfig, description="SMTP AUTH.")
-    allowed_networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = Field(
+    allowed_networks: list[
+        Annotated[ipaddress.IPv4Network | ipaddress.IPv6Network, BeforeValidator(_network)]
+    ] = Field(
         default_factory=list,
         description="Client networks allowed to send without AUTH. Empty: none.",
     )
@@ -348,40 +551,28 @@ class RelayConfig(_Model):
         default=30, ge=0, description="Time deliveries in flight get to finish on SIGTERM."
     )
 
-    @model_validator(mode="after")
-    def _consistent(self) -> RelayConfig:
-        route_names = [r.name for r in self.routes]
-        dupes = sorted({n for n in route_names if route_names.count(n) > 1})
-        if dupes:
-            raise ValueError(f"route names must be unique; repeated: {', '.join(dupes)}")
-        upstreams: dict[str, SmtpUpstream | ApiUpstream] = {}
-        for route in self.routes:
-            for upstream in (route.upstream, *route.fallbacks):
-                seen = upstreams.get(upstream.name)
-                if seen is not None and seen != upstream:
-                    raise ValueError(
-                        f"upstream name {upstream.name!r} is used for two different upstreams; "
-                        "give each upstream its own name"
-                    )
-                upstreams[upstream.name] = upstream
-        if self.auth.users_file is not None and self.listener.tls is None:
-            raise ValueError(
-                "auth.users_file is set but listener.tls is not: AUTH is only offered after "
-                "TLS, so configure listener.tls (cert_file, key_file)"
+    @model_validator(mode="wrap")
+    @classmethod
+    def _consistent(cls, data: Any, handler: ModelWrapValidatorHandler[RelayConfig]) -> RelayConfig:
+        """Rules across fields, checked even when some field is invalid, so that a file's
+        problems are all listed at once (a bad domain pattern must not hide a repeated
+        route name)."""
+        try:
+            config = handler(data)
+        except ValidationError as exc:
+            extra = _consistency_problems(_Facts.from_input(data))
+            if not extra:
+                raise
+            details = [_init_details(e) for e in exc.errors()]
+            raise ValidationError.from_exception_data(
+                cls.__name__, details + [_problem(loc, msg) for loc, msg in extra]
+            ) from None
+        problems = _consistency_problems(_Facts.from_config(config))
+        if problems:
+            raise ValidationError.from_exception_data(
+                cls.__name__, [_problem(loc, msg) for loc, msg in problems]
             )
-        if self.listener.implicit_tls_port is not None and self.listener.tls is None:
-            raise ValueError("listener.implicit_tls_port needs listener.tls")
-        if self.auth.required and self.auth.users_file is None:
-            raise ValueError(
-                "auth.required is true but auth.users_file is not set; set users_file, "
-                "or required: false for a relay that only trusts allowed_networks"
-            )
-        if self.auth.users_file is None and not self.allowed_networks:
-            raise ValueError(
-                "no auth.users_file and no allowed_networks: no client could ever send; "
-                "add a users file or allowed networks"
-            )
-        return self
+        return config
 
     def upstreams(self) -> dict[str, SmtpUpstream | ApiUpstream]:
         """Every distinct upstream by name (primaries and fallbacks)."""
@@ -410,12 +601,10 @@ class RelayConfig(_Model):
         return files
 
 
-def _format_validation_error(source: str, exc: ValidationError) -> str:
-    lines = [f"{source}: invalid relay configuration ({exc.error_count()} problem(s)):"]
-    for err in exc.errors():
-        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        msg = err["msg"].removeprefix("Value error, ")
-        lines.append(f"  - {where}: {msg}")
+def _format_validation_error(source: str, exc: ValidationError, data: object) -> str:
+    problems = validation_problems(exc, data)
+    lines = [f"{source}: invalid relay configuration ({len(problems)} problem(s)):"]
+    lines += [f"  - {problem}" for problem in problems]
     return "\n".join(lines)
 
 
@@ -444,13 +633,13 @@ def parse_config(
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{source}: not valid YAML: {exc}") from exc
+        raise ConfigError(f"{source}: not valid YAML: {yaml_problem(exc)}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: expected a mapping of settings at the top level")
     try:
         config = RelayConfig.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_format_validation_error(source, exc)) from exc
+        raise ConfigError(_format_validation_error(source, exc, data)) from None
     return _resolve_paths(config, base_dir) if base_dir is not None else config
 
 

@@ -37,8 +37,9 @@ from mailrelay.relay.health import HealthServer
 from mailrelay.relay.logging import configure_logging
 from mailrelay.relay.metrics import RelayMetrics
 from mailrelay.relay.reload import ConfigWatcher
-from mailrelay.relay.server import FrontSettings, SmtpFront, build_tls_context
+from mailrelay.relay.server import FrontSettings, SmtpFront
 from mailrelay.relay.spool import Spool
+from mailrelay.relay.tlsfiles import tls_problem
 
 __all__ = ["Command", "RelayApp", "main", "parse_args"]
 
@@ -204,7 +205,10 @@ class RelayApp:
         tls = config.listener.tls
         if tls is not None:
             # Prove the new certificate loads before touching the live context.
-            await asyncio.to_thread(build_tls_context, str(tls.cert_file), str(tls.key_file))
+            problem = await asyncio.to_thread(tls_problem, tls.cert_file, tls.key_file)
+            if problem is not None:
+                users.close()
+                raise ConfigError(problem)
         old = self.config
         restart_only = [
             name
@@ -364,20 +368,29 @@ async def _serve(
 
 
 def _check_config(path: Path) -> int:
+    """Every problem of the config file, the users file and the TLS files, all at once."""
     try:
         config = load_config(path)
-        users = load_users(config.auth.users_file)
-        users.close()
-        tls = config.listener.tls
-        if tls is not None:
-            build_tls_context(str(tls.cert_file), str(tls.key_file))
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return EXIT_CONFIG
-    except OSError as exc:
-        print(f"{path}: TLS certificate or key does not load: {exc}", file=sys.stderr)
+    problems: list[str] = []
+    users = 0
+    try:
+        database = load_users(config.auth.users_file)
+        users = len(database)
+        database.close()
+    except ConfigError as exc:
+        problems.append(str(exc))
+    tls = config.listener.tls
+    if tls is not None:
+        problem = tls_problem(tls.cert_file, tls.key_file)
+        if problem is not None:
+            problems.append(f"{path}: listener.tls: {problem}")
+    if problems:
+        print("\n".join(problems), file=sys.stderr)
         return EXIT_CONFIG
-    print(f"{path}: configuration is valid ({len(config.routes)} route(s), {len(users)} user(s))")
+    print(f"{path}: configuration is valid ({len(config.routes)} route(s), {users} user(s))")
     return EXIT_OK
 
 
@@ -397,6 +410,11 @@ def main(argv: list[str] | None = None) -> int:
         config = load_config(command.config)
     except ConfigError as exc:
         print(exc, file=sys.stderr)
+        return EXIT_CONFIG
+    tls = config.listener.tls
+    problem = tls_problem(tls.cert_file, tls.key_file) if tls is not None else None
+    if problem is not None:
+        print(f"{command.config}: listener.tls: {problem}", file=sys.stderr)
         return EXIT_CONFIG
     configure_logging(config.log_format)
     worker_index, children = command.worker_index, []

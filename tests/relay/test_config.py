@@ -76,7 +76,7 @@ def test_every_field_is_described() -> None:
     [
         (
             {"routes": [MINIMAL["routes"][0], MINIMAL["routes"][0]]},
-            "route names must be unique; repeated: out",
+            "routes[1].name: route name 'out' is already used by routes[0]",
         ),
         (
             {
@@ -99,16 +99,16 @@ def test_every_field_is_described() -> None:
         ({"auth": {"required": True}}, "auth.required is true but auth.users_file is not set"),
         ({"auth": {"required": False}, "allowed_networks": []}, "no client could ever send"),
         ({"listener": {"implicit_tls_port": 465}}, "implicit_tls_port needs listener.tls"),
-        ({"allowed_networks": ["10.0.0.1/8"]}, "allowed_networks.0"),
-        ({"colour": "blue"}, "colour: Extra inputs are not permitted"),
-        ({"hostname": "relay.test\r\nX-Injected: 1"}, "hostname: String should match pattern"),
+        ({"allowed_networks": ["10.0.0.1/8"]}, "allowed_networks[0]: 10.0.0.1/8 has host bits set; did you mean 10.0.0.0/8?"),
+        ({"colour": "blue"}, "colour: is not a known setting"),
+        ({"hostname": "relay.test\r\nX-Injected: 1"}, "hostname: must match pattern"),
         (
             {"retry": {"initial_backoff_seconds": 10, "max_backoff_seconds": 5}},
             "max_backoff_seconds",
         ),
         (
             {"routes": [{"name": "x", "upstream": {"type": "carrier-pigeon", "name": "p"}}]},
-            "routes.0.upstream",
+            "routes[0].upstream.type: must be one of 'smtp', 'api'",
         ),
         (
             {
@@ -215,7 +215,7 @@ def test_check_config_reports_every_problem(
     bad = tmp_path / "bad.yaml"
     bad.write_text(merged(limits={"max_recipients": 0}))
     assert main(["--config", str(bad), "--check-config"]) == 2
-    assert "limits.max_recipients: Input should be greater than or equal to 1" in (
+    assert "limits.max_recipients: must be greater than or equal to 1" in (
         capsys.readouterr().err
     )
     broken_users = tmp_path / "users.yaml"
@@ -226,7 +226,7 @@ def test_check_config_reports_every_problem(
         merged(auth={"required": True, "users_file": str(broken_users)}, listener={"tls": tls})
     )
     assert main(["--config", str(worse), "--check-config"]) == 2
-    assert "password_hash must be a bcrypt" in capsys.readouterr().err
+    assert "users[0].password_hash: must be a bcrypt hash" in capsys.readouterr().err
     wrong_key = tmp_path / "wrong-key.yaml"
     wrong_key.write_text(
         merged(
@@ -235,7 +235,7 @@ def test_check_config_reports_every_problem(
         )
     )
     assert main(["--config", str(wrong_key), "--check-config"]) == 2
-    assert "TLS certificate or key does not load" in capsys.readouterr().err
+    assert f"the TLS key file {bad} holds no PEM private key" in capsys.readouterr().err
 
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "relay-config.md"
