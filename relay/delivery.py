@@ -49,6 +49,7 @@ from mailrelay.relay.bounce import FailedRecipient, build_dsn, status_for
 from mailrelay.relay.config import ApiUpstream, RelayConfig, RouteConfig, SmtpUpstream
 from mailrelay.relay.metrics import DeliveryMetrics, RelayMetrics
 from mailrelay.relay.ratelimit import RouteRateLimits
+from mailrelay.relay.redact import redact_results
 from mailrelay.relay.routing import domain_of, select_route
 from mailrelay.relay.smtp_transport import PoolObserver
 from mailrelay.relay.spool import Claim, HeldMessage, QueueEntry, RecipientState, Spool
@@ -584,7 +585,8 @@ class DeliveryEngine:
                 smtputf8=entry.smtputf8,
                 body_8bitmime=entry.body_8bitmime,
             )
-            results = await self._transport(upstream).deliver(envelope, data)
+            # Redacted here, before any text reaches the spool, a log line or a bounce.
+            results = redact_results(await self._transport(upstream).deliver(envelope, data))
             by_address = {result.address: result for result in results}
             still: list[RecipientState] = []
             delivered = 0

@@ -39,6 +39,7 @@ from typing import Protocol
 import aiosmtplib
 
 from mailrelay.relay.config import SmtpUpstream
+from mailrelay.relay.redact import SECRETS
 from mailrelay.relay.smtp_pipelining import (
     command_group,
     data_payload,
@@ -178,6 +179,7 @@ class CredentialFiles:
         username = self._username_file.read_text(encoding="utf-8").strip()
         # Only the line break a secret file usually ends with is removed; spaces may matter.
         password = self._password_file.read_text(encoding="utf-8").rstrip("\r\n")
+        SECRETS.add_credentials(username, password)
         self._cached = _Credentials(username, password, identity)
         return self._cached
 

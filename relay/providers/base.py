@@ -42,6 +42,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from mailrelay.relay.config import ApiUpstream
 from mailrelay.relay.providers.limits import PROVIDER_LIMITS, ProviderLimits
 from mailrelay.relay.providers.mime import UnrepresentableMessage, ascii_address
+from mailrelay.relay.redact import SECRETS
 from mailrelay.relay.transport import Envelope, RecipientOutcome, RecipientResult
 
 __all__ = [
@@ -139,6 +140,7 @@ class CredentialStore:
             log.info("Reloaded credential %s of upstream %s", name, self._upstream)
         if not value:
             raise CredentialError(f"upstream {self._upstream!r}: credential file {path} is empty")
+        SECRETS.add(value)
         self._cache[name] = _CachedFile(signature=signature, value=value, checked_at=now)
         return value
 

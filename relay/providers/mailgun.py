@@ -14,6 +14,7 @@ import base64
 import httpx
 
 from mailrelay.relay.providers.base import ApiTransport, Call
+from mailrelay.relay.redact import SECRETS
 from mailrelay.relay.transport import Envelope
 
 __all__ = ["MailgunTransport"]
@@ -32,6 +33,7 @@ class MailgunTransport(ApiTransport):
 
     def build(self, envelope: Envelope, message: bytes, key: str) -> list[Call]:
         """One multipart request per batch of up to 1000 recipients."""
+        SECRETS.add_credentials("api", key)  # its Basic form could be echoed in an error
         auth = "Basic " + base64.b64encode(f"api:{key}".encode()).decode("ascii")
         path = f"/v3/{self.upstream.domain}/messages.mime"
         calls = []

@@ -99,7 +99,10 @@ def test_every_field_is_described() -> None:
         ({"auth": {"required": True}}, "auth.required is true but auth.users_file is not set"),
         ({"auth": {"required": False}, "allowed_networks": []}, "no client could ever send"),
         ({"listener": {"implicit_tls_port": 465}}, "implicit_tls_port needs listener.tls"),
-        ({"allowed_networks": ["10.0.0.1/8"]}, "allowed_networks[0]: 10.0.0.1/8 has host bits set; did you mean 10.0.0.0/8?"),
+        (
+            {"allowed_networks": ["10.0.0.1/8"]},
+            "allowed_networks[0]: 10.0.0.1/8 has host bits set; did you mean 10.0.0.0/8?",
+        ),
         ({"colour": "blue"}, "colour: is not a known setting"),
         ({"hostname": "relay.test\r\nX-Injected: 1"}, "hostname: must match pattern"),
         (
