@@ -137,5 +137,6 @@ def redact_results(
         detail = redactor(result.detail)
         remote = redactor(result.remote_id) if result.remote_id is not None else None
         changed = detail != result.detail or remote != result.remote_id
-        out.append(dataclasses.replace(result, detail=detail, remote_id=remote) if changed else result)
+        replaced = dataclasses.replace(result, detail=detail, remote_id=remote)
+        out.append(replaced if changed else result)
     return out

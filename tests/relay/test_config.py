@@ -218,9 +218,7 @@ def test_check_config_reports_every_problem(
     bad = tmp_path / "bad.yaml"
     bad.write_text(merged(limits={"max_recipients": 0}))
     assert main(["--config", str(bad), "--check-config"]) == 2
-    assert "limits.max_recipients: must be greater than or equal to 1" in (
-        capsys.readouterr().err
-    )
+    assert "limits.max_recipients: must be greater than or equal to 1" in (capsys.readouterr().err)
     broken_users = tmp_path / "users.yaml"
     broken_users.write_text("users:\n  - username: x\n    password_hash: plaintext\n")
     worse = tmp_path / "worse.yaml"
