@@ -13,7 +13,7 @@ here when it is read (`SECRETS.add`), and:
   it reaches the spool, the queue CLI or a bounce (`redact_results`).
 
 Besides the exact values, their usual encodings (base64, as in `Authorization: Basic`
-and SMTP AUTH, and URL quoting) and the password part of URLs with credentials
+and SMTP AUTH, URL quoting, Python's escaped repr) and the password part of URLs with credentials
 (`https://user:password@host`) are replaced. Values shorter than `MIN_SECRET_LENGTH` are
 not registered: replacing every `ab` in every log line would garble them without hiding
 anything a guess could not find.
@@ -60,6 +60,9 @@ class Redactor:
             raw = value.encode("utf-8", "surrogatepass")
             forms |= {value, base64.b64encode(raw).decode("ascii"), urllib.parse.quote(value)}
             forms.add(urllib.parse.quote_plus(value))
+            # As Python quotes it in an error (`b'Bearer key\\n...'`): escapes instead of
+            # line breaks and non-ASCII.
+            forms |= {repr(value)[1:-1], repr(raw)[2:-1]}
         with self._lock:
             new = [f for f in forms if f not in self._values]
             if not new:

@@ -52,9 +52,7 @@ async def _timed(db: UserDatabase, username: str, password: bytes) -> float:
 
 
 @pytest.mark.parametrize("scheme", sorted(HASHERS))
-async def test_unknown_user_costs_what_a_wrong_password_costs(
-    tmp_path: Path, scheme: str
-) -> None:
+async def test_unknown_user_costs_what_a_wrong_password_costs(tmp_path: Path, scheme: str) -> None:
     hashed = HASHERS[scheme](PASSWORD)
     db = load_users(_users_file(tmp_path, [("app", hashed), ("ops", HASHERS[scheme]("other"))]))
     try:
