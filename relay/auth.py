@@ -238,22 +238,31 @@ def load_users(path: Path | None) -> UserDatabase:
     """Read the users file; no file means no users (AUTH then always fails)."""
     if path is None:
         return UserDatabase([])
-    # `from None` throughout: a chained exception's text could quote the file's content.
+    # Errors are raised outside the `except` blocks: a chained exception (even one a
+    # traceback would not print) could quote the file's content.
+    problem: str | None = None
+    text = ""
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
-        raise ConfigError(f"{path}: cannot read the users file: {exc.strerror}") from None
+        problem = f"cannot read the users file: {exc.strerror}"
     except UnicodeDecodeError:
-        raise ConfigError(f"{path}: the users file is not UTF-8 text") from None
+        problem = "the users file is not UTF-8 text"
+    if problem is not None:
+        raise ConfigError(f"{path}: {problem}")
+    data: object = None
     try:
         data = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
-        problem = yaml_problem(exc)
-        raise ConfigError(f"{path}: the users file is not valid YAML: {problem}") from None
+        problem = f"the users file is not valid YAML: {yaml_problem(exc)}"
+    if problem is not None:
+        raise ConfigError(f"{path}: {problem}")
+    problems: list[str] = []
     try:
         parsed = _UsersFile.model_validate(data)
     except ValidationError as exc:
         problems = validation_problems(exc, data)
+    if problems:
         lines = [f"{path}: invalid users file ({len(problems)} problem(s)):"]
-        raise ConfigError("\n".join(lines + [f"  - {p}" for p in problems])) from None
+        raise ConfigError("\n".join(lines + [f"  - {p}" for p in problems]))
     return UserDatabase(parsed.users)
