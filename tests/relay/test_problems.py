@@ -174,7 +174,7 @@ def _check_config(config: Path) -> subprocess.CompletedProcess[str]:
 def test_check_config_lists_users_and_tls_problems_together_without_secrets(
     tmp_path: Path, tls_certs: TlsCerts
 ) -> None:
-    other_cert, other_key = tls_certs.issue(tmp_path, "other")
+    _, other_key = tls_certs.issue(tmp_path, "other")
     config = tmp_path / "relay.yaml"
     data = {
         **BASE,
