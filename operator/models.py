@@ -31,6 +31,8 @@ from urllib.parse import urlsplit
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 from pydantic.alias_generators import to_camel
 
+from mailrelay.relay import netguard
+
 GROUP = "mailrelay.dev"
 VERSION = "v1alpha1"
 API_VERSION = f"{GROUP}/{VERSION}"
@@ -63,6 +65,20 @@ CONDITION_TYPE = (
     r"(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])$"
 )
 CONDITION_REASON = r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$"
+# A label or annotation key: an optional DNS subdomain prefix and '/', then a name of at most
+# 63 characters (the prefix's own limit of 253 is a CEL size check beside the pattern).
+QUALIFIED_NAME = (
+    r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
+    r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$"
+)
+LABEL_VALUE = r"^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?$"
+# A container image reference as the distribution grammar defines it: an optional registry
+# (host[:port]/), lowercase path components, an optional :tag and an optional @digest.
+IMAGE_REFERENCE = (
+    r"^([A-Za-z0-9]([-A-Za-z0-9]*[A-Za-z0-9])?(\.[A-Za-z0-9]([-A-Za-z0-9]*[A-Za-z0-9])?)*"
+    r"(:[0-9]+)?/)?[a-z0-9]+((\.|_|__|-+)[a-z0-9]+)*(/[a-z0-9]+((\.|_|__|-+)[a-z0-9]+)*)*"
+    r"(:[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?(@[a-z0-9]+([+._-][a-z0-9]+)*:[a-fA-F0-9]{32,})?$"
+)
 
 MIB = 1024 * 1024
 
@@ -86,6 +102,24 @@ def cel(
 def validations(*rules: dict[str, str]) -> dict[str, Any]:
     """The ``json_schema_extra`` that carries CEL rules into the generated CRD."""
     return {"x-kubernetes-validations": list(rules)}
+
+
+def regex_rule(pattern: str, message: str, *, int_or_string: bool = False) -> dict[str, Any]:
+    """A CEL ``matches`` rule in place of an OpenAPI ``pattern``, so a refusal says what is
+    expected (a bare pattern only prints the regular expression)."""
+    rule = f"self.matches(r'{pattern}')"
+    return validations(cel(f"type(self) != string || {rule}" if int_or_string else rule, message))
+
+
+def regex_check(pattern: str, message: str) -> AfterValidator:
+    """The pydantic twin of ``regex_rule``: the same pattern, the same message."""
+
+    def check(value: str) -> str:
+        if not re.fullmatch(pattern, value):
+            raise ValueError(message)
+        return value
+
+    return AfterValidator(check)
 
 
 class KubeModel(BaseModel):
@@ -160,6 +194,42 @@ def parse_duration(value: str) -> timedelta:
 CIDR_MESSAGE = "must be a CIDR such as 10.0.0.0/8 or fd00::/8"
 HOST_MESSAGE = "must be a DNS name such as smtp.example.com or an IP address"
 ENDPOINT_MESSAGE = "must be an absolute http:// or https:// URL"
+NAME_MESSAGE = (
+    "must be a lowercase DNS-1123 name such as relay-tls: lowercase letters, digits, '-' "
+    "and '.', starting and ending with a letter or digit"
+)
+SECRET_KEY_MESSAGE = (
+    "must be a Secret key such as tls.crt or users.yaml: letters, digits, '-', '_' or '.'"
+)
+DURATION_MESSAGE = "must be a Go duration such as 30s, 5m, 1h30m or 500ms"
+QUANTITY_MESSAGE = "must be a Kubernetes quantity such as 500m, 256Mi, 1Gi or 2"
+SIZE_MESSAGE = "must be a size such as 1Gi, 512Mi or 0 (a quantity without a sign)"
+PERCENT_MESSAGE = "must be a number such as 1 or a percentage such as 25%"
+HOSTNAME_MESSAGE = (
+    "must be a DNS name such as mail.example.com: letters, digits and '-' in labels of at "
+    "most 63 characters, separated by dots"
+)
+DOMAIN_PATTERN_MESSAGE = (
+    "must be a lowercase domain such as example.com, or *.example.com for all of its "
+    "subdomains (a '*' only as the whole first label)"
+)
+LABEL_KEY_MESSAGE = (
+    "label keys must be a name such as tier or an optional DNS prefix and a name such as "
+    "example.com/tier (name: at most 63 letters, digits, '-', '_' or '.')"
+)
+LABEL_VALUE_MESSAGE = (
+    "label values must be at most 63 letters, digits, '-', '_' or '.', starting and ending "
+    "with a letter or digit, such as gold (or empty)"
+)
+ANNOTATION_KEY_MESSAGE = (
+    "annotation keys must be a name such as note or an optional DNS prefix and a name such "
+    "as example.com/note (name: at most 63 letters, digits, '-', '_' or '.')"
+)
+IMAGE_MESSAGE = (
+    "must be a container image reference such as ghcr.io/example/mailrelay:1.2.0 or "
+    "registry.example.com:5000/mailrelay@sha256:<64 hex digits> (lowercase repository path, "
+    "no spaces)"
+)
 
 
 def _no_duplicates(values: list[Any]) -> list[Any]:
@@ -174,14 +244,69 @@ def _no_duplicates(values: list[Any]) -> list[Any]:
 SET = AfterValidator(_no_duplicates)
 LIST_TYPE_SET: dict[str, Any] = {"x-kubernetes-list-type": "set"}
 Port = Annotated[int, Field(ge=1, le=65535)]
-ObjectName = Annotated[str, Field(min_length=1, max_length=253, pattern=DNS1123_SUBDOMAIN)]
-SecretKey = Annotated[str, Field(min_length=1, max_length=253, pattern=SECRET_KEY)]
-Duration = Annotated[str, Field(max_length=32, pattern=DURATION), AfterValidator(_check_duration)]
+ObjectName = Annotated[
+    str,
+    Field(
+        min_length=1,
+        max_length=253,
+        json_schema_extra=regex_rule(DNS1123_SUBDOMAIN, NAME_MESSAGE),
+    ),
+    regex_check(DNS1123_SUBDOMAIN, NAME_MESSAGE),
+]
+SecretKey = Annotated[
+    str,
+    Field(min_length=1, max_length=253, json_schema_extra=regex_rule(SECRET_KEY, SECRET_KEY_MESSAGE)),
+    regex_check(SECRET_KEY, SECRET_KEY_MESSAGE),
+]
+Duration = Annotated[
+    str,
+    Field(max_length=32, json_schema_extra=regex_rule(DURATION, DURATION_MESSAGE)),
+    regex_check(DURATION, DURATION_MESSAGE),
+    AfterValidator(_check_duration),
+]
 Quantity = Annotated[
-    int | Annotated[str, Field(max_length=64, pattern=QUANTITY)],
+    int
+    | Annotated[
+        str,
+        Field(
+            max_length=64,
+            json_schema_extra=regex_rule(QUANTITY, QUANTITY_MESSAGE, int_or_string=True),
+        ),
+        regex_check(QUANTITY, QUANTITY_MESSAGE),
+    ],
     Field(description="A Kubernetes quantity such as 500m, 256Mi or 2."),
 ]
-IntOrPercent = Annotated[int, Field(ge=0)] | Annotated[str, Field(max_length=4, pattern=PERCENT)]
+Size = Annotated[
+    str,
+    Field(max_length=64, json_schema_extra=regex_rule(SIZE, SIZE_MESSAGE)),
+    regex_check(SIZE, SIZE_MESSAGE),
+]
+IntOrPercent = (
+    Annotated[int, Field(ge=0)]
+    | Annotated[
+        str,
+        Field(
+            max_length=4,
+            json_schema_extra=regex_rule(PERCENT, PERCENT_MESSAGE, int_or_string=True),
+        ),
+        regex_check(PERCENT, PERCENT_MESSAGE),
+    ]
+)
+Hostname = Annotated[
+    str,
+    Field(max_length=253, json_schema_extra=regex_rule(HOSTNAME, HOSTNAME_MESSAGE)),
+    regex_check(HOSTNAME, HOSTNAME_MESSAGE),
+]
+DnsName = Annotated[
+    str,
+    Field(max_length=253, json_schema_extra=regex_rule(DNS1123_SUBDOMAIN, NAME_MESSAGE)),
+    regex_check(DNS1123_SUBDOMAIN, NAME_MESSAGE),
+]
+ImageReference = Annotated[
+    str,
+    Field(min_length=1, max_length=512, json_schema_extra=regex_rule(IMAGE_REFERENCE, IMAGE_MESSAGE)),
+    regex_check(IMAGE_REFERENCE, IMAGE_MESSAGE),
+]
 Cidr = Annotated[
     str,
     Field(
@@ -208,15 +333,60 @@ DomainPattern = Annotated[
     Field(
         min_length=1,
         max_length=253,
-        pattern=DOMAIN_PATTERN,
         description=(
             "A lowercase domain (example.com) or a subdomain wildcard (*.example.com, which "
             "matches every subdomain but not example.com itself)."
         ),
+        json_schema_extra=regex_rule(DOMAIN_PATTERN, DOMAIN_PATTERN_MESSAGE),
     ),
+    regex_check(DOMAIN_PATTERN, DOMAIN_PATTERN_MESSAGE),
 ]
-Labels = Annotated[dict[str, Annotated[str, Field(max_length=63)]], Field(max_length=64)]
-Annotations = Annotated[dict[str, Annotated[str, Field(max_length=4096)]], Field(max_length=64)]
+
+
+def _check_keys(pattern: str, message: str) -> AfterValidator:
+    """Map keys must match ``pattern`` and carry a prefix of at most 253 characters."""
+
+    def check(values: dict[str, str]) -> dict[str, str]:
+        for key in values:
+            if not re.fullmatch(pattern, key) or len(key.rpartition("/")[0]) > 253:
+                raise ValueError(f"{key!r}: {message}")
+        return values
+
+    return AfterValidator(check)
+
+
+def _check_label_values(values: dict[str, str]) -> dict[str, str]:
+    for key, value in values.items():
+        if not re.fullmatch(LABEL_VALUE, value):
+            raise ValueError(f"{key}={value!r}: {LABEL_VALUE_MESSAGE}")
+    return values
+
+
+def _key_rule(message: str) -> dict[str, str]:
+    return cel(
+        f"self.all(k, k.matches(r'{QUALIFIED_NAME}')"
+        " && (k.indexOf('/') < 0 || k.indexOf('/') <= 253))",
+        message,
+    )
+
+
+Labels = Annotated[
+    dict[str, Annotated[str, Field(max_length=63)]],
+    Field(
+        max_length=64,
+        json_schema_extra=validations(
+            _key_rule(LABEL_KEY_MESSAGE),
+            cel(f"self.all(k, self[k].matches(r'{LABEL_VALUE}'))", LABEL_VALUE_MESSAGE),
+        ),
+    ),
+    _check_keys(QUALIFIED_NAME, LABEL_KEY_MESSAGE),
+    AfterValidator(_check_label_values),
+]
+Annotations = Annotated[
+    dict[str, Annotated[str, Field(max_length=4096)]],
+    Field(max_length=64, json_schema_extra=validations(_key_rule(ANNOTATION_KEY_MESSAGE))),
+    _check_keys(QUALIFIED_NAME, ANNOTATION_KEY_MESSAGE),
+]
 
 
 # --- Shared parts ----------------------------------------------------------------------------
@@ -502,7 +672,7 @@ class Listener(KubeModel):
         default=None,
         description="Optional implicit-TLS submission port (RFC 8314), usually 465.",
     )
-    hostname: Annotated[str, Field(max_length=253, pattern=HOSTNAME)] | None = Field(
+    hostname: Hostname | None = Field(
         default=None,
         description=(
             "Name the relay announces in its greeting and Received headers; "
@@ -654,22 +824,46 @@ class Queue(KubeModel):
         )
     )
 
-    size: Annotated[str, Field(max_length=64, pattern=SIZE)] = Field(
+    size: Size = Field(
         default="1Gi",
         description=(
             "Size of each pod's spool volume (a quantity such as 1Gi). 0 keeps the spool in an "
             "emptyDir, which loses queued mail with the pod: for tests only."
         ),
     )
-    storage_class_name: Annotated[str, Field(max_length=253)] | None = Field(
+    storage_class_name: DnsName | None = Field(
         default=None,
         description="StorageClass of the spool volumes; the cluster default when unset.",
     )
     retry: Retry = Field(default_factory=Retry, description="Retry schedule for deferred mail.")
 
 
+EXTERNAL_TRAFFIC_POLICY_MESSAGE = (
+    "externalTrafficPolicy is only used by Services of type NodePort or LoadBalancer"
+)
+SOURCE_RANGES_MESSAGE = "loadBalancerSourceRanges is only used by Services of type LoadBalancer"
+
+
 class ServiceSettings(KubeModel):
     """The Service in front of the relay pods."""
+
+    model_config = ConfigDict(
+        json_schema_extra=validations(
+            cel(
+                "!has(self.externalTrafficPolicy) || self.type != 'ClusterIP'",
+                EXTERNAL_TRAFFIC_POLICY_MESSAGE,
+                field_path=".externalTrafficPolicy",
+                reason="FieldValueForbidden",
+            ),
+            cel(
+                "!has(self.loadBalancerSourceRanges) || size(self.loadBalancerSourceRanges) == 0"
+                " || self.type == 'LoadBalancer'",
+                SOURCE_RANGES_MESSAGE,
+                field_path=".loadBalancerSourceRanges",
+                reason="FieldValueForbidden",
+            ),
+        )
+    )
 
     type: Literal["ClusterIP", "NodePort", "LoadBalancer"] = Field(
         default="ClusterIP", description="Service type; ClusterIP keeps the relay in-cluster."
@@ -678,6 +872,32 @@ class ServiceSettings(KubeModel):
         default_factory=dict,
         description="Annotations for the Service, such as a cloud load balancer's settings.",
     )
+    external_traffic_policy: Literal["Cluster", "Local"] | None = Field(
+        default=None,
+        description=(
+            "For NodePort and LoadBalancer: Local keeps each client's own address (nodes "
+            "forward only to relay pods on themselves), so allowedNetworks sees who really "
+            "connects; Cluster (Kubernetes' default) replaces it with a node's address. "
+            "Required (or loadBalancerSourceRanges) while allowedNetworks is not empty."
+        ),
+    )
+    load_balancer_source_ranges: Annotated[list[Cidr], SET] = Field(
+        default_factory=list,
+        max_length=64,
+        json_schema_extra=LIST_TYPE_SET,
+        description=(
+            "For LoadBalancer: the client networks the load balancer lets in at all; "
+            "everyone when empty."
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _fields_fit_type(self) -> Self:
+        if self.external_traffic_policy is not None and self.type == "ClusterIP":
+            raise ValueError(EXTERNAL_TRAFFIC_POLICY_MESSAGE)
+        if self.load_balancer_source_ranges and self.type != "LoadBalancer":
+            raise ValueError(SOURCE_RANGES_MESSAGE)
+        return self
 
 
 class ServiceMonitorSettings(KubeModel):
@@ -711,6 +931,26 @@ RELAY_OPEN_MESSAGE = (
     "or nobody could send"
 )
 RELAY_METRICS_PORT_MESSAGE = "metrics.port must differ from the listener ports"
+OPEN_RELAY_MESSAGE = netguard.open_relay_message(
+    "allowedNetworks", "insecureAllowPublicNetworks"
+)
+EXPOSED_TRUST_MESSAGE = (
+    "a NodePort or LoadBalancer Service with externalTrafficPolicy Cluster hands the relay "
+    "internet clients with a node's address, which allowedNetworks trusts: set "
+    "service.externalTrafficPolicy: Local (the relay sees real client addresses), or for a "
+    "LoadBalancer service.loadBalancerSourceRanges (only those networks get in at all)"
+)
+
+
+def _cel_strings(values: tuple[str, ...]) -> str:
+    return "[" + ", ".join(f"'{value}'" for value in values) + "]"
+
+
+# CEL twin of netguard.is_private_network, from the same tuple.
+PRIVATE_NETWORK_RULE = (
+    f"self.allowedNetworks.all(n, {_cel_strings(netguard.PRIVATE_NETWORKS)}"
+    ".exists(p, cidr(p).containsCIDR(cidr(n))))"
+)
 
 
 class MailRelaySpec(KubeModel):
@@ -743,13 +983,29 @@ class MailRelaySpec(KubeModel):
                 RELAY_METRICS_PORT_MESSAGE,
                 field_path=".metrics.port",
             ),
+            cel(
+                f"self.insecureAllowPublicNetworks || {PRIVATE_NETWORK_RULE}",
+                OPEN_RELAY_MESSAGE,
+                field_path=".allowedNetworks",
+            ),
+            cel(
+                "size(self.allowedNetworks) == 0 || self.service.type == 'ClusterIP'"
+                " || (has(self.service.externalTrafficPolicy)"
+                " && self.service.externalTrafficPolicy == 'Local')"
+                " || (self.service.type == 'LoadBalancer'"
+                " && has(self.service.loadBalancerSourceRanges)"
+                " && size(self.service.loadBalancerSourceRanges) > 0)",
+                EXPOSED_TRUST_MESSAGE,
+                field_path=".service.externalTrafficPolicy",
+                reason="FieldValueRequired",
+            ),
         )
     )
 
     replicas: int = Field(
         default=2, ge=0, le=100, description="Number of relay pods; 0 stops the relay."
     )
-    image: Annotated[str, Field(min_length=1, max_length=512)] | None = Field(
+    image: ImageReference | None = Field(
         default=None, description="Relay container image; the operator's default when unset."
     )
     listener: Listener = Field(
@@ -762,7 +1018,17 @@ class MailRelaySpec(KubeModel):
         json_schema_extra=LIST_TYPE_SET,
         description=(
             "Client networks (CIDRs) that may send without AUTH. Empty by default: no network "
-            "is trusted unless listed."
+            "is trusted unless listed. Only private ranges (10.0.0.0/8, 172.16.0.0/12, "
+            "192.168.0.0/16, 100.64.0.0/10, fc00::/7, loopback, link-local) unless "
+            "insecureAllowPublicNetworks is set."
+        ),
+    )
+    insecure_allow_public_networks: bool = Field(
+        default=False,
+        description=(
+            "Acknowledge that allowedNetworks lists networks beyond private addresses, whose "
+            "clients may then send without AUTH from the internet (an open relay for them); "
+            "refused without it."
         ),
     )
     limits: Limits = Field(default_factory=Limits, description="Message and connection limits.")
@@ -793,7 +1059,7 @@ class MailRelaySpec(KubeModel):
         json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},
         description="A core/v1 Affinity, copied into the pod spec unchanged.",
     )
-    priority_class_name: Annotated[str, Field(max_length=253)] | None = Field(
+    priority_class_name: DnsName | None = Field(
         default=None, description="PriorityClass of the relay pods."
     )
     pod_annotations: Annotations = Field(
@@ -821,6 +1087,17 @@ class MailRelaySpec(KubeModel):
             self.listener.implicit_tls_port,
         ):
             raise ValueError(RELAY_METRICS_PORT_MESSAGE)
+        networks = [ipaddress.ip_network(n, strict=False) for n in self.allowed_networks]
+        if netguard.public_networks(networks) and not self.insecure_allow_public_networks:
+            raise ValueError(OPEN_RELAY_MESSAGE)
+        service = self.service
+        if (
+            self.allowed_networks
+            and service.type != "ClusterIP"
+            and service.external_traffic_policy != "Local"
+            and not (service.type == "LoadBalancer" and service.load_balancer_source_ranges)
+        ):
+            raise ValueError(EXPOSED_TRUST_MESSAGE)
         return self
 
 
@@ -972,6 +1249,20 @@ API_CREDENTIALS_MESSAGE = (
     "credentialsSecretRef is required for this provider (only ses may go without)"
 )
 CONFIGURATION_SET_MESSAGE = "configurationSet is only used by provider ses"
+LOCAL_ENDPOINT_MESSAGE = netguard.local_endpoint_message("endpoint", "insecureAllowLocalEndpoint")
+# CEL twin of netguard.local_host_reason (literal addresses and the known names only; the
+# relay checks every resolved address when it connects).
+_ENDPOINT_HOST = "url(self.endpoint).getHostname().lowerAscii()"
+LOCAL_ENDPOINT_RULE = (
+    "!has(self.endpoint) || self.insecureAllowLocalEndpoint || !isURL(self.endpoint)"
+    f" || !(isIP({_ENDPOINT_HOST})"
+    f" ? {_cel_strings(tuple(n for n, _ in netguard.LOCAL_NETWORKS))}"
+    f".exists(c, cidr(c).containsIP({_ENDPOINT_HOST}))"
+    f" : ({_ENDPOINT_HOST} in"
+    f" {_cel_strings(tuple(h + d for h in netguard.LOCAL_HOST_NAMES for d in ('', '.')))}"
+    f" || {_ENDPOINT_HOST}.endsWith('{netguard.LOCAL_NAME_SUFFIX}')"
+    f" || {_ENDPOINT_HOST}.endsWith('{netguard.LOCAL_NAME_SUFFIX}.')))"
+)
 MESSAGE_STREAM_MESSAGE = "messageStream is only used by provider postmark"
 
 
@@ -1040,6 +1331,7 @@ class ApiUpstream(KubeModel):
                 field_path=".messageStream",
                 reason="FieldValueForbidden",
             ),
+            cel(LOCAL_ENDPOINT_RULE, LOCAL_ENDPOINT_MESSAGE, field_path=".endpoint"),
         )
     )
 
@@ -1076,7 +1368,7 @@ class ApiUpstream(KubeModel):
             "endpoint); the full URL to POST to for webhook."
         ),
     )
-    domain: Annotated[str, Field(max_length=253, pattern=DNS1123_SUBDOMAIN)] | None = Field(
+    domain: DnsName | None = Field(
         default=None, description="Sending domain registered with Mailgun (mailgun only)."
     )
     configuration_set: Annotated[str, Field(min_length=1, max_length=64)] | None = Field(
@@ -1090,6 +1382,15 @@ class ApiUpstream(KubeModel):
         description=(
             "Secret with the API credentials. Optional only for ses (the pod's AWS identity "
             "is used); a webhook needs it for its signing secret."
+        ),
+    )
+    insecure_allow_local_endpoint: bool = Field(
+        default=False,
+        description=(
+            "Let endpoint reach loopback, link-local (169.254.0.0/16, fe80::/10), unspecified "
+            "and cloud metadata addresses, which are refused by default (here for literal "
+            "addresses and names such as localhost, and by the relay for every address a name "
+            "resolves to): for a test server or a proxy on the pod's own loopback only."
         ),
     )
 
@@ -1117,6 +1418,9 @@ class ApiUpstream(KubeModel):
             raise ValueError(CONFIGURATION_SET_MESSAGE)
         if self.message_stream is not None and provider != "postmark":
             raise ValueError(MESSAGE_STREAM_MESSAGE)
+        if self.endpoint is not None and not self.insecure_allow_local_endpoint:
+            if netguard.local_host_reason(urlsplit(self.endpoint).hostname or "") is not None:
+                raise ValueError(LOCAL_ENDPOINT_MESSAGE)
         return self
 
 

@@ -193,6 +193,8 @@ def _upstream_config(
             out[field] = value
     if api.credentials_secret_ref is not None:
         out["credentials_dir"] = directory
+    if api.insecure_allow_local_endpoint:
+        out["insecure_allow_local_endpoint"] = True
     return out
 
 
@@ -256,6 +258,7 @@ def build_relay_config(
             ),
         },
         "allowed_networks": list(spec.allowed_networks),
+        "insecure_allow_public_networks": spec.insecure_allow_public_networks,
         "limits": {
             "max_message_size": spec.limits.max_message_size,
             "max_recipients": spec.limits.max_recipients,

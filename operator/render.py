@@ -165,16 +165,16 @@ def render_service(relay: RelayInputs, settings: OperatorSettings) -> dict[str, 
     metadata = _metadata(relay, relay.name)
     if relay.spec.service.annotations:
         metadata["annotations"] = dict(relay.spec.service.annotations)
-    return {
-        "apiVersion": "v1",
-        "kind": "Service",
-        "metadata": metadata,
-        "spec": {
-            "type": relay.spec.service.type,
-            "selector": selector_labels(relay),
-            "ports": _service_ports(relay.spec),
-        },
+    spec: dict[str, Any] = {
+        "type": relay.spec.service.type,
+        "selector": selector_labels(relay),
+        "ports": _service_ports(relay.spec),
     }
+    if relay.spec.service.external_traffic_policy is not None:
+        spec["externalTrafficPolicy"] = relay.spec.service.external_traffic_policy
+    if relay.spec.service.load_balancer_source_ranges:
+        spec["loadBalancerSourceRanges"] = list(relay.spec.service.load_balancer_source_ranges)
+    return {"apiVersion": "v1", "kind": "Service", "metadata": metadata, "spec": spec}
 
 
 def render_headless_service(relay: RelayInputs, settings: OperatorSettings) -> dict[str, Any]:

@@ -17,9 +17,10 @@ import contextlib
 import ipaddress
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import (
@@ -35,6 +36,7 @@ from pydantic import (
 )
 from pydantic_core import ErrorDetails, InitErrorDetails, PydanticCustomError
 
+from mailrelay.relay import netguard
 from mailrelay.relay.problems import validation_problems, yaml_problem
 
 __all__ = [
@@ -323,6 +325,11 @@ class ApiUpstream(_Model):
     configuration_set: str | None = Field(
         default=None, description="SES configuration set name for event publishing."
     )
+    insecure_allow_local_endpoint: bool = Field(
+        default=False,
+        description="Allow `endpoint` to reach loopback, link-local, unspecified and cloud "
+        "metadata addresses (refused by default, also after DNS resolution).",
+    )
 
     @model_validator(mode="after")
     def _provider_fields(self) -> ApiUpstream:
@@ -336,6 +343,16 @@ class ApiUpstream(_Model):
             raise ValueError(
                 f"upstream {self.name!r}: endpoint {self.endpoint!r} must start with https://"
             )
+        if self.endpoint is not None and not self.insecure_allow_local_endpoint:
+            host = urlsplit(self.endpoint).hostname or ""
+            reason = netguard.local_host_reason(host)
+            if reason is not None:
+                raise ValueError(
+                    netguard.local_endpoint_message(
+                        f"upstream {self.name!r}: endpoint host {host!r} is {reason}",
+                        "insecure_allow_local_endpoint",
+                    )
+                )
         regional = self.provider in ("mailgun", "sparkpost", "sendgrid")
         if regional and self.region not in (None, "us", "eu"):
             raise ValueError(
@@ -382,6 +399,8 @@ class _Facts:
     implicit_tls_port: bool | None
     auth_required: bool | None
     allowed_networks: bool | None
+    public_networks: list[str] = field(default_factory=list)
+    public_networks_allowed: bool | None = None
 
     @classmethod
     def from_config(cls, config: RelayConfig) -> _Facts:
@@ -400,6 +419,8 @@ class _Facts:
             implicit_tls_port=config.listener.implicit_tls_port is not None,
             auth_required=config.auth.required,
             allowed_networks=bool(config.allowed_networks),
+            public_networks=[str(n) for n in netguard.public_networks(config.allowed_networks)],
+            public_networks_allowed=config.insecure_allow_public_networks,
         )
 
     @classmethod
@@ -436,7 +457,26 @@ class _Facts:
             ),
             auth_required=required if isinstance(required, bool) else None,
             allowed_networks=bool(networks) if isinstance(networks, list) else None,
+            public_networks=_public_networks_of(networks),
+            public_networks_allowed=(
+                acknowledged
+                if isinstance(
+                    acknowledged := root.get("insecure_allow_public_networks", False), bool
+                )
+                else None
+            ),
         )
+
+
+def _public_networks_of(raw: object) -> list[str]:
+    """The valid entries of a raw allowed_networks list that reach beyond private ranges."""
+    networks = []
+    for value in raw if isinstance(raw, list) else []:
+        with contextlib.suppress(ValueError, TypeError):  # reported by the field itself
+            network = _network(value)
+            assert isinstance(network, ipaddress.IPv4Network | ipaddress.IPv6Network)
+            networks.append(network)
+    return [str(network) for network in netguard.public_networks(networks)]
 
 
 def _section(root: Mapping[str, Any], name: str) -> Mapping[str, Any] | None:
@@ -488,6 +528,17 @@ def _consistency_problems(facts: _Facts) -> list[tuple[Loc, str]]:
                 "or required: false for a relay that only trusts allowed_networks",
             )
         )
+    if facts.public_networks and facts.public_networks_allowed is False:
+        problems.append(
+            (
+                ("allowed_networks",),
+                netguard.open_relay_message(
+                    "allowed_networks",
+                    "insecure_allow_public_networks",
+                    ", ".join(facts.public_networks),
+                ),
+            )
+        )
     if facts.users_file is False and facts.allowed_networks is False:
         problems.append(
             (
@@ -537,6 +588,11 @@ class RelayConfig(_Model):
     ] = Field(
         default_factory=list,
         description="Client networks allowed to send without AUTH. Empty: none.",
+    )
+    insecure_allow_public_networks: bool = Field(
+        default=False,
+        description="Acknowledge that `allowed_networks` reach beyond private addresses "
+        "(an open relay for those internet clients); refused without it.",
     )
     limits: LimitsConfig = Field(default_factory=LimitsConfig, description="Limits.")
     spool: SpoolConfig = Field(description="The durable spool.")

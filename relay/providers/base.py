@@ -39,6 +39,7 @@ import certifi
 import httpx
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from mailrelay.relay import http_guard
 from mailrelay.relay.config import ApiUpstream
 from mailrelay.relay.providers.limits import PROVIDER_LIMITS, ProviderLimits
 from mailrelay.relay.providers.mime import UnrepresentableMessage, ascii_address
@@ -347,12 +348,15 @@ class ApiTransport:
             timeout=httpx.Timeout(
                 upstream.timeout_seconds, connect=upstream.connect_timeout_seconds
             ),
-            limits=httpx.Limits(
-                max_connections=upstream.concurrency,
-                max_keepalive_connections=upstream.concurrency,
+            transport=http_guard.transport(
+                verify=verify,
+                limits=httpx.Limits(
+                    max_connections=upstream.concurrency,
+                    max_keepalive_connections=upstream.concurrency,
+                ),
+                allow_local=upstream.insecure_allow_local_endpoint,
             ),
             follow_redirects=False,
-            verify=verify,
             headers={"User-Agent": "mailrelay"},
         )
 
@@ -544,6 +548,10 @@ class ApiTransport:
                 self._count(RecipientOutcome.TEMPORARY.value)
                 return self._all(call.recipients, RecipientOutcome.TEMPORARY, detail)
             except httpx.HTTPError as exc:
+                refusal = http_guard.blocked(exc)
+                if refusal is not None:
+                    self._config_error(envelope, str(refusal))
+                    return self._all(call.recipients, RecipientOutcome.CONFIG_ERROR, str(refusal))
                 detail = f"{self.provider} API unreachable: {type(exc).__name__}: {exc}"
                 log.warning(
                     "Deferred message %s on upstream %s: %s", envelope.queue_id, self.name, detail

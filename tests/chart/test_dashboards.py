@@ -338,6 +338,7 @@ async def test_relay_exports_every_metric_the_dashboards_and_alerts_use(
                     "name": "hook-api",
                     "provider": "webhook",
                     "endpoint": provider.base_url + "/hook",
+                    "insecure_allow_local_endpoint": True,
                     "credentials_dir": str(credentials),
                     "connect_timeout_seconds": 2,
                     "timeout_seconds": 5,

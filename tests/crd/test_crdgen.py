@@ -167,7 +167,15 @@ def test_defaults_bounds_enums_formats_and_patterns_are_carried_over() -> None:
         0,
         True,
     )
-    assert _at(route, "spec.match.senderDomains.[]")["pattern"] == models.DOMAIN_PATTERN
+    # Patterns are CEL rules with a message (a bare OpenAPI pattern prints only the regex).
+    domain = _at(route, "spec.match.senderDomains.[]")
+    assert "pattern" not in domain
+    assert domain["x-kubernetes-validations"] == [
+        {
+            "rule": f"self.matches(r'{models.DOMAIN_PATTERN}')",
+            "message": models.DOMAIN_PATTERN_MESSAGE,
+        }
+    ]
     condition_time = _at(relay, "status.conditions.[].lastTransitionTime")
     assert condition_time["format"] == "date-time"
     assert _at(relay, "status.conditions")["x-kubernetes-list-map-keys"] == ["type"]
@@ -193,10 +201,11 @@ def test_quantities_are_int_or_string_and_affinity_is_free_form() -> None:
     relay = _schema(_crd("MailRelay"))
     cpu = _at(relay, "spec.resources.requests")["additionalProperties"]
     assert cpu["x-kubernetes-int-or-string"] is True
-    assert cpu["pattern"] == models.QUANTITY
+    assert _rules(cpu) == [f"type(self) != string || self.matches(r'{models.QUANTITY}')"]
     unavailable = _at(relay, "spec.podDisruptionBudget.maxUnavailable")
     assert unavailable["x-kubernetes-int-or-string"] is True
-    assert (unavailable["minimum"], unavailable["pattern"]) == (0, models.PERCENT)
+    assert unavailable["minimum"] == 0
+    assert _rules(unavailable) == [f"type(self) != string || self.matches(r'{models.PERCENT}')"]
     affinity = _at(relay, "spec.affinity")
     assert affinity == {
         "description": affinity["description"],
@@ -223,7 +232,9 @@ def test_cel_rules_sit_on_the_node_they_constrain() -> None:
     assert _rules(_at(relay, "spec.allowedNetworks.[]")) == ["isCIDR(self)"]
     assert any("isIP(self)" in rule for rule in _rules(_at(route, "spec.upstream.smtp.host")))
     assert any("duration(" in rule for rule in _rules(_at(relay, "spec.queue.retry")))
-    assert len(_rules(_at(relay, "spec"))) == 4
+    assert len(_rules(_at(relay, "spec"))) == 6
+    assert models.PRIVATE_NETWORK_RULE in _rules(_at(relay, "spec"))[4]
+    assert models.LOCAL_ENDPOINT_RULE in _rules(_at(route, "spec.upstream.api"))
 
 
 def test_every_cel_message_of_the_models_reaches_the_crds() -> None:

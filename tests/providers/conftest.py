@@ -80,6 +80,7 @@ def upstream_fields(provider: str, server: ProviderServer, credentials: Path) ->
         "name": f"{provider}-api",
         "provider": provider,
         "endpoint": server.base_url + ("/hook" if provider == "webhook" else ""),
+        "insecure_allow_local_endpoint": True,  # the stand-in listens on loopback
         "credentials_dir": str(credentials),
         "connect_timeout_seconds": 2,
         "timeout_seconds": 5,

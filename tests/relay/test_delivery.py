@@ -448,6 +448,7 @@ async def test_misconfigured_api_primary_falls_back_to_smtp(world: World) -> Non
         "name": "hook",
         "provider": "webhook",
         "endpoint": "http://127.0.0.1:9/",
+        "insecure_allow_local_endpoint": True,
     }
     config = world.config(
         [{"name": "r", "upstream": hook, "fallbacks": [world.smtp(fallback, "smtp")]}]
