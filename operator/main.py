@@ -56,6 +56,7 @@ def _info(kind: str, body: kopf.Body) -> ObjectInfo:
         spec=kopf_to_dict(body.get("spec") or {}),
         status=kopf_to_dict(body.get("status") or {}),
         resource_version=resource_version_number(meta.get("resourceVersion")),
+        created=str(meta.get("creationTimestamp") or ""),
     )
 
 

@@ -255,7 +255,9 @@ ObjectName = Annotated[
 ]
 SecretKey = Annotated[
     str,
-    Field(min_length=1, max_length=253, json_schema_extra=regex_rule(SECRET_KEY, SECRET_KEY_MESSAGE)),
+    Field(
+        min_length=1, max_length=253, json_schema_extra=regex_rule(SECRET_KEY, SECRET_KEY_MESSAGE)
+    ),
     regex_check(SECRET_KEY, SECRET_KEY_MESSAGE),
 ]
 Duration = Annotated[
@@ -304,7 +306,9 @@ DnsName = Annotated[
 ]
 ImageReference = Annotated[
     str,
-    Field(min_length=1, max_length=512, json_schema_extra=regex_rule(IMAGE_REFERENCE, IMAGE_MESSAGE)),
+    Field(
+        min_length=1, max_length=512, json_schema_extra=regex_rule(IMAGE_REFERENCE, IMAGE_MESSAGE)
+    ),
     regex_check(IMAGE_REFERENCE, IMAGE_MESSAGE),
 ]
 Cidr = Annotated[
@@ -931,9 +935,7 @@ RELAY_OPEN_MESSAGE = (
     "or nobody could send"
 )
 RELAY_METRICS_PORT_MESSAGE = "metrics.port must differ from the listener ports"
-OPEN_RELAY_MESSAGE = netguard.open_relay_message(
-    "allowedNetworks", "insecureAllowPublicNetworks"
-)
+OPEN_RELAY_MESSAGE = netguard.open_relay_message("allowedNetworks", "insecureAllowPublicNetworks")
 EXPOSED_TRUST_MESSAGE = (
     "a NodePort or LoadBalancer Service with externalTrafficPolicy Cluster hands the relay "
     "internet clients with a node's address, which allowedNetworks trusts: set "
@@ -1418,9 +1420,13 @@ class ApiUpstream(KubeModel):
             raise ValueError(CONFIGURATION_SET_MESSAGE)
         if self.message_stream is not None and provider != "postmark":
             raise ValueError(MESSAGE_STREAM_MESSAGE)
-        if self.endpoint is not None and not self.insecure_allow_local_endpoint:
-            if netguard.local_host_reason(urlsplit(self.endpoint).hostname or "") is not None:
-                raise ValueError(LOCAL_ENDPOINT_MESSAGE)
+        endpoint_host = urlsplit(self.endpoint).hostname if self.endpoint is not None else None
+        if (
+            endpoint_host is not None
+            and not self.insecure_allow_local_endpoint
+            and netguard.local_host_reason(endpoint_host) is not None
+        ):
+            raise ValueError(LOCAL_ENDPOINT_MESSAGE)
         return self
 
 

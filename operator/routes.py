@@ -7,6 +7,12 @@ Gather, decide, act:
 * decide: ``judge_routes`` (pure) validates each route, checks its relay, the relay's
   ``routeSelector``, its Secret references and conflicts, and says which routes go into the
   relay's config; ``route_status`` (pure) turns a verdict into the status to write;
+
+Conflicts follow Gateway API: of the routes with the same match and priority, the oldest
+(``creationTimestamp``, then name) keeps serving and each newer one gets ``Accepted=False``,
+reason ``Conflicted``, naming it; a newcomer never evicts an established route. A route
+whose Secret references do not resolve is left out of the config, so it is not accepted
+either: ``Accepted=False`` with the reason of ``ResolvedRefs``.
 * act: ``write_route_status`` patches a route's status only when it differs, and posts an
   Event when a condition flips.
 
@@ -58,6 +64,7 @@ class ObjectInfo:
     spec: Mapping[str, Any] = field(default_factory=dict)
     status: Mapping[str, Any] = field(default_factory=dict)
     resource_version: int = 0
+    created: str = ""  # metadata.creationTimestamp (RFC 3339 in UTC, so it sorts as text)
 
     def event_target(self) -> dict[str, Any]:
         """The minimal body kopf needs to post an Event about this object."""
@@ -232,23 +239,33 @@ def judge_routes(
             continue
         verdicts[route.name] = RouteVerdict(route, spec, accepted, _refs_pending())
 
-    by_key: dict[tuple[int, tuple[str, ...], tuple[str, ...]], list[str]] = {}
-    for name, spec in candidates.items():
-        by_key.setdefault(_match_key(spec), []).append(name)
+    # The oldest route of each (match, priority) holds it; the newer ones are conflicted.
+    holders: dict[tuple[int, tuple[str, ...], tuple[str, ...]], ObjectInfo] = {}
+    for route in sorted(routes, key=lambda r: (r.created, r.name)):
+        if route.name in candidates:
+            holders.setdefault(_match_key(candidates[route.name]), route)
     for route in routes:
         if route.name not in candidates:
             continue
         spec = candidates[route.name]
-        rivals = [n for n in by_key[_match_key(spec)] if n != route.name]
+        holder = holders[_match_key(spec)]
         refs = check_secret_refs(secret_refs(spec), secret_keys, subject="route")
-        if rivals:
+        if holder.name != route.name:
             accepted = ConditionUpdate(
                 ACCEPTED,
                 "False",
-                "RouteConflict",
-                f"MailRoute(s) {', '.join(sorted(rivals))} have the same match and priority "
-                f"({spec.priority}), so which one wins would be arbitrary; change the priority "
-                "or the match of one of them. Neither is carried until then.",
+                "Conflicted",
+                f"MailRoute {holder.name!r} has the same match and priority ({spec.priority}) "
+                "and is older, so it keeps carrying that mail and this route is left out; "
+                "change this route's priority or match (or delete one of the two).",
+            )
+        elif refs.status != "True":
+            accepted = ConditionUpdate(
+                ACCEPTED,
+                "False",
+                refs.reason,
+                f"Left out of MailRelay {spec.relay_ref.name!r}'s config until its Secret "
+                f"references resolve: {refs.message}",
             )
         else:
             accepted = ConditionUpdate(
@@ -317,12 +334,14 @@ async def write_route_status(
         return False
     await patch_status("MailRoute", route.namespace, route.name, status)
     before = route.status.get("conditions") or []
+    posted: set[str] = set()  # Accepted=False repeats ResolvedRefs' reason: one Event is enough
     for type_ in (ACCEPTED, RESOLVED_REFS):
         after = status["conditions"]
         condition = find_condition(after, type_)
         if condition is not None and worth_an_event(before, after, type_):
             kind = "Normal" if condition["status"] == "True" else "Warning"
-            if condition["status"] != "Unknown":
+            if condition["status"] != "Unknown" and condition["reason"] not in posted:
                 post_event(route, kind, condition["reason"], condition["message"])
+                posted.add(condition["reason"])
     log.info("Wrote status of MailRoute %s/%s", route.namespace, route.name)
     return True

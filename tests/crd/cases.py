@@ -80,6 +80,13 @@ class Invalid:
         }
 
 
+def _api_edit(provider: str, **fields: Any) -> dict[str, Any]:
+    """Edits that make the base route's upstream a provider API with credentials."""
+    return {
+        "upstream": {"api": {"provider": provider, "credentialsSecretRef": {"name": "k"}, **fields}}
+    }
+
+
 INVALID: list[Invalid] = [
     # --- MailRoute: the upstream ------------------------------------------------------------
     Invalid(
@@ -226,15 +233,15 @@ INVALID: list[Invalid] = [
         "bad-domain-pattern",
         "MailRoute",
         {"match.senderDomains": ["example..com"]},
-        ('spec.match.senderDomains[0]: Invalid value: "example..com"', "should match"),
-        "String should match pattern",
+        ("spec.match.senderDomains[0]: Invalid value", "such as example.com, or *.example.com"),
+        "such as example.com, or *.example.com",
     ),
     Invalid(
         "wildcard-inside-domain",
         "MailRoute",
         {"match.recipientDomains": ["mail.*.example.com"]},
-        ('spec.match.recipientDomains[0]: Invalid value: "mail.*.example.com"', "should match"),
-        "String should match pattern",
+        ("spec.match.recipientDomains[0]: Invalid value", "a '*' only as the whole first label"),
+        "a '*' only as the whole first label",
     ),
     Invalid(
         "rate-limit-zero",
@@ -271,7 +278,222 @@ INVALID: list[Invalid] = [
         ('unknown field "spec.upstream.smtp.hostname"',),
         "hostname\n  Extra inputs are not permitted",
     ),
+    Invalid(
+        "domain-pattern-with-uppercase",
+        "MailRoute",
+        {"match.senderDomains": ["Example.com"]},
+        ("spec.match.senderDomains[0]: Invalid value", "must be a lowercase domain"),
+        "must be a lowercase domain",
+    ),
+    Invalid(
+        "bad-secret-name",
+        "MailRoute",
+        {"upstream.smtp.credentialsSecretRef": {"name": "Smart_Host"}},
+        (
+            "spec.upstream.smtp.credentialsSecretRef.name: Invalid value",
+            "must be a lowercase DNS-1123 name such as relay-tls",
+        ),
+        "must be a lowercase DNS-1123 name such as relay-tls",
+    ),
+    Invalid(
+        "bad-secret-key",
+        "MailRoute",
+        {"upstream.smtp.credentialsSecretRef": {"name": "smarthost", "passwordKey": "pass word"}},
+        (
+            "spec.upstream.smtp.credentialsSecretRef.passwordKey: Invalid value",
+            "must be a Secret key such as tls.crt",
+        ),
+        "must be a Secret key such as tls.crt",
+    ),
+    # --- MailRoute: SSRF --------------------------------------------------------------------
+    Invalid(
+        "webhook-to-metadata-service",
+        "MailRoute",
+        _api_edit("webhook", endpoint="http://169.254.169.254/latest/meta-data/"),
+        ("spec.upstream.api.endpoint: Invalid value", "may not reach loopback, link-local"),
+        "may not reach loopback, link-local",
+    ),
+    Invalid(
+        "endpoint-on-loopback",
+        "MailRoute",
+        _api_edit("sparkpost", endpoint="http://127.0.0.1:8080"),
+        ("spec.upstream.api.endpoint: Invalid value", "set insecureAllowLocalEndpoint: true"),
+        "set insecureAllowLocalEndpoint: true",
+    ),
+    Invalid(
+        "endpoint-localhost-name",
+        "MailRoute",
+        _api_edit("postmark", endpoint="https://LocalHost:8443/"),
+        ("spec.upstream.api.endpoint: Invalid value", "may not reach loopback"),
+        "may not reach loopback",
+    ),
+    Invalid(
+        "endpoint-gcp-metadata-name",
+        "MailRoute",
+        _api_edit("webhook", endpoint="http://metadata.google.internal/computeMetadata/v1/"),
+        ("spec.upstream.api.endpoint: Invalid value", "cloud metadata addresses"),
+        "cloud metadata addresses",
+    ),
+    Invalid(
+        "endpoint-ipv6-link-local",
+        "MailRoute",
+        _api_edit("resend", endpoint="https://[fe80::1]/"),
+        ("spec.upstream.api.endpoint: Invalid value", "may not reach loopback, link-local"),
+        "may not reach loopback, link-local",
+    ),
+    Invalid(
+        "endpoint-unspecified-in-fallback",
+        "MailRoute",
+        {"fallbacks": [_api_edit("sendgrid", endpoint="http://0.0.0.0:80")["upstream"]]},
+        ("spec.fallbacks[0].api.endpoint: Invalid value", "may not reach loopback"),
+        "may not reach loopback",
+    ),
     # --- MailRelay --------------------------------------------------------------------------
+    Invalid(
+        "open-relay-everyone",
+        "MailRelay",
+        {"auth": {"required": False}, "allowedNetworks": ["0.0.0.0/0"]},
+        ("spec.allowedNetworks: Invalid value", "open relay for the internet"),
+        "open relay for the internet",
+    ),
+    Invalid(
+        "open-relay-ipv6-everyone-with-auth",
+        "MailRelay",
+        {"allowedNetworks": ["10.0.0.0/8", "::/0"]},
+        ("spec.allowedNetworks: Invalid value", "set insecureAllowPublicNetworks: true"),
+        "set insecureAllowPublicNetworks: true",
+    ),
+    Invalid(
+        "open-relay-range-wider-than-private",
+        "MailRelay",
+        {"auth": {"required": False}, "allowedNetworks": ["10.0.0.0/7"]},
+        ("spec.allowedNetworks: Invalid value", "reaches beyond private addresses"),
+        "reaches beyond private addresses",
+    ),
+    Invalid(
+        "open-relay-public-slash-24",
+        "MailRelay",
+        {"allowedNetworks": ["203.0.113.0/24"]},
+        ("spec.allowedNetworks: Invalid value", "reaches beyond private addresses"),
+        "reaches beyond private addresses",
+    ),
+    Invalid(
+        "load-balancer-trusting-node-addresses",
+        "MailRelay",
+        {"allowedNetworks": ["10.0.0.0/8"], "service": {"type": "LoadBalancer"}},
+        (
+            "spec.service.externalTrafficPolicy: Required value",
+            "set service.externalTrafficPolicy: Local",
+        ),
+        "set service.externalTrafficPolicy: Local",
+    ),
+    Invalid(
+        "node-port-trusting-node-addresses",
+        "MailRelay",
+        {
+            "allowedNetworks": ["10.0.0.0/8"],
+            "service": {"type": "NodePort", "externalTrafficPolicy": "Cluster"},
+        },
+        ("spec.service.externalTrafficPolicy: Required value", "with a node's address"),
+        "with a node's address",
+    ),
+    Invalid(
+        "node-port-source-ranges-do-not-apply",
+        "MailRelay",
+        {
+            "allowedNetworks": ["10.0.0.0/8"],
+            "service": {"type": "NodePort", "loadBalancerSourceRanges": ["10.0.0.0/8"]},
+        },
+        (
+            "spec.service.loadBalancerSourceRanges: Forbidden",
+            "only used by Services of type LoadBalancer",
+        ),
+        "only used by Services of type LoadBalancer",
+    ),
+    Invalid(
+        "external-traffic-policy-on-cluster-ip",
+        "MailRelay",
+        {"service": {"externalTrafficPolicy": "Local"}},
+        ("spec.service.externalTrafficPolicy: Forbidden", "NodePort or LoadBalancer"),
+        "NodePort or LoadBalancer",
+    ),
+    Invalid(
+        "bad-image-reference",
+        "MailRelay",
+        {"image": "ghcr.io/Example/mailrelay:1.0"},
+        ("spec.image: Invalid value", "must be a container image reference such as"),
+        "must be a container image reference such as",
+    ),
+    Invalid(
+        "image-with-space",
+        "MailRelay",
+        {"image": "mailrelay:1.0 "},
+        ("spec.image: Invalid value", "must be a container image reference such as"),
+        "must be a container image reference such as",
+    ),
+    Invalid(
+        "bad-node-selector-key",
+        "MailRelay",
+        {"nodeSelector": {"disk type": "ssd"}},
+        ("spec.nodeSelector: Invalid value", "label keys must be a name such as tier"),
+        "label keys must be a name such as tier",
+    ),
+    Invalid(
+        "bad-node-selector-value",
+        "MailRelay",
+        {"nodeSelector": {"disktype": "fast ssd"}},
+        ("spec.nodeSelector: Invalid value", "label values must be at most 63"),
+        "label values must be at most 63",
+    ),
+    Invalid(
+        "bad-pod-annotation-key",
+        "MailRelay",
+        {"podAnnotations": {"example.com/a/b": "x"}},
+        ("spec.podAnnotations: Invalid value", "annotation keys must be a name"),
+        "annotation keys must be a name",
+    ),
+    Invalid(
+        "bad-service-annotation-key",
+        "MailRelay",
+        {"service": {"annotations": {"-lb-": "x"}}},
+        ("spec.service.annotations: Invalid value", "annotation keys must be a name"),
+        "annotation keys must be a name",
+    ),
+    Invalid(
+        "bad-priority-class-name",
+        "MailRelay",
+        {"priorityClassName": "High_Priority"},
+        ("spec.priorityClassName: Invalid value", "must be a lowercase DNS-1123 name"),
+        "must be a lowercase DNS-1123 name",
+    ),
+    Invalid(
+        "bad-storage-class-name",
+        "MailRelay",
+        {"queue": {"storageClassName": "Fast SSD"}},
+        ("spec.queue.storageClassName: Invalid value", "must be a lowercase DNS-1123 name"),
+        "must be a lowercase DNS-1123 name",
+    ),
+    Invalid(
+        "bad-listener-hostname",
+        "MailRelay",
+        {"listener.hostname": "mail_relay.example.com"},
+        ("spec.listener.hostname: Invalid value", "must be a DNS name such as mail.example.com"),
+        "must be a DNS name such as mail.example.com",
+    ),
+    Invalid(
+        "bad-resource-quantity",
+        "MailRelay",
+        {"resources": {"limits": {"memory": "1 GB"}}},
+        ("spec.resources.limits.memory: Invalid value", "must be a Kubernetes quantity such as"),
+        "must be a Kubernetes quantity such as",
+    ),
+    Invalid(
+        "bad-pdb-percentage",
+        "MailRelay",
+        {"podDisruptionBudget": {"maxUnavailable": "half"}},
+        ("spec.podDisruptionBudget.maxUnavailable: Invalid value", "a percentage such as 25%"),
+        "a percentage such as 25%",
+    ),
     Invalid(
         "negative-replicas",
         "MailRelay",
@@ -339,8 +561,8 @@ INVALID: list[Invalid] = [
         "bad-duration",
         "MailRelay",
         {"queue": {"retry": {"maxAge": "5 days"}}},
-        ('spec.queue.retry.maxAge: Invalid value: "5 days"', "should match"),
-        "String should match pattern",
+        ("spec.queue.retry.maxAge: Invalid value", "must be a Go duration such as 30s"),
+        "must be a Go duration such as 30s",
     ),
     Invalid(
         "bad-tls-version",
@@ -353,8 +575,8 @@ INVALID: list[Invalid] = [
         "bad-queue-size",
         "MailRelay",
         {"queue": {"size": "lots"}},
-        ('spec.queue.size: Invalid value: "lots"', "should match"),
-        "String should match pattern",
+        ("spec.queue.size: Invalid value", "must be a size such as 1Gi"),
+        "must be a size such as 1Gi",
     ),
     Invalid(
         "pdb-both-bounds",
@@ -417,11 +639,7 @@ INVALID: list[Invalid] = [
 INVALID_IDS = [case.id for case in INVALID]
 
 
-def _api(provider: str, **fields: Any) -> dict[str, Any]:
-    """Edits that make the base route's upstream a provider API with credentials."""
-    return {
-        "upstream": {"api": {"provider": provider, "credentialsSecretRef": {"name": "k"}, **fields}}
-    }
+_api = _api_edit
 
 
 # Edge cases on both sides of a rule: (edits of the base spec, whether it is accepted).
@@ -447,7 +665,26 @@ ROUTE_FIELD_RULES: list[tuple[dict[str, Any], bool]] = [
     (_api("resend", messageStream="x"), False),
     (_api("webhook", endpoint="https://hooks.example.org/in"), True),
     (_api("webhook", endpoint="https:///no-host"), False),
-    (_api("sparkpost", endpoint="http://127.0.0.1:8080"), True),
+    (_api("sparkpost", endpoint="http://127.0.0.1:8080"), False),
+    (_api("sparkpost", endpoint="http://127.0.0.1:8080", insecureAllowLocalEndpoint=True), True),
+    (_api("webhook", endpoint="http://169.254.169.254/", insecureAllowLocalEndpoint=True), True),
+    (_api("webhook", endpoint="http://10.0.0.5:8080/hook"), True),  # in-cluster: private is fine
+    (_api("webhook", endpoint="https://hooks.svc.cluster.local/in"), True),
+    (_api("webhook", endpoint="http://169.254.169.254:80/"), False),
+    (_api("webhook", endpoint="http://169.255.0.1/"), True),  # just outside link-local
+    (_api("webhook", endpoint="http://[::1]:8080/"), False),
+    (_api("webhook", endpoint="http://[fd00:ec2::254]/"), False),  # AWS metadata over IPv6
+    (_api("webhook", endpoint="http://[fd00:ec2::253]/"), True),
+    (_api("webhook", endpoint="http://127.255.255.254/"), False),
+    (_api("webhook", endpoint="http://localhost./"), False),
+    (_api("webhook", endpoint="http://api.localhost/"), False),
+    (_api("webhook", endpoint="http://notlocalhost.example/"), True),
+    (_api("webhook", endpoint="http://metadata.google.internal./"), False),
+    (_api("webhook", endpoint="http://100.100.100.200/"), False),
+    (_api("webhook", endpoint="http://100.100.100.201/"), True),
+    ({"upstream.smtp.host": "127.0.0.1"}, True),  # SMTP upstreams: a local sidecar is fine
+    ({"match.senderDomains": ["xn--bcher-kva.example"]}, True),
+    ({"upstream.smtp.credentialsSecretRef": {"name": "smart.host-1"}}, True),
 ]
 RELAY_FIELD_RULES: list[tuple[dict[str, Any], bool]] = [
     ({"allowedNetworks": ["fd00::/8", "10.0.0.0/8", "192.168.1.0/24"]}, True),
@@ -492,6 +729,89 @@ RELAY_FIELD_RULES: list[tuple[dict[str, Any], bool]] = [
     ),
     ({"networkPolicy": {"enabled": True, "allowedFrom": [{"ipBlock": {}}]}}, False),
     ({"affinity": {"nodeAffinity": {"anything": ["goes", 1]}}}, True),
+    # Open relay: private ranges are fine, anything reaching beyond needs the acknowledgement.
+    (
+        {
+            "allowedNetworks": [
+                "10.0.0.0/8",
+                "172.16.0.0/12",
+                "192.168.0.0/16",
+                "100.64.0.0/10",
+                "127.0.0.0/8",
+                "169.254.0.0/16",
+                "fc00::/7",
+                "::1/128",
+                "fe80::/10",
+            ]
+        },
+        True,
+    ),
+    ({"allowedNetworks": ["172.16.0.0/11"]}, False),
+    ({"allowedNetworks": ["172.31.255.0/24"]}, True),
+    ({"allowedNetworks": ["100.128.0.0/16"]}, False),  # just past carrier-grade NAT
+    ({"allowedNetworks": ["fd12:3456::/48"]}, True),
+    ({"allowedNetworks": ["2001:db8::/32"]}, False),
+    ({"allowedNetworks": ["0.0.0.0/0"], "insecureAllowPublicNetworks": True}, True),
+    (
+        {
+            "auth": {"required": False},
+            "allowedNetworks": ["203.0.113.0/24"],
+            "insecureAllowPublicNetworks": True,
+        },
+        True,
+    ),
+    ({"insecureAllowPublicNetworks": "true"}, False),  # strict booleans
+    # Exposed Services of a relay that trusts networks.
+    ({"service": {"type": "LoadBalancer"}}, True),  # trusts nobody: AUTH for everyone
+    (
+        {
+            "allowedNetworks": ["10.0.0.0/8"],
+            "service": {"type": "LoadBalancer", "externalTrafficPolicy": "Local"},
+        },
+        True,
+    ),
+    (
+        {
+            "allowedNetworks": ["10.0.0.0/8"],
+            "service": {"type": "LoadBalancer", "loadBalancerSourceRanges": ["10.0.0.0/8"]},
+        },
+        True,
+    ),
+    (
+        {
+            "allowedNetworks": ["10.0.0.0/8"],
+            "service": {"type": "NodePort", "externalTrafficPolicy": "Local"},
+        },
+        True,
+    ),
+    ({"allowedNetworks": ["10.0.0.0/8"], "service": {"type": "ClusterIP"}}, True),
+    ({"service": {"type": "LoadBalancer", "loadBalancerSourceRanges": ["203.0.113.0/2"]}}, True),
+    ({"service": {"type": "LoadBalancer", "loadBalancerSourceRanges": ["nope"]}}, False),
+    ({"service": {"type": "NodePort", "externalTrafficPolicy": "Nearest"}}, False),
+    # Fields the API server would otherwise refuse only in the StatefulSet.
+    ({"image": "mailrelay"}, True),
+    ({"image": "ghcr.io/example/mailrelay:1.2.0"}, True),
+    ({"image": "localhost:5000/team/mail_relay/relay:v1.2-rc.1"}, True),
+    ({"image": "registry.example.com/mailrelay@sha256:" + "a" * 64}, True),
+    ({"image": "mailrelay:1.0@sha256:" + "0" * 64}, True),
+    ({"image": "mailrelay:"}, False),
+    ({"image": "https://ghcr.io/example/mailrelay"}, False),
+    ({"nodeSelector": {"kubernetes.io/os": "linux", "node.example.com/pool": "mail-1"}}, True),
+    ({"nodeSelector": {"kubernetes.io/os": ""}}, True),
+    ({"nodeSelector": {"/os": "linux"}}, False),
+    ({"nodeSelector": {"a" * 64: "x"}}, False),
+    ({"nodeSelector": {"os": "x" * 64}}, False),
+    ({"nodeSelector": {"os": "-linux"}}, False),
+    ({"nodeSelector": {"a" * 254 + "/os": "linux"}}, False),  # prefix over 253 characters
+    ({"podAnnotations": {"prometheus.io/scrape": "true", "note": "any value at all !"}}, True),
+    ({"podAnnotations": {"Example.com/note": "x"}}, False),
+    ({"routeSelector": {"matchLabels": {"team": "a b"}}}, False),
+    ({"metrics": {"serviceMonitor": {"labels": {"release": "kube-prometheus"}}}}, True),
+    ({"priorityClassName": "system-cluster-critical"}, True),
+    ({"queue": {"storageClassName": "fast.ssd-1"}}, True),
+    ({"listener.hostname": "Mail.Example.com"}, True),
+    ({"listener.hostname": "mail.example.com."}, False),
+    ({"resources": {"limits": {"memory": "1.5Gi", "cpu": "250m"}}}, True),
     ({"tolerations": [{"key": "mail", "operator": "Exists", "effect": "NoSchedule"}]}, True),
     ({"routeSelector": {"matchExpressions": [{"key": "t", "operator": "Exists"}]}}, True),
     (

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -21,7 +22,7 @@ from mailrelay.operator.apply import (
     with_applied_hash,
 )
 from mailrelay.operator.relays import name_problem, ready_condition, routes_condition
-from mailrelay.operator.routes import ObjectInfo, judge_routes, selector_matches
+from mailrelay.operator.routes import ObjectInfo, judge_routes, route_status, selector_matches
 from mailrelay.operator.settings import FIELD_MANAGER, load_settings
 
 RELAY_SPEC: dict[str, Any] = {
@@ -32,7 +33,11 @@ SECRETS = {"smarthost": frozenset({"username", "password"}), "half": frozenset({
 
 
 def route(
-    name: str, priority: int = 100, senders: tuple[str, ...] = (), **extra: Any
+    name: str,
+    priority: int = 100,
+    senders: tuple[str, ...] = (),
+    created: str = "2026-12-01T10:00:00Z",
+    **extra: Any,
 ) -> ObjectInfo:
     smtp: dict[str, Any] = {"host": "smtp.example.net"}
     if "secret" in extra:
@@ -44,10 +49,23 @@ def route(
         "upstream": {"smtp": smtp},
         **extra.pop("spec", {}),
     }
-    return ObjectInfo("MailRoute", "ns", name, "uid", 1, labels=extra.pop("labels", {}), spec=spec)
+    return ObjectInfo(
+        "MailRoute",
+        "ns",
+        name,
+        "uid",
+        1,
+        labels=extra.pop("labels", {}),
+        spec=spec,
+        created=created,
+    )
 
 
 RELAY = ObjectInfo("MailRelay", "ns", "outbound", "uid", 1, spec=RELAY_SPEC)
+
+
+def CLOCK() -> datetime:
+    return datetime(2026, 12, 1, tzinfo=UTC)
 
 
 def judge(
@@ -63,16 +81,29 @@ class TestJudgeRoutes:
         ("routes", "expected"),
         [
             ([route("a")], {"a": ("Accepted", "ResolvedRefs", True)}),
+            # Left out of the config for a Secret: not accepted either.
             (
                 [route("a", secret="missing")],
-                {"a": ("Accepted", "SecretNotFound", False)},
+                {"a": ("SecretNotFound", "SecretNotFound", False)},
             ),
-            ([route("a", secret="half")], {"a": ("Accepted", "SecretKeyMissing", False)}),
+            ([route("a", secret="half")], {"a": ("SecretKeyMissing", "SecretKeyMissing", False)}),
+            # Same match and priority: the older route keeps serving.
             (
-                [route("a", senders=("x.example",)), route("b", senders=("x.example",))],
+                [
+                    route("a", senders=("x.example",), created="2026-12-02T00:00:00Z"),
+                    route("b", senders=("x.example",), created="2026-12-01T00:00:00Z"),
+                ],
                 {
-                    "a": ("RouteConflict", "ResolvedRefs", False),
-                    "b": ("RouteConflict", "ResolvedRefs", False),
+                    "a": ("Conflicted", "ResolvedRefs", False),
+                    "b": ("Accepted", "ResolvedRefs", True),
+                },
+            ),
+            # Created in the same second: the name breaks the tie.
+            (
+                [route("b", senders=("x.example",)), route("a", senders=("x.example",))],
+                {
+                    "a": ("Accepted", "ResolvedRefs", True),
+                    "b": ("Conflicted", "ResolvedRefs", False),
                 },
             ),
             (
@@ -87,7 +118,15 @@ class TestJudgeRoutes:
                 {"a": ("InvalidSpec", "NotChecked", False)},
             ),
         ],
-        ids=["plain", "secret-missing", "key-missing", "conflict", "priorities-differ", "invalid"],
+        ids=[
+            "plain",
+            "secret-missing",
+            "key-missing",
+            "conflict-oldest-wins",
+            "conflict-same-second",
+            "priorities-differ",
+            "invalid",
+        ],
     )
     def test_verdicts(self, routes: list[ObjectInfo], expected: dict[str, Any]) -> None:
         assert judge(routes) == expected
@@ -101,6 +140,52 @@ class TestJudgeRoutes:
             "a": ("NotSelected", "NotChecked", False),
             "b": ("Accepted", "ResolvedRefs", True),
         }
+
+    def test_a_newcomer_never_evicts_the_route_that_serves(self) -> None:
+        """Gateway API's rule: the established route keeps the mail, the newcomer is told."""
+        established = route("z-team", senders=("x.example",), created="2026-11-01T00:00:00Z")
+        newcomer = route("a-intruder", senders=("x.example",), created="2026-12-01T00:00:00Z")
+        verdicts = {
+            v.route.name: v
+            for v in judge_routes(
+                RELAY,
+                models.MailRelaySpec.model_validate(RELAY_SPEC),
+                [established, newcomer],
+                SECRETS.get,
+            )
+        }
+        assert verdicts["z-team"].included
+        conflicted = verdicts["a-intruder"].accepted
+        assert (conflicted.status, conflicted.reason) == ("False", "Conflicted")
+        assert "'z-team'" in conflicted.message and "priority (100)" in conflicted.message
+        assert not verdicts["a-intruder"].included
+
+    def test_an_invalid_or_unselected_route_holds_no_match(self) -> None:
+        """Only routes that would be carried compete: an older broken one blocks nobody."""
+        spec = {**RELAY_SPEC, "routeSelector": {"matchLabels": {"tier": "gold"}}}
+        older = route("old", senders=("x.example",), created="2026-11-01T00:00:00Z")
+        newer = route(
+            "new", senders=("x.example",), created="2026-12-01T00:00:00Z", labels={"tier": "gold"}
+        )
+        assert judge([older, newer], spec) == {
+            "old": ("NotSelected", "NotChecked", False),
+            "new": ("Accepted", "ResolvedRefs", True),
+        }
+
+    def test_a_route_left_out_for_a_secret_is_not_bound(self) -> None:
+        (verdict,) = judge_routes(
+            RELAY,
+            models.MailRelaySpec.model_validate(RELAY_SPEC),
+            [route("a", secret="missing")],
+            SECRETS.get,
+        )
+        status = route_status(verdict, relay_name="outbound", relay_ready=True, clock=CLOCK)
+        conditions = {c["type"]: c for c in status["conditions"]}
+        assert conditions["Accepted"]["status"] == "False"
+        assert conditions["Accepted"]["reason"] == "SecretNotFound"
+        assert "'missing'" in conditions["Accepted"]["message"]
+        assert conditions["Ready"]["status"] == "False"
+        assert status["relay"] is None
 
     def test_missing_relay(self) -> None:
         (verdict,) = judge_routes(None, None, [route("a")], SECRETS.get)

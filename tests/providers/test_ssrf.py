@@ -1,0 +1,226 @@
+"""SSRF: an HTTP upstream never reaches loopback, link-local or metadata addresses unless told.
+
+The config check refuses literal addresses and known names; these tests go past it with
+host names the config cannot judge (``127.1`` is a name to a URL parser and 127.0.0.1 to
+the resolver), so only the connect-time guard stands between the relay and a local server.
+Each test also shows the same server answering once the upstream allows local endpoints,
+so a refusal is the guard's doing and not a dead server.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+import ssl
+from collections.abc import Awaitable, Callable
+
+import httpcore
+import httpx
+import pytest
+from prometheus_client import CollectorRegistry
+
+from mailrelay.relay import http_guard, netguard
+from mailrelay.relay.config import ApiUpstream, ConfigError, parse_config
+from mailrelay.relay.providers.base import ApiTransport
+from mailrelay.relay.transport import Envelope, RecipientOutcome
+from tests.providers.messages import rich_message
+from tests.providers.servers import ProviderServer
+
+ServerFactory = Callable[[str], Awaitable[ProviderServer]]
+
+
+def _envelope() -> Envelope:
+    return Envelope(
+        queue_id="Q0001",
+        mail_from="ann@example.com",
+        recipients=("bob@example.org",),
+        smtputf8=False,
+        body_8bitmime=True,
+    )
+
+
+def _disguised(server: ProviderServer, host: str) -> str:
+    """The server's URL with its loopback address written as another host name."""
+    return server.base_url.replace("127.0.0.1", host)
+
+
+@pytest.mark.parametrize("host", ["127.1", "2130706433", "0x7f.1"])
+async def test_a_name_that_resolves_to_loopback_is_refused_at_connect_time(
+    host: str,
+    provider_server: ServerFactory,
+    api_upstream: Callable[..., ApiUpstream],
+    transport_factory: Callable[..., ApiTransport],
+) -> None:
+    server = await provider_server("webhook")
+    endpoint = _disguised(server, host) + "/hook"
+    registry: CollectorRegistry = CollectorRegistry()
+    guarded = transport_factory(
+        api_upstream("webhook", server, endpoint=endpoint, insecure_allow_local_endpoint=False),
+        registry=registry,
+    )
+
+    results = await guarded.deliver(_envelope(), rich_message())
+
+    assert [r.outcome for r in results] == [RecipientOutcome.CONFIG_ERROR]
+    assert "resolved to 127.0.0.1" in results[0].detail
+    assert "insecure_allow_local_endpoint" in results[0].detail
+    assert server.requests == []
+    labels = {"upstream": "webhook-api", "provider": "webhook"}
+    assert registry.get_sample_value("mailrelay_provider_config_error", labels) == 1
+
+    allowed = transport_factory(
+        api_upstream("webhook", server, endpoint=endpoint, insecure_allow_local_endpoint=True)
+    )
+    results = await allowed.deliver(_envelope(), rich_message())
+    assert [r.outcome for r in results] == [RecipientOutcome.DELIVERED]
+    assert len(server.sent) == 1
+
+
+async def test_every_provider_is_guarded(
+    provider_server: ServerFactory,
+    api_upstream: Callable[..., ApiUpstream],
+    transport_factory: Callable[..., ApiTransport],
+) -> None:
+    """The guard sits in the base class, so it holds for each provider's own requests."""
+    for provider in ("mailgun", "ses", "sparkpost", "sendgrid", "postmark", "resend"):
+        server = await provider_server(provider)
+        transport = transport_factory(
+            api_upstream(
+                provider,
+                server,
+                endpoint=_disguised(server, "0177.1"),
+                insecure_allow_local_endpoint=False,
+            )
+        )
+        results = await transport.deliver(_envelope(), rich_message())
+        assert [r.outcome for r in results] == [RecipientOutcome.CONFIG_ERROR], provider
+        assert server.requests == [], provider
+
+
+@pytest.mark.parametrize(
+    ("address", "refused"),
+    [
+        ("127.0.0.1", True),
+        ("::1", True),
+        ("::ffff:127.0.0.1", True),  # IPv4-mapped: the kernel connects to 127.0.0.1
+        ("::ffff:169.254.169.254", True),
+        ("0.0.0.0", True),
+        ("::", True),
+        ("169.254.169.254", True),
+        ("fe80::1", True),
+        ("fd00:ec2::254", True),
+        ("10.0.0.1", False),  # in-cluster webhooks are private, not local
+        ("fd00::1", False),
+        ("93.184.215.14", False),
+        ("2606:2800:21f:cb07:6820:80da:af6b:8b2c", False),
+    ],
+)
+async def test_resolver_refuses_local_addresses(address: str, refused: bool) -> None:
+    backend = http_guard.GuardedBackend(httpcore.AnyIOBackend())
+    if refused:
+        with pytest.raises(http_guard.BlockedDestination, match="may not reach loopback"):
+            await backend.resolve(address, 443)
+    else:
+        assert await backend.resolve(address, 443) == [str(ipaddress.ip_address(address))]
+
+
+async def test_unresolvable_name_is_a_plain_connect_error() -> None:
+    backend = http_guard.GuardedBackend(httpcore.AnyIOBackend())
+    with pytest.raises(httpcore.ConnectError) as raised:
+        await backend.resolve("no-such-host.invalid", 443)
+    assert not isinstance(raised.value, http_guard.BlockedDestination)
+
+
+def test_the_guard_reaches_the_connection_pool() -> None:
+    """httpx keeps its pool private; a version that moves it must fail here, not silently."""
+    assert httpcore.__version__.startswith(http_guard.SUPPORTED_HTTPCORE)
+    made = http_guard.transport(
+        verify=ssl.create_default_context(),
+        limits=httpx.Limits(),
+        allow_local=False,
+    )
+    assert isinstance(made._pool, httpcore.AsyncConnectionPool)
+    assert isinstance(made._pool._network_backend, http_guard.GuardedBackend)
+    open_ = http_guard.transport(
+        verify=ssl.create_default_context(), limits=httpx.Limits(), allow_local=True
+    )
+    assert not isinstance(open_._pool._network_backend, http_guard.GuardedBackend)
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "refused"),
+    [
+        ("http://127.0.0.1:8080/", True),
+        ("http://[::1]/", True),
+        ("http://[::ffff:127.0.0.1]/", True),
+        ("http://169.254.169.254/latest/meta-data/", True),
+        ("http://LOCALHOST:80/", True),
+        ("http://api.localhost/", True),
+        ("http://metadata.google.internal./", True),
+        ("http://0.0.0.0/", True),
+        ("http://10.1.2.3/hook", False),
+        ("https://hooks.example.org/in", False),
+    ],
+)
+def test_config_refuses_literal_local_endpoints(endpoint: str, refused: bool) -> None:
+    text = f"""
+hostname: relay.example.com
+auth: {{required: false}}
+allowed_networks: [10.0.0.0/8]
+spool: {{directory: /tmp/spool}}
+routes:
+  - name: hook
+    upstream: {{type: api, name: hook, provider: webhook, endpoint: "{endpoint}"}}
+"""
+    if refused:
+        with pytest.raises(ConfigError, match="set insecure_allow_local_endpoint: true"):
+            parse_config(text)
+        parse_config(text.replace("provider: webhook", "provider: webhook, "
+                                  "insecure_allow_local_endpoint: true"))  # fmt: skip
+    else:
+        parse_config(text)
+
+
+@pytest.mark.parametrize(
+    ("networks", "public"),
+    [
+        (["10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10"], []),
+        (["127.0.0.0/8", "169.254.0.0/16", "fc00::/7", "::1/128", "fe80::/10"], []),
+        (["0.0.0.0/0"], ["0.0.0.0/0"]),
+        (["::/0", "10.0.0.0/8"], ["::/0"]),
+        (["10.0.0.0/7"], ["10.0.0.0/7"]),  # reaches 11.0.0.0/8
+        (["172.0.0.0/11"], ["172.0.0.0/11"]),
+        (["100.64.0.0/9"], ["100.0.0.0/9"]),
+        (["::ffff:10.0.0.0/104"], ["::ffff:a00:0/104"]),  # written as IPv6: judged as such
+    ],
+)
+def test_public_networks(networks: list[str], public: list[str]) -> None:
+    parsed = [ipaddress.ip_network(n, strict=False) for n in networks]
+    assert [str(n) for n in netguard.public_networks(parsed)] == public
+
+
+def test_relay_refuses_to_start_as_an_open_relay() -> None:
+    text = """
+hostname: relay.example.com
+auth: {required: false}
+allowed_networks: [10.0.0.0/8, 0.0.0.0/0]
+spool: {directory: /tmp/spool}
+routes:
+  - name: out
+    upstream: {type: smtp, name: out, host: smtp.example.net}
+"""
+    with pytest.raises(ConfigError) as refused:
+        parse_config(text)
+    message = str(refused.value)
+    assert "allowed_networks" in message and "0.0.0.0/0" in message
+    assert "open relay" in message and "insecure_allow_public_networks: true" in message
+    assert "and 0.0.0.0/0 there reaches" in message  # names only the culprit
+    config = parse_config(text + "insecure_allow_public_networks: true\n")
+    assert config.insecure_allow_public_networks
+
+
+def test_loopback_names_resolve_here() -> None:
+    """The disguised hosts above really mean loopback on this machine's resolver."""
+    for host in ("127.1", "2130706433", "0x7f.1", "0177.1"):
+        infos = socket.getaddrinfo(host, 80, type=socket.SOCK_STREAM)
+        assert {info[4][0] for info in infos} == {"127.0.0.1"}, host
