@@ -430,6 +430,7 @@ async def _reconcile(ctx: Context, indices: Indices, namespace: str, name: str) 
     extra: dict[str, Any] = {"routes": sum(1 for v in verdicts if v.included)}
     outcome = "ok"
     statefulset: ChildState | None = None
+    refused: ApplyProblem | None = None
     config_ok = False
     if spec is None or problem is not None:
         updates.append(ConditionUpdate(CONFIG_RENDERED, "False", "InvalidSpec", problem or ""))
@@ -452,7 +453,9 @@ async def _reconcile(ctx: Context, indices: Indices, namespace: str, name: str) 
             outcome = "invalid"
         else:
             config_ok = True
-            updates += await _apply_children(ctx, indices, inputs, rendered)
+            applied, problems = await _apply_children(ctx, indices, inputs, rendered)
+            updates += applied
+            refused = next((p for p in problems if p.kind == "StatefulSet"), None)
             updates.append(
                 ConditionUpdate(
                     CONFIG_RENDERED,
@@ -475,13 +478,15 @@ async def _reconcile(ctx: Context, indices: Indices, namespace: str, name: str) 
         for u in updates
     ]
     updates.append(routes_condition(verdicts))
-    ready = (
-        ready_condition(spec, statefulset, config_ok)
-        if spec is not None
-        else ConditionUpdate(
+    if spec is None:
+        ready = ConditionUpdate(
             READY, "False", "InvalidSpec", "The spec is invalid; see ConfigRendered."
         )
-    )
+    elif refused is not None:
+        # The pods cannot follow a StatefulSet the API server refuses: say why, not "pending".
+        ready = ConditionUpdate(READY, "False", refused.reason, refused.message)
+    else:
+        ready = ready_condition(spec, statefulset, config_ok)
     updates.append(ready)
     sts_status = statefulset.status if statefulset is not None else {}
     extra["replicas"] = int(sts_status.get("replicas") or 0)
@@ -530,14 +535,97 @@ def _api_message(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}"[:500]
 
 
+# Where the operator copies MailRelay fields into its children: a refused child field named
+# by the API server -> the MailRelay field to fix.
+SPEC_SOURCES: tuple[tuple[str, str, str], ...] = (
+    ("StatefulSet", "spec.template.spec.affinity", "spec.affinity"),
+    ("StatefulSet", "spec.template.spec.nodeSelector", "spec.nodeSelector"),
+    ("StatefulSet", "spec.template.spec.tolerations", "spec.tolerations"),
+    ("StatefulSet", "spec.template.spec.priorityClassName", "spec.priorityClassName"),
+    ("StatefulSet", "spec.template.spec.containers[0].image", "spec.image"),
+    ("StatefulSet", "spec.template.spec.containers[0].resources", "spec.resources"),
+    ("StatefulSet", "spec.template.metadata.annotations", "spec.podAnnotations"),
+    ("StatefulSet", "spec.volumeClaimTemplates", "spec.queue"),
+    ("StatefulSet", "spec.replicas", "spec.replicas"),
+    ("Service", "metadata.annotations", "spec.service.annotations"),
+    ("Service", "spec.loadBalancerSourceRanges", "spec.service.loadBalancerSourceRanges"),
+    ("Service", "spec.externalTrafficPolicy", "spec.service.externalTrafficPolicy"),
+    ("Service", "spec.type", "spec.service.type"),
+)
+
+
+@dataclass(frozen=True)
+class ApplyProblem:
+    """Why the API server refused one child: a CamelCase reason and a message with a hint."""
+
+    kind: str
+    name: str
+    reason: str
+    message: str
+
+
+def apply_problem(
+    kind: str, name: str, error: BaseException, resync_seconds: float
+) -> ApplyProblem:
+    """The refusal of one child, with the hint that fits its cause (pure)."""
+    status = getattr(error, "status", None)
+    api_reason = str(getattr(status, "reason", None) or "")
+    text = _api_message(error)
+    details = getattr(status, "details", None)
+    fields = [
+        str(getattr(cause, "field", "") or "") for cause in getattr(details, "causes", None) or ()
+    ]
+    retry = f"The operator retries every {resync_seconds:g}s and recovers on its own once fixed."
+    if api_reason in ("Invalid", "BadRequest"):
+        # 422 names fields in its causes; server-side apply's 400 ("field not declared in
+        # schema") names the path in its message only.
+        sources = sorted(
+            {
+                source
+                for child_kind, path, source in SPEC_SOURCES
+                if child_kind == kind
+                and (any(field.startswith(path) for field in fields) or f"{path}." in text)
+            }
+        )
+        if sources:
+            hint = (
+                f"The operator copies {', '.join(sources)} of the MailRelay into the {kind} "
+                f"unchanged, and the API server refused it there: fix {', '.join(sources)} "
+                "in the MailRelay."
+            )
+        else:
+            hint = f"The {kind} the operator rendered is invalid; please report this as a bug."
+        return ApplyProblem(kind, name, f"{kind}Invalid", f"{kind} {name}: {text}. {hint}")
+    if api_reason == "Forbidden":
+        if "exceeded quota" in text:
+            hint = (
+                "A ResourceQuota of the namespace is used up: raise the quota, or lower "
+                "spec.replicas, spec.resources or spec.queue.size of the MailRelay."
+            )
+        else:
+            hint = (
+                "An admission policy or webhook refused it: change the MailRelay to satisfy "
+                "the policy (the message says which), or ask for an exception."
+            )
+        return ApplyProblem(
+            kind, name, f"{kind}Forbidden", f"{kind} {name}: {text}. {hint} {retry}"
+        )
+    if kind == "Service" and ("range is full" in text or "valid IPs" in text):
+        hint = "The cluster's Service IP range is exhausted: free addresses or widen the range."
+        return ApplyProblem(
+            kind, name, "ServiceIPsExhausted", f"{kind} {name}: {text}. {hint} {retry}"
+        )
+    return ApplyProblem(kind, name, "ApplyFailed", f"{kind} {name}: {text}. {retry}")
+
+
 async def _apply_children(
     ctx: Context, indices: Indices, relay: RelayInputs, rendered: RenderedRelay
-) -> list[ConditionUpdate]:
+) -> tuple[list[ConditionUpdate], list[ApplyProblem]]:
     """Apply what differs, delete what is turned off; conditions for what went wrong.
 
-    A child the API server refuses (quota, admission, a full Service IP range) does not stop
-    the others or the status: it becomes ``ChildrenApplied=False`` with the server's message,
-    and the resync timer tries again.
+    A child the API server refuses (an invalid field, quota, admission, a full Service IP
+    range) does not stop the others or the status: it becomes ``ChildrenApplied=False`` with
+    the server's message and a hint for its cause, and the resync timer tries again.
     """
 
     async def ensure(child: dict[str, Any]) -> None:
@@ -557,6 +645,7 @@ async def _apply_children(
         return_exceptions=True,
     )
     updates: list[ConditionUpdate] = []
+    problems: list[ApplyProblem] = []
     failures: list[str] = []
     for child, outcome in zip(rendered.children, outcomes, strict=True):
         if outcome is _SKIPPED:
@@ -585,10 +674,13 @@ async def _apply_children(
         if isinstance(outcome, asyncio.CancelledError):
             raise outcome
         if isinstance(outcome, BaseException):
-            failures.append(f"{kind} {child_name}: {_api_message(outcome)}")
+            problems.append(
+                apply_problem(kind, child_name, outcome, float(ctx.settings.resync_seconds))
+            )
     for key, removal in zip(rendered.absent, removals, strict=True):
         if isinstance(removal, BaseException):
             failures.append(f"deleting {key[0]} {key[2]}: {_api_message(removal)}")
+    failures = [problem.message for problem in problems] + failures
     if failures:
         ctx.metrics.errors.labels("MailRelay").inc()
         log.warning(
@@ -602,9 +694,7 @@ async def _apply_children(
                 CHILDREN_APPLIED,
                 "False",
                 "ApplyFailed",
-                f"The API server refused: {'; '.join(failures)}. The operator retries every "
-                f"{ctx.settings.resync_seconds:g}s; fix the cause (quota, admission policy, "
-                "Service IP range) and it recovers on its own.",
+                f"The API server refused: {' | '.join(failures)}",
             )
         )
     else:
@@ -613,7 +703,7 @@ async def _apply_children(
                 CHILDREN_APPLIED, "True", "Applied", "Every child matches the rendered state."
             )
         )
-    return updates
+    return updates, problems
 
 
 async def _write_relay_status(

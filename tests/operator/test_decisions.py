@@ -10,6 +10,8 @@ from typing import Any
 
 import pytest
 import yaml
+from lightkube import ApiError
+from lightkube.models.meta_v1 import Status
 
 from mailrelay.operator import models, rbac
 from mailrelay.operator.__main__ import export_flags, parse_args
@@ -21,7 +23,12 @@ from mailrelay.operator.apply import (
     owned_fields_digest,
     with_applied_hash,
 )
-from mailrelay.operator.relays import name_problem, ready_condition, routes_condition
+from mailrelay.operator.relays import (
+    apply_problem,
+    name_problem,
+    ready_condition,
+    routes_condition,
+)
 from mailrelay.operator.routes import ObjectInfo, judge_routes, route_status, selector_matches
 from mailrelay.operator.settings import FIELD_MANAGER, load_settings
 
@@ -332,3 +339,84 @@ def test_operator_help() -> None:
         env={"PYTHONSAFEPATH": "1", "PATH": ""},
     )
     assert "--namespace" in result.stdout and "--priority" in result.stdout
+
+
+def _api_error(reason: str, message: str, *fields: str) -> ApiError:
+    causes = [{"field": field, "reason": "FieldValueInvalid", "message": "bad"} for field in fields]
+    return ApiError(
+        status=Status.from_dict(
+            {"reason": reason, "message": message, "code": 422, "details": {"causes": causes}}
+        )
+    )
+
+
+@pytest.mark.parametrize(
+    ("kind", "error", "reason", "hint"),
+    [
+        (
+            "StatefulSet",
+            _api_error(
+                "Invalid",
+                'StatefulSet.apps "outbound" is invalid: spec.template.spec.affinity...',
+                "spec.template.spec.affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution",
+            ),
+            "StatefulSetInvalid",
+            "fix spec.affinity in the MailRelay",
+        ),
+        (
+            "StatefulSet",
+            _api_error(
+                "BadRequest",
+                ".spec.template.spec.affinity.nodeAffinity.noSuchField: field not declared in "
+                "schema",
+            ),
+            "StatefulSetInvalid",
+            "fix spec.affinity in the MailRelay",
+        ),
+        (
+            "StatefulSet",
+            _api_error(
+                "Forbidden",
+                'statefulsets.apps "outbound" is forbidden: exceeded quota: mail, requested: '
+                "count/statefulsets.apps=1, used: count/statefulsets.apps=1, limited: "
+                "count/statefulsets.apps=1",
+            ),
+            "StatefulSetForbidden",
+            "A ResourceQuota of the namespace is used up",
+        ),
+        (
+            "StatefulSet",
+            _api_error("Forbidden", "admission webhook denied the request: no latest tags"),
+            "StatefulSetForbidden",
+            "An admission policy or webhook refused it",
+        ),
+        (
+            "Service",
+            _api_error("Invalid", "Service is invalid", "metadata.annotations"),
+            "ServiceInvalid",
+            "fix spec.service.annotations in the MailRelay",
+        ),
+        (
+            "Service",
+            _api_error("InternalError", "failed to allocate a serviceIP: range is full"),
+            "ServiceIPsExhausted",
+            "Service IP range is exhausted",
+        ),
+        (
+            "ConfigMap",
+            _api_error("Conflict", "the object has been modified"),
+            "ApplyFailed",
+            "retries every 10s",
+        ),
+    ],
+    ids=["invalid", "not-in-schema", "quota", "admission", "annotations", "ips", "other"],
+)
+def test_apply_problem_names_the_cause(kind: str, error: ApiError, reason: str, hint: str) -> None:
+    problem = apply_problem(kind, "outbound", error, 10.0)
+    assert problem.reason == reason
+    assert problem.message.startswith(f"{kind} outbound: ")
+    assert hint in problem.message
+    if reason != "ServiceIPsExhausted":
+        assert "IP range" not in problem.message
+    if "quota" not in str(error):
+        assert "ResourceQuota" not in problem.message
