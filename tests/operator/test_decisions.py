@@ -343,11 +343,11 @@ def test_operator_help() -> None:
 
 def _api_error(reason: str, message: str, *fields: str) -> ApiError:
     causes = [{"field": field, "reason": "FieldValueInvalid", "message": "bad"} for field in fields]
-    return ApiError(
-        status=Status.from_dict(
-            {"reason": reason, "message": message, "code": 422, "details": {"causes": causes}}
-        )
+    status = Status.from_dict(
+        {"reason": reason, "message": message, "code": 422, "details": {"causes": causes}}
     )
+    assert isinstance(status, Status)
+    return ApiError(status=status)
 
 
 @pytest.mark.parametrize(

@@ -138,6 +138,12 @@ def test_missing_secret_sets_condition_and_event_then_recovers(
     )
     # The relay keeps serving its other routes.
     assert _route_names(kube, ns) == ["open"]
+    # Left out of the config is not "accepted": the reason says why.
+    accepted = condition(get(kube, "mailroute", "billing", ns), "Accepted")
+    assert accepted is not None
+    assert (accepted["status"], accepted["reason"]) == ("False", "SecretNotFound")
+    assert "'later'" in accepted["message"]
+    assert _status(kube, "mailroute", "billing", ns).get("relay") is None
     assert _has_condition(
         kube, "mailrelay", "outbound", ns, ("RoutesResolved", "False", "SecretNotFound")
     )
@@ -295,26 +301,39 @@ def test_invalid_spec_is_a_condition_and_event_not_a_crash(
     assert operator.total("mailrelay_operator_status_writes_total") == writes_before
 
 
-def test_conflicting_routes_are_reported_not_resolved(
+def test_a_conflicting_newcomer_never_evicts_the_established_route(
     crds: LocalKube, operator: OperatorProcess, op_namespace: str
 ) -> None:
+    """Gateway API's convention: the oldest route keeps serving, the newcomer is told why."""
     kube, ns = crds, op_namespace
     _setup(
         kube,
         ns,
-        m.smtp_route("a", senders=["same.example.com"]),
-        m.smtp_route("b", senders=["same.example.com"]),
+        m.smtp_route("zz-team", senders=["same.example.com"]),
         m.smtp_route("c", senders=["other.example.com"]),
     )
-    want = ("Accepted", "False", "RouteConflict")
-    for name, rival in (("a", "b"), ("b", "a")):
+    wait_for(lambda: _route_names(kube, ns) == ["c", "zz-team"], what="both routes serving")
+    time.sleep(1.1)  # creationTimestamp has one-second resolution
+    # Sorts first by name, so a name-based tie-break would wrongly prefer it.
+    apply(kube, ns, m.smtp_route("aa-newcomer", senders=["same.example.com"], port=2525))
+    wait_for(
+        lambda: _has_condition(
+            kube, "mailroute", "aa-newcomer", ns, ("Accepted", "False", "Conflicted")
+        ),
+        what="the newcomer Accepted=False Conflicted",
+    )
+    message = condition(get(kube, "mailroute", "aa-newcomer", ns), "Accepted")["message"]  # type: ignore[index]
+    assert "'zz-team'" in message and "older" in message
+    assert _has_condition(kube, "mailroute", "zz-team", ns, ("Accepted", "True"))
+    assert _route_names(kube, ns) == ["c", "zz-team"]
+    assert _has_condition(
+        kube, "mailrelay", "outbound", ns, ("RoutesResolved", "False", "Conflicted")
+    )
 
-        def conflicted(route: str = name) -> bool:
-            return _has_condition(kube, "mailroute", route, ns, want)
-
-        wait_for(conflicted)
-        assert rival in condition(get(kube, "mailroute", name, ns), "Accepted")["message"]  # type: ignore[index]
-    wait_for(lambda: _route_names(kube, ns) == ["c"])
+    # Once the established route goes, the newcomer takes over.
+    kube.kubectl("delete", "mailroute", "zz-team", "-n", ns)
+    wait_for(lambda: _route_names(kube, ns) == ["aa-newcomer", "c"], what="the newcomer serving")
+    wait_for(lambda: _has_condition(kube, "mailroute", "aa-newcomer", ns, ("Accepted", "True")))
 
 
 def test_route_selector_and_missing_relay(
@@ -397,10 +416,37 @@ def test_a_child_the_api_server_refuses_is_a_condition(
     )
     message = condition(get(kube, "mailrelay", "outbound", ns), "ChildrenApplied")["message"]  # type: ignore[index]
     assert "StatefulSet outbound" in message and "noSuchField" in message
+    assert "fix spec.affinity in the MailRelay" in message
+    assert "quota" not in message and "IP range" not in message
+    # Ready says why, instead of waiting for a rollout that cannot happen.
+    ready = condition(get(kube, "mailrelay", "outbound", ns), "Ready")
+    assert ready is not None
+    assert (ready["status"], ready["reason"]) == ("False", "StatefulSetInvalid")
+    assert "noSuchField" in ready["message"] and "spec.affinity" in ready["message"]
     # The other children and the status are still written.
     assert get(kube, "configmap", "outbound-config", ns) is not None
     assert get(kube, "service", "outbound", ns) is not None
     assert get(kube, "statefulset", "outbound", ns) is None
+
+    # A value the StatefulSet's own validation refuses (422 with causes), not only the schema.
+    empty_terms = {
+        "nodeAffinity": {
+            "requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": []}
+        }
+    }
+    apply(kube, ns, m.relay(affinity=empty_terms))
+    wait_for(
+        lambda: (
+            "nodeSelectorTerms"
+            in condition(get(kube, "mailrelay", "outbound", ns), "Ready")[  # type: ignore[index]
+                "message"
+            ]
+        ),
+        what="Ready naming the refused nodeSelectorTerms",
+    )
+    assert _has_condition(
+        kube, "mailrelay", "outbound", ns, ("Ready", "False", "StatefulSetInvalid")
+    )
 
     apply(kube, ns, m.relay())
     wait_for(
@@ -408,3 +454,57 @@ def test_a_child_the_api_server_refuses_is_a_condition(
         what="recovery once the spec is fixed",
     )
     assert get(kube, "statefulset", "outbound", ns) is not None
+    wait_for(
+        lambda: _has_condition(
+            kube, "mailrelay", "outbound", ns, ("Ready", "False", "RolloutPending")
+        ),
+        what="Ready back to waiting for the rollout",
+    )
+
+
+def test_a_quota_that_refuses_the_statefulset_says_so(
+    crds: LocalKube, operator: OperatorProcess, op_namespace: str
+) -> None:
+    kube, ns = crds, op_namespace
+    quota = {
+        "apiVersion": "v1",
+        "kind": "ResourceQuota",
+        "metadata": {"name": "mail"},
+        "spec": {"hard": {"count/statefulsets.apps": "0"}},
+    }
+    apply(kube, ns, quota)
+    # No controller manager here: write the usage it would have computed.
+    kube.kubectl(
+        "patch", "resourcequota", "mail", "-n", ns, "--subresource=status", "--type=merge",
+        "-p", json.dumps({"status": {"hard": {"count/statefulsets.apps": "0"},
+                                     "used": {"count/statefulsets.apps": "0"}}}),
+    )  # fmt: skip
+    _setup(kube, ns, m.smtp_route("billing"))
+    wait_for(
+        lambda: _has_condition(
+            kube, "mailrelay", "outbound", ns, ("Ready", "False", "StatefulSetForbidden")
+        ),
+        what="Ready=False StatefulSetForbidden",
+    )
+    ready = condition(get(kube, "mailrelay", "outbound", ns), "Ready")
+    assert ready is not None
+    assert "exceeded quota" in ready["message"]
+    assert "A ResourceQuota of the namespace is used up" in ready["message"]
+    assert "spec.affinity" not in ready["message"]
+
+
+def test_exposed_service_keeps_client_addresses(
+    crds: LocalKube, operator: OperatorProcess, op_namespace: str
+) -> None:
+    kube, ns = crds, op_namespace
+    service = {
+        "type": "LoadBalancer",
+        "externalTrafficPolicy": "Local",
+        "loadBalancerSourceRanges": ["10.0.0.0/8", "192.168.0.0/16"],
+    }
+    apply(kube, ns, m.tls_secret(), m.users_secret(), m.smtp_credentials())
+    apply(kube, ns, m.relay(allowedNetworks=["10.0.0.0/8"], service=service), m.smtp_route("b"))
+    created = wait_for(lambda: get(kube, "service", "outbound", ns), what="the Service")
+    assert created["spec"]["type"] == "LoadBalancer"
+    assert created["spec"]["externalTrafficPolicy"] == "Local"
+    assert created["spec"]["loadBalancerSourceRanges"] == ["10.0.0.0/8", "192.168.0.0/16"]

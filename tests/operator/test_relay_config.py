@@ -155,3 +155,35 @@ def test_a_config_the_relay_refuses_is_an_error_not_a_file() -> None:
 def test_config_hash_is_stable_and_sensitive() -> None:
     assert config_hash(_render()) == config_hash(_render())
     assert config_hash(_render()) != config_hash(_render() + " ")
+
+
+def test_the_acknowledgements_reach_the_relay(tmp_path: Path) -> None:
+    """The relay applies the same open-relay and SSRF rules, so each acknowledgement set on
+    the resources must reach its config, or the relay would refuse what the API accepted."""
+    spec = models.MailRelaySpec.model_validate(
+        {
+            "auth": {"required": False},
+            "allowedNetworks": ["10.0.0.0/8", "203.0.113.0/24"],
+            "insecureAllowPublicNetworks": True,
+        }
+    )
+    hook = _route(
+        "hook",
+        {
+            "upstream": {
+                "api": {
+                    "provider": "webhook",
+                    "endpoint": "http://127.0.0.1:8080/in",
+                    "insecureAllowLocalEndpoint": True,
+                    "credentialsSecretRef": {"name": "hook"},
+                }
+            }
+        },
+    )
+    config = build_relay_config(name="outbound", namespace="mail", spec=spec, routes=[hook])
+    path = tmp_path / "relay.yaml"
+    path.write_text(render_config_yaml(config))
+    loaded = load_config(path)
+    assert loaded.insecure_allow_public_networks is True
+    upstream = loaded.routes[0].upstream
+    assert upstream.type == "api" and upstream.insecure_allow_local_endpoint is True
