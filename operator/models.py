@@ -1252,11 +1252,24 @@ API_CREDENTIALS_MESSAGE = (
 )
 CONFIGURATION_SET_MESSAGE = "configurationSet is only used by provider ses"
 LOCAL_ENDPOINT_MESSAGE = netguard.local_endpoint_message("endpoint", "insecureAllowLocalEndpoint")
+IPV6_LITERAL_MESSAGE = (
+    "endpoint: write an IPv6 host as a plain address such as [2001:db8::25], without a %zone "
+    "and not in the IPv4-mapped form [::ffff:a.b.c.d] (write that as a.b.c.d)"
+)
+# CEL twin of urlsplit(endpoint).hostname. url(...).getHostname() would do, but the API
+# server cannot bound the size of its result, so every function applied to it exceeds the
+# cost budget; split() of a string with a maxLength stays bounded.
+_AUTHORITY = "self.endpoint.split('/')[2].split('?')[0].split('#')[0]"
+_HOST_PORT = f"{_AUTHORITY}.split('@')[size({_AUTHORITY}.split('@')) - 1]"
+_ENDPOINT_HOST = (
+    f"({_HOST_PORT}.startsWith('[') ? {_HOST_PORT}.substring(1, {_HOST_PORT}.indexOf(']'))"
+    f" : {_HOST_PORT}.split(':')[0]).lowerAscii()"
+)
+_HAS_HOST = "has(self.endpoint) && isURL(self.endpoint) && size(self.endpoint.split('/')) > 2"
 # CEL twin of netguard.local_host_reason (literal addresses and the known names only; the
 # relay checks every resolved address when it connects).
-_ENDPOINT_HOST = "url(self.endpoint).getHostname().lowerAscii()"
 LOCAL_ENDPOINT_RULE = (
-    "!has(self.endpoint) || self.insecureAllowLocalEndpoint || !isURL(self.endpoint)"
+    f"!({_HAS_HOST}) || self.insecureAllowLocalEndpoint"
     f" || !(isIP({_ENDPOINT_HOST})"
     f" ? {_cel_strings(tuple(n for n, _ in netguard.LOCAL_NETWORKS))}"
     f".exists(c, cidr(c).containsIP({_ENDPOINT_HOST}))"
@@ -1265,6 +1278,22 @@ LOCAL_ENDPOINT_RULE = (
     f" || {_ENDPOINT_HOST}.endsWith('{netguard.LOCAL_NAME_SUFFIX}')"
     f" || {_ENDPOINT_HOST}.endsWith('{netguard.LOCAL_NAME_SUFFIX}.')))"
 )
+# The API server's ip() refuses zones and IPv4-mapped addresses, so it cannot judge them.
+IPV6_LITERAL_RULE = f"!({_HAS_HOST}) || !{_ENDPOINT_HOST}.contains(':') || isIP({_ENDPOINT_HOST})"
+
+
+def _plain_ipv6_literal(host: str) -> bool:
+    """What the API server's isIP() accepts of an IPv6 host: no zone, not IPv4-mapped."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return not (
+        isinstance(address, ipaddress.IPv6Address)
+        and (address.ipv4_mapped is not None or address.scope_id is not None)
+    )
+
+
 MESSAGE_STREAM_MESSAGE = "messageStream is only used by provider postmark"
 
 
@@ -1334,6 +1363,7 @@ class ApiUpstream(KubeModel):
                 reason="FieldValueForbidden",
             ),
             cel(LOCAL_ENDPOINT_RULE, LOCAL_ENDPOINT_MESSAGE, field_path=".endpoint"),
+            cel(IPV6_LITERAL_RULE, IPV6_LITERAL_MESSAGE, field_path=".endpoint"),
         )
     )
 
@@ -1421,6 +1451,8 @@ class ApiUpstream(KubeModel):
         if self.message_stream is not None and provider != "postmark":
             raise ValueError(MESSAGE_STREAM_MESSAGE)
         endpoint_host = urlsplit(self.endpoint).hostname if self.endpoint is not None else None
+        if endpoint_host and ":" in endpoint_host and not _plain_ipv6_literal(endpoint_host):
+            raise ValueError(IPV6_LITERAL_MESSAGE)
         if (
             endpoint_host is not None
             and not self.insecure_allow_local_endpoint

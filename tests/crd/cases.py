@@ -484,7 +484,7 @@ INVALID: list[Invalid] = [
         "bad-resource-quantity",
         "MailRelay",
         {"resources": {"limits": {"memory": "1 GB"}}},
-        ("spec.resources.limits.memory: Invalid value", "must be a Kubernetes quantity such as"),
+        ("spec.resources.limits[memory]: Invalid value", "must be a Kubernetes quantity such as"),
         "must be a Kubernetes quantity such as",
     ),
     Invalid(
@@ -682,6 +682,18 @@ ROUTE_FIELD_RULES: list[tuple[dict[str, Any], bool]] = [
     (_api("webhook", endpoint="http://metadata.google.internal./"), False),
     (_api("webhook", endpoint="http://100.100.100.200/"), False),
     (_api("webhook", endpoint="http://100.100.100.201/"), True),
+    (_api("webhook", endpoint="http://u:p@LocalHost:80/x"), False),
+    (_api("webhook", endpoint="http://localhost?x=1"), False),
+    (_api("webhook", endpoint="http://localhost#top"), False),
+    (_api("webhook", endpoint="http://127.0.0.1.example.com/"), True),  # a name, not 127/8
+    (_api("webhook", endpoint="https://[2001:db8::1]:8443/in"), True),
+    (_api("webhook", endpoint="https://[FD00:EC2::254]/"), False),
+    (_api("webhook", endpoint="http://[::]/"), False),
+    (_api("webhook", endpoint="http://[::ffff:127.0.0.1]/"), False),  # IPv4-mapped: refused
+    (_api("webhook", endpoint="http://[::ffff:8.8.8.8]/"), False),  # even when not local
+    (_api("webhook", endpoint="http://[fe80::1%25eth0]/"), False),  # zones too
+    (_api("webhook", endpoint="http://[fe80::1%25eth0]/", insecureAllowLocalEndpoint=True), False),
+    (_api("webhook", endpoint="http://127.1/"), True),  # not an address literal: the relay's job
     ({"upstream.smtp.host": "127.0.0.1"}, True),  # SMTP upstreams: a local sidecar is fine
     ({"match.senderDomains": ["xn--bcher-kva.example"]}, True),
     ({"upstream.smtp.credentialsSecretRef": {"name": "smart.host-1"}}, True),
