@@ -576,9 +576,9 @@ def apply_problem(
         str(getattr(cause, "field", "") or "") for cause in getattr(details, "causes", None) or ()
     ]
     retry = f"The operator retries every {resync_seconds:g}s and recovers on its own once fixed."
-    if api_reason in ("Invalid", "BadRequest"):
-        # 422 names fields in its causes; server-side apply's 400 ("field not declared in
-        # schema") names the path in its message only.
+    # 422 Invalid names fields in its causes; a field server-side apply cannot type
+    # ("field not declared in schema") comes back as a bare 500 naming the path in its text.
+    if api_reason in ("Invalid", "BadRequest") or "failed to create typed patch object" in text:
         sources = sorted(
             {
                 source

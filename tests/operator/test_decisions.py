@@ -365,8 +365,9 @@ def _api_error(reason: str, message: str, *fields: str) -> ApiError:
         ),
         (
             "StatefulSet",
-            _api_error(
-                "BadRequest",
+            _api_error(  # what kube-apiserver 1.36 answers: a 500 without a reason
+                "",
+                "failed to create typed patch object (ns/outbound; apps/v1, Kind=StatefulSet): "
                 ".spec.template.spec.affinity.nodeAffinity.noSuchField: field not declared in "
                 "schema",
             ),
