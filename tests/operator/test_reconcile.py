@@ -429,7 +429,7 @@ def test_a_child_the_api_server_refuses_is_a_condition(
     assert get(kube, "statefulset", "outbound", ns) is None
 
     # A value the StatefulSet's own validation refuses (422 with causes), not only the schema.
-    empty_terms = {
+    empty_terms: dict[str, Any] = {
         "nodeAffinity": {
             "requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": []}
         }
