@@ -224,3 +224,23 @@ def test_loopback_names_resolve_here() -> None:
     for host in ("127.1", "2130706433", "0x7f.1", "0177.1"):
         infos = socket.getaddrinfo(host, 80, type=socket.SOCK_STREAM)
         assert {info[4][0] for info in infos} == {"127.0.0.1"}, host
+
+
+def test_an_open_relay_is_listed_with_the_other_problems_of_the_file() -> None:
+    """One pass shows every problem: a bad field elsewhere does not hide the open relay."""
+    text = """
+hostname: relay.example.com
+auth: {required: false}
+allowed_networks: [0.0.0.0/0, nonsense]
+spool: {directory: /tmp/spool}
+routes:
+  - name: out
+    match: {sender_domains: ["bad..domain"]}
+    upstream: {type: smtp, name: out, host: smtp.example.net}
+"""
+    with pytest.raises(ConfigError) as refused:
+        parse_config(text)
+    message = str(refused.value)
+    assert "'nonsense' is not a network" in message
+    assert "bad..domain" in message
+    assert "0.0.0.0/0 there reaches beyond private addresses" in message

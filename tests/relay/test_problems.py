@@ -65,7 +65,7 @@ def _problems(**changes: Any) -> str:
 
 
 def test_networks_say_what_is_wrong_and_what_was_meant() -> None:
-    text = _problems(allowed_networks=["10.0.0.1/8", "fe80::1/10", "nonsense", 7, "192.0.2.0/24"])
+    text = _problems(allowed_networks=["10.0.0.1/8", "fe80::1/10", "nonsense", 7, "192.168.2.0/24"])
     assert "allowed_networks[0]: 10.0.0.1/8 has host bits set; did you mean 10.0.0.0/8?" in text
     assert "allowed_networks[1]: fe80::1/10 has host bits set; did you mean fe80::/10?" in text
     assert "allowed_networks[2]: 'nonsense' is not a network" in text
