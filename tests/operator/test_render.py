@@ -85,8 +85,44 @@ class TestRenderService:
                 },
                 {"lb": "internal"},
             ),
+            (
+                {
+                    "allowedNetworks": ["10.0.0.0/8"],
+                    "service": {
+                        "type": "LoadBalancer",
+                        "externalTrafficPolicy": "Local",
+                        "loadBalancerSourceRanges": ["198.51.100.0/24", "10.0.0.0/8"],
+                    },
+                },
+                {
+                    "type": "LoadBalancer",
+                    "selector": SELECTOR,
+                    "ports": SMTP_PORTS,
+                    "externalTrafficPolicy": "Local",
+                    "loadBalancerSourceRanges": ["198.51.100.0/24", "10.0.0.0/8"],
+                },
+                None,
+            ),
+            (
+                {
+                    "allowedNetworks": ["10.0.0.0/8"],
+                    "service": {"type": "NodePort", "externalTrafficPolicy": "Local"},
+                },
+                {
+                    "type": "NodePort",
+                    "selector": SELECTOR,
+                    "ports": SMTP_PORTS,
+                    "externalTrafficPolicy": "Local",
+                },
+                None,
+            ),
         ],
-        ids=["defaults", "implicit-tls-and-load-balancer"],
+        ids=[
+            "defaults",
+            "implicit-tls-and-load-balancer",
+            "load-balancer-keeps-client-addresses",
+            "node-port-keeps-client-addresses",
+        ],
     )
     def test_service(
         self, overrides: dict[str, Any], expected_spec: dict[str, Any], annotations: Any
