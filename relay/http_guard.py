@@ -68,7 +68,11 @@ class GuardedBackend(httpcore.AsyncNetworkBackend):
         local_address: str | None = None,
         socket_options: Iterable[Any] | None = None,
     ) -> httpcore.AsyncNetworkStream:
-        addresses = await self.resolve(host, port)
+        try:
+            async with asyncio.timeout(timeout):  # the connect timeout covers the lookup too
+                addresses = await self.resolve(host, port)
+        except TimeoutError:
+            raise httpcore.ConnectTimeout(f"resolving {host!r} timed out") from None
         last: Exception | None = None
         for address in addresses:
             try:
