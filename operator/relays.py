@@ -570,7 +570,7 @@ def apply_problem(
     """The refusal of one child, with the hint that fits its cause (pure)."""
     status = getattr(error, "status", None)
     api_reason = str(getattr(status, "reason", None) or "")
-    text = _api_message(error)
+    text = _api_message(error).rstrip(". ")
     details = getattr(status, "details", None)
     fields = [
         str(getattr(cause, "field", "") or "") for cause in getattr(details, "causes", None) or ()
@@ -595,7 +595,7 @@ def apply_problem(
             )
         else:
             hint = f"The {kind} the operator rendered is invalid; please report this as a bug."
-        return ApplyProblem(kind, name, f"{kind}Invalid", f"{kind} {name}: {text}. {hint}")
+        return ApplyProblem(kind, name, f"{kind}Invalid", f"{kind} {name}: {text}. {hint} {retry}")
     if api_reason == "Forbidden":
         if "exceeded quota" in text:
             hint = (

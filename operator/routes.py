@@ -7,18 +7,18 @@ Gather, decide, act:
 * decide: ``judge_routes`` (pure) validates each route, checks its relay, the relay's
   ``routeSelector``, its Secret references and conflicts, and says which routes go into the
   relay's config; ``route_status`` (pure) turns a verdict into the status to write;
-
-Conflicts follow Gateway API: of the routes with the same match and priority, the oldest
-(``creationTimestamp``, then name) keeps serving and each newer one gets ``Accepted=False``,
-reason ``Conflicted``, naming it; a newcomer never evicts an established route. A route
-whose Secret references do not resolve is left out of the config, so it is not accepted
-either: ``Accepted=False`` with the reason of ``ResolvedRefs``.
 * act: ``write_route_status`` patches a route's status only when it differs, and posts an
   Event when a condition flips.
 
 Binding: a route names its relay with ``relayRef``; when the relay sets ``routeSelector`` the
 route must also match it. The relay's reconcile (``relays.py``) writes the statuses of the
 routes that name it, and of the routes naming a relay that does not exist.
+
+Conflicts follow Gateway API: of the routes with the same match and priority, the oldest
+(``creationTimestamp``, then name) keeps serving and each newer one gets ``Accepted=False``,
+reason ``Conflicted``, naming it; a newcomer never evicts an established route. A route
+whose Secret references do not resolve is left out of the config, so it is not accepted
+either: ``Accepted=False`` with the reason of ``ResolvedRefs``.
 """
 
 from __future__ import annotations
