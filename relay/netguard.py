@@ -109,9 +109,7 @@ def local_host_reason(host: str) -> str | None:
     return local_address_reason(address)
 
 
-PRIVATE_SUMMARY: Final = (
-    "10.0.0.0/8, 172.16.0.0/12, 192.168.0.0/16, 100.64.0.0/10, fc00::/7, loopback, link-local"
-)
+PRIVATE_SUMMARY: Final = ", ".join(PRIVATE_NETWORKS)
 
 
 def open_relay_message(field: str, ack: str, networks: str = "a network") -> str:
