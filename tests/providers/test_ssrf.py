@@ -13,6 +13,7 @@ import ipaddress
 import socket
 import ssl
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import httpcore
 import httpx
@@ -21,6 +22,7 @@ from prometheus_client import CollectorRegistry
 
 from mailrelay.relay import http_guard, netguard
 from mailrelay.relay.config import ApiUpstream, ConfigError, parse_config
+from mailrelay.relay.main import main as relay_main
 from mailrelay.relay.providers.base import ApiTransport
 from mailrelay.relay.transport import Envelope, RecipientOutcome
 from tests.providers.messages import rich_message
@@ -244,3 +246,29 @@ routes:
     assert "'nonsense' is not a network" in message
     assert "bad..domain" in message
     assert "0.0.0.0/0 there reaches beyond private addresses" in message
+
+
+def test_check_config_refuses_an_open_relay_and_a_local_endpoint(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The relay's own start-up check: what the API server refuses, the relay refuses too."""
+    config = tmp_path / "relay.yaml"
+    config.write_text(
+        f"""
+hostname: relay.example.com
+auth: {{required: false}}
+allowed_networks: ["::/0"]
+spool: {{directory: {tmp_path / "spool"}}}
+routes:
+  - name: hook
+    upstream:
+      type: api
+      name: hook
+      provider: webhook
+      endpoint: "http://169.254.169.254/latest/meta-data/"
+"""
+    )
+    assert relay_main(["--config", str(config), "--check-config"]) == 2
+    err = capsys.readouterr().err
+    assert "::/0 there reaches beyond private addresses" in err
+    assert "endpoint host '169.254.169.254' is link-local" in err
