@@ -123,8 +123,14 @@ async def test_json_provider_gets_recipients_bodies_and_attachments_through_the_
     }
     assert not any("hidden@" in value for value in mail.headers.values())
     await eventually(lambda: _queue_empty(relay))
-    # The provider's message id is logged with our queue id.
-    logged = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Delivered")]
+
+    def delivered_lines() -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.getMessage().startswith("Delivered")]
+
+    # The provider's message id is logged with our queue id. The line follows the provider's
+    # reply (a journaled message never had a queue file), so wait for it rather than race it.
+    await eventually(lambda: bool(delivered_lines()))
+    logged = delivered_lines()
     assert len(logged) == 1
     assert re.fullmatch(
         rf"Delivered message [0-9A-F]{{24}} to 3 recipient\(s\) through upstream "
