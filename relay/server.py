@@ -37,11 +37,12 @@ from typing import Any, Protocol
 
 from aiosmtpd.smtp import MISSING, AuthResult, Envelope, Session
 
+from mailrelay.relay.address import PLAIN_ADDRESS, address_refusal
 from mailrelay.relay.auth import User, UserDatabase
 from mailrelay.relay.config import ApiUpstream, RelayConfig, RouteConfig
 from mailrelay.relay.data_reader import BulkDataSMTP
 from mailrelay.relay.metrics import RelayMetrics
-from mailrelay.relay.routing import PLAIN_ADDRESS, domain_of, select_route
+from mailrelay.relay.routing import domain_of, select_route
 from mailrelay.relay.spool import HeldMessage, QueueEntry, Spool, new_queue_id
 
 __all__ = [
@@ -395,6 +396,19 @@ def _route_size_limit(route: RouteConfig, relay_limit: int) -> int:
     return min(relay_limit, route.max_message_size)
 
 
+def _refuse_address(
+    front: SmtpFront, role: str, address: str, envelope: RelayEnvelope
+) -> str | None:
+    """The reply refusing an envelope address the relay could not send on, or None."""
+    refusal = address_refusal(address, smtputf8=envelope.smtp_utf8)
+    if refusal is None:
+        return None
+    front.metrics.reject("bad_address")
+    # The log escapes control characters (relay/logging.py); %r keeps quoting visible.
+    log.info("Refused %s %r: %s", role, address, refusal.reason)
+    return refusal.reply
+
+
 class RelayHandler(_CheapDir):
     """aiosmtpd handler hooks: policy, routing and the durable enqueue."""
 
@@ -414,6 +428,8 @@ class RelayHandler(_CheapDir):
         mail_options: list[str],
     ) -> str:
         front = self.front
+        if (refusal := _refuse_address(front, "sender", address, envelope)) is not None:
+            return refusal
         settings = front.settings
         user: User | None = session.auth_data if session.authenticated else None
         peer_ip = _peer_ip(session)
@@ -448,6 +464,8 @@ class RelayHandler(_CheapDir):
         rcpt_options: list[str],
     ) -> str:
         front = self.front
+        if (refusal := _refuse_address(front, "recipient", address, envelope)) is not None:
+            return refusal
         config = front.settings.config
         if len(envelope.rcpt_tos) >= config.limits.max_recipients:
             front.metrics.reject("too_many_recipients")

@@ -28,7 +28,7 @@ from contextlib import asynccontextmanager
 import aiosmtplib
 from aiosmtplib.email import quote_address
 
-from mailrelay.relay.routing import PLAIN_ADDRESS
+from mailrelay.relay.address import PLAIN_ADDRESS
 
 __all__ = [
     "MAX_REPLY_BYTES",
