@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from aiosmtplib.protocol import PERIOD_REGEX, normalize_message_line_endings
 
 from mailrelay.relay.config import SmtpUpstream
 from mailrelay.relay.smtp_pipelining import command_group, data_payload, take_replies
-from mailrelay.relay.smtp_transport import SmtpTransport
+from mailrelay.relay.smtp_transport import SmtpTransport, classify_reply
 from mailrelay.relay.transport import Envelope, RecipientOutcome, build_transport
 from tests.relay.delivery_fixtures import (
     Certificates,
@@ -609,3 +610,134 @@ async def test_pipelined_reply_timeout_is_temporary_and_drops_the_connection(
     assert result.outcome is RecipientOutcome.TEMPORARY
     assert result.detail.startswith("4.4.2 ") and "timed out" in result.detail
     assert transport.pool.open_connections == 0
+
+
+# -- addresses the client library cannot send, and connections left mid-transaction ---
+
+# (spooled address, envelope is SMTPUTF8, enhanced status of its permanent failure)
+UNSENDABLE = [
+    ("nul\x00byte@example.net", False, "5.1.3"),
+    ("esc\x1b[31m@example.net", False, "5.1.3"),
+    ("del\x7f@example.net", False, "5.1.3"),
+    ("c1\x85@example.net", True, "5.1.3"),
+    ("bad\udcffutf8@example.net", True, "5.1.3"),
+    ("b@example.net\r\nRSET", False, "5.1.3"),
+    ("zoë@example.net", False, "5.6.7"),
+    ("bob@exämple.net", False, "5.6.7"),
+]
+
+
+@pytest.mark.parametrize("pipelining", [True, False])
+@pytest.mark.parametrize(("bad", "smtputf8", "status"), UNSENDABLE)
+async def test_unsendable_recipient_fails_alone_and_never_poisons_the_connection(
+    harness: Harness, pipelining: bool, bad: str, smtputf8: bool, status: str
+) -> None:
+    # A message spooled with an address aiosmtplib refuses (or one our rule refuses):
+    # today MAIL went out, aiosmtplib raised, the connection went back to the pool with
+    # its transaction open, and the next message got "503 nested MAIL" and bounced.
+    up = await harness.upstream(tls="starttls", pipelining=pipelining)
+    transport = harness.transport(up, pool_size=1)
+
+    results = await transport.deliver(
+        envelope("good@example.net", bad, "other@example.org", smtputf8=smtputf8), MESSAGE
+    )
+
+    assert [(r.address, r.outcome) for r in results] == [
+        ("good@example.net", RecipientOutcome.DELIVERED),
+        (bad, RecipientOutcome.PERMANENT),
+        ("other@example.org", RecipientOutcome.DELIVERED),
+    ]
+    assert results[1].detail.startswith(f"{status} Bad recipient address: ")
+    assert [m.rcpt_tos for m in up.messages] == [("good@example.net", "other@example.org")]
+    # The next message (another sender's) goes out on the same pooled connection.
+    [next_one] = await transport.deliver(envelope("carol@example.org"), MESSAGE)
+    assert next_one.outcome is RecipientOutcome.DELIVERED, next_one.detail
+    assert len(up.messages) == 2
+    assert up.connections == 1
+
+
+@pytest.mark.parametrize("pipelining", [True, False])
+async def test_unsendable_sender_fails_every_recipient_before_any_command(
+    harness: Harness, pipelining: bool
+) -> None:
+    up = await harness.upstream(tls="starttls", pipelining=pipelining)
+    transport = harness.transport(up)
+
+    results = await transport.deliver(
+        envelope("a@example.net", "b@example.net", mail_from="x\x00y@example.com"), MESSAGE
+    )
+
+    assert [r.outcome for r in results] == [RecipientOutcome.PERMANENT] * 2
+    assert all(r.detail.startswith("5.1.7 Bad sender address: ") for r in results)
+    assert up.connections == 0
+    [ok] = await transport.deliver(envelope("c@example.net"), MESSAGE)
+    assert ok.outcome is RecipientOutcome.DELIVERED
+
+
+@pytest.mark.parametrize("pipelining", [True, False])
+async def test_503_at_mail_is_temporary_and_retried_on_a_fresh_connection(
+    harness: Harness, pipelining: bool
+) -> None:
+    # A connection out of step with the server ("503 nested MAIL command") says nothing
+    # about the message: never a bounce, and a new connection is tried at once.
+    up = await harness.upstream(tls="starttls", pipelining=pipelining)
+    transport = harness.transport(up, pool_size=1)
+    [first] = await transport.deliver(envelope(), MESSAGE)
+    assert first.outcome is RecipientOutcome.DELIVERED
+    up.refuse_mail = "503 5.5.1 Error: nested MAIL command"
+
+    results = await transport.deliver(envelope("a@example.net", "b@example.net"), MESSAGE)
+
+    assert [r.outcome for r in results] == [RecipientOutcome.TEMPORARY] * 2
+    assert results[0].code == 503
+    assert up.connections == 2  # the pooled one was dropped, a fresh one tried
+    up.refuse_mail = None
+    [ok] = await transport.deliver(envelope("c@example.net"), MESSAGE)
+    assert ok.outcome is RecipientOutcome.DELIVERED
+
+
+@pytest.mark.parametrize("code", [503])
+def test_sequence_errors_are_never_permanent(code: int) -> None:
+    assert classify_reply(code) is RecipientOutcome.TEMPORARY
+    assert classify_reply(550) is RecipientOutcome.PERMANENT
+
+
+async def test_failure_texts_are_smtp_style_not_python_exceptions(harness: Harness) -> None:
+    up = await harness.upstream(tls="starttls")
+    transport = harness.transport(up, connect_timeout_seconds=2)
+    await up.go_down()
+    [down] = await transport.deliver(envelope(), MESSAGE)
+    slow = await harness.upstream(tls="starttls")
+    slow.data_delay = 2.0
+    [timed_out] = await harness.transport(slow, timeout_seconds=0.3).deliver(envelope(), MESSAGE)
+
+    for result in (down, timed_out):
+        assert result.outcome is RecipientOutcome.TEMPORARY
+        assert re.match(r"4\.4\.[12] upstream 'primary'", result.detail), result.detail
+        for python in ("Error(", "Errno", "Exception", "Traceback", "SMTP", "('"):
+            assert python not in result.detail, result.detail
+    assert down.detail.endswith("connection refused")
+    assert timed_out.detail.endswith("timed out during the transaction")
+
+
+@pytest.mark.parametrize("pipelining", [True, False])
+async def test_connection_whose_rset_fails_is_never_reused(
+    harness: Harness, pipelining: bool
+) -> None:
+    # Every RCPT refused (MAIL stays open), then RSET refused with the transaction
+    # still open: aiosmtplib (and the pipelined path) ignored the RSET's reply and
+    # pooled the connection, so the next message met "503 nested MAIL command" and
+    # was bounced.
+    up = await harness.upstream(tls="starttls", pipelining=pipelining)
+    up.refuse_rcpt["a@example.net"] = "550 5.1.1 No such user"
+    up.refuse_rset = "500 5.5.2 RSET not now"
+    transport = harness.transport(up, pool_size=1)
+
+    [refused] = await transport.deliver(envelope("a@example.net"), MESSAGE)
+    assert refused.outcome is RecipientOutcome.PERMANENT
+
+    [next_one] = await transport.deliver(envelope("b@example.net"), MESSAGE)
+
+    assert next_one.outcome is RecipientOutcome.DELIVERED, next_one.detail
+    assert up.connections == 2
+    assert [m.rcpt_tos for m in up.messages] == [("b@example.net",)]
