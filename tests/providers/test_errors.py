@@ -398,3 +398,34 @@ async def test_unreadable_credential_file_is_a_configuration_error(
     assert outcomes(results) == {RecipientOutcome.CONFIG_ERROR}
     assert "cannot read credential file" in results[0].detail
     assert server.requests == []
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+async def test_an_unaddressable_recipient_fails_alone(
+    provider: str, provider_server: ServerFactory, api_upstream: Any, transport_factory: Any
+) -> None:
+    # A non-ASCII mailbox name (for a provider without SMTPUTF8) or a control character
+    # spooled before the front refused it: that recipient bounces, the others in the
+    # same message are delivered (today the whole message was refused for everyone).
+    server, transport, _, _ = await setup(
+        provider, provider_server, api_upstream, transport_factory
+    )
+    smtputf8 = transport.limits.smtputf8
+    bad = ["nul\x00@example.org"] + ([] if smtputf8 else ["zoë@example.org"])
+    mixed = Envelope(
+        queue_id="QMIX",
+        mail_from="ann@example.com",
+        recipients=("bob@example.org", *bad, "carol@example.net"),
+        smtputf8=True,
+        body_8bitmime=True,
+    )
+    results = await transport.deliver(mixed, rich_message())
+    assert [(r.address, r.outcome) for r in results] == [
+        ("bob@example.org", RecipientOutcome.DELIVERED),
+        *((b, RecipientOutcome.PERMANENT) for b in bad),
+        ("carol@example.net", RecipientOutcome.DELIVERED),
+    ]
+    assert results[1].detail.startswith("5.1.3 Bad recipient address: ")
+    if not smtputf8:
+        assert results[2].detail.startswith("5.6.7 non-ASCII mailbox names")
+    assert len(server.sent) >= 1
