@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import enum
 import logging
 import os
@@ -572,13 +573,7 @@ class SmtpTransport:
                 return self._broken_transaction(smtp, envelope, exc)
         if envelope.smtputf8:
             if not smtp.supports_extension("smtputf8"):
-                results = all_recipients(
-                    envelope,
-                    RecipientOutcome.PERMANENT,
-                    f"5.6.7 upstream {self.name!r} does not support SMTPUTF8, which this "
-                    "message needs (internationalised addresses or headers, RFC 6531)",
-                )
-                return results, _Ending.CLEAN
+                return await self._without_smtputf8(smtp, envelope, message)
             options.append("SMTPUTF8")
         if envelope.body_8bitmime and smtp.supports_extension("8bitmime"):
             options.append("BODY=8BITMIME")
@@ -635,6 +630,37 @@ class SmtpTransport:
         ]
         return results, _Ending.CLEAN
 
+    async def _without_smtputf8(
+        self, smtp: aiosmtplib.SMTP, envelope: Envelope, message: bytes
+    ) -> tuple[list[RecipientResult], _Ending]:
+        """An SMTPUTF8 message for an upstream without SMTPUTF8 (RFC 6531 3.2).
+
+        When the sender and the header section are ASCII, only the non-ASCII recipients
+        needed SMTPUTF8: they fail alone and the others are sent without it (as Postfix
+        does for mail that does not need SMTPUTF8). Otherwise the message needs it.
+        """
+
+        def refusal(what: str) -> str:
+            return (
+                f"5.6.7 upstream {self.name!r} does not support SMTPUTF8, which this {what} "
+                "needs (internationalised addresses or headers, RFC 6531)"
+            )
+
+        ascii_rcpts = tuple(r for r in envelope.recipients if r.isascii())
+        if not (envelope.mail_from.isascii() and _header_section(message).isascii()):
+            ascii_rcpts = ()
+        if not ascii_rcpts:
+            results = all_recipients(envelope, RecipientOutcome.PERMANENT, refusal("message"))
+            return results, _Ending.CLEAN
+        refused = [
+            RecipientResult(r, RecipientOutcome.PERMANENT, refusal("address"))
+            for r in envelope.recipients
+            if not r.isascii()
+        ]
+        plain = dataclasses.replace(envelope, recipients=ascii_rcpts, smtputf8=False)
+        results, ending = await self._transaction(smtp, plain, message)
+        return in_envelope_order(envelope, results, refused), ending
+
     async def _pipelined(
         self, smtp: aiosmtplib.SMTP, envelope: Envelope, message: bytes, options: list[str]
     ) -> tuple[list[RecipientResult], _Ending]:
@@ -683,6 +709,11 @@ class SmtpTransport:
             return results, _Ending.CLEAN
         # Something was refused after MAIL: a transaction may still be open.
         return results, _Ending.RESET
+
+
+def _header_section(message: bytes) -> bytes:
+    end = message.find(b"\r\n\r\n")
+    return message if end < 0 else message[:end]
 
 
 async def _reset(smtp: aiosmtplib.SMTP) -> _Ending:

@@ -741,3 +741,26 @@ async def test_connection_whose_rset_fails_is_never_reused(
     assert next_one.outcome is RecipientOutcome.DELIVERED, next_one.detail
     assert up.connections == 2
     assert [m.rcpt_tos for m in up.messages] == [("b@example.net",)]
+
+
+async def test_ascii_recipients_of_an_smtputf8_message_go_to_an_upstream_without_it(
+    harness: Harness,
+) -> None:
+    # SMTPUTF8 was needed only for one recipient's address: the upstream without
+    # SMTPUTF8 gets the message for the others, without the parameter, and only that
+    # recipient bounces (RFC 6531 3.2; Postfix delivers such mail the same way).
+    plain = await harness.upstream(tls="starttls", smtputf8=False)
+    env = envelope("zoë@example.net", "bob@example.net", "carol@example.org", smtputf8=True)
+
+    results = await harness.transport(plain).deliver(env, MESSAGE)
+
+    assert [(r.address, r.outcome) for r in results] == [
+        ("zoë@example.net", RecipientOutcome.PERMANENT),
+        ("bob@example.net", RecipientOutcome.DELIVERED),
+        ("carol@example.org", RecipientOutcome.DELIVERED),
+    ]
+    assert results[0].detail.startswith("5.6.7 ")
+    [got] = plain.messages
+    assert got.rcpt_tos == ("bob@example.net", "carol@example.org")
+    assert "SMTPUTF8" not in got.mail_options
+    assert got.data == MESSAGE
