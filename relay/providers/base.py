@@ -485,7 +485,7 @@ class ApiTransport:
             return self._all(
                 envelope.recipients,
                 RecipientOutcome.PERMANENT,
-                f"message is {len(message)} bytes; {self.provider} accepts at most {limit}",
+                f"5.3.4 message is {len(message)} bytes; {self.provider} accepts at most {limit}",
             )
         wait = self._throttled_for()
         if wait > 0:
@@ -497,7 +497,7 @@ class ApiTransport:
             return self._all(
                 envelope.recipients,
                 RecipientOutcome.PERMANENT,
-                f"{self.provider} cannot carry this message: {exc}",
+                f"5.6.0 {self.provider} cannot carry this message: {exc}",
             )
         except CredentialError as exc:
             self._config_error(envelope, str(exc))

@@ -187,8 +187,8 @@ async def test_bad_recipients_are_refused_and_the_rest_delivered(
         assert (await smtp.send(b"MAIL FROM:<a@example.com>"))[0] == 250
         assert (await smtp.send(b"RCPT TO:<good@dest.test>"))[0] == 250
         for line, code, status in BAD_RCPTS:
-            got = await smtp.send(line)
-            assert got[0] == code and got[1].startswith(status), (line, got)
+            reply = await smtp.send(line)
+            assert reply[0] == code and reply[1].startswith(status), (line, reply)
         assert (await smtp.send(b"RCPT TO:<other@dest.test>"))[0] == 250
         assert (await smtp.send(b"DATA"))[0] == 354
         assert (await smtp.send(MESSAGE + b"."))[0] == 250
@@ -209,8 +209,8 @@ async def test_bad_senders_are_refused(
     async with raw_session(relay) as smtp:
         assert (await smtp.send(b"MAIL FROM:<a\x00b@example.com>"))[:1] == (501,)
         assert (await smtp.send(b"MAIL FROM:<a\x1b@example.com>"))[:1] == (501,)
-        got = await smtp.send("MAIL FROM:<zoë@example.com>".encode())
-        assert got[0] == 553 and got[1].startswith("5.6.7")
+        reply = await smtp.send("MAIL FROM:<zoë@example.com>".encode())
+        assert reply[0] == 553 and reply[1].startswith("5.6.7")
         # The session is still usable and a valid transaction goes through.
         assert (await smtp.send(b"MAIL FROM:<a@example.com>"))[0] == 250
         assert (await smtp.send(b"RCPT TO:<b@dest.test>"))[0] == 250
