@@ -313,10 +313,18 @@ class Call:
     request: httpx.Request
 
 
+# A permanently refused request for at most this many recipients is retried one
+# recipient per request, so one address the provider refuses does not bounce the rest.
+SPLIT_REFUSED_UP_TO = 50
+
+
 class ApiTransport:
     """The shared half of every provider transport; subclasses fill in the API."""
 
     provider: ClassVar[str]
+    # The message goes out as its bytes, recipients beside it (not rebuilt from headers),
+    # so a request per recipient delivers the same message: see `_split_refused`.
+    sends_raw_message: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -508,7 +516,48 @@ class ApiTransport:
             if wait > 0:
                 results += self._throttled(call.recipients, wait)
                 continue
-            results += await self._send(envelope, call)
+            sent = await self._send(envelope, call)
+            if (
+                self.sends_raw_message
+                and 1 < len(call.recipients) <= SPLIT_REFUSED_UP_TO
+                and all(r.outcome is RecipientOutcome.PERMANENT for r in sent)
+            ):
+                sent = await self._split_refused(envelope, message, call.recipients, sent)
+            results += sent
+        return results
+
+    async def _split_refused(
+        self,
+        envelope: Envelope,
+        message: bytes,
+        recipients: tuple[str, ...],
+        refused: list[RecipientResult],
+    ) -> list[RecipientResult]:
+        """A request refused for good is tried again once per recipient: a provider
+        refuses the whole request for one address it does not accept, and that must not
+        bounce the others. Nothing was sent, so this sends nothing twice."""
+        log.info(
+            "Retrying message %s on upstream %s one recipient at a time after %s refused "
+            "a request for %d",
+            envelope.queue_id,
+            self.name,
+            self.provider,
+            len(recipients),
+        )
+        results: list[RecipientResult] = []
+        for rcpt, batch_result in zip(recipients, refused, strict=True):
+            wait = self._throttled_for()
+            if wait > 0:
+                results += self._throttled((rcpt,), wait)
+                continue
+            single = dataclasses.replace(envelope, recipients=(rcpt,))
+            try:
+                calls = await self.prepare(single, message)
+            except (UnrepresentableMessage, CredentialError):
+                results.append(batch_result)
+                continue
+            for call in calls:
+                results += await self._send(single, call)
         return results
 
     def _throttled(self, recipients: Sequence[str], wait: float) -> list[RecipientResult]:

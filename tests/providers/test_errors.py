@@ -13,11 +13,11 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from mailrelay.relay.config import ApiUpstream
-from mailrelay.relay.providers.base import ApiTransport
+from mailrelay.relay.providers.base import SPLIT_REFUSED_UP_TO, ApiTransport
 from mailrelay.relay.transport import Envelope, RecipientOutcome
-from tests.providers.conftest import PROVIDERS
+from tests.providers.conftest import PROVIDERS, RAW_PROVIDERS
 from tests.providers.messages import rich_message
-from tests.providers.servers import Fault, ProviderServer, ses_error
+from tests.providers.servers import Fault, ProviderServer, raw_sent, ses_error
 
 ServerFactory = Callable[[str], Awaitable[ProviderServer]]
 
@@ -429,3 +429,63 @@ async def test_an_unaddressable_recipient_fails_alone(
     if not smtputf8:
         assert results[2].detail.startswith("5.6.7 non-ASCII mailbox names")
     assert len(server.sent) >= 1
+
+
+@pytest.mark.parametrize("provider", RAW_PROVIDERS)
+async def test_a_request_refused_for_one_recipient_is_split_so_the_others_arrive(
+    provider: str, provider_server: ServerFactory, api_upstream: Any, transport_factory: Any
+) -> None:
+    # The provider refuses the whole request because of one address it does not take
+    # (its validator is stricter than SMTP): the relay asks again one recipient at a
+    # time, so only that recipient bounces. The message bytes are the same each time.
+    server, transport, _, _ = await setup(
+        provider, provider_server, api_upstream, transport_factory
+    )
+    server.refuse_containing = (
+        "refused@example.org",
+        Fault(400, {"message": "'to' parameter is not a valid address"}),
+    )
+    rcpts = ("bob@example.org", "refused@example.org", "carol@example.net")
+    env = Envelope(
+        queue_id="QSPLIT",
+        mail_from="ann@example.com",
+        recipients=rcpts,
+        smtputf8=False,
+        body_8bitmime=True,
+    )
+    message = rich_message()
+
+    results = await transport.deliver(env, message)
+
+    assert [(r.address, r.outcome) for r in results] == [
+        ("bob@example.org", RecipientOutcome.DELIVERED),
+        ("refused@example.org", RecipientOutcome.PERMANENT),
+        ("carol@example.net", RecipientOutcome.DELIVERED),
+    ]
+    assert "not a valid address" in results[1].detail
+    sent = [raw_sent(provider, req) for req in server.sent]
+    assert sorted(r for _, recipients in sent for r in recipients) == [
+        "bob@example.org",
+        "carol@example.net",
+    ]
+    assert all(data == message for data, _ in sent)
+
+
+async def test_a_refused_request_for_everyone_is_not_split_beyond_the_limit(
+    provider_server: ServerFactory, api_upstream: Any, transport_factory: Any
+) -> None:
+    server, transport, _, _ = await setup(
+        "mailgun", provider_server, api_upstream, transport_factory
+    )
+    server.inject(Fault(400, {"message": "message rejected"}))
+    many = tuple(f"r{i}@example.org" for i in range(SPLIT_REFUSED_UP_TO + 1))
+    env = Envelope(
+        queue_id="QMANY",
+        mail_from="ann@example.com",
+        recipients=many,
+        smtputf8=False,
+        body_8bitmime=True,
+    )
+    results = await transport.deliver(env, rich_message())
+    assert outcomes(results) == {RecipientOutcome.PERMANENT}
+    assert len(server.requests) == 1
