@@ -44,7 +44,14 @@ from mailrelay.relay.config import ApiUpstream
 from mailrelay.relay.providers.limits import PROVIDER_LIMITS, ProviderLimits
 from mailrelay.relay.providers.mime import UnrepresentableMessage, ascii_address
 from mailrelay.relay.redact import SECRETS
-from mailrelay.relay.transport import Envelope, RecipientOutcome, RecipientResult
+from mailrelay.relay.transport import (
+    Envelope,
+    RecipientOutcome,
+    RecipientResult,
+    describe_error,
+    in_envelope_order,
+    split_unsendable,
+)
 
 __all__ = [
     "ApiTransport",
@@ -456,17 +463,54 @@ class ApiTransport:
     # --- the Transport protocol --------------------------------------------------------
 
     async def deliver(self, envelope: Envelope, message: bytes) -> list[RecipientResult]:
-        """Send to every recipient; every failure becomes a classified result."""
+        """Send to every recipient; every failure becomes a classified result.
+
+        A recipient whose address cannot be sent (the envelope rule, or a non-ASCII
+        mailbox name for a provider without SMTPUTF8) fails alone; the others go out.
+        """
+        sendable, refused = split_unsendable(envelope)
+        if sendable is not None and not self.limits.smtputf8:
+            sendable, not_ascii = self._split_non_ascii(sendable)
+            refused += not_ascii
+        if sendable is None:
+            return in_envelope_order(envelope, refused)
         try:
-            return _one_per_recipient(envelope, await self._deliver(envelope, message))
-        except Exception as exc:
+            results = _one_per_recipient(sendable, await self._deliver(sendable, message))
+        except Exception:
             # A bug of ours must not bounce mail: keep it queued and make it visible.
             log.exception(
                 "Failed to deliver message %s through upstream %s: internal error",
                 envelope.queue_id,
                 self.name,
             )
-            return self._all(envelope.recipients, RecipientOutcome.TEMPORARY, f"internal: {exc}")
+            results = self._all(
+                sendable.recipients,
+                RecipientOutcome.TEMPORARY,
+                f"4.3.0 internal error in the {self.provider} transport (see the relay log)",
+            )
+        return in_envelope_order(envelope, results, refused) if refused else results
+
+    def _split_non_ascii(self, envelope: Envelope) -> tuple[Envelope | None, list[RecipientResult]]:
+        """Recipients this provider cannot address (non-ASCII mailbox names, domains that
+        are not valid IDNA) fail alone; None when none is left."""
+        refused = []
+        for rcpt in envelope.recipients:
+            try:
+                ascii_address(rcpt)
+            except UnrepresentableMessage:
+                reason = (
+                    "5.6.7 non-ASCII mailbox names (SMTPUTF8) are not accepted by "
+                    if not rcpt.rpartition("@")[0].isascii()
+                    else "5.1.2 the domain is not valid IDNA, as required by "
+                )
+                refused.append(
+                    RecipientResult(rcpt, RecipientOutcome.PERMANENT, reason + self.provider)
+                )
+        if not refused:
+            return envelope, []
+        failed = {r.address for r in refused}
+        rest = tuple(r for r in envelope.recipients if r not in failed)
+        return (dataclasses.replace(envelope, recipients=rest) if rest else None), refused
 
     async def close(self) -> None:
         """Close the HTTP client and its pooled connections."""
@@ -589,8 +633,8 @@ class ApiTransport:
             started = self._clock()
             try:
                 response = await self.client.send(call.request)
-            except httpx.TimeoutException as exc:
-                detail = f"{self.provider} API timed out ({type(exc).__name__})"
+            except httpx.TimeoutException:
+                detail = f"4.4.2 {self.provider} API timed out"
                 log.warning(
                     "Deferred message %s on upstream %s: %s", envelope.queue_id, self.name, detail
                 )
@@ -601,7 +645,7 @@ class ApiTransport:
                 if refusal is not None:
                     self._config_error(envelope, str(refusal))
                     return self._all(call.recipients, RecipientOutcome.CONFIG_ERROR, str(refusal))
-                detail = f"{self.provider} API unreachable: {type(exc).__name__}: {exc}"
+                detail = f"4.4.1 {self.provider} API unreachable: {describe_error(exc)}"
                 log.warning(
                     "Deferred message %s on upstream %s: %s", envelope.queue_id, self.name, detail
                 )

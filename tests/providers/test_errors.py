@@ -112,7 +112,8 @@ async def test_400_is_permanent(
     server, transport, _, _ = await setup(
         provider, provider_server, api_upstream, transport_factory
     )
-    server.inject(Fault(400, {"message": "'to' parameter is not a valid address"}))
+    # Three times: a raw provider asks again once per recipient after a refused request.
+    server.inject(*[Fault(400, {"message": "'to' parameter is not a valid address"})] * 3)
     results = await transport.deliver(envelope(), rich_message())
     assert outcomes(results) == {RecipientOutcome.PERMANENT}
     assert "not a valid address" in results[0].detail

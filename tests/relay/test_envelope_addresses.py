@@ -281,3 +281,10 @@ def test_log_formatters_escape_control_characters() -> None:
     assert payload["message"] == "Refused <a\\x00\\x0d\\x0ab\\x1b>"
     assert payload["recipient"] == "c\\x00d"
     assert printable("plain text") == "plain text"
+    # A traceback formatted before the handler saw it (relay/redact.py does that) keeps
+    # its line breaks and loses its control characters, in both formats.
+    record.exc_text = "Traceback (most recent call last):\nValueError: a\x00b\x1b[2J"
+    text = TextFormatter().format(record)
+    assert "\nValueError: a\\x00b\\x1b[2J" in text and "\x00" not in text
+    payload = json.loads(JsonFormatter().format(record))
+    assert payload["exception"].endswith("\nValueError: a\\x00b\\x1b[2J")
