@@ -244,7 +244,8 @@ async def test_ses_error_names_decide(
 ) -> None:
     kind, status, expected = case
     server, transport, _, _ = await setup("ses", provider_server, api_upstream, transport_factory)
-    server.inject(ses_error(status, kind, "as injected"))
+    # Three times: a permanently refused request is asked again once per recipient.
+    server.inject(*[ses_error(status, kind, "as injected")] * 3)
     results = await transport.deliver(envelope(), rich_message())
     assert outcomes(results) == {expected}
     assert kind in results[0].detail
