@@ -24,7 +24,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-__all__ = ["PLAIN_ADDRESS", "AddressRefusal", "address_refusal"]
+__all__ = ["PLAIN_ADDRESS", "SYNTAX_REFUSAL", "AddressRefusal", "address_refusal"]
 
 _ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
 PLAIN_ADDRESS = rf"{_ATEXT}(?:\.{_ATEXT})*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*"
@@ -73,7 +73,7 @@ class AddressRefusal:
 
 _CONTROL_REFUSAL = AddressRefusal(501, "5.1.3", "Address contains a control character")
 _UTF8_REFUSAL = AddressRefusal(501, "5.1.3", "Address is not valid UTF-8")
-_SYNTAX_REFUSAL = AddressRefusal(501, "5.1.3", "Bad address syntax")
+SYNTAX_REFUSAL = AddressRefusal(501, "5.1.3", "Bad address syntax")
 _SMTPUTF8_REFUSAL = AddressRefusal(
     553, "5.6.7", "Non-ASCII address needs the SMTPUTF8 parameter on MAIL (RFC 6531)"
 )
@@ -95,11 +95,11 @@ def address_refusal(address: str, *, smtputf8: bool) -> AddressRefusal | None:
     if not at:
         # A bare local part (RFC 5321 allows only `Postmaster`): a dot-string, unquoted.
         if not _DOT_STRING.fullmatch(address):
-            return _SYNTAX_REFUSAL
+            return SYNTAX_REFUSAL
     elif not (_QUOTED_STRING.fullmatch(local) or _DOT_STRING.fullmatch(local)) or not (
         _DOMAIN.fullmatch(domain) or _ADDRESS_LITERAL.fullmatch(domain)
     ):
-        return _SYNTAX_REFUSAL
+        return SYNTAX_REFUSAL
     if not smtputf8 and not address.isascii():
         return _SMTPUTF8_REFUSAL
     return None

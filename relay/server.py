@@ -37,7 +37,7 @@ from typing import Any, Protocol
 
 from aiosmtpd.smtp import MISSING, AuthResult, Envelope, Session
 
-from mailrelay.relay.address import PLAIN_ADDRESS, address_refusal
+from mailrelay.relay.address import PLAIN_ADDRESS, SYNTAX_REFUSAL, address_refusal
 from mailrelay.relay.auth import User, UserDatabase
 from mailrelay.relay.config import ApiUpstream, RelayConfig, RouteConfig
 from mailrelay.relay.data_reader import BulkDataSMTP
@@ -66,6 +66,8 @@ _AUTH_FAILURE_LIMIT = 3
 _HELO_SAFE = re.compile(r"[^A-Za-z0-9.\-_:\[\]]")
 # `<local@domain>` with a dot-atom local part and a plain ASCII domain, then the rest.
 _PLAIN_PATH = re.compile(rf"<({PLAIN_ADDRESS})>(.*)", re.S)
+# aiosmtpd's reply when its parser cannot read a path (aiosmtpd 1.4.6, smtp_MAIL/RCPT).
+_AIOSMTPD_MALFORMED = "553 5.1.3 Error: malformed address"
 
 
 class DeliveryHook(Protocol):
@@ -270,6 +272,10 @@ class RelaySMTP(_CheapDir, BulkDataSMTP):
             if status.startswith("552 Error"):
                 self.front.metrics.reject("message_too_large")
                 status = "552 5.3.4 Message size exceeds fixed maximum message size"
+            elif status == _AIOSMTPD_MALFORMED:
+                # An address aiosmtpd's parser refused: the same reply as relay/address.py.
+                self.front.metrics.reject("bad_address")
+                status = SYNTAX_REFUSAL.reply
             elif len(status) > 3 and status[3] == "-":
                 # A continuation line of a multi-line reply (EHLO): hold it and send the
                 # whole reply with its last line, one write instead of one per line.

@@ -171,6 +171,7 @@ BAD_RCPTS = [
     (b"RCPT TO:<bell\x07@dest.test>", 501, "5.1.3"),
     (b'RCPT TO:<"nul\x00quoted"@dest.test>', 501, "5.1.3"),
     (b"RCPT TO:<bad\xffutf8@dest.test>", 501, "5.1.3"),
+    (b"RCPT TO:<a@dest..test>", 501, "5.1.3"),  # refused by aiosmtpd's parser already
     ("RCPT TO:<zoë@dest.test>".encode(), 553, "5.6.7"),
     ("RCPT TO:<bob@dëst.test>".encode(), 553, "5.6.7"),
 ]
