@@ -20,7 +20,7 @@ from aiosmtplib.protocol import PERIOD_REGEX, normalize_message_line_endings
 from mailrelay.relay.config import SmtpUpstream
 from mailrelay.relay.smtp_pipelining import command_group, data_payload, take_replies
 from mailrelay.relay.smtp_transport import SmtpTransport, classify_reply
-from mailrelay.relay.transport import Envelope, RecipientOutcome, build_transport
+from mailrelay.relay.transport import Envelope, RecipientOutcome, RecipientResult, build_transport
 from tests.relay.delivery_fixtures import (
     Certificates,
     ScriptedUpstream,
@@ -588,9 +588,13 @@ def test_addresses_are_quoted_as_aiosmtplib_quotes_them(address: str) -> None:
     "address", ["b@example.net>\r\nRCPT TO:<c@example.net", "b@example.net\r\nRSET"]
 )
 def test_an_address_cannot_inject_a_command(address: str) -> None:
-    group = command_group("a@example.com", [address], [], "ascii")
-    assert group.count(b"\r\n") == 3
-    assert group.split(b"\r\n")[1] == f"RCPT TO:{quote_address(address)}".encode()
+    # Refused before anything is built: neither sent nor quietly rewritten to another
+    # address (aiosmtplib's quoting turns both into <b@example.net>).
+    assert quote_address(address) == "<b@example.net>"
+    with pytest.raises(ValueError, match="control character"):
+        command_group("a@example.com", [address], [], "ascii")
+    with pytest.raises(ValueError, match="control character"):
+        command_group(address, ["c@example.net"], [], "ascii")
 
 
 def test_an_option_cannot_inject_a_command() -> None:
@@ -764,3 +768,35 @@ async def test_ascii_recipients_of_an_smtputf8_message_go_to_an_upstream_without
     assert got.rcpt_tos == ("bob@example.net", "carol@example.org")
     assert "SMTPUTF8" not in got.mail_options
     assert got.data == MESSAGE
+
+
+class _UncheckedTransport(SmtpTransport):
+    """The transport without its address check: what happens if the rule ever misses an
+    address the client library refuses halfway through a transaction."""
+
+    async def deliver(self, envelope: Envelope, message: bytes) -> list[RecipientResult]:
+        return await self._deliver_sendable(envelope, message)
+
+
+@pytest.mark.parametrize("pipelining", [True, False])
+async def test_a_client_side_error_mid_transaction_is_temporary_and_reset(
+    harness: Harness, pipelining: bool
+) -> None:
+    # aiosmtplib refuses the NUL only at its RCPT, after MAIL and a good RCPT went out:
+    # our error, so temporary for the message, and the connection is reset (RSET,
+    # checked) before the next message uses it. The pipelined path refuses before
+    # sending anything.
+    up = await harness.upstream(tls="starttls", pipelining=pipelining)
+    config = harness.transport(up, pool_size=1).upstream
+    transport = _UncheckedTransport(config, local_hostname="relay.test")
+    harness.transports.append(transport)
+
+    results = await transport.deliver(envelope("good@example.net", "nul\x00@example.net"), MESSAGE)
+
+    assert [r.outcome for r in results] == [RecipientOutcome.TEMPORARY] * 2
+    assert all(r.detail.startswith("4.3.0 ") for r in results)
+    [ok] = await transport.deliver(envelope("next@example.net"), MESSAGE)
+    assert ok.outcome is RecipientOutcome.DELIVERED, ok.detail
+    assert up.connections == 1
+    assert [m.rcpt_tos for m in up.messages] == [("next@example.net",)]
+    assert not any(b"\x00" in chunk for chunk in up.chunks)
