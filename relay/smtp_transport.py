@@ -481,7 +481,8 @@ class SmtpTransport:
     def _connection_failure(self, envelope: Envelope, exc: BaseException) -> list[RecipientResult]:
         where = f"upstream {self.name!r} ({self.upstream.host}:{self.upstream.port})"
         if isinstance(exc, UpstreamConfigError):
-            return all_recipients(envelope, RecipientOutcome.CONFIG_ERROR, str(exc))
+            # Our own words (no Python text in them), under a security status code.
+            return all_recipients(envelope, RecipientOutcome.CONFIG_ERROR, f"4.7.0 {exc}")
         cert = _find_cause(exc, ssl.SSLCertVerificationError)
         if cert is not None:
             return all_recipients(
