@@ -24,7 +24,13 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-__all__ = ["PLAIN_ADDRESS", "SYNTAX_REFUSAL", "AddressRefusal", "address_refusal"]
+__all__ = [
+    "CONTROL_CHARACTER",
+    "PLAIN_ADDRESS",
+    "SYNTAX_REFUSAL",
+    "AddressRefusal",
+    "address_refusal",
+]
 
 _ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
 PLAIN_ADDRESS = rf"{_ATEXT}(?:\.{_ATEXT})*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*"
@@ -35,7 +41,7 @@ transport can take a fast path for it."""
 _PLAIN = re.compile(PLAIN_ADDRESS)
 # C0 controls, DEL, C1 controls, and lone surrogates (aiosmtpd decodes invalid UTF-8 with
 # surrogateescape, and such a string cannot be encoded back to UTF-8).
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+CONTROL_CHARACTER = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 _SURROGATE = re.compile(r"[\ud800-\udfff]")
 # RFC 6531 atext: RFC 5322 atext plus any non-ASCII character but whitespace.
 _U_ATEXT = r"(?:[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]|[^\x00-\x7f\s])+"
@@ -87,7 +93,7 @@ def address_refusal(address: str, *, smtputf8: bool) -> AddressRefusal | None:
     """
     if address in ("", "<>") or (_PLAIN.fullmatch(address) is not None):
         return None
-    if _CONTROL.search(address):
+    if CONTROL_CHARACTER.search(address):
         return _CONTROL_REFUSAL
     if _SURROGATE.search(address):
         return _UTF8_REFUSAL

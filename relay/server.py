@@ -37,7 +37,12 @@ from typing import Any, Protocol
 
 from aiosmtpd.smtp import MISSING, AuthResult, Envelope, Session
 
-from mailrelay.relay.address import PLAIN_ADDRESS, SYNTAX_REFUSAL, address_refusal
+from mailrelay.relay.address import (
+    CONTROL_CHARACTER,
+    PLAIN_ADDRESS,
+    SYNTAX_REFUSAL,
+    address_refusal,
+)
 from mailrelay.relay.auth import User, UserDatabase
 from mailrelay.relay.config import ApiUpstream, RelayConfig, RouteConfig
 from mailrelay.relay.data_reader import BulkDataSMTP
@@ -294,7 +299,16 @@ class RelaySMTP(_CheapDir, BulkDataSMTP):
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
         found = plain_path(arg)
         if found is None:
-            return super()._getaddr(arg)
+            address, rest = super()._getaddr(arg)
+            # The RFC 5322 parser reads a tab or a comment inside the path as folding
+            # space and drops it (`<a\t@b>` becomes a@b): a control character anywhere
+            # in the path is bad syntax, whatever address the parser made of it.
+            path = arg[: len(arg) - len(rest)] if rest and arg.endswith(rest) else arg
+            path = path.strip(" \t")
+            if address is not None and CONTROL_CHARACTER.search(path):
+                # The path as sent goes on to the handler, whose address rule refuses it.
+                return path.removeprefix("<").removesuffix(">"), rest
+            return address, rest
         address, params = found
         if self.local_part_limit and len(address.rpartition("@")[0]) > self.local_part_limit:
             return None, None

@@ -24,12 +24,16 @@ from hypothesis import strategies as st
 
 from mailrelay.relay.address import address_refusal
 from mailrelay.relay.logging import JsonFormatter, TextFormatter, printable
+from mailrelay.relay.spool import RecipientState, Spool
 from tests.relay.conftest import (
     RecordingUpstream,
     RelayFactory,
     RelayHandle,
     TlsCerts,
+    fresh_entry,
     smtp_route,
+    start_subprocess,
+    write_legacy_pair,
 )
 
 
@@ -172,6 +176,8 @@ BAD_RCPTS = [
     (b'RCPT TO:<"nul\x00quoted"@dest.test>', 501, "5.1.3"),
     (b"RCPT TO:<bad\xffutf8@dest.test>", 501, "5.1.3"),
     (b"RCPT TO:<a@dest..test>", 501, "5.1.3"),  # refused by aiosmtpd's parser already
+    (b"RCPT TO:<tab\t@dest.test>", 501, "5.1.3"),  # the parser would drop the tab
+    (b"RCPT TO:<cmt(\x00)@dest.test>", 501, "5.1.3"),  # ... and the comment
     ("RCPT TO:<zoë@dest.test>".encode(), 553, "5.6.7"),
     ("RCPT TO:<bob@dëst.test>".encode(), 553, "5.6.7"),
 ]
@@ -289,3 +295,42 @@ def test_log_formatters_escape_control_characters() -> None:
     assert "\nValueError: a\\x00b\\x1b[2J" in text and "\x00" not in text
     payload = json.loads(JsonFormatter().format(record))
     assert payload["exception"].endswith("\nValueError: a\\x00b\\x1b[2J")
+
+
+# -- a message spooled before the front refused such addresses ------------------------
+
+
+async def test_spooled_bad_address_bounces_alone_with_an_smtp_style_reason(
+    relay_factory: RelayFactory,
+    recording_upstream: Callable[..., RecordingUpstream],
+    tls_certs: TlsCerts,
+) -> None:
+    # An older version accepted `nul\x00@dest.test` next to a valid recipient: the valid
+    # one is delivered, the other bounces alone, and the bounce and the dead letter say
+    # why in SMTP terms, not with a Python exception's text.
+    up = recording_upstream(tls="starttls")
+    relay = await relay_factory(
+        routes=[smtp_route("out", up, tls_certs.ca_file)], subprocess=True, start=False
+    )
+    queue = relay.spool_dir / "queue"
+    queue.mkdir(parents=True)
+    data = b"From: a@example.com\r\nSubject: old\r\nMessage-ID: <old@example.com>\r\n\r\nHi\r\n"
+    entry = fresh_entry("good@dest.test", "out", data, mail_from="a@example.com")
+    entry.recipients.append(RecipientState(address="nul\x00@dest.test", route="out"))
+    write_legacy_pair(queue, entry, data)
+    await start_subprocess(relay)
+
+    got = await up.wait_for(2)
+    original = next(m for m in got if m.mail_from == "a@example.com")
+    dsn = next(m for m in got if m.mail_from in ("", "<>"))
+    assert original.rcpt_tos == ("good@dest.test",) and original.data == data
+    assert dsn.rcpt_tos == ("a@example.com",)
+    assert b"Status: 5.1.3" in dsn.data
+    assert b"5.1.3 Bad recipient address: address contains a control character" in dsn.data
+    await relay.stop()
+    [dead] = Spool(relay.spool_dir).list_dead_letters()
+    assert dead.dead_reason is not None
+    assert "5.1.3 Bad recipient address" in dead.dead_reason
+    for python in ("Error", "Errno", "Traceback", "'ascii' codec", "('"):
+        assert python not in dead.dead_reason and python.encode() not in dsn.data
+    assert b"\x00" not in relay.log_path.read_bytes()
