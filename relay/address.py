@@ -39,9 +39,10 @@ domain: the form that needs no RFC 5322 parsing, so the SMTP front and the upstr
 transport can take a fast path for it."""
 
 _PLAIN = re.compile(PLAIN_ADDRESS)
-# C0 controls, DEL, C1 controls, and lone surrogates (aiosmtpd decodes invalid UTF-8 with
-# surrogateescape, and such a string cannot be encoded back to UTF-8).
+# C0 controls, DEL, C1 controls (the SMTP front also looks for them in the raw path).
 CONTROL_CHARACTER = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+# Lone surrogates: aiosmtpd decodes invalid UTF-8 with surrogateescape, and such a string
+# cannot be encoded back to UTF-8.
 _SURROGATE = re.compile(r"[\ud800-\udfff]")
 # RFC 6531 atext: RFC 5322 atext plus any non-ASCII character but whitespace.
 _U_ATEXT = r"(?:[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]|[^\x00-\x7f\s])+"
