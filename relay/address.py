@@ -30,6 +30,7 @@ __all__ = [
     "SYNTAX_REFUSAL",
     "AddressRefusal",
     "address_refusal",
+    "ascii_form",
 ]
 
 _ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
@@ -110,3 +111,18 @@ def address_refusal(address: str, *, smtputf8: bool) -> AddressRefusal | None:
     if not smtputf8 and not address.isascii():
         return _SMTPUTF8_REFUSAL
     return None
+
+
+def ascii_form(address: str) -> str | None:
+    """`address` as plain ASCII, its domain's U-labels as A-labels (IDNA), for a peer
+    without SMTPUTF8 (RFC 6531 3.2); None when the local part is not ASCII or the domain
+    is not valid IDNA. An ASCII address is returned as it is."""
+    if address.isascii():
+        return address
+    local, at, domain = address.rpartition("@")
+    if not at or not local.isascii():
+        return None
+    try:
+        return f"{local}@{domain.encode('idna').decode('ascii')}"
+    except UnicodeError:
+        return None

@@ -47,6 +47,7 @@ from typing import Protocol
 
 import aiosmtplib
 
+from mailrelay.relay.address import ascii_form
 from mailrelay.relay.config import SmtpUpstream
 from mailrelay.relay.redact import SECRETS
 from mailrelay.relay.smtp_pipelining import (
@@ -636,9 +637,11 @@ class SmtpTransport:
     ) -> tuple[list[RecipientResult], _Ending]:
         """An SMTPUTF8 message for an upstream without SMTPUTF8 (RFC 6531 3.2).
 
-        When the sender and the header section are ASCII, only the non-ASCII recipients
-        needed SMTPUTF8: they fail alone and the others are sent without it (as Postfix
-        does for mail that does not need SMTPUTF8). Otherwise the message needs it.
+        When the header section is ASCII and an address needs SMTPUTF8 only for its
+        domain (sent as IDNA A-labels instead), the message goes out without SMTPUTF8 to
+        every recipient that can be written in ASCII; those with a non-ASCII mailbox name
+        fail alone (as Postfix does for mail that does not need SMTPUTF8). Otherwise the
+        message needs SMTPUTF8 and fails for all.
         """
 
         def refusal(what: str) -> str:
@@ -647,19 +650,28 @@ class SmtpTransport:
                 "needs (internationalised addresses or headers, RFC 6531)"
             )
 
-        ascii_rcpts = tuple(r for r in envelope.recipients if r.isascii())
-        if not (envelope.mail_from.isascii() and _header_section(message).isascii()):
-            ascii_rcpts = ()
-        if not ascii_rcpts:
+        sender = ascii_form(envelope.mail_from)
+        as_sent = {r: ascii_form(r) for r in envelope.recipients}
+        # The ASCII form sent -> the recipients written that way (U-label and A-label).
+        sendable: dict[str, list[str]] = {}
+        for rcpt, sent in as_sent.items():
+            if sent is not None:
+                sendable.setdefault(sent, []).append(rcpt)
+        if sender is None or not sendable or not _header_section(message).isascii():
             results = all_recipients(envelope, RecipientOutcome.PERMANENT, refusal("message"))
             return results, _Ending.CLEAN
         refused = [
             RecipientResult(r, RecipientOutcome.PERMANENT, refusal("address"))
-            for r in envelope.recipients
-            if not r.isascii()
+            for r, sent in as_sent.items()
+            if sent is None
         ]
-        plain = dataclasses.replace(envelope, recipients=ascii_rcpts, smtputf8=False)
+        plain = dataclasses.replace(
+            envelope, mail_from=sender, recipients=tuple(sendable), smtputf8=False
+        )
         results, ending = await self._transaction(smtp, plain, message)
+        results = [
+            dataclasses.replace(r, address=rcpt) for r in results for rcpt in sendable[r.address]
+        ]
         return in_envelope_order(envelope, results, refused), ending
 
     async def _pipelined(

@@ -17,6 +17,7 @@ import pytest
 from aiosmtplib.email import quote_address
 from aiosmtplib.protocol import PERIOD_REGEX, normalize_message_line_endings
 
+from mailrelay.relay.address import ascii_form
 from mailrelay.relay.config import SmtpUpstream
 from mailrelay.relay.smtp_pipelining import command_group, data_payload, take_replies
 from mailrelay.relay.smtp_transport import SmtpTransport, classify_reply
@@ -800,3 +801,38 @@ async def test_a_client_side_error_mid_transaction_is_temporary_and_reset(
     assert up.connections == 1
     assert [m.rcpt_tos for m in up.messages] == [("next@example.net",)]
     assert not any(b"\x00" in chunk for chunk in up.chunks)
+
+
+async def test_idn_domains_go_as_a_labels_to_an_upstream_without_smtputf8(
+    harness: Harness,
+) -> None:
+    # Only the domains were non-ASCII: RFC 6531 lets them go as IDNA A-labels, so the
+    # whole message is delivered without SMTPUTF8; a non-ASCII mailbox name still fails.
+    plain = await harness.upstream(tls="starttls", smtputf8=False)
+    env = envelope(
+        "bob@exämple.net",
+        "zoë@example.net",
+        "carol@example.org",
+        mail_from="ann@bücher.example",
+        smtputf8=True,
+    )
+
+    results = await harness.transport(plain).deliver(env, MESSAGE)
+
+    assert [(r.address, r.outcome) for r in results] == [
+        ("bob@exämple.net", RecipientOutcome.DELIVERED),
+        ("zoë@example.net", RecipientOutcome.PERMANENT),
+        ("carol@example.org", RecipientOutcome.DELIVERED),
+    ]
+    [got] = plain.messages
+    assert got.mail_from == "ann@xn--bcher-kva.example"
+    assert got.rcpt_tos == ("bob@xn--exmple-cua.net", "carol@example.org")
+    assert "SMTPUTF8" not in got.mail_options
+    assert got.data == MESSAGE
+
+
+def test_ascii_form() -> None:
+    assert ascii_form("bob@example.net") == "bob@example.net"
+    assert ascii_form("bob@exämple.net") == "bob@xn--exmple-cua.net"
+    assert ascii_form("zoë@example.net") is None
+    assert ascii_form("bob@" + "ä" * 70 + ".net") is None  # label too long for IDNA
