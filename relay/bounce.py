@@ -54,7 +54,9 @@ def status_for(detail: str, code: int | None, *, expired: bool = False) -> str:
     Sendmail do; a permanent one without an enhanced code reports 5.0.0.
     """
     match = _ENHANCED_STATUS.search(detail)
-    if match is not None:
+    # An expired failure keeps an upstream's own code (a reply came with it); the relay's
+    # words for a connection problem ("4.4.1 ... connection refused") give way to 4.4.7.
+    if match is not None and (code is not None or not expired):
         return ".".join(match.groups())
     if expired:
         return "4.4.7"

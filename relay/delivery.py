@@ -592,7 +592,9 @@ class DeliveryEngine:
             delivered = 0
             for rcpt in remaining:
                 result = by_address.get(rcpt.address) or RecipientResult(
-                    rcpt.address, RecipientOutcome.TEMPORARY, "the transport gave no result"
+                    rcpt.address,
+                    RecipientOutcome.TEMPORARY,
+                    "4.3.0 the transport gave no result (a bug)",
                 )
                 rcpt.upstream = upstream.name
                 self._metrics.attempts.labels(route.name, upstream.name, result.outcome.value).inc()

@@ -3,19 +3,60 @@
 Call sites pass structured fields through `extra=` (e.g. `queue_id`); the JSON format
 carries them as keys, the text format only shows the message, which already names the
 object.
+
+Both formats escape control characters (and the lone surrogates of undecodable bytes) in
+every message and field as `\\xNN`: log lines quote client-supplied text (addresses, HELO
+names, upstream replies), and a NUL, CR or escape sequence must never reach a terminal or
+a log pipeline raw, nor forge a line. Tracebacks keep their line breaks.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 from datetime import UTC, datetime
-from typing import Literal
+from typing import Any, Literal
 
-__all__ = ["JsonFormatter", "configure_logging"]
+__all__ = ["JsonFormatter", "TextFormatter", "configure_logging", "printable"]
 
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
+_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+_UNPRINTABLE_BUT_LF = re.compile(r"[\x00-\x09\x0b-\x1f\x7f-\x9f\ud800-\udfff]")
+
+
+def _escape(match: re.Match[str]) -> str:
+    code = ord(match[0])
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def printable(text: str, *, keep_newlines: bool = False) -> str:
+    """`text` with control characters and lone surrogates escaped (`\\x00`, `\\udcff`)."""
+    pattern = _UNPRINTABLE_BUT_LF if keep_newlines else _UNPRINTABLE
+    return pattern.sub(_escape, text) if pattern.search(text) else text
+
+
+class TextFormatter(logging.Formatter):
+    """`time level logger: message`, with control characters escaped."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = printable(record.message)
+        return super().formatMessage(record)
+
+    def format(self, record: logging.LogRecord) -> str:
+        if record.exc_text:  # formatted already (relay/redact.py does it when logged)
+            record.exc_text = printable(record.exc_text, keep_newlines=True)
+        return super().format(record)
+
+    def formatException(self, ei: Any) -> str:
+        return printable(super().formatException(ei), keep_newlines=True)
+
+    def formatStack(self, stack_info: str) -> str:
+        return printable(super().formatStack(stack_info), keep_newlines=True)
 
 
 class JsonFormatter(logging.Formatter):
@@ -26,15 +67,17 @@ class JsonFormatter(logging.Formatter):
             "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
             "level": record.levelname.lower(),
             "logger": record.name,
-            "message": record.getMessage(),
+            "message": printable(record.getMessage()),
         }
         for key, value in vars(record).items():
             if key not in _STANDARD and not key.startswith("_"):
-                payload[key] = value
+                payload[key] = printable(value) if isinstance(value, str) else value
         if record.exc_info:
-            payload["exception"] = self.formatException(record.exc_info)
+            payload["exception"] = printable(
+                self.formatException(record.exc_info), keep_newlines=True
+            )
         elif record.exc_text:  # already formatted (and redacted, see relay/redact.py)
-            payload["exception"] = record.exc_text
+            payload["exception"] = printable(record.exc_text, keep_newlines=True)
         return json.dumps(payload, default=str)
 
 
@@ -49,7 +92,7 @@ def configure_logging(fmt: Literal["text", "json"], level: int = logging.INFO) -
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(TextFormatter())
     root.setLevel(level)
     # Neither format shows where a line was logged from, nor thread or process details,
     # so they are not computed per record (Logging HOWTO, "Optimization"). The relay logs

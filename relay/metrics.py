@@ -37,6 +37,7 @@ REJECT_REASONS: Final = (
     "internal_error",  # 451 4.3.0: any other exception
     "shutting_down",  # 421 while draining
     "too_many_connections",  # 421 at connect
+    "bad_address",  # 501 5.1.3 or 553 5.6.7 at MAIL or RCPT (relay/address.py)
 )
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from mailrelay.relay.config import ConfigError, load_config
+from mailrelay.relay.logging import printable
 from mailrelay.relay.spool import QueueEntry, Spool, SpoolError
 
 __all__ = ["add_queue_parser", "run_queue_command"]
@@ -89,15 +90,17 @@ def _print_list(
 
 
 def _print_table(entries: Sequence[QueueEntry], out: TextIO) -> None:
+    # Addresses and upstream replies are other people's text: escape control characters.
     out.write(f"{'QUEUE ID':<24} {'SIZE':>9} {'ARRIVED (UTC)':<19}  SENDER\n")
     for entry in entries:
-        sender = entry.mail_from or "<>"
+        sender = printable(entry.mail_from or "<>")
         out.write(f"{entry.queue_id:<24} {entry.size:>9} {_when(entry.received_at)}  {sender}\n")
         if entry.dead_reason:
-            out.write(f"    dead: {entry.dead_reason}\n")
+            out.write(f"    dead: {printable(entry.dead_reason)}\n")
         for r in entry.recipients:
             detail = f" ({r.last_error})" if r.last_error and r.status != "delivered" else ""
-            out.write(f"    {r.status:<9} {r.address} via {r.route}{detail}\n")
+            line = f"{r.status:<9} {r.address} via {r.route}{detail}"
+            out.write(f"    {printable(line)}\n")
     out.write(f"-- {len(entries)} message(s), {sum(e.size for e in entries)} bytes\n")
 
 

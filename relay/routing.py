@@ -10,15 +10,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from mailrelay.relay.address import PLAIN_ADDRESS
 from mailrelay.relay.config import RouteConfig
 
 __all__ = ["PLAIN_ADDRESS", "domain_of", "match_specificity", "select_route"]
-
-_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
-PLAIN_ADDRESS = rf"{_ATEXT}(?:\.{_ATEXT})*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*"
-"""A regex for `local@domain` with a dot-atom local part (RFC 5322 atext) and a plain ASCII
-domain: the form that needs no RFC 5322 parsing, so the SMTP front and the upstream
-transport can take a fast path for it."""
 
 # Specificity of one side of a match: how precisely the pattern named the domain.
 _ANY, _WILDCARD, _EXACT = 0, 1, 2

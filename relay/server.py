@@ -37,11 +37,17 @@ from typing import Any, Protocol
 
 from aiosmtpd.smtp import MISSING, AuthResult, Envelope, Session
 
+from mailrelay.relay.address import (
+    CONTROL_CHARACTER,
+    PLAIN_ADDRESS,
+    SYNTAX_REFUSAL,
+    address_refusal,
+)
 from mailrelay.relay.auth import User, UserDatabase
 from mailrelay.relay.config import ApiUpstream, RelayConfig, RouteConfig
 from mailrelay.relay.data_reader import BulkDataSMTP
 from mailrelay.relay.metrics import RelayMetrics
-from mailrelay.relay.routing import PLAIN_ADDRESS, domain_of, select_route
+from mailrelay.relay.routing import domain_of, select_route
 from mailrelay.relay.spool import HeldMessage, QueueEntry, Spool, new_queue_id
 
 __all__ = [
@@ -65,6 +71,8 @@ _AUTH_FAILURE_LIMIT = 3
 _HELO_SAFE = re.compile(r"[^A-Za-z0-9.\-_:\[\]]")
 # `<local@domain>` with a dot-atom local part and a plain ASCII domain, then the rest.
 _PLAIN_PATH = re.compile(rf"<({PLAIN_ADDRESS})>(.*)", re.S)
+# aiosmtpd's reply when its parser cannot read a path (aiosmtpd 1.4.6, smtp_MAIL/RCPT).
+_AIOSMTPD_MALFORMED = "553 5.1.3 Error: malformed address"
 
 
 class DeliveryHook(Protocol):
@@ -269,6 +277,10 @@ class RelaySMTP(_CheapDir, BulkDataSMTP):
             if status.startswith("552 Error"):
                 self.front.metrics.reject("message_too_large")
                 status = "552 5.3.4 Message size exceeds fixed maximum message size"
+            elif status == _AIOSMTPD_MALFORMED:
+                # An address aiosmtpd's parser refused: the same reply as relay/address.py.
+                self.front.metrics.reject("bad_address")
+                status = SYNTAX_REFUSAL.reply
             elif len(status) > 3 and status[3] == "-":
                 # A continuation line of a multi-line reply (EHLO): hold it and send the
                 # whole reply with its last line, one write instead of one per line.
@@ -287,7 +299,16 @@ class RelaySMTP(_CheapDir, BulkDataSMTP):
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
         found = plain_path(arg)
         if found is None:
-            return super()._getaddr(arg)
+            address, rest = super()._getaddr(arg)
+            # The RFC 5322 parser reads a tab or a comment inside the path as folding
+            # space and drops it (`<a\t@b>` becomes a@b): a control character anywhere
+            # in the path is bad syntax, whatever address the parser made of it.
+            path = arg[: len(arg) - len(rest)] if rest and arg.endswith(rest) else arg
+            path = path.strip(" \t")
+            if address is not None and CONTROL_CHARACTER.search(path):
+                # The path as sent goes on to the handler, whose address rule refuses it.
+                return path.removeprefix("<").removesuffix(">"), rest
+            return address, rest
         address, params = found
         if self.local_part_limit and len(address.rpartition("@")[0]) > self.local_part_limit:
             return None, None
@@ -395,6 +416,19 @@ def _route_size_limit(route: RouteConfig, relay_limit: int) -> int:
     return min(relay_limit, route.max_message_size)
 
 
+def _refuse_address(
+    front: SmtpFront, role: str, address: str, envelope: RelayEnvelope
+) -> str | None:
+    """The reply refusing an envelope address the relay could not send on, or None."""
+    refusal = address_refusal(address, smtputf8=envelope.smtp_utf8)
+    if refusal is None:
+        return None
+    front.metrics.reject("bad_address")
+    # The log escapes control characters (relay/logging.py); %r keeps quoting visible.
+    log.info("Refused %s %r: %s", role, address, refusal.reason)
+    return refusal.reply
+
+
 class RelayHandler(_CheapDir):
     """aiosmtpd handler hooks: policy, routing and the durable enqueue."""
 
@@ -414,6 +448,8 @@ class RelayHandler(_CheapDir):
         mail_options: list[str],
     ) -> str:
         front = self.front
+        if (refusal := _refuse_address(front, "sender", address, envelope)) is not None:
+            return refusal
         settings = front.settings
         user: User | None = session.auth_data if session.authenticated else None
         peer_ip = _peer_ip(session)
@@ -448,6 +484,8 @@ class RelayHandler(_CheapDir):
         rcpt_options: list[str],
     ) -> str:
         front = self.front
+        if (refusal := _refuse_address(front, "recipient", address, envelope)) is not None:
+            return refusal
         config = front.settings.config
         if len(envelope.rcpt_tos) >= config.limits.max_recipients:
             front.metrics.reject("too_many_recipients")

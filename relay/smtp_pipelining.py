@@ -28,7 +28,7 @@ from contextlib import asynccontextmanager
 import aiosmtplib
 from aiosmtplib.email import quote_address
 
-from mailrelay.relay.routing import PLAIN_ADDRESS
+from mailrelay.relay.address import PLAIN_ADDRESS
 
 __all__ = [
     "MAX_REPLY_BYTES",
@@ -87,11 +87,16 @@ def command_group(
     """MAIL, one RCPT per recipient, then DATA, as one pipelined group (RFC 2920 3.1).
 
     Raises ValueError for an address or option that cannot go on a command line
-    (aiosmtplib's checks, or not encodable without SMTPUTF8).
+    (a control character, aiosmtplib's checks, or not encodable without SMTPUTF8), before
+    anything is sent. An address is never rewritten (aiosmtplib's parser would quietly
+    drop what follows a CR LF).
     """
     for option in mail_options:
         if _CONTROL.search(option):
             raise ValueError(f"MAIL option {option!r} contains a control character")
+    for address in (mail_from, *recipients):
+        if _CONTROL.search(address):
+            raise ValueError(f"address {address!r} contains a control character")
     mail = " ".join(["MAIL", "FROM:" + _quoted(mail_from), *mail_options])
     lines = [mail, *(f"RCPT TO:{_quoted(rcpt)}" for rcpt in recipients), "DATA"]
     return ("\r\n".join(lines) + "\r\n").encode(encoding)

@@ -12,11 +12,18 @@ Shape:
   authenticated with credentials that have since changed is not reused.
 - `SmtpTransport.deliver` runs one transaction, the original bytes unchanged: when the
   upstream offers PIPELINING (RFC 2920) MAIL, every RCPT and DATA go out in one write
-  (`smtp_pipelining`), otherwise through aiosmtplib's `sendmail`. Every answer or
-  exception becomes per-recipient results: 4xx temporary, 5xx permanent, connection
-  problems temporary for all, and problems that are ours to fix (AUTH refused, STARTTLS
-  missing, a certificate that does not verify) `CONFIG_ERROR`, which keeps mail queued
-  instead of bouncing it.
+  (`smtp_pipelining`), otherwise through aiosmtplib's `sendmail`. Recipients whose
+  address cannot go on a command line fail alone before anything is sent
+  (`transport.split_unsendable`). Every answer or exception becomes per-recipient
+  results: 4xx temporary, 5xx permanent (but 503, a command out of sequence, is ours
+  and temporary), connection problems temporary for all, and problems that are ours to
+  fix (AUTH refused, STARTTLS missing, a certificate that does not verify)
+  `CONFIG_ERROR`, which keeps mail queued instead of bouncing it.
+- Each transaction says how it ended (`_Ending`): cleanly (the final reply to the body,
+  or a refused MAIL), possibly open (any refusal after MAIL, any error of ours), or
+  broken. A possibly open one is reset with RSET, its reply checked, before the
+  connection goes back to the pool; a broken one, or one whose RSET fails, is closed.
+  So a connection never carries a half-finished transaction into another message.
 
 TLS is never negotiated down: `starttls` passes `start_tls=True` (aiosmtplib's default
 `None` silently continues in plain text when the server offers no STARTTLS) and the
@@ -27,6 +34,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import enum
 import logging
 import os
 import ssl
@@ -38,6 +47,7 @@ from typing import Protocol
 
 import aiosmtplib
 
+from mailrelay.relay.address import ascii_form
 from mailrelay.relay.config import SmtpUpstream
 from mailrelay.relay.redact import SECRETS
 from mailrelay.relay.smtp_pipelining import (
@@ -46,7 +56,15 @@ from mailrelay.relay.smtp_pipelining import (
     normalized_size,
     pipeline,
 )
-from mailrelay.relay.transport import Envelope, RecipientOutcome, RecipientResult, all_recipients
+from mailrelay.relay.transport import (
+    Envelope,
+    RecipientOutcome,
+    RecipientResult,
+    all_recipients,
+    describe_error,
+    in_envelope_order,
+    split_unsendable,
+)
 
 __all__ = [
     "CredentialFiles",
@@ -68,8 +86,8 @@ DEFAULT_IDLE_TIMEOUT_SECONDS = 30.0
 _RSET_TIMEOUT_SECONDS = 10.0
 # A connection idle longer than this is probed with RSET before reuse. One used moments
 # ago is not: the last transaction ended with 250 (which resets the server's state,
-# RFC 5321 4.1.1.4) or with aiosmtplib's own RSET after a refusal, and a probe would add
-# a round trip to every message (measured with bench/delivery_engine.py).
+# RFC 5321 4.1.1.4) or with an RSET answered 250 after a refusal (`_reset`), and a probe
+# would add a round trip to every message (measured with bench/delivery_engine.py).
 RSET_AFTER_IDLE_SECONDS = 1.0
 # Credential files are stat'ed at most this often (each check is a thread hop).
 CREDENTIAL_CHECK_SECONDS = 1.0
@@ -82,11 +100,20 @@ class UpstreamConfigError(Exception):
     """A connection failed for a reason only configuration can fix (TLS, AUTH)."""
 
 
-class _ClosedAtMailError(Exception):
-    """MAIL was answered 421: the server closed the channel before accepting anything."""
+class _Ending(enum.Enum):
+    """How a transaction left the connection."""
+
+    CLEAN = "clean"  # nothing open: the body's final reply was 250, or MAIL was refused
+    RESET = "reset"  # a transaction may be open: RSET (reply checked) before reuse
+    BROKEN = "broken"  # state unknown or closing: close the connection
+
+
+class _RetryFreshError(Exception):
+    """MAIL was answered 421 (the server is closing the channel) or 503 (the connection
+    is out of step): nothing was accepted, and a new connection may do better."""
 
     def __init__(self, results: list[RecipientResult]) -> None:
-        super().__init__("421 at MAIL")
+        super().__init__("MAIL refused by the connection's state")
         self.results = results
 
 
@@ -118,8 +145,16 @@ class _NullObserver:
         pass
 
 
+# 503 "bad sequence of commands" is about our command order, never the message or the
+# mailbox: a bounce for it would punish the sender for our (or the connection's) fault.
+_OUR_SEQUENCE_ERROR = 503
+
+
 def classify_reply(code: int) -> RecipientOutcome:
-    """An SMTP reply code's meaning for a recipient: 5xx permanent, anything else temporary."""
+    """An SMTP reply code's meaning for a recipient: 5xx permanent, anything else
+    temporary, and 503 (a command out of sequence: our side's fault) temporary."""
+    if code == _OUR_SEQUENCE_ERROR:
+        return RecipientOutcome.TEMPORARY
     return RecipientOutcome.PERMANENT if 500 <= code <= 599 else RecipientOutcome.TEMPORARY
 
 
@@ -416,25 +451,45 @@ class SmtpTransport:
 
     def _broken_transaction(
         self, smtp: aiosmtplib.SMTP, envelope: Envelope, exc: BaseException
-    ) -> list[RecipientResult]:
+    ) -> tuple[list[RecipientResult], _Ending]:
         """A transaction cut off midway: the connection's state is unknown, so drop it."""
         smtp.close()
-        return all_recipients(
+        results = all_recipients(
             envelope,
             RecipientOutcome.TEMPORARY,
-            f"upstream {self.name!r}: {type(exc).__name__} during the transaction: {exc}",
+            f"4.4.2 upstream {self.name!r}: {describe_error(exc)} during the transaction",
         )
+        return results, _Ending.BROKEN
+
+    def _our_error(
+        self, envelope: Envelope, exc: BaseException, ending: _Ending
+    ) -> tuple[list[RecipientResult], _Ending]:
+        """A failure on our side (aiosmtplib refused what we asked): temporary, logged."""
+        log.error(
+            "Failed to send message %s to upstream %s: the SMTP client refused it (%s)",
+            envelope.queue_id,
+            self.name,
+            type(exc).__name__,
+            exc_info=exc,
+        )
+        results = all_recipients(
+            envelope,
+            RecipientOutcome.TEMPORARY,
+            f"4.3.0 upstream {self.name!r}: internal error of the relay's SMTP client",
+        )
+        return results, ending
 
     def _connection_failure(self, envelope: Envelope, exc: BaseException) -> list[RecipientResult]:
         where = f"upstream {self.name!r} ({self.upstream.host}:{self.upstream.port})"
         if isinstance(exc, UpstreamConfigError):
-            return all_recipients(envelope, RecipientOutcome.CONFIG_ERROR, str(exc))
+            # Our own words (no Python text in them), under a security status code.
+            return all_recipients(envelope, RecipientOutcome.CONFIG_ERROR, f"4.7.0 {exc}")
         cert = _find_cause(exc, ssl.SSLCertVerificationError)
         if cert is not None:
             return all_recipients(
                 envelope,
                 RecipientOutcome.CONFIG_ERROR,
-                f"{where}: TLS certificate did not verify ({cert}); check ca_file and the "
+                f"4.7.5 {where}: {describe_error(cert)}; check ca_file and the "
                 "upstream's certificate",
             )
         if isinstance(exc, aiosmtplib.SMTPAuthenticationError):
@@ -458,11 +513,18 @@ class SmtpTransport:
         return all_recipients(
             envelope,
             RecipientOutcome.TEMPORARY,
-            f"{where}: {type(exc).__name__}: {exc}",
+            f"4.4.1 {where}: {describe_error(exc)}",
         )
 
     async def deliver(self, envelope: Envelope, message: bytes) -> list[RecipientResult]:
         """Send one transaction; every recipient gets a result, nothing is raised."""
+        sendable, refused = split_unsendable(envelope)
+        if sendable is None:
+            return refused
+        results = await self._deliver_sendable(sendable, message)
+        return in_envelope_order(envelope, results, refused) if refused else results
+
+    async def _deliver_sendable(self, envelope: Envelope, message: bytes) -> list[RecipientResult]:
         fresh = False
         while True:
             try:
@@ -476,37 +538,44 @@ class SmtpTransport:
             ) as exc:
                 return self._connection_failure(envelope, exc)
             reusable = False
-            closed_at_mail = False
+            retry_fresh = False
             try:
-                results = await self._transaction(conn.smtp, envelope, message)
-                reusable = conn.smtp.is_connected
-            except _ClosedAtMailError as exc:
-                results, closed_at_mail = exc.results, True
+                try:
+                    results, ending = await self._transaction(conn.smtp, envelope, message)
+                except _RetryFreshError as exc:
+                    conn.smtp.close()
+                    results, ending, retry_fresh = exc.results, _Ending.BROKEN, True
+                except Exception as exc:  # a bug of ours must not bounce mail
+                    conn.smtp.close()
+                    results, ending = self._our_error(envelope, exc, _Ending.BROKEN)
+                if ending is _Ending.RESET:
+                    ending = await _reset(conn.smtp)
+                reusable = ending is _Ending.CLEAN and conn.smtp.is_connected
             finally:
                 self.pool.release(conn, reusable=reusable)
-            if conn.reused and not fresh and closed_at_mail:
+            if conn.reused and not fresh and retry_fresh:
                 # A pooled connection the server is done with (a per-connection message
-                # limit answers 421 at MAIL): nothing was accepted, so one more try on a
-                # new connection is safe and spares the message a whole backoff.
+                # limit answers 421 at MAIL) or out of step with (503): nothing was
+                # accepted, so one more try on a new connection is safe and spares the
+                # message a whole backoff.
                 fresh = True
                 continue
             return results
 
     async def _transaction(
         self, smtp: aiosmtplib.SMTP, envelope: Envelope, message: bytes
-    ) -> list[RecipientResult]:
+    ) -> tuple[list[RecipientResult], _Ending]:
+        """Results per recipient, and how the transaction left the connection."""
         options: list[str] = []
         if smtp.is_ehlo_or_helo_needed:
             # STARTTLS forgets the extensions; learn them again before looking at them.
-            await smtp.ehlo()
+            try:
+                await smtp.ehlo()
+            except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
+                return self._broken_transaction(smtp, envelope, exc)
         if envelope.smtputf8:
             if not smtp.supports_extension("smtputf8"):
-                return all_recipients(
-                    envelope,
-                    RecipientOutcome.PERMANENT,
-                    f"upstream {self.name!r} does not support SMTPUTF8, which this message "
-                    "needs (internationalised addresses or headers, RFC 6531)",
-                )
+                return await self._without_smtputf8(smtp, envelope, message)
             options.append("SMTPUTF8")
         if envelope.body_8bitmime and smtp.supports_extension("8bitmime"):
             options.append("BODY=8BITMIME")
@@ -516,9 +585,11 @@ class SmtpTransport:
             refused, data_reply = await smtp.sendmail(
                 envelope.mail_from, list(envelope.recipients), message, mail_options=options
             )
+        # aiosmtplib tried an RSET after a refusal but ignores its failure: RSET again,
+        # checked, before the connection is reused.
         except aiosmtplib.SMTPRecipientsRefused as exc:
             by_rcpt = {e.recipient: e for e in exc.recipients}
-            return [
+            results = [
                 RecipientResult(
                     address=rcpt,
                     outcome=classify_reply(by_rcpt[rcpt].code),
@@ -526,45 +597,86 @@ class SmtpTransport:
                     code=by_rcpt[rcpt].code,
                 )
                 if rcpt in by_rcpt
-                else RecipientResult(rcpt, RecipientOutcome.TEMPORARY, "no answer to RCPT")
+                else RecipientResult(rcpt, RecipientOutcome.TEMPORARY, "4.4.2 no answer to RCPT")
                 for rcpt in envelope.recipients
             ]
+            return results, _Ending.RESET
         except aiosmtplib.SMTPSenderRefused as exc:
             results = all_recipients(
                 envelope, classify_reply(exc.code), f"{_reply_text(exc)} (MAIL)", code=exc.code
             )
-            if exc.code == 421:
-                raise _ClosedAtMailError(results) from exc
-            return results
+            if exc.code in (421, _OUR_SEQUENCE_ERROR):
+                raise _RetryFreshError(results) from exc
+            return results, _Ending.RESET
         except aiosmtplib.SMTPDataError as exc:
-            return all_recipients(
+            results = all_recipients(
                 envelope, classify_reply(exc.code), f"{_reply_text(exc)} (DATA)", code=exc.code
             )
+            return results, _Ending.BROKEN if exc.code == 421 else _Ending.RESET
         except aiosmtplib.SMTPResponseException as exc:
-            return all_recipients(
+            results = all_recipients(
                 envelope, classify_reply(exc.code), _reply_text(exc), code=exc.code
             )
-        except aiosmtplib.SMTPNotSupported as exc:
-            return all_recipients(
-                envelope, RecipientOutcome.PERMANENT, f"upstream {self.name!r}: {exc}"
-            )
-        except ValueError as exc:
-            # aiosmtplib refuses addresses that could inject SMTP parameters.
-            return all_recipients(
-                envelope, RecipientOutcome.PERMANENT, f"unsendable address: {exc}"
-            )
+            return results, _Ending.BROKEN if exc.code == 421 else _Ending.RESET
+        except (aiosmtplib.SMTPNotSupported, ValueError) as exc:
+            # Refused by aiosmtplib itself, possibly after MAIL went out: never the
+            # message's fault (split_unsendable let its addresses through).
+            return self._our_error(envelope, exc, _Ending.RESET)
         except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
             return self._broken_transaction(smtp, envelope, exc)
-        return [
+        results = [
             _delivered(rcpt, data_reply)
             if rcpt not in refused
             else _refused(rcpt, refused[rcpt], "RCPT")
             for rcpt in envelope.recipients
         ]
+        return results, _Ending.CLEAN
+
+    async def _without_smtputf8(
+        self, smtp: aiosmtplib.SMTP, envelope: Envelope, message: bytes
+    ) -> tuple[list[RecipientResult], _Ending]:
+        """An SMTPUTF8 message for an upstream without SMTPUTF8 (RFC 6531 3.2).
+
+        When the header section is ASCII and an address needs SMTPUTF8 only for its
+        domain (sent as IDNA A-labels instead), the message goes out without SMTPUTF8 to
+        every recipient that can be written in ASCII; those with a non-ASCII mailbox name
+        fail alone (as Postfix does for mail that does not need SMTPUTF8). Otherwise the
+        message needs SMTPUTF8 and fails for all.
+        """
+
+        def refusal(what: str) -> str:
+            return (
+                f"5.6.7 upstream {self.name!r} does not support SMTPUTF8, which this {what} "
+                "needs (internationalised addresses or headers, RFC 6531)"
+            )
+
+        sender = ascii_form(envelope.mail_from)
+        as_sent = {r: ascii_form(r) for r in envelope.recipients}
+        # The ASCII form sent -> the recipients written that way (U-label and A-label).
+        sendable: dict[str, list[str]] = {}
+        for rcpt, sent in as_sent.items():
+            if sent is not None:
+                sendable.setdefault(sent, []).append(rcpt)
+        if sender is None or not sendable or not _header_section(message).isascii():
+            results = all_recipients(envelope, RecipientOutcome.PERMANENT, refusal("message"))
+            return results, _Ending.CLEAN
+        refused = [
+            RecipientResult(r, RecipientOutcome.PERMANENT, refusal("address"))
+            for r, sent in as_sent.items()
+            if sent is None
+        ]
+        plain = dataclasses.replace(
+            envelope, mail_from=sender, recipients=tuple(sendable), smtputf8=False
+        )
+        results, ending = await self._transaction(smtp, plain, message)
+        results = [
+            dataclasses.replace(r, address=rcpt) for r in results for rcpt in sendable[r.address]
+        ]
+        return in_envelope_order(envelope, results, refused), ending
 
     async def _pipelined(
         self, smtp: aiosmtplib.SMTP, envelope: Envelope, message: bytes, options: list[str]
-    ) -> list[RecipientResult]:
+    ) -> tuple[list[RecipientResult], _Ending]:
         """One transaction with RFC 2920 PIPELINING: MAIL, RCPTs and DATA in one write.
 
         The body follows only after a 354 and only when MAIL and at least one RCPT were
@@ -578,9 +690,8 @@ class SmtpTransport:
         try:
             group = command_group(envelope.mail_from, envelope.recipients, options, encoding)
         except ValueError as exc:
-            return all_recipients(
-                envelope, RecipientOutcome.PERMANENT, f"unsendable address: {exc}"
-            )
+            # Nothing was sent; split_unsendable let the addresses through, so it is ours.
+            return self._our_error(envelope, exc, _Ending.CLEAN)
         timeout = self.upstream.timeout_seconds
         replies: list[aiosmtplib.SMTPResponse] = []
         final: aiosmtplib.SMTPResponse | None = None
@@ -601,16 +712,33 @@ class SmtpTransport:
                         final = None  # the reply to an empty message delivers nothing
         except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
             return self._broken_transaction(smtp, envelope, exc)
+        results = pipelined_results(envelope, replies, final)
+        if replies[0].code in (421, _OUR_SEQUENCE_ERROR):
+            raise _RetryFreshError(results)
         if any(r.code == 421 for r in replies) or (final is not None and final.code == 421):
             smtp.close()
-        elif replies[-1].code != 354:
-            # DATA was refused, so MAIL and RCPT may still hold an open transaction.
-            with contextlib.suppress(aiosmtplib.SMTPException, OSError, TimeoutError):
-                await smtp.rset(timeout=_RSET_TIMEOUT_SECONDS)
-        results = pipelined_results(envelope, replies, final)
-        if replies[0].code == 421:
-            raise _ClosedAtMailError(results)
-        return results
+            return results, _Ending.BROKEN
+        if final is not None and final.code == 250:
+            return results, _Ending.CLEAN
+        # Something was refused after MAIL: a transaction may still be open.
+        return results, _Ending.RESET
+
+
+def _header_section(message: bytes) -> bytes:
+    end = message.find(b"\r\n\r\n")
+    return message if end < 0 else message[:end]
+
+
+async def _reset(smtp: aiosmtplib.SMTP) -> _Ending:
+    """RSET a connection that may hold an open transaction; CLEAN only on a 250."""
+    if not smtp.is_connected:
+        return _Ending.BROKEN
+    try:
+        await smtp.rset(timeout=_RSET_TIMEOUT_SECONDS)  # raises unless the reply is 250
+    except (aiosmtplib.SMTPException, OSError, TimeoutError):
+        smtp.close()
+        return _Ending.BROKEN
+    return _Ending.CLEAN
 
 
 def pipelined_results(

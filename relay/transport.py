@@ -5,6 +5,11 @@ upstream) and returns one `RecipientResult` per recipient. It never raises for a
 delivery problem: every failure is classified into a `RecipientOutcome`, so the
 delivery engine only decides what to do next (done, retry, bounce, keep queued).
 
+Every transport first takes out the recipients it must not send to (`split_unsendable`:
+an address the envelope rule of `relay/address.py` refuses fails alone, permanently,
+before any command goes upstream) and words its failures as SMTP text with an enhanced
+status code (`describe_error` for exceptions), never a Python exception's repr.
+
 `build_transport` maps an upstream from the config to its transport class: SMTP
 upstreams to `smtp_transport.SmtpTransport`, api upstreams to the HTTP provider
 transports in `providers/`.
@@ -12,10 +17,14 @@ transports in `providers/`.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
+import ssl
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
+from mailrelay.relay.address import address_refusal
 from mailrelay.relay.config import ApiUpstream, SmtpUpstream
 
 if TYPE_CHECKING:
@@ -30,6 +39,9 @@ __all__ = [
     "Transport",
     "all_recipients",
     "build_transport",
+    "describe_error",
+    "in_envelope_order",
+    "split_unsendable",
 ]
 
 
@@ -96,6 +108,82 @@ def all_recipients(
         )
         for rcpt in envelope.recipients
     ]
+
+
+def split_unsendable(envelope: Envelope) -> tuple[Envelope | None, list[RecipientResult]]:
+    """The envelope cut to the recipients that may go upstream, and a permanent failure
+    for each of the others (None when nothing may go: a bad sender fails every one).
+
+    The front refuses such addresses at MAIL and RCPT; this catches what was spooled
+    before it did, so one bad address never fails in the middle of a transaction.
+    """
+    sender = address_refusal(envelope.mail_from, smtputf8=envelope.smtputf8)
+    if sender is not None:
+        return None, all_recipients(
+            envelope, RecipientOutcome.PERMANENT, sender.detail("sender"), code=sender.code
+        )
+    refused: list[RecipientResult] = []
+    sendable: list[str] = []
+    for rcpt in envelope.recipients:
+        refusal = address_refusal(rcpt, smtputf8=envelope.smtputf8)
+        if refusal is None:
+            sendable.append(rcpt)
+        else:
+            refused.append(
+                RecipientResult(
+                    rcpt,
+                    RecipientOutcome.PERMANENT,
+                    refusal.detail("recipient"),
+                    code=refusal.code,
+                )
+            )
+    if not refused:
+        return envelope, []
+    if not sendable:
+        return None, refused
+    return dataclasses.replace(envelope, recipients=tuple(sendable)), refused
+
+
+def in_envelope_order(
+    envelope: Envelope, *parts: Sequence[RecipientResult]
+) -> list[RecipientResult]:
+    """One result per recipient of `envelope`, in its order, from results of sub-envelopes."""
+    by_address = {r.address: r for part in parts for r in part}
+    return [
+        by_address.get(rcpt)
+        or RecipientResult(
+            rcpt, RecipientOutcome.TEMPORARY, "4.3.0 the transport gave no result (a bug)"
+        )
+        for rcpt in envelope.recipients
+    ]
+
+
+def describe_error(exc: BaseException) -> str:
+    """A connection or protocol failure in words, for details, bounces and logs.
+
+    Never the exception's own text: that is Python's (`[Errno 111] Connect call
+    failed ('127.0.0.1', 25)`), not something a sender reading a bounce should see.
+    """
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, TimeoutError):
+            return "timed out"
+        if isinstance(current, ssl.SSLCertVerificationError):
+            return f"TLS certificate did not verify ({current.verify_message})"
+        if isinstance(current, ssl.SSLError):
+            return "TLS failed"
+        if isinstance(current, ConnectionRefusedError):
+            return "connection refused"
+        if isinstance(current, ConnectionResetError | BrokenPipeError):
+            return "connection reset"
+        if isinstance(current, OSError) and current.strerror:
+            return current.strerror[:1].lower() + current.strerror[1:]
+        current = current.__cause__ or current.__context__
+    if isinstance(exc, ConnectionError | EOFError):
+        return "connection lost"
+    return "connection failed"
 
 
 def build_transport(

@@ -44,7 +44,14 @@ from mailrelay.relay.config import ApiUpstream
 from mailrelay.relay.providers.limits import PROVIDER_LIMITS, ProviderLimits
 from mailrelay.relay.providers.mime import UnrepresentableMessage, ascii_address
 from mailrelay.relay.redact import SECRETS
-from mailrelay.relay.transport import Envelope, RecipientOutcome, RecipientResult
+from mailrelay.relay.transport import (
+    Envelope,
+    RecipientOutcome,
+    RecipientResult,
+    describe_error,
+    in_envelope_order,
+    split_unsendable,
+)
 
 __all__ = [
     "ApiTransport",
@@ -313,10 +320,18 @@ class Call:
     request: httpx.Request
 
 
+# A permanently refused request for at most this many recipients is retried one
+# recipient per request, so one address the provider refuses does not bounce the rest.
+SPLIT_REFUSED_UP_TO = 50
+
+
 class ApiTransport:
     """The shared half of every provider transport; subclasses fill in the API."""
 
     provider: ClassVar[str]
+    # The message goes out as its bytes, recipients beside it (not rebuilt from headers),
+    # so a request per recipient delivers the same message: see `_split_refused`.
+    sends_raw_message: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -448,17 +463,54 @@ class ApiTransport:
     # --- the Transport protocol --------------------------------------------------------
 
     async def deliver(self, envelope: Envelope, message: bytes) -> list[RecipientResult]:
-        """Send to every recipient; every failure becomes a classified result."""
+        """Send to every recipient; every failure becomes a classified result.
+
+        A recipient whose address cannot be sent (the envelope rule, or a non-ASCII
+        mailbox name for a provider without SMTPUTF8) fails alone; the others go out.
+        """
+        sendable, refused = split_unsendable(envelope)
+        if sendable is not None and not self.limits.smtputf8:
+            sendable, not_ascii = self._split_non_ascii(sendable)
+            refused += not_ascii
+        if sendable is None:
+            return in_envelope_order(envelope, refused)
         try:
-            return _one_per_recipient(envelope, await self._deliver(envelope, message))
-        except Exception as exc:
+            results = _one_per_recipient(sendable, await self._deliver(sendable, message))
+        except Exception:
             # A bug of ours must not bounce mail: keep it queued and make it visible.
             log.exception(
                 "Failed to deliver message %s through upstream %s: internal error",
                 envelope.queue_id,
                 self.name,
             )
-            return self._all(envelope.recipients, RecipientOutcome.TEMPORARY, f"internal: {exc}")
+            results = self._all(
+                sendable.recipients,
+                RecipientOutcome.TEMPORARY,
+                f"4.3.0 internal error in the {self.provider} transport (see the relay log)",
+            )
+        return in_envelope_order(envelope, results, refused) if refused else results
+
+    def _split_non_ascii(self, envelope: Envelope) -> tuple[Envelope | None, list[RecipientResult]]:
+        """Recipients this provider cannot address (non-ASCII mailbox names, domains that
+        are not valid IDNA) fail alone; None when none is left."""
+        refused = []
+        for rcpt in envelope.recipients:
+            try:
+                ascii_address(rcpt)
+            except UnrepresentableMessage:
+                reason = (
+                    "5.6.7 non-ASCII mailbox names (SMTPUTF8) are not accepted by "
+                    if not rcpt.rpartition("@")[0].isascii()
+                    else "5.1.2 the domain is not valid IDNA, as required by "
+                )
+                refused.append(
+                    RecipientResult(rcpt, RecipientOutcome.PERMANENT, reason + self.provider)
+                )
+        if not refused:
+            return envelope, []
+        failed = {r.address for r in refused}
+        rest = tuple(r for r in envelope.recipients if r not in failed)
+        return (dataclasses.replace(envelope, recipients=rest) if rest else None), refused
 
     async def close(self) -> None:
         """Close the HTTP client and its pooled connections."""
@@ -485,7 +537,7 @@ class ApiTransport:
             return self._all(
                 envelope.recipients,
                 RecipientOutcome.PERMANENT,
-                f"message is {len(message)} bytes; {self.provider} accepts at most {limit}",
+                f"5.3.4 message is {len(message)} bytes; {self.provider} accepts at most {limit}",
             )
         wait = self._throttled_for()
         if wait > 0:
@@ -497,7 +549,7 @@ class ApiTransport:
             return self._all(
                 envelope.recipients,
                 RecipientOutcome.PERMANENT,
-                f"{self.provider} cannot carry this message: {exc}",
+                f"5.6.0 {self.provider} cannot carry this message: {exc}",
             )
         except CredentialError as exc:
             self._config_error(envelope, str(exc))
@@ -508,7 +560,48 @@ class ApiTransport:
             if wait > 0:
                 results += self._throttled(call.recipients, wait)
                 continue
-            results += await self._send(envelope, call)
+            sent = await self._send(envelope, call)
+            if (
+                self.sends_raw_message
+                and 1 < len(call.recipients) <= SPLIT_REFUSED_UP_TO
+                and all(r.outcome is RecipientOutcome.PERMANENT for r in sent)
+            ):
+                sent = await self._split_refused(envelope, message, call.recipients, sent)
+            results += sent
+        return results
+
+    async def _split_refused(
+        self,
+        envelope: Envelope,
+        message: bytes,
+        recipients: tuple[str, ...],
+        refused: list[RecipientResult],
+    ) -> list[RecipientResult]:
+        """A request refused for good is tried again once per recipient: a provider
+        refuses the whole request for one address it does not accept, and that must not
+        bounce the others. Nothing was sent, so this sends nothing twice."""
+        log.info(
+            "Retrying message %s on upstream %s one recipient at a time after %s refused "
+            "a request for %d",
+            envelope.queue_id,
+            self.name,
+            self.provider,
+            len(recipients),
+        )
+        results: list[RecipientResult] = []
+        for rcpt, batch_result in zip(recipients, refused, strict=True):
+            wait = self._throttled_for()
+            if wait > 0:
+                results += self._throttled((rcpt,), wait)
+                continue
+            single = dataclasses.replace(envelope, recipients=(rcpt,))
+            try:
+                calls = await self.prepare(single, message)
+            except (UnrepresentableMessage, CredentialError):
+                results.append(batch_result)
+                continue
+            for call in calls:
+                results += await self._send(single, call)
         return results
 
     def _throttled(self, recipients: Sequence[str], wait: float) -> list[RecipientResult]:
@@ -540,8 +633,8 @@ class ApiTransport:
             started = self._clock()
             try:
                 response = await self.client.send(call.request)
-            except httpx.TimeoutException as exc:
-                detail = f"{self.provider} API timed out ({type(exc).__name__})"
+            except httpx.TimeoutException:
+                detail = f"4.4.2 {self.provider} API timed out"
                 log.warning(
                     "Deferred message %s on upstream %s: %s", envelope.queue_id, self.name, detail
                 )
@@ -552,7 +645,7 @@ class ApiTransport:
                 if refusal is not None:
                     self._config_error(envelope, str(refusal))
                     return self._all(call.recipients, RecipientOutcome.CONFIG_ERROR, str(refusal))
-                detail = f"{self.provider} API unreachable: {type(exc).__name__}: {exc}"
+                detail = f"4.4.1 {self.provider} API unreachable: {describe_error(exc)}"
                 log.warning(
                     "Deferred message %s on upstream %s: %s", envelope.queue_id, self.name, detail
                 )

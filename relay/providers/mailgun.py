@@ -24,6 +24,7 @@ class MailgunTransport(ApiTransport):
     """Mailgun's raw MIME endpoint."""
 
     provider = "mailgun"
+    sends_raw_message = True
 
     def default_base_url(self) -> str:
         """US by default, EU when the upstream's region says so."""

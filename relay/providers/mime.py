@@ -25,6 +25,8 @@ from email.headerregistry import Address
 from email.message import EmailMessage, Message
 from email.parser import BytesParser
 
+from mailrelay.relay.address import ascii_form
+
 __all__ = [
     "Attachment",
     "Batch",
@@ -136,21 +138,18 @@ class Batch:
 
 
 def ascii_address(address: str) -> str:
-    """The address as the provider accepts it: IDNA domain, ASCII local part or refusal."""
-    local, at, domain = address.rpartition("@")
-    if not at:
-        local, domain = address, ""
-    if not local.isascii():
+    """The address as the provider accepts it: IDNA domain, ASCII local part or refusal
+    (the conversion is `address.ascii_form`, shared with the SMTP transport)."""
+    converted = ascii_form(address)
+    if converted is not None:
+        return converted
+    local, at, _ = address.rpartition("@")
+    if not at or not local.isascii():
         raise UnrepresentableMessage(
             f"the address {address!r} has a non-ASCII mailbox name (SMTPUTF8), "
             "which this provider does not accept"
         )
-    if not domain.isascii():
-        try:
-            domain = domain.encode("idna").decode("ascii")
-        except UnicodeError as exc:
-            raise UnrepresentableMessage(f"the domain of {address!r} is not valid IDNA") from exc
-    return f"{local}@{domain}" if at else local
+    raise UnrepresentableMessage(f"the domain of {address!r} is not valid IDNA")
 
 
 def _mailbox(addr: Address) -> Mailbox:

@@ -70,6 +70,7 @@ class SesTransport(ApiTransport):
     """SES v2 raw sending."""
 
     provider = "ses"
+    sends_raw_message = True
 
     _chain: Credentials | None = None
     _chain_lock = threading.Lock()

@@ -23,6 +23,7 @@ class SparkPostTransport(ApiTransport):
     """SparkPost's transmissions API with RFC 822 content."""
 
     provider = "sparkpost"
+    sends_raw_message = True
 
     def default_base_url(self) -> str:
         """US by default, EU when the upstream's region says so."""

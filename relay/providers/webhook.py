@@ -87,6 +87,7 @@ class WebhookTransport(ApiTransport):
     """Signed raw-MIME POSTs to a configured URL."""
 
     provider = "webhook"
+    sends_raw_message = True
 
     def default_base_url(self) -> str:
         """The endpoint is the whole URL (required by the config)."""

@@ -104,6 +104,9 @@ class ProviderServer:
         self.requests: list[Recorded] = []
         self.sent: list[Recorded] = []
         self.faults: collections.deque[Fault] = collections.deque()
+        # (text, fault): every request whose body or headers contain `text` gets `fault`,
+        # as a provider refuses a whole request for one address it does not accept.
+        self.refuse_containing: tuple[str, Fault] | None = None
         self.idempotency: dict[str, tuple[str, Json]] = {}
         self.base_url = ""
         self._server: uvicorn.Server | None = None
@@ -129,6 +132,10 @@ class ProviderServer:
                     else:
                         recorded.form.setdefault(key, []).append(value)
         self.requests.append(recorded)
+        if self.refuse_containing is not None:
+            text, refusal = self.refuse_containing
+            if text.encode() in body or any(text in v for v in recorded.headers.values()):
+                return _answer(refusal.status, refusal.body, refusal.headers)
         fault = self.faults.popleft() if self.faults else None
         if fault is not None and fault.delay == 0:
             return _answer(fault.status, fault.body, fault.headers)

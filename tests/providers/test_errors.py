@@ -13,11 +13,11 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from mailrelay.relay.config import ApiUpstream
-from mailrelay.relay.providers.base import ApiTransport
+from mailrelay.relay.providers.base import SPLIT_REFUSED_UP_TO, ApiTransport
 from mailrelay.relay.transport import Envelope, RecipientOutcome
-from tests.providers.conftest import PROVIDERS
+from tests.providers.conftest import PROVIDERS, RAW_PROVIDERS
 from tests.providers.messages import rich_message
-from tests.providers.servers import Fault, ProviderServer, ses_error
+from tests.providers.servers import Fault, ProviderServer, raw_sent, ses_error
 
 ServerFactory = Callable[[str], Awaitable[ProviderServer]]
 
@@ -112,7 +112,8 @@ async def test_400_is_permanent(
     server, transport, _, _ = await setup(
         provider, provider_server, api_upstream, transport_factory
     )
-    server.inject(Fault(400, {"message": "'to' parameter is not a valid address"}))
+    # Three times: a raw provider asks again once per recipient after a refused request.
+    server.inject(*[Fault(400, {"message": "'to' parameter is not a valid address"})] * 3)
     results = await transport.deliver(envelope(), rich_message())
     assert outcomes(results) == {RecipientOutcome.PERMANENT}
     assert "not a valid address" in results[0].detail
@@ -243,7 +244,8 @@ async def test_ses_error_names_decide(
 ) -> None:
     kind, status, expected = case
     server, transport, _, _ = await setup("ses", provider_server, api_upstream, transport_factory)
-    server.inject(ses_error(status, kind, "as injected"))
+    # Three times: a permanently refused request is asked again once per recipient.
+    server.inject(*[ses_error(status, kind, "as injected")] * 3)
     results = await transport.deliver(envelope(), rich_message())
     assert outcomes(results) == {expected}
     assert kind in results[0].detail
@@ -398,3 +400,94 @@ async def test_unreadable_credential_file_is_a_configuration_error(
     assert outcomes(results) == {RecipientOutcome.CONFIG_ERROR}
     assert "cannot read credential file" in results[0].detail
     assert server.requests == []
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+async def test_an_unaddressable_recipient_fails_alone(
+    provider: str, provider_server: ServerFactory, api_upstream: Any, transport_factory: Any
+) -> None:
+    # A non-ASCII mailbox name (for a provider without SMTPUTF8) or a control character
+    # spooled before the front refused it: that recipient bounces, the others in the
+    # same message are delivered (today the whole message was refused for everyone).
+    server, transport, _, _ = await setup(
+        provider, provider_server, api_upstream, transport_factory
+    )
+    smtputf8 = transport.limits.smtputf8
+    bad = ["nul\x00@example.org"] + ([] if smtputf8 else ["zoë@example.org"])
+    mixed = Envelope(
+        queue_id="QMIX",
+        mail_from="ann@example.com",
+        recipients=("bob@example.org", *bad, "carol@example.net"),
+        smtputf8=True,
+        body_8bitmime=True,
+    )
+    results = await transport.deliver(mixed, rich_message())
+    assert [(r.address, r.outcome) for r in results] == [
+        ("bob@example.org", RecipientOutcome.DELIVERED),
+        *((b, RecipientOutcome.PERMANENT) for b in bad),
+        ("carol@example.net", RecipientOutcome.DELIVERED),
+    ]
+    assert results[1].detail.startswith("5.1.3 Bad recipient address: ")
+    if not smtputf8:
+        assert results[2].detail.startswith("5.6.7 non-ASCII mailbox names")
+    assert len(server.sent) >= 1
+
+
+@pytest.mark.parametrize("provider", RAW_PROVIDERS)
+async def test_a_request_refused_for_one_recipient_is_split_so_the_others_arrive(
+    provider: str, provider_server: ServerFactory, api_upstream: Any, transport_factory: Any
+) -> None:
+    # The provider refuses the whole request because of one address it does not take
+    # (its validator is stricter than SMTP): the relay asks again one recipient at a
+    # time, so only that recipient bounces. The message bytes are the same each time.
+    server, transport, _, _ = await setup(
+        provider, provider_server, api_upstream, transport_factory
+    )
+    server.refuse_containing = (
+        "refused@example.org",
+        Fault(400, {"message": "'to' parameter is not a valid address"}),
+    )
+    rcpts = ("bob@example.org", "refused@example.org", "carol@example.net")
+    env = Envelope(
+        queue_id="QSPLIT",
+        mail_from="ann@example.com",
+        recipients=rcpts,
+        smtputf8=False,
+        body_8bitmime=True,
+    )
+    message = rich_message()
+
+    results = await transport.deliver(env, message)
+
+    assert [(r.address, r.outcome) for r in results] == [
+        ("bob@example.org", RecipientOutcome.DELIVERED),
+        ("refused@example.org", RecipientOutcome.PERMANENT),
+        ("carol@example.net", RecipientOutcome.DELIVERED),
+    ]
+    assert "not a valid address" in results[1].detail
+    sent = [raw_sent(provider, req) for req in server.sent]
+    assert sorted(r for _, recipients in sent for r in recipients) == [
+        "bob@example.org",
+        "carol@example.net",
+    ]
+    assert all(data == message for data, _ in sent)
+
+
+async def test_a_refused_request_for_everyone_is_not_split_beyond_the_limit(
+    provider_server: ServerFactory, api_upstream: Any, transport_factory: Any
+) -> None:
+    server, transport, _, _ = await setup(
+        "mailgun", provider_server, api_upstream, transport_factory
+    )
+    server.inject(Fault(400, {"message": "message rejected"}))
+    many = tuple(f"r{i}@example.org" for i in range(SPLIT_REFUSED_UP_TO + 1))
+    env = Envelope(
+        queue_id="QMANY",
+        mail_from="ann@example.com",
+        recipients=many,
+        smtputf8=False,
+        body_8bitmime=True,
+    )
+    results = await transport.deliver(env, rich_message())
+    assert outcomes(results) == {RecipientOutcome.PERMANENT}
+    assert len(server.requests) == 1

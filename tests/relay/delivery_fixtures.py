@@ -124,15 +124,24 @@ class _Handler:
 
 
 class _RecordingSMTP(SMTP):
-    """aiosmtpd's server, noting each chunk it reads, to show what came in one write."""
+    """aiosmtpd's server, noting each chunk it reads, to show what came in one write.
 
-    def __init__(self, chunks: list[bytes], *args: Any, **kwargs: Any) -> None:
+    With the owner's `refuse_rset` set, RSET gets that reply and resets nothing (a
+    server whose transaction stays open after a failed RSET)."""
+
+    def __init__(self, owner: Upstream, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._chunks = chunks
+        self._owner = owner
 
     def data_received(self, data: bytes) -> None:
-        self._chunks.append(bytes(data))
+        self._owner.chunks.append(bytes(data))
         super().data_received(data)
+
+    async def smtp_RSET(self, arg: str) -> None:
+        if self._owner.refuse_rset is not None:
+            await self.push(self._owner.refuse_rset)
+            return
+        await super().smtp_RSET(arg)
 
 
 @dataclass
@@ -154,6 +163,7 @@ class Upstream:
     refuse_rcpt: dict[str, str] = field(default_factory=dict)
     refuse_mail: str | None = None
     refuse_data: str | None = None
+    refuse_rset: str | None = None
     data_delay: float = 0.0
     max_messages_per_connection: int | None = None
     session_messages: dict[int, int] = field(default_factory=dict)
@@ -176,7 +186,7 @@ class Upstream:
     def _factory(self) -> SMTP:
         self.connections += 1
         smtp = _RecordingSMTP(
-            self.chunks,
+            self,
             _Handler(self),
             hostname="upstream.test",
             enable_SMTPUTF8=self.smtputf8,

@@ -153,6 +153,8 @@ def test_null_sender_is_never_bounced() -> None:
         ("451 Try later", 451, True, "4.4.7"),
         ("452 4.2.2 Mailbox full", 452, True, "4.2.2"),
         ("connection refused", None, True, "4.4.7"),
+        ("4.4.1 upstream 'up': connection refused", None, True, "4.4.7"),
+        ("5.1.3 Bad recipient address: address contains a control character", 501, False, "5.1.3"),
         ("upstream does not support SMTPUTF8", None, False, "5.0.0"),
     ],
 )

@@ -194,3 +194,20 @@ def test_messages_in_a_journal_are_listed_apart(
     assert json.loads(line) == {**entry.model_dump(mode="json"), "journal": True}
     # Listing never recovers or removes anything: that is a starting relay's job.
     assert len(list((tmp_path / "journal").iterdir())) == 1
+
+
+def test_listing_escapes_control_characters_of_spooled_addresses(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A message spooled before the front refused such addresses: the operator's
+    # terminal gets `\x1b`, not an escape sequence.
+    queue = tmp_path / "queue"
+    queue.mkdir()
+    entry = fresh_entry("b\x1b[2J\x00@dest.test", "out", msg(3), mail_from="e\x07vil@example.com")
+    entry.recipients[0].last_error = "5.1.3 Bad recipient address: \x1b]0;title\x07"
+    write_legacy_pair(queue, entry, msg(3))
+    Spool(tmp_path).start_sync()
+    assert main(["queue", "--spool-dir", str(tmp_path), "list"]) == 0
+    out, _ = capsys.readouterr()
+    assert not any(ch in out for ch in "\x00\x07\x1b")
+    assert "b\\x1b[2J\\x00@dest.test" in out and "e\\x07vil@example.com" in out

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -16,10 +17,11 @@ import pytest
 from aiosmtplib.email import quote_address
 from aiosmtplib.protocol import PERIOD_REGEX, normalize_message_line_endings
 
+from mailrelay.relay.address import ascii_form
 from mailrelay.relay.config import SmtpUpstream
 from mailrelay.relay.smtp_pipelining import command_group, data_payload, take_replies
-from mailrelay.relay.smtp_transport import SmtpTransport
-from mailrelay.relay.transport import Envelope, RecipientOutcome, build_transport
+from mailrelay.relay.smtp_transport import SmtpTransport, classify_reply
+from mailrelay.relay.transport import Envelope, RecipientOutcome, RecipientResult, build_transport
 from tests.relay.delivery_fixtures import (
     Certificates,
     ScriptedUpstream,
@@ -587,9 +589,13 @@ def test_addresses_are_quoted_as_aiosmtplib_quotes_them(address: str) -> None:
     "address", ["b@example.net>\r\nRCPT TO:<c@example.net", "b@example.net\r\nRSET"]
 )
 def test_an_address_cannot_inject_a_command(address: str) -> None:
-    group = command_group("a@example.com", [address], [], "ascii")
-    assert group.count(b"\r\n") == 3
-    assert group.split(b"\r\n")[1] == f"RCPT TO:{quote_address(address)}".encode()
+    # Refused before anything is built: neither sent nor quietly rewritten to another
+    # address (aiosmtplib's quoting turns both into <b@example.net>).
+    assert quote_address(address) == "<b@example.net>"
+    with pytest.raises(ValueError, match="control character"):
+        command_group("a@example.com", [address], [], "ascii")
+    with pytest.raises(ValueError, match="control character"):
+        command_group(address, ["c@example.net"], [], "ascii")
 
 
 def test_an_option_cannot_inject_a_command() -> None:
@@ -607,5 +613,226 @@ async def test_pipelined_reply_timeout_is_temporary_and_drops_the_connection(
     [result] = await transport.deliver(envelope(), MESSAGE)
 
     assert result.outcome is RecipientOutcome.TEMPORARY
-    assert "SMTPReadTimeoutError" in result.detail
+    assert result.detail.startswith("4.4.2 ") and "timed out" in result.detail
     assert transport.pool.open_connections == 0
+
+
+# -- addresses the client library cannot send, and connections left mid-transaction ---
+
+# (spooled address, envelope is SMTPUTF8, enhanced status of its permanent failure)
+UNSENDABLE = [
+    ("nul\x00byte@example.net", False, "5.1.3"),
+    ("esc\x1b[31m@example.net", False, "5.1.3"),
+    ("del\x7f@example.net", False, "5.1.3"),
+    ("c1\x85@example.net", True, "5.1.3"),
+    ("bad\udcffutf8@example.net", True, "5.1.3"),
+    ("b@example.net\r\nRSET", False, "5.1.3"),
+    ("zoë@example.net", False, "5.6.7"),
+    ("bob@exämple.net", False, "5.6.7"),
+]
+
+
+@pytest.mark.parametrize("pipelining", [True, False])
+@pytest.mark.parametrize(("bad", "smtputf8", "status"), UNSENDABLE)
+async def test_unsendable_recipient_fails_alone_and_never_poisons_the_connection(
+    harness: Harness, pipelining: bool, bad: str, smtputf8: bool, status: str
+) -> None:
+    # A message spooled with an address aiosmtplib refuses (or one our rule refuses):
+    # today MAIL went out, aiosmtplib raised, the connection went back to the pool with
+    # its transaction open, and the next message got "503 nested MAIL" and bounced.
+    up = await harness.upstream(tls="starttls", pipelining=pipelining)
+    transport = harness.transport(up, pool_size=1)
+
+    results = await transport.deliver(
+        envelope("good@example.net", bad, "other@example.org", smtputf8=smtputf8), MESSAGE
+    )
+
+    assert [(r.address, r.outcome) for r in results] == [
+        ("good@example.net", RecipientOutcome.DELIVERED),
+        (bad, RecipientOutcome.PERMANENT),
+        ("other@example.org", RecipientOutcome.DELIVERED),
+    ]
+    assert results[1].detail.startswith(f"{status} Bad recipient address: ")
+    assert [m.rcpt_tos for m in up.messages] == [("good@example.net", "other@example.org")]
+    # The next message (another sender's) goes out on the same pooled connection.
+    [next_one] = await transport.deliver(envelope("carol@example.org"), MESSAGE)
+    assert next_one.outcome is RecipientOutcome.DELIVERED, next_one.detail
+    assert len(up.messages) == 2
+    assert up.connections == 1
+
+
+@pytest.mark.parametrize("pipelining", [True, False])
+async def test_unsendable_sender_fails_every_recipient_before_any_command(
+    harness: Harness, pipelining: bool
+) -> None:
+    up = await harness.upstream(tls="starttls", pipelining=pipelining)
+    transport = harness.transport(up)
+
+    results = await transport.deliver(
+        envelope("a@example.net", "b@example.net", mail_from="x\x00y@example.com"), MESSAGE
+    )
+
+    assert [r.outcome for r in results] == [RecipientOutcome.PERMANENT] * 2
+    assert all(r.detail.startswith("5.1.7 Bad sender address: ") for r in results)
+    assert up.connections == 0
+    [ok] = await transport.deliver(envelope("c@example.net"), MESSAGE)
+    assert ok.outcome is RecipientOutcome.DELIVERED
+
+
+@pytest.mark.parametrize("pipelining", [True, False])
+async def test_503_at_mail_is_temporary_and_retried_on_a_fresh_connection(
+    harness: Harness, pipelining: bool
+) -> None:
+    # A connection out of step with the server ("503 nested MAIL command") says nothing
+    # about the message: never a bounce, and a new connection is tried at once.
+    up = await harness.upstream(tls="starttls", pipelining=pipelining)
+    transport = harness.transport(up, pool_size=1)
+    [first] = await transport.deliver(envelope(), MESSAGE)
+    assert first.outcome is RecipientOutcome.DELIVERED
+    up.refuse_mail = "503 5.5.1 Error: nested MAIL command"
+
+    results = await transport.deliver(envelope("a@example.net", "b@example.net"), MESSAGE)
+
+    assert [r.outcome for r in results] == [RecipientOutcome.TEMPORARY] * 2
+    assert results[0].code == 503
+    assert up.connections == 2  # the pooled one was dropped, a fresh one tried
+    up.refuse_mail = None
+    [ok] = await transport.deliver(envelope("c@example.net"), MESSAGE)
+    assert ok.outcome is RecipientOutcome.DELIVERED
+
+
+@pytest.mark.parametrize("code", [503])
+def test_sequence_errors_are_never_permanent(code: int) -> None:
+    assert classify_reply(code) is RecipientOutcome.TEMPORARY
+    assert classify_reply(550) is RecipientOutcome.PERMANENT
+
+
+async def test_failure_texts_are_smtp_style_not_python_exceptions(harness: Harness) -> None:
+    up = await harness.upstream(tls="starttls")
+    transport = harness.transport(up, connect_timeout_seconds=2)
+    await up.go_down()
+    [down] = await transport.deliver(envelope(), MESSAGE)
+    slow = await harness.upstream(tls="starttls")
+    slow.data_delay = 2.0
+    [timed_out] = await harness.transport(slow, timeout_seconds=0.3).deliver(envelope(), MESSAGE)
+
+    for result in (down, timed_out):
+        assert result.outcome is RecipientOutcome.TEMPORARY
+        assert re.match(r"4\.4\.[12] upstream 'primary'", result.detail), result.detail
+        for python in ("Error(", "Errno", "Exception", "Traceback", "SMTP", "('"):
+            assert python not in result.detail, result.detail
+    assert down.detail.endswith("connection refused")
+    assert timed_out.detail.endswith("timed out during the transaction")
+
+
+@pytest.mark.parametrize("pipelining", [True, False])
+async def test_connection_whose_rset_fails_is_never_reused(
+    harness: Harness, pipelining: bool
+) -> None:
+    # Every RCPT refused (MAIL stays open), then RSET refused with the transaction
+    # still open: aiosmtplib (and the pipelined path) ignored the RSET's reply and
+    # pooled the connection, so the next message met "503 nested MAIL command" and
+    # was bounced.
+    up = await harness.upstream(tls="starttls", pipelining=pipelining)
+    up.refuse_rcpt["a@example.net"] = "550 5.1.1 No such user"
+    up.refuse_rset = "500 5.5.2 RSET not now"
+    transport = harness.transport(up, pool_size=1)
+
+    [refused] = await transport.deliver(envelope("a@example.net"), MESSAGE)
+    assert refused.outcome is RecipientOutcome.PERMANENT
+
+    [next_one] = await transport.deliver(envelope("b@example.net"), MESSAGE)
+
+    assert next_one.outcome is RecipientOutcome.DELIVERED, next_one.detail
+    assert up.connections == 2
+    assert [m.rcpt_tos for m in up.messages] == [("b@example.net",)]
+
+
+async def test_ascii_recipients_of_an_smtputf8_message_go_to_an_upstream_without_it(
+    harness: Harness,
+) -> None:
+    # SMTPUTF8 was needed only for one recipient's address: the upstream without
+    # SMTPUTF8 gets the message for the others, without the parameter, and only that
+    # recipient bounces (RFC 6531 3.2; Postfix delivers such mail the same way).
+    plain = await harness.upstream(tls="starttls", smtputf8=False)
+    env = envelope("zoë@example.net", "bob@example.net", "carol@example.org", smtputf8=True)
+
+    results = await harness.transport(plain).deliver(env, MESSAGE)
+
+    assert [(r.address, r.outcome) for r in results] == [
+        ("zoë@example.net", RecipientOutcome.PERMANENT),
+        ("bob@example.net", RecipientOutcome.DELIVERED),
+        ("carol@example.org", RecipientOutcome.DELIVERED),
+    ]
+    assert results[0].detail.startswith("5.6.7 ")
+    [got] = plain.messages
+    assert got.rcpt_tos == ("bob@example.net", "carol@example.org")
+    assert "SMTPUTF8" not in got.mail_options
+    assert got.data == MESSAGE
+
+
+class _UncheckedTransport(SmtpTransport):
+    """The transport without its address check: what happens if the rule ever misses an
+    address the client library refuses halfway through a transaction."""
+
+    async def deliver(self, envelope: Envelope, message: bytes) -> list[RecipientResult]:
+        return await self._deliver_sendable(envelope, message)
+
+
+@pytest.mark.parametrize("pipelining", [True, False])
+async def test_a_client_side_error_mid_transaction_is_temporary_and_reset(
+    harness: Harness, pipelining: bool
+) -> None:
+    # aiosmtplib refuses the NUL only at its RCPT, after MAIL and a good RCPT went out:
+    # our error, so temporary for the message, and the connection is reset (RSET,
+    # checked) before the next message uses it. The pipelined path refuses before
+    # sending anything.
+    up = await harness.upstream(tls="starttls", pipelining=pipelining)
+    config = harness.transport(up, pool_size=1).upstream
+    transport = _UncheckedTransport(config, local_hostname="relay.test")
+    harness.transports.append(transport)
+
+    results = await transport.deliver(envelope("good@example.net", "nul\x00@example.net"), MESSAGE)
+
+    assert [r.outcome for r in results] == [RecipientOutcome.TEMPORARY] * 2
+    assert all(r.detail.startswith("4.3.0 ") for r in results)
+    [ok] = await transport.deliver(envelope("next@example.net"), MESSAGE)
+    assert ok.outcome is RecipientOutcome.DELIVERED, ok.detail
+    assert up.connections == 1
+    assert [m.rcpt_tos for m in up.messages] == [("next@example.net",)]
+    assert not any(b"\x00" in chunk for chunk in up.chunks)
+
+
+async def test_idn_domains_go_as_a_labels_to_an_upstream_without_smtputf8(
+    harness: Harness,
+) -> None:
+    # Only the domains were non-ASCII: RFC 6531 lets them go as IDNA A-labels, so the
+    # whole message is delivered without SMTPUTF8; a non-ASCII mailbox name still fails.
+    plain = await harness.upstream(tls="starttls", smtputf8=False)
+    env = envelope(
+        "bob@exämple.net",
+        "zoë@example.net",
+        "carol@example.org",
+        mail_from="ann@bücher.example",
+        smtputf8=True,
+    )
+
+    results = await harness.transport(plain).deliver(env, MESSAGE)
+
+    assert [(r.address, r.outcome) for r in results] == [
+        ("bob@exämple.net", RecipientOutcome.DELIVERED),
+        ("zoë@example.net", RecipientOutcome.PERMANENT),
+        ("carol@example.org", RecipientOutcome.DELIVERED),
+    ]
+    [got] = plain.messages
+    assert got.mail_from == "ann@xn--bcher-kva.example"
+    assert got.rcpt_tos == ("bob@xn--exmple-cua.net", "carol@example.org")
+    assert "SMTPUTF8" not in got.mail_options
+    assert got.data == MESSAGE
+
+
+def test_ascii_form() -> None:
+    assert ascii_form("bob@example.net") == "bob@example.net"
+    assert ascii_form("bob@exämple.net") == "bob@xn--exmple-cua.net"
+    assert ascii_form("zoë@example.net") is None
+    assert ascii_form("bob@" + "ä" * 70 + ".net") is None  # label too long for IDNA
