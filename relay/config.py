@@ -143,6 +143,29 @@ class LimitsConfig(_Model):
     max_received_headers: int = Field(
         default=50, ge=1, description="More Received headers than this means a loop: 554 5.4.6."
     )
+    max_bytes_in_flight: int | None = Field(
+        default=None,
+        ge=1024,
+        description=(
+            "Message bytes one process may hold in flight (from DATA to the end of the first "
+            "delivery attempt, and each retry's load); a message that does not fit gets "
+            "452 4.3.1. Unset: a quarter of the container's memory limit per worker, or 4 x "
+            "`max_message_size` without one; never less than `max_message_size`."
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _budget_fits_a_message(self) -> LimitsConfig:
+        if (
+            self.max_bytes_in_flight is not None
+            and self.max_bytes_in_flight < self.max_message_size
+        ):
+            raise ValueError(
+                f"max_bytes_in_flight ({self.max_bytes_in_flight}) must be at least "
+                f"max_message_size ({self.max_message_size}), or no message of the largest "
+                "size could ever be accepted"
+            )
+        return self
 
 
 class SpoolConfig(_Model):

@@ -22,10 +22,11 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+from typing import Protocol
 
 from aiosmtpd.smtp import MISSING, SMTP
 
-__all__ = ["BulkDataSMTP", "DataOutcome", "DataScanner"]
+__all__ = ["BulkDataSMTP", "DataOutcome", "DataScanner", "DataSink", "unstuff"]
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,7 @@ class DataScanner:
         self.outcome = DataOutcome.NOMINAL
         self._size = 0
         self._blocks: list[bytes] = []
+        self._held = 0
         self._tail = b""
 
     def feed(self, chunk: bytes) -> bytes | None:
@@ -83,13 +85,23 @@ class DataScanner:
         self._tail = buf
         return None
 
+    @property
+    def buffered(self) -> int:
+        """Bytes of complete lines held and not yet taken (`take_content`)."""
+        return self._held
+
     def content(self) -> bytes:
         """The body with dot-stuffing undone (RFC 5321 4.5.2); only for a NOMINAL body."""
-        body = b"".join(self._blocks)
-        self._blocks.clear()
-        if body.startswith(b"."):
-            body = body[1:]
-        return body.replace(b"\r\n.", b"\r\n") if b"\r\n." in body else body
+        return b"".join(self.take_content())
+
+    def take_content(self) -> list[bytes]:
+        """The complete lines held so far, dot-stuffing undone, and forget them (to stream
+        a body somewhere as it arrives); `content` is the same bytes in one piece."""
+        blocks = self._blocks
+        self._blocks = []
+        self._held = 0
+        # Each block starts at the start of a line, so each is unstuffed on its own.
+        return [unstuff(block) for block in blocks]
 
     def _take(self, block: bytes) -> None:
         """Account for complete lines (`block` is empty or ends with CRLF)."""
@@ -105,6 +117,7 @@ class DataScanner:
             return
         self._size = size
         self._blocks.append(block)
+        self._held += len(block)
 
     def _first_failure(self, block: bytes) -> DataOutcome:
         """Which limit the first failing line in `block` trips, in aiosmtpd's order: a line
@@ -126,6 +139,14 @@ class DataScanner:
         if self.outcome is DataOutcome.NOMINAL:
             self.outcome = outcome
         self._blocks.clear()
+        self._held = 0
+
+
+def unstuff(block: bytes) -> bytes:
+    """Complete lines (from the start of a line) with dot-stuffing undone (RFC 5321 4.5.2)."""
+    if block.startswith(b"."):
+        block = block[1:]
+    return block.replace(b"\r\n.", b"\r\n") if b"\r\n." in block else block
 
 
 def _unread(reader: asyncio.StreamReader, data: bytes) -> None:
@@ -135,11 +156,32 @@ def _unread(reader: asyncio.StreamReader, data: bytes) -> None:
     buffer[:0] = data
 
 
+class DataSink(Protocol):
+    """Where a DATA body goes as it arrives, instead of one bytes object at the end."""
+
+    @property
+    def flush_bytes(self) -> int:
+        """Hand over the body's lines whenever this many are held."""
+
+    async def take(self, blocks: list[bytes]) -> None:
+        """The next complete lines of the body, dot-stuffing undone, in order."""
+
+
 class BulkDataSMTP(SMTP):
-    """aiosmtpd's SMTP with the DATA body read by `DataScanner`."""
+    """aiosmtpd's SMTP with the DATA body read by `DataScanner`.
+
+    A subclass may stream the body: `open_data_sink` (called after aiosmtpd's checks,
+    before the 354) returns a `DataSink` that gets the body as it arrives, or a reply to
+    refuse the DATA with. With a sink, `envelope.content` and `original_content` stay None
+    and the DATA hook finds the body wherever the sink put it.
+    """
 
     # A class attribute so the differential tests can swap in a deliberately broken one.
     data_scanner: type[DataScanner] = DataScanner
+
+    async def open_data_sink(self) -> DataSink | str | None:
+        """A sink for this DATA's body, a reply refusing the DATA, or None (in memory)."""
+        return None
 
     async def smtp_DATA(self, arg: str) -> None:
         # The checks before the 354 are aiosmtpd's, in its order.
@@ -153,6 +195,10 @@ class BulkDataSMTP(SMTP):
             return
         if arg:
             await self.push("501 Syntax: DATA")
+            return
+        sink = await self.open_data_sink()
+        if isinstance(sink, str):
+            await self.push(sink)
             return
         await self.push("354 End data with <CR><LF>.<CR><LF>")
         scanner = self.data_scanner(
@@ -174,6 +220,11 @@ class BulkDataSMTP(SMTP):
                 self._writer.close()
                 return
             rest = scanner.feed(chunk)
+            if sink is not None and (rest is not None or scanner.buffered >= sink.flush_bytes):
+                # After a failed limit the scanner holds nothing: only NOMINAL lines go out.
+                blocks = scanner.take_content()
+                if blocks:
+                    await sink.take(blocks)
             if rest is not None:
                 if rest:
                     _unread(reader, rest)
@@ -185,6 +236,11 @@ class BulkDataSMTP(SMTP):
         if scanner.outcome is DataOutcome.TOO_MUCH:
             await self.push("552 Error: Too much mail data")
             self._set_post_data_state()  # type: ignore[no-untyped-call]
+            return
+        if sink is not None:
+            status = await self._call_handler_hook("DATA")
+            self._set_post_data_state()  # type: ignore[no-untyped-call]
+            await self.push("250 OK" if status is MISSING else status)
             return
         original_content = scanner.content()
         content: str | bytes = original_content

@@ -42,10 +42,10 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
 
 from mailrelay.relay.backoff import backoff_delay, next_attempt_at
 from mailrelay.relay.bounce import FailedRecipient, build_dsn, status_for
+from mailrelay.relay.budget import ByteBudget, budget_limit
 from mailrelay.relay.config import ApiUpstream, RelayConfig, RouteConfig, SmtpUpstream
 from mailrelay.relay.metrics import DeliveryMetrics, RelayMetrics
 from mailrelay.relay.ratelimit import RouteRateLimits
@@ -124,9 +124,13 @@ class DeliveryEngine:
         monotonic: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
         transport_factory: TransportFactory | None = None,
+        budget: ByteBudget | None = None,
     ) -> None:
         self._config = config
         self._spool = spool
+        # Shared with the SMTP front in a relay (see `budget.py`): a retry loads its bytes
+        # only once it has its share.
+        self._budget = budget if budget is not None else ByteBudget(budget_limit(config, None))
         self._relay_metrics = metrics
         self._metrics = metrics.delivery
         self._clock = clock
@@ -188,6 +192,8 @@ class DeliveryEngine:
                 await asyncio.gather(*pending, return_exceptions=True)
         # Journaled messages not started stay in the spool's care (see `Spool.aclose`).
         claims = [h.claim for h in self._held.values() if h.claim is not None]
+        for held in (*self._held.values(), *self._stranded.values()):
+            held.release_reservation()
         self._held.clear()
         self._stranded.clear()
         if claims:
@@ -229,9 +235,11 @@ class DeliveryEngine:
             if held.claim is None:
                 # In the spool's journal (which bounds how many): only memory has it.
                 if self._stopping:
+                    held.release_reservation()
                     return  # the spool moves it to a queue file when it closes
                 self._held[entry.queue_id] = held
             elif self._stopping or len(self._held) >= _MAX_HELD:
+                held.release_reservation()
                 self._release_soon(held.claim)
             else:
                 self._held[entry.queue_id] = held
@@ -372,27 +380,49 @@ class DeliveryEngine:
     async def _deliver(self, queue_id: str) -> float | None:
         """One pass over a message; returns when to look at it again (None: it is done)."""
         held = self._held.pop(queue_id, None) or self._stranded.pop(queue_id, None)
-        loaded: tuple[Claim | None, QueueEntry, bytes] | Literal["busy", "gone"]
         if held is not None:
             # Claimed by the front before the message became visible: nobody else has seen
-            # it, so the entry and bytes in memory are current.
-            loaded = held.claim, held.entry, held.data
+            # it, so the entry (and the bytes, unless they went straight to the queue file)
+            # are current. Its share of the budget was taken when it arrived.
+            reservation = held.reservation
+            claim, entry = held.claim, held.entry
+            try:
+                data = held.data
+                if data is None:
+                    assert claim is not None
+                    data = await asyncio.to_thread(self._spool.read_claimed, claim)
+            except BaseException:
+                held.release_reservation()
+                if claim is not None:
+                    await asyncio.shield(asyncio.to_thread(claim.release))
+                raise
         else:
-            loaded = await asyncio.to_thread(self._spool.claim_and_load, queue_id)
-        if loaded == "gone":
-            return None
-        if loaded == "busy":
-            return self._clock() + min(
-                _BUSY_RECHECK_SECONDS, self._config.retry.max_backoff_seconds
-            )
-        claim, entry, data = loaded
+            peeked = await asyncio.to_thread(self._spool.claim_entry, queue_id)
+            if peeked == "gone":
+                return None
+            if peeked == "busy":
+                return self._clock() + min(
+                    _BUSY_RECHECK_SECONDS, self._config.retry.max_backoff_seconds
+                )
+            claim, entry = peeked
+            reservation = None
+            try:
+                reservation = await self._budget.reserve(entry.size)
+                data = await asyncio.to_thread(self._spool.read_claimed, claim)
+            except BaseException:
+                if reservation is not None:
+                    reservation.release()
+                await asyncio.shield(asyncio.to_thread(claim.release))
+                raise
         done = False
         try:
             due, done = await self._deliver_claimed(entry, data)
             return due
         finally:
-            if claim is None:
-                await self._settle_journaled(entry, data, done)
+            if claim is None and await self._settle_journaled(entry, held, done):
+                reservation = None  # still in memory for the next pass
+            if reservation is not None:
+                reservation.release()
             # Closing the flocked descriptor is a syscall that can take 0.4 ms: off the loop,
             # and for a delivered message in the same thread hop as removing its files.
             elif done:
@@ -407,24 +437,30 @@ class DeliveryEngine:
             else:
                 await asyncio.to_thread(claim.release)
 
-    async def _settle_journaled(self, entry: QueueEntry, data: bytes, done: bool) -> None:
+    async def _settle_journaled(
+        self, entry: QueueEntry, held: HeldMessage | None, done: bool
+    ) -> bool:
         """End a pass over a message of the spool's journal: done, or given a queue file.
 
         A pass that leaves recipients undone without saving (a rate-limit deferral, an
         error) still needs the queue file, since later passes read the message from there.
-        If writing it fails, the message stays in memory for the next pass.
+        If writing it fails, the message stays in memory for the next pass (returns True:
+        it keeps its share of the budget).
         """
         queue_id = entry.queue_id
         if done:
             self._spool.finish_journaled(queue_id)
-            return
+            return False
         if not self._spool.is_journaled(queue_id):
-            return  # saved or dead-lettered by the pass
+            return False  # saved or dead-lettered by the pass
         try:
             self._known[queue_id] = await asyncio.shield(self._spool.save(entry))
         except OSError as exc:
             log.error("Failed to write message %s to a queue file: %s", queue_id, exc)
-            self._stranded[queue_id] = HeldMessage(entry, data, None)
+            assert held is not None and held.data is not None  # journaled: held in memory
+            self._stranded[queue_id] = HeldMessage(entry, held.data, None, held.reservation)
+            return True
+        return False
 
     async def _deliver_claimed(self, entry: QueueEntry, data: bytes) -> tuple[float | None, bool]:
         """The pass proper: (when to look again, whether the message is to be removed)."""

@@ -32,6 +32,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 
 from mailrelay.relay.auth import load_users
+from mailrelay.relay.budget import ByteBudget, budget_limit, cgroup_memory_limit
 from mailrelay.relay.config import ConfigError, RelayConfig, load_config
 from mailrelay.relay.health import HealthServer
 from mailrelay.relay.logging import configure_logging
@@ -126,6 +127,11 @@ class RelayApp:
         self.registry = registry if registry is not None else CollectorRegistry()
         self.metrics = RelayMetrics(self.registry)
         self.spool = Spool(config.spool.directory)
+        # Read once: a container's memory limit does not change while it runs.
+        self._memory_limit = cgroup_memory_limit()
+        self.budget = ByteBudget(
+            budget_limit(config, self._memory_limit), on_change=self.metrics.budget_changed
+        )
         self.engine: Any = None
         self._engine_class = _delivery_engine_class() if enable_delivery else None
         self._reuse_port = reuse_port
@@ -160,7 +166,9 @@ class RelayApp:
         await self.spool.start()
         users = await asyncio.to_thread(load_users, self.config.auth.users_file)
         if self._engine_class is not None:
-            self.engine = self._engine_class(self.config, self.spool, self.metrics)
+            self.engine = self._engine_class(
+                self.config, self.spool, self.metrics, budget=self.budget
+            )
             await self.engine.start()
         else:
             log.warning("Started without a delivery engine: mail is accepted and spooled only")
@@ -170,6 +178,7 @@ class RelayApp:
             self.metrics,
             delivery=self.engine,
             reuse_port=self._reuse_port,
+            budget=self.budget,
         )
         await self.front.start()
         self.health = HealthServer(
@@ -227,6 +236,7 @@ class RelayApp:
         if self.engine is not None:
             await self.engine.reload(config)
         self.front.apply(FrontSettings.build(config, users))
+        self.budget.set_limit(budget_limit(config, self._memory_limit))
         if config.log_format != self.config.log_format:
             configure_logging(config.log_format)
         self.config = config

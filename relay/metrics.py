@@ -33,6 +33,7 @@ REJECT_REASONS: Final = (
     "message_too_large",  # 552 5.3.4
     "loop_detected",  # 554 5.4.6: too many Received headers
     "low_disk",  # 452 4.3.1 at MAIL
+    "in_flight_budget",  # 452 4.3.1 at DATA: limits.max_bytes_in_flight is taken
     "spool_error",  # 451 4.3.0: the spool write failed
     "internal_error",  # 451 4.3.0: any other exception
     "shutting_down",  # 421 while draining
@@ -133,6 +134,17 @@ class RelayMetrics:
             "Messages in the dead-letter folder.",
             registry=registry,
         )
+        self.bytes_in_flight = Gauge(
+            "mailrelay_bytes_in_flight",
+            "Message bytes reserved on the budget for bytes in flight (DATA to first attempt,"
+            " and retries being delivered).",
+            registry=registry,
+        )
+        self.bytes_in_flight_limit = Gauge(
+            "mailrelay_bytes_in_flight_limit",
+            "The budget for bytes in flight (limits.max_bytes_in_flight or its default).",
+            registry=registry,
+        )
         # -- delivery (owned by the delivery side) --------------------------------------
         self.delivery = DeliveryMetrics(registry)
         for reason in REJECT_REASONS:
@@ -142,6 +154,11 @@ class RelayMetrics:
             self.auth_attempts.labels(result)
         for listener in LISTENERS:
             self.smtp_sessions.labels(listener)
+
+    def budget_changed(self, used: int, limit: int) -> None:
+        """`ByteBudget`'s `on_change`: keep the two gauges current."""
+        self.bytes_in_flight.set(used)
+        self.bytes_in_flight_limit.set(limit)
 
     def reject(self, reason: str) -> None:
         """Count one refusal; `reason` must be one of REJECT_REASONS."""

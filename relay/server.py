@@ -44,11 +44,13 @@ from mailrelay.relay.address import (
     address_refusal,
 )
 from mailrelay.relay.auth import User, UserDatabase
+from mailrelay.relay.budget import ByteBudget, budget_limit, cgroup_memory_limit
 from mailrelay.relay.config import ApiUpstream, RelayConfig, RouteConfig
 from mailrelay.relay.data_reader import BulkDataSMTP
+from mailrelay.relay.data_sink import IncomingMessage
 from mailrelay.relay.metrics import RelayMetrics
 from mailrelay.relay.routing import domain_of, select_route
-from mailrelay.relay.spool import HeldMessage, QueueEntry, Spool, new_queue_id
+from mailrelay.relay.spool import Arrival, HeldMessage, QueueEntry, Spool, new_queue_id
 
 __all__ = [
     "DeliveryHook",
@@ -185,6 +187,7 @@ class RelayEnvelope(Envelope):
         self.routes: list[RouteConfig] = []
         self.declared_size: int | None = None
         self.body_8bitmime = False
+        self.body: IncomingMessage | None = None  # the DATA body (see `data_sink`)
 
 
 class RelaySMTP(_CheapDir, BulkDataSMTP):
@@ -270,7 +273,20 @@ class RelaySMTP(_CheapDir, BulkDataSMTP):
     async def smtp_DATA(self, arg: str) -> None:
         # aiosmtpd re-arms its idle timer per command only, so this bounds the whole DATA.
         self._reset_timeout(self._data_timeout)
-        await super().smtp_DATA(arg)
+        envelope = self.envelope
+        try:
+            await super().smtp_DATA(arg)
+        finally:
+            # A body not handed to the spool (refused, failed, connection lost) gives back
+            # its share of the budget and its temp file.
+            body = getattr(envelope, "body", None)
+            if body is not None:
+                envelope.body = None  # type: ignore[union-attr]
+                await body.close()
+
+    async def open_data_sink(self) -> IncomingMessage | str:
+        assert isinstance(self.envelope, RelayEnvelope)
+        return self.front.handler.open_body(self, self.session, self.envelope)
 
     async def push(self, status: Any) -> None:
         if isinstance(status, str):
@@ -522,22 +538,15 @@ class RelayHandler(_CheapDir):
             self.front.metrics.reject("internal_error")
             return "451 4.3.0 Internal error, try again later"
 
-    async def _accept(self, server: RelaySMTP, session: Session, envelope: RelayEnvelope) -> str:
+    def open_body(
+        self, server: RelaySMTP, session: Session, envelope: RelayEnvelope
+    ) -> IncomingMessage | str:
+        """At DATA, before the 354: the message's queue id, Received header and share of
+        the budget for bytes in flight, or the reply refusing the DATA (452 4.3.1 when the
+        declared SIZE does not fit the budget now)."""
         front = self.front
         config = front.settings.config
-        data: bytes = envelope.original_content or b""
-        limit = min(
-            [config.limits.max_message_size]
-            + [_route_size_limit(r, config.limits.max_message_size) for r in envelope.routes]
-        )
-        if len(data) > limit:
-            front.metrics.reject("message_too_large")
-            return "552 5.3.4 Message size exceeds fixed maximum message size"
-        hops = count_received_headers(data)
-        if hops > config.limits.max_received_headers:
-            front.metrics.reject("loop_detected")
-            log.warning("Refused a message with %d Received headers: mail loop", hops)
-            return "554 5.4.6 Too many hops: mail loop detected"
+        declared = envelope.declared_size or 0
         queue_id = new_queue_id()
         user: User | None = session.auth_data if session.authenticated else None
         tls = server.implicit_tls or session.ssl is not None
@@ -546,6 +555,7 @@ class RelayHandler(_CheapDir):
             + ("S" if tls else "")
             + ("A" if user is not None else "")
         )
+        # Stamped when the DATA starts, as Postfix's smtpd does.
         header = received_header(
             helo=session.host_name or "unknown",
             peer_ip=_peer_ip(session),
@@ -555,31 +565,71 @@ class RelayHandler(_CheapDir):
             recipient=envelope.rcpt_tos[0] if len(envelope.rcpt_tos) == 1 else None,
             now=datetime.now(UTC),
         )
-        message = header + data
+        reservation = front.budget.try_reserve(
+            len(header) + min(declared, config.limits.max_message_size)
+        )
+        if reservation is None:
+            return self._refuse_over_budget(session, declared)
+        arrival = Arrival(
+            queue_id=queue_id,
+            mail_from="" if envelope.mail_from in (None, "<>") else envelope.mail_from,
+            recipients=tuple(
+                (rcpt, route.name)
+                for rcpt, route in zip(envelope.rcpt_tos, envelope.routes, strict=True)
+            ),
+            smtputf8=envelope.smtp_utf8,
+            body_8bitmime=envelope.body_8bitmime,
+            client_address=_peer_ip(session),
+            authenticated_user=user.username if user is not None else None,
+        )
+        envelope.body = IncomingMessage(front.spool, arrival, header, reservation)
+        return envelope.body
+
+    def _refuse_over_budget(self, session: Session, size: int) -> str:
+        budget = self.front.budget
+        self.front.metrics.reject("in_flight_budget")
+        log.warning(
+            "Refused a message of %d bytes from %s: %d of %d bytes in flight in use",
+            size,
+            _peer_ip(session),
+            budget.used,
+            budget.limit,
+        )
+        return "452 4.3.1 Insufficient system storage, try again later"
+
+    async def _accept(self, server: RelaySMTP, session: Session, envelope: RelayEnvelope) -> str:
+        front = self.front
+        config = front.settings.config
+        body = envelope.body
+        assert body is not None, "DATA without a body sink"
+        if body.failure == "over_budget":
+            return self._refuse_over_budget(session, body.size)
+        if body.failure == "spool_error":
+            front.metrics.reject("spool_error")
+            return "451 4.3.0 Could not store the message, try again later"
+        limit = min(
+            [config.limits.max_message_size]
+            + [_route_size_limit(r, config.limits.max_message_size) for r in envelope.routes]
+        )
+        if body.body_size > limit:
+            front.metrics.reject("message_too_large")
+            return "552 5.3.4 Message size exceeds fixed maximum message size"
+        hops = count_received_headers(body.head)
+        if hops > config.limits.max_received_headers:
+            front.metrics.reject("loop_detected")
+            log.warning("Refused a message with %d Received headers: mail loop", hops)
+            return "554 5.4.6 Too many hops: mail loop detected"
         started = time.perf_counter()
         try:
-            held = await front.spool.enqueue_held(
-                "" if envelope.mail_from in (None, "<>") else envelope.mail_from,
-                [
-                    (rcpt, route.name)
-                    for rcpt, route in zip(envelope.rcpt_tos, envelope.routes, strict=True)
-                ],
-                message,
-                smtputf8=envelope.smtp_utf8,
-                body_8bitmime=envelope.body_8bitmime,
-                client_address=_peer_ip(session),
-                authenticated_user=user.username if user is not None else None,
-                queue_id=queue_id,
-                journal=front.delivery is not None,
-            )
+            held = await body.enqueue(journal=front.delivery is not None)
         except OSError as exc:
             front.metrics.reject("spool_error")
-            log.error("Failed to spool message %s: %s", queue_id, exc)
+            log.error("Failed to spool message %s: %s", body.queue_id, exc)
             return "451 4.3.0 Could not store the message, try again later"
         entry = held.entry
         front.metrics.spool_write_seconds.observe(time.perf_counter() - started)
         front.metrics.messages_accepted.inc()
-        front.metrics.accepted_bytes.inc(len(message))
+        front.metrics.accepted_bytes.inc(entry.size)
         for route in envelope.routes:
             front.metrics.recipients_accepted.labels(route.name).inc()
         log.info(
@@ -594,12 +644,14 @@ class RelayHandler(_CheapDir):
         )
         delivery = front.delivery
         if delivery is None:
+            held.release_reservation()
             assert held.claim is not None  # only a relay that delivers uses the journal
             await asyncio.to_thread(held.claim.release)
         else:
             try:
                 delivery.notify(entry, held)
             except Exception:
+                held.release_reservation()
                 # The message is durable; the engine's next scan picks it up from its
                 # queue file (a journaled one gets that file now).
                 log.exception("Failed to notify delivery of message %s", entry.queue_id)
@@ -632,11 +684,21 @@ class SmtpFront:
         *,
         delivery: DeliveryHook | None = None,
         reuse_port: bool = False,
+        budget: ByteBudget | None = None,
     ) -> None:
         self.settings = settings
         self.spool = spool
         self.metrics = metrics
         self.delivery = delivery
+        # Shared with the delivery engine (see `budget.py`); a front alone gets its own.
+        self.budget = (
+            budget
+            if budget is not None
+            else ByteBudget(
+                budget_limit(settings.config, cgroup_memory_limit()),
+                on_change=metrics.budget_changed,
+            )
+        )
         self.handler = RelayHandler(self)
         self.sessions: set[RelaySMTP] = set()
         self.draining = False

@@ -64,13 +64,17 @@ from typing import Literal, TypeAlias
 
 from pydantic import BaseModel, ConfigDict
 
+from mailrelay.relay.budget import Reservation
 from mailrelay.relay.fileio import fsync_dir, write_parts
 from mailrelay.relay.journal import SUFFIX as _JOURNAL_SUFFIX
 from mailrelay.relay.journal import Journal, pending_messages
 
 __all__ = [
+    "JOURNAL_MAX_MESSAGE_BYTES",
+    "Arrival",
     "Claim",
     "HeldMessage",
+    "IncomingFile",
     "Loaded",
     "QueueEntry",
     "RecipientState",
@@ -90,7 +94,11 @@ _TMP, _QUEUE, _DEAD, _JOURNAL = "tmp", "queue", "deadletter", "journal"
 _JOURNAL_MAX_MESSAGES = 256
 _JOURNAL_MAX_BYTES = 16 << 20
 # Bigger messages always get a queue file: the journal is for the common, small case.
-_JOURNAL_MAX_MESSAGE_BYTES = 1 << 20
+JOURNAL_MAX_MESSAGE_BYTES = _JOURNAL_MAX_MESSAGE_BYTES = 1 << 20
+# Room left in an incoming file's envelope line for what is only known at its end: the
+# size is reserved at its widest, this covers the receive time's digits.
+_HEADER_SLACK = 64
+_WIDEST_SIZE = 10**15
 _MSG, _STATE = ".msg", ".state"
 # The two files of a message in the format before the one-file spool.
 _LEGACY_ENVELOPE, _LEGACY_MESSAGE = ".json", ".eml"
@@ -196,6 +204,34 @@ def _read_header_fd(fd: int) -> bytes:
     return head[:end]
 
 
+def _read_message_fd(fd: int) -> tuple[QueueEntry, bytes]:
+    """A `.msg` file's envelope and bytes, read with one allocation for the bytes (no
+    read-everything-then-slice copy: the bytes of a large message are most of the file)."""
+    head = b""
+    while (end := head.find(b"\n")) < 0:
+        chunk = os.pread(fd, 16384, len(head))
+        if not chunk:
+            raise ValueError("message file without a complete header line")
+        head += chunk
+    entry = QueueEntry.model_validate_json(head[:end])
+    start = end + 1
+    total = os.fstat(fd).st_size
+    if total - start != entry.size:
+        raise ValueError(f"message file holds {total - start} bytes, its header says {entry.size}")
+    data = os.pread(fd, entry.size, start)
+    if len(data) < entry.size:  # a read is capped near 2 GiB; finish in pieces
+        parts = [data]
+        offset = start + len(data)
+        while offset < total:
+            piece = os.pread(fd, total - offset, offset)
+            if not piece:
+                raise ValueError("message file shrank while it was read")
+            parts.append(piece)
+            offset += len(piece)
+        data = b"".join(parts)
+    return entry, data
+
+
 def encode_header(entry: QueueEntry) -> bytes:
     """The `.msg` header line (JSON never holds a raw newline: strings escape it)."""
     return entry.model_dump_json().encode() + b"\n"
@@ -252,12 +288,67 @@ class HeldMessage:
     """A message just enqueued whose writer still holds it (see `enqueue_held`).
 
     `claim` is the flock on its queue file, or None for a message in this process's
-    journal, which nobody else can see.
+    journal, which nobody else can see. `data` is None for a message streamed to its
+    queue file as it arrived (`enqueue_incoming`): read it through the claim
+    (`read_claimed`). `reservation` is its share of the budget for bytes in flight
+    (`budget.py`), released by whoever ends its first attempt.
     """
 
     entry: QueueEntry
-    data: bytes
+    data: bytes | None
     claim: Claim | None
+    reservation: Reservation | None = None
+
+    def release_reservation(self) -> None:
+        """Give the message's bytes back to the budget (idempotent)."""
+        if self.reservation is not None:
+            self.reservation.release()
+
+
+@dataclass(frozen=True, slots=True)
+class Arrival:
+    """The envelope of a message being received, as its queue file will record it."""
+
+    queue_id: str
+    mail_from: str
+    recipients: tuple[tuple[str, str], ...]  # (address, route name)
+    smtputf8: bool
+    body_8bitmime: bool
+    client_address: str
+    authenticated_user: str | None
+
+
+class IncomingFile:
+    """A message's queue file written as its body arrives (`Spool.open_incoming`).
+
+    It sits in tmp/ as `<qid>.msg`: first a region reserved for the envelope line (only
+    complete once the size is known), then the bytes, appended with `write`.
+    `Spool.enqueue_incoming` fills the envelope line in and moves it into the queue;
+    `discard` drops it. Blocking methods: call them in a thread.
+    """
+
+    def __init__(
+        self, arrival: Arrival, path: Path, fd: int, reserve: int, message_id: str | None
+    ) -> None:
+        self.arrival = arrival
+        self.path = path
+        self.fd = fd
+        self.reserve = reserve
+        self.message_id = message_id
+        self.size = 0
+
+    def write(self, parts: list[bytes]) -> None:
+        """Append message bytes."""
+        write_parts(self.fd, parts)
+        self.size += sum(len(part) for part in parts)
+
+    def discard(self) -> None:
+        """Close and remove the file (idempotent)."""
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            os.close(fd)
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
 
 
 Loaded: TypeAlias = "tuple[Claim, QueueEntry, bytes] | Literal['busy', 'gone']"
@@ -515,6 +606,7 @@ class Spool:
         authenticated_user: str | None,
         queue_id: str | None = None,
         journal: bool = False,
+        reservation: Reservation | None = None,
     ) -> HeldMessage:
         """`enqueue`, keeping hold of the message: the caller must finish or release it.
 
@@ -544,10 +636,10 @@ class Spool:
                 del self._journaled[entry.queue_id]
                 self._journaled_bytes -= len(data)
                 raise
-            return HeldMessage(entry, data, None)
+            return HeldMessage(entry, data, None, reservation)
         claim = await self._store(entry, data, hold=True)
         assert claim is not None
-        return HeldMessage(entry, data, claim)
+        return HeldMessage(entry, data, claim, reservation)
 
     def _journal_has_room(self, size: int) -> bool:
         return (
@@ -560,15 +652,19 @@ class Spool:
     def _new_entry(
         self,
         mail_from: str,
-        recipients: list[tuple[str, str]],
-        data: bytes,
+        recipients: list[tuple[str, str]] | tuple[tuple[str, str], ...],
+        data: bytes | None,
         *,
         smtputf8: bool,
         body_8bitmime: bool,
         client_address: str,
         authenticated_user: str | None,
         queue_id: str | None,
+        size: int = 0,
+        message_id: str | None = None,
     ) -> QueueEntry:
+        if data is not None:
+            size, message_id = len(data), extract_message_id(data)
         now = self._clock()
         return QueueEntry(
             queue_id=queue_id or new_queue_id(now),
@@ -578,13 +674,101 @@ class Spool:
                 for address, route in recipients
             ],
             received_at=now,
-            size=len(data),
+            size=size,
             smtputf8=smtputf8,
             body_8bitmime=body_8bitmime,
             client_address=client_address,
             authenticated_user=authenticated_user,
-            message_id=extract_message_id(data),
+            message_id=message_id,
         )
+
+    def _arrival_entry(self, arrival: Arrival, size: int, message_id: str | None) -> QueueEntry:
+        return self._new_entry(
+            arrival.mail_from,
+            arrival.recipients,
+            None,
+            smtputf8=arrival.smtputf8,
+            body_8bitmime=arrival.body_8bitmime,
+            client_address=arrival.client_address,
+            authenticated_user=arrival.authenticated_user,
+            queue_id=arrival.queue_id,
+            size=size,
+            message_id=message_id,
+        )
+
+    # -- accepting a message streamed as it arrives -------------------------------------
+
+    def open_incoming(self, arrival: Arrival, head: bytes) -> IncomingFile:
+        """Start the queue file of a message whose bytes will be appended as they arrive
+        (blocking). `head` is its beginning, which holds its header section (for the
+        Message-ID); the bytes are appended with `IncomingFile.write`, `head` included."""
+        message_id = extract_message_id(head)
+        draft = self._arrival_entry(arrival, _WIDEST_SIZE, message_id)
+        reserve = len(encode_header(draft)) + _HEADER_SLACK
+        path = self.tmp_dir / f"{arrival.queue_id}{_MSG}"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+        try:
+            os.lseek(fd, reserve, os.SEEK_SET)
+        except BaseException:
+            os.close(fd)
+            path.unlink()
+            raise
+        return IncomingFile(arrival, path, fd, reserve, message_id)
+
+    async def enqueue_incoming(
+        self, incoming: IncomingFile, reservation: Reservation | None = None
+    ) -> HeldMessage:
+        """Store a message written with `open_incoming` durably, held like `enqueue_held`
+        (the bytes stay on disk: `HeldMessage.data` is None). On an error the file is gone
+        and nothing was stored."""
+        entry = self._arrival_entry(incoming.arrival, incoming.size, incoming.message_id)
+        try:
+            fd = await asyncio.to_thread(self._finish_incoming, incoming, entry)
+        except BaseException:
+            await asyncio.to_thread(incoming.discard)
+            raise
+        claim = Claim(entry.queue_id, fd)
+        try:
+            await self._queue_sync.sync()
+        except BaseException:
+            await asyncio.to_thread(claim.release)
+            raise
+        return HeldMessage(entry, None, claim, reservation)
+
+    def _finish_incoming(self, incoming: IncomingFile, entry: QueueEntry) -> int:
+        """Write the envelope line, fsync, flock, rename into queue/; returns the held fd."""
+        head = encode_header(entry)
+        if len(head) > incoming.reserve:
+            self._widen_header(incoming, len(head))
+        # JSON allows whitespace after the value: the line is padded to the reserved size.
+        line = head[:-1] + b" " * (incoming.reserve - len(head)) + b"\n"
+        os.pwrite(incoming.fd, line, 0)
+        os.fsync(incoming.fd)
+        fcntl.flock(incoming.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.rename(incoming.path, self.queue_dir / f"{entry.queue_id}{_MSG}")
+        fd, incoming.fd = incoming.fd, -1
+        return fd
+
+    def _widen_header(self, incoming: IncomingFile, needed: int) -> None:
+        """Copy the bytes to a new temp file with room for a longer envelope line than
+        reserved (never expected: the reserve assumes the widest size)."""
+        path = self.tmp_dir / f"{incoming.arrival.queue_id}.{random.getrandbits(32):08x}{_MSG}"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+        try:
+            offset, target = incoming.reserve, needed
+            end = incoming.reserve + incoming.size
+            while offset < end:
+                copied = os.copy_file_range(incoming.fd, fd, end - offset, offset, target)
+                if copied == 0:
+                    raise OSError(f"incoming message {incoming.arrival.queue_id} shrank")
+                offset += copied
+                target += copied
+        except BaseException:
+            os.close(fd)
+            path.unlink()
+            raise
+        incoming.discard()
+        incoming.path, incoming.fd, incoming.reserve = path, fd, needed
 
     async def _store(self, entry: QueueEntry, data: bytes, *, hold: bool) -> Claim | None:
         """Write the queue file, then wait for the group-committed directory fsync."""
@@ -742,12 +926,36 @@ class Spool:
             if not path.exists():
                 claim.release()
                 return "gone"
-            entry, data = decode_message(_read_fd(claim.fileno()))
+            entry, data = _read_message_fd(claim.fileno())
             state = self._state_or_none(self.queue_dir, queue_id)
         except BaseException:
             claim.release()
             raise
         return claim, state or entry, data
+
+    def claim_entry(self, queue_id: str) -> tuple[Claim, QueueEntry] | Literal["busy", "gone"]:
+        """`claim_and_load` without the bytes (read them with `read_claimed` once there is
+        room for them in memory)."""
+        path = self.queue_dir / f"{queue_id}{_MSG}"
+        claim = self.try_claim(queue_id)
+        if claim is None:
+            return "busy" if path.exists() else "gone"
+        try:
+            if not path.exists():
+                claim.release()
+                return "gone"
+            os.lseek(claim.fileno(), 0, os.SEEK_SET)
+            entry = QueueEntry.model_validate_json(_read_header_fd(claim.fileno()))
+            state = self._state_or_none(self.queue_dir, queue_id)
+        except BaseException:
+            claim.release()
+            raise
+        return claim, state or entry
+
+    @staticmethod
+    def read_claimed(claim: Claim) -> bytes:
+        """The bytes of a claimed queued message (blocking)."""
+        return _read_message_fd(claim.fileno())[1]
 
     async def remove(self, queue_id: str) -> None:
         """Forget a message whose recipients are all done."""
