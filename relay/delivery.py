@@ -419,48 +419,55 @@ class DeliveryEngine:
             due, done = await self._deliver_claimed(entry, data)
             return due
         finally:
-            if claim is None and await self._settle_journaled(entry, held, done):
-                reservation = None  # still in memory for the next pass
-            if reservation is not None:
-                reservation.release()
-            # Closing the flocked descriptor is a syscall that can take 0.4 ms: off the loop,
-            # and for a delivered message in the same thread hop as removing its files.
-            elif done:
-                # A held message was never saved: it has no `.state` to remove (a pass that
-                # saves is one that leaves recipients undone, so it is not `done`).
-                await asyncio.to_thread(
-                    self._spool.remove_and_release,
-                    entry.queue_id,
-                    claim,
-                    state_file=held is None,
-                )
-            else:
-                await asyncio.to_thread(claim.release)
+            try:
+                await self._end_pass(entry, claim, held, done)
+            finally:
+                # A stranded message stays in memory with its share of the budget.
+                if reservation is not None and queue_id not in self._stranded:
+                    reservation.release()
+
+    async def _end_pass(
+        self, entry: QueueEntry, claim: Claim | None, held: HeldMessage | None, done: bool
+    ) -> None:
+        """Settle a journaled message, or remove or release a queue file's claim."""
+        if claim is None:
+            await self._settle_journaled(entry, held, done)
+        # Closing the flocked descriptor is a syscall that can take 0.4 ms: off the loop,
+        # and for a delivered message in the same thread hop as removing its files.
+        elif done:
+            # A held message was never saved: it has no `.state` to remove (a pass that
+            # saves is one that leaves recipients undone, so it is not `done`).
+            await asyncio.to_thread(
+                self._spool.remove_and_release,
+                entry.queue_id,
+                claim,
+                state_file=held is None,
+            )
+        else:
+            await asyncio.to_thread(claim.release)
 
     async def _settle_journaled(
         self, entry: QueueEntry, held: HeldMessage | None, done: bool
-    ) -> bool:
+    ) -> None:
         """End a pass over a message of the spool's journal: done, or given a queue file.
 
         A pass that leaves recipients undone without saving (a rate-limit deferral, an
         error) still needs the queue file, since later passes read the message from there.
-        If writing it fails, the message stays in memory for the next pass (returns True:
-        it keeps its share of the budget).
+        If writing it fails, the message stays in memory for the next pass (with its share
+        of the budget).
         """
         queue_id = entry.queue_id
         if done:
             self._spool.finish_journaled(queue_id)
-            return False
+            return
         if not self._spool.is_journaled(queue_id):
-            return False  # saved or dead-lettered by the pass
+            return  # saved or dead-lettered by the pass
         try:
             self._known[queue_id] = await asyncio.shield(self._spool.save(entry))
         except OSError as exc:
             log.error("Failed to write message %s to a queue file: %s", queue_id, exc)
             assert held is not None and held.data is not None  # journaled: held in memory
             self._stranded[queue_id] = HeldMessage(entry, held.data, None, held.reservation)
-            return True
-        return False
 
     async def _deliver_claimed(self, entry: QueueEntry, data: bytes) -> tuple[float | None, bool]:
         """The pass proper: (when to look again, whether the message is to be removed)."""

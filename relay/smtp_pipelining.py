@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import re
 from collections import deque
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager
 
 import aiosmtplib
@@ -31,15 +31,20 @@ from aiosmtplib.email import quote_address
 from mailrelay.relay.address import PLAIN_ADDRESS
 
 __all__ = [
+    "DATA_PIECE_BYTES",
     "MAX_REPLY_BYTES",
     "ReplyReader",
     "command_group",
     "data_payload",
+    "data_pieces",
     "normalized_size",
     "pipeline",
     "take_replies",
+    "write_data",
 ]
 
+# The body goes out in pieces of about this size (see `data_pieces`).
+DATA_PIECE_BYTES = 256 << 10
 # aiosmtplib's own bound on one reply (4 x its 8 KiB line limit); a peer that streams more
 # without finishing a reply is not an SMTP server we want to keep reading from.
 MAX_REPLY_BYTES = 4 * 8192
@@ -51,12 +56,17 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _PLAIN_ADDRESS = re.compile(PLAIN_ADDRESS)
 
 
-def _normalized(message: bytes) -> bytes:
+def _crlf(message: bytes) -> bytes:
     # Spooled messages almost always have CRLF endings already; counting is much cheaper
     # than the regex substitution (measured ~10 us per 2 KB message each).
     crlf = message.count(b"\r\n")
     if crlf != message.count(b"\n") or crlf != message.count(b"\r"):
         message = _LINE_ENDINGS.sub(b"\r\n", message)
+    return message
+
+
+def _normalized(message: bytes) -> bytes:
+    message = _crlf(message)
     return message if message.endswith(b"\r\n") else message + b"\r\n"
 
 
@@ -67,10 +77,41 @@ def normalized_size(message: bytes) -> int:
 
 def data_payload(message: bytes) -> bytes:
     """What follows a 354: the message with CRLF endings, dot-stuffed, then `.` CRLF."""
-    message = _normalized(message)
-    if message.startswith(b".") or b"\n." in message:
-        message = _LEADING_DOT.sub(b"..", message)
-    return message + b".\r\n"
+    return b"".join([*data_pieces(message), b".\r\n"])
+
+
+def data_pieces(message: bytes, piece_bytes: int = DATA_PIECE_BYTES) -> Iterator[bytes]:
+    """`data_payload` without its final `.` line, in pieces of about `piece_bytes`.
+
+    Each piece ends just after a LF (or at the end), so it starts at the start of a line
+    and is normalised and dot-stuffed on its own with the same result as the whole: a
+    large message is sent without a second copy of it in memory.
+    """
+    start, total = 0, len(message)
+    while True:
+        end = start + piece_bytes
+        if end >= total:
+            end = total
+        else:
+            cut = message.find(b"\n", end - 1)
+            end = total if cut < 0 else cut + 1
+        piece = _normalized(message[start:end]) if end == total else _crlf(message[start:end])
+        if piece.startswith(b".") or b"\n." in piece:
+            piece = _LEADING_DOT.sub(b"..", piece)
+        yield piece
+        if end == total:
+            return
+        start = end
+
+
+async def write_data(reader: ReplyReader, message: bytes, write_timeout: float | None) -> None:
+    """Send what follows a 354 (`data_payload`) piece by piece, waiting whenever the
+    transport's buffer is full: the upstream takes the bytes at its pace and no copy of
+    the whole message builds up in the transport."""
+    for piece in data_pieces(message):
+        reader.write(piece)
+        await reader.drain(write_timeout)
+    reader.write(b".\r\n")
 
 
 def _quoted(address: str) -> str:
@@ -146,6 +187,8 @@ class ReplyReader(asyncio.Protocol):
         self._replies: deque[aiosmtplib.SMTPResponse] = deque()
         self._error: BaseException | None = None
         self._waiter: asyncio.Future[None] | None = None
+        self._paused = False
+        self._drain_waiter: asyncio.Future[None] | None = None
 
     def write(self, data: bytes) -> None:
         """Send bytes on the lent transport (one `send` when the socket takes it all)."""
@@ -205,16 +248,51 @@ class ReplyReader(asyncio.Protocol):
         self._fail(error)
         self._inner.connection_lost(exc)
 
+    async def drain(self, write_timeout: float | None) -> None:
+        """Wait while the transport's write buffer is over its high-water mark; raises if
+        the connection ends, or the buffer does not go down within `write_timeout`."""
+        while self._paused:
+            if self._error is not None:
+                raise self._error
+            loop = asyncio.get_running_loop()
+            self._drain_waiter = waiter = loop.create_future()
+            timer = (
+                loop.call_later(write_timeout, self._write_timed_out, waiter)
+                if write_timeout is not None
+                else None
+            )
+            try:
+                await waiter
+            finally:
+                self._drain_waiter = None
+                if timer is not None:
+                    timer.cancel()
+        if self._error is not None:
+            raise self._error
+
+    @staticmethod
+    def _write_timed_out(waiter: asyncio.Future[None]) -> None:
+        if not waiter.done():
+            waiter.set_exception(aiosmtplib.SMTPTimeoutError("Timed out sending the message"))
+
+    def _wake_drain(self) -> None:
+        if self._drain_waiter is not None and not self._drain_waiter.done():
+            self._drain_waiter.set_result(None)
+
     def pause_writing(self) -> None:
+        self._paused = True
         self._inner.pause_writing()
 
     def resume_writing(self) -> None:
+        self._paused = False
+        self._wake_drain()
         self._inner.resume_writing()
 
     def _fail(self, error: BaseException) -> None:
         if self._error is None:
             self._error = error
         self._wake()
+        self._wake_drain()
 
 
 @asynccontextmanager

@@ -52,9 +52,9 @@ from mailrelay.relay.config import SmtpUpstream
 from mailrelay.relay.redact import SECRETS
 from mailrelay.relay.smtp_pipelining import (
     command_group,
-    data_payload,
     normalized_size,
     pipeline,
+    write_data,
 )
 from mailrelay.relay.transport import (
     Envelope,
@@ -706,7 +706,10 @@ class SmtpTransport:
                     accepted = replies[0].code == 250 and any(
                         r.code in (250, 251) for r in replies[1:-1]
                     )
-                    reader.write(data_payload(message) if accepted else b".\r\n")
+                    if accepted:
+                        await write_data(reader, message, timeout)
+                    else:
+                        reader.write(b".\r\n")
                     final = await reader.next_reply(timeout)
                     if not accepted:
                         final = None  # the reply to an empty message delivers nothing

@@ -706,7 +706,8 @@ class Spool:
         draft = self._arrival_entry(arrival, _WIDEST_SIZE, message_id)
         reserve = len(encode_header(draft)) + _HEADER_SLACK
         path = self.tmp_dir / f"{arrival.queue_id}{_MSG}"
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+        # Read and write: the first delivery attempt reads the bytes back through the claim.
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o640)
         try:
             os.lseek(fd, reserve, os.SEEK_SET)
         except BaseException:
@@ -753,7 +754,7 @@ class Spool:
         """Copy the bytes to a new temp file with room for a longer envelope line than
         reserved (never expected: the reserve assumes the widest size)."""
         path = self.tmp_dir / f"{incoming.arrival.queue_id}.{random.getrandbits(32):08x}{_MSG}"
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o640)
         try:
             offset, target = incoming.reserve, needed
             end = incoming.reserve + incoming.size

@@ -26,7 +26,7 @@ from mailrelay.relay.delivery import DeliveryEngine
 from mailrelay.relay.journal import encode_record
 from mailrelay.relay.metrics import RelayMetrics
 from mailrelay.relay.spool import (
-    Loaded,
+    Claim,
     QueueEntry,
     Spool,
     encode_header,
@@ -800,14 +800,14 @@ async def test_fresh_message_listed_by_the_scan_before_notify_is_not_delayed(
     )
     entered = threading.Event()
     proceed = threading.Event()
-    real_claim_and_load = world.spool.claim_and_load
+    real_claim_entry = world.spool.claim_entry
 
-    def claim_and_load(queue_id: str) -> Loaded:
+    def claim_entry(queue_id: str) -> tuple[Claim, QueueEntry] | Literal["busy", "gone"]:
         entered.set()
         proceed.wait(5)
-        return real_claim_and_load(queue_id)
+        return real_claim_entry(queue_id)
 
-    monkeypatch.setattr(world.spool, "claim_and_load", claim_and_load)
+    monkeypatch.setattr(world.spool, "claim_entry", claim_entry)
     held = await world.spool.enqueue_held(
         "alice@example.com",
         [("bob@example.net", "r")],
