@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Literal
 
 from mailrelay.relay.budget import Reservation
@@ -72,6 +74,7 @@ class IncomingMessage:
         self._blocks: list[bytes] = [preamble]
         self._head = bytearray()
         self._file: IncomingFile | None = None
+        self._io: asyncio.Future[None] | None = None  # the latest file work (`_file_work`)
 
     @property
     def queue_id(self) -> str:
@@ -113,18 +116,48 @@ class IncomingMessage:
             if self.size <= self._spill_bytes:
                 return
             blocks, self._blocks = self._blocks, []
-            try:
-                self._file = await asyncio.to_thread(
-                    self._spool.open_incoming, self.arrival, bytes(self._head)
-                )
-            except OSError as exc:
-                self._fail_write(exc)
-                return
+            await self._file_work(self._open_file)
+        await self._file_work(functools.partial(self._write, blocks))
+
+    async def _file_work(self, work: Callable[[], Awaitable[None]]) -> None:
+        """Run file work after the work before it, to its end even when the session is
+        cancelled meanwhile: a write still running in its thread must never meet a
+        closed (and maybe reused) descriptor, nor an open leave a file nobody removes."""
+        previous = self._io
+
+        async def run() -> None:
+            if previous is not None:
+                await asyncio.wait([previous])
+            await work()
+
+        task = self._io = asyncio.ensure_future(run())
+        await asyncio.shield(task)
+
+    async def _open_file(self) -> None:
+        if self.failure is not None:
+            return
         try:
-            await asyncio.to_thread(self._file.write, blocks)
+            self._file = await asyncio.to_thread(
+                self._spool.open_incoming, self.arrival, bytes(self._head)
+            )
         except OSError as exc:
             self._fail_write(exc)
-            await self._drop()
+
+    async def _write(self, blocks: list[bytes]) -> None:
+        file = self._file
+        if file is None or self.failure is not None:
+            return
+        try:
+            await asyncio.to_thread(file.write, blocks)
+        except OSError as exc:
+            self._fail_write(exc)
+            await self._discard_file()
+
+    async def _discard_file(self) -> None:
+        file, self._file = self._file, None
+        if file is not None:
+            with contextlib.suppress(OSError):
+                await asyncio.to_thread(file.discard)
 
     def _fail_write(self, exc: OSError) -> None:
         log.error("Failed to write incoming message %s to the spool: %s", self.queue_id, exc)
@@ -166,14 +199,11 @@ class IncomingMessage:
 
     async def _drop(self) -> None:
         self._blocks = []
-        file, self._file = self._file, None
-        if file is not None:
-            with contextlib.suppress(OSError):
-                await asyncio.to_thread(file.discard)
+        await self._file_work(self._discard_file)
 
     async def close(self) -> None:
-        """Drop what was not handed over: the bytes, the temp file, the reservation."""
-        await self._drop()
+        """Drop what was not handed over: the reservation, the bytes, the temp file."""
         reservation, self._reservation = self._reservation, None
         if reservation is not None:
             reservation.release()
+        await self._drop()
