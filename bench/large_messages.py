@@ -72,7 +72,7 @@ def make_message(index: int, size: int, rng: random.Random) -> bytes:
         "\r\n"
     ).encode()
     line_raw = 57  # 76 base64 characters per line
-    lines = []
+    lines: list[bytes] = []
     total = len(head)
     while total < size:
         line = base64.b64encode(rng.randbytes(line_raw))

@@ -757,6 +757,17 @@ class Limits(KubeModel):
     max_connections: int = Field(
         default=200, ge=1, le=100000, description="Most concurrent client connections per pod."
     )
+    max_bytes_in_flight: int | None = Field(
+        default=None,
+        ge=1024,
+        le=64 * 1024 * MIB,
+        description=(
+            "Message bytes each relay process may hold in flight (from DATA to the end of the"
+            " first delivery attempt); a message that does not fit gets 452 4.3.1 and is sent"
+            " again later. Unset: a quarter of the container's memory limit per worker, or 4x"
+            " maxMessageSize without a limit. At least maxMessageSize."
+        ),
+    )
 
 
 RETRY_ORDER_MESSAGE = "retry durations must satisfy initialBackoff <= maxBackoff <= maxAge"

@@ -263,6 +263,11 @@ def build_relay_config(
             "max_message_size": spec.limits.max_message_size,
             "max_recipients": spec.limits.max_recipients,
             "max_connections": spec.limits.max_connections,
+            **(
+                {"max_bytes_in_flight": spec.limits.max_bytes_in_flight}
+                if spec.limits.max_bytes_in_flight is not None
+                else {}
+            ),
         },
         "spool": {"directory": str(SPOOL_DIR)},
         "retry": {

@@ -285,7 +285,7 @@ class RelaySMTP(_CheapDir, BulkDataSMTP):
                 await body.close()
 
     async def open_data_sink(self) -> IncomingMessage | str:
-        assert isinstance(self.envelope, RelayEnvelope)
+        assert isinstance(self.envelope, RelayEnvelope) and self.session is not None
         return self.front.handler.open_body(self, self.session, self.envelope)
 
     async def push(self, status: Any) -> None:

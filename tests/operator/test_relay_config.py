@@ -152,6 +152,23 @@ def test_a_config_the_relay_refuses_is_an_error_not_a_file() -> None:
         build_relay_config(name="outbound", namespace="mail", spec=spec, routes=ROUTES)
 
 
+def test_bytes_in_flight_reach_the_relay_only_when_set() -> None:
+    unset = build_relay_config(name="outbound", namespace="mail", spec=SPEC, routes=[])
+    assert unset.limits.max_bytes_in_flight is None  # the relay derives it from its cgroup
+    limits = SPEC.limits.model_copy(update={"max_bytes_in_flight": 128 * 1024 * 1024})
+    spec = SPEC.model_copy(update={"limits": limits})
+    config = build_relay_config(name="outbound", namespace="mail", spec=spec, routes=[])
+    assert config.limits.max_bytes_in_flight == 128 * 1024 * 1024
+    too_small = SPEC.limits.model_copy(update={"max_bytes_in_flight": 1024 * 1024})
+    with pytest.raises(RelayConfigError, match=r"max_bytes_in_flight .* must be at least"):
+        build_relay_config(
+            name="outbound",
+            namespace="mail",
+            spec=SPEC.model_copy(update={"limits": too_small}),
+            routes=[],
+        )
+
+
 def test_config_hash_is_stable_and_sensitive() -> None:
     assert config_hash(_render()) == config_hash(_render())
     assert config_hash(_render()) != config_hash(_render() + " ")
