@@ -20,13 +20,14 @@ Shape:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 from collections import deque
 from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager
 
 import aiosmtplib
-from aiosmtplib.email import quote_address
+from aiosmtplib.email import parse_address, quote_address
 
 from mailrelay.relay.address import PLAIN_ADDRESS
 
@@ -39,6 +40,7 @@ __all__ = [
     "data_pieces",
     "normalized_size",
     "pipeline",
+    "sendmail_in_pieces",
     "take_replies",
     "write_data",
 ]
@@ -313,3 +315,53 @@ async def pipeline(smtp: aiosmtplib.SMTP) -> AsyncIterator[ReplyReader]:
         yield reader
     finally:
         transport.set_protocol(inner)
+
+
+async def sendmail_in_pieces(
+    smtp: aiosmtplib.SMTP,
+    sender: str,
+    recipients: Sequence[str],
+    message: bytes,
+    *,
+    mail_options: Sequence[str],
+    reply_timeout: float | None,
+) -> tuple[dict[str, aiosmtplib.SMTPResponse], str]:
+    """aiosmtplib's `SMTP.sendmail` for an upstream without PIPELINING, with the body
+    sent by `write_data`: the same checks, commands, results, exceptions and RSET after
+    a refusal, without the three whole copies of the message aiosmtplib makes to send it
+    (line endings, dot-stuffing, the final dot) and one more to count its SIZE.
+    """
+    options = list(mail_options)
+    encoding = "utf-8" if any(o.lower() == "smtputf8" for o in options) else "ascii"
+    parse_address(sender)
+    for recipient in recipients:
+        parse_address(recipient)
+    if encoding == "utf-8" and not smtp.supports_extension("smtputf8"):
+        raise aiosmtplib.SMTPNotSupported("SMTPUTF8 is not supported by this server")
+    if smtp.supports_extension("size"):
+        options.insert(0, f"size={normalized_size(message)}")
+    refused: list[aiosmtplib.SMTPRecipientRefused] = []
+    try:
+        await smtp.mail(sender, options=options, encoding=encoding, timeout=reply_timeout)
+        for recipient in recipients:
+            try:
+                await smtp.rcpt(recipient, encoding=encoding, timeout=reply_timeout)
+            except aiosmtplib.SMTPRecipientRefused as exc:
+                refused.append(exc)
+        if len(refused) == len(recipients):
+            raise aiosmtplib.SMTPRecipientsRefused(refused)
+        start = await smtp.execute_command(b"DATA", timeout=reply_timeout)
+        if start.code != 354:
+            raise aiosmtplib.SMTPDataError(start.code, start.message)
+        async with pipeline(smtp) as reader:
+            await write_data(reader, message, reply_timeout)
+            reply = await reader.next_reply(reply_timeout)
+        if reply.code != 250:
+            raise aiosmtplib.SMTPDataError(reply.code, reply.message)
+    except (aiosmtplib.SMTPResponseException, aiosmtplib.SMTPRecipientsRefused):
+        with contextlib.suppress(ConnectionError, aiosmtplib.SMTPResponseException):
+            await smtp.rset(timeout=reply_timeout)
+        raise
+    return {e.recipient: aiosmtplib.SMTPResponse(e.code, e.message) for e in refused}, (
+        reply.message
+    )

@@ -51,9 +51,11 @@ from mailrelay.relay.address import ascii_form
 from mailrelay.relay.config import SmtpUpstream
 from mailrelay.relay.redact import SECRETS
 from mailrelay.relay.smtp_pipelining import (
+    DATA_PIECE_BYTES,
     command_group,
     normalized_size,
     pipeline,
+    sendmail_in_pieces,
     write_data,
 )
 from mailrelay.relay.transport import (
@@ -582,11 +584,22 @@ class SmtpTransport:
         if smtp.supports_extension("pipelining"):
             return await self._pipelined(smtp, envelope, message, options)
         try:
-            refused, data_reply = await smtp.sendmail(
-                envelope.mail_from, list(envelope.recipients), message, mail_options=options
-            )
-        # aiosmtplib tried an RSET after a refusal but ignores its failure: RSET again,
-        # checked, before the connection is reused.
+            if len(message) > DATA_PIECE_BYTES:
+                refused, data_reply = await sendmail_in_pieces(
+                    smtp,
+                    envelope.mail_from,
+                    envelope.recipients,
+                    message,
+                    mail_options=options,
+                    reply_timeout=self.upstream.timeout_seconds,
+                )
+            else:
+                refused, data_reply = await smtp.sendmail(
+                    envelope.mail_from, list(envelope.recipients), message, mail_options=options
+                )
+        # aiosmtplib (and sendmail_in_pieces, which does as it does) tried an RSET after a
+        # refusal but ignores its failure: RSET again, checked, before the connection is
+        # reused.
         except aiosmtplib.SMTPRecipientsRefused as exc:
             by_rcpt = {e.recipient: e for e in exc.recipients}
             results = [

@@ -2,6 +2,8 @@
 
 * The pieces, joined, are exactly what aiosmtplib itself would send after a 354 (its own
   line-ending normalisation and dot-stuffing are the oracle), for any piece size.
+* `sendmail_in_pieces` (upstreams without PIPELINING) does what aiosmtplib's `sendmail`
+  does: the same bytes upstream, results, exceptions, and a usable connection after.
 * `write_data` waits for the transport: against a peer that does not read, the bytes
   buffered in our process stay near one piece plus the transport's high-water mark,
   instead of a whole copy of the message, and everything arrives once the peer reads.
@@ -11,8 +13,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Awaitable, Callable
 
 import aiosmtplib
+import pytest
 from aiosmtplib.protocol import PERIOD_REGEX, normalize_message_line_endings
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -22,8 +26,10 @@ from mailrelay.relay.smtp_pipelining import (
     ReplyReader,
     data_payload,
     data_pieces,
+    sendmail_in_pieces,
     write_data,
 )
+from tests.relay.conftest import RecordingUpstream
 
 
 def aiosmtplib_payload(message: bytes) -> bytes:
@@ -116,9 +122,12 @@ async def test_write_data_waits_for_a_slow_peer_instead_of_buffering_the_message
 
 
 async def test_write_data_gives_up_when_the_peer_never_reads() -> None:
+    finished = asyncio.Event()
+
     async def peer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await asyncio.sleep(5)
+        await finished.wait()
         writer.close()
+        await writer.wait_closed()
 
     server = await asyncio.start_server(peer, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
@@ -135,5 +144,74 @@ async def test_write_data_gives_up_when_the_peer_never_reads() -> None:
             raise AssertionError("write_data returned although the peer never read")
     finally:
         transport.abort()
+        finished.set()
         server.close()
         await server.wait_closed()
+        await asyncio.sleep(0.05)  # let the peer close its side
+
+
+async def _outcome(
+    send: Callable[..., Awaitable[tuple[dict[str, aiosmtplib.SMTPResponse], str]]],
+    port: int,
+    message: bytes,
+) -> tuple[object, bool]:
+    """What one send did (its result, or its exception's type and codes), and whether the
+    connection still takes a command afterwards (the RSET after a refusal)."""
+    smtp = aiosmtplib.SMTP(hostname="127.0.0.1", port=port, start_tls=False, timeout=30)
+    await smtp.connect()
+    try:
+        try:
+            refused, reply = await send(smtp, message)
+            outcome: object = (
+                {r: (e.code, e.message) for r, e in refused.items()},
+                reply.split()[0],
+            )
+        except aiosmtplib.SMTPRecipientsRefused as exc:
+            outcome = ("refused", sorted((e.recipient, e.code) for e in exc.recipients))
+        except aiosmtplib.SMTPResponseException as exc:
+            outcome = (type(exc).__name__, exc.code)
+        usable = (await smtp.noop()).code == 250
+    finally:
+        smtp.close()
+    return outcome, usable
+
+
+@pytest.mark.parametrize("case", ["delivered", "one_refused", "all_refused", "data_refused"])
+async def test_sendmail_in_pieces_does_what_aiosmtplib_sendmail_does(
+    recording_upstream: Callable[..., RecordingUpstream], case: str
+) -> None:
+    upstream = recording_upstream(tls="none")  # aiosmtpd: no PIPELINING
+    refuse = {"one_refused": {"c@x.test"}, "all_refused": {"b@x.test", "c@x.test"}}
+    upstream.rcpt_reply = lambda address: (
+        "550 5.1.1 No such user" if address in refuse.get(case, set()) else None
+    )
+    upstream.data_reply = lambda envelope: (
+        "554 5.6.0 Content refused" if case == "data_refused" else None
+    )
+    # Past one piece, dot-led lines throughout, and a lone LF to normalise.
+    message = b"Subject: big\r\n\r\n" + b".dot line\r\nplain\n" * 40_000
+    recipients = ["b@x.test", "c@x.test"]
+
+    async def theirs(
+        smtp: aiosmtplib.SMTP, data: bytes
+    ) -> tuple[dict[str, aiosmtplib.SMTPResponse], str]:
+        return await smtp.sendmail("a@x.test", recipients, data)
+
+    async def ours(
+        smtp: aiosmtplib.SMTP, data: bytes
+    ) -> tuple[dict[str, aiosmtplib.SMTPResponse], str]:
+        await smtp.ehlo()
+        return await sendmail_in_pieces(
+            smtp, "a@x.test", recipients, data, mail_options=[], reply_timeout=30
+        )
+
+    expected = await _outcome(theirs, upstream.port, message)
+    reference = upstream.snapshot()
+    upstream.messages.clear()
+    assert await _outcome(ours, upstream.port, message) == expected
+    got = upstream.snapshot()
+    assert [(m.mail_from, m.rcpt_tos, m.data, m.mail_options) for m in got] == [
+        (m.mail_from, m.rcpt_tos, m.data, m.mail_options) for m in reference
+    ]
+    if case in ("delivered", "one_refused"):
+        assert got[0].data == message.replace(b"plain\n", b"plain\r\n")
