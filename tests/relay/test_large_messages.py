@@ -202,9 +202,10 @@ async def test_burst_of_large_messages_stays_within_the_budget_and_loses_nothing
 
     peak_kb = proc_status_kb(pid, "VmHWM")
     growth = (peak_kb - baseline_kb) * 1024
-    # Bytes in flight never exceed the budget; what a message costs beyond its size
-    # (chunk buffers per session, the transport's buffer, allocator slack) is the rest.
-    bound = 2 * budget + 32 * MB
+    # Bytes in flight never exceed the budget, and a message in flight costs about its
+    # size (measured: 46 MB for 4 x 10 MB); the rest is slack for the pieces buffered per
+    # session and the allocator. The old front took ~250 MB here.
+    bound = budget * 3 // 2 + 32 * MB
     assert growth <= bound, (
         f"peak RSS grew {growth / MB:.0f} MB over {baseline_kb / 1024:.0f} MiB with "
         f"{len(accepted)} x 10 MB accepted at once; bound {bound / MB:.0f} MB"
