@@ -12,7 +12,8 @@ stream holds and handled with bytes operations (find, split, replace):
   aiosmtpd's stream-limit quirk: a line longer than the limit plus CRLF is refused before
   its bytes count).
 * `BulkDataSMTP` is aiosmtpd's `SMTP` with `smtp_DATA` reading through the scanner; the
-  rest of `smtp_DATA` (checks before the 354, content, hook, replies) is aiosmtpd's.
+  rest of `smtp_DATA` (checks before the 354, content, hook, replies) is aiosmtpd's. A
+  subclass may take the body as it arrives instead (`open_data_sink`, `DataSink`).
 
 Only `CRLF.CRLF` ends the data: a bare CR or LF never does (SMTP smuggling).
 """

@@ -8,7 +8,9 @@ Three pieces:
   shutdown, a DATA timeout separate from the command timeout, enhanced status codes
   on aiosmtpd's own 552 replies, and the DATA body read in bulk (`data_reader`).
 * `RelayHandler`, the thin aiosmtpd handler: policy at MAIL (who may send, as whom, is
-  there disk), routing at RCPT, and at DATA the size and hop checks, our Received header
+  there disk), routing at RCPT; at the DATA command our Received header and the
+  message's share of the budget for bytes in flight (`budget.py`; the body then streams
+  into an `IncomingMessage`, `data_sink.py`), and after the body the size and hop checks
   and the durable enqueue that must finish before the `250`.
 * `SmtpFront`, which owns the listeners, the live sessions (for limits and the SIGTERM
   drain) and the swappable `FrontSettings` a reload replaces.
