@@ -21,6 +21,7 @@ from typing import Any, Literal
 import pytest
 from prometheus_client import CollectorRegistry
 
+from mailrelay.relay.budget import ByteBudget
 from mailrelay.relay.config import RelayConfig
 from mailrelay.relay.delivery import DeliveryEngine
 from mailrelay.relay.journal import encode_record
@@ -827,3 +828,32 @@ async def test_fresh_message_listed_by_the_scan_before_notify_is_not_delayed(
     assert time.monotonic() - started < 2.0
     await eventually(lambda: world.spool.list_queue() == [])
     assert len(up.messages) == 1
+
+
+async def test_retries_load_large_messages_a_budget_at_a_time(world: World) -> None:
+    # Four queued 400 KB messages (left by an earlier process, so no front reserved them)
+    # and a budget for two: the engine may run eight deliveries at once, yet never holds
+    # more bytes than the budget; all four arrive byte-exact, and the budget is given back.
+    up = await world.upstream(tls="none")
+    up.data_delay = 0.2  # each delivery takes a while: without the budget all four overlap
+    peak = 0
+
+    def seen(used: int, limit: int) -> None:
+        nonlocal peak
+        peak = max(peak, used)
+
+    budget = ByteBudget(900_000, on_change=seen)
+    body = b"".join(b"line %06d of a large message\r\n" % i for i in range(13_000))
+    messages = [MESSAGE.replace(b"Subject: ", b"Subject: %d " % i) + body for i in range(4)]
+    assert all(390_000 < len(m) < 450_000 for m in messages)
+    await world.spool.start()
+    for data in messages:
+        await world.spool.enqueue("alice@example.com", [("bob@example.net", "r")], data, **ENVELOPE)
+    await world.engine(
+        world.config([{"name": "r", "upstream": world.smtp(up, "up")}]), budget=budget
+    )
+    await up.wait_for(4)
+
+    assert sorted(m.data for m in up.messages) == sorted(messages)
+    assert 390_000 < peak <= 900_000
+    await eventually(lambda: budget.used == 0)
