@@ -98,13 +98,15 @@ class IncomingMessage:
 
     async def take(self, blocks: list[bytes]) -> None:
         """The next lines of the body; see the module docstring."""
-        if self.failure is not None:
-            return
         size = sum(len(block) for block in blocks)
+        if self.failure is not None:
+            self.size += size  # still counted: a message too large is told so (552)
+            return
         reservation = self._reservation
         assert reservation is not None, "take after the message was handed over"
         if not reservation.grow(self.size + size - reservation.size):
             self.failure = "over_budget"
+            self.size += size
             await self._drop()
             return
         self.size += size

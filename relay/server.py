@@ -604,18 +604,18 @@ class RelayHandler(_CheapDir):
         config = front.settings.config
         body = envelope.body
         assert body is not None, "DATA without a body sink"
+        limit = min(
+            [config.limits.max_message_size]
+            + [_route_size_limit(r, config.limits.max_message_size) for r in envelope.routes]
+        )
+        if body.body_size > limit:  # permanent: says so even when it did not fit the budget
+            front.metrics.reject("message_too_large")
+            return "552 5.3.4 Message size exceeds fixed maximum message size"
         if body.failure == "over_budget":
             return self._refuse_over_budget(session, body.size)
         if body.failure == "spool_error":
             front.metrics.reject("spool_error")
             return "451 4.3.0 Could not store the message, try again later"
-        limit = min(
-            [config.limits.max_message_size]
-            + [_route_size_limit(r, config.limits.max_message_size) for r in envelope.routes]
-        )
-        if body.body_size > limit:
-            front.metrics.reject("message_too_large")
-            return "552 5.3.4 Message size exceeds fixed maximum message size"
         hops = count_received_headers(body.head)
         if hops > config.limits.max_received_headers:
             front.metrics.reject("loop_detected")

@@ -424,3 +424,29 @@ async def test_streamed_messages_survive_a_sigkill_mid_data_and_after_250(
     assert [without_received(m.data) for m in got] == [accepted]
     await asyncio.sleep(0.5)
     assert len(upstream.snapshot()) == 1  # the unacknowledged one is never delivered
+
+
+async def test_a_message_over_its_route_limit_gets_552_even_when_it_did_not_fit_the_budget(
+    relay_factory: RelayFactory,
+) -> None:
+    route = {
+        "name": "small",
+        "max_message_size": 1_500_000,
+        "upstream": {"type": "smtp", "name": "up", "host": "127.0.0.1", "port": 9},
+    }
+    relay = await relay_factory(
+        routes=[route],
+        enable_delivery=False,
+        **open_relay(max_message_size=4 * MB, max_bytes_in_flight=4 * MB),
+    )
+    holder = await RawSession.open(relay.smtp_port)
+    assert (await holder.transaction(1_400_000)).startswith("354")  # most of the budget
+    # No SIZE declared, so only the body shows it is too large; the budget runs out first.
+    session = await RawSession.open(relay.smtp_port)
+    assert (await session.transaction(None)).startswith("354")
+    await session.send(stuffed(large_message(1, 3 * MB)))
+    assert (await session.reply()).startswith("552 5.3.4")  # permanent, not 452
+    await session.send(b"QUIT\r\n")
+    holder.close()
+    session.close()
+    await eventually(lambda: budget_used(relay) == 0, within=10)
