@@ -27,18 +27,19 @@ import asyncio
 import collections
 import contextlib
 import logging
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from mailrelay.relay.config import RelayConfig
+from mailrelay.relay.config import ApiUpstream, RelayConfig, RouteConfig
 
 __all__ = [
     "ByteBudget",
     "Reservation",
     "budget_limit",
     "cgroup_memory_limit",
+    "charge",
+    "cost_factor",
     "default_limit",
     "parse_cgroup_limit",
 ]
@@ -106,6 +107,25 @@ def budget_limit(config: RelayConfig, memory_limit: int | None) -> int:
         max_message_size=limits.max_message_size,
         workers=config.listener.workers,
     )
+
+
+def cost_factor(routes: Iterable[RouteConfig]) -> float:
+    """How many times its size a message taking `routes` is charged: 1 for SMTP routes,
+    more for HTTP providers that encode the message while building their request
+    (`providers.limits.BUILD_MEMORY_FACTORS`)."""
+    factor = 1.0
+    for route in routes:
+        if any(isinstance(u, ApiUpstream) for u in (route.upstream, *route.fallbacks)):
+            # The providers package loads every provider SDK: only for HTTP routes.
+            from mailrelay.relay.providers.limits import build_memory_factor  # noqa: PLC0415
+
+            factor = max(factor, build_memory_factor(route))
+    return factor
+
+
+def charge(size: int, factor: float) -> int:
+    """The bytes charged for a message of `size` at `factor`."""
+    return size if factor == 1.0 else math.ceil(size * factor)
 
 
 class Reservation:
@@ -182,8 +202,10 @@ class ByteBudget:
 
     def try_reserve(self, size: int) -> Reservation | None:
         """A reservation of `size` bytes now, or None if the budget cannot take it (the
-        front then answers 452 4.3.1). Never jumps the queue of `reserve` waiters."""
-        if not self.fits(size):
+        front then answers 452 4.3.1). Never jumps the queue of `reserve` waiters. A
+        message larger than the whole budget (an HTTP provider's encoding counts) gets it
+        when nothing else is reserved, or it could never be accepted."""
+        if not self.fits(size) and not (self._used == 0 and not self._waiters):
             return None
         self.take(size)
         return Reservation(self, size)

@@ -11,9 +11,10 @@ Postfix's cleanup writes its queue file: nothing but the current chunk is in mem
 however large the message.
 
 Every byte is charged to the message's `Reservation` on the relay's budget for bytes in
-flight first (`budget.py`). When the budget cannot take more, or the spool cannot write,
-the rest of the body is read and dropped and `failure` says why; the front then answers
-452 4.3.1 or 451 4.3.0 after the final dot. A sink never raises into the DATA reader:
+flight first (`budget.py`; times its routes' cost factor, for HTTP providers). When the
+budget cannot take more, or the spool cannot write, the rest of the body is read and
+dropped and `failure` says why; the front then answers 452 4.3.1 or 451 4.3.0 after the
+final dot. A sink never raises into the DATA reader:
 an exception there would leave the body's remaining lines to be read as commands.
 """
 
@@ -26,7 +27,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Literal
 
-from mailrelay.relay.budget import Reservation
+from mailrelay.relay.budget import Reservation, charge
 from mailrelay.relay.spool import (
     JOURNAL_MAX_MESSAGE_BYTES,
     Arrival,
@@ -62,6 +63,7 @@ class IncomingMessage:
         preamble: bytes,
         reservation: Reservation,
         *,
+        cost_factor: float = 1.0,
         spill_bytes: int = JOURNAL_MAX_MESSAGE_BYTES,
     ) -> None:
         self.arrival = arrival
@@ -71,6 +73,7 @@ class IncomingMessage:
         self._spool = spool
         self._reservation: Reservation | None = reservation
         self._spill_bytes = spill_bytes
+        self._cost_factor = cost_factor  # see `budget.cost_factor`
         self._blocks: list[bytes] = [preamble]
         self._head = bytearray()
         self._file: IncomingFile | None = None
@@ -104,7 +107,7 @@ class IncomingMessage:
             return
         reservation = self._reservation
         assert reservation is not None, "take after the message was handed over"
-        if not reservation.grow(self.size + size - reservation.size):
+        if not reservation.grow(charge(self.size + size, self._cost_factor) - reservation.size):
             self.failure = "over_budget"
             self.size += size
             await self._drop()

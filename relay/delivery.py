@@ -45,7 +45,7 @@ from dataclasses import dataclass
 
 from mailrelay.relay.backoff import backoff_delay, next_attempt_at
 from mailrelay.relay.bounce import FailedRecipient, build_dsn, status_for
-from mailrelay.relay.budget import ByteBudget, budget_limit
+from mailrelay.relay.budget import ByteBudget, budget_limit, charge, cost_factor
 from mailrelay.relay.config import ApiUpstream, RelayConfig, RouteConfig, SmtpUpstream
 from mailrelay.relay.metrics import DeliveryMetrics, RelayMetrics
 from mailrelay.relay.ratelimit import RouteRateLimits
@@ -407,7 +407,9 @@ class DeliveryEngine:
             claim, entry = peeked
             reservation = None
             try:
-                reservation = await self._budget.reserve(entry.size)
+                routes = {r.route for r in entry.recipients if r.status in _UNDONE}
+                factor = cost_factor(self._routes[name] for name in routes if name in self._routes)
+                reservation = await self._budget.reserve(charge(entry.size, factor))
                 data = await asyncio.to_thread(self._spool.read_claimed, claim)
             except BaseException:
                 if reservation is not None:

@@ -46,7 +46,13 @@ from mailrelay.relay.address import (
     address_refusal,
 )
 from mailrelay.relay.auth import User, UserDatabase
-from mailrelay.relay.budget import ByteBudget, budget_limit, cgroup_memory_limit
+from mailrelay.relay.budget import (
+    ByteBudget,
+    budget_limit,
+    cgroup_memory_limit,
+    charge,
+    cost_factor,
+)
 from mailrelay.relay.config import ApiUpstream, RelayConfig, RouteConfig
 from mailrelay.relay.data_reader import BulkDataSMTP
 from mailrelay.relay.data_sink import IncomingMessage
@@ -567,8 +573,9 @@ class RelayHandler(_CheapDir):
             recipient=envelope.rcpt_tos[0] if len(envelope.rcpt_tos) == 1 else None,
             now=datetime.now(UTC),
         )
+        factor = cost_factor(envelope.routes)
         reservation = front.budget.try_reserve(
-            len(header) + min(declared, config.limits.max_message_size)
+            charge(len(header) + min(declared, config.limits.max_message_size), factor)
         )
         if reservation is None:
             return self._refuse_over_budget(session, declared)
@@ -584,7 +591,9 @@ class RelayHandler(_CheapDir):
             client_address=_peer_ip(session),
             authenticated_user=user.username if user is not None else None,
         )
-        envelope.body = IncomingMessage(front.spool, arrival, header, reservation)
+        envelope.body = IncomingMessage(
+            front.spool, arrival, header, reservation, cost_factor=factor
+        )
         return envelope.body
 
     def _refuse_over_budget(self, session: Session, size: int) -> str:

@@ -15,7 +15,14 @@ from dataclasses import dataclass
 
 from mailrelay.relay.config import ApiUpstream, RouteConfig, SmtpUpstream
 
-__all__ = ["PROVIDER_LIMITS", "ProviderLimits", "effective_max_message_size", "upstream_limit"]
+__all__ = [
+    "BUILD_MEMORY_FACTORS",
+    "PROVIDER_LIMITS",
+    "ProviderLimits",
+    "build_memory_factor",
+    "effective_max_message_size",
+    "upstream_limit",
+]
 
 
 @dataclass(frozen=True)
@@ -39,6 +46,34 @@ PROVIDER_LIMITS: dict[str, ProviderLimits] = {
     # Our own protocol: the receiving service sets its limits, we do not guess them.
     "webhook": ProviderLimits(max_message_size=None, max_recipients=None, smtputf8=True),
 }
+
+
+# Peak memory while a transport builds its request(s), in multiples of the message size
+# (tracemalloc around `prepare` with a 10 MB message with an attachment, 2026-12-07):
+# mailgun streams the bytes as a multipart file (~0), the webhook sends them as they are
+# (1.0), SES base64-encodes them into JSON (4.0), SparkPost decodes them into a JSON
+# string (3.05), the field-based APIs parse the MIME tree and base64 every attachment
+# into JSON (SendGrid and Resend 7.7; Postmark is built the same way). The budget for
+# bytes in flight charges a message this many times its size on such a route.
+BUILD_MEMORY_FACTORS: dict[str, float] = {
+    "mailgun": 1.0,
+    "webhook": 1.0,
+    "ses": 4.0,
+    "sparkpost": 3.0,
+    "sendgrid": 8.0,
+    "resend": 8.0,
+    "postmark": 8.0,
+}
+
+
+def build_memory_factor(route: RouteConfig) -> float:
+    """How many times its size a message costs in memory on `route` (its primary and its
+    fallbacks: any of them may build the request); 1 for SMTP, which sends in pieces."""
+    factors = [1.0]
+    for upstream in (route.upstream, *route.fallbacks):
+        if isinstance(upstream, ApiUpstream):
+            factors.append(BUILD_MEMORY_FACTORS[upstream.provider])
+    return max(factors)
 
 
 def upstream_limit(upstream: SmtpUpstream | ApiUpstream) -> int | None:

@@ -11,10 +11,12 @@ from mailrelay.relay.budget import (
     ByteBudget,
     budget_limit,
     cgroup_memory_limit,
+    charge,
+    cost_factor,
     default_limit,
     parse_cgroup_limit,
 )
-from mailrelay.relay.config import ConfigError, RelayConfig, parse_config
+from mailrelay.relay.config import ConfigError, RelayConfig, RouteConfig, parse_config
 
 MIB = 1 << 20
 
@@ -163,3 +165,48 @@ def test_config_refuses_a_budget_smaller_than_the_largest_message() -> None:
             "limits: {max_message_size: 2000000, max_bytes_in_flight: 1000000}\nroutes: []\n"
             "allowed_networks: [10.0.0.0/8]\n"
         )
+
+
+def test_a_message_larger_than_the_budget_is_taken_only_when_nothing_else_is() -> None:
+    budget = ByteBudget(100)
+    oversized = budget.try_reserve(300)  # an HTTP provider's encoding made it this large
+    assert oversized is not None and budget.used == 300
+    assert budget.try_reserve(1) is None
+    oversized.release()
+    small = budget.try_reserve(1)
+    assert small is not None
+    assert budget.try_reserve(300) is None  # not while anything else is in flight
+
+
+def _route(upstream: dict[str, object], *fallbacks: dict[str, object]) -> RouteConfig:
+    return RouteConfig.model_validate(
+        {"name": "r", "upstream": upstream, "fallbacks": list(fallbacks)}
+    )
+
+
+SMTP = {"type": "smtp", "name": "smarthost", "host": "mx.example.com"}
+SES = {"type": "api", "name": "ses", "provider": "ses", "region": "eu-west-1"}
+SENDGRID = {"type": "api", "name": "sendgrid", "provider": "sendgrid"}
+MAILGUN = {"type": "api", "name": "mailgun", "provider": "mailgun", "domain": "example.com"}
+
+
+@pytest.mark.parametrize(
+    ("routes", "factor"),
+    [
+        ([], 1.0),
+        ([_route(SMTP)], 1.0),
+        ([_route(MAILGUN)], 1.0),  # the message goes out as a multipart file, as it is
+        ([_route(SMTP, SES)], 4.0),  # a fallback may build the request too
+        ([_route(SMTP), _route(SENDGRID)], 8.0),  # the costliest route of the message
+    ],
+)
+def test_cost_factor_follows_what_the_routes_transports_build(
+    routes: list[RouteConfig], factor: float
+) -> None:
+    assert cost_factor(routes) == factor
+
+
+def test_charge() -> None:
+    assert charge(1000, 1.0) == 1000
+    assert charge(1000, 4.0) == 4000
+    assert charge(3, 2.5) == 8  # rounded up: never under-charged

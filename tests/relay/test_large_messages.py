@@ -450,3 +450,39 @@ async def test_a_message_over_its_route_limit_gets_552_even_when_it_did_not_fit_
     holder.close()
     session.close()
     await eventually(lambda: budget_used(relay) == 0, within=10)
+
+
+async def test_a_message_for_an_http_provider_is_charged_what_its_request_costs(
+    relay_factory: RelayFactory, tmp_path: Path
+) -> None:
+    # SendGrid's request is built from the parsed MIME tree with every attachment in
+    # base64: about 8 times the message at its peak (measured), so that is the charge.
+    credentials = tmp_path / "sendgrid"
+    credentials.mkdir()
+    (credentials / "api_key").write_text("SG.not-a-real-key")
+    route = {
+        "name": "api",
+        "upstream": {
+            "type": "api",
+            "name": "sendgrid",
+            "provider": "sendgrid",
+            "credentials_dir": str(credentials),
+        },
+    }
+    relay = await relay_factory(
+        routes=[route],
+        enable_delivery=False,
+        **open_relay(max_message_size=4 * MB, max_bytes_in_flight=16 * MB),
+    )
+    message = large_message(1, 1 * MB)
+    session = await RawSession.open(relay.smtp_port)
+    assert (await session.transaction(len(message))).startswith("354")
+    assert 8 * MB <= budget_used(relay) < 9 * MB
+    # A second one of 1 MB would take it past 16 MB: refused now, as an SMTP one would not be.
+    other = await RawSession.open(relay.smtp_port)
+    assert (await other.transaction(len(message))).startswith("452 4.3.1")
+    await session.send(stuffed(message))
+    assert (await session.reply()).startswith("250")
+    await eventually(lambda: budget_used(relay) == 0, within=10)
+    session.close()
+    other.close()
