@@ -94,7 +94,7 @@ _TMP, _QUEUE, _DEAD, _JOURNAL = "tmp", "queue", "deadletter", "journal"
 _JOURNAL_MAX_MESSAGES = 256
 _JOURNAL_MAX_BYTES = 16 << 20
 # Bigger messages always get a queue file: the journal is for the common, small case.
-JOURNAL_MAX_MESSAGE_BYTES = _JOURNAL_MAX_MESSAGE_BYTES = 1 << 20
+JOURNAL_MAX_MESSAGE_BYTES = 1 << 20
 # Room left in an incoming file's envelope line for what is only known at its end: the
 # size is reserved at its widest, this covers the receive time's digits.
 _HEADER_SLACK = 64
@@ -644,7 +644,7 @@ class Spool:
     def _journal_has_room(self, size: int) -> bool:
         return (
             self._journal.accepting
-            and size <= _JOURNAL_MAX_MESSAGE_BYTES
+            and size <= JOURNAL_MAX_MESSAGE_BYTES
             and len(self._journaled) < _JOURNAL_MAX_MESSAGES
             and self._journaled_bytes + size <= _JOURNAL_MAX_BYTES
         )
