@@ -145,7 +145,7 @@ class IncomingMessage:
             self._file = await asyncio.to_thread(
                 self._spool.open_incoming, self.arrival, bytes(self._head)
             )
-        except OSError as exc:
+        except Exception as exc:  # never into the DATA reader (module docstring)
             self._fail_write(exc)
 
     async def _write(self, blocks: list[bytes]) -> None:
@@ -154,7 +154,7 @@ class IncomingMessage:
             return
         try:
             await asyncio.to_thread(file.write, blocks)
-        except OSError as exc:
+        except Exception as exc:  # never into the DATA reader (module docstring)
             self._fail_write(exc)
             await self._discard_file()
 
@@ -164,8 +164,13 @@ class IncomingMessage:
             with contextlib.suppress(OSError):
                 await asyncio.to_thread(file.discard)
 
-    def _fail_write(self, exc: OSError) -> None:
-        log.error("Failed to write incoming message %s to the spool: %s", self.queue_id, exc)
+    def _fail_write(self, exc: Exception) -> None:
+        log.error(
+            "Failed to write incoming message %s to the spool: %s",
+            self.queue_id,
+            exc,
+            exc_info=not isinstance(exc, OSError),
+        )
         self.failure = "spool_error"
         self._blocks = []
 

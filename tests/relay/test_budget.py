@@ -178,7 +178,7 @@ def test_a_message_larger_than_the_budget_is_taken_only_when_nothing_else_is() -
     assert budget.try_reserve(300) is None  # not while anything else is in flight
 
 
-def _route(upstream: dict[str, object], *fallbacks: dict[str, object]) -> RouteConfig:
+def _route(upstream: dict[str, str], *fallbacks: dict[str, str]) -> RouteConfig:
     return RouteConfig.model_validate(
         {"name": "r", "upstream": upstream, "fallbacks": list(fallbacks)}
     )

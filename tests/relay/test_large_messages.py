@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hashlib
 import random
 import threading
@@ -29,7 +30,7 @@ import pytest
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
-from mailrelay.relay.spool import Spool, decode_message
+from mailrelay.relay.spool import IncomingFile, Spool, decode_message
 from tests.relay.conftest import (
     RecordingUpstream,
     RelayFactory,
@@ -486,3 +487,42 @@ async def test_a_message_for_an_http_provider_is_charged_what_its_request_costs(
     await eventually(lambda: budget_used(relay) == 0, within=10)
     session.close()
     other.close()
+
+
+async def test_a_spool_write_failing_mid_body_answers_451_and_stores_nothing(
+    relay_factory: RelayFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    relay = await relay_factory(
+        routes=[
+            {
+                "name": "all",
+                "upstream": {"type": "smtp", "name": "u", "host": "127.0.0.1", "port": 9},
+            }
+        ],
+        enable_delivery=False,
+        **open_relay(),
+    )
+    real_write = IncomingFile.write
+    writes = 0
+
+    def failing_write(self: IncomingFile, parts: list[bytes]) -> None:
+        nonlocal writes
+        writes += 1
+        if writes == 3:  # the disk fills up in the middle of the body
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_write(self, parts)
+
+    monkeypatch.setattr(IncomingFile, "write", failing_write)
+    message = large_message(1, 3 * MB)
+    session = await RawSession.open(relay.smtp_port)
+    assert (await session.transaction(len(message))).startswith("354")
+    await session.send(stuffed(message))
+    assert (await session.reply()).startswith("451 4.3.0")
+    assert list((relay.spool_dir / "tmp").iterdir()) == []
+    assert Spool(relay.spool_dir).list_queue() == []
+    assert budget_used(relay) == 0
+    small = large_message(2, 3000)  # the session goes on
+    assert (await session.transaction(len(small))).startswith("354")
+    await session.send(stuffed(small))
+    assert (await session.reply()).startswith("250")
+    session.close()
