@@ -64,6 +64,8 @@ __all__ = [
 # A DNS name (letters, digits, hyphens, dots), or `*.` followed by one.
 _LABEL = r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?"
 _DOMAIN_RE = re.compile(rf"^(?=.{{1,253}}$){_LABEL}(?:\.{_LABEL})*$")
+_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_DOT_ATOM_RE = re.compile(rf"{_ATEXT}(?:\.{_ATEXT})*")
 
 
 class ConfigError(Exception):
@@ -661,6 +663,32 @@ class RelayConfig(_Model):
     shutdown_grace_seconds: float = Field(
         default=30, ge=0, description="Time deliveries in flight get to finish on SIGTERM."
     )
+    postmaster: str | None = Field(
+        default=None,
+        max_length=254,
+        description=(
+            "Address that `RCPT TO:<Postmaster>` (no domain, RFC 5321 4.5.1) is rewritten to "
+            "and routed like any recipient; default `postmaster@` the relay's hostname."
+        ),
+    )
+
+    @field_validator("postmaster")
+    @classmethod
+    def _postmaster_address(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        local, at, domain = value.rpartition("@")
+        if not at or not _DOT_ATOM_RE.fullmatch(local) or not _DOMAIN_RE.match(domain.lower()):
+            raise ValueError(
+                f"postmaster {value!r} is not a plain address; use local@domain, such as "
+                "postmaster@example.com"
+            )
+        return value
+
+    @property
+    def postmaster_address(self) -> str:
+        """Where `RCPT TO:<Postmaster>` goes."""
+        return self.postmaster or f"postmaster@{self.hostname}"
 
     @model_validator(mode="wrap")
     @classmethod
