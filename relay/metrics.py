@@ -48,7 +48,6 @@ REJECT_REASONS: Final = (
 )
 
 
-
 class RelayMetrics:
     """Holds every metric; attribute names match the metric names without the prefix."""
 

@@ -884,7 +884,9 @@ class SmtpFront:
         """A client's TLS handshake failed: its fault, so one INFO line and a count."""
         self.metrics.reject("tls_handshake")
         detail = getattr(error, "reason", None) or type(error).__name__
-        log.info("Closed the connection from %s: TLS handshake failed (%s, %s)", peer_ip, where, detail)
+        log.info(
+            "Closed the connection from %s: TLS handshake failed (%s, %s)", peer_ip, where, detail
+        )
 
     def _handshake_timeout(self) -> float:
         return min(_TLS_HANDSHAKE_TIMEOUT, self.settings.config.limits.command_timeout_seconds)
