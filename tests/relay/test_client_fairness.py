@@ -202,3 +202,48 @@ async def test_limits_follow_a_hot_reload(relay_factory: RelayFactory) -> None:
     finally:
         close_all(writers)
     assert await sends_mail(relay, NEIGHBOUR)
+
+
+async def test_implicit_tls_port_refuses_over_limit_before_the_handshake(
+    relay_factory: RelayFactory,
+) -> None:
+    relay = await accept_only(
+        relay_factory,
+        listener={"implicit_tls_port": 0},
+        limits={"per_client": {"max_connections": 1}},
+    )
+    assert relay.implicit_tls_port is not None and relay.ca_file is not None
+    context = ssl.create_default_context(cafile=str(relay.ca_file))
+    held = aiosmtplib.SMTP(
+        hostname="127.0.0.1",
+        port=relay.implicit_tls_port,
+        source_address=(FLOODER, 0),
+        use_tls=True,
+        tls_context=context,
+        timeout=10,
+    )
+    await held.connect()
+    try:
+        # The second connection from the same client is closed at once: no TLS, no reply.
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", relay.implicit_tls_port, local_addr=(FLOODER, 0)
+        )
+        assert await asyncio.wait_for(reader.read(), 5) == b""
+        writer.close()
+        assert relay.metric(REFUSALS, {"reason": "connections"}) == 1
+        other = aiosmtplib.SMTP(
+            hostname="127.0.0.1",
+            port=relay.implicit_tls_port,
+            source_address=(NEIGHBOUR, 0),
+            use_tls=True,
+            tls_context=context,
+            timeout=10,
+        )
+        await other.connect()
+        assert (await other.noop()).code == 250
+        await other.quit()
+    finally:
+        with contextlib.suppress(Exception):
+            await held.quit()
+        held.close()
+    assert relay.metric("mailrelay_messages_rejected_total", {"reason": "tls_handshake"}) == 0
