@@ -29,7 +29,7 @@ import re
 import ssl
 import time
 from base64 import b64decode
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import format_datetime
@@ -212,6 +212,8 @@ class RelaySMTP(_CheapDir, BulkDataSMTP):
         self._auth_failures = 0
         self._protocol_errors = 0
         self.client_key: str | None = None  # counted by the front's ClientLimiter
+        # Drops an implicit-TLS connection whose handshake still runs (tls_accept).
+        self.abort_handshake: Callable[[], None] | None = None
         self._data_timeout = limits.data_timeout_seconds
         super().__init__(
             front.handler,
@@ -233,6 +235,7 @@ class RelaySMTP(_CheapDir, BulkDataSMTP):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         first = self.transport is None
         super().connection_made(transport)
+        self.abort_handshake = None
         if first and not self._registered:
             self._registered = True
             self._refusal = self.front.session_opened(self, _peer_ip(self.session))
@@ -284,6 +287,8 @@ class RelaySMTP(_CheapDir, BulkDataSMTP):
     def close_for_shutdown(self) -> None:
         """Say 421 and hang up (an idle session while the relay drains)."""
         if self.transport is None:
+            if self.abort_handshake is not None:
+                self.abort_handshake()
             return
         with contextlib.suppress(Exception):
             self._writer.write(b"421 4.3.2 Service shutting down, try again later\r\n")
@@ -891,9 +896,10 @@ class SmtpFront:
     def _handshake_timeout(self) -> float:
         return min(_TLS_HANDSHAKE_TIMEOUT, self.settings.config.limits.command_timeout_seconds)
 
-    def _accept_tls(self, peer_ip: str) -> Handoff | None:
+    def _accept_tls(self, peer_ip: str, abort: Callable[[], None]) -> Handoff | None:
         """Admit a connection on the implicit-TLS port before its handshake (tls_accept)."""
         session = RelaySMTP(self, "implicit_tls", implicit_tls=True)
+        session.abort_handshake = abort
         session._registered = True  # counted from the TCP accept, not the end of the handshake
         refusal = self.session_opened(session, peer_ip)
         if refusal is not None:

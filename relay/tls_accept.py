@@ -5,7 +5,8 @@ hears of the connection: a client that sends plain text or hangs up mid-handshak
 never seen (asyncio logs it only in debug mode), and sockets in their handshake count
 against no limit. `ImplicitTlsAcceptor` is a plain-TCP protocol that instead
 
-1. asks `accept(peer_ip)` at once, which counts the connection against the limits (or
+1. asks `accept(peer_ip, abort)` at once (`abort` drops the connection while its
+   handshake runs, for a shutdown), which counts the connection against the limits (or
    refuses it: the socket is closed before any TLS, as no TLS session exists yet to carry
    a 421 reply);
 2. runs the handshake with the public `loop.start_tls` (with a timeout), holding any
@@ -43,7 +44,7 @@ class ImplicitTlsAcceptor(asyncio.Protocol):
         self,
         context: ssl.SSLContext,
         handshake_timeout: float,
-        accept: Callable[[str], Handoff | None],
+        accept: Callable[[str, Callable[[], None]], Handoff | None],
     ) -> None:
         self._context = context
         self._timeout = handshake_timeout
@@ -59,7 +60,7 @@ class ImplicitTlsAcceptor(asyncio.Protocol):
         transport.pause_reading()
         peer = transport.get_extra_info("peername")
         ip = str(peer[0]) if isinstance(peer, tuple) and peer else "unknown"
-        handoff = self._accept(ip)
+        handoff = self._accept(ip, transport.abort)
         if handoff is None:
             transport.abort()
             return

@@ -300,3 +300,20 @@ async def test_rcpt_to_postmaster_goes_to_the_configured_address(
         assert (await smtp.data(message())).code == 250
     [(entry, _)] = spooled(relay)
     assert [(r.address, r.route) for r in entry.recipients] == [(address, route_name)]
+
+
+async def test_shutdown_does_not_wait_for_pending_tls_handshakes(
+    relay_factory: RelayFactory,
+) -> None:
+    relay = await accept_only(
+        relay_factory, allowed_networks=LOOPBACK, listener={"implicit_tls_port": 0}
+    )
+    assert relay.implicit_tls_port is not None
+    reader, writer = await asyncio.open_connection("127.0.0.1", relay.implicit_tls_port)
+    await until(lambda: relay.metric("mailrelay_smtp_sessions_active") == 1)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    await relay.stop()  # shutdown_grace_seconds is 5 in these tests
+    assert loop.time() - started < 2.5
+    assert await asyncio.wait_for(reader.read(), 5) == b""
+    writer.close()
