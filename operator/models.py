@@ -48,8 +48,9 @@ DOMAIN_PATTERN = (
     r"^(\*\.)?[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?(\.[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?)*$"
 )
 SECRET_KEY = r"^[-._a-zA-Z0-9]+$"
-# A plain local@domain address: a dot-atom local part (RFC 5322 atext) and a DNS name.
-_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+# A plain local@domain address: a dot-atom local part (RFC 5322 atext, less the quote,
+# which cannot appear in a CEL raw string) and a DNS name.
+_ATEXT = r"[A-Za-z0-9!#$%&*+/=?^_`{|}~-]+"
 MAILBOX = rf"^{_ATEXT}(\.{_ATEXT})*@{HOSTNAME[1:]}"
 DURATION = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$"
 QUANTITY = (
@@ -205,6 +206,7 @@ SECRET_KEY_MESSAGE = (
     "must be a Secret key such as tls.crt or users.yaml: letters, digits, '-', '_' or '.'"
 )
 DURATION_MESSAGE = "must be a Go duration such as 30s, 5m, 1h30m or 500ms"
+MAILBOX_MESSAGE = "must be a plain address such as mail-admins@example.com (local@domain)"
 QUANTITY_MESSAGE = "must be a Kubernetes quantity such as 500m, 256Mi, 1Gi or 2"
 SIZE_MESSAGE = "must be a size such as 1Gi, 512Mi or 0 (a quantity without a sign)"
 PERCENT_MESSAGE = "must be a number such as 1 or a percentage such as 25%"
@@ -1115,7 +1117,14 @@ class MailRelaySpec(KubeModel):
         ),
     )
     limits: Limits = Field(default_factory=Limits, description="Message and connection limits.")
-    postmaster: Annotated[str, Field(max_length=254, pattern=MAILBOX)] | None = Field(
+    postmaster: (
+        Annotated[
+            str,
+            Field(max_length=254, json_schema_extra=regex_rule(MAILBOX, MAILBOX_MESSAGE)),
+            regex_check(MAILBOX, MAILBOX_MESSAGE),
+        ]
+        | None
+    ) = Field(
         default=None,
         description=(
             "Address that RCPT TO:<Postmaster> (no domain, RFC 5321 4.5.1) is rewritten to "

@@ -558,6 +558,13 @@ INVALID: list[Invalid] = [
         "initialBackoff <= maxBackoff <= maxAge",
     ),
     Invalid(
+        "postmaster-not-an-address",
+        "MailRelay",
+        {"postmaster": "Postmaster"},
+        ("spec.postmaster: Invalid value", "must be a plain address such as"),
+        "must be a plain address such as",
+    ),
+    Invalid(
         "auth-failure-window-zero",
         "MailRelay",
         {"limits": {"perClient": {"authFailureWindow": "0s"}}},
