@@ -48,6 +48,10 @@ DOMAIN_PATTERN = (
     r"^(\*\.)?[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?(\.[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?)*$"
 )
 SECRET_KEY = r"^[-._a-zA-Z0-9]+$"
+# A plain local@domain address: a dot-atom local part (RFC 5322 atext, less the quote,
+# which cannot appear in a CEL raw string) and a DNS name.
+_ATEXT = r"[A-Za-z0-9!#$%&*+/=?^_`{|}~-]+"
+MAILBOX = rf"^{_ATEXT}(\.{_ATEXT})*@{HOSTNAME[1:]}"
 DURATION = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$"
 QUANTITY = (
     r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]"
@@ -202,6 +206,7 @@ SECRET_KEY_MESSAGE = (
     "must be a Secret key such as tls.crt or users.yaml: letters, digits, '-', '_' or '.'"
 )
 DURATION_MESSAGE = "must be a Go duration such as 30s, 5m, 1h30m or 500ms"
+MAILBOX_MESSAGE = "must be a plain address such as mail-admins@example.com (local@domain)"
 QUANTITY_MESSAGE = "must be a Kubernetes quantity such as 500m, 256Mi, 1Gi or 2"
 SIZE_MESSAGE = "must be a size such as 1Gi, 512Mi or 0 (a quantity without a sign)"
 PERCENT_MESSAGE = "must be a number such as 1 or a percentage such as 25%"
@@ -742,6 +747,80 @@ class Auth(KubeModel):
     )
 
 
+AUTH_FAILURE_WINDOW_MESSAGE = "authFailureWindow must be longer than 0s, such as 5m"
+
+
+class PerClientLimits(KubeModel):
+    """Fair share per client address, like Postfix's anvil (docs/relay-config.md).
+
+    A client is an IPv4 address or an IPv6 network of ipv6PrefixLength bits; counts are
+    kept per pod. Refusals answer 421 4.7.0.
+    """
+
+    model_config = ConfigDict(
+        json_schema_extra=validations(
+            cel(
+                "duration(self.authFailureWindow) > duration('0s')",
+                AUTH_FAILURE_WINDOW_MESSAGE,
+                field_path=".authFailureWindow",
+            )
+        )
+    )
+
+    max_connections: int = Field(
+        default=50,
+        ge=0,
+        le=100000,
+        description="Concurrent connections one client may hold per pod; 0: no limit.",
+    )
+    connection_rate_per_minute: int = Field(
+        default=0,
+        ge=0,
+        le=1000000,
+        description=(
+            "New connections one client may open per minute per pod; 0 (the default): no "
+            "limit. Many applications open one connection per message: set it above their peak."
+        ),
+    )
+    auth_failures: int = Field(
+        default=10,
+        ge=0,
+        le=100000,
+        description=(
+            "Failed AUTH attempts one client may make within authFailureWindow, in any number "
+            "of sessions; then it is refused until the oldest failure leaves the window. "
+            "0: no limit."
+        ),
+    )
+    auth_failure_window: Duration = Field(
+        default="5m", description="Window over which AUTH failures count (such as 5m)."
+    )
+    exempt_networks: Annotated[list[Cidr], SET] = Field(
+        default_factory=list,
+        max_length=64,
+        json_schema_extra=LIST_TYPE_SET,
+        description=(
+            "Client networks (CIDRs) no per-client limit applies to, such as a monitoring "
+            "probe. allowedNetworks are not exempt unless listed here."
+        ),
+    )
+    ipv6_prefix_length: int = Field(
+        default=64,
+        ge=32,
+        le=128,
+        description=(
+            "IPv6 clients are grouped by this prefix: 64 as on the internet, 128 when clients "
+            "are pods of an IPv6 pod network."
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _window(self) -> Self:
+        if parse_duration(self.auth_failure_window) <= timedelta(0):
+            raise ValueError(AUTH_FAILURE_WINDOW_MESSAGE)
+        return self
+
+
 class Limits(KubeModel):
     """Per-message and per-pod limits the relay enforces during the SMTP dialogue."""
 
@@ -767,6 +846,10 @@ class Limits(KubeModel):
             " again later. Unset: a quarter of the container's memory limit per worker, or 4x"
             " maxMessageSize without a limit. At least maxMessageSize."
         ),
+    )
+    per_client: PerClientLimits = Field(
+        default_factory=PerClientLimits,
+        description="Limits per client address: connections, connection rate, AUTH failures.",
     )
 
 
@@ -1045,6 +1128,21 @@ class MailRelaySpec(KubeModel):
         ),
     )
     limits: Limits = Field(default_factory=Limits, description="Message and connection limits.")
+    postmaster: (
+        Annotated[
+            str,
+            Field(max_length=254, json_schema_extra=regex_rule(MAILBOX, MAILBOX_MESSAGE)),
+            regex_check(MAILBOX, MAILBOX_MESSAGE),
+        ]
+        | None
+    ) = Field(
+        default=None,
+        description=(
+            "Address that RCPT TO:<Postmaster> (no domain, RFC 5321 4.5.1) is rewritten to "
+            "and routed like any recipient, such as mail-admins@example.com; default "
+            "postmaster@ the relay's hostname."
+        ),
+    )
     queue: Queue = Field(default_factory=Queue, description="Spool volume and retry schedule.")
     route_selector: LabelSelector | None = Field(
         default=None,

@@ -225,6 +225,17 @@ def _route_config(route: BoundRoute, mounts: Sequence[SecretMount]) -> dict[str,
     return out
 
 
+def _per_client_limits(limits: models.PerClientLimits) -> dict[str, Any]:
+    return {
+        "max_connections": limits.max_connections,
+        "connection_rate_per_minute": limits.connection_rate_per_minute,
+        "auth_failures": limits.auth_failures,
+        "auth_failure_window_seconds": _seconds(limits.auth_failure_window),
+        "exempt_networks": list(limits.exempt_networks),
+        "ipv6_prefix_length": limits.ipv6_prefix_length,
+    }
+
+
 def build_relay_config(
     *,
     name: str,
@@ -268,6 +279,7 @@ def build_relay_config(
                 if spec.limits.max_bytes_in_flight is not None
                 else {}
             ),
+            "per_client": _per_client_limits(spec.limits.per_client),
         },
         "spool": {"directory": str(SPOOL_DIR)},
         "retry": {
@@ -279,6 +291,7 @@ def build_relay_config(
         "metrics": {"host": "0.0.0.0", "port": spec.metrics.port},
         "log_format": log_format,
         "shutdown_grace_seconds": drain_seconds,
+        "postmaster": spec.postmaster,
     }
     try:
         return relay.RelayConfig.model_validate(data)

@@ -42,6 +42,7 @@ from mailrelay.relay.problems import validation_problems, yaml_problem
 __all__ = [
     "ApiUpstream",
     "AuthConfig",
+    "ClientLimitsConfig",
     "ConfigError",
     "DeliveryConfig",
     "LimitsConfig",
@@ -63,6 +64,8 @@ __all__ = [
 # A DNS name (letters, digits, hyphens, dots), or `*.` followed by one.
 _LABEL = r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?"
 _DOMAIN_RE = re.compile(rf"^(?=.{{1,253}}$){_LABEL}(?:\.{_LABEL})*$")
+_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_DOT_ATOM_RE = re.compile(rf"{_ATEXT}(?:\.{_ATEXT})*")
 
 
 class ConfigError(Exception):
@@ -124,6 +127,56 @@ class AuthConfig(_Model):
     )
 
 
+class ClientLimitsConfig(_Model):
+    """Fair share per client address, like Postfix's anvil; see docs/relay-config.md.
+
+    A client is an IPv4 address, or an IPv6 network of `ipv6_prefix_length` bits. Limits
+    count per relay process (each worker and each pod keeps its own).
+    """
+
+    max_connections: int = Field(
+        default=50,
+        ge=0,
+        description=(
+            "Concurrent connections one client may hold; more get 421 4.7.0. 0: no limit. "
+            "(Postfix's smtpd_client_connection_count_limit.)"
+        ),
+    )
+    connection_rate_per_minute: int = Field(
+        default=0,
+        ge=0,
+        description=(
+            "New connections one client may open per minute (a token bucket of this size "
+            "refilled over a minute); more get 421 4.7.0. 0: no limit."
+        ),
+    )
+    auth_failures: int = Field(
+        default=10,
+        ge=0,
+        description=(
+            "Failed AUTH attempts one client may make within `auth_failure_window_seconds`; "
+            "then it is refused with 421 4.7.0 until the oldest failure leaves the window. "
+            "0: no limit."
+        ),
+    )
+    auth_failure_window_seconds: float = Field(
+        default=300, gt=0, description="The window over which AUTH failures count."
+    )
+    exempt_networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = Field(
+        default_factory=list,
+        description="Client networks (CIDRs) that no per-client limit applies to.",
+    )
+    ipv6_prefix_length: int = Field(
+        default=64,
+        ge=32,
+        le=128,
+        description=(
+            "IPv6 clients are grouped by this prefix (64: one site or host, as on the "
+            "internet; 128: every address on its own, for IPv6 pod networks)."
+        ),
+    )
+
+
 class LimitsConfig(_Model):
     """Per-session and per-message limits."""
 
@@ -143,6 +196,11 @@ class LimitsConfig(_Model):
     max_received_headers: int = Field(
         default=50, ge=1, description="More Received headers than this means a loop: 554 5.4.6."
     )
+    per_client: ClientLimitsConfig = Field(
+        default_factory=ClientLimitsConfig,
+        description="Limits per client address: connections, connection rate, AUTH failures.",
+    )
+
     max_bytes_in_flight: int | None = Field(
         default=None,
         ge=1024,
@@ -629,6 +687,32 @@ class RelayConfig(_Model):
     shutdown_grace_seconds: float = Field(
         default=30, ge=0, description="Time deliveries in flight get to finish on SIGTERM."
     )
+    postmaster: str | None = Field(
+        default=None,
+        max_length=254,
+        description=(
+            "Address that `RCPT TO:<Postmaster>` (no domain, RFC 5321 4.5.1) is rewritten to "
+            "and routed like any recipient; default `postmaster@` the relay's hostname."
+        ),
+    )
+
+    @field_validator("postmaster")
+    @classmethod
+    def _postmaster_address(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        local, at, domain = value.rpartition("@")
+        if not at or not _DOT_ATOM_RE.fullmatch(local) or not _DOMAIN_RE.match(domain.lower()):
+            raise ValueError(
+                f"postmaster {value!r} is not a plain address; use local@domain, such as "
+                "postmaster@example.com"
+            )
+        return value
+
+    @property
+    def postmaster_address(self) -> str:
+        """Where `RCPT TO:<Postmaster>` goes."""
+        return self.postmaster or f"postmaster@{self.hostname}"
 
     @model_validator(mode="wrap")
     @classmethod

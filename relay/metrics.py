@@ -12,7 +12,10 @@ from typing import Final
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 
+from mailrelay.relay.client_limits import CLIENT_LIMIT_REASONS
+
 __all__ = [
+    "CLIENT_LIMIT_REASONS",
     "DEAD_LETTER_REASONS",
     "DELIVERY_RESULTS",
     "LISTENERS",
@@ -37,8 +40,12 @@ REJECT_REASONS: Final = (
     "spool_error",  # 451 4.3.0: the spool write failed
     "internal_error",  # 451 4.3.0: any other exception
     "shutting_down",  # 421 while draining
-    "too_many_connections",  # 421 at connect
+    "too_many_connections",  # 421 at connect: limits.max_connections
     "bad_address",  # 501 5.1.3 or 553 5.6.7 at MAIL or RCPT (relay/address.py)
+    "client_limit",  # 421 4.7.0: a per-client limit (mailrelay_client_limit_refusals_total)
+    "tls_handshake",  # the client's TLS handshake failed; the connection is closed
+    "timeout",  # 421 4.4.2: the client was idle too long, or too slow with DATA
+    "too_many_errors",  # 421 4.7.0: too many unknown or invalid commands in a session
 )
 
 
@@ -76,6 +83,12 @@ class RelayMetrics:
         self.auth_failures = Counter(
             "mailrelay_smtp_auth_failures",
             "Failed SMTP AUTH attempts (wrong user or password).",
+            registry=registry,
+        )
+        self.client_limit_refusals = Counter(
+            "mailrelay_client_limit_refusals",
+            "Connections and AUTH attempts refused by a per-client limit, by limit.",
+            ["reason"],
             registry=registry,
         )
         self.messages_accepted = Counter(
@@ -149,6 +162,8 @@ class RelayMetrics:
         self.delivery = DeliveryMetrics(registry)
         for reason in REJECT_REASONS:
             self.messages_rejected.labels(reason)
+        for reason in CLIENT_LIMIT_REASONS:
+            self.client_limit_refusals.labels(reason)
         for result in ("success", "failure"):
             self.config_reloads.labels(result)
             self.auth_attempts.labels(result)
@@ -159,6 +174,12 @@ class RelayMetrics:
         """`ByteBudget`'s `on_change`: keep the two gauges current."""
         self.bytes_in_flight.set(used)
         self.bytes_in_flight_limit.set(limit)
+
+    def client_limit(self, reason: str) -> None:
+        """Count one refusal by a per-client limit (also a `client_limit` rejection)."""
+        assert reason in CLIENT_LIMIT_REASONS, reason
+        self.client_limit_refusals.labels(reason).inc()
+        self.reject("client_limit")
 
     def reject(self, reason: str) -> None:
         """Count one refusal; `reason` must be one of REJECT_REASONS."""

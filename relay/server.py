@@ -31,13 +31,13 @@ import re
 import ssl
 import time
 from base64 import b64decode
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import format_datetime
 from typing import Any, Protocol
 
-from aiosmtpd.smtp import MISSING, AuthResult, Envelope, Session
+from aiosmtpd.smtp import MISSING, AuthResult, Envelope, Session, TLSSetupException, syntax
 
 from mailrelay.relay.address import (
     CONTROL_CHARACTER,
@@ -53,12 +53,15 @@ from mailrelay.relay.budget import (
     charge,
     cost_factor,
 )
+from mailrelay.relay.client_limits import ClientLimiter
 from mailrelay.relay.config import ApiUpstream, RelayConfig, RouteConfig
 from mailrelay.relay.data_reader import BulkDataSMTP
 from mailrelay.relay.data_sink import IncomingMessage
 from mailrelay.relay.metrics import RelayMetrics
 from mailrelay.relay.routing import domain_of, select_route
+from mailrelay.relay.smtp_params import postmaster_rewrite, split_auth_parameter
 from mailrelay.relay.spool import Arrival, HeldMessage, QueueEntry, Spool, new_queue_id
+from mailrelay.relay.tls_accept import Handoff, ImplicitTlsAcceptor
 
 __all__ = [
     "DeliveryHook",
@@ -78,6 +81,13 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 # Each failed AUTH waits this long times the session's failures; this many close it.
 _AUTH_FAILURE_DELAY = 0.2
 _AUTH_FAILURE_LIMIT = 3
+# Replies 500-504 (unknown command, syntax, sequence) a session may earn before 421 4.7.0
+# closes it (Postfix's smtpd_hard_error_limit); aiosmtpd's own cap of 5 unknown commands
+# answers 421 4.7.0 too.
+_PROTOCOL_ERROR_LIMIT = 20
+_AIOSMTPD_BOGUS_REPLY = "502 5.5.1 Too many unrecognized commands, goodbye."
+# asyncio's default for TLS handshakes; the command timeout if that is shorter.
+_TLS_HANDSHAKE_TIMEOUT = 60.0
 _HELO_SAFE = re.compile(r"[^A-Za-z0-9.\-_:\[\]]")
 # `<local@domain>` with a dot-atom local part and a plain ASCII domain, then the rest.
 _PLAIN_PATH = re.compile(rf"<({PLAIN_ADDRESS})>(.*)", re.S)
@@ -211,6 +221,10 @@ class RelaySMTP(_CheapDir, BulkDataSMTP):
         self._refusal: str | None = None
         self._held_lines: list[str] = []
         self._auth_failures = 0
+        self._protocol_errors = 0
+        self.client_key: str | None = None  # counted by the front's ClientLimiter
+        # Drops an implicit-TLS connection whose handshake still runs (tls_accept).
+        self.abort_handshake: Callable[[], None] | None = None
         self._data_timeout = limits.data_timeout_seconds
         super().__init__(
             front.handler,
@@ -232,9 +246,12 @@ class RelaySMTP(_CheapDir, BulkDataSMTP):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         first = self.transport is None
         super().connection_made(transport)
+        self.abort_handshake = None
         if first and not self._registered:
             self._registered = True
-            self._refusal = self.front.session_opened(self)
+            self._refusal = self.front.session_opened(self, _peer_ip(self.session))
+        if first and self.implicit_tls:
+            self.front.metrics.tls_sessions.labels("implicit").inc()
 
     def connection_lost(self, error: Exception | None) -> None:
         if self._registered:
@@ -256,9 +273,33 @@ class RelaySMTP(_CheapDir, BulkDataSMTP):
         """Between MAIL and the reply to DATA: a drain lets this finish."""
         return self.envelope is not None and self.envelope.mail_from is not None
 
+    def _timeout_cb(self) -> None:
+        # aiosmtpd just hangs up; RFC 5321 4.2 wants a 421 first (Postfix: "421 4.4.2 host
+        # Error: timeout exceeded"). Not while a STARTTLS handshake runs: that would be
+        # plain text in the middle of it.
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            self.front.metrics.reject("timeout")
+            log.info("Closed the session from %s: timeout exceeded", _peer_ip(self.session))
+            handshaking = (
+                self._tls_protocol is not None
+                and self.session is not None
+                and self.session.ssl is None
+            )
+            if not handshaking:
+                with contextlib.suppress(Exception):
+                    self._writer.write(
+                        f"421 4.4.2 {self.hostname} Error: timeout exceeded\r\n".encode()
+                    )
+            transport.close()
+            return
+        super()._timeout_cb()  # type: ignore[no-untyped-call]
+
     def close_for_shutdown(self) -> None:
         """Say 421 and hang up (an idle session while the relay drains)."""
         if self.transport is None:
+            if self.abort_handshake is not None:
+                self.abort_handshake()
             return
         with contextlib.suppress(Exception):
             self._writer.write(b"421 4.3.2 Service shutting down, try again later\r\n")
@@ -276,7 +317,42 @@ class RelaySMTP(_CheapDir, BulkDataSMTP):
             if self.transport is not None:
                 self.transport.close()
             return
+        if arg is not None:
+            split = split_auth_parameter(arg)
+            if split is None:
+                await self.push("501 5.5.4 Bad AUTH parameter syntax")
+                return
+            arg, submitter = split
+            if submitter is not None:
+                # RFC 4954 5: a relay that trusts no client's AUTH= parses and discards
+                # it (and MAY log it); it is never forwarded (like Postfix's default
+                # smtp_send_dummy_mail_auth = no).
+                log.debug("MAIL from %s with AUTH=%s", _peer_ip(self.session), submitter)
         await super().smtp_MAIL(arg)
+
+    @syntax("RCPT TO: <address>", extended=" [SP <mail-parameters>]")
+    async def smtp_RCPT(self, arg: str | None) -> None:
+        if arg is not None:
+            arg = postmaster_rewrite(arg, self.front.settings.config.postmaster_address)
+        await super().smtp_RCPT(arg)
+
+    async def smtp_EHLO(self, hostname: str) -> None:
+        await super().smtp_EHLO(hostname)
+        if self.session is not None and self.session.extended_smtp and self._auth_methods:
+            # RFC 4954 5: AUTH lengthens the MAIL command line by up to 500 octets.
+            self.command_size_limits["MAIL"] = max(
+                self.command_size_limits["MAIL"], self.command_size_limit + 26 + 10 + 500
+            )
+
+    @syntax("STARTTLS", when="tls_context")
+    async def smtp_STARTTLS(self, arg: str) -> None:
+        try:
+            await super().smtp_STARTTLS(arg)
+        except TLSSetupException as error:
+            self.front.tls_handshake_failed(
+                _peer_ip(self.session), "STARTTLS", error.__cause__ or error
+            )
+            raise
 
     async def smtp_DATA(self, arg: str) -> None:
         # aiosmtpd re-arms its idle timer per command only, so this bounds the whole DATA.
@@ -305,11 +381,21 @@ class RelaySMTP(_CheapDir, BulkDataSMTP):
                 # An address aiosmtpd's parser refused: the same reply as relay/address.py.
                 self.front.metrics.reject("bad_address")
                 status = SYNTAX_REFUSAL.reply
+            elif status == _AIOSMTPD_BOGUS_REPLY:
+                await self._hang_up(
+                    f"421 4.7.0 {self.hostname} Error: too many unrecognized commands"
+                )
+                return
             elif len(status) > 3 and status[3] == "-":
                 # A continuation line of a multi-line reply (EHLO): hold it and send the
                 # whole reply with its last line, one write instead of one per line.
                 self._held_lines.append(status)
                 return
+            if status[:3] in ("500", "501", "502", "503", "504"):
+                self._protocol_errors += 1
+                if self._protocol_errors >= _PROTOCOL_ERROR_LIMIT:
+                    await self._hang_up(f"421 4.7.0 {self.hostname} Error: too many errors")
+                    return
         if self._held_lines:
             held = "\r\n".join(self._held_lines)
             self._held_lines.clear()
@@ -319,6 +405,17 @@ class RelaySMTP(_CheapDir, BulkDataSMTP):
                 else held.encode() + b"\r\n" + status
             )
         await super().push(status)
+
+    async def _hang_up(self, reply: str) -> None:
+        """Answer `reply` (a 421) and close: too many errors in this session."""
+        self.front.metrics.reject("too_many_errors")
+        log.info("Closed the session from %s: %s", _peer_ip(self.session), reply[4:])
+        await super().push(reply)
+        if self.transport is not None:
+            self.transport.close()
+        # Commands the client pipelined after the last one must not run.
+        if self._handler_coroutine is not None:
+            self._handler_coroutine.cancel()
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
         found = plain_path(arg)
@@ -376,6 +473,13 @@ class RelaySMTP(_CheapDir, BulkDataSMTP):
 
     async def _check_password(self, mechanism: str, login: bytes, password: bytes) -> AuthResult:
         metrics = self.front.metrics
+        peer_ip = _peer_ip(self.session)
+        blocked = self.front.client_limits.auth_blocked(peer_ip)
+        if blocked is not None:
+            # Other sessions of this client used up its AUTH failures: no more guesses.
+            metrics.client_limit(blocked.reason)
+            await self._refuse_client(blocked.reply(self.hostname, peer_ip))
+            return AuthResult(success=False, handled=True)
         username = login.decode("utf-8", "replace")
         user = await self.front.settings.users.verify(username, password)
         if user is None:
@@ -388,6 +492,16 @@ class RelaySMTP(_CheapDir, BulkDataSMTP):
             # Slow down password guessing: each failure costs more, and a session that
             # keeps failing is closed (Postfix's smtpd_hard_error_limit in spirit).
             await asyncio.sleep(_AUTH_FAILURE_DELAY * self._auth_failures)
+            blocked = self.front.client_limits.auth_failed(peer_ip)
+            if blocked is not None:
+                metrics.client_limit(blocked.reason)
+                log.warning(
+                    "Blocked client %s for %.0fs: too many AUTH failures",
+                    peer_ip,
+                    blocked.retry_after,
+                )
+                await self._refuse_client(blocked.reply(self.hostname, peer_ip))
+                return AuthResult(success=False, handled=True)
             if self._auth_failures >= _AUTH_FAILURE_LIMIT:
                 await self.push("421 4.7.0 Too many authentication failures")
                 if self.transport is not None:
@@ -398,6 +512,11 @@ class RelaySMTP(_CheapDir, BulkDataSMTP):
             return AuthResult(success=False, handled=False)
         metrics.auth_attempts.labels("success").inc()
         return AuthResult(success=True, auth_data=user)
+
+    async def _refuse_client(self, reply: str) -> None:
+        await self.push(reply)
+        if self.transport is not None:
+            self.transport.close()
 
 
 def _peer_ip(session: Session | None) -> str:
@@ -679,6 +798,10 @@ class RelayHandler(_CheapDir):
         return f"250 2.0.0 Ok: queued as {entry.queue_id}"
 
     async def handle_exception(self, error: Exception) -> str:
+        if isinstance(error, TLSSetupException):
+            # The client's fault, logged and counted by RelaySMTP.smtp_STARTTLS; aiosmtpd
+            # closes the connection without sending this.
+            return "421 4.7.0 TLS handshake failed"
         log.error("Failed to handle an SMTP command: %r", error, exc_info=error)
         self.front.metrics.reject("internal_error")
         return "451 4.3.0 Internal error, try again later"
@@ -712,6 +835,7 @@ class SmtpFront:
         )
         self.handler = RelayHandler(self)
         self.sessions: set[RelaySMTP] = set()
+        self.client_limits = ClientLimiter(settings.config.limits.per_client)
         self.draining = False
         self._reuse_port = reuse_port
         self._servers: list[asyncio.Server] = []
@@ -738,11 +862,11 @@ class SmtpFront:
         self._servers.append(server)
         self.ports["submission"] = server.sockets[0].getsockname()[1]
         if listener.implicit_tls_port is not None and self.tls_context is not None:
+            context = self.tls_context
             server = await loop.create_server(
-                lambda: RelaySMTP(self, "implicit_tls", implicit_tls=True),
+                lambda: ImplicitTlsAcceptor(context, self._handshake_timeout(), self._accept_tls),
                 host=listener.host,
                 port=listener.implicit_tls_port,
-                ssl=self.tls_context,
                 reuse_port=self._reuse_port or None,
             )
             self._servers.append(server)
@@ -796,30 +920,70 @@ class SmtpFront:
                 self.tls_context.load_cert_chain(str(tls.cert_file), str(tls.key_file))
         if settings.users is not old.users:
             old.users.close()
+        self.client_limits.configure(settings.config.limits.per_client)
         self._free_checked_at = 0.0
 
     # -- sessions -----------------------------------------------------------------------
 
-    def session_opened(self, session: RelaySMTP) -> str | None:
+    def session_opened(self, session: RelaySMTP, peer_ip: str) -> str | None:
         """Track a new session; a reply string means refuse it with that reply."""
         self.metrics.smtp_sessions.labels(session.listener).inc()
         if self.draining:
             self.metrics.reject("shutting_down")
             return "421 4.3.2 Service shutting down, try again later"
+        admission = self.client_limits.admit(peer_ip)
+        if admission.refusal is not None:
+            self.metrics.client_limit(admission.refusal.reason)
+            log.info(
+                "Refused a connection from %s: per-client limit (%s)",
+                peer_ip,
+                admission.refusal.reason,
+            )
+            return admission.refusal.reply(self.settings.config.hostname, peer_ip)
         if len(self.sessions) >= self.settings.config.limits.max_connections:
+            self.client_limits.release(admission.key)
             self.metrics.reject("too_many_connections")
             log.warning("Refused a connection: %d sessions open", len(self.sessions))
             return "421 4.7.0 Too many connections, try again later"
+        session.client_key = admission.key
         self.sessions.add(session)
         self.metrics.smtp_sessions_active.set(len(self.sessions))
-        if session.implicit_tls:
-            self.metrics.tls_sessions.labels("implicit").inc()
         return None
 
     def session_closed(self, session: RelaySMTP) -> None:
         """Forget a finished session."""
-        self.sessions.discard(session)
+        if session in self.sessions:
+            self.sessions.discard(session)
+            self.client_limits.release(session.client_key)
+            session.client_key = None
         self.metrics.smtp_sessions_active.set(len(self.sessions))
+
+    def tls_handshake_failed(self, peer_ip: str, where: str, error: BaseException) -> None:
+        """A client's TLS handshake failed: its fault, so one INFO line and a count."""
+        self.metrics.reject("tls_handshake")
+        detail = getattr(error, "reason", None) or type(error).__name__
+        log.info(
+            "Closed the connection from %s: TLS handshake failed (%s, %s)", peer_ip, where, detail
+        )
+
+    def _handshake_timeout(self) -> float:
+        return min(_TLS_HANDSHAKE_TIMEOUT, self.settings.config.limits.command_timeout_seconds)
+
+    def _accept_tls(self, peer_ip: str, abort: Callable[[], None]) -> Handoff | None:
+        """Admit a connection on the implicit-TLS port before its handshake (tls_accept)."""
+        session = RelaySMTP(self, "implicit_tls", implicit_tls=True)
+        session.abort_handshake = abort
+        session._registered = True  # counted from the TCP accept, not the end of the handshake
+        refusal = self.session_opened(session, peer_ip)
+        if refusal is not None:
+            return None
+
+        def failed(error: BaseException) -> None:
+            self.session_closed(session)
+            session._registered = False
+            self.tls_handshake_failed(peer_ip, "implicit TLS", error)
+
+        return Handoff(protocol=session, failed=failed)
 
     def low_on_disk(self) -> bool:
         """Whether the spool has less free space than configured (checked at most 1/s)."""

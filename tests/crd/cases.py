@@ -558,6 +558,23 @@ INVALID: list[Invalid] = [
         "initialBackoff <= maxBackoff <= maxAge",
     ),
     Invalid(
+        "postmaster-not-an-address",
+        "MailRelay",
+        {"postmaster": "Postmaster"},
+        ("spec.postmaster: Invalid value", "must be a plain address such as"),
+        "must be a plain address such as",
+    ),
+    Invalid(
+        "auth-failure-window-zero",
+        "MailRelay",
+        {"limits": {"perClient": {"authFailureWindow": "0s"}}},
+        (
+            "spec.limits.perClient.authFailureWindow: Invalid value",
+            "authFailureWindow must be longer than 0s",
+        ),
+        "authFailureWindow must be longer than 0s",
+    ),
+    Invalid(
         "bad-duration",
         "MailRelay",
         {"queue": {"retry": {"maxAge": "5 days"}}},
@@ -718,6 +735,13 @@ RELAY_FIELD_RULES: list[tuple[dict[str, Any], bool]] = [
     ({"queue": {"retry": {"initialBackoff": "500ms", "maxBackoff": "1s"}}}, False),
     ({"queue": {"retry": {"initialBackoff": "1m30s", "maxBackoff": "2h", "maxAge": "72h"}}}, True),
     ({"queue": {"size": "0"}}, True),
+    ({"postmaster": "mail-admins@example.com"}, True),
+    ({"postmaster": "Postmaster"}, False),  # an address, not a local part
+    ({"postmaster": "a b@example.com"}, False),
+    ({"postmaster": "<pm@example.com>"}, False),
+    ({"limits": {"perClient": {"maxConnections": 0, "exemptNetworks": ["fd00::/8"]}}}, True),
+    ({"limits": {"perClient": {"ipv6PrefixLength": 129}}}, False),
+    ({"limits": {"perClient": {"authFailureWindow": "90s", "authFailures": 3}}}, True),
     ({"queue": {"size": "-1Gi"}}, False),
     ({"resources": {"requests": {"cpu": 1, "memory": "128Mi"}}}, True),
     ({"resources": {"requests": {"cpu": "one"}}}, False),

@@ -37,6 +37,17 @@ SPEC = models.MailRelaySpec.model_validate(
         },
         "auth": {"required": True, "usersSecretRef": {"name": "relay-users", "key": "users.yaml"}},
         "allowedNetworks": ["10.244.0.0/16"],
+        "limits": {
+            "perClient": {
+                "maxConnections": 20,
+                "connectionRatePerMinute": 600,
+                "authFailures": 5,
+                "authFailureWindow": "10m",
+                "exemptNetworks": ["10.244.7.0/24"],
+                "ipv6PrefixLength": 128,
+            }
+        },
+        "postmaster": "mail-admins@example.com",
         "queue": {"retry": {"initialBackoff": "1m", "maxBackoff": "30m", "maxAge": "48h"}},
     }
 )

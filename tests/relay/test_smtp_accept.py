@@ -508,7 +508,9 @@ async def test_command_and_data_timeouts_close_idle_sessions(relay_factory: Rela
     )
     reader, writer = await asyncio.open_connection("127.0.0.1", relay.smtp_port)
     await reader.readline()
-    assert await asyncio.wait_for(reader.read(), 3) == b""  # closed after ~0.3 s idle
+    # Closed after ~0.3 s idle, with a 421 first (RFC 5321 4.2, as Postfix words it).
+    closing = await asyncio.wait_for(reader.read(), 3)
+    assert closing == b"421 4.4.2 relay.test Error: timeout exceeded\r\n"
     writer.close()
     reader, writer = await asyncio.open_connection("127.0.0.1", relay.smtp_port)
     await reader.readline()
@@ -524,10 +526,12 @@ async def test_command_and_data_timeouts_close_idle_sessions(relay_factory: Rela
             await asyncio.sleep(0.1)
             if reader.at_eof() or reader.exception() is not None or writer.is_closing():
                 break
-        await asyncio.wait_for(reader.read(), 3)
+        rest = await asyncio.wait_for(reader.read(), 3)
+        assert rest.endswith(b"421 4.4.2 relay.test Error: timeout exceeded\r\n")
     closed_at = loop.time() - started
     assert 0.5 < closed_at < 1.5
     assert spooled(relay) == []
+    assert relay.metric("mailrelay_messages_rejected_total", {"reason": "timeout"}) == 2
     writer.close()
 
 
