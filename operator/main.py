@@ -61,7 +61,7 @@ SELECTORS = {
 # How long a route naming an unknown relay waits before it is called an orphan.
 ORPHAN_GRACE_SECONDS = 2.0
 # How long a relay's passes wait after one of its routes was deleted: its relay may follow.
-ROUTE_GONE_GRACE_SECONDS = 2.0
+ROUTE_GONE_GRACE_SECONDS = 3.0
 PROGRESS = Progress(index_timeout=SETTINGS.index_timeout_seconds, stall=SETTINGS.stall_seconds)
 log = logging.getLogger("mailrelay.operator")
 
