@@ -59,10 +59,9 @@ class SecretNotWatched:
 
     def label_hint(self, name: str) -> str:
         """How to put a Secret inside the selector."""
-        terms = self.selector.split(",")
-        if all(t.count("=") == 1 and "!" not in t for t in terms):
-            labels = " ".join(t.replace("==", "=").strip() for t in terms)
-            return f"kubectl label secret {name} {labels}"
+        terms = [t.strip().replace("==", "=") for t in self.selector.split(",")]
+        if all(t.count("=") == 1 and "!" not in t and " " not in t for t in terms):
+            return f"kubectl label secret {name} {' '.join(terms)}"
         return f"give Secret {name!r} labels matching {self.selector!r}"
 
 
