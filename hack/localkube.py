@@ -491,12 +491,19 @@ class LocalKube:
                 process.wait(timeout=10)
 
     def stop_apiserver(self) -> None:
-        """Stop only kube-apiserver (an API outage); etcd keeps the data."""
+        """Stop only kube-apiserver (an API outage); etcd keeps the data.
+
+        SIGTERM, then SIGKILL after 5 s: its graceful shutdown waits for open watches.
+        """
         process = self.processes.pop("kube-apiserver", None)
-        if process is not None and process.poll() is None:
+        if process is None or process.poll() is not None:
+            return
+        for sig, wait in ((signal.SIGTERM, 5), (signal.SIGKILL, 30)):
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGTERM)
-            process.wait(timeout=30)
+                os.killpg(process.pid, sig)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(timeout=wait)
+                return
 
     def start_apiserver(self) -> None:
         """Start kube-apiserver again on its port, and wait until it is ready."""
