@@ -32,6 +32,7 @@ from mailrelay.operator.apply import (
     make_client,
     resource_version_number,
 )
+from mailrelay.operator import kopf_patches
 from mailrelay.operator.health import Progress, serve_health
 from mailrelay.operator.metrics import OperatorMetrics, serve_metrics
 from mailrelay.operator.relays import RESYNC, Context, Indices, WorkQueue, child_needs_pass
@@ -39,6 +40,8 @@ from mailrelay.operator.render import MANAGED_BY
 from mailrelay.operator.routes import ObjectInfo
 from mailrelay.operator.settings import configure_kopf, load_settings
 
+# Before kopf runs anything: start-up with thousands of objects (kopf_patches.py).
+kopf_patches.apply()
 # Read once at import: kopf needs the timer interval when the decorators run.
 SETTINGS = load_settings()
 RELAYS = ("mailrelay.dev", "v1alpha1", "mailrelays")
