@@ -25,6 +25,7 @@ from typing import Any, cast
 import kopf
 from prometheus_client import CollectorRegistry
 
+from mailrelay.operator import kopf_patches
 from mailrelay.operator.apply import (
     Applier,
     ChildState,
@@ -32,7 +33,6 @@ from mailrelay.operator.apply import (
     make_client,
     resource_version_number,
 )
-from mailrelay.operator import kopf_patches
 from mailrelay.operator.health import Progress, serve_health
 from mailrelay.operator.metrics import OperatorMetrics, serve_metrics
 from mailrelay.operator.relays import RESYNC, Context, Indices, WorkQueue, child_needs_pass
