@@ -108,7 +108,7 @@ class OperatorProcess:
         )
 
     def wait_live(self, timeout: float = 30.0) -> None:
-        """Wait until kopf's liveness endpoint answers (the operator is running)."""
+        """Wait until the liveness endpoint answers 200 (the operator started and is live)."""
 
         def live() -> bool:
             if self.process.poll() is not None:
