@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from typing import Any
@@ -11,7 +12,12 @@ from lightkube import AsyncClient, KubeConfig
 from localkube import LocalKube
 from prometheus_client import CollectorRegistry
 
-from mailrelay.operator.apply import Applier, resource_version_number
+from mailrelay.operator.apply import (
+    Applier,
+    MailRelayResource,
+    MailRouteResource,
+    resource_version_number,
+)
 from mailrelay.operator.metrics import OperatorMetrics
 from mailrelay.operator.relays import Context, Indices, reconcile_relay
 from mailrelay.operator.routes import ObjectInfo
@@ -134,9 +140,19 @@ def test_routes_deleted_just_before_their_relay_change_no_child(
         return cm["metadata"]["resourceVersion"], sts["metadata"]["resourceVersion"]
 
     before = wait_for(settled, what="the relay with both routes")
-    kube.kubectl("delete", "mailroute", "billing", "news", "-n", ns)
-    time.sleep(1.0)
-    kube.kubectl("delete", "mailrelay", "outbound", "-n", ns, "--wait=false")
+
+    async def delete_routes_then_relay() -> None:
+        # Through the API (no kubectl start-up in between): a second between the two.
+        client = AsyncClient(config=KubeConfig.from_file(str(kube.kubeconfig)))
+        try:
+            for route_name in ("billing", "news"):
+                await client.delete(MailRouteResource, route_name, namespace=ns)
+            await asyncio.sleep(1.0)
+            await client.delete(MailRelayResource, "outbound", namespace=ns)
+        finally:
+            await client.close()
+
+    asyncio.run(delete_routes_then_relay())
     wait_for(lambda: get(kube, "mailrelay", "outbound", ns) is None, what="the relay to be deleted")
     time.sleep(4)  # longer than the operator's grace after a route deletion
     # Without a garbage collector the children stay, as they were: nothing was rendered.
