@@ -46,6 +46,8 @@ from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 from localkube import REPO_ROOT, LocalKube, free_port, running_cluster
 
+from mailrelay.operator.settings import WATCH_LABEL
+
 CRD_DIR = REPO_ROOT / "crds"
 DEMO_NAMESPACE = "mail"
 RELAY = "outbound"
@@ -185,7 +187,8 @@ def _secret(name: str, data: dict[str, str], type_: str = "Opaque") -> dict[str,
     return {
         "apiVersion": "v1",
         "kind": "Secret",
-        "metadata": {"name": name},
+        # The operator watches only Secrets with this label (docs/operator.md).
+        "metadata": {"name": name, "labels": {WATCH_LABEL: "true"}},
         "type": type_,
         "data": {k: base64.b64encode(v.encode()).decode() for k, v in data.items()},
     }

@@ -490,6 +490,19 @@ class LocalKube:
                     os.killpg(process.pid, signal.SIGKILL)
                 process.wait(timeout=10)
 
+    def stop_apiserver(self) -> None:
+        """Kill only kube-apiserver, as a crash would (an API outage); etcd keeps the data."""
+        process = self.processes.pop("kube-apiserver", None)
+        if process is not None and process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=30)
+
+    def start_apiserver(self) -> None:
+        """Start kube-apiserver again on its port, and wait until it is ready."""
+        self._start_apiserver()
+        self._wait_until_ready()
+
     def stop(self) -> None:
         """Stop everything and remove the work directory."""
         self.stop_processes()

@@ -1,4 +1,4 @@
-"""``python -m mailrelay.operator``: parse flags, then run kopf with peering and liveness.
+"""``python -m mailrelay.operator``: parse flags, then run kopf with peering.
 
 Flags override the ``MAILRELAY_OPERATOR_*`` environment; they are handed to the settings by
 exporting them before ``mailrelay.operator.main`` is imported (it builds the settings once, at
@@ -106,9 +106,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     settings = registrations.SETTINGS
     _configure_logging(settings.log_format, args.verbose)
-    liveness = (
-        f"http://0.0.0.0:{settings.liveness_port}/healthz" if settings.liveness_port else None
-    )
+    # /healthz is served by the operator itself (health.py), not by kopf: kopf's answers 200
+    # whenever the event loop runs, even when nothing can be reconciled.
     asyncio.run(
         kopf.operator(
             clusterwide=settings.watches_all_namespaces(),
@@ -116,7 +115,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             standalone=settings.standalone,
             priority=settings.priority,
             peering_name=settings.peering_name,
-            liveness_endpoint=liveness,
         )
     )
     return 0

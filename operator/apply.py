@@ -28,7 +28,7 @@ import httpx2
 from lightkube import ApiError, AsyncClient
 from lightkube.generic_resource import create_namespaced_resource
 from lightkube.resources.apps_v1 import StatefulSet
-from lightkube.resources.core_v1 import ConfigMap, Service
+from lightkube.resources.core_v1 import ConfigMap, Secret, Service
 from lightkube.resources.networking_v1 import NetworkPolicy
 from lightkube.resources.policy_v1 import PodDisruptionBudget
 from lightkube.types import PatchType
@@ -67,6 +67,10 @@ ChildKey = tuple[str, str, str]  # kind, namespace, name
 
 class ResourceMissing(Exception):
     """The API server does not serve this kind (a CRD such as ServiceMonitor is missing)."""
+
+
+class ObjectGone(Exception):
+    """The object a status was written for was deleted meanwhile (404); expected, not an error."""
 
 
 @dataclass(frozen=True)
@@ -249,20 +253,41 @@ class Applier:
         """Merge-patch the status subresource and remember what it became.
 
         Callers compare with ``fresh_status`` first: the watch cache lags behind our own
-        writes, and a pass that compared with the stale cache would write again.
+        writes, and a pass that compared with the stale cache would write again. Raises
+        ``ObjectGone`` when the object was deleted meanwhile.
         """
-        response = await self.client.patch(
-            STATUS_RESOURCES[kind].Status,
-            name,
-            {"status": dict(status)},
-            namespace=namespace,
-            patch_type=PatchType.MERGE,
-        )
+        try:
+            response = await self.client.patch(
+                STATUS_RESOURCES[kind].Status,
+                name,
+                {"status": dict(status)},
+                namespace=namespace,
+                patch_type=PatchType.MERGE,
+            )
+        except ApiError as error:
+            if error.status.code == 404:
+                self.written_status.pop((kind, namespace, name), None)
+                raise ObjectGone(f"{kind} {namespace}/{name}") from None
+            raise
         body = _as_dict(response)
         version = resource_version_number(body.get("metadata", {}).get("resourceVersion"))
         self.written_status[(kind, namespace, name)] = (version, body.get("status") or {})
         if self.metrics is not None:
             self.metrics.status_writes.labels(kind).inc()
+
+    async def secret_outside_selector(self, namespace: str, name: str) -> bool:
+        """Whether a Secret the watch cache lacks exists anyway (outside the label selector).
+
+        One targeted GET, only for a referenced Secret the cache does not have; its data is
+        dropped unread (only existence is used).
+        """
+        try:
+            await self.client.get(Secret, name, namespace=namespace)
+        except ApiError as error:
+            if error.status.code == 404:
+                return False
+            raise
+        return True
 
     def own_status_echo(self, kind: str, namespace: str, name: str, version: int) -> bool:
         """Whether a watch event shows exactly the object our last status write returned.

@@ -5,8 +5,12 @@ Handlers only translate kopf's arguments into calls of plain async functions in
 
 * ``relay_index``: MailRelays by (namespace, name);
 * ``route_index``: MailRoutes by (namespace, relayRef.name), so a relay finds its routes;
-* ``secret_index``: the key names (never the values) of every Secret;
-* one index per child kind, filtered to children this operator manages.
+* ``secret_index``: the key names (never the values) of the Secrets labelled for the operator
+  (``settings.secret_selector``, applied by the API server: other Secrets are never read);
+* one index per child kind, of the children this operator manages (selected server-side).
+
+``PROGRESS`` records what liveness (``health.py``) decides from: indices and event handlers
+note that they ran, the work queue that passes finish.
 
 Triggers: a relay's own events, a route's events (its old and new relay), Secret events
 (relays in that namespace), child events (their owner), and a per-relay resync timer.
@@ -21,6 +25,7 @@ from typing import Any, cast
 import kopf
 from prometheus_client import CollectorRegistry
 
+from mailrelay.operator import kopf_patches
 from mailrelay.operator.apply import (
     Applier,
     ChildState,
@@ -28,19 +33,39 @@ from mailrelay.operator.apply import (
     make_client,
     resource_version_number,
 )
+from mailrelay.operator.health import Progress, serve_health
 from mailrelay.operator.metrics import OperatorMetrics, serve_metrics
 from mailrelay.operator.relays import RESYNC, Context, Indices, WorkQueue, child_needs_pass
 from mailrelay.operator.render import MANAGED_BY
 from mailrelay.operator.routes import ObjectInfo
 from mailrelay.operator.settings import configure_kopf, load_settings
 
+# Before kopf runs anything: start-up with thousands of objects (kopf_patches.py).
+kopf_patches.apply()
 # Read once at import: kopf needs the timer interval when the decorators run.
 SETTINGS = load_settings()
 RELAYS = ("mailrelay.dev", "v1alpha1", "mailrelays")
 ROUTES = ("mailrelay.dev", "v1alpha1", "mailroutes")
 MANAGED = {"app.kubernetes.io/managed-by": MANAGED_BY}
+SECRETS = ("", "v1", "secrets")
+CHILDREN = (
+    ("", "v1", "configmaps"),
+    ("", "v1", "services"),
+    ("apps", "v1", "statefulsets"),
+    ("policy", "v1", "poddisruptionbudgets"),
+    ("networking.k8s.io", "v1", "networkpolicies"),
+    ("monitoring.coreos.com", "v1", "servicemonitors"),
+)
+# Label selectors the API server applies to our lists and watches.
+SELECTORS = {
+    SECRETS: SETTINGS.secret_selector,
+    **{child: ",".join(f"{k}={v}" for k, v in MANAGED.items()) for child in CHILDREN},
+}
 # How long a route naming an unknown relay waits before it is called an orphan.
 ORPHAN_GRACE_SECONDS = 2.0
+# How long a relay's passes wait after one of its routes was deleted: its relay may follow.
+ROUTE_GONE_GRACE_SECONDS = 3.0
+PROGRESS = Progress(index_timeout=SETTINGS.index_timeout_seconds, stall=SETTINGS.stall_seconds)
 log = logging.getLogger("mailrelay.operator")
 
 
@@ -57,6 +82,7 @@ def _info(kind: str, body: kopf.Body) -> ObjectInfo:
         status=kopf_to_dict(body.get("status") or {}),
         resource_version=resource_version_number(meta.get("resourceVersion")),
         created=str(meta.get("creationTimestamp") or ""),
+        deleting=meta.get("deletionTimestamp") is not None,
     )
 
 
@@ -92,10 +118,13 @@ def _post_event(target: ObjectInfo, type_: str, reason: str, message: str) -> No
 
 @kopf.on.startup()
 async def startup(settings: kopf.OperatorSettings, memo: Any, **_: Any) -> None:
-    configure_kopf(settings, SETTINGS)
+    configure_kopf(settings, SETTINGS, SELECTORS)
     registry = CollectorRegistry()
     metrics = OperatorMetrics(registry)
     memo.metrics_server = serve_metrics(registry, SETTINGS.metrics_port)
+    memo.health = (
+        await serve_health(PROGRESS, SETTINGS.liveness_port) if SETTINGS.liveness_port else None
+    )
     memo.ctx = Context(
         settings=SETTINGS,
         applier=Applier(make_client(), metrics),
@@ -103,8 +132,12 @@ async def startup(settings: kopf.OperatorSettings, memo: Any, **_: Any) -> None:
         post_event=_post_event,
     )
     memo.queue = WorkQueue(
-        memo.ctx, workers=SETTINGS.workers, settle_seconds=SETTINGS.settle_seconds
+        memo.ctx,
+        workers=SETTINGS.workers,
+        settle_seconds=SETTINGS.settle_seconds,
+        progress=PROGRESS,
     )
+    PROGRESS.oldest_waiting = memo.queue.oldest_waiting
     log.info("Started the mailrelay operator (relay image %s)", SETTINGS.relay_image)
 
 
@@ -112,6 +145,8 @@ async def startup(settings: kopf.OperatorSettings, memo: Any, **_: Any) -> None:
 async def cleanup(memo: Any, **_: Any) -> None:
     if getattr(memo, "metrics_server", None) is not None:
         memo.metrics_server.shutdown()
+    if getattr(memo, "health", None) is not None:
+        await memo.health.cleanup()
     queue = getattr(memo, "queue", None)
     if isinstance(queue, WorkQueue):
         await queue.stop()
@@ -127,26 +162,30 @@ async def cleanup(memo: Any, **_: Any) -> None:
 
 @kopf.index(*RELAYS)
 async def relay_index(body: kopf.Body, **_: Any) -> dict[Any, ObjectInfo]:
+    PROGRESS.saw_index("MailRelay")
     info = _info("MailRelay", body)
     return {(info.namespace, info.name): info}
 
 
 @kopf.index(*ROUTES)
 async def route_index(body: kopf.Body, **_: Any) -> dict[Any, ObjectInfo]:
+    PROGRESS.saw_index("MailRoute")
     info = _info("MailRoute", body)
     relay = str((info.spec.get("relayRef") or {}).get("name", ""))
     return {(info.namespace, relay): info}
 
 
-@kopf.index("", "v1", "secrets")
+@kopf.index(*SECRETS)
 async def secret_index(
     body: kopf.Body, namespace: str | None, name: str, **_: Any
 ) -> dict[Any, frozenset[str]]:
+    PROGRESS.saw_index("Secret")
     keys = {*(body.get("data") or {}), *(body.get("stringData") or {})}
     return {(namespace or "", name): frozenset(keys)}
 
 
 def _child(body: kopf.Body, namespace: str | None, name: str) -> dict[Any, ChildState]:
+    PROGRESS.saw_index(str(body.get("kind")))
     return {
         (namespace or "", name): child_state(body, keep_status=body.get("kind") == "StatefulSet")
     }
@@ -164,6 +203,7 @@ async def service_index(body: kopf.Body, namespace: str | None, name: str, **_: 
 
 @kopf.index("apps", "v1", "statefulsets", labels=MANAGED)
 async def statefulset_index(body: kopf.Body, namespace: str | None, name: str, **_: Any) -> object:
+    PROGRESS.saw_index("StatefulSet")
     return {(namespace or "", name): child_state(body, keep_status=True)}
 
 
@@ -204,6 +244,7 @@ def _own_status_echo(ctx: Context, kind: str, body: kopf.Body, event_type: str) 
 async def relay_event(
     body: kopf.Body, namespace: str | None, name: str, memo: Any, type: str, **kwargs: Any
 ) -> None:
+    PROGRESS.saw_event()
     if _own_status_echo(memo.ctx, "MailRelay", body, type):
         return
     memo.queue.enqueue(_indices(kwargs), namespace or "", name)
@@ -223,6 +264,7 @@ async def route_event(body: kopf.Body, memo: Any, type: str, **kwargs: Any) -> N
     and its routes applied together arrive on separate watches, and a route seen first is
     not an orphan worth a Warning (and three status writes) but a relay a moment late.
     """
+    PROGRESS.saw_event()
     ctx: Context = memo.ctx
     if _own_status_echo(ctx, "MailRoute", body, type):
         return
@@ -231,6 +273,8 @@ async def route_event(body: kopf.Body, memo: Any, type: str, **kwargs: Any) -> N
     relay = str((info.spec.get("relayRef") or {}).get("name", ""))
     previous = info.status.get("relay")
     for relay_name in {relay, *([previous] if isinstance(previous, str) else [])}:
+        if type == "DELETED":
+            memo.queue.hold(info.namespace, relay_name, ROUTE_GONE_GRACE_SECONDS)
         known = indices.relay(info.namespace, relay_name) is not None
         memo.queue.enqueue(
             indices,
@@ -240,8 +284,9 @@ async def route_event(body: kopf.Body, memo: Any, type: str, **kwargs: Any) -> N
         )
 
 
-@kopf.on.event("", "v1", "secrets")
+@kopf.on.event(*SECRETS)
 async def secret_event(namespace: str | None, memo: Any, **kwargs: Any) -> None:
+    PROGRESS.saw_event()
     ctx: Context = memo.ctx
     ctx.secret_epochs[namespace or ""] = ctx.secret_epochs.get(namespace or "", 0) + 1
     indices = _indices(kwargs)
@@ -265,6 +310,7 @@ async def child_event(
     type: str,
     **kwargs: Any,
 ) -> None:
+    PROGRESS.saw_event()
     ns = namespace or ""
     owner = labels.get("app.kubernetes.io/instance")
     indices = _indices(kwargs)

@@ -10,7 +10,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-RESULTS = ("ok", "invalid", "error")
+RESULTS = ("ok", "invalid", "error", "gone")  # gone: deleted during its pass
 CHILD_ACTIONS = ("created", "updated")
 
 
@@ -21,7 +21,7 @@ class OperatorMetrics:
         self.registry = registry
         self.reconciles = Counter(
             "mailrelay_operator_reconciles",
-            "Reconcile passes by kind and result (ok, invalid spec, error).",
+            "Reconcile passes by kind and result (ok, invalid spec, error, gone: deleted).",
             ["kind", "result"],
             registry=registry,
         )

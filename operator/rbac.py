@@ -82,8 +82,9 @@ RULES: tuple[Rule, ...] = (
     Rule(
         ("",),
         ("secrets",),
-        ("list", "watch"),
-        "check that referenced Secrets and keys exist (only key names are kept, never values)",
+        READ,
+        "watch the Secrets labelled mailrelay.dev/watch=true for their key names (never values);"
+        " get a referenced Secret the watch lacks, to report it unlabelled",
     ),
     Rule(("",), ("events",), ("create",), "Events for users (kopf posts core/v1 Events)"),
     Rule(

@@ -36,6 +36,7 @@ from mailrelay.operator.apply import (
     Applier,
     ChildKey,
     ChildState,
+    ObjectGone,
     ResourceMissing,
     key_of,
 )
@@ -48,6 +49,7 @@ from mailrelay.operator.conditions import (
     utc_now,
     worth_an_event,
 )
+from mailrelay.operator.health import Progress
 from mailrelay.operator.metrics import OperatorMetrics
 from mailrelay.operator.relay_config import (
     RelayConfigError,
@@ -76,10 +78,13 @@ from mailrelay.operator.routes import (
     ObjectInfo,
     PostEvent,
     RouteVerdict,
+    SecretKeys,
+    SecretNotWatched,
     bound_routes,
     check_secret_refs,
     judge_routes,
     route_status,
+    secret_refs,
     status_differs,
     validation_message,
     write_route_status,
@@ -320,6 +325,44 @@ def _relay_secret_refs(spec: models.MailRelaySpec) -> list[tuple[str, str, str]]
     return refs
 
 
+def uncached_secrets(
+    spec: models.MailRelaySpec | None, verdicts: Iterable[RouteVerdict], secret_keys: SecretKeys
+) -> set[str]:
+    """Names of the Secrets the relay and its routes reference that the watch cache lacks."""
+    refs = _relay_secret_refs(spec) if spec is not None else []
+    for verdict in verdicts:
+        if verdict.spec is not None:
+            refs += secret_refs(verdict.spec)
+    return {name for _, name, _ in refs if secret_keys(name) is None}
+
+
+def with_looked_up(
+    secret_keys: SecretKeys, looked_up: Mapping[str, SecretNotWatched]
+) -> SecretKeys:
+    """``secret_keys`` that answers for the looked-up Secrets the cache lacks."""
+
+    def lookup(name: str) -> frozenset[str] | SecretNotWatched | None:
+        keys = secret_keys(name)
+        return looked_up.get(name, keys) if keys is None else keys
+
+    return lookup
+
+
+async def _look_up_secrets(
+    ctx: Context, namespace: str, names: Collection[str]
+) -> dict[str, SecretNotWatched]:
+    """Whether each Secret exists (outside the watch's label selector): a GET per name."""
+    ordered = sorted(names)
+    found = await asyncio.gather(
+        *(ctx.applier.secret_outside_selector(namespace, name) for name in ordered)
+    )
+    selector = ctx.settings.secret_selector
+    return {
+        name: SecretNotWatched(exists, selector)
+        for name, exists in zip(ordered, found, strict=True)
+    }
+
+
 def child_keys(namespace: str, name: str) -> list[ChildKey]:
     """Every child a relay can have."""
     return [
@@ -389,6 +432,11 @@ async def reconcile_relay(
             result, settled = await _reconcile(ctx, indices, namespace, name)
             if settled and inputs[0] is not None and not recently_applied(ctx, namespace, name):
                 ctx.settled[key] = inputs
+        except ObjectGone:
+            # Deleted while the pass ran: its deletion event brings the pass that tells its
+            # routes; nothing failed.
+            result = "gone"
+            log.info("MailRelay %s/%s was deleted during its pass", namespace, name)
         except Exception:
             ctx.metrics.errors.labels("MailRelay").inc()
             raise
@@ -404,17 +452,17 @@ async def _reconcile(ctx: Context, indices: Indices, namespace: str, name: str) 
     ctx.metrics.relays.set(len(indices.relays))
     relay = ctx.fresh(indices.relay(namespace, name))
     routes = [ctx.fresh(route) for route in indices.routes_for(namespace, name)]
-    secret_keys = indices.secret_keys(namespace)
+    secret_keys: SecretKeys = indices.secret_keys(namespace)
     if relay is None:
         # Deleted: the children go with their owner; tell the routes they lost their relay.
         for verdict in judge_routes(None, None, routes, secret_keys):
             status = route_status(verdict, relay_name=name, relay_ready=False, clock=ctx.clock)
-            await write_route_status(
-                verdict,
-                status,
-                patch_status=ctx.applier.patch_status,
-                post_event=ctx.post_event,
-            )
+            await _write_route_status(ctx, verdict, status)
+        return "ok", False
+    if relay.deleting:
+        # Going away (kopf's finalizer holds it a moment): rendering it now would only roll
+        # its pods; the pass after its deletion tells the routes.
+        log.debug("Skipped the pass of MailRelay %s/%s: it is being deleted", namespace, name)
         return "ok", False
 
     problem = name_problem(name)
@@ -426,6 +474,12 @@ async def _reconcile(ctx: Context, indices: Indices, namespace: str, name: str) 
             f"The spec is invalid: {validation_message(error, relay.spec)}. Fix the MailRelay."
         )
     verdicts = judge_routes(relay, spec, routes, secret_keys)
+    missing = uncached_secrets(spec, verdicts, secret_keys)
+    if missing and ctx.settings.secret_selector:
+        # Decide again, telling a Secret outside the label selector from an absent one.
+        looked_up = await _look_up_secrets(ctx, namespace, missing)
+        secret_keys = with_looked_up(secret_keys, looked_up)
+        verdicts = judge_routes(relay, spec, routes, secret_keys)
     updates: list[ConditionUpdate] = []
     extra: dict[str, Any] = {"routes": sum(1 for v in verdicts if v.included)}
     outcome = "ok"
@@ -495,11 +549,10 @@ async def _reconcile(ctx: Context, indices: Indices, namespace: str, name: str) 
     relay_ready = ready.status == "True"
     await asyncio.gather(
         *(
-            write_route_status(
+            _write_route_status(
+                ctx,
                 verdict,
                 route_status(verdict, relay_name=name, relay_ready=relay_ready, clock=ctx.clock),
-                patch_status=ctx.applier.patch_status,
-                post_event=ctx.post_event,
             )
             for verdict in verdicts
         )
@@ -509,6 +562,16 @@ async def _reconcile(ctx: Context, indices: Indices, namespace: str, name: str) 
         u.type in (CHILDREN_APPLIED, SERVICE_MONITOR) and u.status != "True" for u in updates
     )
     return outcome, settled
+
+
+async def _write_route_status(
+    ctx: Context, verdict: RouteVerdict, status: Mapping[str, Any]
+) -> None:
+    """Write a route's status; a route deleted meanwhile needs none (its event follows)."""
+    with contextlib.suppress(ObjectGone):
+        await write_route_status(
+            verdict, status, patch_status=ctx.applier.patch_status, post_event=ctx.post_event
+        )
 
 
 def _monitor_wanted(spec: models.MailRelaySpec | None) -> bool:
@@ -815,7 +878,31 @@ class WorkQueue:
     active: set[tuple[str, str]] = field(default_factory=set)
     dirty: dict[tuple[str, str], int] = field(default_factory=dict)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    # When each waiting relay's entry became due (liveness asks for the oldest).
+    due: dict[tuple[str, str], float] = field(default_factory=dict)
+    # Relays whose passes wait until a moment (monotonic), see ``hold``.
+    held: dict[tuple[str, str], float] = field(default_factory=dict)
+    progress: Progress | None = None
     _order: Iterator[int] = field(default_factory=itertools.count)
+
+    def hold(self, namespace: str, name: str, seconds: float) -> None:
+        """Start no pass of this relay for ``seconds`` (a pass due meanwhile waits).
+
+        A route deleted just before its relay (``kubectl delete -f`` of a folder) would
+        otherwise make a pass that renders the relay without it, updating the ConfigMap and
+        rolling the StatefulSet of a relay that is about to go.
+        """
+        until = time.monotonic() + seconds
+        key = (namespace, name)
+        self.held[key] = max(until, self.held.get(key, until))
+
+    def oldest_waiting(self) -> float | None:
+        """When the entry waiting longest became due (None: none waits)."""
+        return min(self.due.values(), default=None)
+
+    def _put(self, entry: tuple[int, int, tuple[str, str]]) -> None:
+        self.due.setdefault(entry[2], time.monotonic())
+        self.queue.put_nowait(entry)
 
     def enqueue(
         self,
@@ -842,18 +929,26 @@ class WorkQueue:
             return  # already waiting, at this priority or a higher one
         self.pending[key] = priority
         entry = (priority, next(self._order), key)
-        wait = max(self.settle_seconds, delay)
+        held = self.held.get(key, 0.0) - time.monotonic()
+        wait = max(self.settle_seconds, delay, held)
         if wait > 0:
             # A burst (a relay and its routes applied together) becomes one pass.
-            asyncio.get_running_loop().call_later(wait, self.queue.put_nowait, entry)
+            asyncio.get_running_loop().call_later(wait, self._put, entry)
         else:
-            self.queue.put_nowait(entry)
+            self._put(entry)
 
     async def _work(self) -> None:
         while True:
-            priority, _, key = await self.queue.get()
+            priority, order, key = await self.queue.get()
             if self.pending.get(key) != priority:
                 continue  # superseded by an entry of higher priority, or served already
+            held = self.held.get(key, 0.0) - time.monotonic()
+            if held > 0:
+                self.due.pop(key, None)
+                asyncio.get_running_loop().call_later(held, self._put, (priority, order, key))
+                continue
+            self.held.pop(key, None)
+            self.due.pop(key, None)
             del self.pending[key]
             self.active.add(key)
             try:
@@ -865,6 +960,8 @@ class WorkQueue:
                 )
             finally:
                 self.active.discard(key)
+                if self.progress is not None:
+                    self.progress.passed()
                 again = self.dirty.pop(key, None)
                 if again is not None and self.indices is not None:
                     self.enqueue(self.indices, *key, priority=again)

@@ -48,7 +48,25 @@ RESOLVED_REFS = "ResolvedRefs"
 READY = "Ready"
 
 PostEvent = Callable[["ObjectInfo", str, str, str], None]  # object, type, reason, message
-SecretKeys = Callable[[str], frozenset[str] | None]  # Secret name -> its keys, None if missing
+
+
+@dataclass(frozen=True)
+class SecretNotWatched:
+    """A referenced Secret the watch cache lacks, looked up: absent, or outside the selector."""
+
+    exists: bool
+    selector: str  # the operator's Secret label selector
+
+    def label_hint(self, name: str) -> str:
+        """How to put a Secret inside the selector."""
+        terms = [t.strip().replace("==", "=") for t in self.selector.split(",")]
+        if all(t.count("=") == 1 and "!" not in t and " " not in t for t in terms):
+            return f"kubectl label secret {name} {' '.join(terms)}"
+        return f"give Secret {name!r} labels matching {self.selector!r}"
+
+
+# Secret name -> its keys; None (or SecretNotWatched, once looked up) if the cache lacks it.
+SecretKeys = Callable[[str], frozenset[str] | SecretNotWatched | None]
 
 
 @dataclass(frozen=True)
@@ -65,6 +83,7 @@ class ObjectInfo:
     status: Mapping[str, Any] = field(default_factory=dict)
     resource_version: int = 0
     created: str = ""  # metadata.creationTimestamp (RFC 3339 in UTC, so it sorts as text)
+    deleting: bool = False  # metadata.deletionTimestamp is set
 
     def event_target(self) -> dict[str, Any]:
         """The minimal body kopf needs to post an Event about this object."""
@@ -130,13 +149,23 @@ def check_secret_refs(
     """ResolvedRefs for a list of references: the first missing Secret or key, or True."""
     for path, name, key in refs:
         keys = secret_keys(name)
-        if keys is None:
+        if isinstance(keys, SecretNotWatched) and keys.exists:
+            return ConditionUpdate(
+                RESOLVED_REFS,
+                "False",
+                "SecretNotLabelled",
+                f"{path} names Secret {name!r}, which exists but lacks the label the operator "
+                f"watches Secrets by ({keys.selector}), so its keys cannot be checked; "
+                f"label it ({keys.label_hint(name)}) and the {subject} recovers on its own.",
+            )
+        if keys is None or isinstance(keys, SecretNotWatched):
+            label = f" and the label {keys.selector}" if isinstance(keys, SecretNotWatched) else ""
             return ConditionUpdate(
                 RESOLVED_REFS,
                 "False",
                 "SecretNotFound",
                 f"{path} names Secret {name!r}, which does not exist in this namespace; "
-                f"create it (with key {key!r}) and the {subject} recovers on its own.",
+                f"create it (with key {key!r}{label}) and the {subject} recovers on its own.",
             )
         if key not in keys:
             return ConditionUpdate(

@@ -9,7 +9,8 @@ need instead of patching a global.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+import math
+from collections.abc import Iterable, Mapping
 from typing import Annotated, Any, Literal, cast
 
 import kopf
@@ -18,6 +19,9 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DEFAULT_RELAY_IMAGE = "ghcr.io/mailrelay/mailrelay:0.1.0"
 FIELD_MANAGER = "mailrelay-operator"
+# The label users put on Secrets that MailRelays and MailRoutes reference (docs/operator.md).
+WATCH_LABEL = "mailrelay.dev/watch"
+SECRET_SELECTOR = f"{WATCH_LABEL}=true"
 
 
 def _default_resources() -> dict[str, dict[str, str]]:
@@ -82,6 +86,44 @@ class OperatorSettings(BaseSettings):
     api_qps_burst: int = Field(
         default=64, ge=1, description="API requests the operator keeps in flight at once."
     )
+    secret_selector: str = Field(
+        default=SECRET_SELECTOR,
+        description=(
+            "Label selector of the Secrets the operator watches (server-side); a referenced "
+            "Secret outside it is reported, not read. Empty watches every Secret."
+        ),
+    )
+    api_retry_seconds: float = Field(
+        default=1.0,
+        gt=0,
+        le=30,
+        description=(
+            "Longest wait between two attempts of a failed API request (the watches too), so "
+            "the operator catches up within about this long once an API server is back."
+        ),
+    )
+    api_outage_seconds: float = Field(
+        default=300.0,
+        gt=0,
+        description=(
+            "How long a failing API request keeps being retried before the operator gives up "
+            "and exits (its pod is restarted)."
+        ),
+    )
+    index_timeout_seconds: float = Field(
+        default=180.0,
+        gt=0,
+        description=(
+            "Liveness fails when the watch caches are not loaded this long after start-up."
+        ),
+    )
+    stall_seconds: float = Field(
+        default=300.0,
+        gt=0,
+        description=(
+            "Liveness fails when a relay has waited this long for its pass while no pass finished."
+        ),
+    )
 
     def watches_all_namespaces(self) -> bool:
         """Whether the operator watches the whole cluster (a ClusterKopfPeering is used)."""
@@ -121,8 +163,30 @@ class NoDiffBase(kopf.DiffBaseStorage):
         return None
 
 
-def configure_kopf(kopf_settings: Any, settings: OperatorSettings) -> None:
-    """Apply our settings to kopf's (peering, Event posting, watch timeouts)."""
+def api_backoffs(settings: OperatorSettings) -> tuple[float, ...]:
+    """kopf's delays between attempts of a failed API request: short, for a long time.
+
+    kopf sleeps through each delay without waking up when the server comes back, and its
+    default (1, 1, 2, 3, 5, 8, 13, 21 s) left a new object waiting 13 s after an outage;
+    it also gave up after 54 s, which stopped the operator. Capped at ``api_retry_seconds``
+    and repeated for ``api_outage_seconds``, the watches resume within about a second of
+    the server being back, and only a long outage exits the process.
+    """
+    cap = settings.api_retry_seconds
+    ramp = tuple(d for d in (0.1, 0.25, 0.5) if d < cap)
+    rest = max(0.0, settings.api_outage_seconds - sum(ramp))
+    return (*ramp, *[cap] * max(1, math.ceil(rest / cap)))
+
+
+def configure_kopf(
+    kopf_settings: Any, settings: OperatorSettings, selectors: Mapping[tuple[str, str, str], str]
+) -> None:
+    """Apply our settings to kopf's (peering, Event posting, watches, retries).
+
+    ``selectors`` are label selectors by (group, version, plural), applied by the API server
+    to the lists and watches of that resource, so the operator never receives (nor keeps)
+    objects it has no business with.
+    """
     kopf_settings.peering.name = settings.peering_name
     kopf_settings.peering.standalone = settings.standalone
     kopf_settings.peering.priority = settings.priority
@@ -131,9 +195,20 @@ def configure_kopf(kopf_settings: Any, settings: OperatorSettings) -> None:
     kopf_settings.posting.level = logging.ERROR
     kopf_settings.watching.server_timeout = 300
     kopf_settings.watching.client_timeout = 330
-    kopf_settings.batching.worker_limit = settings.api_qps_burst * 4
+    for resource, selector in selectors.items():
+        if selector:
+            kopf_settings.watching.label_selectors[resource] = selector
+    # No limit on kopf's per-object workers, on purpose. During the initial listing each
+    # object's worker indexes it and then waits until every object of every watched kind is
+    # indexed; a worker for the next object only starts when a slot is free. With a limit
+    # below the number of objects of one kind, the waiting workers hold every slot and the
+    # operator never handles an event (kopf 1.45, _core/reactor/queueing.py and
+    # processing.py). The workers only index and enqueue (the passes run in WorkQueue), and
+    # each one exits ``idle_timeout`` after its last event.
+    kopf_settings.queueing.worker_limit = None
     # kopf keeps a worker per object alive this long after its last event; after a burst of
     # thousands of objects, a short idle time keeps the peak memory down.
-    kopf_settings.batching.idle_timeout = 1.0
+    kopf_settings.queueing.idle_timeout = 1.0
     kopf_settings.networking.request_timeout = 30
+    kopf_settings.networking.error_backoffs = api_backoffs(settings)
     kopf_settings.persistence.diffbase_storage = NoDiffBase()

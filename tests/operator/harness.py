@@ -14,8 +14,9 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -87,11 +88,12 @@ class OperatorProcess:
         kubeconfig: Path,
         *args: str,
         log_path: Path,
+        env: Mapping[str, str] | None = None,
     ) -> None:
         self.metrics_port = free_port()
         self.liveness_port = free_port()
         self.log_path = log_path
-        env = kube.env(kubeconfig)
+        env = {**kube.env(kubeconfig), **(env or {})}
         env["PYTHONSAFEPATH"] = "1"
         env["MAILRELAY_OPERATOR_METRICS_PORT"] = str(self.metrics_port)
         env["MAILRELAY_OPERATOR_LIVENESS_PORT"] = str(self.liveness_port)
@@ -106,7 +108,7 @@ class OperatorProcess:
         )
 
     def wait_live(self, timeout: float = 30.0) -> None:
-        """Wait until kopf's liveness endpoint answers (the operator is running)."""
+        """Wait until the liveness endpoint answers 200 (the operator started and is live)."""
 
         def live() -> bool:
             if self.process.poll() is not None:
@@ -118,6 +120,19 @@ class OperatorProcess:
             return False
 
         wait_for(live, timeout=timeout, what="the operator's liveness endpoint")
+
+    def health(self) -> dict[str, Any]:
+        """The JSON of ``/healthz``, whatever its status code (200 live, 503 not)."""
+        url = f"http://127.0.0.1:{self.liveness_port}/healthz"
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                body: dict[str, Any] = json.loads(response.read())
+        except urllib.error.HTTPError as error:
+            body = json.loads(error.read())
+            body["status"] = error.code
+            return body
+        body["status"] = 200
+        return body
 
     def metrics(self) -> dict[str, float]:
         """Samples by ``name{labels}`` (labels sorted as exposed)."""
@@ -154,10 +169,14 @@ class OperatorProcess:
 
 @contextlib.contextmanager
 def running_operator(
-    kube: LocalKube, kubeconfig: Path, *args: str, log_path: Path
+    kube: LocalKube,
+    kubeconfig: Path,
+    *args: str,
+    log_path: Path,
+    env: Mapping[str, str] | None = None,
 ) -> Iterator[OperatorProcess]:
     """An operator process for the duration of the block; its log is printed on failure."""
-    operator = OperatorProcess(kube, kubeconfig, *args, log_path=log_path)
+    operator = OperatorProcess(kube, kubeconfig, *args, log_path=log_path, env=env)
     try:
         operator.wait_live()
         yield operator

@@ -9,6 +9,8 @@ from typing import Any
 import bcrypt
 import trustme
 
+from mailrelay.operator.settings import WATCH_LABEL
+
 API_VERSION = "mailrelay.dev/v1alpha1"
 
 
@@ -23,7 +25,8 @@ def secret(name: str, data: dict[str, str], type_: str = "Opaque") -> dict[str, 
     return {
         "apiVersion": "v1",
         "kind": "Secret",
-        "metadata": {"name": name},
+        # The operator watches only Secrets with this label (docs/operator.md).
+        "metadata": {"name": name, "labels": {WATCH_LABEL: "true"}},
         "type": type_,
         "data": {k: base64.b64encode(v.encode()).decode() for k, v in data.items()},
     }
