@@ -20,7 +20,6 @@ import contextlib
 import copy
 import os
 import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -33,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import aiosmtplib
+import localkube
 import pytest
 import trustme
 import yaml
@@ -72,23 +72,8 @@ def write_legacy_pair(folder: Path, entry: QueueEntry, data: bytes) -> None:
 
 
 def free_port(span: int = 1) -> int:
-    """A TCP port free on 127.0.0.1 right now, with the `span - 1` ports after it free too
-    (worker N of a relay serves metrics on the metrics port + N)."""
-    for _ in range(100):
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = int(sock.getsockname()[1])
-        if port + span > 65535:
-            continue
-        try:
-            with contextlib.ExitStack() as stack:
-                for extra in range(1, span):
-                    probe = stack.enter_context(socket.socket())
-                    probe.bind(("127.0.0.1", port + extra))
-        except OSError:
-            continue
-        return port
-    raise RuntimeError("no run of free ports on 127.0.0.1")
+    """A free run of `span` TCP ports on 127.0.0.1 (see `localkube.free_port`)."""
+    return localkube.free_port(span)
 
 
 # -- TLS and users --------------------------------------------------------------------
