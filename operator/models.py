@@ -722,6 +722,47 @@ DEFAULT_MECHANISMS: tuple[SaslMechanism, ...] = ("PLAIN", "LOGIN")
 AUTH_USERS_MESSAGE = "usersSecretRef is required while auth.required is true"
 
 
+AUTH_CACHE_TTL_MESSAGE = "ttl must be between 1s and 24h"
+
+
+class AuthCache(KubeModel):
+    """The relay's cache of successful password checks (docs/relay-config.md, "AUTH cache")."""
+
+    model_config = ConfigDict(
+        json_schema_extra=validations(
+            cel(
+                "duration(self.ttl) >= duration('1s') && duration(self.ttl) <= duration('24h')",
+                AUTH_CACHE_TTL_MESSAGE,
+                field_path=".ttl",
+            ),
+        )
+    )
+
+    enabled: bool = Field(
+        default=True,
+        description=(
+            "Keep a keyed digest (never the password) of each username and password that "
+            "verified, so a repeated login skips the slow bcrypt/argon2 check. Failures are "
+            "never cached; the cache empties whenever the users Secret changes."
+        ),
+    )
+    ttl: Duration = Field(
+        default="1h", description="How long a verified login stays cached (1s to 24h)."
+    )
+    max_entries: int = Field(
+        default=10000,
+        ge=1,
+        le=1_000_000,
+        description="Most logins cached per relay process; the least recently used goes first.",
+    )
+
+    @model_validator(mode="after")
+    def _ttl_range(self) -> Self:
+        if not timedelta(seconds=1) <= parse_duration(self.ttl) <= timedelta(hours=24):
+            raise ValueError(AUTH_CACHE_TTL_MESSAGE)
+        return self
+
+
 class Auth(KubeModel):
     """SMTP AUTH for submission clients."""
 
@@ -744,6 +785,9 @@ class Auth(KubeModel):
         max_length=2,
         json_schema_extra=LIST_TYPE_SET,
         description="SASL mechanisms offered after TLS is up.",
+    )
+    cache: AuthCache = Field(
+        default_factory=AuthCache, description="Cache of successful password checks."
     )
 
 

@@ -267,6 +267,11 @@ def build_relay_config(
             "users_file": (
                 str(USERS_DIR / USERS_FILE) if spec.auth.users_secret_ref is not None else None
             ),
+            "cache": {
+                "enabled": spec.auth.cache.enabled,
+                "ttl_seconds": _seconds(spec.auth.cache.ttl),
+                "max_entries": spec.auth.cache.max_entries,
+            },
         },
         "allowed_networks": list(spec.allowed_networks),
         "insecure_allow_public_networks": spec.insecure_allow_public_networks,

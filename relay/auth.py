@@ -50,7 +50,8 @@ from pydantic import (
 )
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
-from mailrelay.relay.config import ConfigError
+from mailrelay.relay.authcache import VerificationCache
+from mailrelay.relay.config import AuthCacheConfig, ConfigError
 from mailrelay.relay.problems import validation_problems, yaml_problem
 from mailrelay.relay.routing import match_specificity
 
@@ -197,8 +198,9 @@ def hash_password(password: str, scheme: str = "bcrypt") -> str:
 class UserDatabase:
     """Users by name, with a password check that never blocks the event loop."""
 
-    def __init__(self, users: list[User]) -> None:
+    def __init__(self, users: list[User], cache: VerificationCache | None = None) -> None:
         self._users = {u.username: u for u in users}
+        self._cache = cache
         # Stable order, so a given unknown name keeps its decoy across reloads of one file.
         self._hashes = [u.password_hash for u in sorted(users, key=lambda u: u.username)]
         self._decoy_key = secrets.token_bytes(32)
@@ -220,13 +222,32 @@ class UserDatabase:
             return user, user.password_hash
         return None, self._hashes[decoy] if self._hashes else _empty_file_hash()
 
+    @property
+    def cache(self) -> VerificationCache | None:
+        """The verification cache (None when disabled); dropped with this database."""
+        return self._cache
+
     async def verify(self, username: str, password: bytes) -> User | None:
-        """The user if the password matches, else None (in a worker thread)."""
+        """The user if the password matches, else None (slow checks in a worker thread).
+
+        With the cache, a pair that verified recently is answered from it. Every other
+        login, whether the name is known or not, takes the same path as without a cache:
+        the cache holds successes only, which an unknown name or a wrong password never has.
+        """
+        digest = None if self._cache is None else self._cache.digest(username, password)
+        if digest is not None and self._cache is not None:
+            cached = self._cache.lookup(digest)
+            if cached is not None:
+                hit = self._users.get(cached)
+                if hit is not None:
+                    return hit
         user, stored = self._hash_to_check(username)
         loop = asyncio.get_running_loop()
         ok = await loop.run_in_executor(self._pool, _check, stored, password)
         if user is None or not ok:
             return None
+        if digest is not None and self._cache is not None:
+            self._cache.store(digest, user.username)
         return user
 
     def close(self) -> None:
@@ -234,10 +255,20 @@ class UserDatabase:
         self._pool.shutdown(wait=False)
 
 
-def load_users(path: Path | None) -> UserDatabase:
-    """Read the users file; no file means no users (AUTH then always fails)."""
+def _cache_for(settings: AuthCacheConfig | None) -> VerificationCache | None:
+    if settings is None or not settings.enabled:
+        return None
+    return VerificationCache(ttl=settings.ttl_seconds, max_entries=settings.max_entries)
+
+
+def load_users(path: Path | None, cache: AuthCacheConfig | None = None) -> UserDatabase:
+    """Read the users file; no file means no users (AUTH then always fails).
+
+    `cache` configures a fresh verification cache for the new database: every load, and so
+    every reload, starts with an empty one.
+    """
     if path is None:
-        return UserDatabase([])
+        return UserDatabase([], _cache_for(cache))
     # Errors are raised outside the `except` blocks: a chained exception (even one a
     # traceback would not print) could quote the file's content.
     problem: str | None = None
@@ -265,4 +296,4 @@ def load_users(path: Path | None) -> UserDatabase:
     if problems:
         lines = [f"{path}: invalid users file ({len(problems)} problem(s)):"]
         raise ConfigError("\n".join(lines + [f"  - {p}" for p in problems]))
-    return UserDatabase(parsed.users)
+    return UserDatabase(parsed.users, _cache_for(cache))

@@ -41,6 +41,7 @@ from mailrelay.relay.problems import validation_problems, yaml_problem
 
 __all__ = [
     "ApiUpstream",
+    "AuthCacheConfig",
     "AuthConfig",
     "ClientLimitsConfig",
     "ConfigError",
@@ -107,6 +108,30 @@ class ListenerConfig(_Model):
     )
 
 
+class AuthCacheConfig(_Model):
+    """The cache of successful password checks (docs/relay-config.md, "AUTH cache")."""
+
+    enabled: bool = Field(
+        default=True,
+        description=(
+            "Keep a keyed digest of each (username, password) pair that verified, so a repeated "
+            "login skips the bcrypt/argon2 check. Failures are never cached."
+        ),
+    )
+    ttl_seconds: float = Field(
+        default=3600,
+        gt=0,
+        le=86400,
+        description="How long a verified pair stays valid in the cache, from the check.",
+    )
+    max_entries: int = Field(
+        default=10000,
+        ge=1,
+        le=1_000_000,
+        description="Most pairs kept; the least recently used goes first (about 200 B each).",
+    )
+
+
 class AuthConfig(_Model):
     """SMTP AUTH for submission clients."""
 
@@ -124,6 +149,10 @@ class AuthConfig(_Model):
             "YAML file with a `users` list of {username, password_hash, allowed_sender_domains}; "
             "hashes are bcrypt (`$2b$`) or argon2id (`$argon2id$`)."
         ),
+    )
+    cache: AuthCacheConfig = Field(
+        default_factory=AuthCacheConfig,
+        description="Cache of successful password checks; cleared on every reload.",
     )
 
 

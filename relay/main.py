@@ -164,7 +164,9 @@ class RelayApp:
     async def start(self) -> None:
         """Spool, delivery, SMTP, health, watcher: each ready before the next starts."""
         await self.spool.start()
-        users = await asyncio.to_thread(load_users, self.config.auth.users_file)
+        users = await asyncio.to_thread(
+            load_users, self.config.auth.users_file, self.config.auth.cache
+        )
         if self._engine_class is not None:
             self.engine = self._engine_class(
                 self.config, self.spool, self.metrics, budget=self.budget
@@ -210,7 +212,7 @@ class RelayApp:
     async def apply_config(self, config: RelayConfig) -> None:
         """Swap in a new config; raises (and changes nothing) if any part fails to load."""
         assert self.front is not None
-        users = await asyncio.to_thread(load_users, config.auth.users_file)
+        users = await asyncio.to_thread(load_users, config.auth.users_file, config.auth.cache)
         tls = config.listener.tls
         if tls is not None:
             # Prove the new certificate loads before touching the live context.
