@@ -41,6 +41,7 @@ from mailrelay.relay.problems import validation_problems, yaml_problem
 
 __all__ = [
     "ApiUpstream",
+    "AppCredentialConfig",
     "AuthCacheConfig",
     "AuthConfig",
     "ClientLimitsConfig",
@@ -132,6 +133,21 @@ class AuthCacheConfig(_Model):
     )
 
 
+class AppCredentialConfig(_Model):
+    """A machine user: a generated 256-bit secret stored as a fast keyed hash."""
+
+    username: str = Field(min_length=1, description="The name the app logs in with.")
+    password_hash_file: Path = Field(
+        description=(
+            "File holding the secret's `$mailrelay-hmac-sha256$` hash (a mounted Secret key)."
+        ),
+    )
+    allowed_sender_domains: list[str] = Field(
+        default_factory=list,
+        description="Envelope sender domains the app may use; empty: any.",
+    )
+
+
 class AuthConfig(_Model):
     """SMTP AUTH for submission clients."""
 
@@ -153,6 +169,10 @@ class AuthConfig(_Model):
     cache: AuthCacheConfig = Field(
         default_factory=AuthCacheConfig,
         description="Cache of successful password checks; cleared on every reload.",
+    )
+    app_credentials: list[AppCredentialConfig] = Field(
+        default_factory=list,
+        description="Machine users with generated secrets, besides the users file's.",
     )
 
 
@@ -781,6 +801,7 @@ class RelayConfig(_Model):
             files += [self.listener.tls.cert_file, self.listener.tls.key_file]
         if self.auth.users_file is not None:
             files.append(self.auth.users_file)
+        files += [app.password_hash_file for app in self.auth.app_credentials]
         for upstream in self.upstreams().values():
             if isinstance(upstream, SmtpUpstream):
                 files += [
