@@ -28,7 +28,7 @@ from datetime import datetime, timedelta
 from typing import Annotated, Any, Literal, Self
 from urllib.parse import urlsplit
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
 from mailrelay.relay import netguard
@@ -763,6 +763,28 @@ class AuthCache(KubeModel):
         return self
 
 
+APP_NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+DUPLICATE_APP_NAMES = "appCredentials names must be unique"
+
+
+class AppCredential(KubeModel):
+    """An app that gets a generated, high-entropy SMTP login (docs/relay-config.md)."""
+
+    name: Annotated[str, Field(min_length=1, max_length=40, pattern=APP_NAME_PATTERN)] = Field(
+        description=(
+            "The app's SMTP username, and part of the name of its Secret "
+            "(<relay>-app-<name>, keys username, password and password_hash). Must not also "
+            "be a username of the users Secret."
+        )
+    )
+    allowed_sender_domains: Annotated[list[DomainPattern], SET] = Field(
+        default_factory=list,
+        max_length=64,
+        json_schema_extra=LIST_TYPE_SET,
+        description="Envelope sender domains the app may use; empty: any.",
+    )
+
+
 class Auth(KubeModel):
     """SMTP AUTH for submission clients."""
 
@@ -789,6 +811,27 @@ class Auth(KubeModel):
     cache: AuthCache = Field(
         default_factory=AuthCache, description="Cache of successful password checks."
     )
+    app_credentials: list[AppCredential] = Field(
+        default_factory=list,
+        max_length=64,
+        json_schema_extra={
+            "x-kubernetes-list-type": "map",
+            "x-kubernetes-list-map-keys": ["name"],
+        },
+        description=(
+            "Apps that get a generated 256-bit password, kept by the operator in a Secret "
+            "per app and checked by the relay with a fast keyed hash. Use these for "
+            "machines; keep bcrypt/argon2 in the users Secret for passwords people choose."
+        ),
+    )
+
+    @field_validator("app_credentials")
+    @classmethod
+    def _unique_apps(cls, value: list[AppCredential]) -> list[AppCredential]:
+        names = [app.name for app in value]
+        if len(set(names)) != len(names):
+            raise ValueError(DUPLICATE_APP_NAMES)
+        return value
 
 
 AUTH_FAILURE_WINDOW_MESSAGE = "authFailureWindow must be longer than 0s, such as 5m"

@@ -589,6 +589,20 @@ INVALID: list[Invalid] = [
         "less than or equal to 1000000",
     ),
     Invalid(
+        "app-credentials-duplicate",
+        "MailRelay",
+        {"auth.appCredentials": [{"name": "billing"}, {"name": "billing"}]},
+        ("spec.auth.appCredentials[1]: Duplicate value",),
+        "appCredentials names must be unique",
+    ),
+    Invalid(
+        "app-credentials-bad-name",
+        "MailRelay",
+        {"auth.appCredentials": [{"name": "Billing_App"}]},
+        ('spec.auth.appCredentials[0].name: Invalid value: "Billing_App"',),
+        "String should match pattern",
+    ),
+    Invalid(
         "bad-duration",
         "MailRelay",
         {"queue": {"retry": {"maxAge": "5 days"}}},
@@ -751,6 +765,16 @@ RELAY_FIELD_RULES: list[tuple[dict[str, Any], bool]] = [
     ({"auth.cache": {"ttl": "500ms"}}, False),
     ({"auth.cache": {"ttl": "24h", "maxEntries": 1}}, True),
     ({"auth.cache": {"enabled": False}}, True),
+    (
+        {
+            "auth.appCredentials": [
+                {"name": "billing", "allowedSenderDomains": ["billing.example.com"]},
+                {"name": "web-1"},
+            ]
+        },
+        True,
+    ),
+    ({"auth.appCredentials": [{"name": "x" * 41}]}, False),
     ({"queue": {"size": "0"}}, True),
     ({"postmaster": "mail-admins@example.com"}, True),
     ({"postmaster": "Postmaster"}, False),  # an address, not a local part

@@ -39,6 +39,10 @@ SPEC = models.MailRelaySpec.model_validate(
             "required": True,
             "usersSecretRef": {"name": "relay-users", "key": "users.yaml"},
             "cache": {"ttl": "10m", "maxEntries": 500},
+            "appCredentials": [
+                {"name": "web"},
+                {"name": "billing", "allowedSenderDomains": ["billing.example.com"]},
+            ],
         },
         "allowedNetworks": ["10.244.0.0/16"],
         "limits": {
@@ -137,6 +141,14 @@ def test_golden_file_is_accepted_by_the_relay_loader(tmp_path: Path) -> None:
     assert billing.rate_limit is not None and billing.rate_limit.burst == 3
     assert config.retry.initial_backoff_seconds == 60
     assert config.hostname == "relay.example.com"
+    apps = [
+        (a.username, str(a.password_hash_file), a.allowed_sender_domains)
+        for a in config.auth.app_credentials
+    ]
+    assert apps == [
+        ("billing", "/etc/mailrelay/apps/billing/password_hash", ["billing.example.com"]),
+        ("web", "/etc/mailrelay/apps/web/password_hash", []),
+    ]
     assert config.auth.cache.model_dump() == {
         "enabled": True,
         "ttl_seconds": 600,
