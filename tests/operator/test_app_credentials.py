@@ -27,7 +27,10 @@ from mailrelay.relay.machinehash import check_machine_secret, hash_machine_secre
 from tests.operator import manifests as m
 from tests.operator.harness import OperatorProcess, apply, condition, get, wait_for
 
-APPS = [{"name": "web"}, {"name": "billing", "allowedSenderDomains": ["billing.example.com"]}]
+APPS: list[dict[str, Any]] = [
+    {"name": "web"},
+    {"name": "billing", "allowedSenderDomains": ["billing.example.com"]},
+]
 
 
 def _spec(apps: list[dict[str, Any]]) -> models.MailRelaySpec:
@@ -166,10 +169,12 @@ def test_the_operator_generates_keeps_and_regenerates_app_secrets(
 
     # Rotation: delete the Secret, get a new password.
     kube.kubectl("delete", "secret", "outbound-app-web", "-n", ns)
-    rotated = wait_for(
-        lambda: (d := _secret_data(kube, ns, "outbound-app-web")) and d != web and d,
-        what="a regenerated web Secret",
-    )
+
+    def regenerated() -> dict[str, str] | None:
+        data = _secret_data(kube, ns, "outbound-app-web")
+        return data if data and data != web else None
+
+    rotated = wait_for(regenerated, what="a regenerated web Secret")
     assert rotated["password"] != web["password"]
     assert check_machine_secret(rotated["password_hash"], rotated["password"].encode())
 

@@ -47,7 +47,7 @@ def _session(
         assert reader.readline().startswith(b"235")
         sock.sendall(b"QUIT\r\n")
         reader.readline()
-        return sock.session, sock.session_reused
+        return sock.session, bool(sock.session_reused)
 
 
 @pytest.mark.parametrize("version", VERSIONS, ids=["tls13", "tls12"])
