@@ -63,6 +63,8 @@ LOADGEN_DIR = Path(__file__).resolve().parent / "loadgen"
 CACHE = Path.home() / ".cache" / "mailrelay"
 USERS = 20
 SCENARIOS = ("postfix", "relay-cold", "relay-warm", "relay-machine", "relay-http")
+# Not run by default: the relay without AUTH, with and without STARTTLS (memory baselines).
+EXTRA_SCENARIOS = ("relay-tls-noauth", "relay-plain")
 
 
 def build_loadgen() -> Path:
@@ -295,6 +297,8 @@ class AuthRelay(base.RelayServer):
         self.material = material
         self.cache = cache
         self.http = http
+        self.tls = label != "relay-plain"
+        self.auth = label not in ("relay-plain", "relay-tls-noauth")
 
     def config_text(self) -> str:
         config: dict[str, Any] = json.loads(super().config_text())
@@ -310,6 +314,11 @@ class AuthRelay(base.RelayServer):
                 for name, _ in m.machine
             ],
         }
+        if not self.auth:
+            config["allowed_networks"] = ["127.0.0.1/32"]
+            config["auth"] = {"required": False}
+        if not self.tls:
+            del config["listener"]["tls"]
         if self.http:
             (self.root / "mailgun").mkdir(parents=True, exist_ok=True)
             (self.root / "mailgun" / "api_key").write_text("key-bench")
@@ -409,10 +418,19 @@ class Result:
 
 
 async def _loadgen(
-    loadgen: Path, port: int, material: Material, args: argparse.Namespace, **extra: Any
+    loadgen: Path,
+    port: int,
+    material: Material,
+    args: argparse.Namespace,
+    tls: bool = True,
+    **extra: Any,
 ) -> dict[str, Any]:
-    argv = [str(loadgen), "load", "-addr", f"127.0.0.1:{port}", "-ca", str(material.ca_file)]
+    argv = [str(loadgen), "load", "-addr", f"127.0.0.1:{port}"]
+    if tls:
+        argv += ["-ca", str(material.ca_file)]
     for key, value in extra.items():
+        if value is None:
+            continue
         argv += [f"-{key}", str(value)]
     proc = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.PIPE)
     out, _ = await proc.communicate()
@@ -479,7 +497,8 @@ async def run_scenario(
             port,
             material,
             args,
-            users=logins,
+            tls=scenario != "relay-plain",
+            users=None if scenario in EXTRA_SCENARIOS else logins,
             concurrency=args.concurrency,
             sessions=sessions,
             msgs=msgs,
@@ -557,7 +576,11 @@ def table(results: list[Result]) -> str:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
-    parser.add_argument("--scenarios", default=",".join(SCENARIOS))
+    parser.add_argument(
+        "--scenarios",
+        default=",".join(SCENARIOS),
+        help=f"comma-separated, of {', '.join(SCENARIOS + EXTRA_SCENARIOS)}",
+    )
     parser.add_argument("--msgs", default="1,10", help="messages per session, comma-separated")
     parser.add_argument("--concurrency", type=int, default=20)
     parser.add_argument("--sessions", type=int, help="sessions per run (default 4000; quick 200)")
