@@ -333,6 +333,7 @@ class AuthRelay(base.RelayServer):
                         "endpoint": f"http://127.0.0.1:{self.sink_port}",
                         "credentials_dir": str(self.root / "mailgun"),
                         "concurrency": 16,
+                        "insecure_allow_local_endpoint": True,  # the local sink
                     },
                 }
             ]
