@@ -44,7 +44,7 @@ typecheck: venv
 	ln -s ../../relay .typecheck/mailrelay/relay
 	$(VENV)/bin/mypy -p mailrelay -p tests
 	cd hack && ../$(VENV)/bin/mypy --config-file ../pyproject.toml *.py
-	if ls bench/*.py >/dev/null 2>&1; then $(VENV)/bin/mypy bench; fi
+	if ls bench/*.py >/dev/null 2>&1; then MYPYPATH=bench $(VENV)/bin/mypy bench; fi
 
 fmt: venv
 	$(VENV)/bin/ruff format .

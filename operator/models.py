@@ -28,7 +28,7 @@ from datetime import datetime, timedelta
 from typing import Annotated, Any, Literal, Self
 from urllib.parse import urlsplit
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
 from mailrelay.relay import netguard
@@ -722,6 +722,69 @@ DEFAULT_MECHANISMS: tuple[SaslMechanism, ...] = ("PLAIN", "LOGIN")
 AUTH_USERS_MESSAGE = "usersSecretRef is required while auth.required is true"
 
 
+AUTH_CACHE_TTL_MESSAGE = "ttl must be between 1s and 24h"
+
+
+class AuthCache(KubeModel):
+    """The relay's cache of successful password checks (docs/relay-config.md, "AUTH cache")."""
+
+    model_config = ConfigDict(
+        json_schema_extra=validations(
+            cel(
+                "duration(self.ttl) >= duration('1s') && duration(self.ttl) <= duration('24h')",
+                AUTH_CACHE_TTL_MESSAGE,
+                field_path=".ttl",
+            ),
+        )
+    )
+
+    enabled: bool = Field(
+        default=True,
+        description=(
+            "Keep a keyed digest (never the password) of each username and password that "
+            "verified, so a repeated login skips the slow bcrypt/argon2 check. Failures are "
+            "never cached; the cache empties whenever the users Secret changes."
+        ),
+    )
+    ttl: Duration = Field(
+        default="1h", description="How long a verified login stays cached (1s to 24h)."
+    )
+    max_entries: int = Field(
+        default=10000,
+        ge=1,
+        le=1_000_000,
+        description="Most logins cached per relay process; the least recently used goes first.",
+    )
+
+    @model_validator(mode="after")
+    def _ttl_range(self) -> Self:
+        if not timedelta(seconds=1) <= parse_duration(self.ttl) <= timedelta(hours=24):
+            raise ValueError(AUTH_CACHE_TTL_MESSAGE)
+        return self
+
+
+APP_NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+DUPLICATE_APP_NAMES = "appCredentials names must be unique"
+
+
+class AppCredential(KubeModel):
+    """An app that gets a generated, high-entropy SMTP login (docs/relay-config.md)."""
+
+    name: Annotated[str, Field(min_length=1, max_length=40, pattern=APP_NAME_PATTERN)] = Field(
+        description=(
+            "The app's SMTP username, and part of the name of its Secret "
+            "(<relay>-app-<name>, keys username, password and password_hash). Must not also "
+            "be a username of the users Secret."
+        )
+    )
+    allowed_sender_domains: Annotated[list[DomainPattern], SET] = Field(
+        default_factory=list,
+        max_length=64,
+        json_schema_extra=LIST_TYPE_SET,
+        description="Envelope sender domains the app may use; empty: any.",
+    )
+
+
 class Auth(KubeModel):
     """SMTP AUTH for submission clients."""
 
@@ -745,6 +808,30 @@ class Auth(KubeModel):
         json_schema_extra=LIST_TYPE_SET,
         description="SASL mechanisms offered after TLS is up.",
     )
+    cache: AuthCache = Field(
+        default_factory=AuthCache, description="Cache of successful password checks."
+    )
+    app_credentials: list[AppCredential] = Field(
+        default_factory=list,
+        max_length=64,
+        json_schema_extra={
+            "x-kubernetes-list-type": "map",
+            "x-kubernetes-list-map-keys": ["name"],
+        },
+        description=(
+            "Apps that get a generated 256-bit password, kept by the operator in a Secret "
+            "per app and checked by the relay with a fast keyed hash. Use these for "
+            "machines; keep bcrypt/argon2 in the users Secret for passwords people choose."
+        ),
+    )
+
+    @field_validator("app_credentials")
+    @classmethod
+    def _unique_apps(cls, value: list[AppCredential]) -> list[AppCredential]:
+        names = [app.name for app in value]
+        if len(set(names)) != len(names):
+            raise ValueError(DUPLICATE_APP_NAMES)
+        return value
 
 
 AUTH_FAILURE_WINDOW_MESSAGE = "authFailureWindow must be longer than 0s, such as 5m"

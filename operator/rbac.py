@@ -82,9 +82,10 @@ RULES: tuple[Rule, ...] = (
     Rule(
         ("",),
         ("secrets",),
-        READ,
+        (*READ, "create"),
         "watch the Secrets labelled mailrelay.dev/watch=true for their key names (never values);"
-        " get a referenced Secret the watch lacks, to report it unlabelled",
+        " get a referenced Secret the watch lacks, to report it unlabelled; create the generated"
+        " app credential Secrets (spec.auth.appCredentials)",
     ),
     Rule(("",), ("events",), ("create",), "Events for users (kopf posts core/v1 Events)"),
     Rule(

@@ -36,6 +36,11 @@ TLS_DIR = PurePosixPath("/etc/mailrelay/tls")
 USERS_DIR = PurePosixPath("/etc/mailrelay/users")
 USERS_FILE = "users.yaml"
 UPSTREAMS_DIR = PurePosixPath("/etc/mailrelay/upstreams")
+APPS_DIR = PurePosixPath("/etc/mailrelay/apps")
+# Keys of an app credential Secret (the operator writes them; see app_credential_secret).
+APP_USERNAME_KEY = "username"
+APP_PASSWORD_KEY = "password"
+APP_HASH_KEY = "password_hash"
 SPOOL_DIR = PurePosixPath("/var/spool/mailrelay")
 
 # File names the relay's transports read inside an upstream's directory.
@@ -103,6 +108,24 @@ def secret_mounts(spec: models.MailRelaySpec, routes: Sequence[BoundRoute]) -> l
         for index, upstream in enumerate((route.spec.upstream, *route.spec.fallbacks)):
             mounts.extend(_upstream_mounts(route.name, index, upstream))
     return mounts
+
+
+def app_secret_name(relay_name: str, app: str) -> str:
+    """The Secret the operator keeps an app's generated credentials in."""
+    return f"{relay_name}-app-{app}"
+
+
+def app_credential_mounts(relay_name: str, spec: models.MailRelaySpec) -> list[SecretMount]:
+    """One volume per app credential: only its hash, never the password, reaches the relay."""
+    return [
+        SecretMount(
+            f"app-{app.name}",
+            app_secret_name(relay_name, app.name),
+            str(APPS_DIR / app.name),
+            ((APP_HASH_KEY, APP_HASH_KEY),),
+        )
+        for app in sorted(spec.auth.app_credentials, key=lambda a: a.name)
+    ]
 
 
 def _upstream_mounts(route: str, index: int, upstream: models.Upstream) -> list[SecretMount]:
@@ -267,6 +290,19 @@ def build_relay_config(
             "users_file": (
                 str(USERS_DIR / USERS_FILE) if spec.auth.users_secret_ref is not None else None
             ),
+            "app_credentials": [
+                {
+                    "username": app.name,
+                    "password_hash_file": str(APPS_DIR / app.name / APP_HASH_KEY),
+                    "allowed_sender_domains": list(app.allowed_sender_domains),
+                }
+                for app in sorted(spec.auth.app_credentials, key=lambda a: a.name)
+            ],
+            "cache": {
+                "enabled": spec.auth.cache.enabled,
+                "ttl_seconds": _seconds(spec.auth.cache.ttl),
+                "max_entries": spec.auth.cache.max_entries,
+            },
         },
         "allowed_networks": list(spec.allowed_networks),
         "insecure_allow_public_networks": spec.insecure_allow_public_networks,

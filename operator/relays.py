@@ -31,6 +31,7 @@ from typing import Any, overload
 from pydantic import ValidationError
 
 from mailrelay.operator import models
+from mailrelay.operator.appcredentials import ensure_app_secrets
 from mailrelay.operator.apply import (
     CACHE_LAG_SECONDS,
     Applier,
@@ -53,6 +54,7 @@ from mailrelay.operator.health import Progress
 from mailrelay.operator.metrics import OperatorMetrics
 from mailrelay.operator.relay_config import (
     RelayConfigError,
+    app_credential_mounts,
     build_relay_config,
     config_hash,
     render_config_yaml,
@@ -234,7 +236,7 @@ def render_relay(
         cluster_domain=settings.cluster_domain,
     )
     config_yaml = render_config_yaml(config)
-    mounts = secret_mounts(relay.spec, routes)
+    mounts = secret_mounts(relay.spec, routes) + app_credential_mounts(relay.name, relay.spec)
     digest = config_hash(config_yaml)
     children = [
         render_configmap(relay, config_yaml, settings),
@@ -361,6 +363,19 @@ async def _look_up_secrets(
         name: SecretNotWatched(exists, selector)
         for name, exists in zip(ordered, found, strict=True)
     }
+
+
+APP_CREDENTIALS_NOT_READY = "AppCredentialsNotReady"
+
+
+def _with_app_problems(refs: ConditionUpdate, problems: list[str]) -> ConditionUpdate:
+    """The Secrets condition, made False by app credential Secrets that are not in place."""
+    if not problems:
+        return refs
+    text = "App credentials: " + "; ".join(problems) + "."
+    if refs.status != "True":
+        return replace(refs, message=f"{refs.message} {text}")
+    return ConditionUpdate(refs.type, "False", APP_CREDENTIALS_NOT_READY, text)
 
 
 def child_keys(namespace: str, name: str) -> list[ChildKey]:
@@ -491,7 +506,15 @@ async def _reconcile(ctx: Context, indices: Indices, namespace: str, name: str) 
         outcome = "invalid"
     else:
         inputs = RelayInputs(name, namespace, relay.uid, spec)
-        updates.append(check_secret_refs(_relay_secret_refs(spec), secret_keys, subject="relay"))
+        refs = check_secret_refs(_relay_secret_refs(spec), secret_keys, subject="relay")
+        app_problems = await ensure_app_secrets(
+            ctx.applier.client,
+            inputs,
+            secret_keys,
+            selector=ctx.settings.secret_selector,
+            metrics=ctx.metrics,
+        )
+        updates.append(_with_app_problems(refs, app_problems))
         try:
             rendered = render_relay(inputs, verdicts, ctx.settings)
         except RelayConfigError as error:
@@ -559,7 +582,9 @@ async def _reconcile(ctx: Context, indices: Indices, namespace: str, name: str) 
     )
     # A refused child or a missing ServiceMonitor CRD can be fixed outside every input.
     settled = not any(
-        u.type in (CHILDREN_APPLIED, SERVICE_MONITOR) and u.status != "True" for u in updates
+        (u.type in (CHILDREN_APPLIED, SERVICE_MONITOR) and u.status != "True")
+        or u.reason == APP_CREDENTIALS_NOT_READY
+        for u in updates
     )
     return outcome, settled
 

@@ -9,7 +9,10 @@ File format (`auth.users_file`)::
 
 bcrypt and argon2 are deliberately slow (tens to hundreds of milliseconds), so checks run
 in a small dedicated thread pool: a burst of logins can neither stall SMTP sessions nor
-starve the spool's fsync threads.
+starve the spool's fsync threads. Machine credentials (`auth.app_credentials`, generated
+256-bit secrets, see `mailrelay.relay.machinehash`) are checked with one HMAC on the loop;
+a cache of successful slow checks (`mailrelay.relay.authcache`) makes repeated logins of
+users with slow hashes cheap.
 
 AUTH must not tell which usernames exist. Whatever a name, the password is checked
 against one real hash of the file: the user's own, or for an unknown name the hash of the
@@ -50,11 +53,13 @@ from pydantic import (
 )
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
-from mailrelay.relay.config import ConfigError
+from mailrelay.relay.authcache import VerificationCache
+from mailrelay.relay.config import AppCredentialConfig, AuthCacheConfig, AuthConfig, ConfigError
+from mailrelay.relay.machinehash import MACHINE_PREFIX, check_machine_secret, is_machine_hash
 from mailrelay.relay.problems import validation_problems, yaml_problem
 from mailrelay.relay.routing import match_specificity
 
-__all__ = ["User", "UserDatabase", "hash_password", "load_users"]
+__all__ = ["User", "UserDatabase", "hash_password", "load_auth_users", "load_users"]
 
 _argon = argon2.PasswordHasher()
 
@@ -62,8 +67,9 @@ _argon = argon2.PasswordHasher()
 _BCRYPT_RE = re.compile(r"^\$2[aby]\$(\d\d)\$[./A-Za-z0-9]{53}$")
 _ARGON_TYPES = (argon2.Type.ID, argon2.Type.I)
 _HASH_HELP = (
-    "must be a bcrypt hash ($2b$<cost>$ and 53 characters) or an argon2id hash "
-    "($argon2id$v=19$m=...,t=...,p=...$...); docs/relay-config.md shows how to make one"
+    "must be a bcrypt hash ($2b$<cost>$ and 53 characters), an argon2id hash "
+    "($argon2id$v=19$m=...,t=...,p=...$...) or a machine-credential hash "
+    f"({MACHINE_PREFIX}...); docs/relay-config.md shows how to make one"
 )
 
 
@@ -73,6 +79,13 @@ def hash_problem(value: str) -> str | None:
     if match is not None:
         cost = int(match.group(1))
         return None if 4 <= cost <= 31 else f"bcrypt cost must be between 4 and 31, not {cost}"
+    if value.startswith(MACHINE_PREFIX):
+        if is_machine_hash(value):
+            return None
+        return (
+            f"is not a well-formed machine-credential hash ({MACHINE_PREFIX}<salt: 22 "
+            "base64url characters>$<digest: 43 base64url characters>)"
+        )
     if value.startswith("$argon2"):
         try:
             params = argon2.extract_parameters(value)
@@ -175,7 +188,14 @@ class _UsersFile(BaseModel):
         return parsed
 
 
+def _is_fast(password_hash: str) -> bool:
+    """Whether checking against this hash costs microseconds (a machine credential)."""
+    return password_hash.startswith(MACHINE_PREFIX)
+
+
 def _check(password_hash: str, password: bytes) -> bool:
+    if _is_fast(password_hash):
+        return check_machine_secret(password_hash, password)
     if password_hash.startswith("$argon2"):
         try:
             return bool(_argon.verify(password_hash, password))
@@ -197,8 +217,9 @@ def hash_password(password: str, scheme: str = "bcrypt") -> str:
 class UserDatabase:
     """Users by name, with a password check that never blocks the event loop."""
 
-    def __init__(self, users: list[User]) -> None:
+    def __init__(self, users: list[User], cache: VerificationCache | None = None) -> None:
         self._users = {u.username: u for u in users}
+        self._cache = cache
         # Stable order, so a given unknown name keeps its decoy across reloads of one file.
         self._hashes = [u.password_hash for u in sorted(users, key=lambda u: u.username)]
         self._decoy_key = secrets.token_bytes(32)
@@ -220,13 +241,37 @@ class UserDatabase:
             return user, user.password_hash
         return None, self._hashes[decoy] if self._hashes else _empty_file_hash()
 
+    @property
+    def cache(self) -> VerificationCache | None:
+        """The verification cache (None when disabled); dropped with this database."""
+        return self._cache
+
     async def verify(self, username: str, password: bytes) -> User | None:
-        """The user if the password matches, else None (in a worker thread)."""
+        """The user if the password matches, else None (slow checks in a worker thread).
+
+        With the cache, a pair that verified recently is answered from it. Every other
+        login, whether the name is known or not, takes the same path as without a cache:
+        the cache holds successes only, which an unknown name or a wrong password never has.
+        """
+        digest = None if self._cache is None else self._cache.digest(username, password)
+        if digest is not None and self._cache is not None:
+            cached = self._cache.lookup(digest)
+            if cached is not None:
+                hit = self._users.get(cached)
+                if hit is not None:
+                    return hit
         user, stored = self._hash_to_check(username)
+        if _is_fast(stored):
+            # A machine credential: one HMAC, cheaper than a trip to a thread. Whether this
+            # branch runs depends on the hash checked, so an unknown name whose decoy is a
+            # machine entry takes it too, and costs what a known machine user costs.
+            return user if _check(stored, password) and user is not None else None
         loop = asyncio.get_running_loop()
         ok = await loop.run_in_executor(self._pool, _check, stored, password)
         if user is None or not ok:
             return None
+        if digest is not None and self._cache is not None:
+            self._cache.store(digest, user.username)
         return user
 
     def close(self) -> None:
@@ -234,10 +279,58 @@ class UserDatabase:
         self._pool.shutdown(wait=False)
 
 
-def load_users(path: Path | None) -> UserDatabase:
-    """Read the users file; no file means no users (AUTH then always fails)."""
+def _cache_for(settings: AuthCacheConfig | None) -> VerificationCache | None:
+    if settings is None or not settings.enabled:
+        return None
+    return VerificationCache(ttl=settings.ttl_seconds, max_entries=settings.max_entries)
+
+
+def _read_app_credentials(apps: list[AppCredentialConfig]) -> tuple[list[User], list[str]]:
+    """The machine users of the config, and the problems of their hash files."""
+    users: list[User] = []
+    problems: list[str] = []
+    for index, app in enumerate(apps):
+        where = f"auth.app_credentials[{index}] ({app.username}): {app.password_hash_file}"
+        try:
+            value = app.password_hash_file.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            problems.append(f"{where}: cannot read the hash file: {exc.strerror}")
+            continue
+        except UnicodeDecodeError:
+            problems.append(f"{where}: the hash file is not UTF-8 text")
+            continue
+        if not is_machine_hash(value):
+            problems.append(
+                f"{where}: must hold a machine-credential hash ({MACHINE_PREFIX}...), as the "
+                "operator generates"
+            )
+            continue
+        users.append(
+            User(
+                username=app.username,
+                password_hash=value,
+                allowed_sender_domains=app.allowed_sender_domains,
+            )
+        )
+    return users, problems
+
+
+def load_users(
+    path: Path | None,
+    cache: AuthCacheConfig | None = None,
+    apps: list[AppCredentialConfig] | None = None,
+) -> UserDatabase:
+    """Read the users file and the app credentials; no users at all means AUTH always fails.
+
+    `cache` configures a fresh verification cache for the new database: every load, and so
+    every reload, starts with an empty one.
+    """
+    machine, machine_problems = _read_app_credentials(apps or [])
+    if machine_problems:
+        lines = [f"invalid app credentials ({len(machine_problems)} problem(s)):"]
+        raise ConfigError("\n".join(lines + [f"  - {p}" for p in machine_problems]))
     if path is None:
-        return UserDatabase([])
+        return UserDatabase(machine, _cache_for(cache))
     # Errors are raised outside the `except` blocks: a chained exception (even one a
     # traceback would not print) could quote the file's content.
     problem: str | None = None
@@ -265,4 +358,16 @@ def load_users(path: Path | None) -> UserDatabase:
     if problems:
         lines = [f"{path}: invalid users file ({len(problems)} problem(s)):"]
         raise ConfigError("\n".join(lines + [f"  - {p}" for p in problems]))
-    return UserDatabase(parsed.users)
+    names = {u.username for u in parsed.users}
+    clashes = sorted(u.username for u in machine if u.username in names)
+    if clashes:
+        raise ConfigError(
+            f"{path}: users {', '.join(clashes)} are also app credentials "
+            "(auth.app_credentials); rename one of each pair"
+        )
+    return UserDatabase([*parsed.users, *machine], _cache_for(cache))
+
+
+def load_auth_users(auth: AuthConfig) -> UserDatabase:
+    """The users of an `auth` config section: its users file, app credentials and cache."""
+    return load_users(auth.users_file, auth.cache, auth.app_credentials)

@@ -41,6 +41,8 @@ from mailrelay.relay.problems import validation_problems, yaml_problem
 
 __all__ = [
     "ApiUpstream",
+    "AppCredentialConfig",
+    "AuthCacheConfig",
     "AuthConfig",
     "ClientLimitsConfig",
     "ConfigError",
@@ -107,6 +109,45 @@ class ListenerConfig(_Model):
     )
 
 
+class AuthCacheConfig(_Model):
+    """The cache of successful password checks (docs/relay-config.md, "AUTH cache")."""
+
+    enabled: bool = Field(
+        default=True,
+        description=(
+            "Keep a keyed digest of each (username, password) pair that verified, so a repeated "
+            "login skips the bcrypt/argon2 check. Failures are never cached."
+        ),
+    )
+    ttl_seconds: float = Field(
+        default=3600,
+        gt=0,
+        le=86400,
+        description="How long a verified pair stays valid in the cache, from the check.",
+    )
+    max_entries: int = Field(
+        default=10000,
+        ge=1,
+        le=1_000_000,
+        description="Most pairs kept; the least recently used goes first (about 200 B each).",
+    )
+
+
+class AppCredentialConfig(_Model):
+    """A machine user: a generated 256-bit secret stored as a fast keyed hash."""
+
+    username: str = Field(min_length=1, description="The name the app logs in with.")
+    password_hash_file: Path = Field(
+        description=(
+            "File holding the secret's `$mailrelay-hmac-sha256$` hash (a mounted Secret key)."
+        ),
+    )
+    allowed_sender_domains: list[str] = Field(
+        default_factory=list,
+        description="Envelope sender domains the app may use; empty: any.",
+    )
+
+
 class AuthConfig(_Model):
     """SMTP AUTH for submission clients."""
 
@@ -124,6 +165,14 @@ class AuthConfig(_Model):
             "YAML file with a `users` list of {username, password_hash, allowed_sender_domains}; "
             "hashes are bcrypt (`$2b$`) or argon2id (`$argon2id$`)."
         ),
+    )
+    cache: AuthCacheConfig = Field(
+        default_factory=AuthCacheConfig,
+        description="Cache of successful password checks; cleared on every reload.",
+    )
+    app_credentials: list[AppCredentialConfig] = Field(
+        default_factory=list,
+        description="Machine users with generated secrets, besides the users file's.",
     )
 
 
@@ -752,6 +801,7 @@ class RelayConfig(_Model):
             files += [self.listener.tls.cert_file, self.listener.tls.key_file]
         if self.auth.users_file is not None:
             files.append(self.auth.users_file)
+        files += [app.password_hash_file for app in self.auth.app_credentials]
         for upstream in self.upstreams().values():
             if isinstance(upstream, SmtpUpstream):
                 files += [

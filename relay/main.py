@@ -31,7 +31,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
-from mailrelay.relay.auth import load_users
+from mailrelay.relay.auth import load_auth_users
 from mailrelay.relay.budget import ByteBudget, budget_limit, cgroup_memory_limit
 from mailrelay.relay.config import ConfigError, RelayConfig, load_config
 from mailrelay.relay.health import HealthServer
@@ -164,7 +164,7 @@ class RelayApp:
     async def start(self) -> None:
         """Spool, delivery, SMTP, health, watcher: each ready before the next starts."""
         await self.spool.start()
-        users = await asyncio.to_thread(load_users, self.config.auth.users_file)
+        users = await asyncio.to_thread(load_auth_users, self.config.auth)
         if self._engine_class is not None:
             self.engine = self._engine_class(
                 self.config, self.spool, self.metrics, budget=self.budget
@@ -210,7 +210,7 @@ class RelayApp:
     async def apply_config(self, config: RelayConfig) -> None:
         """Swap in a new config; raises (and changes nothing) if any part fails to load."""
         assert self.front is not None
-        users = await asyncio.to_thread(load_users, config.auth.users_file)
+        users = await asyncio.to_thread(load_auth_users, config.auth)
         tls = config.listener.tls
         if tls is not None:
             # Prove the new certificate loads before touching the live context.
@@ -387,7 +387,7 @@ def _check_config(path: Path) -> int:
     problems: list[str] = []
     users = 0
     try:
-        database = load_users(config.auth.users_file)
+        database = load_auth_users(config.auth)
         users = len(database)
         database.close()
     except ConfigError as exc:

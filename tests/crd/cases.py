@@ -575,6 +575,34 @@ INVALID: list[Invalid] = [
         "authFailureWindow must be longer than 0s",
     ),
     Invalid(
+        "auth-cache-ttl-too-long",
+        "MailRelay",
+        {"auth.cache": {"ttl": "25h"}},
+        ("spec.auth.cache.ttl: Invalid value", "ttl must be between 1s and 24h"),
+        "ttl must be between 1s and 24h",
+    ),
+    Invalid(
+        "auth-cache-too-big",
+        "MailRelay",
+        {"auth.cache": {"maxEntries": 2000000}},
+        ("spec.auth.cache.maxEntries: Invalid value",),
+        "less than or equal to 1000000",
+    ),
+    Invalid(
+        "app-credentials-duplicate",
+        "MailRelay",
+        {"auth.appCredentials": [{"name": "billing"}, {"name": "billing"}]},
+        ("spec.auth.appCredentials[1]: Duplicate value",),
+        "appCredentials names must be unique",
+    ),
+    Invalid(
+        "app-credentials-bad-name",
+        "MailRelay",
+        {"auth.appCredentials": [{"name": "Billing_App"}]},
+        ('spec.auth.appCredentials[0].name: Invalid value: "Billing_App"',),
+        "String should match pattern",
+    ),
+    Invalid(
         "bad-duration",
         "MailRelay",
         {"queue": {"retry": {"maxAge": "5 days"}}},
@@ -734,6 +762,19 @@ RELAY_FIELD_RULES: list[tuple[dict[str, Any], bool]] = [
     ({"metrics": {"enabled": False, "port": 587}}, True),
     ({"queue": {"retry": {"initialBackoff": "500ms", "maxBackoff": "1s"}}}, False),
     ({"queue": {"retry": {"initialBackoff": "1m30s", "maxBackoff": "2h", "maxAge": "72h"}}}, True),
+    ({"auth.cache": {"ttl": "500ms"}}, False),
+    ({"auth.cache": {"ttl": "24h", "maxEntries": 1}}, True),
+    ({"auth.cache": {"enabled": False}}, True),
+    (
+        {
+            "auth.appCredentials": [
+                {"name": "billing", "allowedSenderDomains": ["billing.example.com"]},
+                {"name": "web-1"},
+            ]
+        },
+        True,
+    ),
+    ({"auth.appCredentials": [{"name": "x" * 41}]}, False),
     ({"queue": {"size": "0"}}, True),
     ({"postmaster": "mail-admins@example.com"}, True),
     ({"postmaster": "Postmaster"}, False),  # an address, not a local part

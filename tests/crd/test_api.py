@@ -231,6 +231,8 @@ def test_defaults_appear_on_the_stored_object(crds: LocalKube, namespace: str) -
         "required": True,
         "mechanisms": ["PLAIN", "LOGIN"],
         "usersSecretRef": {"name": "relay-users", "key": "users.yaml"},
+        "cache": {"enabled": True, "ttl": "1h", "maxEntries": 10000},
+        "appCredentials": [],
     }
     assert relay["allowedNetworks"] == []
     assert relay["queue"]["retry"] == {"initialBackoff": "5m", "maxBackoff": "1h", "maxAge": "120h"}

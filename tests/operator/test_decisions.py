@@ -327,7 +327,8 @@ def test_rbac_module_prints_the_cluster_role() -> None:
     role = yaml.safe_load(result.stdout)
     assert role == rbac.cluster_role()
     secrets = [r for r in role["rules"] if "secrets" in r["resources"]]
-    verbs = ["get", "list", "watch"]
+    # create: the generated app credential Secrets; never update, patch or delete.
+    verbs = ["get", "list", "watch", "create"]
     assert secrets == [{"apiGroups": [""], "resources": ["secrets"], "verbs": verbs}]
 
 

@@ -35,7 +35,15 @@ SPEC = models.MailRelaySpec.model_validate(
             "hostname": "relay.example.com",
             "tls": {"secretName": "relay-tls"},
         },
-        "auth": {"required": True, "usersSecretRef": {"name": "relay-users", "key": "users.yaml"}},
+        "auth": {
+            "required": True,
+            "usersSecretRef": {"name": "relay-users", "key": "users.yaml"},
+            "cache": {"ttl": "10m", "maxEntries": 500},
+            "appCredentials": [
+                {"name": "web"},
+                {"name": "billing", "allowedSenderDomains": ["billing.example.com"]},
+            ],
+        },
         "allowedNetworks": ["10.244.0.0/16"],
         "limits": {
             "perClient": {
@@ -133,6 +141,19 @@ def test_golden_file_is_accepted_by_the_relay_loader(tmp_path: Path) -> None:
     assert billing.rate_limit is not None and billing.rate_limit.burst == 3
     assert config.retry.initial_backoff_seconds == 60
     assert config.hostname == "relay.example.com"
+    apps = [
+        (a.username, str(a.password_hash_file), a.allowed_sender_domains)
+        for a in config.auth.app_credentials
+    ]
+    assert apps == [
+        ("billing", "/etc/mailrelay/apps/billing/password_hash", ["billing.example.com"]),
+        ("web", "/etc/mailrelay/apps/web/password_hash", []),
+    ]
+    assert config.auth.cache.model_dump() == {
+        "enabled": True,
+        "ttl_seconds": 600,
+        "max_entries": 500,
+    }
 
 
 def test_no_secret_value_or_name_of_a_key_leaks_into_the_config() -> None:
@@ -215,3 +236,16 @@ def test_the_acknowledgements_reach_the_relay(tmp_path: Path) -> None:
     assert loaded.insecure_allow_public_networks is True
     upstream = loaded.routes[0].upstream
     assert upstream.type == "api" and upstream.insecure_allow_local_endpoint is True
+
+
+@pytest.mark.parametrize("ttl", ["0s", "500ms", "25h"])
+def test_an_auth_cache_ttl_out_of_range_is_refused(ttl: str) -> None:
+    with pytest.raises(ValueError, match="ttl must be between 1s and 24h"):
+        models.AuthCache.model_validate({"ttl": ttl})
+
+
+def test_a_disabled_auth_cache_is_rendered_disabled() -> None:
+    auth = SPEC.auth.model_copy(update={"cache": models.AuthCache(enabled=False)})
+    spec = SPEC.model_copy(update={"auth": auth})
+    config = build_relay_config(name="outbound", namespace="mail", spec=spec, routes=[])
+    assert config.auth.cache.enabled is False

@@ -1,0 +1,3 @@
+module mailrelay.dev/bench/loadgen
+
+go 1.22
