@@ -1,8 +1,9 @@
 """AUTH does not tell which usernames exist: unknown names cost what wrong passwords cost.
 
 The timing tests compare distributions, not absolute times: samples of the two paths are
-interleaved (so load on the shared machine hits both alike) and the ratio of their medians
-must stay within a generous band. Before the fix an unknown name was checked against a
+interleaved (so load on the shared machine hits both alike) and the ratio of their fastest
+samples must stay within a generous band: load only ever adds time, so the fastest sample of
+each path is the closest to its own cost (the medians are printed alongside). Before the fix an unknown name was checked against a
 bcrypt cost-10 dummy whatever the file held: 2x the cost of a bcrypt-11 entry's wrong
 password, and tens of times the cost of a cheap bcrypt or argon2 entry.
 """
@@ -66,10 +67,11 @@ async def test_unknown_user_costs_what_a_wrong_password_costs(tmp_path: Path, sc
                 samples.append(await _timed(db, name, b"wrong-password"))
     finally:
         db.close()
-    ratio = statistics.median(unknown) / statistics.median(known)
+    ratio = min(unknown) / min(known)
     assert 0.67 < ratio < 1.5, (
-        f"{scheme}: unknown {statistics.median(unknown) * 1000:.1f} ms vs wrong password "
-        f"{statistics.median(known) * 1000:.1f} ms (median of {len(known)})"
+        f"{scheme}: unknown {min(unknown) * 1000:.1f} ms vs wrong password "
+        f"{min(known) * 1000:.1f} ms (fastest of {len(known)}; medians "
+        f"{statistics.median(unknown) * 1000:.1f} vs {statistics.median(known) * 1000:.1f} ms)"
     )
 
 
