@@ -3,9 +3,10 @@
 The timing tests compare distributions, not absolute times: samples of the two paths are
 interleaved (so load on the shared machine hits both alike) and the ratio of their fastest
 samples must stay within a generous band: load only ever adds time, so the fastest sample of
-each path is the closest to its own cost (the medians are printed alongside). Before the fix an unknown name was checked against a
-bcrypt cost-10 dummy whatever the file held: 2x the cost of a bcrypt-11 entry's wrong
-password, and tens of times the cost of a cheap bcrypt or argon2 entry.
+each path is the closest to its own cost (the medians are printed alongside). Before the
+fix an unknown name was checked against one bcrypt dummy whatever the file held: about half
+the cost of a bcrypt-11 entry's wrong password, and tens of times the cost of a cheap bcrypt
+or argon2 entry.
 """
 
 from __future__ import annotations
