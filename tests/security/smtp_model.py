@@ -150,8 +150,8 @@ def _nothing(state: SessionState, reply: Reply) -> None:
 
 @dataclass(frozen=True)
 class Expectation:
-    """Allowed reply codes, each with the enhanced code required (None: any or none), and
-    what happens to the session after each."""
+    """Allowed reply codes, each with the enhanced code required (None: any or none;
+    `a|b`: either), and what happens to the session after each."""
 
     allowed: dict[int, str | None]
     then: dict[int, Then] = field(default_factory=dict)
@@ -164,7 +164,7 @@ class Expectation:
                 f"{command!r} got {reply}; allowed {sorted(self.allowed)} ({self.why})"
             )
         enhanced = self.allowed[reply.code]
-        if enhanced is not None and reply.enhanced != enhanced:
+        if enhanced is not None and reply.enhanced not in enhanced.split("|"):
             raise AssertionError(f"{command!r} got {reply}; wanted enhanced code {enhanced}")
         self.then.get(reply.code, _nothing)(state, reply)
 
@@ -368,6 +368,10 @@ class Body:
 
     content: bytes
     stuff: bool = True
+
+    def __repr__(self) -> str:
+        head = self.content[:60] + (b"..." if len(self.content) > 60 else b"")
+        return f"Body({len(self.content)} bytes {head!r}, stuff={self.stuff})"
 
     @property
     def wire(self) -> bytes:

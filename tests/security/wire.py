@@ -34,6 +34,8 @@ __all__ = [
 REPLY_TIMEOUT = 30.0
 _MAX_LINE = 512  # RFC 5321 4.5.3.1.5, CRLF included
 _MAX_REPLY_LINES = 100
+# More unread reply bytes than this: the relay answers what nobody asked (a reply loop).
+_MAX_UNREAD = 1 << 20
 _LINE = re.compile(rb"([2-5][0-5][0-9])([ -]?)(.*)", re.S)
 _ENHANCED = re.compile(r"([245])\.(\d{1,3})\.(\d{1,3})(?: |$)")
 # RFC 5321 textstring is HT and printable ASCII; RFC 6531 widens it to UTF-8.
@@ -174,6 +176,11 @@ class Connection:
                     raise MalformedReply(f"connection closed mid-reply: {bytes(self._buffer)!r}")
                 raise ConnectionClosed("EOF")
             self._buffer.extend(chunk)
+            if len(self._buffer) > _MAX_UNREAD:
+                raise MalformedReply(
+                    f"the relay sent {len(self._buffer)} bytes nobody asked for: "
+                    f"{bytes(self._buffer[:300])!r}..."
+                )
 
     def pending(self) -> bytes:
         """Bytes received but not yet part of a complete reply."""
