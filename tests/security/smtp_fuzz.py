@@ -696,7 +696,8 @@ class SmtpSessionMachine(RuleBasedStateMachine):
         params = data.draw(mail_params(self.classes.auth_parameter), "params")
         if not self.classes.auth_parameter and any(p.upper().startswith("AUTH=") for p in params):
             params = [p for p in params if not p.upper().startswith("AUTH=")]
-        if sender.utf8 and not self.classes.envelope_non_ascii and "SMTPUTF8" not in params:
+        keywords = {p.partition("=")[0].upper() for p in params}
+        if sender.utf8 and not self.classes.envelope_non_ascii and "SMTPUTF8" not in keywords:
             params = [*params, "SMTPUTF8"]
         self._mail_with(session, sender, params)
 
