@@ -163,6 +163,10 @@ def control_addresses(draw: st.DrawFn) -> Address:
     return Address(f"<{address}>", None, kind="control")
 
 
+def _keyword(param: str) -> str:
+    return param.partition("=")[0].upper()
+
+
 @st.composite
 def mail_params(draw: st.DrawFn, auth_parameter: bool) -> list[str]:
     choices = [
@@ -182,9 +186,8 @@ def mail_params(draw: st.DrawFn, auth_parameter: bool) -> list[str]:
     if auth_parameter:
         choices += ["AUTH=<>", "AUTH=alice@example.com"]
     # One of each keyword: which of two SIZE values counts is aiosmtpd's business.
-    keyword = lambda p: p.partition("=")[0].upper()  # noqa: E731
-    params = draw(st.lists(st.sampled_from(choices), max_size=3, unique_by=keyword))
-    if auth_parameter and draw(st.booleans()) and not any(keyword(p) == "AUTH" for p in params):
+    params = draw(st.lists(st.sampled_from(choices), max_size=3, unique_by=_keyword))
+    if auth_parameter and draw(st.booleans()) and not any(_keyword(p) == "AUTH" for p in params):
         params = [*params, draw(st.sampled_from(["AUTH=<>", "AUTH=<alice@example.com>"]))]
     return params
 
@@ -696,7 +699,7 @@ class SmtpSessionMachine(RuleBasedStateMachine):
         params = data.draw(mail_params(self.classes.auth_parameter), "params")
         if not self.classes.auth_parameter and any(p.upper().startswith("AUTH=") for p in params):
             params = [p for p in params if not p.upper().startswith("AUTH=")]
-        keywords = {p.partition("=")[0].upper() for p in params}
+        keywords = {_keyword(p) for p in params}
         if sender.utf8 and not self.classes.envelope_non_ascii and "SMTPUTF8" not in keywords:
             params = [*params, "SMTPUTF8"]
         self._mail_with(session, sender, params)

@@ -30,7 +30,9 @@ SHORT = settings(
 )
 # No shrinking for the switched-on classes: until their fixes land each fails at once,
 # and shrinking would replay the failure for minutes.
-FLAGGED = settings(SHORT, max_examples=8, stateful_step_count=20, phases=[Phase.explicit, Phase.generate])
+FLAGGED = settings(
+    SHORT, max_examples=8, stateful_step_count=20, phases=[Phase.explicit, Phase.generate]
+)
 
 
 @pytest.fixture
