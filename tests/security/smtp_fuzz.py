@@ -653,7 +653,7 @@ class SmtpSessionMachine(RuleBasedStateMachine):
             # Taken or refused; if taken, the path is what aiosmtpd parsed of it.
             expectation = expect_mail(state, UNKNOWN, params, limits=self.limits, address_ok=True)
             allowed = dict(expectation.allowed)
-            if state.greeting is not None and state.mail_from is None:
+            if state.greeting is not None:  # parsed before the nesting check
                 allowed.update({501: None, 553: None, 555: None})
             return Expectation(allowed, {250: _mail_opened(None, params)}, why="unusual sender")
         address = sender.address

@@ -222,6 +222,8 @@ def expect_mail(
         return Expectation(allowed, why="flagged hostile sender")
     if not address_ok:
         return Expectation(refused_syntax, why="malformed sender path")
+    if params and state.greeting == "HELO":
+        return Expectation({501: None}, why="parameters after HELO")  # before nesting
     if state.mail_from is not None:
         return Expectation({503: None}, why="nested MAIL")
     verdict = _mail_params(params, state.greeting == "EHLO", limits)
