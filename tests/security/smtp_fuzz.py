@@ -603,7 +603,10 @@ class SmtpSessionMachine(RuleBasedStateMachine):
             answers = [_b64(user), _b64(password)]
         elif mechanism == "LOGIN-initial":
             answers = [_b64(password)]
-        if who == "cancel":
+        # PLAIN with an initial response has no challenge to cancel: it is just a user
+        # named "cancel" (unknown).
+        cancel = who == "cancel" and mechanism != "PLAIN-initial"
+        if cancel:
             answers = ["*"]
         elif who == "bad-base64":
             answers = ["***"]
@@ -612,7 +615,7 @@ class SmtpSessionMachine(RuleBasedStateMachine):
             if reply is None:
                 return
             session.conn.send(answer.encode() + b"\r\n")
-        if who == "cancel":
+        if cancel:
             self._read(session, first, Expectation({501: None}))
         elif who == "bad-base64":
             self._read(session, first, Expectation({501: "5.5.2"}))

@@ -301,7 +301,11 @@ def expect_rcpt(
         return Expectation({code: enhanced}, why="flagged hostile recipient")
     refused: dict[int, str | None] = {501: None, 553: None, 555: None, 550: "5.7.1"}
     if params:
-        return Expectation({501: None, 555: None}, why="RCPT parameters")
+        # An unusual path may take the parameters for its address: then it is refused
+        # as an address; never taken, as no RCPT parameter is supported.
+        allowed = dict(refused) if address is None or not address_ok else {}
+        allowed.update({501: None, 555: None})
+        return Expectation(allowed, why="RCPT parameters")
     if not address_ok:
         return Expectation(refused, why="malformed recipient path")
     if address is None:
