@@ -214,12 +214,6 @@ def expect_mail(
     refused_syntax: dict[int, str | None] = {501: None, 553: None, 555: None}
     if state.greeting is None:
         return Expectation({503: None}, why="no HELO")
-    if refusal is not None:
-        code, enhanced = refusal
-        allowed: dict[int, str | None] = {code: enhanced}
-        if state.mail_from is not None:
-            allowed[503] = None
-        return Expectation(allowed, why="flagged hostile sender")
     if not address_ok:
         return Expectation(refused_syntax, why="malformed sender path")
     if params and state.greeting == "HELO":
@@ -229,6 +223,8 @@ def expect_mail(
     verdict = _mail_params(params, state.greeting == "EHLO", limits)
     if verdict is not None:
         return Expectation(verdict, why=f"bad MAIL parameters {params}")
+    if refusal is not None:  # the handler's first check, before authentication
+        return Expectation({refusal[0]: refusal[1]}, why="flagged hostile sender")
     if not state.may_send:
         return Expectation({530: "5.7.0"}, why="not authenticated")
     assert sender is not None
@@ -296,9 +292,6 @@ def expect_rcpt(
         return Expectation({503: None}, why="no HELO")
     if state.mail_from is None:
         return Expectation({503: None}, why="no MAIL")
-    if refusal is not None:
-        code, enhanced = refusal
-        return Expectation({code: enhanced}, why="flagged hostile recipient")
     refused: dict[int, str | None] = {501: None, 553: None, 555: None, 550: "5.7.1"}
     if params:
         # An unusual path may take the parameters for its address: then it is refused
@@ -306,6 +299,8 @@ def expect_rcpt(
         allowed = dict(refused) if address is None or not address_ok else {}
         allowed.update({501: None, 555: None})
         return Expectation(allowed, why="RCPT parameters")
+    if refusal is not None:  # the handler's first check
+        return Expectation({refusal[0]: refusal[1]}, why="flagged hostile recipient")
     if not address_ok:
         return Expectation(refused, why="malformed recipient path")
     if address is None:
