@@ -23,7 +23,6 @@ from __future__ import annotations
 import base64
 import contextlib
 import dataclasses
-import random
 import ssl
 import threading
 import time
@@ -1158,7 +1157,3 @@ def run(fuzz: FuzzRun, hypothesis_settings: settings) -> None:
         )
     finally:
         SmtpSessionMachine.RUN = None
-
-
-def random_seed() -> int:
-    return random.randrange(2**32)
