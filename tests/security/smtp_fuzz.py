@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import dataclasses
 import ssl
 import threading
 import time
@@ -416,15 +415,17 @@ class SmtpSessionMachine(RuleBasedStateMachine):
         self.victim.start()
 
     @initialize(data=st.data())
-    def probe_switched_on_classes(self, data: st.DataObject) -> None:
-        """Each switched-on input class once at the start of every example, so a short
-        run always exercises it (random steps then mix it with everything else)."""
+    def probe(self, data: st.DataObject) -> None:
+        """At the start of every example: one valid transaction (pipelined, with a drawn
+        body) and each switched-on input class once, so that a short run always has mail
+        to deliver and exercises those classes; random steps then mix with them."""
         classes = self.classes
-        if not any(dataclasses.astuple(classes)):
-            return
         self.open_session("submission", trusted=False, login="alice")
+        if not self.sessions:
+            return
         session = self.sessions[-1]
         sender = Address("<a@example.com>", "a@example.com")
+        self._transaction(session, sender, [Address("<probe@a.test>", "probe@a.test")], data)
         if classes.envelope_controls:
             self._mail_with(session, data.draw(control_addresses(), "sender"), [])
             self._mail_with(session, sender, [])
@@ -798,12 +799,23 @@ class SmtpSessionMachine(RuleBasedStateMachine):
         """MAIL, RCPTs and DATA in one write (RFC 2920); when the model is sure of the
         354, the body and QUIT go in the same write too."""
         session = self._session(index)
-        state = session.state
         sender = data.draw(plain_addresses(), "sender")
         rcpts = data.draw(
             st.lists(plain_addresses(), min_size=1, max_size=self.limits.max_recipients + 1),
             "rcpts",
         )
+        self._transaction(session, sender, rcpts, data, quit_after=quit_after)
+
+    def _transaction(
+        self,
+        session: Session,
+        sender: Address,
+        rcpts: list[Address],
+        data: st.DataObject,
+        *,
+        quit_after: bool = False,
+    ) -> None:
+        state = session.state
         body = data.draw(
             bodies(self.limits.max_message_size, self.limits.max_received_headers), "body"
         )

@@ -7,7 +7,7 @@ input class each whose correct handling other engineers are fixing under issue 1
 model already expects the fixed behaviour, so each is `xfail(strict=False)` until that
 fix lands: flip it to a plain test then. `bench/smtp_fuzz.py` runs the same machine for
 minutes with fresh seeds. The envelope classes (control characters, non-ASCII without
-SMTPUTF8) were fixed on main (relay/address.py) and run as plain tests.
+SMTPUTF8) and the memory of large messages were fixed on main and run as plain tests.
 """
 
 from __future__ import annotations
@@ -117,11 +117,6 @@ def test_failed_tls_handshakes_are_client_errors(fuzz_target: Callable[..., Fuzz
 MIB = 1024 * 1024
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="issue 16, memory engineer: a large message costs about 4.6x its size in RSS "
-    "today; the fix bounds memory per message close to its size",
-)
 def test_concurrent_large_messages_keep_memory_close_to_their_size(
     fuzz_target: Callable[..., FuzzTarget],
 ) -> None:
