@@ -80,6 +80,9 @@ DELIVERY_WITHIN = 60.0
 UNKNOWN_COMMANDS_PER_SESSION = 3
 # With `unknown_command_limit` on, a 421 must come by this many unknown commands.
 UNKNOWN_COMMANDS_LIMIT = 20
+# Error replies (500-504) a session may earn; the one that reaches this is 421 4.7.0
+# (relay/server.py, after Postfix's smtpd_hard_error_limit).
+PROTOCOL_ERROR_LIMIT = 20
 
 
 # -- strategies -----------------------------------------------------------------------------
@@ -467,7 +470,20 @@ class SmtpSessionMachine(RuleBasedStateMachine):
                 f"relay closed the session instead of answering {command!r}"
             ) from None
         self.stats.got(reply)
-        expectation.check(session.state, reply, command)
+        state = session.state
+        if state.protocol_errors >= PROTOCOL_ERROR_LIMIT - 1 and any(
+            500 <= code <= 504 for code in expectation.allowed
+        ):
+            # The relay's error limit (like Postfix's smtpd_hard_error_limit): the error
+            # reply that reaches it becomes 421 4.7.0, and the session ends.
+            expectation = Expectation(
+                {**expectation.allowed, 421: "4.7.0"},
+                {**expectation.then, 421: _close_state},
+                why=f"{expectation.why}; error limit",
+            )
+        expectation.check(state, reply, command)
+        if 500 <= reply.code <= 504:
+            state.protocol_errors += 1
         if session.state.closed:
             assert session.conn.at_eof(), f"no close after {reply}"
             self._drop(session)
@@ -511,13 +527,17 @@ class SmtpSessionMachine(RuleBasedStateMachine):
         self.sessions.append(session)
         # 421 4.7.x: the relay may refuse a client address over its connection limits.
         self._read(session, "greeting", Expectation({220: None, 421: None}, {421: _close_state}))
-        if login is None or session not in self.sessions:
-            return
-        self.greet(self.sessions.index(session), "EHLO", "client.test")
+        steps: list[Callable[[int], None]] = [lambda i: self.greet(i, "EHLO", "client.test")]
         if not implicit:
-            self.starttls(self.sessions.index(session), inject=False)
-            self.greet(self.sessions.index(session), "EHLO", "client.test")
-        self.auth(self.sessions.index(session), "PLAIN-initial", login)
+            steps += [
+                lambda i: self.starttls(i, inject=False),
+                lambda i: self.greet(i, "EHLO", "client.test"),
+            ]
+        steps.append(lambda i: self.auth(i, "PLAIN-initial", login))
+        for step in steps if login is not None else []:
+            if session not in self.sessions:
+                return
+            step(self.sessions.index(session))
 
     @precondition(lambda self: bool(self.sessions))
     @rule(
@@ -841,11 +861,15 @@ class SmtpSessionMachine(RuleBasedStateMachine):
         if session not in self.sessions:
             return
         for rcpt, line in zip(rcpts, lines[1:-1], strict=True):
+            if session not in self.sessions:
+                return
             self._read(
                 session,
                 line,
                 expect_rcpt(state, rcpt.address, [], limits=self.limits, address_ok=True),
             )
+        if session not in self.sessions:
+            return
         reply = self._read(session, "DATA", expect_data_command(state))
         if reply is None:
             return

@@ -3,11 +3,10 @@ does and checks).
 
 `test_hostile_sessions_never_hurt_the_relay_or_other_clients` runs the default input
 classes, short and derandomized (reproducible in CI). The tests after it switch on one
-input class each whose correct handling other engineers are fixing under issue 16; the
-model already expects the fixed behaviour, so each is `xfail(strict=False)` until that
-fix lands: flip it to a plain test then. `bench/smtp_fuzz.py` runs the same machine for
-minutes with fresh seeds. The envelope classes (control characters, non-ASCII without
-SMTPUTF8) and the memory of large messages were fixed on main and run as plain tests.
+input class each (`InputClasses`), probed at the start of every example: they were
+written against the behaviour issue 16 asked for while other engineers fixed it (and
+were xfail until those fixes landed on main). `bench/smtp_fuzz.py` runs the same
+machine for minutes with fresh seeds.
 """
 
 from __future__ import annotations
@@ -29,8 +28,8 @@ from tests.security.wire import Connection
 SHORT = settings(
     max_examples=40, stateful_step_count=30, deadline=None, derandomize=True, database=None
 )
-# No shrinking for the switched-on classes: until their fixes land each fails at once,
-# and shrinking would replay the failure for minutes.
+# No shrinking for the switched-on classes: a failure is reported at once (shrinking
+# replays it for minutes; the bench script shrinks).
 FLAGGED = settings(
     SHORT, max_examples=8, stateful_step_count=20, phases=[Phase.explicit, Phase.generate]
 )
@@ -73,29 +72,14 @@ def test_non_ascii_envelope_without_smtputf8_is_refused(
     run(FuzzRun(fuzz_target(), classes=InputClasses(envelope_non_ascii=True)), FLAGGED)
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="issue 16, protocol engineer: MAIL FROM's AUTH= parameter (RFC 4954 5) gets 555 "
-    "today; the fix accepts it",
-)
 def test_mail_auth_parameter_is_accepted(fuzz_target: Callable[..., FuzzTarget]) -> None:
     run(FuzzRun(fuzz_target(), classes=InputClasses(auth_parameter=True)), FLAGGED)
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="issue 16, protocol engineer: too many unknown commands end with 502 5.5.1 today; "
-    "the fix answers 421 and closes",
-)
 def test_too_many_unknown_commands_end_with_421(fuzz_target: Callable[..., FuzzTarget]) -> None:
     run(FuzzRun(fuzz_target(), classes=InputClasses(unknown_command_limit=True)), FLAGGED)
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="issue 16, protocol engineer: a command or DATA timeout closes without a reply "
-    "today; the fix answers 421 4.4.2 first",
-)
 def test_idle_sessions_get_421_before_the_close(fuzz_target: Callable[..., FuzzTarget]) -> None:
     # Long enough that no other step of the machine idles a session this long.
     target = fuzz_target(Limits(command_timeout_seconds=4.0, data_timeout_seconds=5.0))
@@ -105,11 +89,6 @@ def test_idle_sessions_get_421_before_the_close(fuzz_target: Callable[..., FuzzT
     )
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="issue 16, TLS logging fix: a failed TLS handshake is logged with a traceback and "
-    "counted as internal_error today",
-)
 def test_failed_tls_handshakes_are_client_errors(fuzz_target: Callable[..., FuzzTarget]) -> None:
     run(FuzzRun(fuzz_target(), classes=InputClasses(tls_garbage=True)), FLAGGED)
 
