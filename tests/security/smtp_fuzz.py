@@ -678,6 +678,11 @@ class SmtpSessionMachine(RuleBasedStateMachine):
             allowed = dict(expectation.allowed)
             if state.greeting is not None:  # parsed before the nesting check
                 allowed.update({501: None, 553: None, 555: None})
+            if params:
+                # An unbracketed path may swallow what looks like parameters as its
+                # address (aiosmtpd's lenient parser): then it is a MAIL without them.
+                bare = expect_mail(state, UNKNOWN, [], limits=self.limits, address_ok=True)
+                allowed.update(bare.allowed)
             return Expectation(allowed, {250: _mail_opened(None, params)}, why="unusual sender")
         address = sender.address
         if sender.utf8 and "SMTPUTF8" not in [p.upper() for p in params] and refusal is None:
