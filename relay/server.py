@@ -385,6 +385,10 @@ class RelaySMTP(_CheapDir, BulkDataSMTP):
         return self.front.handler.open_body(self, self.session, self.envelope)
 
     async def push(self, status: Any) -> None:
+        if self.transport is None or self.transport.is_closing():
+            # Hung up (421) already: commands the client pipelined behind run before the
+            # cancel lands, and a closed TLS transport raises on write.
+            return
         if isinstance(status, str):
             # aiosmtpd echoes client input in some replies (an unknown command, VRFY).
             status = _REPLY_UNSAFE.sub("?", status)

@@ -412,6 +412,7 @@ class SmtpSessionMachine(RuleBasedStateMachine):
         self.victim = Victim(self.target, self.run.ledger, self.stats)
         self.stats.examples += 1
         self.internal_errors = self._internal_errors()
+        self.log_offset = len(self.target.log())  # this example's lines start here
 
     @initialize()
     def start_victim(self) -> None:
@@ -1105,7 +1106,8 @@ class SmtpSessionMachine(RuleBasedStateMachine):
             "the relay answered 451 for an internal error:\n" + self.target.log()[-3000:]
         )
         if self.classes.tls_garbage:
-            assert "Traceback" not in self.target.log(), self.target.log()[-3000:]
+            lines = self.target.log()[self.log_offset :]
+            assert "Traceback" not in lines, lines[-3000:]
 
     def _internal_errors(self) -> float:
         labels = {"reason": "internal_error"}

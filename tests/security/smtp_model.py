@@ -217,8 +217,10 @@ def expect_mail(
         return Expectation({503: None}, why="no HELO")
     if not address_ok:
         return Expectation(refused_syntax, why="malformed sender path")
-    if params and state.greeting == "HELO":
-        return Expectation({501: None}, why="parameters after HELO")  # before nesting
+    if state.greeting == "HELO" and any(_keyword(p) != "AUTH" for p in params):
+        # Before nesting. The relay takes AUTH= off the line before aiosmtpd's check, so
+        # after HELO it is accepted (leniently) like after EHLO.
+        return Expectation({501: None}, why="parameters after HELO")
     if state.mail_from is not None:
         return Expectation({503: None}, why="nested MAIL")
     verdict = _mail_params(params, state.greeting == "EHLO", limits)
@@ -246,7 +248,7 @@ def _mail_params(params: list[str], extended: bool, limits: Limits) -> dict[int,
     if not params:
         return None
     if not extended:
-        return {501: None}
+        return {501: None} if any(_keyword(p) != "AUTH" for p in params) else None
     seen: set[str] = set()
     for param in params:
         key, eq, value = param.upper().partition("=")
@@ -271,6 +273,10 @@ def _mail_params(params: list[str], extended: bool, limits: Limits) -> dict[int,
         else:
             return {555: None, 501: None}
     return None
+
+
+def _keyword(param: str) -> str:
+    return param.partition("=")[0].upper()
 
 
 def _domain(address: str) -> str:

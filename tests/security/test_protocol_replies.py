@@ -113,3 +113,25 @@ async def test_help_lists_every_command_the_relay_takes(relay_factory: RelayFact
             assert (reply.code, reply.text.split()[:2]) == (250, ["Syntax:", command.decode()])
     finally:
         client.close()
+
+
+async def test_commands_pipelined_behind_a_hang_up_in_tls_are_not_an_internal_error(
+    relay_factory: RelayFactory,
+) -> None:
+    """Found by the fuzzer: after the relay answered 421 and closed a TLS session (too many
+    unknown commands), a QUIT pipelined behind them still ran, wrote to the closed TLS
+    transport and was counted as an internal error with a traceback."""
+    relay = await _relay(relay_factory)
+    client = await RawClient.connect(relay, implicit=True)
+    try:
+        client.writer.write(b"".join(b"XBAD%d\r\n" % n for n in range(8)) + b"QUIT\r\n")
+        await client.writer.drain()
+        codes = []
+        while not codes or codes[-1] != 421:
+            codes.append((await client.reply()).code)
+        assert codes[-1] == 421 and set(codes[:-1]) == {500}
+        assert await asyncio.wait_for(client.reader.read(), 10) == b""
+    finally:
+        client.close()
+    await asyncio.sleep(0.2)
+    assert relay.metric("mailrelay_messages_rejected_total", {"reason": "internal_error"}) == 0
