@@ -552,8 +552,8 @@ def _check_bytes(message: ExpectedMessage, data: bytes, rcpt_tos: tuple[str, ...
     parsedate_to_datetime(match["date"].decode())  # a valid RFC 5322 date
     if match["for"] is not None:  # only for a single recipient (as parsed, if unusual)
         assert len(message.recipients) == 1, (match["for"], message.recipients)
-        wanted = message.recipients[0].address
-        assert wanted is None or match["for"].decode() == wanted, (match["for"], wanted)
+        rcpt = message.recipients[0].address
+        assert rcpt is None or match["for"].decode() == rcpt, (match["for"], rcpt)
     body = data[match.end() :]
     wanted = normalized(message.stored) if message.stored else b""
     assert body == wanted or (not message.stored and body in (b"", b"\r\n")), (

@@ -126,7 +126,7 @@ async def test_commands_pipelined_behind_a_hang_up_in_tls_are_not_an_internal_er
     try:
         client.writer.write(b"".join(b"XBAD%d\r\n" % n for n in range(8)) + b"QUIT\r\n")
         await client.writer.drain()
-        codes = []
+        codes: list[int] = []
         while not codes or codes[-1] != 421:
             codes.append((await client.reply()).code)
         assert codes[-1] == 421 and set(codes[:-1]) == {500}
