@@ -89,6 +89,10 @@ _AIOSMTPD_BOGUS_REPLY = "502 5.5.1 Too many unrecognized commands, goodbye."
 # asyncio's default for TLS handshakes; the command timeout if that is shorter.
 _TLS_HANDSHAKE_TIMEOUT = 60.0
 _HELO_SAFE = re.compile(r"[^A-Za-z0-9.\-_:\[\]]")
+# Control characters and lone surrogates (undecodable bytes, kept by aiosmtpd's
+# surrogateescape) that a reply echoing client input must not carry (RFC 5321 4.2:
+# reply text is printable; a raw CR or NUL confuses clients and log readers).
+_REPLY_UNSAFE = re.compile("[\x00-\x1f\x7f\ud800-\udfff]")
 # `<local@domain>` with a dot-atom local part and a plain ASCII domain, then the rest.
 _PLAIN_PATH = re.compile(rf"<({PLAIN_ADDRESS})>(.*)", re.S)
 # aiosmtpd's reply when its parser cannot read a path (aiosmtpd 1.4.6, smtp_MAIL/RCPT).
@@ -310,6 +314,9 @@ class RelaySMTP(_CheapDir, BulkDataSMTP):
 
     # -- commands ---------------------------------------------------------------------
 
+    # The decorators keep MAIL, RCPT, STARTTLS and DATA in HELP's list (aiosmtpd lists only
+    # methods carrying its help text).
+    @syntax("MAIL FROM: <address>", extended=" [SP <mail-parameters>]")
     async def smtp_MAIL(self, arg: str | None) -> None:
         if self.front.draining:
             self.front.metrics.reject("shutting_down")
@@ -346,6 +353,10 @@ class RelaySMTP(_CheapDir, BulkDataSMTP):
 
     @syntax("STARTTLS", when="tls_context")
     async def smtp_STARTTLS(self, arg: str) -> None:
+        # aiosmtpd would answer 220 again inside TLS and nest a second handshake.
+        if self.implicit_tls or self._tls_protocol is not None:
+            await self.push("503 5.5.1 TLS already active")
+            return
         try:
             await super().smtp_STARTTLS(arg)
         except TLSSetupException as error:
@@ -354,6 +365,7 @@ class RelaySMTP(_CheapDir, BulkDataSMTP):
             )
             raise
 
+    @syntax("DATA")
     async def smtp_DATA(self, arg: str) -> None:
         # aiosmtpd re-arms its idle timer per command only, so this bounds the whole DATA.
         self._reset_timeout(self._data_timeout)
@@ -373,7 +385,13 @@ class RelaySMTP(_CheapDir, BulkDataSMTP):
         return self.front.handler.open_body(self, self.session, self.envelope)
 
     async def push(self, status: Any) -> None:
+        if self.transport is None or self.transport.is_closing():
+            # Hung up (421) already: commands the client pipelined behind run before the
+            # cancel lands, and a closed TLS transport raises on write.
+            return
         if isinstance(status, str):
+            # aiosmtpd echoes client input in some replies (an unknown command, VRFY).
+            status = _REPLY_UNSAFE.sub("?", status)
             if status.startswith("552 Error"):
                 self.front.metrics.reject("message_too_large")
                 status = "552 5.3.4 Message size exceeds fixed maximum message size"
