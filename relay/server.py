@@ -324,7 +324,8 @@ class RelaySMTP(_CheapDir, BulkDataSMTP):
             if self.transport is not None:
                 self.transport.close()
             return
-        if arg is not None:
+        if arg is not None and self.session is not None and self.session.extended_smtp:
+            # Only after EHLO: after HELO aiosmtpd refuses every MAIL parameter (501).
             split = split_auth_parameter(arg)
             if split is None:
                 await self.push("501 5.5.4 Bad AUTH parameter syntax")

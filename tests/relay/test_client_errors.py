@@ -249,6 +249,22 @@ async def test_mail_from_with_auth_parameter_is_accepted(relay_factory: RelayFac
     assert entry.mail_from == "a@example.com"
 
 
+async def test_auth_parameter_after_helo_is_refused_like_any_parameter(
+    relay_factory: RelayFactory,
+) -> None:
+    # RFC 5321 4.1.1.11: MAIL parameters are service extensions, which only EHLO opens.
+    relay = await accept_only(relay_factory, allowed_networks=LOOPBACK)
+    reader, writer = await asyncio.open_connection("127.0.0.1", relay.smtp_port)
+    await smtp_lines(reader)
+    writer.write(b"HELO client.test\r\n")
+    await smtp_lines(reader)
+    writer.write(b"MAIL FROM:<a@example.com> AUTH=<>\r\n")
+    assert (await smtp_lines(reader)).startswith(b"501 ")
+    writer.write(b"MAIL FROM:<a@example.com>\r\n")
+    assert (await smtp_lines(reader)).startswith(b"250 ")
+    writer.close()
+
+
 async def test_a_long_auth_parameter_fits_the_mail_line(relay_factory: RelayFactory) -> None:
     relay = await accept_only(relay_factory)
     submitter = "s" * 60 + "@" + "d" * 60 + ".example.com"

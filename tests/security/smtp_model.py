@@ -217,9 +217,9 @@ def expect_mail(
         return Expectation({503: None}, why="no HELO")
     if not address_ok:
         return Expectation(refused_syntax, why="malformed sender path")
-    if state.greeting == "HELO" and any(_keyword(p) != "AUTH" for p in params):
-        # Before nesting. The relay takes AUTH= off the line before aiosmtpd's check, so
-        # after HELO it is accepted (leniently) like after EHLO.
+    if state.greeting == "HELO" and params:
+        # Before nesting: MAIL parameters (AUTH= too) are service extensions, which only
+        # EHLO opens (RFC 5321 4.1.1.11).
         return Expectation({501: None}, why="parameters after HELO")
     if state.mail_from is not None:
         return Expectation({503: None}, why="nested MAIL")
