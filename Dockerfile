@@ -21,6 +21,10 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1
 COPY --from=build /wheels /tmp/wheels
 RUN pip install /tmp/wheels/*.whl && rm -rf /tmp/wheels
+# A passwd and group entry for the runtime user: Python's getpass (kopf's peering identity
+# outside a pod) and other tools look the uid up and fail without one.
+RUN echo 'mailrelay:x:65532:65532:mailrelay:/var/lib/mailrelay:/usr/sbin/nologin' >> /etc/passwd \
+ && echo 'mailrelay:x:65532:' >> /etc/group
 # The relay's spool is a mounted volume; nothing else is written at run time.
 WORKDIR /var/lib/mailrelay
 USER 65532:65532

@@ -223,8 +223,13 @@ class LocalKube:
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
 
     @property
+    def host(self) -> str:
+        """The address the API server binds and serves on."""
+        return "127.0.0.1"
+
+    @property
     def server(self) -> str:
-        return f"https://127.0.0.1:{self.apiserver_port}"
+        return f"https://{self.host}:{self.apiserver_port}"
 
     @property
     def kubeconfig(self) -> Path:
@@ -339,6 +344,7 @@ class LocalKube:
 
     def _start_once(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
+        self._prepare()
         self.etcd_port, self.etcd_peer_port, self.apiserver_port = (
             free_port(),
             free_port(),
@@ -351,20 +357,13 @@ class LocalKube:
         self._write_kubeconfig(self.kubeconfig, "mailrelay-admin", admin)
         self._wait_until_ready()
 
+    def _prepare(self) -> None:
+        """Hook for subclasses: set up what the API server needs before it starts."""
+
     def _write_pki(self) -> None:
         pki = self.workdir / "pki"
         pki.mkdir(parents=True, exist_ok=True)
-        serving = self.ca.issue(
-            "kube-apiserver",
-            server_names=[
-                "localhost",
-                "127.0.0.1",
-                "kubernetes",
-                "kubernetes.default",
-                "kubernetes.default.svc",
-                "10.0.0.1",
-            ],
-        )
+        serving = self.ca.issue("kube-apiserver", server_names=self.serving_names())
         service_account_key = _new_key()
         files = {
             "ca.crt": self.ca.cert_pem,
@@ -412,30 +411,43 @@ class LocalKube:
             ],
         )
 
+    def serving_names(self) -> list[str]:
+        """Names and addresses in the API server's serving certificate."""
+        return [
+            "localhost",
+            "127.0.0.1",
+            "kubernetes",
+            "kubernetes.default",
+            "kubernetes.default.svc",
+            "10.0.0.1",
+        ]
+
     def _start_apiserver(self) -> None:
-        pki = self.workdir / "pki"
         self._spawn(
-            "kube-apiserver",
-            [
-                str(self.bin_dir / "kube-apiserver"),
-                f"--etcd-servers=http://127.0.0.1:{self.etcd_port}",
-                "--bind-address=127.0.0.1",
-                f"--secure-port={self.apiserver_port}",
-                f"--tls-cert-file={pki / 'apiserver.crt'}",
-                f"--tls-private-key-file={pki / 'apiserver.key'}",
-                f"--client-ca-file={pki / 'ca.crt'}",
-                "--authorization-mode=RBAC",
-                "--service-cluster-ip-range=10.0.0.0/24",
-                "--allow-privileged=true",
-                "--disable-admission-plugins=ServiceAccount",
-                f"--service-account-issuer=https://127.0.0.1:{self.apiserver_port}/",
-                f"--service-account-key-file={pki / 'sa.pub'}",
-                f"--service-account-signing-key-file={pki / 'sa.key'}",
-                f"--cert-dir={pki}",
-                "--advertise-address=127.0.0.1",
-                "--v=0",
-            ],
+            "kube-apiserver", [str(self.bin_dir / "kube-apiserver"), *self.apiserver_args()]
         )
+
+    def apiserver_args(self) -> list[str]:
+        """envtest's shape: no ServiceAccount admission, loopback only."""
+        pki = self.workdir / "pki"
+        return [
+            f"--etcd-servers=http://127.0.0.1:{self.etcd_port}",
+            "--bind-address=127.0.0.1",
+            f"--secure-port={self.apiserver_port}",
+            f"--tls-cert-file={pki / 'apiserver.crt'}",
+            f"--tls-private-key-file={pki / 'apiserver.key'}",
+            f"--client-ca-file={pki / 'ca.crt'}",
+            "--authorization-mode=RBAC",
+            "--service-cluster-ip-range=10.0.0.0/24",
+            "--allow-privileged=true",
+            "--disable-admission-plugins=ServiceAccount",
+            f"--service-account-issuer=https://127.0.0.1:{self.apiserver_port}/",
+            f"--service-account-key-file={pki / 'sa.pub'}",
+            f"--service-account-signing-key-file={pki / 'sa.key'}",
+            f"--cert-dir={pki}",
+            "--advertise-address=127.0.0.1",
+            "--v=0",
+        ]
 
     def _wait_until_ready(self, timeout: float = 90.0) -> None:
         context = ssl.create_default_context(cafile=str(self.ca_file))
@@ -503,7 +515,7 @@ class LocalKube:
 
     def stop_processes(self) -> None:
         """Stop the apiserver first, then etcd; SIGKILL whatever does not exit in time."""
-        for name in ("kube-apiserver", "etcd"):
+        for name in self.stop_order():
             process = self.processes.pop(name, None)
             if process is None or process.poll() is not None:
                 continue
@@ -528,6 +540,9 @@ class LocalKube:
         """Start kube-apiserver again on its port, and wait until it is ready."""
         self._start_apiserver()
         self._wait_until_ready()
+
+    def stop_order(self) -> list[str]:
+        return ["kube-apiserver", "etcd"]
 
     def stop(self) -> None:
         """Stop everything and remove the work directory."""

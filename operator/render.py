@@ -296,6 +296,24 @@ def _secret_volume(mount: SecretMount) -> dict[str, Any]:
     }
 
 
+UNPRIVILEGED_PORT_SYSCTL = "net.ipv4.ip_unprivileged_port_start"
+FIRST_UNPRIVILEGED_PORT = 1024
+
+
+def pod_sysctls(spec: models.MailRelaySpec) -> list[dict[str, str]]:
+    """Let the relay (uid 65532, no capabilities) bind its ports below 1024 (587, 465).
+
+    `net.ipv4.ip_unprivileged_port_start` is a namespaced, "safe" sysctl (Kubernetes allows it
+    in every pod since 1.22, Pod Security's restricted profile included): it lowers the bound
+    in the pod's own network namespace only, to the lowest port the relay listens on. It
+    applies to IPv6 sockets too. Without it the relay depends on the runtime's default.
+    """
+    lowest = min([port for _, port in _ports(spec)] + [spec.metrics.port])
+    if lowest >= FIRST_UNPRIVILEGED_PORT:
+        return []
+    return [{"name": UNPRIVILEGED_PORT_SYSCTL, "value": str(lowest)}]
+
+
 def _tolerations(spec: models.MailRelaySpec) -> list[dict[str, Any]]:
     return [t.model_dump(by_alias=True, exclude_none=True) for t in spec.tolerations]
 
@@ -375,6 +393,8 @@ def render_statefulset(
         "containers": [container],
         "volumes": volumes,
     }
+    if sysctls := pod_sysctls(spec):
+        pod_spec["securityContext"]["sysctls"] = sysctls
     if spec.node_selector:
         pod_spec["nodeSelector"] = dict(spec.node_selector)
     if spec.tolerations:
