@@ -259,6 +259,12 @@ def _per_client_limits(limits: models.PerClientLimits) -> dict[str, Any]:
     }
 
 
+# Every address of both families the pod has: asyncio binds "" as one socket per family
+# (IPv4 0.0.0.0 and IPv6 ::), so the relay serves IPv4-only, IPv6-only and dual-stack pods.
+# "::" alone would drop IPv4 (asyncio sets IPV6_V6ONLY) and "0.0.0.0" drops IPv6.
+ALL_ADDRESSES = ""
+
+
 def build_relay_config(
     *,
     name: str,
@@ -272,7 +278,7 @@ def build_relay_config(
     """The relay's config for this spec and these routes; RelayConfigError if it refuses."""
     mounts = secret_mounts(spec, routes)
     listener: dict[str, Any] = {
-        "host": "0.0.0.0",
+        "host": ALL_ADDRESSES,
         "submission_port": spec.listener.port,
         "implicit_tls_port": spec.listener.implicit_tls_port,
     }
@@ -324,7 +330,7 @@ def build_relay_config(
             "max_age_seconds": _seconds(retry.max_age),
         },
         "routes": [_route_config(route, mounts) for route in sorted(routes, key=lambda r: r.name)],
-        "metrics": {"host": "0.0.0.0", "port": spec.metrics.port},
+        "metrics": {"host": ALL_ADDRESSES, "port": spec.metrics.port},
         "log_format": log_format,
         "shutdown_grace_seconds": drain_seconds,
         "postmaster": spec.postmaster,

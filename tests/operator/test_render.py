@@ -342,6 +342,33 @@ class TestRenderStatefulSet:
             CONFIG_HASH_ANNOTATION: "abc123"
         }
 
+    @pytest.mark.parametrize(
+        ("listener", "metrics_port", "sysctls"),
+        [
+            (
+                {"port": 587, "implicitTlsPort": 465, "tls": {"secretName": "relay-tls"}},
+                9090,
+                [{"name": "net.ipv4.ip_unprivileged_port_start", "value": "465"}],
+            ),
+            (
+                {"port": 2525, "tls": {"secretName": "relay-tls"}},
+                80,
+                [{"name": "net.ipv4.ip_unprivileged_port_start", "value": "80"}],
+            ),
+            ({"port": 2525, "tls": {"secretName": "relay-tls"}}, 9090, None),
+        ],
+        ids=["submission-ports", "low-metrics-port", "all-unprivileged"],
+    )
+    def test_unprivileged_user_may_bind_the_ports_below_1024(
+        self, listener: dict[str, Any], metrics_port: int, sysctls: Any
+    ) -> None:
+        """uid 65532 with every capability dropped binds 587/465 through the pod's own
+        (namespaced, safe) sysctl, lowered only as far as the lowest port; no runtime default."""
+        pod = self.render(listener=listener, metrics={"port": metrics_port})["spec"]["template"]
+        context = pod["spec"]["securityContext"]
+        assert context.get("sysctls") == sysctls
+        assert (context["runAsUser"], context["runAsGroup"]) == (65532, 65532)
+
     def test_secrets_are_mounted_never_copied(self) -> None:
         rendered = self.render()
         pod = rendered["spec"]["template"]["spec"]
