@@ -9,14 +9,16 @@ PY := $(VENV)/bin/python
 export PYTHONSAFEPATH := 1
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck fmt venv control-plane cluster-up cluster-down crds chart-sync clean bench
+.PHONY: demo test lint typecheck fmt venv control-plane node cluster-up cluster-down crds chart-sync clean bench
 
-# Main job: a local demo on an embedded default (local control plane, CRDs, examples).
-demo: venv control-plane
+# Main job: a real single-node cluster; helm install the chart, upstream pods, a client pod
+# sending mail through the relay Service (hack/clusterdemo.py).
+demo: venv control-plane node
 	PYTHONPATH=hack $(PY) hack/demo.py
 
-# All tests: unit, relay on loopback, and API tests against a real kube-apiserver + etcd.
-test: venv control-plane lint
+# All tests: unit, relay on loopback, API tests against a real kube-apiserver + etcd, and
+# tests on real pods (marker `node`) on the single-node cluster.
+test: venv control-plane node lint
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 venv: $(STAMP)
@@ -50,11 +52,19 @@ fmt: venv
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
-cluster-up: venv control-plane
-	PYTHONPATH=hack $(PY) hack/localkube.py up
+# Builds (once, cached under ~/.cache/mailrelay) kubelet, kube-controller-manager,
+# kube-scheduler, kube-proxy, containerd, CoreDNS, local-path-provisioner; installs the Debian
+# packages the node needs; builds the images (base, project, upstreams) with podman.
+node: venv control-plane
+	hack/build-node.sh >/dev/null
+	PYTHONPATH=hack $(PY) hack/localnode.py build
+
+# A real single-node cluster that outlives the command (hack/localnode.py).
+cluster-up: venv control-plane node
+	PYTHONPATH=hack $(PY) hack/localnode.py up
 
 cluster-down: venv
-	PYTHONPATH=hack $(PY) hack/localkube.py down
+	PYTHONPATH=hack $(PY) hack/localnode.py down
 
 # Regenerates crds/*.yaml from the pydantic models, and the chart's copies of them.
 crds: venv

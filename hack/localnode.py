@@ -597,7 +597,8 @@ class LocalNode(LocalKube):
 
     @property
     def containerd_root(self) -> Path:
-        return self.workdir / "containerd" / "root"
+        """Kept across runs (image content and snapshots), so warm starts import nothing."""
+        return nodeimages.CACHE_ROOT / "containerd-root"
 
     @property
     def volumes_dir(self) -> Path:
@@ -662,6 +663,7 @@ class LocalNode(LocalKube):
         assert self.images is not None
         began = time.monotonic()
         self._start_containerd()
+        self._remove_stale_pods()
         nodeimages.import_into_containerd(
             self.images.all(), self.node_bin / "ctr", self.containerd_socket
         )
@@ -716,6 +718,15 @@ class LocalNode(LocalKube):
             if self.processes["containerd"].poll() is not None or time.monotonic() > deadline:
                 raise ControlPlaneError(f"containerd did not start:\n{self.log_tail('containerd')}")
             time.sleep(0.1)
+
+    def _remove_stale_pods(self) -> None:
+        """Sandboxes and containers a previous run left in the kept containerd root."""
+        ctr = [str(self.node_bin / "ctr"), "--address", str(self.containerd_socket), "-n", "k8s.io"]
+        for kind in ("containers", "sandboxes"):
+            ids = _run(*ctr, kind, "list", "--quiet", check=False).stdout.split()
+            for identifier in ids:
+                extra = ["--force"] if kind == "sandboxes" else []
+                _run(*ctr, kind, "rm", *extra, identifier, check=False)
 
     def _start_controllers(self) -> None:
         pki = self.workdir / "pki"

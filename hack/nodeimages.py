@@ -279,7 +279,7 @@ class NodeImages:
 def build_all(node_bin: Path) -> NodeImages:
     base = ensure_base()
     project = ensure_project_image(base)
-    return NodeImages(
+    images = NodeImages(
         pause=scratch_image("pause", node_bin / "pause", ["/pause"]),
         coredns=scratch_image("coredns", node_bin / "coredns", ["/coredns"]),
         provisioner=scratch_image(
@@ -291,26 +291,55 @@ def build_all(node_bin: Path) -> NodeImages:
         project=project,
         peers=ensure_peers_image(project),
     )
+    prune_podman(images.all())
+    return images
+
+
+def _stale(listed: list[str], wanted: list[str]) -> list[str]:
+    """Earlier builds of our content-hashed images (`...:dev-<hash>`) that `wanted` replaced."""
+    repositories = {image.rsplit(":", 1)[0] for image in wanted if ":dev-" in image}
+    return [
+        image
+        for image in listed
+        if ":dev-" in image and image.rsplit(":", 1)[0] in repositories and image not in wanted
+    ]
+
+
+def prune_podman(wanted: list[str]) -> None:
+    """Drop earlier `dev-` builds from podman's storage so it does not grow without bound."""
+    listed = podman("images", "--format", "{{.Repository}}:{{.Tag}}").split()
+    stale = _stale(listed, wanted)
+    if stale:
+        podman("rmi", "--force", *stale)
+        log(f"Removed {len(stale)} earlier image build(s) from podman")
 
 
 def import_into_containerd(images: list[str], ctr: Path, address: Path) -> None:
-    """Import each image containerd's k8s.io namespace lacks (podman save -> ctr import)."""
+    """Import each image containerd's k8s.io namespace lacks (podman save -> ctr import),
+    and remove earlier builds of the same images."""
     base = [str(ctr), "--address", str(address), "--namespace", "k8s.io"]
     listed = subprocess.run(
         [*base, "images", "list", "--quiet"], capture_output=True, text=True, check=True
     ).stdout.split()
+    stale = _stale(listed, images)
+    if stale:
+        subprocess.run([*base, "images", "rm", *stale], capture_output=True, check=False)
     wanted = [image for image in images if image not in listed]
     if not wanted:
         return
     started = time.monotonic()
+    log(f"Importing {len(wanted)} image(s) into containerd (about 20-60 s)...")
     with tempfile.TemporaryDirectory(prefix="mailrelay-import-") as tmp:
         for image in wanted:
             archive = Path(tmp) / "image.tar"
             podman("save", "--format", "docker-archive", "-o", str(archive), image)
-            subprocess.run(
+            result = subprocess.run(
                 [*base, "images", "import", str(archive)],
-                check=True,
                 capture_output=True,
+                text=True,
+                check=False,
             )
+            if result.returncode != 0:
+                raise ImageError(f"ctr images import {image} failed: {result.stderr[-2000:]}")
             archive.unlink()
     log(f"Imported {len(wanted)} image(s) into containerd in {time.monotonic() - started:.0f}s")

@@ -1,4 +1,11 @@
-"""Session-wide fixtures: the real local control plane and a namespace per test."""
+"""Session-wide fixtures: the real local control plane, the real single-node cluster, and a
+namespace per test on each.
+
+`kube` is etcd + kube-apiserver only (fast; no pods). `node` is a whole single-node
+cluster (hack/localnode.py): containerd, kubelet, controller-manager, scheduler,
+kube-proxy, CoreDNS, local-path-provisioner, with the project image imported. It starts
+only when a test asks for it (marker `node`), once per session.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +15,7 @@ from collections.abc import Iterator
 
 import pytest
 from localkube import LocalKube, running_cluster
+from localnode import LocalNode, running_node
 
 
 @pytest.fixture(scope="session")
@@ -26,3 +34,19 @@ def namespace(kube: LocalKube, request: pytest.FixtureRequest) -> Iterator[str]:
     # Without a controller manager a deleted namespace stays Terminating; the cluster is
     # thrown away at the end of the session anyway, so deletion is only a courtesy.
     kube.kubectl("delete", "namespace", name, "--wait=false", check=False)
+
+
+@pytest.fixture(scope="session")
+def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalNode]:
+    """A real single-node cluster for the whole session, torn down even when tests fail."""
+    with running_node(tmp_path_factory.mktemp("localnode")) as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def node_namespace(node: LocalNode, request: pytest.FixtureRequest) -> Iterator[str]:
+    """A fresh namespace on the real cluster; deleted (with its pods) after the test."""
+    stem = re.sub(r"[^a-z0-9-]+", "-", request.node.name.lower()).strip("-")[:40].strip("-")
+    name = node.create_namespace(f"n-{stem}-{secrets.token_hex(3)}")
+    yield name
+    node.kubectl("delete", "namespace", name, "--wait=false", check=False)

@@ -1,0 +1,419 @@
+"""The user's path on a real cluster, shared by `make demo` and the tests in tests/cluster.
+
+- `install_operator`: `helm install` of charts/mailrelay with the locally built image.
+- `upstream_manifests`: the in-cluster upstreams (image mailrelay-peers, see hack/peers.py):
+  an SMTP server with STARTTLS and AUTH, and the Mailgun-compatible API, with Services.
+- `relay_manifests`: Secrets (TLS, users, upstream credentials), a MailRelay with STARTTLS on
+  587, implicit TLS on 465 and AUTH, and one MailRoute per upstream.
+- `send_from_pod`: a client pod that sends mail over STARTTLS and AUTH to the relay Service
+  by its DNS name, the way an app in the cluster does.
+- `received`: what an upstream pod accepted (its `/_received` endpoint, read from the node).
+
+Manifest builders are pure; the rest runs kubectl/helm through `LocalNode`.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import textwrap
+import time
+import urllib.request
+from dataclasses import dataclass
+from typing import Any
+
+import bcrypt
+import trustme
+import yaml
+from localkube import REPO_ROOT
+from localnode import CLUSTER_DOMAIN, LocalNode
+
+CHART = REPO_ROOT / "charts" / "mailrelay"
+OPERATOR_NAMESPACE = "mailrelay-system"
+RELEASE = "mailrelay"
+RELAY = "outbound"
+CLIENT_USER = "app"
+CLIENT_PASSWORD = "demo-password-123"
+UPSTREAM_USER = "relay"
+UPSTREAM_PASSWORD = "upstream-password-456"
+MAILGUN_API_KEY = "test-key-0123456789"  # tests/providers/servers.py API_KEY
+MAILGUN_DOMAIN = "mg.example.com"  # tests/providers/servers.py MAILGUN_DOMAIN
+SMTP_PORT, CONTROL_PORT, HTTP_PORT = 2525, 8025, 8080
+
+
+def service_host(name: str, namespace: str) -> str:
+    return f"{name}.{namespace}.svc.{CLUSTER_DOMAIN}"
+
+
+def _secret(name: str, data: dict[str, str], type_: str = "Opaque") -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": name},
+        "type": type_,
+        "data": {k: base64.b64encode(v.encode()).decode() for k, v in data.items()},
+    }
+
+
+def _tls_secret(name: str, cert: trustme.LeafCert) -> dict[str, Any]:
+    return _secret(
+        name,
+        {
+            "tls.crt": cert.cert_chain_pems[0].bytes().decode(),
+            "tls.key": cert.private_key_pem.bytes().decode(),
+        },
+        "kubernetes.io/tls",
+    )
+
+
+POD_SECURITY = {
+    "runAsNonRoot": True,
+    "runAsUser": 65532,
+    "runAsGroup": 65532,
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+CONTAINER_SECURITY = {
+    "allowPrivilegeEscalation": False,
+    "readOnlyRootFilesystem": True,
+    "capabilities": {"drop": ["ALL"]},
+}
+
+
+def _upstream(name: str, mode: str, image: str, ports: dict[str, int]) -> list[dict[str, Any]]:
+    labels = {"app": name}
+    env = [
+        {"name": "SMTP_USERNAME", "value": UPSTREAM_USER},
+        {"name": "SMTP_PASSWORD", "value": UPSTREAM_PASSWORD},
+        {"name": "TLS_CERT", "value": "/tls/tls.crt"},
+        {"name": "TLS_KEY", "value": "/tls/tls.key"},
+    ]
+    container: dict[str, Any] = {
+        "name": name,
+        "image": image,
+        "imagePullPolicy": "IfNotPresent",
+        "args": [mode],
+        "env": env,
+        "ports": [{"name": k, "containerPort": v} for k, v in ports.items()],
+        "readinessProbe": {"tcpSocket": {"port": CONTROL_PORT}, "periodSeconds": 1},
+        "securityContext": CONTAINER_SECURITY,
+    }
+    pod: dict[str, Any] = {
+        "securityContext": POD_SECURITY,
+        "enableServiceLinks": False,
+        "automountServiceAccountToken": False,
+        "containers": [container],
+    }
+    if mode == "smtp":
+        container["volumeMounts"] = [{"name": "tls", "mountPath": "/tls", "readOnly": True}]
+        pod["volumes"] = [{"name": "tls", "secret": {"secretName": f"{name}-tls"}}]
+    return [
+        {
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "metadata": {"name": name, "labels": labels},
+            "spec": {
+                "replicas": 1,
+                "selector": {"matchLabels": labels},
+                "template": {"metadata": {"labels": labels}, "spec": pod},
+            },
+        },
+        {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {"name": name, "labels": labels},
+            "spec": {
+                "selector": labels,
+                "ipFamilyPolicy": "PreferDualStack",
+                "ports": [{"name": k, "port": v, "targetPort": k} for k, v in ports.items()],
+            },
+        },
+    ]
+
+
+def upstream_manifests(ca: trustme.CA, namespace: str, image: str) -> list[dict[str, Any]]:
+    """The SMTP upstream (STARTTLS + AUTH, its certificate from `ca`) and the Mailgun API."""
+    smtp_cert = ca.issue_cert(service_host("smtp-upstream", namespace))
+    return [
+        _tls_secret("smtp-upstream-tls", smtp_cert),
+        *_upstream("smtp-upstream", "smtp", image, {"smtp": SMTP_PORT, "control": CONTROL_PORT}),
+        *_upstream("mailgun", "mailgun", image, {"http": HTTP_PORT, "control": CONTROL_PORT}),
+    ]
+
+
+def users_yaml(domains: list[str]) -> str:
+    password_hash = bcrypt.hashpw(CLIENT_PASSWORD.encode(), bcrypt.gensalt(rounds=6)).decode()
+    return yaml.safe_dump(
+        {
+            "users": [
+                {
+                    "username": CLIENT_USER,
+                    "password_hash": password_hash,
+                    "allowed_sender_domains": domains,
+                }
+            ]
+        }
+    )
+
+
+def relay_manifests(
+    ca: trustme.CA, namespace: str, *, replicas: int = 1, name: str = RELAY
+) -> list[dict[str, Any]]:
+    """Secrets, a MailRelay (STARTTLS 587, implicit TLS 465, AUTH), a route per upstream."""
+    relay_cert = ca.issue_cert(service_host(name, namespace), f"{name}.example.test")
+    return [
+        _tls_secret(f"{name}-tls", relay_cert),
+        _secret(
+            f"{name}-users", {"users.yaml": users_yaml(["billing.demo.test", "news.demo.test"])}
+        ),
+        _secret("smarthost", {"username": UPSTREAM_USER, "password": UPSTREAM_PASSWORD}),
+        _secret("smarthost-ca", {"ca.crt": ca.cert_pem.bytes().decode()}),
+        _secret("mailgun", {"apiKey": MAILGUN_API_KEY}),
+        {
+            "apiVersion": "mailrelay.dev/v1alpha1",
+            "kind": "MailRelay",
+            "metadata": {"name": name},
+            "spec": {
+                "replicas": replicas,
+                "listener": {
+                    "port": 587,
+                    "implicitTlsPort": 465,
+                    "tls": {"secretName": f"{name}-tls"},
+                },
+                "auth": {
+                    "required": True,
+                    "usersSecretRef": {"name": f"{name}-users", "key": "users.yaml"},
+                },
+                "queue": {
+                    "size": "100Mi",
+                    "retry": {"initialBackoff": "1s", "maxBackoff": "5s", "maxAge": "1h"},
+                },
+                "resources": {"requests": {"cpu": "10m", "memory": "64Mi"}},
+            },
+        },
+        {
+            "apiVersion": "mailrelay.dev/v1alpha1",
+            "kind": "MailRoute",
+            "metadata": {"name": f"{name}-billing-smtp"},
+            "spec": {
+                "relayRef": {"name": name},
+                "priority": 200,
+                "match": {"senderDomains": ["billing.demo.test"]},
+                "upstream": {
+                    "smtp": {
+                        "host": service_host("smtp-upstream", namespace),
+                        "port": SMTP_PORT,
+                        "tls": "starttls",
+                        "credentialsSecretRef": {"name": "smarthost"},
+                        "caSecretRef": {"name": "smarthost-ca"},
+                    }
+                },
+            },
+        },
+        {
+            "apiVersion": "mailrelay.dev/v1alpha1",
+            "kind": "MailRoute",
+            "metadata": {"name": f"{name}-news-mailgun"},
+            "spec": {
+                "relayRef": {"name": name},
+                "priority": 150,
+                "match": {"senderDomains": ["news.demo.test"]},
+                "upstream": {
+                    "api": {
+                        "provider": "mailgun",
+                        "domain": MAILGUN_DOMAIN,
+                        "endpoint": f"http://{service_host('mailgun', namespace)}:{HTTP_PORT}",
+                        "credentialsSecretRef": {"name": "mailgun"},
+                    }
+                },
+            },
+        },
+    ]
+
+
+def yaml_stream(objects: list[dict[str, Any]]) -> str:
+    return yaml.safe_dump_all(objects, sort_keys=False)
+
+
+# --- operations on a running node --------------------------------------------------------------
+
+
+def install_operator(node: LocalNode, *, extra: tuple[str, ...] = ()) -> str:
+    """`helm install` the chart with the locally built image; returns helm's output."""
+    assert node.images is not None
+    repository, tag = node.images.project.rsplit(":", 1)
+    result = node.helm(
+        "upgrade",
+        "--install",
+        RELEASE,
+        str(CHART),
+        "--namespace",
+        OPERATOR_NAMESPACE,
+        "--create-namespace",
+        "--set",
+        f"image.repository={repository}",
+        "--set",
+        f"image.tag={tag}",
+        "--set",
+        "operator.resyncSeconds=5",
+        "--wait",
+        "--timeout=180s",
+        *extra,
+    )
+    return result.stdout
+
+
+@dataclass
+class SendResult:
+    """The client pod's log: one line per message with the relay's reply."""
+
+    log: str
+    ok: bool
+
+
+CLIENT_SCRIPT = textwrap.dedent(
+    """
+    import asyncio, base64, json, os, ssl, sys
+    from email.message import EmailMessage
+    import aiosmtplib
+
+    async def main():
+        context = ssl.create_default_context(cafile="/ca/ca.crt")
+        plan = json.loads(os.environ["MESSAGES"])
+        port = int(os.environ.get("PORT", "587"))
+        implicit = port == int(os.environ.get("IMPLICIT_PORT", "465"))
+        ok = True
+        for item in plan:
+            try:
+                async with aiosmtplib.SMTP(
+                    hostname=os.environ["RELAY_HOST"], port=port, use_tls=implicit,
+                    start_tls=not implicit, tls_context=context, timeout=30,
+                ) as client:
+                    await client.login(os.environ["SMTP_USER"], os.environ["SMTP_PASSWORD"])
+                    if "raw" in item:  # exact bytes, for byte-exact checks
+                        errors, reply = await client.sendmail(
+                            item["from"], [item["to"]], base64.b64decode(item["raw"])
+                        )
+                    else:
+                        message = EmailMessage()
+                        message["From"] = item["from"]
+                        message["To"] = item["to"]
+                        message["Subject"] = item["subject"]
+                        message["Message-ID"] = item["message_id"]
+                        message.set_content(item.get("body", "Hello from a pod\\n"))
+                        errors, reply = await client.send_message(message)
+                print(f"sent {item['subject']!r}: {reply}", flush=True)
+            except Exception as error:
+                ok = False
+                print(f"FAILED {item['subject']!r}: {error!r}", flush=True)
+        sys.exit(0 if ok else 1)
+
+    asyncio.run(main())
+    """
+)
+
+
+def client_pod(
+    name: str, image: str, relay_host: str, messages: list[dict[str, str]], port: int = 587
+) -> list[dict[str, Any]]:
+    """A one-shot pod (and the CA it trusts) that sends `messages` through the relay."""
+    return [
+        {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {"name": f"{name}-script"},
+            "data": {"send.py": CLIENT_SCRIPT},
+        },
+        {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": name, "labels": {"app": "mail-client"}},
+            "spec": {
+                "restartPolicy": "Never",
+                "securityContext": POD_SECURITY,
+                "automountServiceAccountToken": False,
+                "containers": [
+                    {
+                        "name": "client",
+                        "image": image,
+                        "imagePullPolicy": "IfNotPresent",
+                        "command": ["python", "/script/send.py"],
+                        "env": [
+                            {"name": "RELAY_HOST", "value": relay_host},
+                            {"name": "PORT", "value": str(port)},
+                            {"name": "SMTP_USER", "value": CLIENT_USER},
+                            {"name": "SMTP_PASSWORD", "value": CLIENT_PASSWORD},
+                            {"name": "MESSAGES", "value": json.dumps(messages)},
+                        ],
+                        "securityContext": CONTAINER_SECURITY,
+                        "volumeMounts": [
+                            {"name": "script", "mountPath": "/script"},
+                            {"name": "ca", "mountPath": "/ca"},
+                        ],
+                    }
+                ],
+                "volumes": [
+                    {"name": "script", "configMap": {"name": f"{name}-script"}},
+                    {"name": "ca", "secret": {"secretName": "smarthost-ca"}},
+                ],
+            },
+        },
+    ]
+
+
+def send_from_pod(
+    node: LocalNode,
+    namespace: str,
+    messages: list[dict[str, str]],
+    *,
+    name: str = "mail-client",
+    relay: str = RELAY,
+    port: int = 587,
+    timeout: float = 120,
+) -> SendResult:
+    """Run a client pod to completion and return its log."""
+    assert node.images is not None
+    objects = client_pod(name, node.images.project, service_host(relay, namespace), messages, port)
+    node.kubectl("apply", "-n", namespace, "-f", "-", input=yaml_stream(objects))
+    deadline = time.monotonic() + timeout
+    phase = ""
+    while time.monotonic() < deadline:
+        phase = node.kubectl(
+            "get", "pod", name, "-n", namespace, "-o", "jsonpath={.status.phase}"
+        ).stdout
+        if phase in ("Succeeded", "Failed"):
+            break
+        time.sleep(0.5)
+    log = node.kubectl("logs", name, "-n", namespace, check=False).stdout
+    node.kubectl("delete", "pod", name, "-n", namespace, "--wait=false", check=False)
+    return SendResult(log=log, ok=phase == "Succeeded")
+
+
+def pod_ip(node: LocalNode, namespace: str, selector: str) -> str:
+    return node.kubectl(
+        "get", "pods", "-n", namespace, "-l", selector, "-o", "jsonpath={.items[0].status.podIP}"
+    ).stdout.strip()
+
+
+def received(node: LocalNode, namespace: str, upstream: str) -> list[dict[str, Any]]:
+    """What the upstream pod accepted, read from its control port (the node reaches pods)."""
+    ip = pod_ip(node, namespace, f"app={upstream}")
+    host = f"[{ip}]" if ":" in ip else ip
+    with urllib.request.urlopen(f"http://{host}:{CONTROL_PORT}/_received", timeout=5) as answer:
+        data: list[dict[str, Any]] = json.loads(answer.read())
+    return data
+
+
+def relay_metrics(node: LocalNode, namespace: str, relay: str = RELAY) -> dict[str, float]:
+    ip = pod_ip(node, namespace, f"app.kubernetes.io/instance={relay}")
+    with urllib.request.urlopen(f"http://{ip}:9090/metrics", timeout=5) as answer:
+        text = answer.read().decode()
+    samples = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            key, _, value = line.rpartition(" ")
+            samples[key] = float(value)
+    return samples
+
+
+def wait_rollout(node: LocalNode, namespace: str, kind_name: str, timeout: int = 180) -> None:
+    node.kubectl("rollout", "status", "-n", namespace, kind_name, f"--timeout={timeout}s")

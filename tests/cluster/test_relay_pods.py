@@ -1,0 +1,185 @@
+"""The shipped artefacts on real pods: chart, operator pod, relay pods, Services, PVCs.
+
+Everything runs on the single-node cluster of hack/localnode.py, whose containerd does
+not lower `ip_unprivileged_port_start` for pods (`enable_unprivileged_ports = false`, like
+most runtimes), so the relay's ports 587/465 work only through the pod's own sysctl.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+
+import incluster
+import pytest
+import trustme
+from localnode import LocalNode
+
+pytestmark = [pytest.mark.node, pytest.mark.slow]
+
+RAW = (
+    b"From: Billing <billing@billing.demo.test>\r\n"
+    b"To: customer@example.org\r\n"
+    b"Subject: =?utf-8?q?Rechnung_f=C3=BCr_Dezember?=\r\n"
+    b"Message-ID: <byte-exact-1@billing.demo.test>\r\n"
+    b"MIME-Version: 1.0\r\n"
+    b"Content-Type: text/plain; charset=utf-8\r\n"
+    b"Content-Transfer-Encoding: 8bit\r\n"
+    b"\r\n"
+    b"Gr\xc3\xbc\xc3\x9fe,\r\n"
+    b".leading dot and trailing spaces   \r\n"
+    b"\tand a tab\r\n"
+)
+
+
+def _apply_relay(node: LocalNode, namespace: str, ca: trustme.CA) -> None:
+    node.kubectl(
+        "apply",
+        "-n",
+        namespace,
+        "-f",
+        "-",
+        input=incluster.yaml_stream(incluster.relay_manifests(ca, namespace)),
+    )
+    node.kubectl(
+        "wait",
+        "-n",
+        namespace,
+        "--for=condition=Ready",
+        f"mailrelay/{incluster.RELAY}",
+        "--timeout=240s",
+    )
+
+
+def _received(node: LocalNode, namespace: str, count: int) -> list[dict[str, str]]:
+    deadline = time.monotonic() + 60
+    found: list[dict[str, str]] = []
+    while time.monotonic() < deadline:
+        found = incluster.received(node, namespace, "smtp-upstream")
+        if len(found) >= count:
+            return found
+        time.sleep(0.5)
+    return found
+
+
+def test_mailrelay_becomes_ready_pods_that_serve_587_and_465(
+    node: LocalNode, operator_release: str, node_namespace: str, upstreams: trustme.CA
+) -> None:
+    _apply_relay(node, node_namespace, upstreams)
+    pods = json.loads(
+        node.kubectl(
+            "get",
+            "pods",
+            "-n",
+            node_namespace,
+            "-l",
+            f"app.kubernetes.io/instance={incluster.RELAY}",
+            "-o",
+            "json",
+        ).stdout
+    )["items"]
+    assert len(pods) == 1
+    pod = pods[0]
+    ready = {c["type"]: c["status"] for c in pod["status"]["conditions"]}
+    assert ready["Ready"] == "True"
+    claim = next(v for v in pod["spec"]["volumes"] if v["name"] == "spool")
+    assert "persistentVolumeClaim" in claim  # the spool lives on a real PVC
+    phase = node.kubectl(
+        "get",
+        "pvc",
+        claim["persistentVolumeClaim"]["claimName"],
+        "-n",
+        node_namespace,
+        "-o",
+        "jsonpath={.status.phase}",
+    ).stdout
+    assert phase == "Bound"
+
+    message = {
+        "from": "billing@billing.demo.test",
+        "to": "customer@example.org",
+        "subject": "over 587",
+        "message_id": "<p587@billing.demo.test>",
+    }
+    sent_587 = incluster.send_from_pod(node, node_namespace, [message], name="client-587")
+    assert sent_587.ok, sent_587.log
+    message = {**message, "subject": "over 465", "message_id": "<p465@billing.demo.test>"}
+    sent_465 = incluster.send_from_pod(node, node_namespace, [message], name="client-465", port=465)
+    assert sent_465.ok, sent_465.log
+    assert len(_received(node, node_namespace, 2)) == 2
+
+
+def test_in_cluster_client_through_service_arrives_byte_exact_with_one_received_header(
+    node: LocalNode, operator_release: str, node_namespace: str, upstreams: trustme.CA
+) -> None:
+    _apply_relay(node, node_namespace, upstreams)
+    plan = [
+        {
+            "from": "billing@billing.demo.test",
+            "to": "customer@example.org",
+            "raw": base64.b64encode(RAW).decode(),
+            "subject": "byte-exact",
+        }
+    ]
+    sent = incluster.send_from_pod(node, node_namespace, plan)
+    assert sent.ok, sent.log
+    (arrival,) = _received(node, node_namespace, 1)
+    data = base64.b64decode(arrival["data"])
+    assert arrival["mail_from"] == "billing@billing.demo.test"
+    assert arrival["rcpt_tos"] == ["customer@example.org"]
+    assert arrival["tls"] is True  # STARTTLS to the upstream pod
+    assert data.endswith(RAW)
+    added = data[: -len(RAW)].split(b"\r\n")[:-1]
+    assert added[0].startswith(b"Received: ")
+    assert all(line[:1] in (b" ", b"\t") for line in added[1:])  # one header, folded
+
+
+def test_operator_runs_as_a_pod_under_its_chart_service_account(
+    node: LocalNode, operator_release: str
+) -> None:
+    namespace = incluster.OPERATOR_NAMESPACE
+    (pod,) = json.loads(
+        node.kubectl(
+            "get",
+            "pods",
+            "-n",
+            namespace,
+            "-l",
+            "app.kubernetes.io/component=operator,app.kubernetes.io/instance=mailrelay",
+            "-o",
+            "json",
+        ).stdout
+    )["items"]
+    name = pod["metadata"]["name"]
+    assert pod["spec"]["serviceAccountName"] == incluster.RELEASE
+    (container,) = pod["spec"]["containers"]
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    # Running, never restarted: no peering-identity crash, liveness answers.
+    time.sleep(5)
+    status = json.loads(node.kubectl("get", "pod", name, "-n", namespace, "-o", "json").stdout)
+    (state,) = status["status"]["containerStatuses"]
+    assert state["ready"] is True and state["restartCount"] == 0, state
+    # kopf peering: the operator announces itself under its pod name.
+    peering = json.loads(
+        node.kubectl("get", "clusterkopfpeering", "mailrelay", "-o", "json").stdout
+    )
+    assert any(key.startswith(name) for key in (peering.get("status") or {})), peering
+    # Least privilege: what it needs, not more.
+    account = f"system:serviceaccount:{namespace}:{incluster.RELEASE}"
+    allowed = [
+        ("create", "statefulsets.apps", "-n", "default"),
+        ("patch", "mailrelays.mailrelay.dev/status", "-n", "default"),
+    ]
+    denied = [
+        ("create", "pods", "-n", "default"),
+        ("delete", "nodes", "--all-namespaces"),
+        ("create", "clusterrolebindings", "--all-namespaces"),
+        ("get", "secrets", "-n", "kube-system"),
+    ]
+    for verb, resource, *scope in allowed:
+        answer = node.kubectl("auth", "can-i", verb, resource, *scope, "--as", account, check=False)
+        assert answer.stdout.strip() == "yes", (verb, resource)
+    for verb, resource, *scope in denied:
+        answer = node.kubectl("auth", "can-i", verb, resource, *scope, "--as", account, check=False)
+        assert answer.stdout.strip() == "no", (verb, resource)
