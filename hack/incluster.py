@@ -45,13 +45,17 @@ def service_host(name: str, namespace: str) -> str:
     return f"{name}.{namespace}.svc.{CLUSTER_DOMAIN}"
 
 
+def b64(text: str) -> str:
+    return base64.b64encode(text.encode()).decode()
+
+
 def _secret(name: str, data: dict[str, str], type_: str = "Opaque") -> dict[str, Any]:
     return {
         "apiVersion": "v1",
         "kind": "Secret",
         "metadata": {"name": name},
         "type": type_,
-        "data": {k: base64.b64encode(v.encode()).decode() for k, v in data.items()},
+        "data": {k: b64(v) for k, v in data.items()},
     }
 
 

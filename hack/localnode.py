@@ -26,6 +26,7 @@ import contextlib
 import fcntl
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -144,7 +145,7 @@ def _cleanup_kube_proxy_rules() -> None:
         for table in ("filter", "nat", "mangle"):
             listing = _run(tool, "-t", table, "-S", check=False).stdout.splitlines()
             for line in listing:
-                parts = line.split()
+                parts = shlex.split(line)
                 if (
                     parts[:1] == ["-A"]
                     and "-j" in parts

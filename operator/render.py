@@ -167,6 +167,8 @@ def render_service(relay: RelayInputs, settings: OperatorSettings) -> dict[str, 
         metadata["annotations"] = dict(relay.spec.service.annotations)
     spec: dict[str, Any] = {
         "type": relay.spec.service.type,
+        # IPv4 and IPv6 where the cluster has both; a single-stack cluster picks its one.
+        "ipFamilyPolicy": "PreferDualStack",
         "selector": selector_labels(relay),
         "ports": _service_ports(relay.spec),
     }
@@ -190,6 +192,7 @@ def render_headless_service(relay: RelayInputs, settings: OperatorSettings) -> d
         "metadata": _metadata(relay, headless_service_name(relay.name), HEADLESS_COMPONENT),
         "spec": {
             "clusterIP": "None",
+            "ipFamilyPolicy": "PreferDualStack",
             "publishNotReadyAddresses": True,
             "selector": selector_labels(relay),
             "ports": _service_ports(relay.spec),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import json
+import socket
 import time
 
 import incluster
@@ -183,3 +184,69 @@ def test_operator_runs_as_a_pod_under_its_chart_service_account(
     for verb, resource, *scope in denied:
         answer = node.kubectl("auth", "can-i", verb, resource, *scope, "--as", account, check=False)
         assert answer.stdout.strip() == "no", (verb, resource)
+
+
+def _greeting(host: str, port: int) -> bytes:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.settimeout(10)
+        sock.connect((host, port))
+        return sock.recv(512)
+
+
+def test_relay_serves_ipv4_and_ipv6_on_the_dual_stack_pod_network(
+    node: LocalNode, operator_release: str, node_namespace: str, upstreams: trustme.CA
+) -> None:
+    _apply_relay(node, node_namespace, upstreams)
+    service = json.loads(
+        node.kubectl("get", "service", incluster.RELAY, "-n", node_namespace, "-o", "json").stdout
+    )
+    pod = json.loads(
+        node.kubectl(
+            "get", "pod", f"{incluster.RELAY}-0", "-n", node_namespace, "-o", "json"
+        ).stdout
+    )
+    cluster_ips = service["spec"]["clusterIPs"]
+    pod_ips = [entry["ip"] for entry in pod["status"]["podIPs"]]
+    # The node's pod network and Service ranges are dual-stack: one address of each family.
+    assert sorted(":" in ip for ip in cluster_ips) == [False, True], cluster_ips
+    assert sorted(":" in ip for ip in pod_ips) == [False, True], pod_ips
+    for address in (*cluster_ips, *pod_ips):
+        for port in (587, 9090):
+            if port == 9090:
+                with socket.create_connection((address, port), timeout=10) as sock:
+                    sock.sendall(b"GET /readyz HTTP/1.0\r\n\r\n")
+                    assert sock.recv(64).startswith(b"HTTP/1.1 200"), address
+            else:
+                assert _greeting(address, port).startswith(b"220 "), address
+    # kubelet's probes reach the pod (it is Ready), whatever its primary family.
+    assert any(c["type"] == "Ready" and c["status"] == "True" for c in pod["status"]["conditions"])
+
+
+def test_helm_uninstall_then_deleting_mailrelays_does_not_hang(
+    node: LocalNode, operator_release: str, node_namespace: str, upstreams: trustme.CA
+) -> None:
+    _apply_relay(node, node_namespace, upstreams)
+    relay = json.loads(
+        node.kubectl("get", "mailrelay", incluster.RELAY, "-n", node_namespace, "-o", "json").stdout
+    )
+    assert relay["metadata"].get("finalizers"), "kopf holds a finalizer while it runs"
+    try:
+        node.helm(
+            "uninstall", incluster.RELEASE, "-n", incluster.OPERATOR_NAMESPACE, "--wait",
+            "--timeout=120s",
+        )  # fmt: skip
+        # What uninstall leaves: the CRDs (crds.keep), the relay and its pods keep running.
+        assert node.kubectl("get", "statefulset", incluster.RELAY, "-n", node_namespace)
+        deleted = node.kubectl(
+            "delete", "mailrelay", incluster.RELAY, "-n", node_namespace, "--timeout=30s",
+            check=False,
+        )  # fmt: skip
+        assert deleted.returncode == 0, deleted.stderr
+        gone = node.kubectl(
+            "wait", "--for=delete", f"statefulset/{incluster.RELAY}", "-n", node_namespace,
+            "--timeout=60s", check=False,
+        )  # fmt: skip
+        assert gone.returncode == 0, gone.stderr  # children garbage-collected
+    finally:
+        incluster.install_operator(node)

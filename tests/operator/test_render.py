@@ -72,7 +72,16 @@ class TestRenderService:
     @pytest.mark.parametrize(
         ("overrides", "expected_spec", "annotations"),
         [
-            ({}, {"type": "ClusterIP", "selector": SELECTOR, "ports": SMTP_PORTS}, None),
+            (
+                {},
+                {
+                    "type": "ClusterIP",
+                    "ipFamilyPolicy": "PreferDualStack",
+                    "selector": SELECTOR,
+                    "ports": SMTP_PORTS,
+                },
+                None,
+            ),
             (
                 {
                     "listener": {**BASE_SPEC["listener"], "implicitTlsPort": 465},
@@ -80,6 +89,7 @@ class TestRenderService:
                 },
                 {
                     "type": "LoadBalancer",
+                    "ipFamilyPolicy": "PreferDualStack",
                     "selector": SELECTOR,
                     "ports": [SMTP_PORTS[0], SMTPS, SMTP_PORTS[1]],
                 },
