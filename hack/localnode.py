@@ -841,7 +841,7 @@ class LocalNode(LocalKube):
         (pki / "ca.key").write_bytes(_key_pem(self.ca.key))
         (pki / "ca.key").chmod(0o600)
 
-    def _spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> None:  # type: ignore[override]
+    def _spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> None:
         log_file = (self.workdir / f"{name}.log").open("ab")
         # containerd inherits the machine's node lock, so it stays held while the node runs
         # even after `make cluster-up` has returned.
@@ -912,7 +912,7 @@ def kill_pods_and_shims(workdir: Path) -> None:
     remove the empty pod cgroups. Only one node runs per machine (the lock), so whatever
     sits in `kubepods` belongs to this node or to a dead earlier one."""
     for _ in range(3):
-        pids = set()
+        pids: set[int] = set()
         for root in KUBEPODS_CGROUPS:
             if root.exists():
                 for procs in root.rglob("cgroup.procs"):

@@ -124,7 +124,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 async def run_mailgun() -> None:
     sys.path.insert(0, HERE)
-    import servers  # noqa: PLC0415
+    import servers  # type: ignore[import-not-found]  # noqa: PLC0415
     import uvicorn  # noqa: PLC0415
 
     server = servers.ProviderServer("mailgun", servers.HANDLERS["mailgun"])

@@ -11,6 +11,7 @@ import base64
 import json
 import socket
 import time
+from typing import Any
 
 import incluster
 import pytest
@@ -53,9 +54,9 @@ def _apply_relay(node: LocalNode, namespace: str, ca: trustme.CA) -> None:
     )
 
 
-def _received(node: LocalNode, namespace: str, count: int) -> list[dict[str, str]]:
+def _received(node: LocalNode, namespace: str, count: int) -> list[dict[str, Any]]:
     deadline = time.monotonic() + 60
-    found: list[dict[str, str]] = []
+    found: list[dict[str, Any]] = []
     while time.monotonic() < deadline:
         found = incluster.received(node, namespace, "smtp-upstream")
         if len(found) >= count:
