@@ -316,6 +316,65 @@ CLIENT_SCRIPT = textwrap.dedent(
 )
 
 
+LOAD_SCRIPT = textwrap.dedent(
+    """
+    import asyncio, os, ssl, time
+    from email.message import EmailMessage
+    import aiosmtplib
+
+    async def main():
+        context = ssl.create_default_context(cafile="/ca/ca.crt")
+        count, sender = int(os.environ["COUNT"]), os.environ["SENDER"]
+        interval = float(os.environ.get("INTERVAL", "0.2"))
+        sent = 0
+        while sent < count:
+            message = EmailMessage()
+            message["From"] = sender
+            message["To"] = "load@example.org"
+            message["Subject"] = f"load {sent}"
+            message["Message-ID"] = f"<load-{sent}@{sender.split('@')[1]}>"
+            message.set_content(f"load message {sent}\\n")
+            try:
+                async with aiosmtplib.SMTP(
+                    hostname=os.environ["RELAY_HOST"], port=587, start_tls=True,
+                    tls_context=context, timeout=10,
+                ) as client:
+                    await client.login(os.environ["SMTP_USER"], os.environ["SMTP_PASSWORD"])
+                    await client.send_message(message)
+                print(f"OK {message['Message-ID']}", flush=True)
+                sent += 1
+            except Exception as error:
+                print(f"RETRY {message['Message-ID']}: {error!r}", flush=True)
+                await asyncio.sleep(0.5)
+            await asyncio.sleep(interval)
+        print("DONE", flush=True)
+
+    asyncio.run(main())
+    """
+)
+
+
+def load_pod(
+    name: str, image: str, relay_host: str, *, count: int, sender: str, interval: float = 0.2
+) -> list[dict[str, Any]]:
+    """A pod that sends `count` numbered messages, retrying until each gets a 250; it prints
+    `OK <Message-ID>` for every 250."""
+    objects = client_pod(name, image, relay_host, [])
+    objects[0]["data"] = {"send.py": LOAD_SCRIPT}
+    env = objects[1]["spec"]["containers"][0]["env"]
+    env += [
+        {"name": "COUNT", "value": str(count)},
+        {"name": "SENDER", "value": sender},
+        {"name": "INTERVAL", "value": str(interval)},
+    ]
+    return objects
+
+
+def accepted_ids(log: str) -> list[str]:
+    """Message-IDs the relay answered 250 for, from a load pod's log."""
+    return [line.split(" ", 1)[1] for line in log.splitlines() if line.startswith("OK ")]
+
+
 def client_pod(
     name: str, image: str, relay_host: str, messages: list[dict[str, str]], port: int = 587
 ) -> list[dict[str, Any]]:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
+from typing import Any
 
 import incluster
 import pytest
@@ -35,3 +37,37 @@ def upstreams(node: LocalNode, node_namespace: str) -> trustme.CA:
     for name in ("smtp-upstream", "mailgun"):
         incluster.wait_rollout(node, node_namespace, f"deployment/{name}")
     return ca
+
+
+def apply_relay(node: LocalNode, namespace: str, ca: trustme.CA) -> None:
+    """The MailRelay of hack/incluster.py with its Secrets and routes; wait until Ready."""
+    node.kubectl(
+        "apply",
+        "-n",
+        namespace,
+        "-f",
+        "-",
+        input=incluster.yaml_stream(incluster.relay_manifests(ca, namespace)),
+    )
+    node.kubectl(
+        "wait",
+        "-n",
+        namespace,
+        "--for=condition=Ready",
+        f"mailrelay/{incluster.RELAY}",
+        "--timeout=240s",
+    )
+
+
+def received_smtp(
+    node: LocalNode, namespace: str, count: int, within: float = 60
+) -> list[dict[str, Any]]:
+    """What the SMTP upstream pod accepted, once it has `count` messages (or `within` ends)."""
+    deadline = time.monotonic() + within
+    found: list[dict[str, Any]] = []
+    while time.monotonic() < deadline:
+        found = incluster.received(node, namespace, "smtp-upstream")
+        if len(found) >= count:
+            return found
+        time.sleep(0.5)
+    return found

@@ -11,12 +11,13 @@ import base64
 import json
 import socket
 import time
-from typing import Any
 
 import incluster
 import pytest
 import trustme
 from localnode import LocalNode
+
+from tests.cluster.conftest import apply_relay, received_smtp
 
 pytestmark = [pytest.mark.node, pytest.mark.slow]
 
@@ -35,40 +36,10 @@ RAW = (
 )
 
 
-def _apply_relay(node: LocalNode, namespace: str, ca: trustme.CA) -> None:
-    node.kubectl(
-        "apply",
-        "-n",
-        namespace,
-        "-f",
-        "-",
-        input=incluster.yaml_stream(incluster.relay_manifests(ca, namespace)),
-    )
-    node.kubectl(
-        "wait",
-        "-n",
-        namespace,
-        "--for=condition=Ready",
-        f"mailrelay/{incluster.RELAY}",
-        "--timeout=240s",
-    )
-
-
-def _received(node: LocalNode, namespace: str, count: int) -> list[dict[str, Any]]:
-    deadline = time.monotonic() + 60
-    found: list[dict[str, Any]] = []
-    while time.monotonic() < deadline:
-        found = incluster.received(node, namespace, "smtp-upstream")
-        if len(found) >= count:
-            return found
-        time.sleep(0.5)
-    return found
-
-
 def test_mailrelay_becomes_ready_pods_that_serve_587_and_465(
     node: LocalNode, operator_release: str, node_namespace: str, upstreams: trustme.CA
 ) -> None:
-    _apply_relay(node, node_namespace, upstreams)
+    apply_relay(node, node_namespace, upstreams)
     pods = json.loads(
         node.kubectl(
             "get",
@@ -109,13 +80,13 @@ def test_mailrelay_becomes_ready_pods_that_serve_587_and_465(
     message = {**message, "subject": "over 465", "message_id": "<p465@billing.demo.test>"}
     sent_465 = incluster.send_from_pod(node, node_namespace, [message], name="client-465", port=465)
     assert sent_465.ok, sent_465.log
-    assert len(_received(node, node_namespace, 2)) == 2
+    assert len(received_smtp(node, node_namespace, 2)) == 2
 
 
 def test_in_cluster_client_through_service_arrives_byte_exact_with_one_received_header(
     node: LocalNode, operator_release: str, node_namespace: str, upstreams: trustme.CA
 ) -> None:
-    _apply_relay(node, node_namespace, upstreams)
+    apply_relay(node, node_namespace, upstreams)
     plan = [
         {
             "from": "billing@billing.demo.test",
@@ -126,7 +97,7 @@ def test_in_cluster_client_through_service_arrives_byte_exact_with_one_received_
     ]
     sent = incluster.send_from_pod(node, node_namespace, plan)
     assert sent.ok, sent.log
-    (arrival,) = _received(node, node_namespace, 1)
+    (arrival,) = received_smtp(node, node_namespace, 1)
     data = base64.b64decode(arrival["data"])
     assert arrival["mail_from"] == "billing@billing.demo.test"
     assert arrival["rcpt_tos"] == ["customer@example.org"]
@@ -198,7 +169,7 @@ def _greeting(host: str, port: int) -> bytes:
 def test_relay_serves_ipv4_and_ipv6_on_the_dual_stack_pod_network(
     node: LocalNode, operator_release: str, node_namespace: str, upstreams: trustme.CA
 ) -> None:
-    _apply_relay(node, node_namespace, upstreams)
+    apply_relay(node, node_namespace, upstreams)
     service = json.loads(
         node.kubectl("get", "service", incluster.RELAY, "-n", node_namespace, "-o", "json").stdout
     )
@@ -227,7 +198,7 @@ def test_relay_serves_ipv4_and_ipv6_on_the_dual_stack_pod_network(
 def test_helm_uninstall_then_deleting_mailrelays_does_not_hang(
     node: LocalNode, operator_release: str, node_namespace: str, upstreams: trustme.CA
 ) -> None:
-    _apply_relay(node, node_namespace, upstreams)
+    apply_relay(node, node_namespace, upstreams)
     relay = json.loads(
         node.kubectl("get", "mailrelay", incluster.RELAY, "-n", node_namespace, "-o", "json").stdout
     )

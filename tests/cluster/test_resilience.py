@@ -1,0 +1,112 @@
+"""Relay pods killed under load: every message that got a 250 arrives, from the same PVC."""
+
+from __future__ import annotations
+
+import base64
+import email
+import json
+import subprocess
+import time
+from email import policy
+from typing import Any
+
+import incluster
+import pytest
+import trustme
+from localnode import LocalNode
+
+from tests.cluster.conftest import apply_relay, received_smtp
+
+pytestmark = [pytest.mark.node, pytest.mark.slow]
+
+COUNT = 60
+
+
+def _log(node: LocalNode, namespace: str, pod: str) -> str:
+    return node.kubectl("logs", pod, "-n", namespace, check=False).stdout
+
+
+def _wait_accepted(node: LocalNode, namespace: str, pod: str, at_least: int) -> None:
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        if len(incluster.accepted_ids(_log(node, namespace, pod))) >= at_least:
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"fewer than {at_least} messages accepted:\n{_log(node, namespace, pod)}")
+
+
+def _relay_pod(node: LocalNode, namespace: str) -> dict[str, Any]:
+    pod: dict[str, Any] = json.loads(
+        node.kubectl("get", "pod", f"{incluster.RELAY}-0", "-n", namespace, "-o", "json").stdout
+    )
+    return pod
+
+
+def _claim_uid(node: LocalNode, namespace: str) -> str:
+    return node.kubectl(
+        "get",
+        "pvc",
+        f"spool-{incluster.RELAY}-0",
+        "-n",
+        namespace,
+        "-o",
+        "jsonpath={.metadata.uid}",
+    ).stdout
+
+
+def test_relay_pod_killed_under_load_delivers_every_accepted_message(
+    node: LocalNode, operator_release: str, node_namespace: str, upstreams: trustme.CA
+) -> None:
+    apply_relay(node, node_namespace, upstreams)
+    claim = _claim_uid(node, node_namespace)
+    assert node.images is not None
+    load = incluster.load_pod(
+        "load",
+        node.images.project,
+        incluster.service_host(incluster.RELAY, node_namespace),
+        count=COUNT,
+        sender="billing@billing.demo.test",
+        interval=0.1,
+    )
+    node.kubectl("apply", "-n", node_namespace, "-f", "-", input=incluster.yaml_stream(load))
+
+    _wait_accepted(node, node_namespace, "load", 15)
+    node.kubectl(
+        "delete", "pod", f"{incluster.RELAY}-0", "-n", node_namespace, "--force",
+        "--grace-period=0",
+    )  # fmt: skip
+    _wait_accepted(node, node_namespace, "load", 35)
+
+    # SIGKILL the relay process itself (containerd's task), not the pod.
+    pod = _relay_pod(node, node_namespace)
+    statuses = pod["status"]["containerStatuses"]
+    container_id = statuses[0]["containerID"].split("://", 1)[1]
+    ctr = [str(node.node_bin / "ctr"), "--address", str(node.containerd_socket), "-n", "k8s.io"]
+    subprocess.run([*ctr, "tasks", "kill", "--signal", "SIGKILL", container_id], check=True)
+
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        phase = node.kubectl(
+            "get", "pod", "load", "-n", node_namespace, "-o", "jsonpath={.status.phase}"
+        ).stdout
+        if phase in ("Succeeded", "Failed"):
+            break
+        time.sleep(1)
+    log = _log(node, node_namespace, "load")
+    assert phase == "Succeeded", log
+    accepted = incluster.accepted_ids(log)
+    assert len(set(accepted)) == COUNT
+
+    arrivals = received_smtp(node, node_namespace, COUNT, within=180)
+    arrived = {
+        str(
+            email.message_from_bytes(base64.b64decode(a["data"]), policy=policy.default)[
+                "Message-ID"
+            ]
+        )
+        for a in arrivals
+    }
+    assert set(accepted) <= arrived, sorted(set(accepted) - arrived)
+    assert _claim_uid(node, node_namespace) == claim  # the same spool volume throughout
+    restarts = _relay_pod(node, node_namespace)["status"]["containerStatuses"][0]["restartCount"]
+    assert restarts >= 1
