@@ -43,8 +43,7 @@ def try_send(address: str, ca_file: Path, sender: str) -> bool:
     message["From"], message["To"], message["Subject"] = sender, "x@example.org", "bench"
     message.set_content("bench\n")
     try:
-        with smtplib.SMTP(timeout=5) as client:
-            client.connect(address, 587)
+        with smtplib.SMTP(address, 587, timeout=5) as client:
             client.starttls(context=context)
             client.login(incluster.CLIENT_USER, incluster.CLIENT_PASSWORD)
             client.send_message(message)
