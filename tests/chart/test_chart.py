@@ -111,6 +111,11 @@ def test_defaults_follow_the_operator_conventions(cluster: LocalKube) -> None:
     assert container["securityContext"]["allowPrivilegeEscalation"] is False
     assert container["securityContext"]["capabilities"]["drop"] == ["ALL"]
     assert container["image"] == "ghcr.io/mailrelay/mailrelay:0.1.0"
+    # kopf's peering identity is the pod's name: no passwd lookup for an arbitrary runAsUser.
+    assert {"name": "POD_ID", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}} in (
+        container["env"]
+    )
+    assert pod["securityContext"]["runAsGroup"] == 65532
     # Off by default: monitoring objects, dashboards, NetworkPolicy.
     kinds = {obj["kind"] for obj in objects}
     assert not kinds & {"ServiceMonitor", "PodMonitor", "PrometheusRule", "NetworkPolicy"}
@@ -196,6 +201,7 @@ def test_watched_namespaces_get_role_bindings_and_peerings(cluster: LocalKube) -
     env = {
         e["name"]: e["value"]
         for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]
+        if "value" in e
     }
     assert env["MAILRELAY_OPERATOR_NAMESPACES"] == "team-a,team-b"
 
@@ -233,7 +239,7 @@ def test_prometheus_rule_carries_the_rules_file(cluster: LocalKube) -> None:
 
 def _operator_env(deployment: dict[str, Any]) -> dict[str, str]:
     container = deployment["spec"]["template"]["spec"]["containers"][0]
-    return {entry["name"]: entry.get("value", "") for entry in container["env"]}
+    return {entry["name"]: entry["value"] for entry in container["env"] if "value" in entry}
 
 
 def test_install_run_as_its_service_account_upgrade_and_uninstall(
