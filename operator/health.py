@@ -97,7 +97,13 @@ def health_response(progress: Progress) -> tuple[int, dict[str, object]]:
     return (503 if problems else 200), body
 
 
-async def serve_health(progress: Progress, port: int, host: str = "0.0.0.0") -> web.AppRunner:
+# Every address of both families: asyncio binds host "" as one IPv4 and one IPv6 socket, so
+# kubelet's probe reaches the pod in IPv4-only, IPv6-only and dual-stack clusters ("0.0.0.0"
+# would miss IPv6, "::" alone IPv4, since asyncio sets IPV6_V6ONLY).
+ALL_ADDRESSES = ""
+
+
+async def serve_health(progress: Progress, port: int, host: str = ALL_ADDRESSES) -> web.AppRunner:
     """Serve ``/healthz`` on ``port``; the caller cleans the returned runner up."""
 
     async def healthz(request: web.Request) -> web.Response:

@@ -6,9 +6,20 @@ Label values are bounded: ``kind`` is MailRelay or MailRoute, ``result`` one of 
 
 from __future__ import annotations
 
+import socket
+import threading
 from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, make_server
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    make_wsgi_app,
+    start_http_server,
+)
+from prometheus_client.exposition import ThreadingWSGIServer
 
 RESULTS = ("ok", "invalid", "error", "gone")  # gone: deleted during its pass
 CHILD_ACTIONS = ("created", "updated")
@@ -57,9 +68,46 @@ class OperatorMetrics:
         )
 
 
-def serve_metrics(registry: CollectorRegistry, port: int, host: str = "0.0.0.0") -> Any:
-    """Serve ``/metrics`` from a daemon thread (port 0: not served); returns the server."""
+ALL_ADDRESSES = ""
+
+
+class _DualStackServer(ThreadingWSGIServer):
+    """One IPv6 socket that also accepts IPv4 (IPV6_V6ONLY off), whatever the sysctl says."""
+
+    address_family = socket.AF_INET6
+
+    def server_bind(self) -> None:
+        self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        super().server_bind()
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        """No access log line per scrape."""
+
+
+def _ipv6_available() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as probe:
+            probe.bind(("::", 0))
+    except OSError:
+        return False
+    return True
+
+
+def serve_metrics(registry: CollectorRegistry, port: int, host: str = ALL_ADDRESSES) -> Any:
+    """Serve ``/metrics`` from a daemon thread (port 0: not served); returns the server.
+
+    The default host serves every address of both families (an IPv4-only, IPv6-only or
+    dual-stack pod); a machine without IPv6 gets IPv4 only.
+    """
     if port == 0:
         return None
-    server, _thread = start_http_server(port, addr=host, registry=registry)
+    if host == ALL_ADDRESSES and _ipv6_available():
+        server = make_server(
+            "::", port, make_wsgi_app(registry), _DualStackServer, handler_class=_QuietHandler
+        )
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        return server
+    server, _thread = start_http_server(port, addr=host or "0.0.0.0", registry=registry)
     return server
