@@ -104,10 +104,10 @@ def serve_metrics(registry: CollectorRegistry, port: int, host: str = ALL_ADDRES
     if port == 0:
         return None
     if host == ALL_ADDRESSES and _ipv6_available():
-        server = make_server(
+        dual = make_server(
             "::", port, make_wsgi_app(registry), _DualStackServer, handler_class=_QuietHandler
         )
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-        return server
+        threading.Thread(target=dual.serve_forever, daemon=True).start()
+        return dual
     server, _thread = start_http_server(port, addr=host or "0.0.0.0", registry=registry)
     return server
