@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import socket
 
 import pytest
@@ -57,11 +58,21 @@ async def test_relay_serves_both_families_from_the_rendered_listener(
     relay_factory: RelayFactory,
 ) -> None:
     rendered = build_relay_config(name="outbound", namespace="mail", spec=SPEC, routes=[])
-    smtp_port, health_port = _port_free_on_both_families(), _port_free_on_both_families()
-    await relay_factory(
-        listener={"host": rendered.listener.host, "submission_port": smtp_port},
-        metrics={"host": rendered.metrics.host, "port": health_port},
-    )
+    # Fixed ports (port 0 would give each family its own); another process may take one
+    # between the probe and the bind, so pick again then.
+    for attempt in range(5):
+        smtp_port, health_port = _port_free_on_both_families(), _port_free_on_both_families()
+        if smtp_port == health_port:
+            continue
+        try:
+            await relay_factory(
+                listener={"host": rendered.listener.host, "submission_port": smtp_port},
+                metrics={"host": rendered.metrics.host, "port": health_port},
+            )
+            break
+        except OSError as error:
+            if error.errno != errno.EADDRINUSE or attempt == 4:
+                raise
     for host in ("127.0.0.1", "::1"):
         assert (await _greeting(host, smtp_port)).startswith(b"220 "), host
         status, _ = await http_get(host, health_port, "/readyz")
