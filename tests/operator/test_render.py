@@ -106,6 +106,7 @@ class TestRenderService:
                 },
                 {
                     "type": "LoadBalancer",
+                    "ipFamilyPolicy": "PreferDualStack",
                     "selector": SELECTOR,
                     "ports": SMTP_PORTS,
                     "externalTrafficPolicy": "Local",
@@ -120,6 +121,7 @@ class TestRenderService:
                 },
                 {
                     "type": "NodePort",
+                    "ipFamilyPolicy": "PreferDualStack",
                     "selector": SELECTOR,
                     "ports": SMTP_PORTS,
                     "externalTrafficPolicy": "Local",
