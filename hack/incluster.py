@@ -28,6 +28,8 @@ import yaml
 from localkube import REPO_ROOT
 from localnode import CLUSTER_DOMAIN, LocalNode
 
+from mailrelay.operator.settings import WATCH_LABEL
+
 CHART = REPO_ROOT / "charts" / "mailrelay"
 OPERATOR_NAMESPACE = "mailrelay-system"
 RELEASE = "mailrelay"
@@ -50,10 +52,11 @@ def b64(text: str) -> str:
 
 
 def _secret(name: str, data: dict[str, str], type_: str = "Opaque") -> dict[str, Any]:
+    """A Secret the operator sees: it watches only Secrets carrying its watch label."""
     return {
         "apiVersion": "v1",
         "kind": "Secret",
-        "metadata": {"name": name},
+        "metadata": {"name": name, "labels": {WATCH_LABEL: "true"}},
         "type": type_,
         "data": {k: b64(v) for k, v in data.items()},
     }
