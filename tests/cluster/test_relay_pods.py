@@ -148,7 +148,9 @@ def test_operator_runs_as_a_pod_under_its_chart_service_account(
         ("create", "pods", "-n", "default"),
         ("delete", "nodes", "--all-namespaces"),
         ("create", "clusterrolebindings", "--all-namespaces"),
-        ("get", "secrets", "-n", "kube-system"),
+        ("create", "secrets", "-n", "default"),
+        ("patch", "secrets", "-n", "kube-system"),
+        ("create", "pods/exec", "-n", "default"),
     ]
     for verb, resource, *scope in allowed:
         answer = node.kubectl("auth", "can-i", verb, resource, *scope, "--as", account, check=False)
