@@ -143,12 +143,13 @@ def test_operator_runs_as_a_pod_under_its_chart_service_account(
     allowed = [
         ("create", "statefulsets.apps", "-n", "default"),
         ("patch", "mailrelays.mailrelay.dev/status", "-n", "default"),
+        ("create", "secrets", "-n", "default"),  # app credentials (spec.auth.appCredentials)
     ]
     denied = [
         ("create", "pods", "-n", "default"),
         ("delete", "nodes", "--all-namespaces"),
         ("create", "clusterrolebindings", "--all-namespaces"),
-        ("create", "secrets", "-n", "default"),
+        ("delete", "secrets", "-n", "default"),
         ("patch", "secrets", "-n", "kube-system"),
         ("create", "pods/exec", "-n", "default"),
     ]
