@@ -87,6 +87,13 @@ RULES: tuple[Rule, ...] = (
         " get a referenced Secret the watch lacks, to report it unlabelled; create the generated"
         " app credential Secrets (spec.auth.appCredentials)",
     ),
+    Rule(
+        ("",),
+        ("pods",),
+        ("list", "patch"),
+        "after a config change, annotate the relay's pods with the config hash so kubelet"
+        " refreshes their mounted ConfigMap at once (no get, watch, create or delete)",
+    ),
     Rule(("",), ("events",), ("create",), "Events for users (kopf posts core/v1 Events)"),
     Rule(
         ("kopf.dev",),

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import json
 import logging
 import re
 import time
@@ -28,6 +29,8 @@ from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, overload
 
+import httpx2
+from lightkube import ApiError
 from pydantic import ValidationError
 
 from mailrelay.operator import models
@@ -52,6 +55,7 @@ from mailrelay.operator.conditions import (
 )
 from mailrelay.operator.health import Progress
 from mailrelay.operator.metrics import OperatorMetrics
+from mailrelay.operator.podsync import touch_pods
 from mailrelay.operator.relay_config import (
     RelayConfigError,
     app_credential_mounts,
@@ -158,6 +162,8 @@ class Context:
     settled: dict[tuple[str, str], tuple[Any, ...]] = field(default_factory=dict)
     # Bumped by every Secret event of a namespace (a relay's inputs include Secret keys).
     secret_epochs: dict[str, int] = field(default_factory=dict)
+    # The config hash each relay's live pods were last seen or made to carry (podsync).
+    pods_synced: dict[tuple[str, str], str] = field(default_factory=dict)
 
     @overload
     def fresh(self, info: ObjectInfo) -> ObjectInfo: ...
@@ -238,11 +244,12 @@ def render_relay(
     config_yaml = render_config_yaml(config)
     mounts = secret_mounts(relay.spec, routes) + app_credential_mounts(relay.name, relay.spec)
     digest = config_hash(config_yaml)
+    restart_digest = config_hash(json.dumps(config.restart_settings(), sort_keys=True))
     children = [
         render_configmap(relay, config_yaml, settings),
         render_service(relay, settings),
         render_headless_service(relay, settings),
-        render_statefulset(relay, config_hash=digest, mounts=mounts, settings=settings),
+        render_statefulset(relay, restart_hash=restart_digest, mounts=mounts, settings=settings),
     ]
     absent: list[ChildKey] = []
     optional = {
@@ -500,6 +507,7 @@ async def _reconcile(ctx: Context, indices: Indices, namespace: str, name: str) 
     outcome = "ok"
     statefulset: ChildState | None = None
     refused: ApplyProblem | None = None
+    pods_synced = True
     config_ok = False
     if spec is None or problem is not None:
         updates.append(ConditionUpdate(CONFIG_RENDERED, "False", "InvalidSpec", problem or ""))
@@ -532,6 +540,8 @@ async def _reconcile(ctx: Context, indices: Indices, namespace: str, name: str) 
             config_ok = True
             applied, problems = await _apply_children(ctx, indices, inputs, rendered)
             updates += applied
+            if not any(p.kind == "ConfigMap" for p in problems):
+                pods_synced = await _sync_pods(ctx, inputs, rendered.config_hash)
             refused = next((p for p in problems if p.kind == "StatefulSet"), None)
             updates.append(
                 ConditionUpdate(
@@ -581,12 +591,31 @@ async def _reconcile(ctx: Context, indices: Indices, namespace: str, name: str) 
         )
     )
     # A refused child or a missing ServiceMonitor CRD can be fixed outside every input.
-    settled = not any(
+    settled = pods_synced and not any(
         (u.type in (CHILDREN_APPLIED, SERVICE_MONITOR) and u.status != "True")
         or u.reason == APP_CREDENTIALS_NOT_READY
         for u in updates
     )
     return outcome, settled
+
+
+async def _sync_pods(ctx: Context, relay: RelayInputs, digest: str) -> bool:
+    """Make the relay's live pods reload ``digest`` now (podsync); False to retry later."""
+    key = (relay.namespace, relay.name)
+    if ctx.pods_synced.get(key) == digest:
+        return True
+    try:
+        await touch_pods(ctx.applier.client, relay.namespace, selector_labels(relay), digest)
+    except (ApiError, httpx2.HTTPError) as error:
+        log.warning(
+            "Could not ask the pods of MailRelay %s/%s to reload: %s",
+            relay.namespace,
+            relay.name,
+            _api_message(error),
+        )
+        return False
+    ctx.pods_synced[key] = digest
+    return True
 
 
 async def _write_route_status(

@@ -9,8 +9,11 @@ returns a fresh dict; nothing here talks to the API or mutates its inputs. Each 
 * mounts Secrets as volumes at fixed paths (``relay_config.SecretMount``); no Secret value is
   ever copied into a ConfigMap, an annotation or a log line.
 
-The pod template carries ``mailrelay.dev/config-hash``: a config change rolls the pods, while
-credential rotation (Secret content) relies on the relay's hot reload instead.
+The pod template carries ``mailrelay.dev/restart-hash``, the hash of the settings the relay
+applies only at start (``RelayConfig.restart_settings``): a change to them rolls the pods.
+Every other config change (routes, users, limits) and credential rotation (Secret content)
+reaches the running pods by the relay's hot reload (``podsync`` makes kubelet refresh the
+mounted ConfigMap at once).
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from mailrelay.operator.relay_config import (
 )
 from mailrelay.operator.settings import OperatorSettings
 
-CONFIG_HASH_ANNOTATION = "mailrelay.dev/config-hash"
+RESTART_HASH_ANNOTATION = "mailrelay.dev/restart-hash"
 MANAGED_BY = "mailrelay-operator"
 RELAY_UID = 65532
 PRESTOP_SLEEP_SECONDS = 5
@@ -324,7 +327,7 @@ def _tolerations(spec: models.MailRelaySpec) -> list[dict[str, Any]]:
 def render_statefulset(
     relay: RelayInputs,
     *,
-    config_hash: str,
+    restart_hash: str,
     mounts: Sequence[SecretMount],
     settings: OperatorSettings,
 ) -> dict[str, Any]:
@@ -421,7 +424,7 @@ def render_statefulset(
                     "labels": labels(relay),
                     "annotations": {
                         **spec.pod_annotations,
-                        CONFIG_HASH_ANNOTATION: config_hash,
+                        RESTART_HASH_ANNOTATION: restart_hash,
                     },
                 },
                 "spec": pod_spec,

@@ -813,6 +813,18 @@ class RelayConfig(_Model):
                 files += [p for p in (upstream.credentials_dir, upstream.ca_file) if p is not None]
         return files
 
+    def restart_settings(self) -> dict[str, Any]:
+        """The settings a hot reload keeps (they apply after a restart), by section name.
+
+        The one rule for both sides: the relay logs a reload that changes any of them, and the
+        operator rolls the pods when they change (anything else reaches running pods by reload).
+        """
+        return {
+            "listener": self.listener.model_copy(update={"tls": None}).model_dump(mode="json"),
+            "metrics": self.metrics.model_dump(mode="json"),
+            "spool.directory": str(self.spool.directory),
+        }
+
 
 def _format_validation_error(source: str, exc: ValidationError, data: object) -> str:
     problems = validation_problems(exc, data)

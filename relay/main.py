@@ -219,15 +219,8 @@ class RelayApp:
                 users.close()
                 raise ConfigError(problem)
         old = self.config
-        restart_only = [
-            name
-            for name, changed in (
-                ("listener", not _only_tls_changed(config, old)),
-                ("metrics", config.metrics != old.metrics),
-                ("spool.directory", config.spool.directory != old.spool.directory),
-            )
-            if changed
-        ]
+        kept, wanted = old.restart_settings(), config.restart_settings()
+        restart_only = [name for name in wanted if wanted[name] != kept.get(name)]
         if restart_only:
             log.warning(
                 "Kept the running %s settings; changes to them apply after a restart",
@@ -291,13 +284,6 @@ class RelayApp:
         await self.spool.aclose()
         self.stopped.set()
         log.info("Stopped the relay")
-
-
-def _only_tls_changed(new: RelayConfig, old: RelayConfig) -> bool:
-    """Whether the listener settings are equal apart from the certificate files."""
-    return new.listener.model_copy(update={"tls": None}) == old.listener.model_copy(
-        update={"tls": None}
-    )
 
 
 def _spawn_workers(config_path: Path, count: int) -> list[subprocess.Popen[bytes]]:

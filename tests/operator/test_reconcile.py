@@ -82,10 +82,35 @@ def _has_condition(kube: LocalKube, kind: str, name: str, ns: str, want: tuple[s
     return bool(found and (found["status"], found["reason"])[: len(want) - 1] == want[1:])
 
 
-def test_route_update_changes_config_and_hash_and_delete_removes_it(
+def _pod(name: str, instance: str) -> dict[str, Any]:
+    """A pod object made by hand (the bare API server runs no StatefulSet controller)."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": name,
+            "labels": {
+                "app.kubernetes.io/name": "mailrelay",
+                "app.kubernetes.io/instance": instance,
+            },
+        },
+        "spec": {"containers": [{"name": "relay", "image": "registry.test/mailrelay:1"}]},
+    }
+
+
+def _pod_hash(kube: LocalKube, name: str, ns: str) -> str | None:
+    pod = get(kube, "pod", name, ns) or {}
+    value = ((pod.get("metadata") or {}).get("annotations") or {}).get("mailrelay.dev/config-hash")
+    return str(value) if value is not None else None
+
+
+def test_route_update_changes_config_reloads_pods_without_roll_and_delete_removes_it(
     crds: LocalKube, operator: OperatorProcess, op_namespace: str
 ) -> None:
+    """A route change: a new ConfigMap, each running pod annotated with its hash, no roll."""
     kube, ns = crds, op_namespace
+    apply(kube, ns, _pod("outbound-0", "outbound"), _pod("outbound-1", "outbound"))
+    apply(kube, ns, _pod("other-0", "other"))
     _setup(
         kube,
         ns,
@@ -95,11 +120,15 @@ def test_route_update_changes_config_and_hash_and_delete_removes_it(
     wait_for(lambda: _route_names(kube, ns) == ["billing", "news"], what="both routes")
     first_hash = wait_for(lambda: _status(kube, "mailrelay", "outbound", ns).get("configHash"))
 
-    def template_hash() -> str:
+    def template() -> tuple[str, int]:
         sts = get(kube, "statefulset", "outbound", ns) or {}
-        return str(sts["spec"]["template"]["metadata"]["annotations"]["mailrelay.dev/config-hash"])
+        annotations = sts["spec"]["template"]["metadata"]["annotations"]
+        assert "mailrelay.dev/config-hash" not in annotations
+        return str(annotations["mailrelay.dev/restart-hash"]), int(sts["metadata"]["generation"])
 
-    assert template_hash() == first_hash
+    for pod in ("outbound-0", "outbound-1"):
+        wait_for(lambda pod=pod: _pod_hash(kube, pod, ns) == first_hash, what=f"{pod} annotated")
+    before = template()
 
     apply(kube, ns, m.smtp_route("billing", senders=["billing.example.com"], port=2525))
     wait_for(
@@ -111,7 +140,17 @@ def test_route_update_changes_config_and_hash_and_delete_removes_it(
             (h := _status(kube, "mailrelay", "outbound", ns).get("configHash")) != first_hash and h
         )
     )
-    wait_for(lambda: template_hash() == second_hash, what="the pod template to roll")
+    for pod in ("outbound-0", "outbound-1"):
+        wait_for(
+            lambda pod=pod: _pod_hash(kube, pod, ns) == second_hash, what=f"{pod} re-annotated"
+        )
+    # Routes reload in the running pods: the pod template (and so the pods) stays as it was.
+    assert template() == before
+    assert _pod_hash(kube, "other-0", ns) is None
+
+    # A setting the relay applies only at start (the metrics port) rolls the pods.
+    apply(kube, ns, m.relay(metrics={"port": 9191}))
+    wait_for(lambda: template()[0] != before[0], what="the pod template to roll")
 
     kube.kubectl("delete", "mailroute", "news", "-n", ns)
     wait_for(lambda: _route_names(kube, ns) == ["billing"], what="news to leave the config")

@@ -10,7 +10,7 @@ import pytest
 from mailrelay.operator import models
 from mailrelay.operator.relay_config import BoundRoute, SecretMount, secret_mounts
 from mailrelay.operator.render import (
-    CONFIG_HASH_ANNOTATION,
+    RESTART_HASH_ANNOTATION,
     NetworkPeer,
     NetworkPolicyInputs,
     RelayInputs,
@@ -307,7 +307,7 @@ class TestRenderStatefulSet:
     def render(self, **overrides: Any) -> dict[str, Any]:
         inputs = relay(**overrides)
         mounts = secret_mounts(inputs.spec, self.ROUTES)
-        return render_statefulset(inputs, config_hash="abc123", mounts=mounts, settings=SETTINGS)
+        return render_statefulset(inputs, restart_hash="abc123", mounts=mounts, settings=SETTINGS)
 
     @pytest.mark.parametrize(
         ("overrides", "claim_size", "storage_class"),
@@ -351,7 +351,7 @@ class TestRenderStatefulSet:
         assert container["image"] == "registry.test/mailrelay:1"
         assert container["args"] == ["--config", "/etc/mailrelay/config/relay.yaml"]
         assert rendered["spec"]["template"]["metadata"]["annotations"] == {
-            CONFIG_HASH_ANNOTATION: "abc123"
+            RESTART_HASH_ANNOTATION: "abc123"
         }
 
     @pytest.mark.parametrize(
