@@ -98,6 +98,10 @@ def _pod(name: str, instance: str) -> dict[str, Any]:
     }
 
 
+def _pods_hashed(kube: LocalKube, ns: str, names: tuple[str, ...], digest: str) -> bool:
+    return all(_pod_hash(kube, name, ns) == digest for name in names)
+
+
 def _pod_hash(kube: LocalKube, name: str, ns: str) -> str | None:
     pod = get(kube, "pod", name, ns) or {}
     value = ((pod.get("metadata") or {}).get("annotations") or {}).get("mailrelay.dev/config-hash")
@@ -126,8 +130,8 @@ def test_route_update_changes_config_reloads_pods_without_roll_and_delete_remove
         assert "mailrelay.dev/config-hash" not in annotations
         return str(annotations["mailrelay.dev/restart-hash"]), int(sts["metadata"]["generation"])
 
-    for pod in ("outbound-0", "outbound-1"):
-        wait_for(lambda pod=pod: _pod_hash(kube, pod, ns) == first_hash, what=f"{pod} annotated")
+    pods = ("outbound-0", "outbound-1")
+    wait_for(lambda: _pods_hashed(kube, ns, pods, first_hash), what="the pods annotated")
     before = template()
 
     apply(kube, ns, m.smtp_route("billing", senders=["billing.example.com"], port=2525))
@@ -140,10 +144,7 @@ def test_route_update_changes_config_reloads_pods_without_roll_and_delete_remove
             (h := _status(kube, "mailrelay", "outbound", ns).get("configHash")) != first_hash and h
         )
     )
-    for pod in ("outbound-0", "outbound-1"):
-        wait_for(
-            lambda pod=pod: _pod_hash(kube, pod, ns) == second_hash, what=f"{pod} re-annotated"
-        )
+    wait_for(lambda: _pods_hashed(kube, ns, pods, second_hash), what="the pods re-annotated")
     # Routes reload in the running pods: the pod template (and so the pods) stays as it was.
     assert template() == before
     assert _pod_hash(kube, "other-0", ns) is None
