@@ -144,9 +144,13 @@ def test_operator_runs_as_a_pod_under_its_chart_service_account(
         ("create", "statefulsets.apps", "-n", "default"),
         ("patch", "mailrelays.mailrelay.dev/status", "-n", "default"),
         ("create", "secrets", "-n", "default"),  # app credentials (spec.auth.appCredentials)
+        ("patch", "pods", "-n", "default"),  # the config-hash note that makes kubelet resync
+        ("list", "pods", "-n", "default"),
     ]
     denied = [
         ("create", "pods", "-n", "default"),
+        ("delete", "pods", "-n", "default"),
+        ("update", "pods", "-n", "default"),
         ("delete", "nodes", "--all-namespaces"),
         ("create", "clusterrolebindings", "--all-namespaces"),
         ("delete", "secrets", "-n", "default"),
