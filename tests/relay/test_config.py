@@ -263,3 +263,32 @@ def test_docs_cover_every_field() -> None:
         if f"| `{field}` |" not in text
     ]
     assert missing == []
+
+
+@pytest.mark.parametrize(
+    ("changes", "restart"),
+    [
+        (
+            {
+                "routes": [
+                    {"name": "x", "upstream": {"type": "smtp", "name": "m", "host": "m.test"}}
+                ]
+            },
+            False,
+        ),
+        ({"log_format": "json"}, False),
+        ({"listener": {"tls": {"cert_file": "/tls/tls.crt", "key_file": "/tls/tls.key"}}}, False),
+        ({"listener": {"submission_port": 2587}}, True),
+        ({"listener": {"workers": 2}}, True),
+        ({"metrics": {"port": 9191}}, True),
+        ({"spool": {"directory": "/elsewhere"}}, True),
+    ],
+    ids=["routes", "log-format", "tls-files", "port", "workers", "metrics-port", "spool-dir"],
+)
+def test_restart_settings_name_what_a_reload_cannot_apply(
+    changes: dict[str, Any], restart: bool
+) -> None:
+    """The one rule for the relay's reload warning and the operator's pod template hash."""
+    base = parse_config(merged()).restart_settings()
+    changed = parse_config(merged(**changes)).restart_settings()
+    assert (changed != base) is restart
