@@ -477,6 +477,7 @@ async def _reconcile(ctx: Context, indices: Indices, namespace: str, name: str) 
     secret_keys: SecretKeys = indices.secret_keys(namespace)
     if relay is None:
         # Deleted: the children go with their owner; tell the routes they lost their relay.
+        ctx.pods_synced.pop((namespace, name), None)
         for verdict in judge_routes(None, None, routes, secret_keys):
             status = route_status(verdict, relay_name=name, relay_ready=False, clock=ctx.clock)
             await _write_route_status(ctx, verdict, status)
