@@ -36,6 +36,10 @@ def _operator_pods(node: LocalNode) -> list[dict[str, Any]]:
     return [p for p in pods if p["metadata"].get("deletionTimestamp") is None]
 
 
+def _load_log(node: LocalNode, namespace: str) -> str:
+    return node.kubectl("logs", "load", "-n", namespace, check=False).stdout
+
+
 def _owned(node: LocalNode, namespace: str, relay_uid: str) -> list[tuple[str, str]]:
     """(kind, name) of every object in the namespace whose owner is the relay."""
     items = json.loads(
@@ -134,7 +138,7 @@ def test_helm_upgrade_of_a_running_install_replaces_the_operator_and_relays_keep
     node.kubectl("apply", "-n", ns, "-f", "-", input=incluster.yaml_stream(load))
     try:
         deadline = time.monotonic() + 180
-        while len(incluster.accepted_ids(node.kubectl("logs", "load", "-n", ns).stdout)) < 5:
+        while len(incluster.accepted_ids(_load_log(node, ns))) < 5:
             assert time.monotonic() < deadline
             time.sleep(0.5)
         incluster.install_operator(
@@ -168,7 +172,7 @@ def test_helm_upgrade_of_a_running_install_replaces_the_operator_and_relays_keep
                 "get", "pod", "load", "-n", ns, "-o", "jsonpath={.status.phase}"
             ).stdout
             time.sleep(1)
-        log = node.kubectl("logs", "load", "-n", ns).stdout
+        log = _load_log(node, ns)
         assert phase == "Succeeded", log
         accepted = set(incluster.accepted_ids(log))
         assert len(accepted) == count
