@@ -566,12 +566,30 @@ def running_cluster(workdir: Path | None = None) -> Iterator[LocalKube]:
 # --- CLI: make cluster-up / cluster-down -----------------------------------------------------
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether `pid` still runs; a zombie counts as gone."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
+    with contextlib.suppress(OSError):
+        if Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "Z":
+            return False
     return True
+
+
+def stop_process_group(pid: int) -> None:
+    """SIGTERM the process group `pid` leads, then SIGKILL it if still there after 10 s."""
+    if not pid_alive(pid):
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGTERM)
+    for _ in range(40):
+        if not pid_alive(pid):
+            return
+        time.sleep(0.25)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGKILL)
 
 
 def cli_up() -> int:
@@ -579,7 +597,7 @@ def cli_up() -> int:
     state_file = CLI_STATE_DIR / "state.json"
     if state_file.exists():
         state = json.loads(state_file.read_text())
-        if all(_pid_alive(pid) for pid in state["pids"].values()):
+        if all(pid_alive(pid) for pid in state["pids"].values()):
             print(f"A local cluster is already running: export KUBECONFIG={state['kubeconfig']}")
             return 0
         cli_down()
@@ -608,17 +626,8 @@ def cli_down() -> int:
         return 0
     state = json.loads(state_file.read_text())
     for name in ("kube-apiserver", "etcd"):
-        pid = state["pids"].get(name)
-        if pid and _pid_alive(pid):
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(pid, signal.SIGTERM)
-            for _ in range(40):
-                if not _pid_alive(pid):
-                    break
-                time.sleep(0.25)
-            else:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(pid, signal.SIGKILL)
+        if pid := state["pids"].get(name):
+            stop_process_group(pid)
     shutil.rmtree(CLI_STATE_DIR, ignore_errors=True)
     print("Stopped the local cluster.")
     return 0

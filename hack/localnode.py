@@ -46,6 +46,8 @@ from localkube import (
     LocalKube,
     ensure_binaries,
     free_port,
+    pid_alive,
+    stop_process_group,
 )
 
 NODE_BUILD_SCRIPT = REPO_ROOT / "hack" / "build-node.sh"
@@ -1021,7 +1023,7 @@ def cli_up() -> int:
     state_file = CLI_STATE_DIR / STATE_FILE
     if state_file.exists():
         state = json.loads(state_file.read_text())
-        if all(_pid_alive(pid) for pid in state["pids"].values()):
+        if all(pid_alive(pid) for pid in state["pids"].values()):
             print(f"A local cluster is already running: export KUBECONFIG={state['kubeconfig']}")
             return 0
         cli_down()
@@ -1050,33 +1052,12 @@ def cli_down() -> int:
         return 0
     state = json.loads(state_file.read_text())
     for name in state["order"]:
-        pid = state["pids"].get(name)
-        if pid and _pid_alive(pid):
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(pid, signal.SIGTERM)
-            for _ in range(40):
-                if not _pid_alive(pid):
-                    break
-                time.sleep(0.25)
-            else:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(pid, signal.SIGKILL)
+        if pid := state["pids"].get(name):
+            stop_process_group(pid)
     teardown(Path(state["workdir"]), state["sysctls"])
     state_file.unlink()
     print("Stopped the local cluster and removed its bridge, iptables rules and files.")
     return 0
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # A zombie of ours counts as gone.
-    with contextlib.suppress(OSError):
-        if Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "Z":
-            return False
-    return True
 
 
 def main(argv: list[str] | None = None) -> int:
