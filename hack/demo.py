@@ -48,6 +48,7 @@ import trustme
 import yaml
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
+from incluster import metric_samples
 from localkube import REPO_ROOT, LocalKube, free_port
 
 from mailrelay.operator.settings import WATCH_LABEL
@@ -490,14 +491,7 @@ class DemoResult:
 
 
 def _metrics(port: int) -> dict[str, float]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
-        text = response.read().decode()
-    samples = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            key, _, value = line.rpartition(" ")
-            samples[key] = float(value)
-    return samples
+    return metric_samples(f"http://127.0.0.1:{port}/metrics")
 
 
 KEY_METRICS = (

@@ -469,9 +469,9 @@ def received(node: LocalNode, namespace: str, upstream: str) -> list[dict[str, A
     return data
 
 
-def relay_metrics(node: LocalNode, namespace: str, relay: str = RELAY) -> dict[str, float]:
-    ip = pod_ip(node, namespace, f"app.kubernetes.io/instance={relay}")
-    with urllib.request.urlopen(f"http://{ip}:9090/metrics", timeout=5) as answer:
+def metric_samples(url: str) -> dict[str, float]:
+    """A Prometheus text page as `{'name{labels}': value}`."""
+    with urllib.request.urlopen(url, timeout=5) as answer:
         text = answer.read().decode()
     samples = {}
     for line in text.splitlines():
@@ -479,6 +479,11 @@ def relay_metrics(node: LocalNode, namespace: str, relay: str = RELAY) -> dict[s
             key, _, value = line.rpartition(" ")
             samples[key] = float(value)
     return samples
+
+
+def relay_metrics(node: LocalNode, namespace: str, relay: str = RELAY) -> dict[str, float]:
+    ip = pod_ip(node, namespace, f"app.kubernetes.io/instance={relay}")
+    return metric_samples(f"http://{ip}:9090/metrics")
 
 
 def wait_rollout(node: LocalNode, namespace: str, kind_name: str, timeout: int = 180) -> None:
