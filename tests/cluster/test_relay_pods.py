@@ -165,6 +165,20 @@ def test_operator_runs_as_a_pod_under_its_chart_service_account(
         assert answer.stdout.strip() == "no", (verb, resource)
 
 
+def _wait_for_greeting(addresses: list[str], within: float) -> None:
+    """Until each address answers on 587 at all (refused while kube-proxy catches up)."""
+    deadline = time.monotonic() + within
+    for address in addresses:
+        while True:
+            try:
+                _greeting(address, 587)
+                break
+            except ConnectionRefusedError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+
+
 def _greeting(host: str, port: int) -> bytes:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as sock:
@@ -190,6 +204,9 @@ def test_relay_serves_ipv4_and_ipv6_on_the_dual_stack_pod_network(
     # The node's pod network and Service ranges are dual-stack: one address of each family.
     assert sorted(":" in ip for ip in cluster_ips) == [False, True], cluster_ips
     assert sorted(":" in ip for ip in pod_ips) == [False, True], pod_ips
+    # kube-proxy programs a Service's rules a moment after its endpoints turn ready (until
+    # then the Service IP refuses connections), so give the Service addresses that moment.
+    _wait_for_greeting(cluster_ips, within=30)
     for address in (*cluster_ips, *pod_ips):
         for port in (587, 9090):
             if port == 9090:
