@@ -256,12 +256,38 @@ class RelaySMTP(_CheapDir, BulkDataSMTP):
             self._refusal = self.front.session_opened(self, _peer_ip(self.session))
         if first and self.implicit_tls:
             self.front.metrics.tls_sessions.labels("implicit").inc()
+        if first and self._handler_coroutine is not None:
+            self._handler_coroutine.add_done_callback(lambda _: self._release_when_over())
 
     def connection_lost(self, error: Exception | None) -> None:
         if self._registered:
             self._registered = False
             self.front.session_closed(self)
         super().connection_lost(error)
+        self._release_when_over()
+
+    def _release_when_over(self) -> None:
+        """Break the session's reference cycles once the connection and its handler ended.
+
+        The handler task, its CancelledError's traceback (whose frames hold this session)
+        and aiosmtpd's references to the STARTTLS protocol form cycles that only the
+        cyclic GC frees, and a full collection runs rarely in a process this size: each
+        ended TLS session kept its SSL protocol's 256 KB read buffer for minutes (about
+        100 MB after a few hundred sessions). Dropping them here frees a session by
+        reference counting the moment it is over.
+        """
+        task = self._handler_coroutine
+        if self.transport is not None or task is None or not task.done():
+            return
+        self._tls_protocol = None
+        self._original_transport = None
+        self._handler_coroutine = None
+        # What remains is the session's own small cycles (aiosmtpd's bound methods); the
+        # SSL object (with OpenSSL's buffers) must not wait in them for the GC.
+        if self.session is not None:
+            self.session.ssl = None
+        if self._reader is not None:
+            self._reader._transport = None  # type: ignore[attr-defined]
 
     async def _handle_client(self) -> None:
         if self._refusal is not None:
