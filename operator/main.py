@@ -7,6 +7,7 @@ Handlers only translate kopf's arguments into calls of plain async functions in
 * ``route_index``: MailRoutes by (namespace, relayRef.name), so a relay finds its routes;
 * ``secret_index``: the key names (never the values) of the Secrets labelled for the operator
   (``settings.secret_selector``, applied by the API server: other Secrets are never read);
+* ``secret_version_index``: their resourceVersions, so the pods reload a changed Secret;
 * one index per child kind, of the children this operator manages (selected server-side).
 
 ``PROGRESS`` records what liveness (``health.py``) decides from: indices and event handlers
@@ -100,6 +101,7 @@ def _indices(kwargs: dict[str, Any]) -> Indices:
         relays=kwargs["relay_index"],
         routes=kwargs["route_index"],
         secrets=kwargs["secret_index"],
+        secret_versions=kwargs["secret_version_index"],
         children={
             "ConfigMap": kwargs["configmap_index"],
             "Service": kwargs["service_index"],
@@ -182,6 +184,14 @@ async def secret_index(
     PROGRESS.saw_index("Secret")
     keys = {*(body.get("data") or {}), *(body.get("stringData") or {})}
     return {(namespace or "", name): frozenset(keys)}
+
+
+@kopf.index(*SECRETS)
+async def secret_version_index(
+    body: kopf.Body, namespace: str | None, name: str, **_: Any
+) -> dict[Any, str]:
+    """A Secret's resourceVersion, so a change to its content reaches the pods (podsync)."""
+    return {(namespace or "", name): str(body.get("metadata", {}).get("resourceVersion", ""))}
 
 
 def _child(body: kopf.Body, namespace: str | None, name: str) -> dict[Any, ChildState]:

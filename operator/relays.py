@@ -55,7 +55,7 @@ from mailrelay.operator.conditions import (
 )
 from mailrelay.operator.health import Progress
 from mailrelay.operator.metrics import OperatorMetrics
-from mailrelay.operator.podsync import touch_pods
+from mailrelay.operator.podsync import reload_marks, touch_pods
 from mailrelay.operator.relay_config import (
     RelayConfigError,
     app_credential_mounts,
@@ -119,6 +119,8 @@ class Indices:
     routes: Mapping[Any, Collection[Any]]
     secrets: Mapping[Any, Collection[Any]]
     children: Mapping[str, Mapping[Any, Collection[Any]]]  # by kind
+    # resourceVersion of each watched Secret: a content change reaches the pods at once.
+    secret_versions: Mapping[Any, Collection[Any]] = field(default_factory=dict)
 
     @staticmethod
     def _one(index: Mapping[Any, Collection[Any]], key: Any) -> Any:
@@ -142,6 +144,11 @@ class Indices:
 
         return lookup
 
+    def secret_version(self, namespace: str, name: str) -> str:
+        """The watched Secret's resourceVersion; "" when it is not watched (or absent)."""
+        value = self._one(self.secret_versions, (namespace, name))
+        return value if isinstance(value, str) else ""
+
     def child(self, key: ChildKey) -> ChildState | None:
         index = self.children.get(key[0])
         value = self._one(index, key[1:]) if index is not None else None
@@ -163,7 +170,7 @@ class Context:
     # Bumped by every Secret event of a namespace (a relay's inputs include Secret keys).
     secret_epochs: dict[str, int] = field(default_factory=dict)
     # The config hash each relay's live pods were last seen or made to carry (podsync).
-    pods_synced: dict[tuple[str, str], str] = field(default_factory=dict)
+    pods_synced: dict[tuple[str, str], dict[str, str]] = field(default_factory=dict)
 
     @overload
     def fresh(self, info: ObjectInfo) -> ObjectInfo: ...
@@ -190,6 +197,7 @@ class RenderedRelay:
     absent: list[ChildKey]  # optional children that must not exist
     config_hash: str
     routes: int
+    mounted_secrets: tuple[str, ...] = ()  # Secrets the pods mount, sorted
 
 
 def name_problem(name: str) -> str | None:
@@ -262,7 +270,8 @@ def render_relay(
             absent.append((kind, relay.namespace, relay.name))
         else:
             children.append(child)
-    return RenderedRelay(children, absent, digest, len(routes))
+    mounted = tuple(sorted({mount.secret_name for mount in mounts}))
+    return RenderedRelay(children, absent, digest, len(routes), mounted)
 
 
 def ready_condition(
@@ -542,7 +551,13 @@ async def _reconcile(ctx: Context, indices: Indices, namespace: str, name: str) 
             applied, problems = await _apply_children(ctx, indices, inputs, rendered)
             updates += applied
             if not any(p.kind == "ConfigMap" for p in problems):
-                pods_synced = await _sync_pods(ctx, inputs, rendered.config_hash)
+                versions = [
+                    (secret, indices.secret_version(namespace, secret))
+                    for secret in rendered.mounted_secrets
+                ]
+                pods_synced = await _sync_pods(
+                    ctx, inputs, reload_marks(rendered.config_hash, versions)
+                )
             refused = next((p for p in problems if p.kind == "StatefulSet"), None)
             updates.append(
                 ConditionUpdate(
@@ -600,13 +615,13 @@ async def _reconcile(ctx: Context, indices: Indices, namespace: str, name: str) 
     return outcome, settled
 
 
-async def _sync_pods(ctx: Context, relay: RelayInputs, digest: str) -> bool:
-    """Make the relay's live pods reload ``digest`` now (podsync); False to retry later."""
+async def _sync_pods(ctx: Context, relay: RelayInputs, marks: dict[str, str]) -> bool:
+    """Make the relay's live pods reload what ``marks`` name now (podsync); False to retry."""
     key = (relay.namespace, relay.name)
-    if ctx.pods_synced.get(key) == digest:
+    if ctx.pods_synced.get(key) == marks:
         return True
     try:
-        await touch_pods(ctx.applier.client, relay.namespace, selector_labels(relay), digest)
+        await touch_pods(ctx.applier.client, relay.namespace, selector_labels(relay), marks)
     except (ApiError, httpx2.HTTPError) as error:
         log.warning(
             "Could not ask the pods of MailRelay %s/%s to reload: %s",
@@ -615,7 +630,7 @@ async def _sync_pods(ctx: Context, relay: RelayInputs, digest: str) -> bool:
             _api_message(error),
         )
         return False
-    ctx.pods_synced[key] = digest
+    ctx.pods_synced[key] = marks
     return True
 
 

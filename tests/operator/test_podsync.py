@@ -7,7 +7,13 @@ from typing import Any
 import pytest
 
 from mailrelay.operator import models
-from mailrelay.operator.podsync import POD_CONFIG_HASH_ANNOTATION, pods_to_touch, touch_patch
+from mailrelay.operator.podsync import (
+    POD_CONFIG_HASH_ANNOTATION,
+    POD_SECRETS_HASH_ANNOTATION,
+    pods_to_touch,
+    reload_marks,
+    touch_patch,
+)
 from mailrelay.operator.relays import render_relay
 from mailrelay.operator.render import RESTART_HASH_ANNOTATION, RelayInputs
 from mailrelay.operator.routes import ObjectInfo, judge_routes
@@ -43,11 +49,19 @@ def pod(name: str, config_hash: str | None = None, **extra: Any) -> dict[str, An
     ids=["none", "missing-and-stale", "one-current", "deleting", "failed", "pending", "other-note"],
 )
 def test_pods_to_touch(pods: list[dict[str, Any]], expected: list[str]) -> None:
-    assert pods_to_touch(pods, "new") == expected
+    assert pods_to_touch(pods, {POD_CONFIG_HASH_ANNOTATION: "new"}) == expected
+
+
+def test_a_pod_missing_any_mark_is_touched() -> None:
+    marks = {POD_CONFIG_HASH_ANNOTATION: "cfg", POD_SECRETS_HASH_ANNOTATION: "s2"}
+    current = pod("r-0", metadata={"annotations": dict(marks)})
+    stale = pod("r-1", metadata={"annotations": {**marks, POD_SECRETS_HASH_ANNOTATION: "s1"}})
+    assert pods_to_touch([current, stale, pod("r-2", "cfg")], marks) == ["r-1", "r-2"]
 
 
 def test_touch_patch_is_metadata_only() -> None:
-    assert touch_patch("abc") == {"metadata": {"annotations": {POD_CONFIG_HASH_ANNOTATION: "abc"}}}
+    marks = {POD_CONFIG_HASH_ANNOTATION: "abc"}
+    assert touch_patch(marks) == {"metadata": {"annotations": marks}}
 
 
 def route(name: str, domain: str, port: int = 25) -> ObjectInfo:
@@ -93,3 +107,31 @@ def test_restart_settings_change_the_pod_template(spec: dict[str, Any]) -> None:
     _, base_restart = rendered([route("a", "a.example")])
     _, restart = rendered([route("a", "a.example")], **spec)
     assert restart != base_restart
+
+
+def test_a_changed_secret_version_changes_what_the_pods_are_asked_to_load() -> None:
+    """A rotated certificate or users file must touch the pods like a config change does."""
+    base = reload_marks("cfg", [("tls", "10"), ("users", "11")])
+    assert base[POD_CONFIG_HASH_ANNOTATION] == "cfg"  # the relay's status.configHash
+    assert reload_marks("cfg", [("users", "11"), ("tls", "10")]) == base  # order-free
+    assert reload_marks("cfg", [("tls", "12"), ("users", "11")]) != base
+    assert reload_marks("cfg", [("tls", "10"), ("users", "13")]) != base
+    assert reload_marks("other", [("tls", "10"), ("users", "11")]) != base
+    # Unwatched Secrets (no version known) add no mark.
+    assert reload_marks("cfg", [("tls", ""), ("users", "")]) == {POD_CONFIG_HASH_ANNOTATION: "cfg"}
+    assert reload_marks("cfg", []) == {POD_CONFIG_HASH_ANNOTATION: "cfg"}
+
+
+def test_render_names_every_secret_the_pods_mount() -> None:
+    body = {
+        **SPEC,
+        "listener": {"port": 587, "tls": {"secretName": "relay-tls"}},
+        "auth": {"required": True, "usersSecretRef": {"name": "relay-users", "key": "users.yaml"}},
+    }
+    relay = ObjectInfo("MailRelay", "ns", "outbound", "uid", 1, spec=body)
+    typed = models.MailRelaySpec.model_validate(body)
+    upstream = route("a", "a.example")
+    upstream.spec["upstream"]["smtp"]["credentialsSecretRef"] = {"name": "upstream-login"}
+    verdicts = judge_routes(relay, typed, [upstream], lambda _: frozenset({"username", "password"}))
+    result = render_relay(RelayInputs("outbound", "ns", "uid", typed), verdicts, SETTINGS)
+    assert result.mounted_secrets == ("relay-tls", "relay-users", "upstream-login")

@@ -108,6 +108,13 @@ def _pod_hash(kube: LocalKube, name: str, ns: str) -> str | None:
     return str(value) if value is not None else None
 
 
+def _pod_secrets_hash(kube: LocalKube, name: str, ns: str) -> str | None:
+    pod = get(kube, "pod", name, ns) or {}
+    annotations = (pod.get("metadata") or {}).get("annotations") or {}
+    value = annotations.get("mailrelay.dev/secrets-hash")
+    return str(value) if value is not None else None
+
+
 def test_route_update_changes_config_reloads_pods_without_roll_and_delete_removes_it(
     crds: LocalKube, operator: OperatorProcess, op_namespace: str
 ) -> None:
@@ -148,6 +155,18 @@ def test_route_update_changes_config_reloads_pods_without_roll_and_delete_remove
     # Routes reload in the running pods: the pod template (and so the pods) stays as it was.
     assert template() == before
     assert _pod_hash(kube, "other-0", ns) is None
+
+    # A mounted Secret's new content: the pods are touched at once (kubelet refreshes their
+    # volumes), the config hash and the pod template stay as they are.
+    secrets_marks = {name: _pod_secrets_hash(kube, name, ns) for name in pods}
+    assert all(secrets_marks.values())
+    apply(kube, ns, m.users_secret(password="rotated-pass"))
+    wait_for(
+        lambda: all(_pod_secrets_hash(kube, n, ns) not in (None, secrets_marks[n]) for n in pods),
+        what="the pods touched for the changed users Secret",
+    )
+    assert _pods_hashed(kube, ns, pods, second_hash)
+    assert template() == before
 
     # A setting the relay applies only at start (the metrics port) rolls the pods.
     apply(kube, ns, m.relay(metrics={"port": 9191}))
