@@ -363,10 +363,12 @@ def render_statefulset(
         "command": ["python", "-m", "mailrelay.relay"],
         "args": ["--config", f"{CONFIG_DIR}/{CONFIG_KEY}"],
         "ports": container_ports,
+        # Probed every 2 s: a new pod serves about 3 s sooner than at kubelet's usual 5 s
+        # (the probe is one local GET), and a draining pod leaves the Service within 6 s.
         "readinessProbe": {
             "httpGet": {"path": "/readyz", "port": probe_port},
-            "periodSeconds": 5,
-            "failureThreshold": 2,
+            "periodSeconds": 2,
+            "failureThreshold": 3,
         },
         "livenessProbe": {
             "httpGet": {"path": "/healthz", "port": probe_port},
