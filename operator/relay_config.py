@@ -78,11 +78,6 @@ class SecretMount:
         return {f"{self.mount_path}/{path}": key for key, path in self.items}
 
 
-def upstream_dir(route: str, index: int) -> PurePosixPath:
-    """Directory of a route's upstream files: index 0 is the primary, then the fallbacks."""
-    return UPSTREAMS_DIR / route / str(index)
-
-
 def _volume_name(prefix: str, *parts: str) -> str:
     """A stable, DNS-1123 label volume name (names may be up to 253 characters)."""
     digest = hashlib.sha256("/".join(parts).encode()).hexdigest()[:12]
@@ -104,10 +99,12 @@ def secret_mounts(spec: models.MailRelaySpec, routes: Sequence[BoundRoute]) -> l
     if spec.auth.users_secret_ref is not None:
         ref = spec.auth.users_secret_ref
         mounts.append(SecretMount("users", ref.name, str(USERS_DIR), ((ref.key, USERS_FILE),)))
+    shared: dict[str, SecretMount] = {}
     for route in sorted(routes, key=lambda r: r.name):
-        for index, upstream in enumerate((route.spec.upstream, *route.spec.fallbacks)):
-            mounts.extend(_upstream_mounts(route.name, index, upstream))
-    return mounts
+        for upstream in (route.spec.upstream, *route.spec.fallbacks):
+            for mount in _upstream_mounts(upstream):
+                shared.setdefault(mount.volume, mount)
+    return mounts + sorted(shared.values(), key=lambda mount: mount.volume)
 
 
 def app_secret_name(relay_name: str, app: str) -> str:
@@ -128,27 +125,29 @@ def app_credential_mounts(relay_name: str, spec: models.MailRelaySpec) -> list[S
     ]
 
 
-def _upstream_mounts(route: str, index: int, upstream: models.Upstream) -> list[SecretMount]:
-    """The Secret volumes of one upstream: credentials in its directory, a CA from another
-    Secret in a sibling ``-ca`` directory (volumes are never nested: Secret volumes are
-    read-only, so no mount point could be created inside one)."""
-    directory = str(upstream_dir(route, index))
-    by_path: dict[tuple[str, str], list[tuple[str, str]]] = {}
-    creds_secret: str | None = None
+def _upstream_mounts(upstream: models.Upstream) -> list[SecretMount]:
+    """The Secret volumes of one upstream: one per Secret it reads, mounted at
+    ``upstreams/<digest of the Secret's name and the files taken from it>`` (the config
+    names paths only, never a Secret).
+
+    Upstreams that read the same files of the same Secret share one volume, so a new route
+    reusing credentials already mounted leaves the pod template (and the running pods) as
+    they are: the relay reloads it in place. Volumes are never nested (Secret volumes are
+    read-only, no mount point could be made inside one).
+    """
+    by_secret: dict[str, list[tuple[str, str]]] = {}
     if upstream.smtp is not None:
         creds = upstream.smtp.credentials_secret_ref
         if creds is not None:
-            creds_secret = creds.name
-            by_path.setdefault((directory, creds.name), []).extend(
+            by_secret.setdefault(creds.name, []).extend(
                 [(creds.username_key, SMTP_USERNAME_FILE), (creds.password_key, SMTP_PASSWORD_FILE)]
             )
         ca = upstream.smtp.ca_secret_ref
         if ca is not None:
-            path = directory if ca.name == creds_secret else f"{directory}-ca"
-            by_path.setdefault((path, ca.name), []).append((ca.key, CA_FILE))
+            by_secret.setdefault(ca.name, []).append((ca.key, CA_FILE))
     elif upstream.api is not None and upstream.api.credentials_secret_ref is not None:
         ref = upstream.api.credentials_secret_ref
-        by_path[(directory, ref.name)] = (
+        by_secret[ref.name] = (
             [
                 (ref.access_key_id_key, AWS_ACCESS_KEY_ID_FILE),
                 (ref.secret_access_key_key, AWS_SECRET_ACCESS_KEY_FILE),
@@ -156,10 +155,13 @@ def _upstream_mounts(route: str, index: int, upstream: models.Upstream) -> list[
             if upstream.api.provider == "ses"
             else [(ref.api_key_key, API_KEY_FILE)]
         )
-    return [
-        SecretMount(_volume_name("up", path), secret, path, tuple(sorted(set(items))))
-        for (path, secret), items in sorted(by_path.items())
-    ]
+    mounts = []
+    for secret, items in sorted(by_secret.items()):
+        files = tuple(sorted(set(items)))
+        volume = _volume_name("up", secret, *(f"{key}={name}" for key, name in files))
+        directory = UPSTREAMS_DIR / volume.removeprefix("up-")
+        mounts.append(SecretMount(volume, secret, str(directory), files))
+    return mounts
 
 
 def required_secret_keys(
@@ -172,24 +174,22 @@ def required_secret_keys(
     return needed
 
 
-def _file_for(mounts: Sequence[SecretMount], secret: str, directory: str, key: str) -> str:
+def _file_for(mounts: Sequence[SecretMount], secret: str, key: str) -> str:
     for mount in mounts:
-        if mount.secret_name == secret and mount.mount_path in (directory, f"{directory}-ca"):
+        if mount.secret_name == secret:
             for item_key, file_name in mount.items:
                 if item_key == key:
                     return f"{mount.mount_path}/{file_name}"
-    raise AssertionError(f"no mount for {secret}/{key}")  # secret_mounts() covers every ref
+    raise AssertionError(f"no mount for {secret}/{key}")  # _upstream_mounts() covers every ref
 
 
 def _seconds(duration: str) -> float:
     return models.parse_duration(duration).total_seconds()
 
 
-def _upstream_config(
-    route: str, index: int, upstream: models.Upstream, mounts: Sequence[SecretMount]
-) -> dict[str, Any]:
+def _upstream_config(route: str, index: int, upstream: models.Upstream) -> dict[str, Any]:
     name = route if index == 0 else f"{route}-fallback-{index}"
-    directory = str(upstream_dir(route, index))
+    mounts = _upstream_mounts(upstream)
     if upstream.smtp is not None:
         smtp = upstream.smtp
         out: dict[str, Any] = {
@@ -201,11 +201,11 @@ def _upstream_config(
         }
         if smtp.credentials_secret_ref is not None:
             creds = smtp.credentials_secret_ref
-            out["username_file"] = _file_for(mounts, creds.name, directory, creds.username_key)
-            out["password_file"] = _file_for(mounts, creds.name, directory, creds.password_key)
+            out["username_file"] = _file_for(mounts, creds.name, creds.username_key)
+            out["password_file"] = _file_for(mounts, creds.name, creds.password_key)
         if smtp.ca_secret_ref is not None:
             ca = smtp.ca_secret_ref
-            out["ca_file"] = _file_for(mounts, ca.name, directory, ca.key)
+            out["ca_file"] = _file_for(mounts, ca.name, ca.key)
         return out
     assert upstream.api is not None
     api = upstream.api
@@ -215,13 +215,14 @@ def _upstream_config(
         if value is not None:
             out[field] = value
     if api.credentials_secret_ref is not None:
-        out["credentials_dir"] = directory
+        (mount,) = mounts
+        out["credentials_dir"] = mount.mount_path
     if api.insecure_allow_local_endpoint:
         out["insecure_allow_local_endpoint"] = True
     return out
 
 
-def _route_config(route: BoundRoute, mounts: Sequence[SecretMount]) -> dict[str, Any]:
+def _route_config(route: BoundRoute) -> dict[str, Any]:
     spec = route.spec
     out: dict[str, Any] = {
         "name": route.name,
@@ -230,9 +231,9 @@ def _route_config(route: BoundRoute, mounts: Sequence[SecretMount]) -> dict[str,
             "sender_domains": list(spec.match.sender_domains),
             "recipient_domains": list(spec.match.recipient_domains),
         },
-        "upstream": _upstream_config(route.name, 0, spec.upstream, mounts),
+        "upstream": _upstream_config(route.name, 0, spec.upstream),
         "fallbacks": [
-            _upstream_config(route.name, index, upstream, mounts)
+            _upstream_config(route.name, index, upstream)
             for index, upstream in enumerate(spec.fallbacks, start=1)
         ],
     }
@@ -276,7 +277,6 @@ def build_relay_config(
     cluster_domain: str = "cluster.local",
 ) -> relay.RelayConfig:
     """The relay's config for this spec and these routes; RelayConfigError if it refuses."""
-    mounts = secret_mounts(spec, routes)
     listener: dict[str, Any] = {
         "host": ALL_ADDRESSES,
         "submission_port": spec.listener.port,
@@ -329,7 +329,7 @@ def build_relay_config(
             "max_backoff_seconds": _seconds(retry.max_backoff),
             "max_age_seconds": _seconds(retry.max_age),
         },
-        "routes": [_route_config(route, mounts) for route in sorted(routes, key=lambda r: r.name)],
+        "routes": [_route_config(route) for route in sorted(routes, key=lambda r: r.name)],
         "metrics": {"host": ALL_ADDRESSES, "port": spec.metrics.port},
         "log_format": log_format,
         "shutdown_grace_seconds": drain_seconds,

@@ -136,8 +136,12 @@ def test_golden_file_is_accepted_by_the_relay_loader(tmp_path: Path) -> None:
     assert [r.name for r in config.routes] == ["alerts", "billing", "news"]
     billing = config.routes[1]
     assert isinstance(billing.upstream, SmtpUpstream)
-    assert str(billing.upstream.password_file) == "/etc/mailrelay/upstreams/billing/0/password"
-    assert str(billing.upstream.ca_file) == "/etc/mailrelay/upstreams/billing/0-ca/ca.crt"
+    assert billing.upstream.password_file is not None and billing.upstream.ca_file is not None
+    assert billing.upstream.password_file.name == "password"
+    assert billing.upstream.ca_file.name == "ca.crt"
+    # Credentials and a CA from another Secret: two sibling volumes (never nested).
+    assert billing.upstream.password_file.parent != billing.upstream.ca_file.parent
+    assert billing.upstream.password_file.parent.parent == Path("/etc/mailrelay/upstreams")
     assert billing.rate_limit is not None and billing.rate_limit.burst == 3
     assert config.retry.initial_backoff_seconds == 60
     assert config.hostname == "relay.example.com"

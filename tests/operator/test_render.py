@@ -394,7 +394,7 @@ class TestRenderStatefulSet:
         for volume in secret_volumes.values():
             assert mounts[volume["name"]]["readOnly"] is True
         assert mounts[secret_volumes["smarthost"]["name"]]["mountPath"] == (
-            "/etc/mailrelay/upstreams/billing/0"
+            f"/etc/mailrelay/upstreams/{secret_volumes['smarthost']['name'][3:]}"
         )
         assert "env" not in _container(rendered)
 
@@ -428,7 +428,28 @@ def test_secret_mounts_keep_ca_from_another_secret_beside_the_credentials() -> N
         )
     ]
     mounts = {m.secret_name: m for m in secret_mounts(spec, routes)}
-    assert mounts["creds"].mount_path == "/etc/mailrelay/upstreams/r/0"
+    assert mounts["creds"].items == (("password", "password"), ("username", "username"))
     assert mounts["ca"] == SecretMount(
-        mounts["ca"].volume, "ca", "/etc/mailrelay/upstreams/r/0-ca", (("ca.crt", "ca.crt"),)
+        mounts["ca"].volume,
+        "ca",
+        f"/etc/mailrelay/upstreams/{mounts['ca'].volume[3:]}",
+        (("ca.crt", "ca.crt"),),
     )
+    assert mounts["creds"].mount_path != mounts["ca"].mount_path
+
+
+def test_routes_reading_the_same_secret_files_share_one_volume() -> None:
+    """A new route reusing mounted credentials must not change the pod template (no roll)."""
+    spec = relay().spec
+
+    def smtp(secret: str, username_key: str = "username") -> dict[str, Any]:
+        ref = {"name": secret, "usernameKey": username_key}
+        return {"smtp": {"host": "h.example", "credentialsSecretRef": ref}}
+
+    one = secret_mounts(spec, [route("a", smtp("creds"))])
+    two = secret_mounts(spec, [route("a", smtp("creds")), route("b", smtp("creds"))])
+    assert two == one
+    other_key = secret_mounts(spec, [route("a", smtp("creds")), route("b", smtp("creds", "u2"))])
+    assert len(other_key) == len(one) + 1
+    assert len({m.volume for m in other_key}) == len(other_key)
+    assert len({m.mount_path for m in other_key}) == len(other_key)
