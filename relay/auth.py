@@ -35,6 +35,7 @@ import functools
 import hmac
 import re
 import secrets
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -246,26 +247,34 @@ class UserDatabase:
         """The verification cache (None when disabled); dropped with this database."""
         return self._cache
 
-    async def verify(self, username: str, password: bytes) -> User | None:
+    async def verify(
+        self, username: str, password: bytes, checked_by: Callable[[str], None] | None = None
+    ) -> User | None:
         """The user if the password matches, else None (slow checks in a worker thread).
 
         With the cache, a pair that verified recently is answered from it. Every other
         login, whether the name is known or not, takes the same path as without a cache:
         the cache holds successes only, which an unknown name or a wrong password never has.
+        ``checked_by`` hears which check answered: ``cache``, ``app_credential`` (a fast
+        keyed hash) or ``password_hash`` (bcrypt or argon2), for the metrics.
         """
+        note = checked_by or (lambda _method: None)
         digest = None if self._cache is None else self._cache.digest(username, password)
         if digest is not None and self._cache is not None:
             cached = self._cache.lookup(digest)
             if cached is not None:
                 hit = self._users.get(cached)
                 if hit is not None:
+                    note("cache")
                     return hit
         user, stored = self._hash_to_check(username)
         if _is_fast(stored):
             # A machine credential: one HMAC, cheaper than a trip to a thread. Whether this
             # branch runs depends on the hash checked, so an unknown name whose decoy is a
             # machine entry takes it too, and costs what a known machine user costs.
+            note("app_credential")
             return user if _check(stored, password) and user is not None else None
+        note("password_hash")
         loop = asyncio.get_running_loop()
         ok = await loop.run_in_executor(self._pool, _check, stored, password)
         if user is None or not ok:

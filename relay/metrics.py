@@ -85,6 +85,18 @@ class RelayMetrics:
             "Failed SMTP AUTH attempts (wrong user or password).",
             registry=registry,
         )
+        self.auth_verifications = Counter(
+            "mailrelay_smtp_auth_verifications",
+            "Password checks by what answered them: cache (auth.cache), app_credential "
+            "(a fast keyed hash) or password_hash (bcrypt or argon2, the costly one).",
+            ["method"],
+            registry=registry,
+        )
+        self.auth_cache_entries = Gauge(
+            "mailrelay_smtp_auth_cache_entries",
+            "Verified logins held by the AUTH cache (0 when it is off).",
+            registry=registry,
+        )
         self.client_limit_refusals = Counter(
             "mailrelay_client_limit_refusals",
             "Connections and AUTH attempts refused by a per-client limit, by limit.",
@@ -174,6 +186,10 @@ class RelayMetrics:
         """`ByteBudget`'s `on_change`: keep the two gauges current."""
         self.bytes_in_flight.set(used)
         self.bytes_in_flight_limit.set(limit)
+
+    def auth_verified(self, method: str) -> None:
+        """Count one password check by what answered it (``UserDatabase.verify``)."""
+        self.auth_verifications.labels(method).inc()
 
     def client_limit(self, reason: str) -> None:
         """Count one refusal by a per-client limit (also a `client_limit` rejection)."""

@@ -526,7 +526,9 @@ class RelaySMTP(_CheapDir, BulkDataSMTP):
             await self._refuse_client(blocked.reply(self.hostname, peer_ip))
             return AuthResult(success=False, handled=True)
         username = login.decode("utf-8", "replace")
-        user = await self.front.settings.users.verify(username, password)
+        users = self.front.settings.users
+        user = await users.verify(username, password, metrics.auth_verified)
+        metrics.auth_cache_entries.set(len(users.cache) if users.cache is not None else 0)
         if user is None:
             metrics.auth_attempts.labels("failure").inc()
             metrics.auth_failures.inc()

@@ -227,6 +227,10 @@ async def test_logins_over_smtp_hit_the_cache_and_a_reload_empties_it(
         async with relay.client(login=("alice", USERS["alice"])):
             pass
     assert (cache().hits, len(cache())) == (2, 1)
+    verifications = "mailrelay_smtp_auth_verifications_total"
+    assert relay.metric(verifications, {"method": "cache"}) == 2
+    assert relay.metric(verifications, {"method": "password_hash"}) == 1
+    assert relay.metric("mailrelay_smtp_auth_cache_entries") == 1
 
     # A new password in the users file: the reload empties the cache, so the old password
     # stops working at once although it was cached.

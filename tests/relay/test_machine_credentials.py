@@ -88,6 +88,11 @@ async def test_app_credentials_log_in_beside_the_users_file(tmp_path: Path) -> N
         assert await db.verify("billing", b"human-pw") is None
         assert await db.verify("alice", secret.encode()) is None
         assert await db.verify("alice", b"human-pw") is not None
+        methods: list[str] = []
+        assert await db.verify("billing", secret.encode(), methods.append) is not None
+        assert await db.verify("alice", b"human-pw", methods.append) is not None
+        assert await db.verify("alice", b"wrong", methods.append) is None
+        assert methods == ["app_credential", "cache", "password_hash"]
         # Machine checks never go to the worker threads (nor to the cache): they still
         # work with the threads gone.
         db.close()
