@@ -291,8 +291,10 @@ class AuthRelay(base.RelayServer):
         cache: bool,
         http: bool,
         profile: Path | None = None,
+        workers: int = 1,
     ) -> None:
         super().__init__(python, root, port, sink_port, base.RelayOptions(profile=profile))
+        self.workers = workers
         self.label = label
         self.material = material
         self.cache = cache
@@ -304,6 +306,7 @@ class AuthRelay(base.RelayServer):
         config: dict[str, Any] = json.loads(super().config_text())
         m = self.material
         config["listener"]["tls"] = {"cert_file": str(m.cert_file), "key_file": str(m.key_file)}
+        config["listener"]["workers"] = self.workers
         config["allowed_networks"] = []
         config["auth"] = {
             "required": True,
@@ -470,7 +473,10 @@ async def run_scenario(
             cache=scenario != "relay-cold",
             http=http,
             profile=profile,
+            workers=args.relay_workers,
         )
+        if args.relay_workers > 1:
+            result.scenario = f"{scenario} x{args.relay_workers}"
     cold = scenario == "relay-cold"
     sessions = args.cold_sessions if cold else args.sessions
     sessions = max(args.concurrency, sessions // msgs)
@@ -590,6 +596,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--drain-timeout", type=float, default=300)
     parser.add_argument("--profile-relay", action="store_true")
+    parser.add_argument(
+        "--relay-workers",
+        type=int,
+        default=1,
+        help="listener.workers of every relay scenario (processes sharing the port)",
+    )
     parser.add_argument("--quick", action="store_true", help="smoke run: short runs")
     parser.add_argument("--workdir", type=Path, default=Path("/var/tmp"))
     parser.add_argument("--keep", action="store_true")
