@@ -402,6 +402,29 @@ async def test_unreadable_credential_file_is_a_configuration_error(
     assert server.requests == []
 
 
+@pytest.mark.parametrize("provider", ["sendgrid", "sparkpost", "postmark", "resend"])
+async def test_a_key_file_with_a_line_break_is_a_configuration_error(
+    provider: str,
+    provider_server: ServerFactory,
+    api_upstream: Any,
+    transport_factory: Any,
+    credentials_dir: Path,
+) -> None:
+    """The key goes into a header as it is; a second line would end the header there. That
+    is our configuration (the metric says so), and nothing is sent."""
+    (credentials_dir / "api_key").write_text("first-line\nsecond-line-of-the-key\n")
+    server, transport, _, registry = await setup(
+        provider, provider_server, api_upstream, transport_factory
+    )
+    results = await transport.deliver(envelope(), rich_message())
+    assert outcomes(results) == {RecipientOutcome.CONFIG_ERROR}
+    assert "line break" in results[0].detail
+    assert "second-line" not in results[0].detail
+    labels = {"upstream": f"{provider}-api", "provider": provider}
+    assert registry.get_sample_value("mailrelay_provider_config_error", labels) == 1
+    assert server.requests == []
+
+
 @pytest.mark.parametrize("provider", PROVIDERS)
 async def test_an_unaddressable_recipient_fails_alone(
     provider: str, provider_server: ServerFactory, api_upstream: Any, transport_factory: Any

@@ -1,0 +1,377 @@
+"""The HTTP layer of every provider: our request and response types, one client per upstream.
+
+Providers build an `ApiRequest` (method, absolute URL, headers, body bytes) and read an
+`ApiResponse` (status, case-insensitive headers, body bytes); none of them imports an HTTP
+library, so a new provider touches only its own module. `ApiClient` sends requests over one
+long-lived aiohttp session:
+
+- a keep-alive pool of `concurrency` connections (HTTP/1.1), through the SSRF guard of
+  `mailrelay.relay.http_guard` unless the upstream allows local endpoints;
+- a connect timeout (lookup, TCP and TLS handshake) and a read timeout (the wait for the
+  next bytes of the answer once the request is written), and a deadline for the whole
+  request that grows with the body (`MIN_UPLOAD_BYTES_PER_SECOND`), so an endpoint that
+  stops reading cannot hold a connection for ever;
+- no redirects, no cookies, no proxies from the environment, `User-Agent: mailrelay`,
+  answers uncompressed and read whole, at most `MAX_RESPONSE_BYTES` of them;
+- failures as our own exceptions: `ApiTimeout`, `ApiUnreachable` (with an SMTP-style
+  reason from `describe_error`, never an exception's own text), `InvalidRequest` (a header
+  or URL that cannot be sent, found before any I/O) and the guard's `BlockedDestination`.
+
+`multipart_form` encodes a multipart/form-data body for providers that take files.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import functools
+import io
+import json
+import re
+import secrets
+import ssl
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from email.message import Message
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import certifi
+from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
+
+from mailrelay.relay import http_guard
+from mailrelay.relay.http_guard import BlockedDestination
+from mailrelay.relay.transport import describe_error
+
+__all__ = [
+    "MAX_RESPONSE_BYTES",
+    "MIN_UPLOAD_BYTES_PER_SECOND",
+    "ApiClient",
+    "ApiError",
+    "ApiRequest",
+    "ApiResponse",
+    "ApiTimeout",
+    "ApiUnreachable",
+    "BlockedDestination",
+    "FilePart",
+    "InvalidRequest",
+    "multipart_form",
+    "tls_context",
+]
+
+USER_AGENT = "mailrelay"
+# Idle pooled connections are closed after this long (what httpx did; servers' own idle
+# timeouts are rarely shorter, so a reused connection is rarely one the server just closed).
+KEEPALIVE_SECONDS = 5.0
+# The deadline of one request allows the body to go out at least this fast on top of the
+# connect and read timeouts: 25 MB in about 100 s.
+MIN_UPLOAD_BYTES_PER_SECOND = 256 * 1024
+# Providers answer with a few hundred bytes; an endpoint sending more is cut off here.
+MAX_RESPONSE_BYTES = 1024 * 1024
+# Bodies above this size are written in chunks (aiohttp's own threshold for a warning).
+LARGE_BODY_BYTES = 1024 * 1024
+
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_FIELD_VALUE = re.compile(r"[\t\x20-\x7e]*")
+
+
+class ApiError(Exception):
+    """A request that got no answer; `str()` is a short reason fit for a bounce."""
+
+
+class ApiTimeout(ApiError):
+    """The connect, the answer or the whole request took longer than allowed."""
+
+
+class ApiUnreachable(ApiError):
+    """The connection failed or broke: refused, reset, TLS, a malformed answer."""
+
+
+class InvalidRequest(ApiError):
+    """The request cannot be sent as built (a header or URL HTTP cannot carry)."""
+
+
+@functools.lru_cache(maxsize=256)
+def _normalized_url(url: str) -> str:
+    """The URL as it goes on the wire: IDNA host, percent-encoded path and query."""
+    parsed = URL(url)
+    if not parsed.absolute or parsed.scheme not in ("http", "https") or not parsed.raw_host:
+        raise InvalidRequest("the request URL must be an absolute http:// or https:// URL")
+    return str(parsed)
+
+
+@functools.lru_cache(maxsize=256)
+def _wire_url(url: str) -> URL:
+    return URL(url, encoded=True)
+
+
+@dataclass(frozen=True)
+class ApiRequest:
+    """One HTTP request as a provider builds it; `url` is normalized to what is sent."""
+
+    method: str
+    url: str
+    headers: Mapping[str, str] = field(default_factory=dict)
+    body: bytes = b""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "url", _normalized_url(self.url))
+
+    @property
+    def host(self) -> str:
+        """The `Host` header the request is sent with (no port when it is the default)."""
+        host = _wire_url(self.url).host_port_subcomponent
+        assert host is not None  # an absolute URL (checked in __post_init__)
+        return host
+
+    def with_headers(self, extra: Mapping[str, str]) -> ApiRequest:
+        """The same request with `extra` headers added or replaced (signing adds some)."""
+        merged = {k: v for k, v in self.headers.items() if k.lower() not in _lower(extra)}
+        merged.update(extra)
+        return ApiRequest(self.method, self.url, merged, self.body)
+
+
+def _lower(headers: Mapping[str, str]) -> set[str]:
+    return {name.lower() for name in headers}
+
+
+@dataclass(frozen=True)
+class ApiResponse:
+    """One HTTP answer, read whole; `headers` are case-insensitive."""
+
+    status_code: int
+    headers: Mapping[str, str] = field(default_factory=dict)
+    body: bytes = b""
+    reason_phrase: str = ""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.headers, CIMultiDictProxy):
+            object.__setattr__(self, "headers", CIMultiDictProxy(CIMultiDict(self.headers)))
+
+    @property
+    def is_success(self) -> bool:
+        """A 2xx status."""
+        return 200 <= self.status_code < 300
+
+    @functools.cached_property
+    def text(self) -> str:
+        """The body decoded with the charset the answer names (UTF-8 by default)."""
+        return self.body.decode(_charset(self.headers.get("content-type", "")), errors="replace")
+
+    def json(self) -> Any:
+        """The body parsed as JSON; ValueError when it is not JSON."""
+        return json.loads(self.body)
+
+
+def _charset(content_type: str) -> str:
+    message = Message()
+    message["content-type"] = content_type
+    charset = message.get_content_charset() or "utf-8"
+    try:
+        return codecs.lookup(charset).name
+    except LookupError:
+        return "utf-8"
+
+
+def check_headers(headers: Mapping[str, str]) -> None:
+    """Refuse what HTTP/1.1 cannot carry: a name that is not a token, a value with a line
+    break, a control character or a non-ASCII character. The error names the header but
+    never shows its value (it may hold a key)."""
+    for name, value in headers.items():
+        if not _TOKEN.fullmatch(name):
+            raise InvalidRequest(f"the header name {name!r} is not a valid HTTP token")
+        if not _FIELD_VALUE.fullmatch(value):
+            raise InvalidRequest(
+                f"the value of header {name} has a line break, a control character or a "
+                "non-ASCII character (is a credential file more than one line?)"
+            )
+
+
+@functools.cache
+def _default_tls_context() -> ssl.SSLContext:
+    """System CAs plus certifi's bundle, built once: loading CAs takes tens of milliseconds,
+    and a minimal image may lack a system store."""
+    context = ssl.create_default_context()
+    context.load_verify_locations(cafile=certifi.where())
+    return context
+
+
+def tls_context(ca_file: Path | None) -> ssl.SSLContext:
+    """The context that verifies an upstream: only `ca_file` when given, else the default."""
+    if ca_file is not None:
+        return ssl.create_default_context(cafile=str(ca_file))
+    return _default_tls_context()
+
+
+def _reason(error: BaseException) -> str:
+    """What went wrong, in words for a bounce: the OS or TLS error behind aiohttp's."""
+    if isinstance(error, aiohttp.ClientConnectorError):
+        return describe_error(error.os_error)
+    if isinstance(error, aiohttp.ServerDisconnectedError | aiohttp.ClientPayloadError):
+        return "connection lost"
+    if isinstance(error, aiohttp.ClientResponseError):
+        return "malformed response"
+    return describe_error(error)
+
+
+class ApiClient:
+    """Sends `ApiRequest`s over one keep-alive aiohttp session (see the module doc).
+
+    The session is opened on the first request, on the running loop, and closed by
+    `close`; a request after `close` fails as unreachable, it never opens a new one.
+    """
+
+    def __init__(
+        self,
+        *,
+        concurrency: int,
+        connect_timeout: float,
+        timeout: float,
+        ssl_context: ssl.SSLContext,
+        allow_local: bool = False,
+        min_upload_rate: float = MIN_UPLOAD_BYTES_PER_SECOND,
+    ) -> None:
+        self._concurrency = concurrency
+        self._connect_timeout = connect_timeout
+        self._timeout = timeout
+        self._ssl_context = ssl_context
+        self._allow_local = allow_local
+        self._min_upload_rate = min_upload_rate
+        self._session: aiohttp.ClientSession | None = None
+        self._closed = False
+
+    def _open(self) -> aiohttp.ClientSession:
+        self._session = aiohttp.ClientSession(
+            connector=http_guard.connector(
+                ssl_context=self._ssl_context,
+                limit=self._concurrency,
+                keepalive_timeout=KEEPALIVE_SECONDS,
+                allow_local=self._allow_local,
+            ),
+            timeout=aiohttp.ClientTimeout(
+                total=None,
+                connect=self._connect_timeout,
+                sock_connect=self._connect_timeout,
+                sock_read=self._timeout,
+            ),
+            headers={"User-Agent": USER_AGENT, "Accept-Encoding": "identity"},
+            auto_decompress=False,
+            cookie_jar=aiohttp.DummyCookieJar(),
+            trust_env=False,
+        )
+        return self._session
+
+    def deadline(self, request: ApiRequest) -> float:
+        """Seconds the whole request may take: connect, upload at the slowest rate
+        allowed, and the read timeout."""
+        return self._connect_timeout + self._timeout + len(request.body) / self._min_upload_rate
+
+    async def send(self, request: ApiRequest) -> ApiResponse:
+        """Send `request` and read the whole answer; any failure is one of our errors."""
+        check_headers(request.headers)
+        if self._closed:
+            raise ApiUnreachable("connection closed")
+        session = self._session or self._open()
+        try:
+            async with (
+                asyncio.timeout(self.deadline(request)),
+                session.request(
+                    request.method,
+                    _wire_url(request.url),
+                    data=_payload(request.body),
+                    headers=request.headers,
+                    allow_redirects=False,
+                ) as response,
+            ):
+                body = await _read_body(response)
+                return ApiResponse(
+                    status_code=response.status,
+                    headers=response.headers,
+                    body=body,
+                    reason_phrase=response.reason or "",
+                )
+        except BlockedDestination:
+            raise
+        except TimeoutError as error:
+            raise ApiTimeout("timed out") from error
+        except aiohttp.InvalidURL as error:
+            raise InvalidRequest(
+                f"the host {_wire_url(request.url).raw_host!r} cannot be connected to as "
+                f"written: {error.description or 'not a valid URL'}"
+            ) from None
+        except (aiohttp.ClientError, OSError) as error:
+            raise ApiUnreachable(_reason(error)) from error
+
+    async def close(self) -> None:
+        """Close the session and its pooled connections; later requests fail."""
+        self._closed = True
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+
+def _payload(body: bytes) -> bytes | io.BytesIO:
+    """Big bodies go out in chunks with the loop free in between (aiohttp writes a bytes
+    body in one go, copying it into the transport's buffer)."""
+    return io.BytesIO(body) if len(body) > LARGE_BODY_BYTES else body
+
+
+async def _read_body(response: aiohttp.ClientResponse) -> bytes:
+    """The whole body, or its first `MAX_RESPONSE_BYTES` (the connection is then dropped)."""
+    length = response.content_length
+    if length is not None and length <= MAX_RESPONSE_BYTES:
+        return await response.read()
+    body = bytearray()
+    async for chunk in response.content.iter_chunked(64 * 1024):
+        body += chunk
+        if len(body) > MAX_RESPONSE_BYTES:
+            response.close()
+            return bytes(body[:MAX_RESPONSE_BYTES])
+    return bytes(body)
+
+
+@dataclass(frozen=True)
+class FilePart:
+    """A file field of a multipart form."""
+
+    name: str
+    filename: str
+    content_type: str
+    content: bytes
+
+
+def _quoted(value: str) -> str:
+    """A name or file name inside a quoted Content-Disposition parameter (as browsers do)."""
+    return value.replace('"', "%22").replace("\r", "%0D").replace("\n", "%0A")
+
+
+def multipart_form(
+    fields: Sequence[tuple[str, str]], files: Sequence[FilePart]
+) -> tuple[str, bytes]:
+    """(Content-Type, body) of a multipart/form-data request: text fields in UTF-8, then
+    files. The boundary is random and never occurs in any part."""
+    parts: list[tuple[bytes, bytes]] = [
+        (f'Content-Disposition: form-data; name="{_quoted(name)}"\r\n\r\n'.encode(), value.encode())
+        for name, value in fields
+    ]
+    parts += [
+        (
+            f'Content-Disposition: form-data; name="{_quoted(part.name)}"; '
+            f'filename="{_quoted(part.filename)}"\r\n'
+            f"Content-Type: {part.content_type}\r\n\r\n".encode(),
+            part.content,
+        )
+        for part in files
+    ]
+    while True:
+        boundary = secrets.token_hex(16)
+        delimiter = b"--" + boundary.encode("ascii")
+        if not any(delimiter in content for _, content in parts):
+            break
+    pieces = []
+    for head, content in parts:
+        pieces += [delimiter, b"\r\n", head, content, b"\r\n"]
+    pieces += [delimiter, b"--\r\n"]
+    return f"multipart/form-data; boundary={boundary}", b"".join(pieces)
