@@ -38,13 +38,12 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from mailrelay.relay.config import ApiUpstream
 from mailrelay.relay.providers.http import (
     ApiClient,
+    ApiConfigError,
     ApiRequest,
     ApiResponse,
     ApiTimeout,
     ApiUnreachable,
     BlockedDestination,
-    InvalidRequest,
-    tls_context,
 )
 from mailrelay.relay.providers.limits import PROVIDER_LIMITS, ProviderLimits
 from mailrelay.relay.providers.mime import UnrepresentableMessage, ascii_address
@@ -353,7 +352,7 @@ class ApiTransport:
             concurrency=upstream.concurrency,
             connect_timeout=upstream.connect_timeout_seconds,
             timeout=upstream.timeout_seconds,
-            ssl_context=tls_context(upstream.ca_file),
+            ca_file=upstream.ca_file,
             allow_local=upstream.insecure_allow_local_endpoint,
         )
 
@@ -630,12 +629,10 @@ class ApiTransport:
                 )
                 self._count(RecipientOutcome.TEMPORARY.value)
                 return self._all(call.recipients, RecipientOutcome.TEMPORARY, detail)
-            except (BlockedDestination, InvalidRequest) as exc:
+            except (BlockedDestination, ApiConfigError) as exc:
                 detail = str(exc)
-                if isinstance(exc, InvalidRequest):
-                    detail = (
-                        f"upstream {self.name!r}: the {self.provider} request is invalid: {exc}"
-                    )
+                if isinstance(exc, ApiConfigError):
+                    detail = f"upstream {self.name!r} ({self.provider}): {exc}"
                 self._config_error(envelope, detail)
                 return self._all(call.recipients, RecipientOutcome.CONFIG_ERROR, detail)
             except ApiUnreachable as exc:

@@ -49,6 +49,7 @@ __all__ = [
     "MAX_RESPONSE_BYTES",
     "MIN_UPLOAD_BYTES_PER_SECOND",
     "ApiClient",
+    "ApiConfigError",
     "ApiError",
     "ApiRequest",
     "ApiResponse",
@@ -57,6 +58,7 @@ __all__ = [
     "BlockedDestination",
     "FilePart",
     "InvalidRequest",
+    "TlsConfigError",
     "multipart_form",
     "tls_context",
 ]
@@ -89,8 +91,16 @@ class ApiUnreachable(ApiError):
     """The connection failed or broke: refused, reset, TLS, a malformed answer."""
 
 
-class InvalidRequest(ApiError):
+class ApiConfigError(ApiError):
+    """Our configuration stands in the way; retrying will not help until it is fixed."""
+
+
+class InvalidRequest(ApiConfigError):
     """The request cannot be sent as built (a header or URL HTTP cannot carry)."""
+
+
+class TlsConfigError(ApiConfigError):
+    """The upstream's `ca_file` cannot be loaded."""
 
 
 @functools.lru_cache(maxsize=256)
@@ -181,11 +191,14 @@ def check_headers(headers: Mapping[str, str]) -> None:
     never shows its value (it may hold a key)."""
     for name, value in headers.items():
         if not _TOKEN.fullmatch(name):
-            raise InvalidRequest(f"the header name {name!r} is not a valid HTTP token")
+            raise InvalidRequest(
+                f"the request cannot be sent: the header name {name!r} is not an HTTP token"
+            )
         if not _FIELD_VALUE.fullmatch(value):
             raise InvalidRequest(
-                f"the value of header {name} has a line break, a control character or a "
-                "non-ASCII character (is a credential file more than one line?)"
+                f"the request cannot be sent: the value of header {name} has a line break, "
+                "a control character or a non-ASCII character (is a credential file more "
+                "than one line?)"
             )
 
 
@@ -221,6 +234,9 @@ class ApiClient:
 
     The session is opened on the first request, on the running loop, and closed by
     `close`; a request after `close` fails as unreachable, it never opens a new one.
+    Without an `ssl_context`, the one for `ca_file` (`tls_context`) is built then, in a
+    worker thread: loading CA bundles takes tens of milliseconds of file reading and
+    parsing, which would stall every SMTP session on the loop.
     """
 
     def __init__(
@@ -229,7 +245,8 @@ class ApiClient:
         concurrency: int,
         connect_timeout: float,
         timeout: float,
-        ssl_context: ssl.SSLContext,
+        ssl_context: ssl.SSLContext | None = None,
+        ca_file: Path | None = None,
         allow_local: bool = False,
         min_upload_rate: float = MIN_UPLOAD_BYTES_PER_SECOND,
     ) -> None:
@@ -237,15 +254,39 @@ class ApiClient:
         self._connect_timeout = connect_timeout
         self._timeout = timeout
         self._ssl_context = ssl_context
+        self._ca_file = ca_file
         self._allow_local = allow_local
         self._min_upload_rate = min_upload_rate
         self._session: aiohttp.ClientSession | None = None
+        self._opening = asyncio.Lock()
         self._closed = False
 
-    def _open(self) -> aiohttp.ClientSession:
-        self._session = aiohttp.ClientSession(
+    async def _ready_session(self) -> aiohttp.ClientSession:
+        if self._session is not None:
+            return self._session
+        async with self._opening:
+            if self._ssl_context is None:
+                try:
+                    self._ssl_context = await asyncio.to_thread(tls_context, self._ca_file)
+                except (OSError, ssl.SSLError) as error:
+                    reason = (
+                        "it is not a PEM bundle of CA certificates"
+                        if isinstance(error, ssl.SSLError)
+                        else describe_error(error)
+                    )
+                    raise TlsConfigError(
+                        f"the CA file {self._ca_file} cannot be loaded: {reason}"
+                    ) from None
+            if self._closed:
+                raise ApiUnreachable("connection closed")
+            if self._session is None:
+                self._session = self._open(self._ssl_context)
+            return self._session
+
+    def _open(self, ssl_context: ssl.SSLContext) -> aiohttp.ClientSession:
+        return aiohttp.ClientSession(
             connector=http_guard.connector(
-                ssl_context=self._ssl_context,
+                ssl_context=ssl_context,
                 limit=self._concurrency,
                 keepalive_timeout=KEEPALIVE_SECONDS,
                 allow_local=self._allow_local,
@@ -261,7 +302,6 @@ class ApiClient:
             cookie_jar=aiohttp.DummyCookieJar(),
             trust_env=False,
         )
-        return self._session
 
     def deadline(self, request: ApiRequest) -> float:
         """Seconds the whole request may take: connect, upload at the slowest rate
@@ -273,7 +313,7 @@ class ApiClient:
         check_headers(request.headers)
         if self._closed:
             raise ApiUnreachable("connection closed")
-        session = self._session or self._open()
+        session = self._session or await self._ready_session()
         try:
             async with (
                 asyncio.timeout(self.deadline(request)),
