@@ -85,7 +85,14 @@ def check_numeric_host(host: str) -> None:
 
 
 class GuardedResolver(AbstractResolver):
-    """Resolves, checks every address, and returns only checked numeric addresses."""
+    """Resolves, checks every address, and returns only checked numeric addresses.
+
+    Names in ``unchecked`` (the environment's proxies: the operator's choice, and the
+    connection to them is not the endpoint's) resolve without the check.
+    """
+
+    def __init__(self, unchecked: frozenset[str] = frozenset()) -> None:
+        self._unchecked = unchecked
 
     async def resolve(
         self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_UNSPEC
@@ -100,7 +107,8 @@ class GuardedResolver(AbstractResolver):
         results: dict[tuple[str, int], ResolveResult] = {}
         for info_family, _, proto, _, sockaddr in infos:
             address, resolved_port = str(sockaddr[0]), int(sockaddr[1])
-            check_address(host, address)
+            if host not in self._unchecked:
+                check_address(host, address)
             results.setdefault(
                 (address, info_family),
                 ResolveResult(
@@ -135,10 +143,15 @@ class GuardedConnector(aiohttp.TCPConnector):
 
 
 def connector(
-    *, ssl_context: ssl.SSLContext, limit: int, keepalive_timeout: float, allow_local: bool
+    *,
+    ssl_context: ssl.SSLContext,
+    limit: int,
+    keepalive_timeout: float,
+    allow_local: bool,
+    unchecked_hosts: frozenset[str] = frozenset(),
 ) -> aiohttp.TCPConnector:
     """A keep-alive pool of ``limit`` connections that pass the SSRF guard unless
-    ``allow_local``."""
+    ``allow_local``; ``unchecked_hosts`` are proxy names (see ``GuardedResolver``)."""
     if allow_local:
         return aiohttp.TCPConnector(
             ssl=ssl_context, limit=limit, limit_per_host=0, keepalive_timeout=keepalive_timeout
@@ -148,5 +161,5 @@ def connector(
         limit=limit,
         limit_per_host=0,
         keepalive_timeout=keepalive_timeout,
-        resolver=GuardedResolver(),
+        resolver=GuardedResolver(unchecked_hosts),
     )

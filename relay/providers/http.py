@@ -11,8 +11,9 @@ long-lived aiohttp session:
   next bytes of the answer once the request is written), and a deadline for the whole
   request that grows with the body (`MIN_UPLOAD_BYTES_PER_SECOND`), so an endpoint that
   stops reading cannot hold a connection for ever;
-- no redirects, no cookies, no proxies from the environment, `User-Agent: mailrelay`,
-  answers uncompressed and read whole, at most `MAX_RESPONSE_BYTES` of them;
+- no redirects, no cookies, `User-Agent: mailrelay`, answers uncompressed and read
+  whole, at most `MAX_RESPONSE_BYTES` of them; an `http://` proxy from `HTTPS_PROXY` /
+  `HTTP_PROXY` unless `NO_PROXY` names the host (`EnvProxies`, read once);
 - failures as our own exceptions: `ApiTimeout`, `ApiUnreachable` (with an SMTP-style
   reason from `describe_error`, never an exception's own text), `InvalidRequest` (a header
   or URL that cannot be sent, found before any I/O) and the guard's `BlockedDestination`.
@@ -26,10 +27,13 @@ import asyncio
 import codecs
 import functools
 import io
+import ipaddress
 import json
+import logging
 import re
 import secrets
 import ssl
+import urllib.request
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from email.message import Message
@@ -43,6 +47,7 @@ from yarl import URL
 
 from mailrelay.relay import http_guard
 from mailrelay.relay.http_guard import BlockedDestination
+from mailrelay.relay.redact import SECRETS
 from mailrelay.relay.transport import describe_error
 
 __all__ = [
@@ -62,6 +67,8 @@ __all__ = [
     "multipart_form",
     "tls_context",
 ]
+
+log = logging.getLogger(__name__)
 
 USER_AGENT = "mailrelay"
 # Idle pooled connections are closed after this long (what httpx did; servers' own idle
@@ -218,6 +225,92 @@ def tls_context(ca_file: Path | None) -> ssl.SSLContext:
     return _default_tls_context()
 
 
+@dataclass(frozen=True)
+class Proxy:
+    """An HTTP proxy from the environment, its credentials apart."""
+
+    url: URL
+    headers: Mapping[str, str]
+
+
+class EnvProxies:
+    """`HTTP_PROXY`/`HTTPS_PROXY`/`NO_PROXY` (either case), read once: the proxy for a URL.
+
+    The proxy makes the connection to the endpoint, so the relay's SSRF guard cannot judge
+    the endpoint's addresses; the proxy's own address is the operator's choice and is not
+    judged either. Only `http://` proxies are supported (also for https endpoints, through
+    CONNECT).
+    """
+
+    def __init__(self, environment: Mapping[str, str] | None = None) -> None:
+        found = (
+            urllib.request.getproxies_environment()
+            if environment is None
+            else {k.lower().removesuffix("_proxy"): v for k, v in environment.items()}
+        )
+        self._no_proxy = [e.strip().lower() for e in found.get("no", "").split(",") if e.strip()]
+        self.proxies: dict[str, Proxy] = {}
+        for scheme in ("http", "https"):
+            value = found.get(scheme)
+            if not value:
+                continue
+            url = URL(value if "://" in value else f"http://{value}")
+            if url.scheme != "http" or not url.raw_host:
+                log.warning("Ignored %s_PROXY: only http:// proxies are supported", scheme.upper())
+                continue
+            auth = aiohttp.BasicAuth.from_url(url)
+            headers = {}
+            if auth is not None:
+                SECRETS.add(auth.password)
+                headers["Proxy-Authorization"] = auth.encode()
+            self.proxies[scheme] = Proxy(url.with_user(None), headers)
+        self._chosen: dict[tuple[str, str], Proxy | None] = {}
+
+    @property
+    def hosts(self) -> frozenset[str]:
+        """The proxies' host names (connections to them are not the endpoint's)."""
+        return frozenset(p.url.raw_host for p in self.proxies.values() if p.url.raw_host)
+
+    def for_url(self, url: URL) -> Proxy | None:
+        """The proxy for `url`, or None for a direct connection (none set, or NO_PROXY)."""
+        key = (url.scheme, url.raw_host or "")
+        if key not in self._chosen:
+            proxy = self.proxies.get(url.scheme)
+            if proxy is not None and no_proxy_matches(key[1], self._no_proxy):
+                proxy = None
+            if len(self._chosen) > 1024:
+                self._chosen.clear()
+            self._chosen[key] = proxy
+        return self._chosen[key]
+
+
+def no_proxy_matches(host: str, entries: Sequence[str]) -> bool:
+    """Whether `NO_PROXY` entries name `host`: `*`, the host, a parent domain (`example.com`,
+    `.example.com`, `*.example.com`), an address or a network (`10.0.0.0/8`), as curl and
+    Go read them; a port on an entry is ignored."""
+    host = host.strip("[]").rstrip(".").lower()
+    try:
+        address: ipaddress.IPv4Address | ipaddress.IPv6Address | None = ipaddress.ip_address(host)
+    except ValueError:
+        address = None
+    for entry in entries:
+        if entry == "*":
+            return True
+        bare = entry.split("]")[0].lstrip("[") if entry.startswith("[") else entry
+        if bare.count(":") == 1:
+            bare = bare.partition(":")[0]
+        bare = bare.lstrip("*").lstrip(".").rstrip(".")
+        if address is not None:
+            try:
+                if address in ipaddress.ip_network(bare, strict=False):
+                    return True
+            except ValueError:
+                pass
+        elif bare and (host == bare or host.endswith("." + bare)):
+            return True
+    return False
+
+
 def _reason(error: BaseException) -> str:
     """What went wrong, in words for a bounce: the OS or TLS error behind aiohttp's."""
     if isinstance(error, aiohttp.ClientConnectorError):
@@ -258,6 +351,7 @@ class ApiClient:
         self._allow_local = allow_local
         self._min_upload_rate = min_upload_rate
         self._session: aiohttp.ClientSession | None = None
+        self._proxies = EnvProxies({})
         self._opening = asyncio.Lock()
         self._closed = False
 
@@ -280,6 +374,7 @@ class ApiClient:
             if self._closed:
                 raise ApiUnreachable("connection closed")
             if self._session is None:
+                self._proxies = EnvProxies()
                 self._session = self._open(self._ssl_context)
             return self._session
 
@@ -290,6 +385,7 @@ class ApiClient:
                 limit=self._concurrency,
                 keepalive_timeout=KEEPALIVE_SECONDS,
                 allow_local=self._allow_local,
+                unchecked_hosts=self._proxies.hosts,
             ),
             timeout=aiohttp.ClientTimeout(
                 total=None,
@@ -314,15 +410,27 @@ class ApiClient:
         if self._closed:
             raise ApiUnreachable("connection closed")
         session = self._session or await self._ready_session()
+        url = _wire_url(request.url)
+        headers, proxy_url, proxy_headers = request.headers, None, None
+        proxy = self._proxies.for_url(url)
+        if proxy is not None:
+            # Proxy credentials go on the CONNECT of a tunnel, else on the request itself.
+            proxy_url = proxy.url
+            if url.scheme == "https":
+                proxy_headers = dict(proxy.headers)
+            elif proxy.headers:
+                headers = {**request.headers, **proxy.headers}
         try:
             async with (
                 asyncio.timeout(self.deadline(request)),
                 session.request(
                     request.method,
-                    _wire_url(request.url),
+                    url,
                     data=_payload(request.body),
-                    headers=request.headers,
+                    headers=headers,
                     allow_redirects=False,
+                    proxy=proxy_url,
+                    proxy_headers=proxy_headers,
                 ) as response,
             ):
                 body = await _read_body(response)

@@ -430,6 +430,7 @@ async def test_a_key_file_with_a_line_break_is_a_configuration_error(
     [(None, "no such file or directory"), ("not a certificate\n", "it is not a PEM bundle")],
 )
 async def test_a_ca_file_that_cannot_be_loaded_is_a_configuration_error(
+    *,
     content: str | None,
     reason: str,
     provider_server: ServerFactory,

@@ -25,9 +25,11 @@ from mailrelay.relay.providers.http import (
     ApiResponse,
     ApiTimeout,
     ApiUnreachable,
+    BlockedDestination,
     FilePart,
     InvalidRequest,
     multipart_form,
+    no_proxy_matches,
     tls_context,
 )
 from tests.relay.conftest import TlsCerts
@@ -437,3 +439,73 @@ def test_multipart_boundary_never_occurs_in_a_part(monkeypatch: pytest.MonkeyPat
     content_type, body = multipart_form([], [FilePart("f", "f", "text/plain", b"--" + b"a" * 32)])
     assert content_type.endswith("b" * 32)
     assert body.count(b"--" + b"b" * 32) == 2
+
+
+@pytest.fixture
+def clean_proxy_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    for name in ("http_proxy", "https_proxy", "no_proxy", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.upper(), raising=False)
+    return monkeypatch
+
+
+async def test_an_http_proxy_from_the_environment_carries_the_request(
+    clean_proxy_env: pytest.MonkeyPatch,
+    peer: PeerFactory,
+    client_factory: Callable[..., ApiClient],
+) -> None:
+    """The proxy (here on loopback, by name) connects to the endpoint, whose name is never
+    resolved here; the guard stays on for everything else."""
+    proxy = await peer(ok(b'{"via":"proxy"}'))
+    clean_proxy_env.setenv("http_proxy", f"http://relay:pr0xy-pass@localhost:{proxy.port}")
+    client = client_factory(allow_local=False)
+    response = await client.send(
+        ApiRequest("POST", "http://api.provider.invalid/v3/send", {"X-A": "1"}, b"body")
+    )
+    assert response.json() == {"via": "proxy"}
+    (received,) = proxy.requests
+    assert received.head[0] == "POST http://api.provider.invalid/v3/send HTTP/1.1"
+    assert received.body == b"body"
+    assert received.headers["proxy-authorization"] == "Basic cmVsYXk6cHIweHktcGFzcw=="
+    with pytest.raises(BlockedDestination):  # a local endpoint is still refused
+        await client.send(ApiRequest("POST", "http://127.0.0.1:9/", {}, b""))
+
+
+async def test_no_proxy_sends_directly(
+    clean_proxy_env: pytest.MonkeyPatch,
+    peer: PeerFactory,
+    client_factory: Callable[..., ApiClient],
+) -> None:
+    proxy = await peer(ok())
+    endpoint = await peer(ok(b'{"via":"direct"}'))
+    clean_proxy_env.setenv("HTTP_PROXY", f"http://localhost:{proxy.port}")
+    clean_proxy_env.setenv("NO_PROXY", "127.0.0.1,.internal.example")
+    response = await client_factory().send(
+        ApiRequest("POST", f"http://127.0.0.1:{endpoint.port}/", {}, b"")
+    )
+    assert response.json() == {"via": "direct"}
+    assert proxy.requests == []
+
+
+@pytest.mark.parametrize(
+    ("host", "entries", "bypass"),
+    [
+        ("api.example.com", ["*"], True),
+        ("api.example.com", ["example.com"], True),
+        ("api.example.com", [".example.com"], True),
+        ("api.example.com", ["*.example.com"], True),
+        ("example.com", [".example.com"], True),
+        ("badexample.com", ["example.com"], False),
+        ("api.example.com", ["example.com:443"], True),
+        ("10.1.2.3", ["10.0.0.0/8"], True),
+        ("11.1.2.3", ["10.0.0.0/8"], False),
+        ("10.1.2.3", ["10.1.2.3"], True),
+        ("::1", ["[::1]"], True),
+        ("fd00::5", ["fd00::/8"], True),
+        ("api.example.com", [], False),
+    ],
+)
+def test_no_proxy_entries_are_read_as_curl_and_go_read_them(
+    host: str, entries: list[str], bypass: bool
+) -> None:
+    assert no_proxy_matches(host, entries) is bypass
