@@ -14,6 +14,9 @@ a check and the connect). So the check lives where aiohttp makes connections:
   would turn into an address (``127.1``, ``2130706433``, ``0x7f.1``) are judged by what they
   mean (``socket.inet_aton``) before aiohttp sees them.
 
+A proxy from the environment passes the same guard (its name through the resolver, a
+literal through ``connect``); behind it, the endpoint's name is resolved by the proxy.
+
 This module is the only place that relies on how aiohttp's ``TCPConnector`` calls these
 two hooks (the resolver is public API; ``connect(req, ...)`` is the connector's entry point
 for every request). The version range is pinned in ``pyproject.toml`` and
@@ -85,14 +88,7 @@ def check_numeric_host(host: str) -> None:
 
 
 class GuardedResolver(AbstractResolver):
-    """Resolves, checks every address, and returns only checked numeric addresses.
-
-    Names in ``unchecked`` (the environment's proxies: the operator's choice, and the
-    connection to them is not the endpoint's) resolve without the check.
-    """
-
-    def __init__(self, unchecked: frozenset[str] = frozenset()) -> None:
-        self._unchecked = unchecked
+    """Resolves, checks every address, and returns only checked numeric addresses."""
 
     async def resolve(
         self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_UNSPEC
@@ -107,8 +103,7 @@ class GuardedResolver(AbstractResolver):
         results: dict[tuple[str, int], ResolveResult] = {}
         for info_family, _, proto, _, sockaddr in infos:
             address, resolved_port = str(sockaddr[0]), int(sockaddr[1])
-            if host not in self._unchecked:
-                check_address(host, address)
+            check_address(host, address)
             results.setdefault(
                 (address, info_family),
                 ResolveResult(
@@ -135,10 +130,11 @@ class GuardedConnector(aiohttp.TCPConnector):
         traces: list[Trace],
         timeout: aiohttp.ClientTimeout,  # noqa: ASYNC109 - aiohttp's interface
     ) -> Connection:
-        """Refuse a local numeric host, then get a pooled or new connection as usual."""
-        host = req.url.raw_host
-        if host:
-            check_numeric_host(host)
+        """Refuse a local numeric host (the endpoint's, and a proxy's: the connection goes
+        there), then get a pooled or new connection as usual."""
+        for url in (req.url, req.proxy):
+            if url is not None and url.raw_host:
+                check_numeric_host(url.raw_host)
         return await super().connect(req, traces, timeout)
 
 
@@ -148,10 +144,9 @@ def connector(
     limit: int,
     keepalive_timeout: float,
     allow_local: bool,
-    unchecked_hosts: frozenset[str] = frozenset(),
 ) -> aiohttp.TCPConnector:
     """A keep-alive pool of ``limit`` connections that pass the SSRF guard unless
-    ``allow_local``; ``unchecked_hosts`` are proxy names (see ``GuardedResolver``)."""
+    ``allow_local``."""
     if allow_local:
         return aiohttp.TCPConnector(
             ssl=ssl_context, limit=limit, limit_per_host=0, keepalive_timeout=keepalive_timeout
@@ -161,5 +156,5 @@ def connector(
         limit=limit,
         limit_per_host=0,
         keepalive_timeout=keepalive_timeout,
-        resolver=GuardedResolver(unchecked_hosts),
+        resolver=GuardedResolver(),
     )

@@ -15,8 +15,9 @@ long-lived aiohttp session:
   whole, at most `MAX_RESPONSE_BYTES` of them; an `http://` proxy from `HTTPS_PROXY` /
   `HTTP_PROXY` unless `NO_PROXY` names the host (`EnvProxies`, read once);
 - failures as our own exceptions: `ApiTimeout`, `ApiUnreachable` (with an SMTP-style
-  reason from `describe_error`, never an exception's own text), `InvalidRequest` (a header
-  or URL that cannot be sent, found before any I/O) and the guard's `BlockedDestination`.
+  reason from `describe_error`, never an exception's own text), `ApiConfigError`
+  (`InvalidRequest`: a header or URL that cannot be sent, found before any I/O;
+  `TlsConfigError`: an unloadable `ca_file`) and the guard's `BlockedDestination`.
 
 `multipart_form` encodes a multipart/form-data body for providers that take files.
 """
@@ -237,9 +238,9 @@ class EnvProxies:
     """`HTTP_PROXY`/`HTTPS_PROXY`/`NO_PROXY` (either case), read once: the proxy for a URL.
 
     The proxy makes the connection to the endpoint, so the relay's SSRF guard cannot judge
-    the endpoint's addresses; the proxy's own address is the operator's choice and is not
-    judged either. Only `http://` proxies are supported (also for https endpoints, through
-    CONNECT).
+    the endpoint's resolved addresses (literals it still refuses); the connection to the
+    proxy passes the guard like any other. Only `http://` proxies are supported (also for
+    https endpoints, through CONNECT).
     """
 
     def __init__(self, environment: Mapping[str, str] | None = None) -> None:
@@ -265,11 +266,6 @@ class EnvProxies:
                 headers["Proxy-Authorization"] = auth.encode()
             self.proxies[scheme] = Proxy(url.with_user(None), headers)
         self._chosen: dict[tuple[str, str], Proxy | None] = {}
-
-    @property
-    def hosts(self) -> frozenset[str]:
-        """The proxies' host names (connections to them are not the endpoint's)."""
-        return frozenset(p.url.raw_host for p in self.proxies.values() if p.url.raw_host)
 
     def for_url(self, url: URL) -> Proxy | None:
         """The proxy for `url`, or None for a direct connection (none set, or NO_PROXY)."""
@@ -385,7 +381,6 @@ class ApiClient:
                 limit=self._concurrency,
                 keepalive_timeout=KEEPALIVE_SECONDS,
                 allow_local=self._allow_local,
-                unchecked_hosts=self._proxies.hosts,
             ),
             timeout=aiohttp.ClientTimeout(
                 total=None,

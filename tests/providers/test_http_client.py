@@ -454,11 +454,10 @@ async def test_an_http_proxy_from_the_environment_carries_the_request(
     peer: PeerFactory,
     client_factory: Callable[..., ApiClient],
 ) -> None:
-    """The proxy (here on loopback, by name) connects to the endpoint, whose name is never
-    resolved here; the guard stays on for everything else."""
+    """The proxy connects to the endpoint, whose name is never resolved here."""
     proxy = await peer(ok(b'{"via":"proxy"}'))
     clean_proxy_env.setenv("http_proxy", f"http://relay:pr0xy-pass@localhost:{proxy.port}")
-    client = client_factory(allow_local=False)
+    client = client_factory(allow_local=True)  # the test proxy listens on loopback
     response = await client.send(
         ApiRequest("POST", "http://api.provider.invalid/v3/send", {"X-A": "1"}, b"body")
     )
@@ -467,8 +466,26 @@ async def test_an_http_proxy_from_the_environment_carries_the_request(
     assert received.head[0] == "POST http://api.provider.invalid/v3/send HTTP/1.1"
     assert received.body == b"body"
     assert received.headers["proxy-authorization"] == "Basic cmVsYXk6cHIweHktcGFzcw=="
-    with pytest.raises(BlockedDestination):  # a local endpoint is still refused
-        await client.send(ApiRequest("POST", "http://127.0.0.1:9/", {}, b""))
+
+
+@pytest.mark.parametrize("proxy_host", ["localhost", "127.0.0.1"])
+async def test_a_proxy_passes_the_ssrf_guard_too(
+    proxy_host: str,
+    clean_proxy_env: pytest.MonkeyPatch,
+    peer: PeerFactory,
+    client_factory: Callable[..., ApiClient],
+) -> None:
+    """A proxy on a local address is refused like a local endpoint (by name through the
+    resolver, as a literal by the connector), and a local literal endpoint behind a
+    proxy is refused too."""
+    proxy = await peer(ok())
+    clean_proxy_env.setenv("HTTP_PROXY", f"http://{proxy_host}:{proxy.port}")
+    client = client_factory(allow_local=False)
+    with pytest.raises(BlockedDestination):
+        await client.send(ApiRequest("POST", "http://api.provider.invalid/", {}, b""))
+    with pytest.raises(BlockedDestination):
+        await client.send(ApiRequest("POST", "http://169.254.169.254/", {}, b""))
+    assert proxy.connections == 0
 
 
 async def test_no_proxy_sends_directly(
