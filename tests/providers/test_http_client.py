@@ -8,6 +8,7 @@ connections, no redirects followed, and every failure as one of our own errors.
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import contextlib
 import email.parser
@@ -15,9 +16,11 @@ import email.policy
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 
+from mailrelay.relay import providers
 from mailrelay.relay.providers.http import (
     MAX_RESPONSE_BYTES,
     ApiClient,
@@ -526,3 +529,77 @@ def test_no_proxy_entries_are_read_as_curl_and_go_read_them(
     host: str, entries: list[str], bypass: bool
 ) -> None:
     assert no_proxy_matches(host, entries) is bypass
+
+
+async def test_an_https_endpoint_goes_through_a_connect_tunnel(
+    clean_proxy_env: pytest.MonkeyPatch,
+    tls_certs: TlsCerts,
+    client_factory: Callable[..., ApiClient],
+) -> None:
+    """For https the proxy only relays bytes: the credentials go on the CONNECT, TLS is
+    end to end and verified for the endpoint's name."""
+    endpoint = Peer(ok(b'{"via":"tunnel"}'))
+    target = await asyncio.start_server(
+        endpoint.serve, "127.0.0.1", 0, ssl=tls_certs.server_context()
+    )
+    target_port = target.sockets[0].getsockname()[1]
+    connects: list[Received] = []
+
+    async def tunnel(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")[:-2]
+        connects.append(Received(head, b""))
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", target_port)
+        writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+
+        async def pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(ConnectionError):
+                while data := await source.read(65536):
+                    sink.write(data)
+                    await sink.drain()
+            sink.close()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+    proxy = await asyncio.start_server(tunnel, "127.0.0.1", 0)
+    proxy_port = proxy.sockets[0].getsockname()[1]
+    clean_proxy_env.setenv("https_proxy", f"http://relay:pr0xy-pass@127.0.0.1:{proxy_port}")
+    try:
+        client = client_factory(ssl_context=tls_context(tls_certs.ca_file))
+        response = await client.send(
+            ApiRequest("POST", f"https://localhost:{target_port}/emails", {}, b"{}")
+        )
+        assert response.json() == {"via": "tunnel"}
+        (connect,) = connects
+        assert connect.head[0] == f"CONNECT localhost:{target_port} HTTP/1.1"
+        assert connect.headers["proxy-authorization"] == "Basic cmVsYXk6cHIweHktcGFzcw=="
+        (received,) = endpoint.requests
+        assert received.head[0] == "POST /emails HTTP/1.1"
+        assert "proxy-authorization" not in received.headers
+    finally:
+        proxy.close()
+        target.close()
+
+
+def test_no_provider_module_imports_an_http_library() -> None:
+    """Providers build `ApiRequest`s and read `ApiResponse`s; only `http` (and the guard)
+    touch the HTTP library, so a new provider touches only its own module."""
+    libraries = {"aiohttp", "httpx", "httpcore", "yarl", "multidict", "h11"}
+    directory = Path(providers.__file__).parent
+    checked = []
+    for module in sorted(directory.glob("*.py")):
+        if module.name == "http.py":
+            continue
+        tree = ast.parse(module.read_text())
+        imported = {
+            alias.name.split(".")[0]
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Import)
+            for alias in node.names
+        } | {
+            node.module.split(".")[0]
+            for node in ast.walk(tree)
+            if isinstance(node, ast.ImportFrom) and node.module
+        }
+        assert not imported & libraries, module.name
+        checked.append(module.name)
+    assert {"base.py", "mailgun.py", "ses.py", "webhook.py"} <= set(checked)
