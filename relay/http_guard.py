@@ -1,122 +1,160 @@
-"""The connect-time SSRF guard of HTTP upstreams: every resolved address is checked.
+"""The connect-time SSRF guard of HTTP upstreams: every address is checked before a connect.
 
 A URL's host is only a name; what it reaches is decided when it is resolved, and DNS can
 answer anything (a webhook's domain pointing at 169.254.169.254, a name that changes between
-a check and the connect). So the check lives where the connection is made: a network backend
-for httpcore that resolves the host itself, refuses the connection when any address is local
-(``netguard.local_address_reason``), and connects to an address it checked, never resolving
-again. TLS still verifies the certificate against the URL's host name (httpcore passes it as
-``server_hostname``).
+a check and the connect). So the check lives where aiohttp makes connections:
 
-This module is the only place that reaches into httpx's private API (``_pool``): an
-``httpx.AsyncHTTPTransport`` does not take a network backend. The versions are pinned in
-``pyproject.toml`` and ``tests/relay/test_http_guard.py`` fails on a version that moved it.
+- ``GuardedResolver``, the connector's resolver, resolves a name itself and refuses it as a
+  whole when any address is local (``netguard.local_address_reason``). aiohttp connects to
+  the addresses a resolver returns, as numeric addresses, never resolving again; its DNS
+  cache only holds answers this resolver gave. TLS still verifies the certificate against
+  the URL's host name (aiohttp passes it as ``server_hostname``).
+- ``GuardedConnector.connect`` judges hosts that need no resolver: aiohttp skips the
+  resolver for IP literals (``127.0.0.1``, ``[::1]``), and the numeric forms the C library
+  would turn into an address (``127.1``, ``2130706433``, ``0x7f.1``) are judged by what they
+  mean (``socket.inet_aton``) before aiohttp sees them.
+
+A proxy from the environment passes the same guard (its name through the resolver, a
+literal through ``connect``); behind it, the endpoint's name is resolved by the proxy.
+
+This module is the only place that relies on how aiohttp's ``TCPConnector`` calls these
+two hooks (the resolver is public API; ``connect(req, ...)`` is the connector's entry point
+for every request). The version range is pinned in ``pyproject.toml`` and
+``tests/providers/test_ssrf.py`` fails on a version outside it and on one where either hook
+is bypassed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
+import ipaddress
 import socket
 import ssl
-from collections.abc import Iterable
-from typing import Any
 
-import httpcore
-import httpx
+import aiohttp
+from aiohttp.abc import AbstractResolver, ResolveResult
+from aiohttp.connector import Connection
+from aiohttp.tracing import Trace
 
 from mailrelay.relay import netguard
 
-SUPPORTED_HTTPCORE = ("1.",)
+__all__ = ["SUPPORTED_AIOHTTP", "BlockedDestination", "GuardedResolver", "connector"]
+
+SUPPORTED_AIOHTTP = ("3.14.",)
+
+# What aiohttp's own resolver marks its results with: numeric, so no second lookup.
+_NUMERIC_FLAGS = socket.AI_NUMERICHOST | socket.AI_NUMERICSERV
 
 
-class BlockedDestination(httpcore.ConnectError):
-    """The host resolves to an address HTTP upstreams may not reach."""
+class BlockedDestination(Exception):
+    """The host is, or resolves to, an address HTTP upstreams may not reach."""
 
 
-class GuardedBackend(httpcore.AsyncNetworkBackend):
-    """Resolves, checks every address, then connects to a checked address."""
+def _refusal(host: str, address: str, reason: str) -> BlockedDestination:
+    shown = host if host == address else f"{host!r} (resolved to {address})"
+    return BlockedDestination(
+        netguard.local_endpoint_message(
+            f"refused to connect to {shown}: it is {reason}", "insecure_allow_local_endpoint"
+        )
+    )
 
-    def __init__(self, inner: httpcore.AsyncNetworkBackend) -> None:
-        self.inner = inner
 
-    async def resolve(self, host: str, port: int) -> list[str]:
-        """The addresses ``host`` resolves to, refused as a whole if any is local."""
-        try:
-            infos = await asyncio.get_running_loop().getaddrinfo(
-                host, port, type=socket.SOCK_STREAM
+def check_address(host: str, address: str) -> None:
+    """Raise ``BlockedDestination`` when ``address`` (what ``host`` means) is local."""
+    reason = netguard.local_address_reason(address.partition("%")[0])
+    if reason is not None:
+        raise _refusal(host, address, reason)
+
+
+@functools.lru_cache(maxsize=256)
+def _numeric_address(host: str) -> str | None:
+    """The address a host means without DNS (a literal or a legacy numeric IPv4 form)."""
+    try:
+        return str(ipaddress.ip_address(host.partition("%")[0]))
+    except ValueError:
+        pass
+    try:
+        return socket.inet_ntoa(socket.inet_aton(host))
+    except OSError:
+        return None
+
+
+def check_numeric_host(host: str) -> None:
+    """Refuse a host that is a local address without any lookup; names pass through."""
+    address = _numeric_address(host)
+    if address is not None:
+        check_address(host, address)
+
+
+class GuardedResolver(AbstractResolver):
+    """Resolves, checks every address, and returns only checked numeric addresses."""
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_UNSPEC
+    ) -> list[ResolveResult]:
+        """Every address of ``host``, refused as a whole if any is local.
+
+        A lookup failure stays a ``socket.gaierror`` (aiohttp reports it as a DNS error).
+        """
+        infos = await asyncio.get_running_loop().getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, family=family
+        )
+        results: dict[tuple[str, int], ResolveResult] = {}
+        for info_family, _, proto, _, sockaddr in infos:
+            address, resolved_port = str(sockaddr[0]), int(sockaddr[1])
+            check_address(host, address)
+            results.setdefault(
+                (address, info_family),
+                ResolveResult(
+                    hostname=host,
+                    host=address,
+                    port=resolved_port,
+                    family=info_family,
+                    proto=proto,
+                    flags=_NUMERIC_FLAGS,
+                ),
             )
-        except socket.gaierror as error:
-            raise httpcore.ConnectError(f"cannot resolve {host!r}: {error.strerror}") from None
-        addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
-        for address in addresses:
-            reason = netguard.local_address_reason(address.partition("%")[0])
-            if reason is not None:
-                shown = host if host == address else f"{host!r} (resolved to {address})"
-                raise BlockedDestination(
-                    netguard.local_endpoint_message(
-                        f"refused to connect to {shown}: it is {reason}",
-                        "insecure_allow_local_endpoint",
-                    )
-                )
-        return addresses
+        return list(results.values())
 
-    async def connect_tcp(
+    async def close(self) -> None:
+        """Nothing to release: lookups run in the loop's default executor."""
+
+
+class GuardedConnector(aiohttp.TCPConnector):
+    """A connector that judges numeric hosts before every request (see the module doc)."""
+
+    async def connect(
         self,
-        host: str,
-        port: int,
-        timeout: float | None = None,  # noqa: ASYNC109 - httpcore's interface
-        local_address: str | None = None,
-        socket_options: Iterable[Any] | None = None,
-    ) -> httpcore.AsyncNetworkStream:
-        try:
-            async with asyncio.timeout(timeout):  # the connect timeout covers the lookup too
-                addresses = await self.resolve(host, port)
-        except TimeoutError:
-            raise httpcore.ConnectTimeout(f"resolving {host!r} timed out") from None
-        last: Exception | None = None
-        for address in addresses:
-            try:
-                return await self.inner.connect_tcp(
-                    address,
-                    port,
-                    timeout=timeout,
-                    local_address=local_address,
-                    socket_options=socket_options,
-                )
-            except (httpcore.ConnectError, httpcore.ConnectTimeout) as error:
-                last = error
-        assert last is not None  # getaddrinfo returns at least one address or raises
-        raise last
-
-    async def connect_unix_socket(
-        self,
-        path: str,
-        timeout: float | None = None,  # noqa: ASYNC109 - httpcore's interface
-        socket_options: Iterable[Any] | None = None,
-    ) -> httpcore.AsyncNetworkStream:
-        raise BlockedDestination("HTTP upstreams never connect to Unix sockets")
-
-    async def sleep(self, seconds: float) -> None:
-        await self.inner.sleep(seconds)
+        req: aiohttp.ClientRequest,
+        traces: list[Trace],
+        timeout: aiohttp.ClientTimeout,  # noqa: ASYNC109 - aiohttp's interface
+    ) -> Connection:
+        """Refuse a local numeric host (the endpoint's, and a proxy's: the connection goes
+        there), then get a pooled or new connection as usual."""
+        for url in (req.url, req.proxy):
+            if url is not None and url.raw_host:
+                check_numeric_host(url.raw_host)
+        return await super().connect(req, traces, timeout)
 
 
-def transport(
-    *, verify: ssl.SSLContext, limits: httpx.Limits, allow_local: bool
-) -> httpx.AsyncHTTPTransport:
-    """An httpx transport whose connections pass the SSRF guard unless ``allow_local``."""
-    made = httpx.AsyncHTTPTransport(verify=verify, limits=limits)
-    if not allow_local:
-        pool = made._pool
-        assert isinstance(pool, httpcore.AsyncConnectionPool)
-        pool._network_backend = GuardedBackend(pool._network_backend)
-    return made
-
-
-def blocked(error: BaseException) -> BlockedDestination | None:
-    """The guard's refusal behind an httpx error (httpx re-raises it as ConnectError)."""
-    seen: BaseException | None = error
-    while seen is not None:
-        if isinstance(seen, BlockedDestination):
-            return seen
-        seen = seen.__cause__ or seen.__context__
-    return None
+def connector(
+    *,
+    ssl_context: ssl.SSLContext,
+    limit: int,
+    keepalive_timeout: float,
+    allow_local: bool,
+) -> aiohttp.TCPConnector:
+    """A keep-alive pool of ``limit`` connections that pass the SSRF guard unless
+    ``allow_local``."""
+    if allow_local:
+        return aiohttp.TCPConnector(
+            ssl=ssl_context, limit=limit, limit_per_host=0, keepalive_timeout=keepalive_timeout
+        )
+    return GuardedConnector(
+        ssl=ssl_context,
+        limit=limit,
+        limit_per_host=0,
+        keepalive_timeout=keepalive_timeout,
+        resolver=GuardedResolver(),
+    )

@@ -5,7 +5,7 @@ says where its API lives (`default_base_url`), turns one envelope and message in
 requests (`prepare`, one `Call` per batch of recipients) and, where its API has its own
 error vocabulary, refines `classify_error`. The base class owns the rest:
 
-- one long-lived `httpx.AsyncClient` per upstream endpoint, explicit connect and read
+- one long-lived `ApiClient` (`http`) per upstream endpoint, explicit connect and read
   timeouts, and a semaphore so at most `concurrency` requests are in flight;
 - the provider's size limit, checked before anything is sent;
 - one error classification for all providers (`classify_status`): network errors,
@@ -22,11 +22,9 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import functools
 import json
 import logging
 import os
-import ssl
 import time
 import weakref
 from collections.abc import Callable, Mapping, Sequence
@@ -35,12 +33,18 @@ from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import ClassVar
 
-import certifi
-import httpx
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from mailrelay.relay import http_guard
 from mailrelay.relay.config import ApiUpstream
+from mailrelay.relay.providers.http import (
+    ApiClient,
+    ApiConfigError,
+    ApiRequest,
+    ApiResponse,
+    ApiTimeout,
+    ApiUnreachable,
+    BlockedDestination,
+)
 from mailrelay.relay.providers.limits import PROVIDER_LIMITS, ProviderLimits
 from mailrelay.relay.providers.mime import UnrepresentableMessage, ascii_address
 from mailrelay.relay.redact import SECRETS
@@ -48,7 +52,6 @@ from mailrelay.relay.transport import (
     Envelope,
     RecipientOutcome,
     RecipientResult,
-    describe_error,
     in_envelope_order,
     split_unsendable,
 )
@@ -211,7 +214,7 @@ def retry_after_seconds(headers: Mapping[str, str], now: float) -> float | None:
     return None
 
 
-def error_text(response: httpx.Response) -> str:
+def error_text(response: ApiResponse) -> str:
     """A short human reason from an error body: the provider's message, else the raw text."""
     text = response.text.strip()
     try:
@@ -303,21 +306,12 @@ def provider_metrics(registry: CollectorRegistry) -> ProviderMetrics:
     return metrics
 
 
-@functools.cache
-def _default_tls_context() -> ssl.SSLContext:
-    """System CAs plus certifi's bundle, built once: loading CAs takes tens of milliseconds,
-    and a minimal image may lack a system store."""
-    context = ssl.create_default_context()
-    context.load_verify_locations(cafile=certifi.where())
-    return context
-
-
 @dataclass(frozen=True)
 class Call:
     """One API request and the recipients its answer speaks for."""
 
     recipients: tuple[str, ...]
-    request: httpx.Request
+    request: ApiRequest
 
 
 # A permanently refused request for at most this many recipients is retried one
@@ -353,26 +347,13 @@ class ApiTransport:
         )
         self._semaphore = asyncio.Semaphore(upstream.concurrency)
         self._paused_until = float("-inf")
-        if upstream.ca_file is not None:
-            verify = ssl.create_default_context(cafile=str(upstream.ca_file))
-        else:
-            verify = _default_tls_context()
         self.base_url = (upstream.endpoint or self.default_base_url()).rstrip("/")
-        self.client = httpx.AsyncClient(
-            base_url=self.base_url,
-            timeout=httpx.Timeout(
-                upstream.timeout_seconds, connect=upstream.connect_timeout_seconds
-            ),
-            transport=http_guard.transport(
-                verify=verify,
-                limits=httpx.Limits(
-                    max_connections=upstream.concurrency,
-                    max_keepalive_connections=upstream.concurrency,
-                ),
-                allow_local=upstream.insecure_allow_local_endpoint,
-            ),
-            follow_redirects=False,
-            headers={"User-Agent": "mailrelay"},
+        self.client = ApiClient(
+            concurrency=upstream.concurrency,
+            connect_timeout=upstream.connect_timeout_seconds,
+            timeout=upstream.timeout_seconds,
+            ca_file=upstream.ca_file,
+            allow_local=upstream.insecure_allow_local_endpoint,
         )
 
     # --- what a provider supplies ------------------------------------------------------
@@ -401,13 +382,13 @@ class ApiTransport:
             return await asyncio.to_thread(fn, *args)
         return fn(*args)
 
-    def classify_error(self, response: httpx.Response) -> Verdict:
+    def classify_error(self, response: ApiResponse) -> Verdict:
         """A non-2xx answer; providers with richer error bodies refine this."""
         return classify_status(
             response.status_code, response.headers, error_text(response), now=self._wall_clock()
         )
 
-    def accepted(self, call: Call, response: httpx.Response) -> list[RecipientResult]:
+    def accepted(self, call: Call, response: ApiResponse) -> list[RecipientResult]:
         """A 2xx answer: every recipient of the call delivered, with the provider's id."""
         remote_id = self.remote_id(response)
         return [
@@ -420,7 +401,7 @@ class ApiTransport:
             for rcpt in call.recipients
         ]
 
-    def remote_id(self, response: httpx.Response) -> str | None:
+    def remote_id(self, response: ApiResponse) -> str | None:
         """The provider's message id from a success answer."""
         return None
 
@@ -435,18 +416,26 @@ class ApiTransport:
                 f"the provider accepts at most {limit}"
             )
 
+    def api_request(
+        self, method: str, path: str, body: bytes, headers: Mapping[str, str]
+    ) -> ApiRequest:
+        """A request to `path` under the upstream's base URL (or to `path` itself when it is
+        a whole URL)."""
+        url = path if path.startswith(("https://", "http://")) else self.base_url + path
+        return ApiRequest(method, url, headers, body)
+
     def json_request(
         self, path: str, payload: object, headers: Mapping[str, str], *, check_size: bool = True
-    ) -> httpx.Request:
+    ) -> ApiRequest:
         """A POST of compact UTF-8 JSON, refused here if it exceeds the provider's limit."""
         body = json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
         if check_size:
             self.check_request_size(body)
-        return self.client.build_request(
+        return self.api_request(
             "POST",
             path,
-            content=body,
-            headers={"Content-Type": "application/json", "Accept": "application/json", **headers},
+            body,
+            {"Content-Type": "application/json", "Accept": "application/json", **headers},
         )
 
     def api_addresses(self, addresses: Sequence[str]) -> list[str]:
@@ -514,7 +503,7 @@ class ApiTransport:
 
     async def close(self) -> None:
         """Close the HTTP client and its pooled connections."""
-        await self.client.aclose()
+        await self.client.close()
 
     def _all(
         self,
@@ -633,19 +622,21 @@ class ApiTransport:
             started = self._clock()
             try:
                 response = await self.client.send(call.request)
-            except httpx.TimeoutException:
+            except ApiTimeout:
                 detail = f"4.4.2 {self.provider} API timed out"
                 log.warning(
                     "Deferred message %s on upstream %s: %s", envelope.queue_id, self.name, detail
                 )
                 self._count(RecipientOutcome.TEMPORARY.value)
                 return self._all(call.recipients, RecipientOutcome.TEMPORARY, detail)
-            except httpx.HTTPError as exc:
-                refusal = http_guard.blocked(exc)
-                if refusal is not None:
-                    self._config_error(envelope, str(refusal))
-                    return self._all(call.recipients, RecipientOutcome.CONFIG_ERROR, str(refusal))
-                detail = f"4.4.1 {self.provider} API unreachable: {describe_error(exc)}"
+            except (BlockedDestination, ApiConfigError) as exc:
+                detail = str(exc)
+                if isinstance(exc, ApiConfigError):
+                    detail = f"upstream {self.name!r} ({self.provider}): {exc}"
+                self._config_error(envelope, detail)
+                return self._all(call.recipients, RecipientOutcome.CONFIG_ERROR, detail)
+            except ApiUnreachable as exc:
+                detail = f"4.4.1 {self.provider} API unreachable: {exc}"
                 log.warning(
                     "Deferred message %s on upstream %s: %s", envelope.queue_id, self.name, detail
                 )

@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import base64
 
-import httpx
-
 from mailrelay.relay.providers.base import ApiTransport, Call
+from mailrelay.relay.providers.http import ApiResponse, FilePart, multipart_form
 from mailrelay.relay.redact import SECRETS
 from mailrelay.relay.transport import Envelope
 
@@ -39,17 +38,17 @@ class MailgunTransport(ApiTransport):
         path = f"/v3/{self.upstream.domain}/messages.mime"
         calls = []
         for batch in self.batches(envelope.recipients):
-            request = self.client.build_request(
-                "POST",
-                path,
-                data={"to": self.api_addresses(batch)},
-                files={"message": ("message.eml", message, "message/rfc822")},
-                headers={"Authorization": auth},
+            content_type, body = multipart_form(
+                [("to", address) for address in self.api_addresses(batch)],
+                [FilePart("message", "message.eml", "message/rfc822", message)],
+            )
+            request = self.api_request(
+                "POST", path, body, {"Authorization": auth, "Content-Type": content_type}
             )
             calls.append(Call(recipients=batch, request=request))
         return calls
 
-    def remote_id(self, response: httpx.Response) -> str | None:
+    def remote_id(self, response: ApiResponse) -> str | None:
         """Mailgun answers {"id": "<...>", "message": "Queued. Thank you."}."""
         try:
             body = response.json()

@@ -15,9 +15,8 @@ from __future__ import annotations
 
 import base64
 
-import httpx
-
 from mailrelay.relay.providers.base import ApiTransport, Call, Verdict, error_text
+from mailrelay.relay.providers.http import ApiResponse
 from mailrelay.relay.providers.mime import (
     Mailbox,
     UnrepresentableMessage,
@@ -92,7 +91,7 @@ class PostmarkTransport(ApiTransport):
             calls.append(Call(recipients=batch.recipients, request=request))
         return calls
 
-    def classify_error(self, response: httpx.Response) -> Verdict:
+    def classify_error(self, response: ApiResponse) -> Verdict:
         """Postmark's ErrorCode tells an account problem from a bad message."""
         code = _error_code(response)
         if code == _MAINTENANCE:
@@ -107,7 +106,7 @@ class PostmarkTransport(ApiTransport):
             )
         return super().classify_error(response)
 
-    def remote_id(self, response: httpx.Response) -> str | None:
+    def remote_id(self, response: ApiResponse) -> str | None:
         """Postmark answers {"MessageID": ..., "ErrorCode": 0, ...}."""
         try:
             body = response.json()
@@ -117,7 +116,7 @@ class PostmarkTransport(ApiTransport):
         return str(value) if value else None
 
 
-def _error_code(response: httpx.Response) -> int | None:
+def _error_code(response: ApiResponse) -> int | None:
     try:
         body = response.json()
     except ValueError:

@@ -15,9 +15,8 @@ from __future__ import annotations
 import base64
 import hashlib
 
-import httpx
-
 from mailrelay.relay.providers.base import ApiTransport, Call
+from mailrelay.relay.providers.http import ApiResponse
 from mailrelay.relay.providers.mime import (
     UnrepresentableMessage,
     parse_message,
@@ -96,7 +95,7 @@ class ResendTransport(ApiTransport):
             calls.append(Call(recipients=batch.recipients, request=request))
         return calls
 
-    def remote_id(self, response: httpx.Response) -> str | None:
+    def remote_id(self, response: ApiResponse) -> str | None:
         """Resend answers {"id": "..."}."""
         try:
             body = response.json()

@@ -13,9 +13,8 @@ from __future__ import annotations
 
 import base64
 
-import httpx
-
 from mailrelay.relay.providers.base import ApiTransport, Call
+from mailrelay.relay.providers.http import ApiResponse
 from mailrelay.relay.providers.mime import (
     Batch,
     Mailbox,
@@ -121,7 +120,7 @@ class SendGridTransport(ApiTransport):
             calls.append(Call(recipients=recipients, request=request))
         return calls
 
-    def remote_id(self, response: httpx.Response) -> str | None:
+    def remote_id(self, response: ApiResponse) -> str | None:
         """SendGrid's id is a response header; the body is empty."""
         value = response.headers.get("x-message-id")
         return str(value) if value else None

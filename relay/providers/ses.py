@@ -1,4 +1,4 @@
-"""Amazon SES v2: `SendEmail` with `Content.Raw`, signed with SigV4 over httpx.
+"""Amazon SES v2: `SendEmail` with `Content.Raw`, signed with SigV4.
 
 POST https://email.{region}.amazonaws.com/v2/email/outbound-emails with the message
 base64-encoded in `Content.Raw.Data` and the envelope recipients as
@@ -24,7 +24,6 @@ import base64
 import threading
 
 import botocore.session
-import httpx
 from botocore.auth import SigV4Auth
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials, ReadOnlyCredentials
@@ -37,6 +36,7 @@ from mailrelay.relay.providers.base import (
     error_text,
     retry_after_seconds,
 )
+from mailrelay.relay.providers.http import ApiRequest, ApiResponse
 from mailrelay.relay.transport import Envelope, RecipientOutcome
 
 __all__ = ["SesTransport"]
@@ -53,7 +53,7 @@ _PERMANENT_ERRORS = frozenset({"MessageRejected", "BadRequestException"})
 _THROTTLE_ERRORS = frozenset({"TooManyRequestsException", "LimitExceededException"})
 
 
-def ses_error_type(response: httpx.Response) -> str:
+def ses_error_type(response: ApiResponse) -> str:
     """The SES error name, from `x-amzn-ErrorType` or the JSON body's `__type`/`code`."""
     raw = str(response.headers.get("x-amzn-errortype", ""))
     if not raw:
@@ -118,25 +118,28 @@ class SesTransport(ApiTransport):
             if self.upstream.configuration_set:
                 payload["ConfigurationSetName"] = self.upstream.configuration_set
             request = self.json_request("/v2/email/outbound-emails", payload, {}, check_size=False)
-            self._sign(request, credentials)
-            calls.append(Call(recipients=batch, request=request))
+            calls.append(Call(recipients=batch, request=self._sign(request, credentials)))
         return calls
 
-    def _sign(self, request: httpx.Request, credentials: ReadOnlyCredentials) -> None:
-        """SigV4 over exactly what httpx sends: method, URL, content type and body."""
+    def _sign(self, request: ApiRequest, credentials: ReadOnlyCredentials) -> ApiRequest:
+        """SigV4 over exactly what is sent: method, URL, Host, content type and body; the
+        Host header is set explicitly so the one signed is the one sent."""
+        host = request.host
         aws_request = AWSRequest(
             method=request.method,
-            url=str(request.url),
-            data=request.content,
-            headers={"Content-Type": request.headers["Content-Type"]},
+            url=request.url,
+            data=request.body,
+            headers={"Content-Type": request.headers["Content-Type"], "Host": host},
         )
         SigV4Auth(credentials, "ses", str(self.upstream.region)).add_auth(aws_request)
+        signed = {"Host": host}
         for name in ("Authorization", "X-Amz-Date", "X-Amz-Security-Token"):
             value = aws_request.headers.get(name)
             if value is not None:
-                request.headers[name] = str(value)
+                signed[name] = str(value)
+        return request.with_headers(signed)
 
-    def classify_error(self, response: httpx.Response) -> Verdict:
+    def classify_error(self, response: ApiResponse) -> Verdict:
         """SES error names first; the shared status rules for everything else."""
         kind = ses_error_type(response)
         detail = f"SES {kind or 'error'} (HTTP {response.status_code}): {error_text(response)}"
@@ -149,7 +152,7 @@ class SesTransport(ApiTransport):
             return Verdict(RecipientOutcome.PERMANENT, detail)
         return super().classify_error(response)
 
-    def remote_id(self, response: httpx.Response) -> str | None:
+    def remote_id(self, response: ApiResponse) -> str | None:
         """SES answers {"MessageId": "..."}."""
         try:
             body = response.json()

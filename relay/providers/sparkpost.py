@@ -10,9 +10,8 @@ sending limit is reached; that pauses the upstream like a 429.
 
 from __future__ import annotations
 
-import httpx
-
 from mailrelay.relay.providers.base import ApiTransport, Call
+from mailrelay.relay.providers.http import ApiResponse
 from mailrelay.relay.providers.mime import UnrepresentableMessage
 from mailrelay.relay.transport import Envelope, RecipientOutcome, RecipientResult
 
@@ -54,7 +53,7 @@ class SparkPostTransport(ApiTransport):
             calls.append(Call(recipients=batch, request=request))
         return calls
 
-    def accepted(self, call: Call, response: httpx.Response) -> list[RecipientResult]:
+    def accepted(self, call: Call, response: ApiResponse) -> list[RecipientResult]:
         """A 200 where SparkPost accepted nobody is a rejection of every recipient."""
         results = (self._json(response) or {}).get("results", {})
         if isinstance(results, dict) and results.get("total_accepted_recipients") == 0:
@@ -66,14 +65,14 @@ class SparkPostTransport(ApiTransport):
             )
         return super().accepted(call, response)
 
-    def remote_id(self, response: httpx.Response) -> str | None:
+    def remote_id(self, response: ApiResponse) -> str | None:
         """The transmission id from {"results": {"id": ...}}."""
         results = (self._json(response) or {}).get("results")
         value = results.get("id") if isinstance(results, dict) else None
         return str(value) if value else None
 
     @staticmethod
-    def _json(response: httpx.Response) -> dict[str, object] | None:
+    def _json(response: ApiResponse) -> dict[str, object] | None:
         try:
             body = response.json()
         except ValueError:

@@ -27,9 +27,8 @@ import hmac
 import json
 from collections.abc import Sequence
 
-import httpx
-
 from mailrelay.relay.providers.base import ApiTransport, Call, CredentialError
+from mailrelay.relay.providers.http import ApiResponse
 from mailrelay.relay.providers.resend import idempotency_key
 from mailrelay.relay.transport import Envelope
 
@@ -111,11 +110,11 @@ class WebhookTransport(ApiTransport):
         calls = []
         for group in self._groups(envelope):
             envelope_json = _envelope_json(envelope, group)
-            request = self.client.build_request(
+            request = self.api_request(
                 "POST",
                 str(self.upstream.endpoint),
-                content=message,
-                headers={
+                message,
+                {
                     "Content-Type": "message/rfc822",
                     ENVELOPE_HEADER: envelope_json,
                     TIMESTAMP_HEADER: timestamp,
@@ -146,7 +145,7 @@ class WebhookTransport(ApiTransport):
             size += grows
         return [tuple(g) for g in groups if g]
 
-    def remote_id(self, response: httpx.Response) -> str | None:
+    def remote_id(self, response: ApiResponse) -> str | None:
         """An optional {"id": ...} in the receiver's answer."""
         try:
             body = response.json()

@@ -402,6 +402,58 @@ async def test_unreadable_credential_file_is_a_configuration_error(
     assert server.requests == []
 
 
+@pytest.mark.parametrize("provider", ["sendgrid", "sparkpost", "postmark", "resend"])
+async def test_a_key_file_with_a_line_break_is_a_configuration_error(
+    provider: str,
+    provider_server: ServerFactory,
+    api_upstream: Any,
+    transport_factory: Any,
+    credentials_dir: Path,
+) -> None:
+    """The key goes into a header as it is; a second line would end the header there. That
+    is our configuration (the metric says so), and nothing is sent."""
+    (credentials_dir / "api_key").write_text("first-line\nsecond-line-of-the-key\n")
+    server, transport, _, registry = await setup(
+        provider, provider_server, api_upstream, transport_factory
+    )
+    results = await transport.deliver(envelope(), rich_message())
+    assert outcomes(results) == {RecipientOutcome.CONFIG_ERROR}
+    assert "line break" in results[0].detail
+    assert "second-line" not in results[0].detail
+    labels = {"upstream": f"{provider}-api", "provider": provider}
+    assert registry.get_sample_value("mailrelay_provider_config_error", labels) == 1
+    assert server.requests == []
+
+
+@pytest.mark.parametrize(
+    ("content", "reason"),
+    [(None, "no such file or directory"), ("not a certificate\n", "it is not a PEM bundle")],
+)
+async def test_a_ca_file_that_cannot_be_loaded_is_a_configuration_error(
+    *,
+    content: str | None,
+    reason: str,
+    provider_server: ServerFactory,
+    api_upstream: Any,
+    transport_factory: Any,
+    tmp_path: Path,
+) -> None:
+    """The CA bundle is loaded off the loop when the first request goes out; a missing or
+    broken one keeps the mail queued as our configuration problem, and nothing is sent."""
+    ca_file = tmp_path / "ca.pem"
+    if content is not None:
+        ca_file.write_text(content)
+    server, transport, _, registry = await setup(
+        "resend", provider_server, api_upstream, transport_factory, fields={"ca_file": ca_file}
+    )
+    results = await transport.deliver(envelope(), rich_message())
+    assert outcomes(results) == {RecipientOutcome.CONFIG_ERROR}
+    assert f"the CA file {ca_file} cannot be loaded: {reason}" in results[0].detail
+    labels = {"upstream": "resend-api", "provider": "resend"}
+    assert registry.get_sample_value("mailrelay_provider_config_error", labels) == 1
+    assert server.requests == []
+
+
 @pytest.mark.parametrize("provider", PROVIDERS)
 async def test_an_unaddressable_recipient_fails_alone(
     provider: str, provider_server: ServerFactory, api_upstream: Any, transport_factory: Any

@@ -106,13 +106,15 @@ async def test_default_base_urls_follow_the_region(
 
 
 def test_size_checks_do_not_load_the_provider_sdks() -> None:
-    """The relay's SIZE check imports `limits`; botocore and httpx stay unloaded."""
+    """The relay's SIZE check imports `limits`; botocore, the HTTP client (aiohttp) and
+    the provider modules stay unloaded."""
     import subprocess  # noqa: PLC0415
     import sys  # noqa: PLC0415
 
     code = (
         "import sys, mailrelay.relay.providers.limits\n"
-        "loaded = [m for m in ('botocore', 'httpx', 'mailrelay.relay.providers.ses') "
+        "loaded = [m for m in ('botocore', 'aiohttp', 'httpx', 'mailrelay.relay.providers.ses', "
+        "'mailrelay.relay.providers.http', 'mailrelay.relay.http_guard') "
         "if m in sys.modules]\n"
         "print(','.join(loaded))\n"
     )

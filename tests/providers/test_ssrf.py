@@ -9,14 +9,15 @@ so a refusal is the guard's doing and not a dead server.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import inspect
 import ipaddress
 import socket
-import ssl
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-import httpcore
-import httpx
+import aiohttp
 import pytest
 from prometheus_client import CollectorRegistry
 
@@ -24,6 +25,7 @@ from mailrelay.relay import http_guard, netguard
 from mailrelay.relay.config import ApiUpstream, ConfigError, parse_config
 from mailrelay.relay.main import main as relay_main
 from mailrelay.relay.providers.base import ApiTransport
+from mailrelay.relay.providers.http import ApiClient, ApiRequest, ApiUnreachable, tls_context
 from mailrelay.relay.transport import Envelope, RecipientOutcome
 from tests.providers.messages import rich_message
 from tests.providers.servers import ProviderServer
@@ -46,7 +48,7 @@ def _disguised(server: ProviderServer, host: str) -> str:
     return server.base_url.replace("127.0.0.1", host)
 
 
-@pytest.mark.parametrize("host", ["127.1", "2130706433", "0x7f.1"])
+@pytest.mark.parametrize("host", ["0x7f.1", "0x7F000001"])
 async def test_a_name_that_resolves_to_loopback_is_refused_at_connect_time(
     host: str,
     provider_server: ServerFactory,
@@ -99,6 +101,119 @@ async def test_every_provider_is_guarded(
         assert server.requests == [], provider
 
 
+@pytest.mark.parametrize("host", ["127.1", "2130706433", "0177.0.0.1"])
+async def test_a_legacy_numeric_host_never_connects(
+    host: str,
+    provider_server: ServerFactory,
+    api_upstream: Callable[..., ApiUpstream],
+    transport_factory: Callable[..., ApiTransport],
+) -> None:
+    """Numeric forms the C library maps onto 127.0.0.1: the guard judges what they mean;
+    allowed, aiohttp still refuses them (not a dotted quad), as a configuration error."""
+    server = await provider_server("webhook")
+    endpoint = _disguised(server, host) + "/hook"
+    guarded = transport_factory(
+        api_upstream("webhook", server, endpoint=endpoint, insecure_allow_local_endpoint=False)
+    )
+    results = await guarded.deliver(_envelope(), rich_message())
+    assert [r.outcome for r in results] == [RecipientOutcome.CONFIG_ERROR]
+    assert "resolved to 127.0.0.1" in results[0].detail
+    allowed = transport_factory(
+        api_upstream("webhook", server, endpoint=endpoint, insecure_allow_local_endpoint=True)
+    )
+    results = await allowed.deliver(_envelope(), rich_message())
+    assert [r.outcome for r in results] == [RecipientOutcome.CONFIG_ERROR]
+    assert f"the host {host!r} cannot be connected to as written" in results[0].detail
+    assert server.requests == []
+
+
+class _Listener:
+    """A TCP server on loopback that counts connections and answers every request 200."""
+
+    def __init__(self) -> None:
+        self.connections = 0
+        self.port = 0
+        self._server: asyncio.Server | None = None
+
+    async def __aenter__(self) -> _Listener:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        await self._server.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        with contextlib.suppress(ConnectionError):
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+            await writer.drain()
+        writer.close()
+
+
+def _client(*, allow_local: bool) -> ApiClient:
+    return ApiClient(
+        concurrency=2,
+        connect_timeout=1,
+        timeout=2,
+        ssl_context=tls_context(None),
+        allow_local=allow_local,
+    )
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://127.0.0.1:{port}/",
+        "http://[::1]:{port}/",
+        "http://[::ffff:127.0.0.1]:{port}/",
+        "http://0.0.0.0:{port}/",
+        "http://169.254.169.254/latest/meta-data/",
+        "https://[fd00:ec2::254]/",
+    ],
+)
+async def test_an_address_literal_is_refused_although_aiohttp_skips_its_resolver(
+    url: str,
+) -> None:
+    """aiohttp connects to an IP literal without asking the resolver: the connector's own
+    check must refuse it, and the same request goes through when local is allowed."""
+    async with _Listener() as listener:
+        request = ApiRequest("POST", url.format(port=listener.port), {}, b"{}")
+        client = _client(allow_local=False)
+        try:
+            with pytest.raises(http_guard.BlockedDestination, match="may not reach loopback"):
+                await client.send(request)
+        finally:
+            await client.close()
+        assert listener.connections == 0
+        if url.startswith("http://127.0.0.1"):
+            client = _client(allow_local=True)
+            try:
+                assert (await client.send(request)).status_code == 200
+            finally:
+                await client.close()
+            assert listener.connections == 1
+
+
+async def test_a_name_is_checked_by_the_resolver_at_connect_time() -> None:
+    """`localhost` goes through aiohttp's resolver: the guarded one refuses every address."""
+    async with _Listener() as listener:
+        request = ApiRequest("POST", f"http://localhost:{listener.port}/", {}, b"{}")
+        client = _client(allow_local=False)
+        try:
+            with pytest.raises(
+                http_guard.BlockedDestination,
+                match=r"'localhost' \(resolved to (127\.0\.0\.1|::1)\)",
+            ):
+                await client.send(request)
+        finally:
+            await client.close()
+        assert listener.connections == 0
+
+
 @pytest.mark.parametrize(
     ("address", "refused"),
     [
@@ -118,35 +233,50 @@ async def test_every_provider_is_guarded(
     ],
 )
 async def test_resolver_refuses_local_addresses(address: str, refused: bool) -> None:
-    backend = http_guard.GuardedBackend(httpcore.AnyIOBackend())
+    resolver = http_guard.GuardedResolver()
     if refused:
         with pytest.raises(http_guard.BlockedDestination, match="may not reach loopback"):
-            await backend.resolve(address, 443)
+            await resolver.resolve(address, 443)
+        with pytest.raises(http_guard.BlockedDestination, match="may not reach loopback"):
+            http_guard.check_numeric_host(address)
     else:
-        assert await backend.resolve(address, 443) == [str(ipaddress.ip_address(address))]
+        results = await resolver.resolve(address, 443)
+        assert [r["host"] for r in results] == [str(ipaddress.ip_address(address))]
+        assert results[0]["port"] == 443
+        http_guard.check_numeric_host(address)
 
 
-async def test_unresolvable_name_is_a_plain_connect_error() -> None:
-    backend = http_guard.GuardedBackend(httpcore.AnyIOBackend())
-    with pytest.raises(httpcore.ConnectError) as raised:
-        await backend.resolve("no-such-host.invalid", 443)
-    assert not isinstance(raised.value, http_guard.BlockedDestination)
+async def test_unresolvable_name_is_a_lookup_error_not_a_refusal() -> None:
+    with pytest.raises(socket.gaierror):
+        await http_guard.GuardedResolver().resolve("no-such-host.invalid", 443)
+    client = _client(allow_local=False)
+    try:
+        with pytest.raises(ApiUnreachable) as raised:
+            await client.send(ApiRequest("POST", "http://no-such-host.invalid/", {}, b""))
+    finally:
+        await client.close()
+    assert "no-such-host" not in str(raised.value)  # the OS's words, not aiohttp's text
 
 
-def test_the_guard_reaches_the_connection_pool() -> None:
-    """httpx keeps its pool private; a version that moves it must fail here, not silently."""
-    assert httpcore.__version__.startswith(http_guard.SUPPORTED_HTTPCORE)
-    made = http_guard.transport(
-        verify=ssl.create_default_context(),
-        limits=httpx.Limits(),
-        allow_local=False,
+async def test_the_guard_hooks_into_the_aiohttp_version_it_was_tested_with() -> None:
+    """The guard relies on how aiohttp's TCPConnector calls its resolver and `connect`; a
+    version outside the tested range must fail here, not silently (the tests above show
+    both hooks at work on this one)."""
+    assert aiohttp.__version__.startswith(http_guard.SUPPORTED_AIOHTTP)
+    guarded = http_guard.connector(
+        ssl_context=tls_context(None), limit=2, keepalive_timeout=5, allow_local=False
     )
-    assert isinstance(made._pool, httpcore.AsyncConnectionPool)
-    assert isinstance(made._pool._network_backend, http_guard.GuardedBackend)
-    open_ = http_guard.transport(
-        verify=ssl.create_default_context(), limits=httpx.Limits(), allow_local=True
+    open_ = http_guard.connector(
+        ssl_context=tls_context(None), limit=2, keepalive_timeout=5, allow_local=True
     )
-    assert not isinstance(open_._pool._network_backend, http_guard.GuardedBackend)
+    try:
+        assert isinstance(guarded, http_guard.GuardedConnector)
+        assert not isinstance(open_, http_guard.GuardedConnector)
+        parameters = list(inspect.signature(aiohttp.TCPConnector.connect).parameters)
+        assert parameters == ["self", "req", "traces", "timeout"]
+    finally:
+        await guarded.close()
+        await open_.close()
 
 
 @pytest.mark.parametrize(
