@@ -48,6 +48,7 @@ from mailrelay.relay.bounce import FailedRecipient, build_dsn, status_for
 from mailrelay.relay.budget import ByteBudget, budget_limit, charge, cost_factor
 from mailrelay.relay.config import ApiUpstream, RelayConfig, RouteConfig, SmtpUpstream
 from mailrelay.relay.metrics import DeliveryMetrics, RelayMetrics
+from mailrelay.relay.providers import preload_transports
 from mailrelay.relay.ratelimit import RouteRateLimits
 from mailrelay.relay.redact import redact_results
 from mailrelay.relay.routing import domain_of, select_route
@@ -163,6 +164,7 @@ class DeliveryEngine:
 
     async def start(self) -> None:
         """Load the spool's queue and start scheduling (the spool must be started)."""
+        await _preload_transports(self._config)
         await self._scan()
         log.info("Started delivery with %d queued message(s)", len(self._known))
         self._tasks = [
@@ -208,6 +210,7 @@ class DeliveryEngine:
 
     async def reload(self, config: RelayConfig) -> None:
         """Adopt a new config; queued mail stays, changed upstreams get new transports."""
+        await _preload_transports(config)
         upstreams = config.upstreams()
         stale = [
             name for name, old in self._transport_configs.items() if upstreams.get(name) != old
@@ -816,3 +819,10 @@ class DeliveryEngine:
             len(failed),
         )
         self.notify(bounce)
+
+
+async def _preload_transports(config: RelayConfig) -> None:
+    """Import the API upstreams' modules in a thread, not on the loop at the first send."""
+    providers = {u.provider for u in config.upstreams().values() if isinstance(u, ApiUpstream)}
+    if providers:
+        await asyncio.to_thread(preload_transports, providers)

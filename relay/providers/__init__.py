@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import importlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
 from mailrelay.relay.providers.limits import effective_max_message_size
@@ -46,6 +46,16 @@ def transport_class(provider: str) -> type[ApiTransport]:
     module = importlib.import_module(f"{__name__}.{module_name}")
     cls: type[ApiTransport] = getattr(module, class_name)
     return cls
+
+
+def preload_transports(providers: Iterable[str]) -> None:
+    """Import the providers' modules (and their HTTP stack) ahead of the first delivery.
+
+    Blocking: run it in a thread. Importing aiohttp and botocore takes 100-300 ms, which on
+    the event loop would stall every SMTP session at the first message for an API upstream.
+    """
+    for provider in sorted(set(providers)):
+        transport_class(provider)
 
 
 def build_api_transport(

@@ -122,3 +122,43 @@ def test_size_checks_do_not_load_the_provider_sdks() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
     )
     assert out.stdout.strip() == ""
+
+
+def test_the_engine_imports_api_upstreams_off_the_loop_before_the_first_send() -> None:
+    """Starting delivery with a Mailgun and an SES upstream loads their modules (aiohttp,
+    botocore) in a thread, so the first message does not stall the loop importing them."""
+    import subprocess  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+
+    code = (
+        "import asyncio, sys, threading\n"
+        "from types import SimpleNamespace\n"
+        "from mailrelay.relay.config import ApiUpstream\n"
+        "from mailrelay.relay.delivery import _preload_transports\n"
+        "def upstream(name, provider, **extra):\n"
+        "    return ApiUpstream.model_validate({'type': 'api', 'name': name,\n"
+        "        'provider': provider, **extra})\n"
+        "ups = {'a': upstream('a', 'mailgun', domain='mg.example'),\n"
+        "       'b': upstream('b', 'ses', region='eu-west-1')}\n"
+        "config = SimpleNamespace(upstreams=lambda: ups)\n"
+        "main = threading.get_ident()\n"
+        "importers = set()\n"
+        "class Watch:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name in ('aiohttp', 'botocore'):\n"
+        "            importers.add(threading.get_ident() == main)\n"
+        "        return None\n"
+        "sys.meta_path.insert(0, Watch())\n"
+        "asyncio.run(_preload_transports(config))\n"
+        "loaded = [m for m in ('aiohttp', 'botocore', 'mailrelay.relay.providers.mailgun',\n"
+        "          'mailrelay.relay.providers.ses') if m in sys.modules]\n"
+        "print(','.join(loaded), sorted(importers))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=False, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == [
+        "aiohttp,botocore,mailrelay.relay.providers.mailgun,mailrelay.relay.providers.ses",
+        "[False]",
+    ]
