@@ -293,8 +293,8 @@ class AuthRelay(base.RelayServer):
         profile: Path | None = None,
         workers: int = 1,
     ) -> None:
-        super().__init__(python, root, port, sink_port, base.RelayOptions(profile=profile))
-        self.workers = workers
+        options = base.RelayOptions(profile=profile, workers=workers)
+        super().__init__(python, root, port, sink_port, options)
         self.label = label
         self.material = material
         self.cache = cache
@@ -306,7 +306,6 @@ class AuthRelay(base.RelayServer):
         config: dict[str, Any] = json.loads(super().config_text())
         m = self.material
         config["listener"]["tls"] = {"cert_file": str(m.cert_file), "key_file": str(m.key_file)}
-        config["listener"]["workers"] = self.workers
         config["allowed_networks"] = []
         config["auth"] = {
             "required": True,
@@ -487,11 +486,14 @@ async def run_scenario(
         await asyncio.sleep(1.0)
         expected = 0
         if scenario in ("relay-warm", "relay-http"):
-            # One login per user, so the measured sessions are all repeated logins.
+            # Logins of every user first, so the measured sessions are repeated logins. Each
+            # worker keeps its own cache and the kernel spreads sessions over the workers:
+            # with N workers, 4N logins per user leave (almost) no user cold in any worker.
+            warmup = USERS * (1 if args.relay_workers == 1 else 4 * args.relay_workers)
             await _loadgen(
-                loadgen, port, material, args, users=logins, concurrency=USERS, sessions=USERS
+                loadgen, port, material, args, users=logins, concurrency=USERS, sessions=warmup
             )
-            expected += USERS
+            expected += warmup
         roots = server.roots()
         samplers = [base.MemorySampler(pid) for pid in roots]
         for sampler in samplers:
