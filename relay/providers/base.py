@@ -13,7 +13,8 @@ error vocabulary, refines `classify_error`. The base class owns the rest:
   problem that keeps the mail queued, logs loudly and sets a metric;
 - a throttle: a 429 (or SparkPost's 420) pauses the whole upstream until the provider's
   `Retry-After` or rate-limit reset, so queued mail is deferred without calling the API;
-- credentials from files in a mounted Secret, re-read when the files change.
+- credentials from files in a mounted Secret, re-read when the files change;
+- `idempotency_key`, the key Resend and the webhook send so a retry is sent once.
 
 `deliver` never raises: whatever happens becomes one `RecipientResult` per recipient.
 """
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -65,6 +67,7 @@ __all__ = [
     "Verdict",
     "classify_status",
     "error_text",
+    "idempotency_key",
     "provider_metrics",
     "retry_after_seconds",
 ]
@@ -212,6 +215,16 @@ def retry_after_seconds(headers: Mapping[str, str], now: float) -> float | None:
             return max(0.0, number - now)
         return max(0.0, number)
     return None
+
+
+def idempotency_key(queue_id: str, recipients: tuple[str, ...]) -> str:
+    """Stable for one message and one set of recipients, whatever the attempt.
+
+    Sent as `Idempotency-Key` (Resend, webhook), so the retry after a timeout (the
+    request may have been sent) is the same request with the same key.
+    """
+    digest = hashlib.sha256("\n".join(sorted(r.lower() for r in recipients)).encode()).hexdigest()
+    return f"mailrelay/{queue_id}/{digest[:24]}"
 
 
 def error_text(response: ApiResponse) -> str:

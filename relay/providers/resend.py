@@ -13,9 +13,8 @@ request with the same key, and Resend sends it once.
 from __future__ import annotations
 
 import base64
-import hashlib
 
-from mailrelay.relay.providers.base import ApiTransport, Call
+from mailrelay.relay.providers.base import ApiTransport, Call, idempotency_key
 from mailrelay.relay.providers.http import ApiResponse
 from mailrelay.relay.providers.mime import (
     UnrepresentableMessage,
@@ -25,13 +24,7 @@ from mailrelay.relay.providers.mime import (
 )
 from mailrelay.relay.transport import Envelope
 
-__all__ = ["ResendTransport", "idempotency_key"]
-
-
-def idempotency_key(queue_id: str, recipients: tuple[str, ...]) -> str:
-    """Stable for one message and one set of recipients, whatever the attempt."""
-    digest = hashlib.sha256("\n".join(sorted(r.lower() for r in recipients)).encode()).hexdigest()
-    return f"mailrelay/{queue_id}/{digest[:24]}"
+__all__ = ["ResendTransport"]
 
 
 class ResendTransport(ApiTransport):

@@ -27,9 +27,8 @@ import hmac
 import json
 from collections.abc import Sequence
 
-from mailrelay.relay.providers.base import ApiTransport, Call, CredentialError
+from mailrelay.relay.providers.base import ApiTransport, Call, CredentialError, idempotency_key
 from mailrelay.relay.providers.http import ApiResponse
-from mailrelay.relay.providers.resend import idempotency_key
 from mailrelay.relay.transport import Envelope
 
 __all__ = ["WebhookTransport", "sign", "verify_signature"]

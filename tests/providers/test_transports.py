@@ -8,8 +8,7 @@ from typing import Any
 import pytest
 
 from mailrelay.relay.config import ApiUpstream
-from mailrelay.relay.providers.base import ApiTransport
-from mailrelay.relay.providers.resend import idempotency_key
+from mailrelay.relay.providers.base import ApiTransport, idempotency_key
 from mailrelay.relay.transport import Envelope, RecipientOutcome
 from tests.providers.conftest import JSON_PROVIDERS, PROVIDERS, RAW_PROVIDERS
 from tests.providers.messages import (
