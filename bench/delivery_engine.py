@@ -43,7 +43,8 @@ from mailrelay.relay.delivery import DeliveryEngine
 from mailrelay.relay.metrics import RelayMetrics
 from mailrelay.relay.smtp_transport import PoolObserver, SmtpTransport
 from mailrelay.relay.spool import Spool
-from mailrelay.relay.transport import Transport, build_transport
+from mailrelay.relay.transport import Transport
+from mailrelay.relay.upstreams import build_transport
 
 VARIANTS = ("pool", "pool+rset", "no-reuse")
 

@@ -48,19 +48,13 @@ from mailrelay.relay.bounce import FailedRecipient, build_dsn, status_for
 from mailrelay.relay.budget import ByteBudget, budget_limit, charge, cost_factor
 from mailrelay.relay.config import ApiUpstream, RelayConfig, RouteConfig, SmtpUpstream
 from mailrelay.relay.metrics import DeliveryMetrics, RelayMetrics
-from mailrelay.relay.providers import preload_transports
 from mailrelay.relay.ratelimit import RouteRateLimits
 from mailrelay.relay.redact import redact_results
 from mailrelay.relay.routing import domain_of, select_route
 from mailrelay.relay.smtp_transport import PoolObserver
 from mailrelay.relay.spool import Claim, HeldMessage, QueueEntry, RecipientState, Spool
-from mailrelay.relay.transport import (
-    Envelope,
-    RecipientOutcome,
-    RecipientResult,
-    Transport,
-    build_transport,
-)
+from mailrelay.relay.transport import Envelope, RecipientOutcome, RecipientResult, Transport
+from mailrelay.relay.upstreams import build_transport, preload_transports
 
 __all__ = ["DeliveryEngine", "TransportFactory"]
 
@@ -823,6 +817,6 @@ class DeliveryEngine:
 
 async def _preload_transports(config: RelayConfig) -> None:
     """Import the API upstreams' modules in a thread, not on the loop at the first send."""
-    providers = {u.provider for u in config.upstreams().values() if isinstance(u, ApiUpstream)}
-    if providers:
-        await asyncio.to_thread(preload_transports, providers)
+    api_upstreams = [u for u in config.upstreams().values() if isinstance(u, ApiUpstream)]
+    if api_upstreams:
+        await asyncio.to_thread(preload_transports, api_upstreams)

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import importlib
 import logging
 import os
 import signal
@@ -27,13 +26,13 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from prometheus_client import CollectorRegistry
 
 from mailrelay.relay.auth import load_auth_users
 from mailrelay.relay.budget import ByteBudget, budget_limit, cgroup_memory_limit
 from mailrelay.relay.config import ConfigError, RelayConfig, load_config
+from mailrelay.relay.delivery import DeliveryEngine
 from mailrelay.relay.health import HealthServer
 from mailrelay.relay.logging import configure_logging
 from mailrelay.relay.metrics import RelayMetrics
@@ -97,17 +96,6 @@ def parse_args(argv: list[str]) -> Command:
     return Command(action="run", config=args.config, worker_index=args.worker_index)
 
 
-def _delivery_engine_class() -> Any:
-    """The delivery engine if its module exists (it is built alongside the front)."""
-    try:
-        module = importlib.import_module("mailrelay.relay.delivery")
-    except ModuleNotFoundError as exc:
-        if exc.name != "mailrelay.relay.delivery":
-            raise
-        return None
-    return getattr(module, "DeliveryEngine", None)
-
-
 class RelayApp:
     """One relay process: everything started in order and stopped in reverse."""
 
@@ -132,8 +120,8 @@ class RelayApp:
         self.budget = ByteBudget(
             budget_limit(config, self._memory_limit), on_change=self.metrics.budget_changed
         )
-        self.engine: Any = None
-        self._engine_class = _delivery_engine_class() if enable_delivery else None
+        self.engine: DeliveryEngine | None = None
+        self._enable_delivery = enable_delivery
         self._reuse_port = reuse_port
         self._metrics_port = config.metrics.port if metrics_port is None else metrics_port
         self._reload_interval = reload_interval
@@ -165,10 +153,8 @@ class RelayApp:
         """Spool, delivery, SMTP, health, watcher: each ready before the next starts."""
         await self.spool.start()
         users = await asyncio.to_thread(load_auth_users, self.config.auth)
-        if self._engine_class is not None:
-            self.engine = self._engine_class(
-                self.config, self.spool, self.metrics, budget=self.budget
-            )
+        if self._enable_delivery:
+            self.engine = DeliveryEngine(self.config, self.spool, self.metrics, budget=self.budget)
             await self.engine.start()
         else:
             log.warning("Started without a delivery engine: mail is accepted and spooled only")

@@ -10,9 +10,10 @@ an address the envelope rule of `relay/address.py` refuses fails alone, permanen
 before any command goes upstream) and words its failures as SMTP text with an enhanced
 status code (`describe_error` for exceptions), never a Python exception's repr.
 
-`build_transport` maps an upstream from the config to its transport class: SMTP
-upstreams to `smtp_transport.SmtpTransport`, api upstreams to the HTTP provider
-transports in `providers/`.
+`Envelope` is the one envelope a transport receives (the delivery engine cuts it from
+the spooled message per route and upstream). This module imports no implementation:
+`smtp_transport` and the providers import it, and `upstreams.build_transport`, the
+factory above both, maps an upstream from the config to its transport.
 """
 
 from __future__ import annotations
@@ -22,15 +23,9 @@ import enum
 import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 from mailrelay.relay.address import address_refusal
-from mailrelay.relay.config import ApiUpstream, SmtpUpstream
-
-if TYPE_CHECKING:
-    from prometheus_client import CollectorRegistry
-
-    from mailrelay.relay.smtp_transport import PoolObserver
 
 __all__ = [
     "Envelope",
@@ -38,7 +33,6 @@ __all__ = [
     "RecipientResult",
     "Transport",
     "all_recipients",
-    "build_transport",
     "describe_error",
     "in_envelope_order",
     "split_unsendable",
@@ -184,27 +178,3 @@ def describe_error(exc: BaseException) -> str:
     if isinstance(exc, ConnectionError | EOFError):
         return "connection lost"
     return "connection failed"
-
-
-def build_transport(
-    upstream: SmtpUpstream | ApiUpstream,
-    *,
-    local_hostname: str | None = None,
-    observer: PoolObserver | None = None,
-    registry: CollectorRegistry | None = None,
-) -> Transport:
-    """The transport for one configured upstream.
-
-    `local_hostname` is our EHLO name, `observer` receives SMTP pool events, and
-    `registry` is the relay's metrics registry for transports that keep their own metrics
-    (the HTTP providers).
-    """
-    if isinstance(upstream, SmtpUpstream):
-        # Imported here: smtp_transport imports this module, so a top-level import would cycle.
-        from mailrelay.relay.smtp_transport import SmtpTransport  # noqa: PLC0415
-
-        return SmtpTransport(upstream, local_hostname=local_hostname, observer=observer)
-    # Imported here for the same reason: the providers import this module's types.
-    from mailrelay.relay.providers import build_api_transport  # noqa: PLC0415
-
-    return build_api_transport(upstream, registry=registry)

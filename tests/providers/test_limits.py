@@ -87,7 +87,7 @@ def test_api_upstream_config_is_checked_with_readable_messages() -> None:
 async def test_default_base_urls_follow_the_region(
     provider: str, region: str | None, base_url: str
 ) -> None:
-    from mailrelay.relay.providers import build_api_transport  # noqa: PLC0415
+    from mailrelay.relay.providers.registry import build_api_transport  # noqa: PLC0415
 
     upstream = ApiUpstream.model_validate(
         {

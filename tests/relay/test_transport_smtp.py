@@ -21,7 +21,8 @@ from mailrelay.relay.address import ascii_form
 from mailrelay.relay.config import SmtpUpstream
 from mailrelay.relay.smtp_pipelining import command_group, data_payload, take_replies
 from mailrelay.relay.smtp_transport import SmtpTransport, classify_reply
-from mailrelay.relay.transport import Envelope, RecipientOutcome, RecipientResult, build_transport
+from mailrelay.relay.transport import Envelope, RecipientOutcome, RecipientResult
+from mailrelay.relay.upstreams import build_transport
 from tests.relay.delivery_fixtures import (
     Certificates,
     ScriptedUpstream,
