@@ -191,11 +191,11 @@ class IncomingMessage:
             data, self._blocks = self.content(), []
             arrival = self.arrival
             return await self._spool.enqueue_held(
-                arrival.mail_from,
-                list(arrival.recipients),
+                arrival.envelope.mail_from,
+                arrival.routed_recipients(),
                 data,
-                smtputf8=arrival.smtputf8,
-                body_8bitmime=arrival.body_8bitmime,
+                smtputf8=arrival.envelope.smtputf8,
+                body_8bitmime=arrival.envelope.body_8bitmime,
                 client_address=arrival.client_address,
                 authenticated_user=arrival.authenticated_user,
                 queue_id=arrival.queue_id,

@@ -53,7 +53,7 @@ from mailrelay.relay.redact import redact_results
 from mailrelay.relay.routing import domain_of, select_route
 from mailrelay.relay.smtp_transport import PoolObserver
 from mailrelay.relay.spool import Claim, HeldMessage, QueueEntry, RecipientState, Spool
-from mailrelay.relay.transport import Envelope, RecipientOutcome, RecipientResult, Transport
+from mailrelay.relay.transport import RecipientOutcome, RecipientResult, Transport
 from mailrelay.relay.upstreams import build_transport, preload_transports
 
 __all__ = ["DeliveryEngine", "TransportFactory"]
@@ -620,13 +620,7 @@ class DeliveryEngine:
                     len(remaining),
                     entry.queue_id,
                 )
-            envelope = Envelope(
-                queue_id=entry.queue_id,
-                mail_from=entry.mail_from,
-                recipients=tuple(r.address for r in remaining),
-                smtputf8=entry.smtputf8,
-                body_8bitmime=entry.body_8bitmime,
-            )
+            envelope = entry.envelope(r.address for r in remaining)
             # Redacted here, before any text reaches the spool, a log line or a bounce.
             results = redact_results(await self._transport(upstream).deliver(envelope, data))
             by_address = {result.address: result for result in results}

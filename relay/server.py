@@ -57,6 +57,7 @@ from mailrelay.relay.client_limits import ClientLimiter
 from mailrelay.relay.config import ApiUpstream, RelayConfig, RouteConfig
 from mailrelay.relay.data_reader import BulkDataSMTP
 from mailrelay.relay.data_sink import IncomingMessage
+from mailrelay.relay.envelope import Envelope as MailEnvelope  # aiosmtpd's is `Envelope`
 from mailrelay.relay.metrics import RelayMetrics
 from mailrelay.relay.routing import domain_of, select_route
 from mailrelay.relay.smtp_params import postmaster_rewrite, split_auth_parameter
@@ -746,14 +747,14 @@ class RelayHandler(_CheapDir):
         if reservation is None:
             return self._refuse_over_budget(session, declared)
         arrival = Arrival(
-            queue_id=queue_id,
-            mail_from="" if envelope.mail_from in (None, "<>") else envelope.mail_from,
-            recipients=tuple(
-                (rcpt, route.name)
-                for rcpt, route in zip(envelope.rcpt_tos, envelope.routes, strict=True)
+            MailEnvelope(
+                queue_id=queue_id,
+                mail_from="" if envelope.mail_from in (None, "<>") else envelope.mail_from,
+                recipients=tuple(envelope.rcpt_tos),
+                smtputf8=envelope.smtp_utf8,
+                body_8bitmime=envelope.body_8bitmime,
             ),
-            smtputf8=envelope.smtp_utf8,
-            body_8bitmime=envelope.body_8bitmime,
+            routes=tuple(route.name for route in envelope.routes),
             client_address=_peer_ip(session),
             authenticated_user=user.username if user is not None else None,
         )

@@ -56,7 +56,7 @@ import random
 import re
 import secrets
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -65,6 +65,7 @@ from typing import Literal, TypeAlias
 from pydantic import BaseModel, ConfigDict
 
 from mailrelay.relay.budget import Reservation
+from mailrelay.relay.envelope import Envelope
 from mailrelay.relay.fileio import fsync_dir, write_parts
 from mailrelay.relay.journal import SUFFIX as _JOURNAL_SUFFIX
 from mailrelay.relay.journal import Journal, pending_messages
@@ -160,6 +161,16 @@ class QueueEntry(BaseModel):
     authenticated_user: str | None = None
     message_id: str | None = None
     dead_reason: str | None = None
+
+    def envelope(self, recipients: Iterable[str]) -> Envelope:
+        """The envelope this message is sent with to `recipients` (a subset of its own)."""
+        return Envelope(
+            queue_id=self.queue_id,
+            mail_from=self.mail_from,
+            recipients=tuple(recipients),
+            smtputf8=self.smtputf8,
+            body_8bitmime=self.body_8bitmime,
+        )
 
 
 def extract_message_id(data: bytes) -> str | None:
@@ -307,15 +318,26 @@ class HeldMessage:
 
 @dataclass(frozen=True, slots=True)
 class Arrival:
-    """The envelope of a message being received, as its queue file will record it."""
+    """A message being received, as its queue file will record it: the envelope, the
+    route of each recipient and who sent it."""
 
-    queue_id: str
-    mail_from: str
-    recipients: tuple[tuple[str, str], ...]  # (address, route name)
-    smtputf8: bool
-    body_8bitmime: bool
+    envelope: Envelope
+    routes: tuple[str, ...]  # the route name of each of `envelope.recipients`, in order
     client_address: str
     authenticated_user: str | None
+
+    def __post_init__(self) -> None:
+        if len(self.routes) != len(self.envelope.recipients):
+            raise ValueError("an arrival needs one route per recipient")
+
+    @property
+    def queue_id(self) -> str:
+        """The queue id the message will have."""
+        return self.envelope.queue_id
+
+    def routed_recipients(self) -> list[tuple[str, str]]:
+        """(address, route name) per recipient, as the queue file records them."""
+        return list(zip(self.envelope.recipients, self.routes, strict=True))
 
 
 class IncomingFile:
@@ -684,11 +706,11 @@ class Spool:
 
     def _arrival_entry(self, arrival: Arrival, size: int, message_id: str | None) -> QueueEntry:
         return self._new_entry(
-            arrival.mail_from,
-            arrival.recipients,
+            arrival.envelope.mail_from,
+            arrival.routed_recipients(),
             None,
-            smtputf8=arrival.smtputf8,
-            body_8bitmime=arrival.body_8bitmime,
+            smtputf8=arrival.envelope.smtputf8,
+            body_8bitmime=arrival.envelope.body_8bitmime,
             client_address=arrival.client_address,
             authenticated_user=arrival.authenticated_user,
             queue_id=arrival.queue_id,

@@ -10,10 +10,13 @@ an address the envelope rule of `relay/address.py` refuses fails alone, permanen
 before any command goes upstream) and words its failures as SMTP text with an enhanced
 status code (`describe_error` for exceptions), never a Python exception's repr.
 
-`Envelope` is the one envelope a transport receives (the delivery engine cuts it from
-the spooled message per route and upstream). This module imports no implementation:
-`smtp_transport` and the providers import it, and `upstreams.build_transport`, the
-factory above both, maps an upstream from the config to its transport.
+`Envelope` (defined in `envelope.py`, re-exported here with the other types a transport
+takes) is the one envelope a transport receives: the delivery engine cuts it from the
+queued message per route and upstream (`QueueEntry.envelope`).
+
+This module imports no implementation: `smtp_transport` and the providers import it, and
+`upstreams.build_transport`, the factory above both, maps an upstream from the config to
+its transport.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 from mailrelay.relay.address import address_refusal
+from mailrelay.relay.envelope import Envelope
 
 __all__ = [
     "Envelope",
@@ -59,17 +63,6 @@ class RecipientResult:
     remote_id: str | None = None
     # The SMTP reply code when there was one; bounces quote it in Diagnostic-Code.
     code: int | None = None
-
-
-@dataclass(frozen=True)
-class Envelope:
-    """What a transport needs besides the bytes: who from, who to, which extensions."""
-
-    queue_id: str
-    mail_from: str
-    recipients: tuple[str, ...]
-    smtputf8: bool
-    body_8bitmime: bool
 
 
 @runtime_checkable

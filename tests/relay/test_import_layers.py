@@ -258,3 +258,49 @@ def test_the_checker_finds_a_provider_importing_another(tmp_path: Path) -> None:
     graph = import_graph(tmp_path, "pkg")
     assert provider_modules(tmp_path, "pkg") == {"pkg.providers.one", "pkg.providers.two"}
     assert graph["pkg.providers.two"] == {"pkg.providers.base", "pkg.providers.one"}
+
+
+def envelope_classes(root: Path, package: str) -> set[str]:
+    """Classes under `root` that declare both `mail_from` and `recipients` fields."""
+    found = set()
+    for name, path in module_files(root, package).items():
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if not isinstance(node, ast.ClassDef):
+                continue
+            fields = {
+                stmt.target.id
+                for stmt in node.body
+                if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name)
+            }
+            if {"mail_from", "recipients"} <= fields:
+                found.add(f"{name}.{node.name}")
+    return found
+
+
+def test_one_envelope_type_after_the_front() -> None:
+    """From the spool's intake to the transports, a message travels with `Envelope`.
+
+    The front's envelope is aiosmtpd's (`server.RelayEnvelope`, attributes set in
+    `__init__`); the queue file's record (`spool.QueueEntry`, with each recipient's
+    delivery state) hands out an `Envelope` per attempt. No third shape of the same data.
+    """
+    assert envelope_classes(ROOT, PACKAGE) == {
+        f"{PACKAGE}.envelope.Envelope",
+        f"{PACKAGE}.spool.QueueEntry",
+    }
+
+
+def test_no_relay_module_is_imported_by_name() -> None:
+    """An import by name (`importlib.import_module("mailrelay.relay.x")`) hides the
+    dependency from mypy and editors; relay modules import each other with statements."""
+    by_name = []
+    for name, path in module_files(ROOT, PACKAGE).items():
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute | ast.Name)
+                and (node.func.attr if isinstance(node.func, ast.Attribute) else node.func.id)
+                in ("import_module", "__import__")
+            ):
+                by_name.append(f"{name}:{node.lineno}")
+    assert by_name == []
