@@ -37,14 +37,14 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 
-from mailrelay.relay import smtp_transport
 from mailrelay.relay.config import ApiUpstream, RelayConfig, SmtpUpstream
 from mailrelay.relay.delivery import DeliveryEngine
 from mailrelay.relay.metrics import RelayMetrics
-from mailrelay.relay.smtp_transport import PoolObserver, SmtpTransport
 from mailrelay.relay.spool import Spool
-from mailrelay.relay.transport import Transport
-from mailrelay.relay.upstreams import build_transport
+from mailrelay.relay.upstreams import smtp as smtp_transport
+from mailrelay.relay.upstreams.factory import build_transport
+from mailrelay.relay.upstreams.smtp import PoolObserver, SmtpTransport
+from mailrelay.relay.upstreams.transport import Transport
 
 VARIANTS = ("pool", "pool+rset", "no-reuse")
 

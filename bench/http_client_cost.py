@@ -1,6 +1,6 @@
 """Where the HTTP-API path's time goes: the HTTP client's CPU per Mailgun request.
 
-The relay's HTTP providers send each message through `relay/providers/http.py`'s
+The relay's HTTP providers send each message through `relay/upstreams/providers/http.py`'s
 `ApiClient` (aiohttp, HTTP/1.1, keep-alive, a pool of `concurrency` connections, the SSRF
 guard). This script posts the same multipart `messages.mime` request (a 2 KB message, one
 `to`) to the benchmark's Go Mailgun sink (`loadgen mailgun`), with 16 requests in flight,
@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import auth_vs_postfix
 import relay_vs_postfix as base
 
-from mailrelay.relay.providers.http import (
+from mailrelay.relay.upstreams.providers.http import (
     ApiClient,
     ApiRequest,
     FilePart,

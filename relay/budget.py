@@ -18,7 +18,7 @@ holds a `Reservation` of its size on the process's `ByteBudget`:
 The limit is `limits.max_bytes_in_flight`, or derived from the container's memory limit
 (`default_limit`). Memory stays near the sum of the reservations: the front streams large
 bodies to the spool (`data_sink`), and the SMTP transport sends the body in chunks
-(`smtp_pipelining.write_data`).
+(`upstreams.smtp_pipelining.write_data`).
 """
 
 from __future__ import annotations
@@ -117,7 +117,7 @@ def cost_factor(routes: Iterable[RouteConfig]) -> float:
     for route in routes:
         if any(isinstance(u, ApiUpstream) for u in (route.upstream, *route.fallbacks)):
             # The providers package loads every provider SDK: only for HTTP routes.
-            from mailrelay.relay.providers.limits import build_memory_factor  # noqa: PLC0415
+            from mailrelay.relay.upstreams.providers.limits import build_memory_factor  # noqa: PLC0415
 
             factor = max(factor, build_memory_factor(route))
     return factor

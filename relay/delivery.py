@@ -51,10 +51,10 @@ from mailrelay.relay.metrics import DeliveryMetrics, RelayMetrics
 from mailrelay.relay.ratelimit import RouteRateLimits
 from mailrelay.relay.redact import redact_results
 from mailrelay.relay.routing import domain_of, select_route
-from mailrelay.relay.smtp_transport import PoolObserver
 from mailrelay.relay.spool import Claim, HeldMessage, QueueEntry, RecipientState, Spool
-from mailrelay.relay.transport import RecipientOutcome, RecipientResult, Transport
-from mailrelay.relay.upstreams import build_transport, preload_transports
+from mailrelay.relay.upstreams.factory import build_transport, preload_transports
+from mailrelay.relay.upstreams.smtp import PoolObserver
+from mailrelay.relay.upstreams.transport import RecipientOutcome, RecipientResult, Transport
 
 __all__ = ["DeliveryEngine", "TransportFactory"]
 

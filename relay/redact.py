@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from mailrelay.relay.transport import RecipientResult
+    from mailrelay.relay.upstreams.transport import RecipientResult
 
 __all__ = ["MIN_SECRET_LENGTH", "REDACTED", "SECRETS", "Redactor", "redact_results"]
 

@@ -599,7 +599,7 @@ def _route_size_limit(route: RouteConfig, relay_limit: int) -> int:
     if any(isinstance(u, ApiUpstream) for u in (route.upstream, *route.fallbacks)):
         # Importing the providers loads every provider SDK (botocore for SES): only pay
         # for that in memory and startup time when a route really uses an HTTP provider.
-        from mailrelay.relay.providers.limits import effective_max_message_size  # noqa: PLC0415
+        from mailrelay.relay.upstreams.providers.limits import effective_max_message_size  # noqa: PLC0415
 
         return effective_max_message_size(route, relay_limit)
     if route.max_message_size is None:

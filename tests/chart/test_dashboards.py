@@ -26,7 +26,7 @@ from prometheus_client import CollectorRegistry
 
 from mailrelay.operator.metrics import OperatorMetrics
 from mailrelay.relay.metrics import RelayMetrics
-from mailrelay.relay.providers.base import provider_metrics
+from mailrelay.relay.upstreams.providers.base import provider_metrics
 from tests.chart.promql_names import (
     CHART,
     DASHBOARDS,

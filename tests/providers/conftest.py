@@ -20,8 +20,8 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from mailrelay.relay.config import ApiUpstream
-from mailrelay.relay.providers.base import ApiTransport
-from mailrelay.relay.providers.registry import build_api_transport
+from mailrelay.relay.upstreams.providers.base import ApiTransport
+from mailrelay.relay.upstreams.providers.registry import build_api_transport
 from tests.providers.servers import (
     API_KEY,
     AWS_KEY_ID,

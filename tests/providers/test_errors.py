@@ -13,8 +13,8 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from mailrelay.relay.config import ApiUpstream
-from mailrelay.relay.providers.base import SPLIT_REFUSED_UP_TO, ApiTransport
-from mailrelay.relay.transport import Envelope, RecipientOutcome
+from mailrelay.relay.upstreams.providers.base import SPLIT_REFUSED_UP_TO, ApiTransport
+from mailrelay.relay.upstreams.transport import Envelope, RecipientOutcome
 from tests.providers.conftest import PROVIDERS, RAW_PROVIDERS
 from tests.providers.messages import rich_message
 from tests.providers.servers import Fault, ProviderServer, raw_sent, ses_error

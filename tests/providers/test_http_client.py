@@ -1,4 +1,5 @@
-"""The providers' HTTP layer (`relay/providers/http.py`) against raw HTTP peers on loopback.
+"""The providers' HTTP layer (`relay/upstreams/providers/http.py`) against raw HTTP peers
+on loopback.
 
 Each peer is a plain asyncio server that speaks just enough HTTP/1.1 to answer, stall or
 misbehave on purpose, and records what arrived byte for byte, so the tests see what the
@@ -20,8 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from mailrelay.relay import providers
-from mailrelay.relay.providers.http import (
+from mailrelay.relay.upstreams import providers
+from mailrelay.relay.upstreams.providers.http import (
     MAX_RESPONSE_BYTES,
     ApiClient,
     ApiRequest,
@@ -438,7 +439,9 @@ def test_multipart_form_parses_back_to_the_same_fields_and_bytes() -> None:
 def test_multipart_boundary_never_occurs_in_a_part(monkeypatch: pytest.MonkeyPatch) -> None:
     """A boundary that happens to be in the content is drawn again."""
     draws = iter(["a" * 32, "b" * 32])
-    monkeypatch.setattr("mailrelay.relay.providers.http.secrets.token_hex", lambda _: next(draws))
+    monkeypatch.setattr(
+        "mailrelay.relay.upstreams.providers.http.secrets.token_hex", lambda _: next(draws)
+    )
     content_type, body = multipart_form([], [FilePart("f", "f", "text/plain", b"--" + b"a" * 32)])
     assert content_type.endswith("b" * 32)
     assert body.count(b"--" + b"b" * 32) == 2

@@ -8,7 +8,7 @@ import pytest
 from pydantic import ValidationError
 
 from mailrelay.relay.config import ApiUpstream, RouteConfig
-from mailrelay.relay.providers.limits import PROVIDER_LIMITS, effective_max_message_size
+from mailrelay.relay.upstreams.providers.limits import PROVIDER_LIMITS, effective_max_message_size
 
 RELAY_LIMIT = 26_214_400
 
@@ -87,7 +87,7 @@ def test_api_upstream_config_is_checked_with_readable_messages() -> None:
 async def test_default_base_urls_follow_the_region(
     provider: str, region: str | None, base_url: str
 ) -> None:
-    from mailrelay.relay.providers.registry import build_api_transport  # noqa: PLC0415
+    from mailrelay.relay.upstreams.providers.registry import build_api_transport  # noqa: PLC0415
 
     upstream = ApiUpstream.model_validate(
         {
@@ -112,9 +112,10 @@ def test_size_checks_do_not_load_the_provider_sdks() -> None:
     import sys  # noqa: PLC0415
 
     code = (
-        "import sys, mailrelay.relay.providers.limits\n"
-        "loaded = [m for m in ('botocore', 'aiohttp', 'httpx', 'mailrelay.relay.providers.ses', "
-        "'mailrelay.relay.providers.http', 'mailrelay.relay.http_guard') "
+        "import sys, mailrelay.relay.upstreams.providers.limits\n"
+        "loaded = [m for m in ('botocore', 'aiohttp', 'httpx', "
+        "'mailrelay.relay.upstreams.providers.ses', "
+        "'mailrelay.relay.upstreams.providers.http', 'mailrelay.relay.http_guard') "
         "if m in sys.modules]\n"
         "print(','.join(loaded))\n"
     )
@@ -150,8 +151,9 @@ def test_the_engine_imports_api_upstreams_off_the_loop_before_the_first_send() -
         "        return None\n"
         "sys.meta_path.insert(0, Watch())\n"
         "asyncio.run(_preload_transports(config))\n"
-        "loaded = [m for m in ('aiohttp', 'botocore', 'mailrelay.relay.providers.mailgun',\n"
-        "          'mailrelay.relay.providers.ses') if m in sys.modules]\n"
+        "loaded = [m for m in ('aiohttp', 'botocore',\n"
+        "          'mailrelay.relay.upstreams.providers.mailgun',\n"
+        "          'mailrelay.relay.upstreams.providers.ses') if m in sys.modules]\n"
         "print(','.join(loaded), sorted(importers))\n"
     )
     out = subprocess.run(
@@ -159,6 +161,6 @@ def test_the_engine_imports_api_upstreams_off_the_loop_before_the_first_send() -
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == [
-        "aiohttp,botocore,mailrelay.relay.providers.mailgun,mailrelay.relay.providers.ses",
+        "aiohttp,botocore,mailrelay.relay.upstreams.providers.mailgun,mailrelay.relay.upstreams.providers.ses",
         "[False]",
     ]

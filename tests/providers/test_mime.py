@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mailrelay.relay.providers.mime import (
+from mailrelay.relay.upstreams.providers.mime import (
     Mailbox,
     UnrepresentableMessage,
     ascii_address,

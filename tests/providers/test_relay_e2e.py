@@ -103,7 +103,7 @@ async def test_json_provider_gets_recipients_bodies_and_attachments_through_the_
     caplog: pytest.LogCaptureFixture,
     relay_factory: RelayFactory,
 ) -> None:
-    caplog.set_level(logging.INFO, logger="mailrelay.relay.providers")
+    caplog.set_level(logging.INFO, logger="mailrelay.relay.upstreams.providers")
     server = await provider_server(provider)
     relay = await relay_factory(routes=[api_route(provider, server, credentials_dir)])
     assert await send(relay, RCPTS, rich_message()) == {}

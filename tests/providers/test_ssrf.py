@@ -24,9 +24,14 @@ from prometheus_client import CollectorRegistry
 from mailrelay.relay import http_guard, netguard
 from mailrelay.relay.config import ApiUpstream, ConfigError, parse_config
 from mailrelay.relay.main import main as relay_main
-from mailrelay.relay.providers.base import ApiTransport
-from mailrelay.relay.providers.http import ApiClient, ApiRequest, ApiUnreachable, tls_context
-from mailrelay.relay.transport import Envelope, RecipientOutcome
+from mailrelay.relay.upstreams.providers.base import ApiTransport
+from mailrelay.relay.upstreams.providers.http import (
+    ApiClient,
+    ApiRequest,
+    ApiUnreachable,
+    tls_context,
+)
+from mailrelay.relay.upstreams.transport import Envelope, RecipientOutcome
 from tests.providers.messages import rich_message
 from tests.providers.servers import ProviderServer
 

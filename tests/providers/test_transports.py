@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 
 from mailrelay.relay.config import ApiUpstream
-from mailrelay.relay.providers.base import ApiTransport, idempotency_key
-from mailrelay.relay.transport import Envelope, RecipientOutcome
+from mailrelay.relay.upstreams.providers.base import ApiTransport, idempotency_key
+from mailrelay.relay.upstreams.transport import Envelope, RecipientOutcome
 from tests.providers.conftest import JSON_PROVIDERS, PROVIDERS, RAW_PROVIDERS
 from tests.providers.messages import (
     BINARY_ATTACHMENT,
@@ -215,7 +215,7 @@ async def test_large_message_is_prepared_off_the_loop_and_still_exact(
     """Over OFFLOAD_BYTES the conversion runs in a worker thread; the result is the same."""
     from email.message import EmailMessage  # noqa: PLC0415
 
-    from mailrelay.relay.providers.base import OFFLOAD_BYTES  # noqa: PLC0415
+    from mailrelay.relay.upstreams.providers.base import OFFLOAD_BYTES  # noqa: PLC0415
 
     server, transport = await _setup(provider, provider_server, api_upstream, transport_factory)
     blob = bytes(range(256)) * (OFFLOAD_BYTES // 128)
@@ -237,7 +237,7 @@ async def test_large_message_is_prepared_off_the_loop_and_still_exact(
 async def test_webhook_splits_a_long_recipient_list_to_keep_headers_small(
     provider_server: ServerFactory, api_upstream: Any, transport_factory: Any
 ) -> None:
-    from mailrelay.relay.providers.webhook import MAX_ENVELOPE_HEADER  # noqa: PLC0415
+    from mailrelay.relay.upstreams.providers.webhook import MAX_ENVELOPE_HEADER  # noqa: PLC0415
 
     server, transport = await _setup("webhook", provider_server, api_upstream, transport_factory)
     many = tuple(f"recipient-with-a-long-name-{i:04d}@department.example.org" for i in range(300))

@@ -21,7 +21,7 @@ from aiosmtplib.protocol import PERIOD_REGEX, normalize_message_line_endings
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mailrelay.relay.smtp_pipelining import (
+from mailrelay.relay.upstreams.smtp_pipelining import (
     DATA_PIECE_BYTES,
     ReplyReader,
     data_payload,

@@ -19,10 +19,10 @@ from aiosmtplib.protocol import PERIOD_REGEX, normalize_message_line_endings
 
 from mailrelay.relay.address import ascii_form
 from mailrelay.relay.config import SmtpUpstream
-from mailrelay.relay.smtp_pipelining import command_group, data_payload, take_replies
-from mailrelay.relay.smtp_transport import SmtpTransport, classify_reply
-from mailrelay.relay.transport import Envelope, RecipientOutcome, RecipientResult
-from mailrelay.relay.upstreams import build_transport
+from mailrelay.relay.upstreams.factory import build_transport
+from mailrelay.relay.upstreams.smtp import SmtpTransport, classify_reply
+from mailrelay.relay.upstreams.smtp_pipelining import command_group, data_payload, take_replies
+from mailrelay.relay.upstreams.transport import Envelope, RecipientOutcome, RecipientResult
 from tests.relay.delivery_fixtures import (
     Certificates,
     ScriptedUpstream,

@@ -38,7 +38,8 @@ from typing import ClassVar
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from mailrelay.relay.config import ApiUpstream
-from mailrelay.relay.providers.http import (
+from mailrelay.relay.redact import SECRETS
+from mailrelay.relay.upstreams.providers.http import (
     ApiClient,
     ApiConfigError,
     ApiRequest,
@@ -47,10 +48,9 @@ from mailrelay.relay.providers.http import (
     ApiUnreachable,
     BlockedDestination,
 )
-from mailrelay.relay.providers.limits import PROVIDER_LIMITS, ProviderLimits
-from mailrelay.relay.providers.mime import UnrepresentableMessage, ascii_address
-from mailrelay.relay.redact import SECRETS
-from mailrelay.relay.transport import (
+from mailrelay.relay.upstreams.providers.limits import PROVIDER_LIMITS, ProviderLimits
+from mailrelay.relay.upstreams.providers.mime import UnrepresentableMessage, ascii_address
+from mailrelay.relay.upstreams.transport import (
     Envelope,
     RecipientOutcome,
     RecipientResult,

@@ -15,16 +15,16 @@ from __future__ import annotations
 
 import base64
 
-from mailrelay.relay.providers.base import ApiTransport, Call, Verdict, error_text
-from mailrelay.relay.providers.http import ApiResponse
-from mailrelay.relay.providers.mime import (
+from mailrelay.relay.upstreams.providers.base import ApiTransport, Call, Verdict, error_text
+from mailrelay.relay.upstreams.providers.http import ApiResponse
+from mailrelay.relay.upstreams.providers.mime import (
     Mailbox,
     UnrepresentableMessage,
     parse_message,
     plan_batches,
     split_recipients,
 )
-from mailrelay.relay.transport import Envelope, RecipientOutcome
+from mailrelay.relay.upstreams.transport import Envelope, RecipientOutcome
 
 __all__ = ["PostmarkTransport"]
 

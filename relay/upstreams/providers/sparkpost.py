@@ -10,10 +10,10 @@ sending limit is reached; that pauses the upstream like a 429.
 
 from __future__ import annotations
 
-from mailrelay.relay.providers.base import ApiTransport, Call
-from mailrelay.relay.providers.http import ApiResponse
-from mailrelay.relay.providers.mime import UnrepresentableMessage
-from mailrelay.relay.transport import Envelope, RecipientOutcome, RecipientResult
+from mailrelay.relay.upstreams.providers.base import ApiTransport, Call
+from mailrelay.relay.upstreams.providers.http import ApiResponse
+from mailrelay.relay.upstreams.providers.mime import UnrepresentableMessage
+from mailrelay.relay.upstreams.transport import Envelope, RecipientOutcome, RecipientResult
 
 __all__ = ["SparkPostTransport"]
 

@@ -49,7 +49,7 @@ from yarl import URL
 from mailrelay.relay import http_guard
 from mailrelay.relay.http_guard import BlockedDestination
 from mailrelay.relay.redact import SECRETS
-from mailrelay.relay.transport import describe_error
+from mailrelay.relay.upstreams.transport import describe_error
 
 __all__ = [
     "MAX_RESPONSE_BYTES",

@@ -50,7 +50,7 @@ import aiosmtplib
 from mailrelay.relay.address import ascii_form
 from mailrelay.relay.config import SmtpUpstream
 from mailrelay.relay.redact import SECRETS
-from mailrelay.relay.smtp_pipelining import (
+from mailrelay.relay.upstreams.smtp_pipelining import (
     DATA_PIECE_BYTES,
     command_group,
     normalized_size,
@@ -58,7 +58,7 @@ from mailrelay.relay.smtp_pipelining import (
     sendmail_in_pieces,
     write_data,
 )
-from mailrelay.relay.transport import (
+from mailrelay.relay.upstreams.transport import (
     Envelope,
     RecipientOutcome,
     RecipientResult,

@@ -27,9 +27,14 @@ import hmac
 import json
 from collections.abc import Sequence
 
-from mailrelay.relay.providers.base import ApiTransport, Call, CredentialError, idempotency_key
-from mailrelay.relay.providers.http import ApiResponse
-from mailrelay.relay.transport import Envelope
+from mailrelay.relay.upstreams.providers.base import (
+    ApiTransport,
+    Call,
+    CredentialError,
+    idempotency_key,
+)
+from mailrelay.relay.upstreams.providers.http import ApiResponse
+from mailrelay.relay.upstreams.transport import Envelope
 
 __all__ = ["WebhookTransport", "sign", "verify_signature"]
 

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import base64
 
-from mailrelay.relay.providers.base import ApiTransport, Call
-from mailrelay.relay.providers.http import ApiResponse
-from mailrelay.relay.providers.mime import (
+from mailrelay.relay.upstreams.providers.base import ApiTransport, Call
+from mailrelay.relay.upstreams.providers.http import ApiResponse
+from mailrelay.relay.upstreams.providers.mime import (
     Batch,
     Mailbox,
     UnrepresentableMessage,
@@ -23,7 +23,7 @@ from mailrelay.relay.providers.mime import (
     plan_batches,
     split_recipients,
 )
-from mailrelay.relay.transport import Envelope
+from mailrelay.relay.upstreams.transport import Envelope
 
 __all__ = ["SendGridTransport"]
 

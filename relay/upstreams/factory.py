@@ -2,9 +2,9 @@
 
 Imports flow one way: `transport` holds the types every transport shares (the
 `Transport` protocol, `Envelope`, `RecipientResult`, error wording) and imports no
-implementation; `smtp_transport` and the provider modules import those types; this module
-imports both implementations and nothing in them imports it back. The delivery engine
-builds its transports here.
+implementation; `smtp` and the provider modules import those types; this module imports
+both implementations and nothing in them imports it back. The delivery engine builds its
+transports here.
 """
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ from collections.abc import Iterable
 from prometheus_client import CollectorRegistry
 
 from mailrelay.relay.config import ApiUpstream, SmtpUpstream
-from mailrelay.relay.providers.registry import build_api_transport
-from mailrelay.relay.providers.registry import preload_transports as _preload_providers
-from mailrelay.relay.smtp_transport import PoolObserver, SmtpTransport
-from mailrelay.relay.transport import Transport
+from mailrelay.relay.upstreams.providers.registry import build_api_transport
+from mailrelay.relay.upstreams.providers.registry import preload_transports as _preload_providers
+from mailrelay.relay.upstreams.smtp import PoolObserver, SmtpTransport
+from mailrelay.relay.upstreams.transport import Transport
 
 __all__ = ["build_transport", "preload_transports"]
 

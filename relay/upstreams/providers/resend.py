@@ -14,15 +14,15 @@ from __future__ import annotations
 
 import base64
 
-from mailrelay.relay.providers.base import ApiTransport, Call, idempotency_key
-from mailrelay.relay.providers.http import ApiResponse
-from mailrelay.relay.providers.mime import (
+from mailrelay.relay.upstreams.providers.base import ApiTransport, Call, idempotency_key
+from mailrelay.relay.upstreams.providers.http import ApiResponse
+from mailrelay.relay.upstreams.providers.mime import (
     UnrepresentableMessage,
     parse_message,
     plan_batches,
     split_recipients,
 )
-from mailrelay.relay.transport import Envelope
+from mailrelay.relay.upstreams.transport import Envelope
 
 __all__ = ["ResendTransport"]
 

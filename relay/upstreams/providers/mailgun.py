@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import base64
 
-from mailrelay.relay.providers.base import ApiTransport, Call
-from mailrelay.relay.providers.http import ApiResponse, FilePart, multipart_form
 from mailrelay.relay.redact import SECRETS
-from mailrelay.relay.transport import Envelope
+from mailrelay.relay.upstreams.providers.base import ApiTransport, Call
+from mailrelay.relay.upstreams.providers.http import ApiResponse, FilePart, multipart_form
+from mailrelay.relay.upstreams.transport import Envelope
 
 __all__ = ["MailgunTransport"]
 

@@ -14,8 +14,8 @@ status code (`describe_error` for exceptions), never a Python exception's repr.
 takes) is the one envelope a transport receives: the delivery engine cuts it from the
 queued message per route and upstream (`QueueEntry.envelope`).
 
-This module imports no implementation: `smtp_transport` and the providers import it, and
-`upstreams.build_transport`, the factory above both, maps an upstream from the config to
+This module imports no implementation: `smtp` and the providers import it, and
+`factory.build_transport`, the factory above both, maps an upstream from the config to
 its transport.
 """
 

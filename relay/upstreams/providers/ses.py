@@ -28,7 +28,7 @@ from botocore.auth import SigV4Auth
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials, ReadOnlyCredentials
 
-from mailrelay.relay.providers.base import (
+from mailrelay.relay.upstreams.providers.base import (
     ApiTransport,
     Call,
     CredentialError,
@@ -36,8 +36,8 @@ from mailrelay.relay.providers.base import (
     error_text,
     retry_after_seconds,
 )
-from mailrelay.relay.providers.http import ApiRequest, ApiResponse
-from mailrelay.relay.transport import Envelope, RecipientOutcome
+from mailrelay.relay.upstreams.providers.http import ApiRequest, ApiResponse
+from mailrelay.relay.upstreams.transport import Envelope, RecipientOutcome
 
 __all__ = ["SesTransport"]
 

@@ -18,49 +18,49 @@ if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
 
     from mailrelay.relay.config import ApiUpstream
-    from mailrelay.relay.providers.base import ApiTransport
+    from mailrelay.relay.upstreams.providers.base import ApiTransport
 
 __all__ = ["PROVIDERS", "build_api_transport", "preload_transports", "transport_class"]
 
 
 def _mailgun() -> type[ApiTransport]:
-    from mailrelay.relay.providers.mailgun import MailgunTransport  # noqa: PLC0415
+    from mailrelay.relay.upstreams.providers.mailgun import MailgunTransport  # noqa: PLC0415
 
     return MailgunTransport
 
 
 def _ses() -> type[ApiTransport]:
-    from mailrelay.relay.providers.ses import SesTransport  # noqa: PLC0415
+    from mailrelay.relay.upstreams.providers.ses import SesTransport  # noqa: PLC0415
 
     return SesTransport
 
 
 def _sparkpost() -> type[ApiTransport]:
-    from mailrelay.relay.providers.sparkpost import SparkPostTransport  # noqa: PLC0415
+    from mailrelay.relay.upstreams.providers.sparkpost import SparkPostTransport  # noqa: PLC0415
 
     return SparkPostTransport
 
 
 def _sendgrid() -> type[ApiTransport]:
-    from mailrelay.relay.providers.sendgrid import SendGridTransport  # noqa: PLC0415
+    from mailrelay.relay.upstreams.providers.sendgrid import SendGridTransport  # noqa: PLC0415
 
     return SendGridTransport
 
 
 def _postmark() -> type[ApiTransport]:
-    from mailrelay.relay.providers.postmark import PostmarkTransport  # noqa: PLC0415
+    from mailrelay.relay.upstreams.providers.postmark import PostmarkTransport  # noqa: PLC0415
 
     return PostmarkTransport
 
 
 def _resend() -> type[ApiTransport]:
-    from mailrelay.relay.providers.resend import ResendTransport  # noqa: PLC0415
+    from mailrelay.relay.upstreams.providers.resend import ResendTransport  # noqa: PLC0415
 
     return ResendTransport
 
 
 def _webhook() -> type[ApiTransport]:
-    from mailrelay.relay.providers.webhook import WebhookTransport  # noqa: PLC0415
+    from mailrelay.relay.upstreams.providers.webhook import WebhookTransport  # noqa: PLC0415
 
     return WebhookTransport
 
