@@ -129,7 +129,7 @@ async def test_a_live_session_has_the_private_state_the_module_uses() -> None:
             await asyncio.sleep(0.01)
         # Over: the references that form cycles with the session are dropped.
         assert session._handler_coroutine is None
-        assert session._reader._transport is None  # type: ignore[attr-defined]
+        assert session._reader._transport is None
     finally:
         writer.close()
         server.close()
