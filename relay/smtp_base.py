@@ -28,6 +28,10 @@ The internals relied on, and why:
   (`_unread`; StreamReader has no public unread).
 * `_tls_protocol`, `session.ssl`: `starttls_done` (STARTTLS has run; a second one is
   refused) and `tls_handshake_running` (no plain-text 421 in the middle of a handshake).
+* `smtp_STARTTLS` (aiosmtpd's, then a check): when the connection ends during the
+  handshake without an error (our close after the idle timeout), asyncio's `SSLProtocol`
+  resolves aiosmtpd's handshake waiter as a success and never calls `connection_lost`
+  on the session; the check calls it, or the session would stay open for good.
 * `_auth_methods`: `offers_auth` (whether EHLO advertises AUTH).
 * `_handler_coroutine`: `stop_commands()` cancels the command loop (commands pipelined
   after a 421 must not run), and `_release_when_over` hooks its end.
@@ -67,7 +71,7 @@ import logging
 from base64 import b64decode
 from typing import Any
 
-from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope
+from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, syntax
 
 from mailrelay.relay.data_reader import DataOutcome, DataScanner, DataSink
 
@@ -280,6 +284,16 @@ class SMTPBase(CheapDir, SMTP):
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
         return self.parse_path(arg)
+
+    @syntax("STARTTLS", when="tls_context")
+    async def smtp_STARTTLS(self, arg: str) -> None:
+        await super().smtp_STARTTLS(arg)
+        if self.tls_handshake_running and self.transport is not None:
+            # The connection ended during the handshake without an error (our own close
+            # after the idle timeout, or a shutdown): asyncio's SSLProtocol then resolves
+            # aiosmtpd's handshake waiter as a success and never calls connection_lost on
+            # the session, which would stay open (and counted) for good.
+            self.connection_lost(None)
 
     async def smtp_DATA(self, arg: str) -> None:
         # aiosmtpd 1.4.6's smtp_DATA, with the body read by `data_scanner`. The checks

@@ -9,6 +9,7 @@ module uses must exist with the signature it calls. The copies of aiosmtpd's cod
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import inspect
 import logging
@@ -26,6 +27,7 @@ from mailrelay.relay import smtp_base
 from mailrelay.relay.smtp_base import SMTPBase, quiet_aiosmtpd_log
 
 from .conftest import USERS, RelayFactory
+from .test_smtp_accept import LOOPBACK, accept_only, cmd
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -42,6 +44,7 @@ PRIVATE_METHODS = {
 # Public methods whose aiosmtpd code the module copies or calls from the copies.
 COPIED_OR_CALLED = {
     "smtp_DATA": ["self", "arg"],
+    "smtp_STARTTLS": ["self", "arg"],
     "auth_PLAIN": ["self", "_", "args"],
     "auth_LOGIN": ["self", "_", "args"],
     "check_helo_needed": ["self", "helo"],
@@ -200,3 +203,58 @@ async def test_the_running_relay_logs_aiosmtpd_warnings_but_not_the_login_data_d
     assert "unrecognised: FROBNICATE" in log, log
     assert "login_data" not in log, log
     assert "Available AUTH mechanisms" not in log, log  # aiosmtpd's INFO lines stay out
+
+
+async def test_starttls_state_read_through_the_named_hooks(relay_factory: RelayFactory) -> None:
+    """`starttls_done` refuses a second STARTTLS; `tls_handshake_running` keeps the idle
+    timeout's 421 out of a handshake in progress (plain text there would corrupt it)."""
+    relay = await accept_only(
+        relay_factory, allowed_networks=LOOPBACK, limits={"command_timeout_seconds": 0.3}
+    )
+    async with relay.client() as smtp:  # STARTTLS done
+        assert await cmd(smtp, "STARTTLS") == (503, "5.5.1 TLS already active")
+    reader, writer = await asyncio.open_connection("127.0.0.1", relay.smtp_port)
+    try:
+        await reader.readline()
+        writer.write(b"EHLO c\r\nSTARTTLS\r\n")
+        await asyncio.wait_for(reader.readuntil(b"220 "), 3)
+        await reader.readline()
+        # No ClientHello: the command timeout fires in the middle of the handshake.
+        with contextlib.suppress(ConnectionError):
+            rest = await asyncio.wait_for(reader.read(), 3)
+            assert b"421" not in rest
+        assert relay.metric("mailrelay_messages_rejected_total", {"reason": "timeout"}) == 1
+    finally:
+        writer.close()
+
+
+@pytest.mark.parametrize("client", ["hangs_up", "stays_silent"])
+async def test_a_starttls_handshake_that_never_ends_does_not_keep_the_session(
+    relay_factory: RelayFactory, client: str
+) -> None:
+    """asyncio's SSLProtocol never tells its app protocol (aiosmtpd's session) that the
+    connection ended while the handshake ran: the session stayed open and counted against
+    `max_connections` and the per-client limit for good. The idle timeout now ends it."""
+    relay = await accept_only(
+        relay_factory,
+        allowed_networks=LOOPBACK,
+        limits={"command_timeout_seconds": 0.3, "max_connections": 1},
+    )
+    reader, writer = await asyncio.open_connection("127.0.0.1", relay.smtp_port)
+    await reader.readline()
+    writer.write(b"EHLO c\r\nSTARTTLS\r\n")
+    await asyncio.wait_for(reader.readuntil(b"220 "), 3)
+    await reader.readline()
+    if client == "hangs_up":
+        writer.close()
+    active = 1.0
+    for _ in range(40):
+        active = relay.metric("mailrelay_smtp_sessions_active")
+        if active == 0:
+            break
+        await asyncio.sleep(0.05)
+    writer.close()
+    assert active == 0
+    # The one connection allowed is free again.
+    async with relay.client() as smtp:
+        assert (await smtp.noop()).code == 250
