@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 import inspect
 import logging
+import re
 import tomllib
 from collections.abc import Iterator
 from importlib import metadata
@@ -86,6 +87,39 @@ def test_the_overrides_hook_into_the_aiosmtpd_version_they_were_tested_with() ->
         smtp_base.LOGIN_DATA_DEPRECATION,
     ):
         assert f'"{text}' in source or f"'{text}" in source, text
+
+
+def _aiosmtpd_private_names() -> set[str]:
+    """Underscored names of aiosmtpd's SMTP (class and session state), and the private
+    stream attributes the module reaches through it."""
+    names = {n for n in dir(SMTP) if n.startswith("_") and not n.startswith("__")}
+    loop = asyncio.new_event_loop()
+    try:
+        session = SMTP(_Handler(), loop=loop)
+        names |= {n for n in vars(session) if n.startswith("_") and not n.startswith("__")}
+    finally:
+        loop.close()
+    return names | {"_reader", "_writer", "_buffer", "_extra", "_app_transport"}
+
+
+def test_no_other_relay_module_touches_aiosmtpd_internals() -> None:
+    private = _aiosmtpd_private_names()
+    assert {"_handle_client", "_handler_coroutine", "_tls_protocol", "_getaddr"} <= private
+    attribute = re.compile(r"\.(_[A-Za-z0-9_]+)\b")
+    offenders = []
+    for path in sorted((ROOT / "relay").rglob("*.py")):
+        if path.name == "smtp_base.py":
+            continue
+        source = path.read_text()
+        if "aiosmtpd" not in source:
+            continue
+        for number, line in enumerate(source.splitlines(), 1):
+            used = set(attribute.findall(line)) & private
+            if used:
+                offenders.append(f"{path.relative_to(ROOT)}:{number}: {sorted(used)}")
+        # Subclassing aiosmtpd's SMTP directly would bypass the module as well.
+        assert not re.search(r"from aiosmtpd\.smtp import[^\n]*\bSMTP\b", source), path
+    assert offenders == [], "aiosmtpd internals outside relay/smtp_base.py"
 
 
 class _Handler:
