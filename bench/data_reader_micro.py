@@ -1,6 +1,6 @@
-"""Event-loop CPU per message of the SMTP DATA reader: aiosmtpd's vs `BulkDataSMTP`.
+"""Event-loop CPU per message of the SMTP DATA reader: aiosmtpd's vs `SMTPBase`.
 
-A server loop in this process runs aiosmtpd's `SMTP` or `BulkDataSMTP` with a handler
+A server loop in this process runs aiosmtpd's `SMTP` or `SMTPBase` with a handler
 that answers 250 at once (no spool); a client in a subprocess sends 2 KB messages over
 loopback sessions (MAIL, RCPT, DATA, wait 354, body, wait 250; no pipelining, like
 smtp-source). The server's CPU time (`process_time`, the loop is its only busy thread)
@@ -20,7 +20,7 @@ import time
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
-from mailrelay.relay.data_reader import BulkDataSMTP
+from mailrelay.relay.smtp_base import SMTPBase
 
 # ~2 KB in 47 lines, some dot-stuffed, like the bench's smtp-source messages.
 LINE = b"The quick brown fox jumps over the lazy dog 0123\r\n"
@@ -94,7 +94,7 @@ async def serve_round(server_class: type[SMTP], messages: int, sessions: int) ->
 async def main(args: argparse.Namespace) -> None:
     results: dict[str, list[float]] = {"aiosmtpd": [], "bulk": []}
     for _ in range(args.rounds):
-        for name, cls in (("aiosmtpd", SMTP), ("bulk", BulkDataSMTP)):
+        for name, cls in (("aiosmtpd", SMTP), ("bulk", SMTPBase)):
             results[name].append(await serve_round(cls, args.messages, args.sessions))
     load = os.getloadavg()
     for name, values in results.items():

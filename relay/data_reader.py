@@ -11,30 +11,22 @@ stream holds and handled with bytes operations (find, split, replace):
   long" and "too much data" wins when both happen (the first line that trips either, with
   aiosmtpd's stream-limit quirk: a line longer than the limit plus CRLF is refused before
   its bytes count).
-* `BulkDataSMTP` is aiosmtpd's `SMTP` with `smtp_DATA` reading through the scanner; the
-  rest of `smtp_DATA` (checks before the 354, content, hook, replies) is aiosmtpd's. A
-  subclass may take the body as it arrives instead (`open_data_sink`, `DataSink`).
+* `DataSink` is where a session may stream the body as it arrives instead.
+
+The session side (aiosmtpd's `smtp_DATA` reading through the scanner) is in
+`smtp_base.SMTPBase`, with aiosmtpd's other internals.
 
 Only `CRLF.CRLF` ends the data: a bare CR or LF never does (SMTP smuggling).
 """
 
 from __future__ import annotations
 
-import asyncio
 import enum
-import logging
 from typing import Protocol
 
-from aiosmtpd.smtp import MISSING, SMTP
-
-__all__ = ["BulkDataSMTP", "DataOutcome", "DataScanner", "DataSink", "unstuff"]
-
-log = logging.getLogger(__name__)
+__all__ = ["DataOutcome", "DataScanner", "DataSink", "unstuff"]
 
 _END = b"\r\n.\r\n"
-# StreamReader buffers up to its recv size (256 KiB) before pausing the transport: take
-# everything it holds in one read.
-_CHUNK = 1 << 18
 
 
 class DataOutcome(enum.Enum):
@@ -150,13 +142,6 @@ def unstuff(block: bytes) -> bytes:
     return block.replace(b"\r\n.", b"\r\n") if b"\r\n." in block else block
 
 
-def _unread(reader: asyncio.StreamReader, data: bytes) -> None:
-    """Put bytes read past the end of data back in front of the stream's buffer (the next
-    command's reader takes them). StreamReader has no public unread."""
-    buffer: bytearray = reader._buffer  # type: ignore[attr-defined]
-    buffer[:0] = data
-
-
 class DataSink(Protocol):
     """Where a DATA body goes as it arrives, instead of one bytes object at the end."""
 
@@ -166,98 +151,3 @@ class DataSink(Protocol):
 
     async def take(self, blocks: list[bytes]) -> None:
         """The next complete lines of the body, dot-stuffing undone, in order."""
-
-
-class BulkDataSMTP(SMTP):
-    """aiosmtpd's SMTP with the DATA body read by `DataScanner`.
-
-    A subclass may stream the body: `open_data_sink` (called after aiosmtpd's checks,
-    before the 354) returns a `DataSink` that gets the body as it arrives, or a reply to
-    refuse the DATA with. With a sink, `envelope.content` and `original_content` stay None
-    and the DATA hook finds the body wherever the sink put it.
-    """
-
-    # A class attribute so the differential tests can swap in a deliberately broken one.
-    data_scanner: type[DataScanner] = DataScanner
-
-    async def open_data_sink(self) -> DataSink | str | None:
-        """A sink for this DATA's body, a reply refusing the DATA, or None (in memory)."""
-        return None
-
-    async def smtp_DATA(self, arg: str) -> None:
-        # The checks before the 354 are aiosmtpd's, in its order.
-        if await self.check_helo_needed():
-            return
-        if await self.check_auth_needed("DATA"):
-            return
-        assert self.envelope is not None
-        if not self.envelope.rcpt_tos:
-            await self.push("503 Error: need RCPT command")
-            return
-        if arg:
-            await self.push("501 Syntax: DATA")
-            return
-        sink = await self.open_data_sink()
-        if isinstance(sink, str):
-            await self.push(sink)
-            return
-        await self.push("354 End data with <CR><LF>.<CR><LF>")
-        scanner = self.data_scanner(
-            line_length_limit=self.line_length_limit, size_limit=self.data_size_limit
-        )
-        reader = self._reader
-        while True:
-            if self.transport is None:
-                return
-            try:
-                chunk = await reader.read(_CHUNK)
-            except asyncio.CancelledError:
-                # eof_received and connection_lost cancel the session's task.
-                log.info("Connection lost during DATA")
-                self._writer.close()
-                raise
-            if not chunk:
-                log.info("Connection lost during DATA")
-                self._writer.close()
-                return
-            rest = scanner.feed(chunk)
-            if sink is not None and (rest is not None or scanner.buffered >= sink.flush_bytes):
-                # After a failed limit the scanner holds nothing: only NOMINAL lines go out.
-                blocks = scanner.take_content()
-                if blocks:
-                    await sink.take(blocks)
-            if rest is not None:
-                if rest:
-                    _unread(reader, rest)
-                break
-        if scanner.outcome is DataOutcome.TOO_LONG:
-            await self.push("500 Line too long (see RFC5321 4.5.3.1.6)")
-            self._set_post_data_state()  # type: ignore[no-untyped-call]
-            return
-        if scanner.outcome is DataOutcome.TOO_MUCH:
-            await self.push("552 Error: Too much mail data")
-            self._set_post_data_state()  # type: ignore[no-untyped-call]
-            return
-        if sink is not None:
-            status = await self._call_handler_hook("DATA")
-            self._set_post_data_state()  # type: ignore[no-untyped-call]
-            await self.push("250 OK" if status is MISSING else status)
-            return
-        original_content = scanner.content()
-        content: str | bytes = original_content
-        if self._decode_data:
-            if self.enable_SMTPUTF8:
-                content = original_content.decode("utf-8", errors="surrogateescape")
-            else:
-                try:
-                    content = original_content.decode("ascii", errors="strict")
-                except UnicodeDecodeError:
-                    await self.push("500 Error: strict ASCII mode")
-                    return
-        self.envelope.content = content
-        self.envelope.original_content = original_content
-        # aiosmtpd's deprecated `process_message` fallback is left out: handlers here
-        # implement handle_DATA.
-        status = await self._call_handler_hook("DATA")
-        self._set_post_data_state()  # type: ignore[no-untyped-call]
-        await self.push("250 OK" if status is MISSING else status)

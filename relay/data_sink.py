@@ -1,7 +1,7 @@
 """One DATA body on its way into the spool, with memory bounded near a chunk per session.
 
 `IncomingMessage` is the `DataSink` the SMTP front hands to the DATA reader
-(`data_reader.BulkDataSMTP`): it gets the body's lines as they arrive (dot-stuffing
+(`smtp_base.SMTPBase`): it gets the body's lines as they arrive (dot-stuffing
 undone), after our Received header (its `preamble`). While the message is small it
 keeps the lines in memory, so small mail still goes to the journal in one append
 (`Spool.enqueue_held`). Once it outgrows `spill_bytes` (the journal's largest message:

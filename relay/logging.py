@@ -102,6 +102,4 @@ def configure_logging(fmt: Literal["text", "json"], level: int = logging.INFO) -
     logging.logThreads = False
     logging.logProcesses = False
     logging.logMultiprocessing = False
-    # aiosmtpd logs every command at INFO and a deprecation warning on every successful
-    # AUTH (Session.login_data); our own lines already say what happened.
-    logging.getLogger("mail.log").setLevel(logging.ERROR)
+    # aiosmtpd's own logger is set up by relay/smtp_base.py (`quiet_aiosmtpd_log`).

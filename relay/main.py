@@ -38,6 +38,7 @@ from mailrelay.relay.logging import configure_logging
 from mailrelay.relay.metrics import RelayMetrics
 from mailrelay.relay.reload import ConfigWatcher
 from mailrelay.relay.server import FrontSettings, SmtpFront
+from mailrelay.relay.smtp_base import quiet_aiosmtpd_log
 from mailrelay.relay.spool import Spool
 from mailrelay.relay.tlsfiles import tls_problem
 
@@ -399,6 +400,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{command.config}: listener.tls: {problem}", file=sys.stderr)
         return EXIT_CONFIG
     configure_logging(config.log_format)
+    quiet_aiosmtpd_log()
     worker_index, children = command.worker_index, []
     if worker_index is not None:
         if not _die_with_parent():

@@ -2,9 +2,10 @@
 
 Three pieces:
 
-* `RelaySMTP`, a small subclass of aiosmtpd's `SMTP` protocol. It adds what aiosmtpd
-  cannot express through handler hooks: password checks awaited in a thread pool (the
-  stock `authenticator` is synchronous), 421 for connections over the limit or during
+* `RelaySMTP`, a small subclass of `smtp_base.SMTPBase` (aiosmtpd's `SMTP` protocol, with
+  every use of aiosmtpd's internals behind named hooks). It adds what aiosmtpd cannot
+  express through handler hooks: password checks awaited in a thread pool (the stock
+  `authenticator` is synchronous), 421 for connections over the limit or during
   shutdown, a DATA timeout separate from the command timeout, enhanced status codes
   on aiosmtpd's own 552 replies, and the DATA body read in bulk (`data_reader`).
 * `RelayHandler`, the thin aiosmtpd handler: policy at MAIL (who may send, as whom, is
@@ -24,20 +25,18 @@ rate.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ipaddress
 import logging
 import re
 import ssl
 import time
-from base64 import b64decode
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import format_datetime
 from typing import Any, Protocol
 
-from aiosmtpd.smtp import MISSING, AuthResult, Envelope, Session, TLSSetupException, syntax
+from aiosmtpd.smtp import AuthResult, Envelope, Session, TLSSetupException, syntax
 
 from mailrelay.relay.address import (
     CONTROL_CHARACTER,
@@ -55,11 +54,17 @@ from mailrelay.relay.budget import (
 )
 from mailrelay.relay.client_limits import ClientLimiter
 from mailrelay.relay.config import ApiUpstream, RelayConfig, RouteConfig
-from mailrelay.relay.data_reader import BulkDataSMTP
 from mailrelay.relay.data_sink import IncomingMessage
 from mailrelay.relay.envelope import Envelope as MailEnvelope  # aiosmtpd's is `Envelope`
 from mailrelay.relay.metrics import RelayMetrics
 from mailrelay.relay.routing import domain_of, select_route
+from mailrelay.relay.smtp_base import (
+    AIOSMTPD_BOGUS_REPLY,
+    AIOSMTPD_MALFORMED_REPLY,
+    AIOSMTPD_TOO_LARGE_PREFIX,
+    CheapDir,
+    SMTPBase,
+)
 from mailrelay.relay.smtp_params import postmaster_rewrite, split_auth_parameter
 from mailrelay.relay.spool import Arrival, HeldMessage, QueueEntry, Spool, new_queue_id
 from mailrelay.relay.tls_accept import Handoff, ImplicitTlsAcceptor
@@ -86,7 +91,6 @@ _AUTH_FAILURE_LIMIT = 3
 # closes it (Postfix's smtpd_hard_error_limit); aiosmtpd's own cap of 5 unknown commands
 # answers 421 4.7.0 too.
 _PROTOCOL_ERROR_LIMIT = 20
-_AIOSMTPD_BOGUS_REPLY = "502 5.5.1 Too many unrecognized commands, goodbye."
 # asyncio's default for TLS handshakes; the command timeout if that is shorter.
 _TLS_HANDSHAKE_TIMEOUT = 60.0
 _HELO_SAFE = re.compile(r"[^A-Za-z0-9.\-_:\[\]]")
@@ -96,8 +100,6 @@ _HELO_SAFE = re.compile(r"[^A-Za-z0-9.\-_:\[\]]")
 _REPLY_UNSAFE = re.compile("[\x00-\x1f\x7f\ud800-\udfff]")
 # `<local@domain>` with a dot-atom local part and a plain ASCII domain, then the rest.
 _PLAIN_PATH = re.compile(rf"<({PLAIN_ADDRESS})>(.*)", re.S)
-# aiosmtpd's reply when its parser cannot read a path (aiosmtpd 1.4.6, smtp_MAIL/RCPT).
-_AIOSMTPD_MALFORMED = "553 5.1.3 Error: malformed address"
 
 
 class DeliveryHook(Protocol):
@@ -181,27 +183,6 @@ def plain_path(arg: str) -> tuple[str, str] | None:
     return match[1], params
 
 
-_HOOK_NAMES: dict[type, list[str]] = {}
-
-
-def _hook_names(cls: type) -> list[str]:
-    names = _HOOK_NAMES.get(cls)
-    if names is None:
-        prefixes = ("auth_", "smtp_", "handle_")
-        names = _HOOK_NAMES[cls] = sorted(n for n in dir(cls) if n.startswith(prefixes))
-    return names
-
-
-class _CheapDir:
-    """aiosmtpd finds its commands and hooks with `dir()`/`inspect.getmembers()` on every
-    new session, which walks ~170 attributes each time (a fifth of a millisecond per
-    connection). Listing only the names it looks for (cached per class) keeps the
-    per-connection cost down; nothing else relies on `dir()` of these objects."""
-
-    def __dir__(self) -> list[str]:
-        return _hook_names(type(self))
-
-
 class RelayEnvelope(Envelope):
     """aiosmtpd's envelope plus what we decide per transaction."""
 
@@ -213,8 +194,10 @@ class RelayEnvelope(Envelope):
         self.body: IncomingMessage | None = None  # the DATA body (see `data_sink`)
 
 
-class RelaySMTP(_CheapDir, BulkDataSMTP):
+class RelaySMTP(SMTPBase):
     """One SMTP session; see the module docstring for what it adds to aiosmtpd."""
+
+    envelope_class = RelayEnvelope
 
     def __init__(self, front: SmtpFront, listener: str, *, implicit_tls: bool) -> None:
         settings = front.settings
@@ -257,54 +240,22 @@ class RelaySMTP(_CheapDir, BulkDataSMTP):
             self._refusal = self.front.session_opened(self, _peer_ip(self.session))
         if first and self.implicit_tls:
             self.front.metrics.tls_sessions.labels("implicit").inc()
-        if first and self._handler_coroutine is not None:
-            self._handler_coroutine.add_done_callback(lambda _: self._release_when_over())
 
     def connection_lost(self, error: Exception | None) -> None:
         if self._registered:
             self._registered = False
             self.front.session_closed(self)
         super().connection_lost(error)
-        self._release_when_over()
 
-    def _release_when_over(self) -> None:
-        """Break the session's reference cycles once the connection and its handler ended.
-
-        The handler task, its CancelledError's traceback (whose frames hold this session)
-        and aiosmtpd's references to the STARTTLS protocol form cycles that only the
-        cyclic GC frees, and a full collection runs rarely in a process this size: each
-        ended TLS session kept its SSL protocol's 256 KB read buffer for minutes (about
-        100 MB after a few hundred sessions). Dropping them here frees a session by
-        reference counting the moment it is over.
-        """
-        task = self._handler_coroutine
-        if self.transport is not None or task is None or not task.done():
-            return
-        self._tls_protocol = None
-        self._original_transport = None
-        self._handler_coroutine = None
-        # What remains is the session's own small cycles (aiosmtpd's bound methods); the
-        # SSL object (with OpenSSL's buffers) must not wait in them for the GC.
-        if self.session is not None:
-            self.session.ssl = None
-        if self._reader is not None:
-            self._reader._transport = None  # type: ignore[attr-defined]
-
-    async def _handle_client(self) -> None:
-        if self._refusal is not None:
-            with contextlib.suppress(ConnectionError):
-                await self.push(self._refusal)
-            if self.transport is not None:
-                self.transport.close()
-            return
-        await super()._handle_client()
+    def connect_refusal(self) -> str | None:
+        return self._refusal
 
     @property
     def in_transaction(self) -> bool:
         """Between MAIL and the reply to DATA: a drain lets this finish."""
         return self.envelope is not None and self.envelope.mail_from is not None
 
-    def _timeout_cb(self) -> None:
+    def idle_timed_out(self) -> bool:
         # aiosmtpd just hangs up; RFC 5321 4.2 wants a 421 first (Postfix: "421 4.4.2 host
         # Error: timeout exceeded"). Not while a STARTTLS handshake runs: that would be
         # plain text in the middle of it.
@@ -312,19 +263,11 @@ class RelaySMTP(_CheapDir, BulkDataSMTP):
         if transport is not None and not transport.is_closing():
             self.front.metrics.reject("timeout")
             log.info("Closed the session from %s: timeout exceeded", _peer_ip(self.session))
-            handshaking = (
-                self._tls_protocol is not None
-                and self.session is not None
-                and self.session.ssl is None
-            )
-            if not handshaking:
-                with contextlib.suppress(Exception):
-                    self._writer.write(
-                        f"421 4.4.2 {self.hostname} Error: timeout exceeded\r\n".encode()
-                    )
+            if not self.tls_handshake_running:
+                self.write_now(f"421 4.4.2 {self.hostname} Error: timeout exceeded\r\n".encode())
             transport.close()
-            return
-        super()._timeout_cb()  # type: ignore[no-untyped-call]
+            return True
+        return False
 
     def close_for_shutdown(self) -> None:
         """Say 421 and hang up (an idle session while the relay drains)."""
@@ -332,12 +275,8 @@ class RelaySMTP(_CheapDir, BulkDataSMTP):
             if self.abort_handshake is not None:
                 self.abort_handshake()
             return
-        with contextlib.suppress(Exception):
-            self._writer.write(b"421 4.3.2 Service shutting down, try again later\r\n")
+        self.write_now(b"421 4.3.2 Service shutting down, try again later\r\n")
         self.transport.close()
-
-    def _create_envelope(self) -> RelayEnvelope:
-        return RelayEnvelope()
 
     # -- commands ---------------------------------------------------------------------
 
@@ -373,7 +312,7 @@ class RelaySMTP(_CheapDir, BulkDataSMTP):
 
     async def smtp_EHLO(self, hostname: str) -> None:
         await super().smtp_EHLO(hostname)
-        if self.session is not None and self.session.extended_smtp and self._auth_methods:
+        if self.session is not None and self.session.extended_smtp and self.offers_auth:
             # RFC 4954 5: AUTH lengthens the MAIL command line by up to 500 octets.
             self.command_size_limits["MAIL"] = max(
                 self.command_size_limits["MAIL"], self.command_size_limit + 26 + 10 + 500
@@ -382,7 +321,7 @@ class RelaySMTP(_CheapDir, BulkDataSMTP):
     @syntax("STARTTLS", when="tls_context")
     async def smtp_STARTTLS(self, arg: str) -> None:
         # aiosmtpd would answer 220 again inside TLS and nest a second handshake.
-        if self.implicit_tls or self._tls_protocol is not None:
+        if self.implicit_tls or self.starttls_done:
             await self.push("503 5.5.1 TLS already active")
             return
         try:
@@ -396,7 +335,7 @@ class RelaySMTP(_CheapDir, BulkDataSMTP):
     @syntax("DATA")
     async def smtp_DATA(self, arg: str) -> None:
         # aiosmtpd re-arms its idle timer per command only, so this bounds the whole DATA.
-        self._reset_timeout(self._data_timeout)
+        self.rearm_timeout(self._data_timeout)
         envelope = self.envelope
         try:
             await super().smtp_DATA(arg)
@@ -420,14 +359,14 @@ class RelaySMTP(_CheapDir, BulkDataSMTP):
         if isinstance(status, str):
             # aiosmtpd echoes client input in some replies (an unknown command, VRFY).
             status = _REPLY_UNSAFE.sub("?", status)
-            if status.startswith("552 Error"):
+            if status.startswith(AIOSMTPD_TOO_LARGE_PREFIX):
                 self.front.metrics.reject("message_too_large")
                 status = "552 5.3.4 Message size exceeds fixed maximum message size"
-            elif status == _AIOSMTPD_MALFORMED:
+            elif status == AIOSMTPD_MALFORMED_REPLY:
                 # An address aiosmtpd's parser refused: the same reply as relay/address.py.
                 self.front.metrics.reject("bad_address")
                 status = SYNTAX_REFUSAL.reply
-            elif status == _AIOSMTPD_BOGUS_REPLY:
+            elif status == AIOSMTPD_BOGUS_REPLY:
                 await self._hang_up(
                     f"421 4.7.0 {self.hostname} Error: too many unrecognized commands"
                 )
@@ -460,13 +399,12 @@ class RelaySMTP(_CheapDir, BulkDataSMTP):
         if self.transport is not None:
             self.transport.close()
         # Commands the client pipelined after the last one must not run.
-        if self._handler_coroutine is not None:
-            self._handler_coroutine.cancel()
+        self.stop_commands()
 
-    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+    def parse_path(self, arg: str) -> tuple[str | None, str | None]:
         found = plain_path(arg)
         if found is None:
-            address, rest = super()._getaddr(arg)
+            address, rest = super().parse_path(arg)
             # The RFC 5322 parser reads a tab or a comment inside the path as folding
             # space and drops it (`<a\t@b>` becomes a@b): a control character anywhere
             # in the path is bad syntax, whatever address the parser made of it.
@@ -481,43 +419,9 @@ class RelaySMTP(_CheapDir, BulkDataSMTP):
             return None, None
         return address, params
 
-    # -- AUTH: aiosmtpd's parsing, with the password check awaited off the loop -------
+    # -- AUTH: the password check awaited off the loop (the parsing is SMTPBase's) -----
 
-    async def auth_PLAIN(self, _: Any, args: list[str]) -> AuthResult:
-        if len(args) == 1:
-            blob = await self.challenge_auth("")
-            if blob is MISSING:
-                return AuthResult(success=False)
-        else:
-            try:
-                blob = b64decode(args[1].encode(), validate=True)
-            except ValueError:
-                await self.push("501 5.5.2 Can't decode base64")
-                return AuthResult(success=False, handled=True)
-        try:
-            _, login, password = blob.split(b"\x00")
-        except ValueError:
-            await self.push("501 5.5.2 Can't split auth value")
-            return AuthResult(success=False, handled=True)
-        return await self._check_password("PLAIN", login, password)
-
-    async def auth_LOGIN(self, _: Any, args: list[str]) -> AuthResult:
-        if len(args) == 1:
-            login = await self.challenge_auth(self.AuthLoginUsernameChallenge)
-            if login is MISSING:
-                return AuthResult(success=False)
-        else:
-            try:
-                login = b64decode(args[1].encode(), validate=True)
-            except ValueError:
-                await self.push("501 5.5.2 Can't decode base64")
-                return AuthResult(success=False, handled=True)
-        password = await self.challenge_auth(self.AuthLoginPasswordChallenge)
-        if password is MISSING:
-            return AuthResult(success=False)
-        return await self._check_password("LOGIN", login, password)
-
-    async def _check_password(self, mechanism: str, login: bytes, password: bytes) -> AuthResult:
+    async def check_password(self, mechanism: str, login: bytes, password: bytes) -> AuthResult:
         metrics = self.front.metrics
         peer_ip = _peer_ip(self.session)
         blocked = self.front.client_limits.auth_blocked(peer_ip)
@@ -620,7 +524,7 @@ def _refuse_address(
     return refusal.reply
 
 
-class RelayHandler(_CheapDir):
+class RelayHandler(CheapDir):
     """aiosmtpd handler hooks: policy, routing and the durable enqueue."""
 
     def __init__(self, front: SmtpFront) -> None:

@@ -1,7 +1,7 @@
 """The bulk DATA reader against aiosmtpd's own, byte for byte.
 
 Each case runs the same client byte stream, cut into the same TCP chunks, through a real
-loopback session on aiosmtpd's `SMTP` and on `BulkDataSMTP`, and asserts identical replies
+loopback session on aiosmtpd's `SMTP` and on `SMTPBase`, and asserts identical replies
 and identical stored content. Small line and size limits make long lines and oversized
 bodies common among the generated bodies; dots at line starts, bare CR and LF, and
 `CRLF.CRLF` across chunk boundaries come from the token alphabet. A deliberately broken
@@ -20,7 +20,8 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mailrelay.relay.data_reader import BulkDataSMTP, DataScanner
+from mailrelay.relay.data_reader import DataScanner
+from mailrelay.relay.smtp_base import SMTPBase
 
 LINE_LIMIT = 40
 SIZE_LIMIT = 300
@@ -64,7 +65,7 @@ class ReferenceSMTP(SMTP):
     line_length_limit = LINE_LIMIT
 
 
-class BulkSMTP(BulkDataSMTP):
+class BulkSMTP(SMTPBase):
     line_length_limit = LINE_LIMIT
 
 
