@@ -4,7 +4,8 @@ Deciding whether to write is pure (``needs_apply``) and uses two facts kept in m
 
 * the watch cache (kopf indices in ``main``) gives each live child's ``mailrelay.dev/applied-hash``
   annotation and a digest of the fields our field manager owns (``managedFields``);
-* the ``Applier`` remembers the digest each of its own applies produced.
+* the relay's ``RelayState`` (state.py) remembers the digest each of our applies produced;
+  the caller hands that memory to ``Applier.ensure`` and ``Applier.remove``.
 
 A child is applied when it is missing, when its applied hash differs from the rendered one,
 or when our owned fields changed since our last apply: a hand edit of a field we set moves
@@ -20,7 +21,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -177,18 +178,30 @@ def _as_dict(obj: Any) -> dict[str, Any]:
 
 @dataclass
 class Applier:
-    """Applies children and status patches; counts what it writes."""
+    """Applies children and status patches; counts what it writes.
+
+    It keeps only the status its own last write returned per object, until the watch cache
+    catches up (``fresh_status``) or the object goes (``forget_status``).
+    """
 
     client: AsyncClient
     metrics: OperatorMetrics | None = None
-    remembered: dict[ChildKey, Remembered] = field(default_factory=dict)
     written_status: dict[ChildKey, tuple[int, Mapping[str, Any]]] = field(default_factory=dict)
 
-    async def ensure(self, desired: Mapping[str, Any], live: ChildState | None) -> Action:
-        """Make one child match ``desired``; no request at all when it already does."""
+    async def ensure(
+        self,
+        desired: Mapping[str, Any],
+        live: ChildState | None,
+        memory: MutableMapping[ChildKey, Remembered],
+    ) -> Action:
+        """Make one child match ``desired``; no request at all when it already does.
+
+        ``memory`` is what our earlier applies of the owner's children produced; this apply
+        is recorded in it.
+        """
         obj, digest = with_applied_hash(desired)
         key = key_of(obj)
-        if not needs_apply(digest, live, self.remembered.get(key), time.monotonic()):
+        if not needs_apply(digest, live, memory.get(key), time.monotonic()):
             return "unchanged"
         kind, namespace, name = key
         try:
@@ -210,9 +223,9 @@ class Applier:
             if error.response.status_code == 404:
                 raise ResourceMissing(kind) from error
             raise
-        previous = self.remembered.get(key)
+        previous = memory.get(key)
         metadata = _as_dict(response).get("metadata", {})
-        self.remembered[key] = Remembered(
+        memory[key] = Remembered(
             digest, owned_fields_digest(metadata.get("managedFields")), time.monotonic()
         )
         action: Action
@@ -233,7 +246,13 @@ class Applier:
             self.metrics.children.labels(kind, action).inc()
         return action
 
-    async def remove(self, key: ChildKey, live: ChildState | None, owner_uid: str) -> Action:
+    async def remove(
+        self,
+        key: ChildKey,
+        live: ChildState | None,
+        owner_uid: str,
+        memory: MutableMapping[ChildKey, Remembered],
+    ) -> Action:
         """Delete a child that is no longer rendered (a feature turned off), if we own it."""
         if live is None or owner_uid not in live.owner_uids:
             return "absent"
@@ -243,7 +262,7 @@ class Applier:
         except ApiError as error:
             if error.status.code != 404:
                 raise
-        self.remembered.pop(key, None)
+        memory.pop(key, None)
         log.info("Deleted %s %s/%s (no longer asked for)", kind, namespace, name)
         return "deleted"
 
@@ -288,6 +307,10 @@ class Applier:
                 return False
             raise
         return True
+
+    def forget_status(self, kind: str, namespace: str, name: str) -> None:
+        """Drop what our last status write of a deleted object returned."""
+        self.written_status.pop((kind, namespace, name), None)
 
     def own_status_echo(self, kind: str, namespace: str, name: str, version: int) -> bool:
         """Whether a watch event shows exactly the object our last status write returned.

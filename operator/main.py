@@ -20,8 +20,9 @@ Triggers: a relay's own events, a route's events (its old and new relay), Secret
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
-from typing import Any, cast
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar, cast
 
 import kopf
 from prometheus_client import CollectorRegistry
@@ -36,7 +37,14 @@ from mailrelay.operator.apply import (
 )
 from mailrelay.operator.health import Progress, serve_health
 from mailrelay.operator.metrics import OperatorMetrics, serve_metrics
-from mailrelay.operator.relays import RESYNC, Context, Indices, WorkQueue, child_needs_pass
+from mailrelay.operator.relays import (
+    RESYNC,
+    Context,
+    Indices,
+    ObjectKey,
+    WorkQueue,
+    child_needs_pass,
+)
 from mailrelay.operator.render import MANAGED_BY
 from mailrelay.operator.routes import ObjectInfo
 from mailrelay.operator.settings import configure_kopf, load_settings
@@ -49,6 +57,14 @@ RELAYS = ("mailrelay.dev", "v1alpha1", "mailrelays")
 ROUTES = ("mailrelay.dev", "v1alpha1", "mailroutes")
 MANAGED = {"app.kubernetes.io/managed-by": MANAGED_BY}
 SECRETS = ("", "v1", "secrets")
+CHILD_KINDS = (
+    "ConfigMap",
+    "Service",
+    "StatefulSet",
+    "PodDisruptionBudget",
+    "NetworkPolicy",
+    "ServiceMonitor",
+)
 CHILDREN = (
     ("", "v1", "configmaps"),
     ("", "v1", "services"),
@@ -96,23 +112,6 @@ def kopf_to_dict(value: Any) -> Any:
     return value
 
 
-def _indices(kwargs: dict[str, Any]) -> Indices:
-    return Indices(
-        relays=kwargs["relay_index"],
-        routes=kwargs["route_index"],
-        secrets=kwargs["secret_index"],
-        secret_versions=kwargs["secret_version_index"],
-        children={
-            "ConfigMap": kwargs["configmap_index"],
-            "Service": kwargs["service_index"],
-            "StatefulSet": kwargs["statefulset_index"],
-            "PodDisruptionBudget": kwargs["pdb_index"],
-            "NetworkPolicy": kwargs["networkpolicy_index"],
-            "ServiceMonitor": kwargs["servicemonitor_index"],
-        },
-    )
-
-
 def _post_event(target: ObjectInfo, type_: str, reason: str, message: str) -> None:
     body = kopf.Body(cast(kopf.RawBody, target.event_target()))
     kopf.event(body, type=type_, reason=reason, message=message)
@@ -157,83 +156,110 @@ async def cleanup(memo: Any, **_: Any) -> None:
         await ctx.applier.client.close()
 
 
-# --- indices ---------------------------------------------------------------------------------
-# kopf passes ``namespace`` as ``str | None`` (None for cluster objects); ours are namespaced.
-# Async on purpose: kopf runs a sync handler in a thread, a hop per watch event.
+# --- indices ----------------------------------------------------------------------------
+# Registered through ``_index`` rather than ``@kopf.index`` (whose type erases the function's):
+# each ``IndexRef`` carries the key and value types its function returns, and ``indices_from``
+# is the one place that reads kopf's index arguments, so mypy checks every value type the
+# passes read against what the index stores. kopf passes ``namespace`` as ``str | None``
+# (None for cluster objects); ours are namespaced. Async on purpose: kopf runs a sync handler
+# in a thread, a hop per watch event.
+
+K = TypeVar("K")
+V = TypeVar("V")
 
 
-@kopf.index(*RELAYS)
-async def relay_index(body: kopf.Body, **_: Any) -> dict[Any, ObjectInfo]:
+@dataclass(frozen=True)
+class IndexRef(Generic[K, V]):
+    """A registered kopf index: its name, typed with its function's keys and values."""
+
+    name: str
+
+    def of(self, kwargs: Mapping[str, object]) -> kopf.Index[K, V]:
+        """This index out of a handler's keyword arguments."""
+        index = kwargs.get(self.name)
+        if not isinstance(index, kopf.Index):
+            raise TypeError(f"kopf passed no index {self.name!r} to the handler")
+        return cast("kopf.Index[K, V]", index)
+
+
+def _index(
+    fn: Callable[..., Awaitable[dict[K, V]]],
+    group: str,
+    version: str,
+    plural: str,
+    *,
+    labels: Mapping[str, str] | None = None,
+) -> IndexRef[K, V]:
+    kopf.index(group, version, plural, id=fn.__name__, labels=labels)(fn)
+    return IndexRef(fn.__name__)
+
+
+async def relay_index(body: kopf.Body, **_: Any) -> dict[ObjectKey, ObjectInfo]:
     PROGRESS.saw_index("MailRelay")
     info = _info("MailRelay", body)
     return {(info.namespace, info.name): info}
 
 
-@kopf.index(*ROUTES)
-async def route_index(body: kopf.Body, **_: Any) -> dict[Any, ObjectInfo]:
+async def route_index(body: kopf.Body, **_: Any) -> dict[ObjectKey, ObjectInfo]:
+    """Routes by (namespace, relayRef.name), so a relay finds its routes."""
     PROGRESS.saw_index("MailRoute")
     info = _info("MailRoute", body)
     relay = str((info.spec.get("relayRef") or {}).get("name", ""))
     return {(info.namespace, relay): info}
 
 
-@kopf.index(*SECRETS)
 async def secret_index(
     body: kopf.Body, namespace: str | None, name: str, **_: Any
-) -> dict[Any, frozenset[str]]:
+) -> dict[ObjectKey, frozenset[str]]:
     PROGRESS.saw_index("Secret")
     keys = {*(body.get("data") or {}), *(body.get("stringData") or {})}
     return {(namespace or "", name): frozenset(keys)}
 
 
-@kopf.index(*SECRETS)
 async def secret_version_index(
     body: kopf.Body, namespace: str | None, name: str, **_: Any
-) -> dict[Any, str]:
+) -> dict[ObjectKey, str]:
     """A Secret's resourceVersion, so a change to its content reaches the pods (podsync)."""
     return {(namespace or "", name): str(body.get("metadata", {}).get("resourceVersion", ""))}
 
 
-def _child(body: kopf.Body, namespace: str | None, name: str) -> dict[Any, ChildState]:
-    PROGRESS.saw_index(str(body.get("kind")))
-    return {
-        (namespace or "", name): child_state(body, keep_status=body.get("kind") == "StatefulSet")
-    }
-
-
-@kopf.index("", "v1", "configmaps", labels=MANAGED)
-async def configmap_index(body: kopf.Body, namespace: str | None, name: str, **_: Any) -> object:
-    return _child(body, namespace, name)
-
-
-@kopf.index("", "v1", "services", labels=MANAGED)
-async def service_index(body: kopf.Body, namespace: str | None, name: str, **_: Any) -> object:
-    return _child(body, namespace, name)
-
-
-@kopf.index("apps", "v1", "statefulsets", labels=MANAGED)
-async def statefulset_index(body: kopf.Body, namespace: str | None, name: str, **_: Any) -> object:
-    PROGRESS.saw_index("StatefulSet")
-    return {(namespace or "", name): child_state(body, keep_status=True)}
-
-
-@kopf.index("policy", "v1", "poddisruptionbudgets", labels=MANAGED)
-async def pdb_index(body: kopf.Body, namespace: str | None, name: str, **_: Any) -> object:
-    return _child(body, namespace, name)
-
-
-@kopf.index("networking.k8s.io", "v1", "networkpolicies", labels=MANAGED)
-async def networkpolicy_index(
+async def child_index(
     body: kopf.Body, namespace: str | None, name: str, **_: Any
-) -> object:
-    return _child(body, namespace, name)
+) -> dict[ObjectKey, ChildState]:
+    kind = str(body.get("kind"))
+    PROGRESS.saw_index(kind)
+    return {(namespace or "", name): child_state(body, keep_status=kind == "StatefulSet")}
 
 
-@kopf.index("monitoring.coreos.com", "v1", "servicemonitors", labels=MANAGED)
-async def servicemonitor_index(
-    body: kopf.Body, namespace: str | None, name: str, **_: Any
-) -> object:
-    return _child(body, namespace, name)
+def _child_index(kind: str, plural: str) -> Callable[..., Awaitable[dict[ObjectKey, ChildState]]]:
+    """``child_index`` under its own name per kind (kopf names an index after its function)."""
+
+    async def index(**kwargs: Any) -> dict[ObjectKey, ChildState]:
+        return await child_index(**kwargs)
+
+    index.__name__ = index.__qualname__ = f"{plural}_index"
+    return index
+
+
+RELAY_INDEX = _index(relay_index, *RELAYS)
+ROUTE_INDEX = _index(route_index, *ROUTES)
+SECRET_INDEX = _index(secret_index, *SECRETS)
+SECRET_VERSION_INDEX = _index(secret_version_index, *SECRETS)
+CHILD_INDICES = {
+    kind: _index(_child_index(kind, plural), group, version, plural, labels=MANAGED)
+    for kind, (group, version, plural) in zip(CHILD_KINDS, CHILDREN, strict=True)
+}
+
+
+def indices_from(kwargs: Mapping[str, object]) -> Indices:
+    """The indices kopf passed to a handler, typed (the only reader of kopf's index kwargs)."""
+    return Indices(
+        relays=RELAY_INDEX.of(kwargs),
+        routes=ROUTE_INDEX.of(kwargs),
+        secrets=SECRET_INDEX.of(kwargs),
+        secret_versions=SECRET_VERSION_INDEX.of(kwargs),
+        children={kind: ref.of(kwargs) for kind, ref in CHILD_INDICES.items()},
+    )
 
 
 # --- triggers --------------------------------------------------------------------------------
@@ -257,12 +283,12 @@ async def relay_event(
     PROGRESS.saw_event()
     if _own_status_echo(memo.ctx, "MailRelay", body, type):
         return
-    memo.queue.enqueue(_indices(kwargs), namespace or "", name)
+    memo.queue.enqueue(indices_from(kwargs), namespace or "", name)
 
 
 @kopf.timer(*RELAYS, interval=SETTINGS.resync_seconds, initial_delay=SETTINGS.resync_seconds)
 async def relay_resync(namespace: str | None, name: str, memo: Any, **kwargs: Any) -> None:
-    memo.queue.enqueue(_indices(kwargs), namespace or "", name, priority=RESYNC)
+    memo.queue.enqueue(indices_from(kwargs), namespace or "", name, priority=RESYNC)
 
 
 @kopf.on.event(*ROUTES)
@@ -278,10 +304,12 @@ async def route_event(body: kopf.Body, memo: Any, type: str, **kwargs: Any) -> N
     ctx: Context = memo.ctx
     if _own_status_echo(ctx, "MailRoute", body, type):
         return
-    indices = _indices(kwargs)
+    indices = indices_from(kwargs)
     info = ctx.fresh(_info("MailRoute", body))
     relay = str((info.spec.get("relayRef") or {}).get("name", ""))
     previous = info.status.get("relay")
+    if type == "DELETED":
+        ctx.applier.forget_status("MailRoute", info.namespace, info.name)
     for relay_name in {relay, *([previous] if isinstance(previous, str) else [])}:
         if type == "DELETED":
             memo.queue.hold(info.namespace, relay_name, ROUTE_GONE_GRACE_SECONDS)
@@ -299,7 +327,7 @@ async def secret_event(namespace: str | None, memo: Any, **kwargs: Any) -> None:
     PROGRESS.saw_event()
     ctx: Context = memo.ctx
     ctx.secret_epochs[namespace or ""] = ctx.secret_epochs.get(namespace or "", 0) + 1
-    indices = _indices(kwargs)
+    indices = indices_from(kwargs)
     for name in indices.relays_in(namespace or ""):
         memo.queue.enqueue(indices, namespace or "", name)
 
@@ -323,11 +351,11 @@ async def child_event(
     PROGRESS.saw_event()
     ns = namespace or ""
     owner = labels.get("app.kubernetes.io/instance")
-    indices = _indices(kwargs)
+    indices = indices_from(kwargs)
     key = (str(body.get("kind")), ns, name)
     if (
         owner
         and indices.relay(ns, owner) is not None
-        and child_needs_pass(memo.ctx, indices, key, type == "DELETED")
+        and child_needs_pass(memo.ctx, indices, key, owner, type == "DELETED")
     ):
         memo.queue.enqueue(indices, ns, owner)

@@ -27,7 +27,7 @@ import re
 import time
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any, overload
+from typing import Any, TypeVar, overload
 
 import httpx2
 from lightkube import ApiError
@@ -96,8 +96,16 @@ from mailrelay.operator.routes import (
     write_route_status,
 )
 from mailrelay.operator.settings import OperatorSettings
+from mailrelay.operator.state import (
+    FIRST_RETRY_SECONDS,
+    RelayKey,
+    RelayState,
+    RelayStates,
+    retry_delay,
+)
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 READY = "Ready"
 ROUTES_RESOLVED = "RoutesResolved"
@@ -111,48 +119,52 @@ MAX_RELAY_NAME = 52
 RELAY_NAME = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 
 
+ObjectKey = tuple[str, str]  # namespace, name
+
+
 @dataclass(frozen=True)
 class Indices:
-    """Read access to the kopf indices (live mappings of key -> collection of values)."""
+    """Read access to the kopf indices (live mappings of key -> collection of values).
 
-    relays: Mapping[Any, Collection[Any]]
-    routes: Mapping[Any, Collection[Any]]
-    secrets: Mapping[Any, Collection[Any]]
-    children: Mapping[str, Mapping[Any, Collection[Any]]]  # by kind
+    Built in one place (``main.indices_from``) from kopf's typed ``kopf.Index`` arguments.
+    """
+
+    relays: Mapping[ObjectKey, Collection[ObjectInfo]]
+    # By (namespace, relayRef.name): the routes that name a relay.
+    routes: Mapping[ObjectKey, Collection[ObjectInfo]]
+    # Key names (never values) of each watched Secret.
+    secrets: Mapping[ObjectKey, Collection[frozenset[str]]]
+    children: Mapping[str, Mapping[ObjectKey, Collection[ChildState]]]  # by kind
     # resourceVersion of each watched Secret: a content change reaches the pods at once.
-    secret_versions: Mapping[Any, Collection[Any]] = field(default_factory=dict)
+    secret_versions: Mapping[ObjectKey, Collection[str]] = field(default_factory=dict)
 
     @staticmethod
-    def _one(index: Mapping[Any, Collection[Any]], key: Any) -> Any:
+    def _one(index: Mapping[ObjectKey, Collection[T]], key: ObjectKey) -> T | None:
         values = index.get(key)
         return next(iter(values), None) if values else None
 
     def relay(self, namespace: str, name: str) -> ObjectInfo | None:
-        value = self._one(self.relays, (namespace, name))
-        return value if isinstance(value, ObjectInfo) else None
+        return self._one(self.relays, (namespace, name))
 
     def relays_in(self, namespace: str) -> list[str]:
         return sorted(name for ns, name in list(self.relays) if ns == namespace)
 
     def routes_for(self, namespace: str, relay: str) -> list[ObjectInfo]:
-        return [r for r in self.routes.get((namespace, relay), ()) if isinstance(r, ObjectInfo)]
+        return list(self.routes.get((namespace, relay), ()))
 
     def secret_keys(self, namespace: str) -> Callable[[str], frozenset[str] | None]:
         def lookup(name: str) -> frozenset[str] | None:
-            value = self._one(self.secrets, (namespace, name))
-            return value if isinstance(value, frozenset) else None
+            return self._one(self.secrets, (namespace, name))
 
         return lookup
 
     def secret_version(self, namespace: str, name: str) -> str:
         """The watched Secret's resourceVersion; "" when it is not watched (or absent)."""
-        value = self._one(self.secret_versions, (namespace, name))
-        return value if isinstance(value, str) else ""
+        return self._one(self.secret_versions, (namespace, name)) or ""
 
     def child(self, key: ChildKey) -> ChildState | None:
         index = self.children.get(key[0])
-        value = self._one(index, key[1:]) if index is not None else None
-        return value if isinstance(value, ChildState) else None
+        return self._one(index, key[1:]) if index is not None else None
 
 
 @dataclass
@@ -164,13 +176,10 @@ class Context:
     metrics: OperatorMetrics
     post_event: PostEvent
     clock: Clock = utc_now
-    locks: dict[tuple[str, str], asyncio.Lock] = field(default_factory=dict)
-    # What the last settled pass of each relay saw; a resync pass that sees the same skips.
-    settled: dict[tuple[str, str], tuple[Any, ...]] = field(default_factory=dict)
+    # Per relay: lock, last settled inputs, pods' marks, applies, queue place, backoff.
+    states: RelayStates = field(default_factory=RelayStates)
     # Bumped by every Secret event of a namespace (a relay's inputs include Secret keys).
     secret_epochs: dict[str, int] = field(default_factory=dict)
-    # The config hash each relay's live pods were last seen or made to carry (podsync).
-    pods_synced: dict[tuple[str, str], dict[str, str]] = field(default_factory=dict)
 
     @overload
     def fresh(self, info: ObjectInfo) -> ObjectInfo: ...
@@ -185,8 +194,12 @@ class Context:
         )
         return info if status is info.status else replace(info, status=status)
 
-    def lock(self, namespace: str, name: str) -> asyncio.Lock:
-        return self.locks.setdefault((namespace, name), asyncio.Lock())
+    def forget(self, namespace: str, name: str) -> bool:
+        """Drop what is kept about a deleted relay, once nothing waits or runs for it."""
+        if not self.states.forget(namespace, name):
+            return False
+        self.applier.forget_status("MailRelay", namespace, name)
+        return True
 
 
 @dataclass(frozen=True)
@@ -412,12 +425,11 @@ def child_keys(namespace: str, name: str) -> list[ChildKey]:
 
 def recently_applied(ctx: Context, namespace: str, name: str) -> bool:
     """Whether a child was applied so lately that a pass trusted our apply over the cache."""
+    state = ctx.states.peek(namespace, name)
+    if state is None:
+        return False
     now = time.monotonic()
-    return any(
-        now - remembered.at < CACHE_LAG_SECONDS
-        for key in child_keys(namespace, name)
-        if (remembered := ctx.applier.remembered.get(key)) is not None
-    )
+    return any(now - remembered.at < CACHE_LAG_SECONDS for remembered in state.applied.values())
 
 
 def pass_inputs(ctx: Context, indices: Indices, namespace: str, name: str) -> tuple[Any, ...]:
@@ -442,27 +454,33 @@ def pass_inputs(ctx: Context, indices: Indices, namespace: str, name: str) -> tu
 
 async def reconcile_relay(
     ctx: Context, indices: Indices, namespace: str, name: str, *, resync: bool = False
-) -> None:
-    """One level-based pass for a MailRelay (serialised per relay).
+) -> bool:
+    """One level-based pass for a MailRelay (serialised per relay); True if it must be retried.
 
     A resync pass is skipped when its inputs equal those of the relay's last settled pass
     (one that applied every child, none so lately that it trusted its apply over the
     cache): at 1,000 relays and a 10 s resync, passes that found nothing to do were most
     of the operator's CPU at steady state. Any change of the relay, a route, a Secret or a
     child (a hand edit, a deletion, a status) makes the inputs differ.
+
+    A pass that could not make the relay match (a child refused, pods not told to reload,
+    app credentials not in place, an API error raised) is retried by the work queue with
+    backoff, since what fixes it may not be an input the operator watches.
     """
-    async with ctx.lock(namespace, name):
-        key = (namespace, name)
+    state = ctx.states.get(namespace, name)
+    async with state.lock:
         inputs = pass_inputs(ctx, indices, namespace, name)
-        if resync and ctx.settled.get(key) == inputs:
-            return
+        if resync and state.settled == inputs:
+            return False
         started = time.perf_counter()
         result = "error"
-        ctx.settled.pop(key, None)
+        state.settled = None
+        retry = False
         try:
             result, settled = await _reconcile(ctx, indices, namespace, name)
+            retry = settled is False
             if settled and inputs[0] is not None and not recently_applied(ctx, namespace, name):
-                ctx.settled[key] = inputs
+                state.settled = inputs
         except ObjectGone:
             # Deleted while the pass ran: its deletion event brings the pass that tells its
             # routes; nothing failed.
@@ -476,26 +494,32 @@ async def reconcile_relay(
             ctx.metrics.reconcile_duration.labels("MailRelay").observe(
                 time.perf_counter() - started
             )
+    return retry
 
 
-async def _reconcile(ctx: Context, indices: Indices, namespace: str, name: str) -> tuple[str, bool]:
-    """The pass; its outcome, and whether every child was applied (nothing left to retry)."""
+async def _reconcile(
+    ctx: Context, indices: Indices, namespace: str, name: str
+) -> tuple[str, bool | None]:
+    """The pass; its outcome, and whether every child was applied (False: retry it).
+
+    None: there was nothing to apply (the relay is gone or going).
+    """
     ctx.metrics.relays.set(len(indices.relays))
     relay = ctx.fresh(indices.relay(namespace, name))
     routes = [ctx.fresh(route) for route in indices.routes_for(namespace, name)]
     secret_keys: SecretKeys = indices.secret_keys(namespace)
     if relay is None:
         # Deleted: the children go with their owner; tell the routes they lost their relay.
-        ctx.pods_synced.pop((namespace, name), None)
+        # (The work queue drops the relay's state after this pass.)
         for verdict in judge_routes(None, None, routes, secret_keys):
             status = route_status(verdict, relay_name=name, relay_ready=False, clock=ctx.clock)
             await _write_route_status(ctx, verdict, status)
-        return "ok", False
+        return "ok", None
     if relay.deleting:
         # Going away (kopf's finalizer holds it a moment): rendering it now would only roll
         # its pods; the pass after its deletion tells the routes.
         log.debug("Skipped the pass of MailRelay %s/%s: it is being deleted", namespace, name)
-        return "ok", False
+        return "ok", None
 
     problem = name_problem(name)
     try:
@@ -617,8 +641,8 @@ async def _reconcile(ctx: Context, indices: Indices, namespace: str, name: str) 
 
 async def _sync_pods(ctx: Context, relay: RelayInputs, marks: dict[str, str]) -> bool:
     """Make the relay's live pods reload what ``marks`` name now (podsync); False to retry."""
-    key = (relay.namespace, relay.name)
-    if ctx.pods_synced.get(key) == marks:
+    state = ctx.states.get(relay.namespace, relay.name)
+    if state.pods_synced == marks:
         return True
     try:
         await touch_pods(ctx.applier.client, relay.namespace, selector_labels(relay), marks)
@@ -630,7 +654,7 @@ async def _sync_pods(ctx: Context, relay: RelayInputs, marks: dict[str, str]) ->
             _api_message(error),
         )
         return False
-    ctx.pods_synced[key] = marks
+    state.pods_synced = marks
     return True
 
 
@@ -761,8 +785,10 @@ async def _apply_children(
     the server's message and a hint for its cause, and the resync timer tries again.
     """
 
+    memory = ctx.states.get(relay.namespace, relay.name).applied
+
     async def ensure(child: dict[str, Any]) -> None:
-        await ctx.applier.ensure(child, indices.child(key_of(child)))
+        await ctx.applier.ensure(child, indices.child(key_of(child)), memory)
 
     # The ConfigMap first, so a rolled pod never starts with an older config; the rest at once.
     first, *rest = rendered.children
@@ -774,7 +800,10 @@ async def _apply_children(
     else:
         outcomes += [_SKIPPED] * len(rest)
     removals = await asyncio.gather(
-        *(ctx.applier.remove(key, indices.child(key), relay.uid) for key in rendered.absent),
+        *(
+            ctx.applier.remove(key, indices.child(key), relay.uid, memory)
+            for key in rendered.absent
+        ),
         return_exceptions=True,
     )
     updates: list[ConditionUpdate] = []
@@ -891,15 +920,20 @@ def child_needs_pass(
     ctx: Context,
     indices: Indices,
     key: ChildKey,
+    owner: str,
     deleted: bool,
 ) -> bool:
-    """Whether a child's watch event can change anything (so our own writes do not echo)."""
+    """Whether a child's watch event can change anything (so our own writes do not echo).
+
+    ``owner`` is the relay the child belongs to (its ``app.kubernetes.io/instance`` label).
+    """
     if deleted:
         return True
     live = indices.child(key)
     if live is None:
         return True
-    remembered = ctx.applier.remembered.get(key)
+    state = ctx.states.peek(key[1], owner)
+    remembered = state.applied.get(key) if state is not None else None
     if remembered is not None and (remembered.applied_hash, remembered.fields_digest) != (
         live.applied_hash,
         live.fields_digest,
@@ -941,19 +975,19 @@ class WorkQueue:
     workers: int = 8
     settle_seconds: float = 0.0
     indices: Indices | None = None
-    queue: asyncio.PriorityQueue[tuple[int, int, tuple[str, str]]] = field(
+    queue: asyncio.PriorityQueue[tuple[int, int, RelayKey]] = field(
         default_factory=asyncio.PriorityQueue
     )
-    pending: dict[tuple[str, str], int] = field(default_factory=dict)  # key -> priority
-    active: set[tuple[str, str]] = field(default_factory=set)
-    dirty: dict[tuple[str, str], int] = field(default_factory=dict)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
-    # When each waiting relay's entry became due (liveness asks for the oldest).
-    due: dict[tuple[str, str], float] = field(default_factory=dict)
-    # Relays whose passes wait until a moment (monotonic), see ``hold``.
-    held: dict[tuple[str, str], float] = field(default_factory=dict)
     progress: Progress | None = None
+    # A failed pass is retried after this, doubling per failure, at most the resync period.
+    first_retry_seconds: float = FIRST_RETRY_SECONDS
     _order: Iterator[int] = field(default_factory=itertools.count)
+
+    @property
+    def states(self) -> RelayStates:
+        """Where each relay's place in the queue is kept (with the rest of its state)."""
+        return self.ctx.states
 
     def hold(self, namespace: str, name: str, seconds: float) -> None:
         """Start no pass of this relay for ``seconds`` (a pass due meanwhile waits).
@@ -962,16 +996,20 @@ class WorkQueue:
         otherwise make a pass that renders the relay without it, updating the ConfigMap and
         rolling the StatefulSet of a relay that is about to go.
         """
-        until = time.monotonic() + seconds
-        key = (namespace, name)
-        self.held[key] = max(until, self.held.get(key, until))
+        state = self.states.get(namespace, name)
+        state.held_until = max(time.monotonic() + seconds, state.held_until)
 
     def oldest_waiting(self) -> float | None:
         """When the entry waiting longest became due (None: none waits)."""
-        return min(self.due.values(), default=None)
+        due = [state.due for state in self.states.states.values() if state.due is not None]
+        return min(due, default=None)
 
-    def _put(self, entry: tuple[int, int, tuple[str, str]]) -> None:
-        self.due.setdefault(entry[2], time.monotonic())
+    def _put(self, entry: tuple[int, int, RelayKey]) -> None:
+        state = self.states.peek(*entry[2])
+        if state is None or state.pending != entry[0]:
+            return  # superseded meanwhile
+        if state.due is None:
+            state.due = time.monotonic()
         self.queue.put_nowait(entry)
 
     def enqueue(
@@ -991,53 +1029,95 @@ class WorkQueue:
         if not self.tasks:
             # Started from a handler, so the tasks inherit kopf's context (Event posting).
             self.tasks = [asyncio.create_task(self._work()) for _ in range(self.workers)]
-        key = (namespace, name)
-        if key in self.active:
-            self.dirty[key] = min(priority, self.dirty.get(key, priority))
+        state = self.states.get(namespace, name)
+        if state.active:
+            state.dirty = priority if state.dirty is None else min(priority, state.dirty)
             return
-        if self.pending.get(key, RESYNC + 1) <= priority:
+        if state.pending is not None and state.pending <= priority:
             return  # already waiting, at this priority or a higher one
-        self.pending[key] = priority
-        entry = (priority, next(self._order), key)
-        held = self.held.get(key, 0.0) - time.monotonic()
-        wait = max(self.settle_seconds, delay, held)
+        state.pending = priority
+        entry = (priority, next(self._order), (namespace, name))
+        wait = max(self.settle_seconds, delay, state.held_until - time.monotonic())
         if wait > 0:
             # A burst (a relay and its routes applied together) becomes one pass.
             asyncio.get_running_loop().call_later(wait, self._put, entry)
         else:
             self._put(entry)
 
+    def _retry(self, key: RelayKey) -> None:
+        state = self.states.peek(*key)
+        if state is None:
+            return
+        state.retry = None
+        if self.indices is not None:
+            self.enqueue(self.indices, *key, priority=URGENT)
+
     async def _work(self) -> None:
         while True:
             priority, order, key = await self.queue.get()
-            if self.pending.get(key) != priority:
+            state = self.states.peek(*key)
+            if state is None or state.pending != priority:
                 continue  # superseded by an entry of higher priority, or served already
-            held = self.held.get(key, 0.0) - time.monotonic()
+            held = state.held_until - time.monotonic()
             if held > 0:
-                self.due.pop(key, None)
+                state.due = None
                 asyncio.get_running_loop().call_later(held, self._put, (priority, order, key))
                 continue
-            self.held.pop(key, None)
-            self.due.pop(key, None)
-            del self.pending[key]
-            self.active.add(key)
+            state.held_until = 0.0
+            state.due = None
+            state.pending = None
+            state.active = True
+            if state.retry is not None:
+                state.retry.cancel()  # this pass is the retry
+                state.retry = None
+            retry = False
             try:
                 assert self.indices is not None
-                await reconcile_relay(self.ctx, self.indices, *key, resync=priority == RESYNC)
+                retry = await reconcile_relay(
+                    self.ctx, self.indices, *key, resync=priority == RESYNC
+                )
             except Exception:
+                retry = True
                 log.exception(
-                    "Reconciling MailRelay %s/%s failed; the resync timer tries again", *key
+                    "Reconciling MailRelay %s/%s failed; it is retried with backoff", *key
                 )
             finally:
-                self.active.discard(key)
+                state.active = False
                 if self.progress is not None:
                     self.progress.passed()
-                again = self.dirty.pop(key, None)
-                if again is not None and self.indices is not None:
-                    self.enqueue(self.indices, *key, priority=again)
+                self._after_pass(key, state, retry)
+
+    def _after_pass(self, key: RelayKey, state: RelayState, retry: bool) -> None:
+        """Schedule what follows a pass: the retry of a failure, a pass asked for meanwhile,
+        or nothing, and then drop the state of a relay that is gone."""
+        if retry:
+            state.failures += 1
+            delay = retry_delay(
+                state.failures, float(self.ctx.settings.resync_seconds), self.first_retry_seconds
+            )
+            log.debug(
+                "Retrying the pass of MailRelay %s/%s in %gs (%d failed in a row)",
+                *key,
+                delay,
+                state.failures,
+            )
+            state.retry = asyncio.get_running_loop().call_later(delay, self._retry, key)
+        else:
+            state.failures = 0
+        again, state.dirty = state.dirty, None
+        if again is not None and self.indices is not None:
+            # Something changed during the pass: look again now, backoff or not.
+            self.enqueue(self.indices, *key, priority=again)
+        elif self.indices is None or self.indices.relay(*key) is None:
+            self.ctx.forget(*key)
 
     async def stop(self) -> None:
-        """Cancel the workers (operator shutdown)."""
+        """Cancel the workers and the retries (operator shutdown)."""
+        for key in self.states:
+            state = self.states.peek(*key)
+            if state is not None and state.retry is not None:
+                state.retry.cancel()
+                state.retry = None
         for task in self.tasks:
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
