@@ -1,0 +1,176 @@
+"""Per-relay state: one ``RelayState`` per relay, dropped when the relay is gone; the backoff rule.
+
+The kube test drives the operator's own work queue in-process against the real API server,
+with the indices as plain data (what kopf's watch cache would hold), so it can look at the
+memory directly: relays come and go for several rounds and nothing is left behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import pytest
+import yaml
+from lightkube import AsyncClient, KubeConfig
+from localkube import LocalKube
+from prometheus_client import CollectorRegistry
+
+from mailrelay.operator.apply import Applier, resource_version_number
+from mailrelay.operator.metrics import OperatorMetrics
+from mailrelay.operator.relays import Context, Indices, ObjectKey, WorkQueue
+from mailrelay.operator.routes import ObjectInfo
+from mailrelay.operator.settings import FIELD_MANAGER, OperatorSettings
+from mailrelay.operator.state import RelayStates, retry_delay
+from tests.operator import manifests as m
+
+CHILD_KINDS = (
+    "ConfigMap",
+    "Service",
+    "StatefulSet",
+    "PodDisruptionBudget",
+    "NetworkPolicy",
+    "ServiceMonitor",
+)
+
+
+@pytest.mark.parametrize(
+    ("failures", "cap", "expected"),
+    [(1, 30, 1.0), (2, 30, 2.0), (3, 30, 4.0), (5, 30, 16.0), (6, 30, 30.0), (500, 30, 30.0)],
+)
+def test_retry_delay_doubles_from_one_second_up_to_the_resync_period(
+    failures: int, cap: float, expected: float
+) -> None:
+    assert retry_delay(failures, cap) == expected
+
+
+def test_retry_delay_is_only_for_a_failure() -> None:
+    with pytest.raises(ValueError, match="failed"):
+        retry_delay(0, 30)
+
+
+async def test_a_state_is_kept_while_anything_waits_or_runs_for_it() -> None:
+    states = RelayStates()
+    state = states.get("mail", "outbound")
+    assert states.get("mail", "outbound") is state
+    for busy in ("pending", "active", "dirty"):
+        setattr(state, busy, True if busy == "active" else 0)
+        assert not states.forget("mail", "outbound")
+        setattr(state, busy, False if busy == "active" else None)
+    async with state.lock:
+        assert not states.forget("mail", "outbound")
+    state.retry = asyncio.get_running_loop().call_later(60, lambda: None)
+    assert not states.forget("mail", "outbound")
+    state.retry.cancel()
+    state.retry = None
+    assert states.forget("mail", "outbound")
+    assert states.peek("mail", "outbound") is None
+    assert len(states) == 0
+
+
+def _info(obj: dict[str, Any]) -> ObjectInfo:
+    meta = obj["metadata"]
+    return ObjectInfo(
+        kind=obj["kind"],
+        namespace=meta["namespace"],
+        name=meta["name"],
+        uid=meta["uid"],
+        generation=int(meta.get("generation") or 0),
+        spec=obj["spec"],
+        status=obj.get("status") or {},
+        resource_version=resource_version_number(meta["resourceVersion"]),
+    )
+
+
+async def _kubectl(kube: LocalKube, *args: str, input: str | None = None) -> str:
+    result = await asyncio.to_thread(kube.kubectl, *args, input=input)
+    return str(result.stdout)
+
+
+async def _wait_idle(queue: WorkQueue, timeout: float = 120.0) -> None:
+    """Until no relay waits, runs or is asked again (the queue has drained)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.1)
+        states = queue.states.states.values()
+        if queue.queue.empty() and all(s.pending is None and not s.active for s in states):
+            return
+    raise AssertionError("The work queue did not drain")
+
+
+@pytest.mark.kube
+async def test_relay_state_does_not_grow_as_relays_come_and_go(
+    crds: LocalKube, namespace: str
+) -> None:
+    kube, ns = crds, namespace
+    secrets = [m.tls_secret(), m.users_secret(), m.smtp_credentials()]
+    await _kubectl(kube, "apply", "-n", ns, "-f", "-", input=yaml.safe_dump_all(secrets))
+    secret_keys: dict[ObjectKey, list[frozenset[str]]] = {
+        (ns, s["metadata"]["name"]): [frozenset(s["data"])] for s in secrets
+    }
+    relays: dict[ObjectKey, list[ObjectInfo]] = {}
+    routes: dict[ObjectKey, list[ObjectInfo]] = {}
+    indices = Indices(
+        relays=relays,
+        routes=routes,
+        secrets=secret_keys,
+        children={kind: {} for kind in CHILD_KINDS},
+    )
+    metrics = OperatorMetrics(CollectorRegistry())
+    client = AsyncClient(
+        config=KubeConfig.from_file(str(kube.kubeconfig)), field_manager=FIELD_MANAGER
+    )
+    ctx = Context(
+        settings=OperatorSettings(resync_seconds=30),
+        applier=Applier(client, metrics),
+        metrics=metrics,
+        post_event=lambda *_: None,
+    )
+    queue = WorkQueue(ctx, workers=4)
+    count = 12
+    try:
+        for round_ in range(3):
+            names = [f"relay-{round_}-{i}" for i in range(count)]
+            manifests = [m.relay(name) for name in names]
+            manifests += [m.smtp_route(f"route-{name}", relay_name=name) for name in names]
+            # A route naming a relay that never exists gets passes too (it is an orphan).
+            manifests.append(m.smtp_route(f"orphan-{round_}", relay_name=f"nobody-{round_}"))
+            await _kubectl(kube, "apply", "-n", ns, "-f", "-", input=yaml.safe_dump_all(manifests))
+            listed = json.loads(
+                await _kubectl(kube, "get", "mailrelays,mailroutes", "-n", ns, "-o", "json")
+            )
+            for obj in listed["items"]:
+                info = _info(obj)
+                if info.kind == "MailRelay":
+                    relays[(ns, info.name)] = [info]
+                else:
+                    routes[(ns, info.spec["relayRef"]["name"])] = [info]
+            for name in [*names, f"nobody-{round_}"]:
+                queue.enqueue(indices, ns, name)
+            await _wait_idle(queue)
+            # Every relay that exists has its state (and its applies in it); the orphan's
+            # relay has none.
+            assert sorted(queue.states) == sorted((ns, name) for name in names)
+            for name in names:
+                state = queue.states.peek(ns, name)
+                assert state is not None and state.applied
+            assert not any(s.failures for s in queue.states.states.values())
+
+            # Delete them: the watch cache drops them, and their deletion events ask for
+            # passes (which tell the routes they lost their relay).
+            await _kubectl(kube, "delete", "mailrelays,mailroutes", "--all", "-n", ns)
+            relays.clear()
+            routes.clear()
+            for name in names:
+                queue.enqueue(indices, ns, name)
+            await _wait_idle(queue)
+            assert len(queue.states) == 0, sorted(queue.states)
+            assert not [k for k in ctx.applier.written_status if k[0] == "MailRelay"]
+    finally:
+        await queue.stop()
+        await client.close()
+    errors = metrics.registry.get_sample_value(
+        "mailrelay_operator_errors_total", {"kind": "MailRelay"}
+    )
+    assert not errors
