@@ -8,7 +8,11 @@ memory directly: relays come and go for several rounds and nothing is left behin
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
+import socket
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -88,15 +92,22 @@ async def _kubectl(kube: LocalKube, *args: str, input: str | None = None) -> str
     return str(result.stdout)
 
 
-async def _wait_idle(queue: WorkQueue, timeout: float = 120.0) -> None:
+async def _wait_idle(queue: WorkQueue) -> None:
     """Until no relay waits, runs or is asked again (the queue has drained)."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    while asyncio.get_running_loop().time() < deadline:
-        await asyncio.sleep(0.1)
+
+    def idle() -> bool:
         states = queue.states.states.values()
-        if queue.queue.empty() and all(s.pending is None and not s.active for s in states):
-            return
-    raise AssertionError("The work queue did not drain")
+        return queue.queue.empty() and all(s.pending is None and not s.active for s in states)
+
+    await _wait_for(idle)
+
+
+async def _wait_for(probe: Callable[[], bool]) -> None:
+    async with asyncio.timeout(120):
+        while True:
+            if probe():
+                return
+            await asyncio.sleep(0.05)
 
 
 @pytest.mark.kube
@@ -174,3 +185,81 @@ async def test_relay_state_does_not_grow_as_relays_come_and_go(
         "mailrelay_operator_errors_total", {"kind": "MailRelay"}
     )
     assert not errors
+
+
+@pytest.mark.kube
+async def test_an_api_error_is_retried_with_growing_gaps_and_success_resets_it(
+    crds: LocalKube, namespace: str, tmp_path: Path
+) -> None:
+    """The API server unreachable (a closed port), then reachable: retries back off, then stop."""
+    kube, ns = crds, namespace
+    secrets = [m.tls_secret(), m.users_secret(), m.smtp_credentials()]
+    await _kubectl(
+        kube, "apply", "-n", ns, "-f", "-", input=yaml.safe_dump_all([*secrets, m.relay()])
+    )
+    relay = _info(
+        json.loads(await _kubectl(kube, "get", "mailrelay", "outbound", "-n", ns, "-o", "json"))
+    )
+    indices = Indices(
+        relays={(ns, "outbound"): [relay]},
+        routes={},
+        secrets={(ns, s["metadata"]["name"]): [frozenset(s["data"])] for s in secrets},
+        children={kind: {} for kind in CHILD_KINDS},
+    )
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        dead_port = closed.getsockname()[1]
+    # The same credentials, for an API server that is not there.
+    config = yaml.safe_load(kube.kubeconfig.read_text())
+    for cluster in config["clusters"]:
+        cluster["cluster"]["server"] = f"https://127.0.0.1:{dead_port}"
+    (tmp_path / "kubeconfig").write_text(yaml.safe_dump(config))
+    unreachable = AsyncClient(
+        config=KubeConfig.from_file(str(tmp_path / "kubeconfig")), field_manager=FIELD_MANAGER
+    )
+    reachable = AsyncClient(
+        config=KubeConfig.from_file(str(kube.kubeconfig)), field_manager=FIELD_MANAGER
+    )
+    metrics = OperatorMetrics(CollectorRegistry())
+    ctx = Context(
+        settings=OperatorSettings(resync_seconds=1),
+        applier=Applier(unreachable, metrics),
+        metrics=metrics,
+        post_event=lambda *_: None,
+    )
+    # Scaled down (0.1 s doubling, capped at the 1 s resync) to see several steps quickly.
+    queue = WorkQueue(ctx, workers=2, first_retry_seconds=0.1)
+    loop = asyncio.get_running_loop()
+    failed_at: list[float] = []
+    try:
+        queue.enqueue(indices, ns, "outbound")
+        deadline = loop.time() + 60
+        while len(failed_at) < 6 and loop.time() < deadline:
+            state = queue.states.peek(ns, "outbound")
+            if state is not None and state.failures > len(failed_at):
+                failed_at.append(loop.time())
+            await asyncio.sleep(0.005)
+        assert len(failed_at) == 6, failed_at
+        # The retry never comes before its delay (a loaded machine only makes it later).
+        gaps = [b - a for a, b in itertools.pairwise(failed_at)]
+        for failures, gap in enumerate(gaps, start=1):
+            assert gap >= 0.9 * retry_delay(failures, 1.0, 0.1), (failures, gaps)
+        # The API server answers again: the next retry succeeds, and that is the last.
+        ctx.applier.client = reachable
+        await _wait_for(
+            lambda: (s := queue.states.peek(ns, "outbound")) is not None and s.failures == 0
+        )
+        state = queue.states.peek(ns, "outbound")
+        assert state is not None and state.retry is None and state.applied
+        errors = metrics.registry.get_sample_value(
+            "mailrelay_operator_reconciles_total", {"kind": "MailRelay", "result": "error"}
+        )
+        assert errors is not None and errors >= 6
+        status = json.loads(
+            await _kubectl(kube, "get", "mailrelay", "outbound", "-n", ns, "-o", "json")
+        )
+        assert status.get("status", {}).get("configHash")
+    finally:
+        await queue.stop()
+        await unreachable.close()
+        await reachable.close()
