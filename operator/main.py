@@ -11,7 +11,8 @@ Handlers only translate kopf's arguments into calls of plain async functions in
 * one index per child kind, of the children this operator manages (selected server-side).
 
 ``PROGRESS`` records what liveness (``health.py``) decides from: indices and event handlers
-note that they ran, the work queue that passes finish.
+note that they ran, the work queue that passes finish. Handlers read the indices only through
+``indices_from``, typed by the index functions' return types.
 
 Triggers: a relay's own events, a route's events (its old and new relay), Secret events
 (relays in that namespace), child events (their owner), and a per-relay resync timer.

@@ -13,7 +13,8 @@ not care what changed. One pass:
 
 An invalid spec (one the CRD schema could not catch) becomes ``ConfigRendered=False`` with the
 reason and an Event, and the pass ends without an error, so kopf neither crash-loops nor
-retries in a storm. API failures propagate; the resync timer retries them.
+retries in a storm. API failures propagate, and a pass that could not apply everything
+reports so: the ``WorkQueue`` retries either with per-relay backoff (``state.py``).
 """
 
 from __future__ import annotations
@@ -732,7 +733,10 @@ def apply_problem(
     fields = [
         str(getattr(cause, "field", "") or "") for cause in getattr(details, "causes", None) or ()
     ]
-    retry = f"The operator retries every {resync_seconds:g}s and recovers on its own once fixed."
+    retry = (
+        f"The operator retries after 1s, doubling up to every {resync_seconds:g}s, and "
+        "recovers on its own once fixed."
+    )
     # 422 Invalid names fields in its causes; a field server-side apply cannot type
     # ("field not declared in schema") comes back as a bare 500 naming the path in its text.
     if api_reason in ("Invalid", "BadRequest") or "failed to create typed patch object" in text:
@@ -782,7 +786,7 @@ async def _apply_children(
 
     A child the API server refuses (an invalid field, quota, admission, a full Service IP
     range) does not stop the others or the status: it becomes ``ChildrenApplied=False`` with
-    the server's message and a hint for its cause, and the resync timer tries again.
+    the server's message and a hint for its cause, and the work queue retries with backoff.
     """
 
     memory = ctx.states.get(relay.namespace, relay.name).applied
@@ -969,6 +973,12 @@ class WorkQueue:
     relays the timers ask for ~100 passes a second (resync 10 s): served in arrival order,
     they made new relays wait behind relays that needed nothing, and while the queue is
     busy a relay's resync entries merge into one.
+
+    A pass that failed (an exception, or a child or pod update the API server refused) is
+    retried after ``first_retry_seconds``, doubling per failure in a row, at most the resync
+    period; a pass that succeeds resets it (cert-manager's rate-limited workqueue). Its place
+    in the queue is part of the relay's ``RelayState``; after a pass that found the relay
+    gone, with nothing else waiting for it, the state is dropped.
     """
 
     ctx: Context

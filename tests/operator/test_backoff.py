@@ -86,8 +86,10 @@ def test_a_refused_child_is_retried_with_backoff_before_the_resync(
                 what="the StatefulSet once the quota is gone",
             )
             wait_for(
-                lambda: (c := condition(get(kube, "mailrelay", "outbound", ns), "Ready"))
-                and c["reason"] == "RolloutPending",
+                lambda: (
+                    (c := condition(get(kube, "mailrelay", "outbound", ns), "Ready"))
+                    and c["reason"] == "RolloutPending"
+                ),
                 timeout=30,
                 what="Ready back to waiting for the rollout",
             )

@@ -409,7 +409,7 @@ def _api_error(reason: str, message: str, *fields: str) -> ApiError:
             "ConfigMap",
             _api_error("Conflict", "the object has been modified"),
             "ApplyFailed",
-            "retries every 10s",
+            "doubling up to every 10s",
         ),
     ],
     ids=["invalid", "not-in-schema", "quota", "admission", "annotations", "ips", "other"],
