@@ -332,6 +332,15 @@ class Call:
 SPLIT_REFUSED_UP_TO = 50
 
 
+def json_object(response: ApiResponse) -> dict[str, object] | None:
+    """The answer's body as a JSON object, or None when it is not one."""
+    try:
+        body = response.json()
+    except ValueError:
+        return None
+    return body if isinstance(body, dict) else None
+
+
 class ApiTransport:
     """The shared half of every provider transport; subclasses fill in the API."""
 
@@ -414,9 +423,17 @@ class ApiTransport:
             for rcpt in call.recipients
         ]
 
+    # The field of the success answer's JSON object holding the provider's message id;
+    # None when the answer carries none (or a provider overrides `remote_id`).
+    remote_id_field: ClassVar[str | None] = None
+
     def remote_id(self, response: ApiResponse) -> str | None:
-        """The provider's message id from a success answer."""
-        return None
+        """The provider's message id from a success answer (``remote_id_field``)."""
+        if self.remote_id_field is None:
+            return None
+        body = json_object(response)
+        value = body.get(self.remote_id_field) if body is not None else None
+        return str(value) if value else None
 
     # --- helpers for providers ---------------------------------------------------------
 

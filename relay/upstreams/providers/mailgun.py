@@ -13,7 +13,7 @@ import base64
 
 from mailrelay.relay.redact import SECRETS
 from mailrelay.relay.upstreams.providers.base import ApiTransport, Call
-from mailrelay.relay.upstreams.providers.http import ApiResponse, FilePart, multipart_form
+from mailrelay.relay.upstreams.providers.http import FilePart, multipart_form
 from mailrelay.relay.upstreams.transport import Envelope
 
 __all__ = ["MailgunTransport"]
@@ -23,6 +23,7 @@ class MailgunTransport(ApiTransport):
     """Mailgun's raw MIME endpoint."""
 
     provider = "mailgun"
+    remote_id_field = "id"  # answers {"id": "<...>", "message": "Queued. Thank you."}
     sends_raw_message = True
 
     def default_base_url(self) -> str:
@@ -47,12 +48,3 @@ class MailgunTransport(ApiTransport):
             )
             calls.append(Call(recipients=batch, request=request))
         return calls
-
-    def remote_id(self, response: ApiResponse) -> str | None:
-        """Mailgun answers {"id": "<...>", "message": "Queued. Thank you."}."""
-        try:
-            body = response.json()
-        except ValueError:
-            return None
-        value = body.get("id") if isinstance(body, dict) else None
-        return str(value) if value else None

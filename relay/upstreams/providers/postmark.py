@@ -42,6 +42,7 @@ class PostmarkTransport(ApiTransport):
     """Postmark's single-message API."""
 
     provider = "postmark"
+    remote_id_field = "MessageID"  # answers {"MessageID": ..., "ErrorCode": 0, ...}
 
     def default_base_url(self) -> str:
         """Postmark has one API host."""
@@ -105,15 +106,6 @@ class PostmarkTransport(ApiTransport):
                 f"Postmark ErrorCode {code} (HTTP {response.status_code}): {error_text(response)}",
             )
         return super().classify_error(response)
-
-    def remote_id(self, response: ApiResponse) -> str | None:
-        """Postmark answers {"MessageID": ..., "ErrorCode": 0, ...}."""
-        try:
-            body = response.json()
-        except ValueError:
-            return None
-        value = body.get("MessageID") if isinstance(body, dict) else None
-        return str(value) if value else None
 
 
 def _error_code(response: ApiResponse) -> int | None:

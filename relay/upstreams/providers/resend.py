@@ -15,7 +15,6 @@ from __future__ import annotations
 import base64
 
 from mailrelay.relay.upstreams.providers.base import ApiTransport, Call, idempotency_key
-from mailrelay.relay.upstreams.providers.http import ApiResponse
 from mailrelay.relay.upstreams.providers.mime import (
     UnrepresentableMessage,
     parse_message,
@@ -31,6 +30,7 @@ class ResendTransport(ApiTransport):
     """Resend's send-email API."""
 
     provider = "resend"
+    remote_id_field = "id"  # answers {"id": "..."}
 
     def default_base_url(self) -> str:
         """Resend has one API host."""
@@ -87,12 +87,3 @@ class ResendTransport(ApiTransport):
             )
             calls.append(Call(recipients=batch.recipients, request=request))
         return calls
-
-    def remote_id(self, response: ApiResponse) -> str | None:
-        """Resend answers {"id": "..."}."""
-        try:
-            body = response.json()
-        except ValueError:
-            return None
-        value = body.get("id") if isinstance(body, dict) else None
-        return str(value) if value else None

@@ -70,6 +70,7 @@ class SesTransport(ApiTransport):
     """SES v2 raw sending."""
 
     provider = "ses"
+    remote_id_field = "MessageId"  # answers {"MessageId": "..."}
     sends_raw_message = True
 
     _chain: Credentials | None = None
@@ -151,12 +152,3 @@ class SesTransport(ApiTransport):
         if kind in _PERMANENT_ERRORS:
             return Verdict(RecipientOutcome.PERMANENT, detail)
         return super().classify_error(response)
-
-    def remote_id(self, response: ApiResponse) -> str | None:
-        """SES answers {"MessageId": "..."}."""
-        try:
-            body = response.json()
-        except ValueError:
-            return None
-        value = body.get("MessageId") if isinstance(body, dict) else None
-        return str(value) if value else None

@@ -10,7 +10,7 @@ sending limit is reached; that pauses the upstream like a 429.
 
 from __future__ import annotations
 
-from mailrelay.relay.upstreams.providers.base import ApiTransport, Call
+from mailrelay.relay.upstreams.providers.base import ApiTransport, Call, json_object
 from mailrelay.relay.upstreams.providers.http import ApiResponse
 from mailrelay.relay.upstreams.providers.mime import UnrepresentableMessage
 from mailrelay.relay.upstreams.transport import Envelope, RecipientOutcome, RecipientResult
@@ -55,7 +55,7 @@ class SparkPostTransport(ApiTransport):
 
     def accepted(self, call: Call, response: ApiResponse) -> list[RecipientResult]:
         """A 200 where SparkPost accepted nobody is a rejection of every recipient."""
-        results = (self._json(response) or {}).get("results", {})
+        results = (json_object(response) or {}).get("results", {})
         if isinstance(results, dict) and results.get("total_accepted_recipients") == 0:
             rejected = results.get("total_rejected_recipients")
             return self._all(
@@ -67,14 +67,6 @@ class SparkPostTransport(ApiTransport):
 
     def remote_id(self, response: ApiResponse) -> str | None:
         """The transmission id from {"results": {"id": ...}}."""
-        results = (self._json(response) or {}).get("results")
+        results = (json_object(response) or {}).get("results")
         value = results.get("id") if isinstance(results, dict) else None
         return str(value) if value else None
-
-    @staticmethod
-    def _json(response: ApiResponse) -> dict[str, object] | None:
-        try:
-            body = response.json()
-        except ValueError:
-            return None
-        return body if isinstance(body, dict) else None

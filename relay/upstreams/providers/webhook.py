@@ -33,7 +33,6 @@ from mailrelay.relay.upstreams.providers.base import (
     CredentialError,
     idempotency_key,
 )
-from mailrelay.relay.upstreams.providers.http import ApiResponse
 from mailrelay.relay.upstreams.transport import Envelope
 
 __all__ = ["WebhookTransport", "sign", "verify_signature"]
@@ -90,6 +89,7 @@ class WebhookTransport(ApiTransport):
     """Signed raw-MIME POSTs to a configured URL."""
 
     provider = "webhook"
+    remote_id_field = "id"  # an optional {"id": ...} in the receiver's answer
     sends_raw_message = True
 
     def default_base_url(self) -> str:
@@ -148,12 +148,3 @@ class WebhookTransport(ApiTransport):
             groups[-1].append(rcpt)
             size += grows
         return [tuple(g) for g in groups if g]
-
-    def remote_id(self, response: ApiResponse) -> str | None:
-        """An optional {"id": ...} in the receiver's answer."""
-        try:
-            body = response.json()
-        except ValueError:
-            return None
-        value = body.get("id") if isinstance(body, dict) else None
-        return str(value) if value else None
