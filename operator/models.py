@@ -17,6 +17,15 @@ Cross-field rules live twice, side by side on the model they constrain: as a CEL
 ``json_schema_extra`` (checked by the API server, copied into the CRD by ``crdgen``) and as a
 pydantic validator (checked by the operator). Both use the same message constant, and the
 tests feed both the same table of invalid manifests so the two cannot drift apart.
+
+Rules the relay applies too are not written here but imported: the upstream provider rules
+(provider names, region/domain/stream/configuration-set per provider, the endpoint grammar
+and its messages) from ``mailrelay.relay.upstream_rules``, the open-relay and SSRF tables
+from ``mailrelay.relay.netguard``. The pydantic validators call the relay's functions; the
+CEL rules are built from the same constants, and ``tests/crd/test_upstream_rules.py``
+checks the operator, the relay (through ``relay_config``) and the API server against each
+other on generated upstreams. How to add a provider: the module docstring of
+``relay/upstream_rules.py``.
 """
 
 from __future__ import annotations
