@@ -89,6 +89,7 @@ class Messages:
     YAML, camelCase in a MailRoute)."""
 
     def __init__(self, spell: Callable[[str], str]) -> None:
+        self._allow_local = spell("insecure_allow_local_endpoint")
         self.endpoint = (
             "endpoint must be an absolute http:// or https:// URL such as "
             "https://api.example.com/v3: a host name or address (an IPv6 address in "
@@ -100,9 +101,7 @@ class Messages:
             "endpoint: write an IPv6 host as a plain address such as [2001:db8::25], without "
             "a %zone and not in the IPv4-mapped form [::ffff:a.b.c.d] (write that as a.b.c.d)"
         )
-        self.local_endpoint = netguard.local_endpoint_message(
-            "endpoint", spell("insecure_allow_local_endpoint")
-        )
+        self.local_endpoint = netguard.local_endpoint_message("endpoint", self._allow_local)
         self.mailgun_domain = "domain is required for provider mailgun"
         self.domain_only_mailgun = "domain is only used by provider mailgun"
         self.ses_region = "provider ses needs a region such as eu-west-1 (SigV4 signs with it)"
@@ -116,6 +115,12 @@ class Messages:
         )
         self.configuration_set = f"{spell('configuration_set')} is only used by provider ses"
         self.message_stream = f"{spell('message_stream')} is only used by provider postmark"
+
+    def local_endpoint_at(self, host: str, reason: str) -> str:
+        """``local_endpoint`` naming the host and what it is (CEL messages cannot)."""
+        return netguard.local_endpoint_message(
+            f"endpoint host {host!r} is {reason}", self._allow_local
+        )
 
 
 def messages(spell: Callable[[str], str] = str) -> Messages:
@@ -170,8 +175,9 @@ def endpoint_problem(endpoint: str, *, allow_local: bool, words: Messages) -> st
     # One trailing dot (the grammar allows no more) means the same host; lower case ASCII
     # only, as CEL's lowerAscii() does.
     bare = host.removesuffix(".").translate(_ASCII_LOWER)
-    if not allow_local and netguard.local_host_reason(bare) is not None:
-        return words.local_endpoint
+    reason = None if allow_local else netguard.local_host_reason(bare)
+    if reason is not None:
+        return words.local_endpoint_at(host, reason)
     return None
 
 
