@@ -364,6 +364,12 @@ def cel_sample(count: int) -> list[dict[str, Any]]:
                 allow_local=pick.choice([None, True]),
             )
         )
+    # Odd characters in odd places, as the hypothesis text tail does.
+    pool = "aZ09-._~:/?#[]@!$&'()*+,;=% \\\t\x7fü\u3000\uff4c"
+    sample += [
+        hook("https://" + "".join(pick.choice(pool) for _ in range(pick.randint(1, 12))))
+        for _ in range(count // 4)
+    ]
     sample += [smtp_upstream(host, 25, None, None) for host in SMTP_HOSTS]
     return sample
 
