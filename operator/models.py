@@ -17,6 +17,15 @@ Cross-field rules live twice, side by side on the model they constrain: as a CEL
 ``json_schema_extra`` (checked by the API server, copied into the CRD by ``crdgen``) and as a
 pydantic validator (checked by the operator). Both use the same message constant, and the
 tests feed both the same table of invalid manifests so the two cannot drift apart.
+
+Rules the relay applies too are not written here but imported: the upstream provider rules
+(provider names, region/domain/stream/configuration-set per provider, the endpoint grammar
+and its messages) from ``mailrelay.relay.upstream_rules``, the open-relay and SSRF tables
+from ``mailrelay.relay.netguard``. The pydantic validators call the relay's functions; the
+CEL rules are built from the same constants, and ``tests/crd/test_upstream_rules.py``
+checks the operator, the relay (through ``relay_config``) and the API server against each
+other on generated upstreams. How to add a provider: the module docstring of
+``relay/upstream_rules.py``.
 """
 
 from __future__ import annotations
@@ -26,12 +35,11 @@ import re
 from collections.abc import Mapping
 from datetime import datetime, timedelta
 from typing import Annotated, Any, Literal, Self
-from urllib.parse import urlsplit
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
-from mailrelay.relay import netguard
+from mailrelay.relay import netguard, upstream_rules
 
 GROUP = "mailrelay.dev"
 VERSION = "v1alpha1"
@@ -63,7 +71,6 @@ SIZE = (
     r"|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
 )
 PERCENT = r"^[0-9]+%$"
-AWS_REGION = r"^[a-z]{2}(-[a-z]+)+-[0-9]+$"
 CONDITION_TYPE = (
     r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
     r"(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])$"
@@ -162,24 +169,15 @@ def _check_cidr(value: str) -> str:
 
 
 def _check_host(value: str) -> str:
-    """A host is a DNS name or an IP address, as the CEL rule beside the field says."""
-    try:
-        ipaddress.ip_address(value)
-    except ValueError:
-        if not re.fullmatch(HOSTNAME, value):
-            raise ValueError(HOST_MESSAGE) from None
+    """A host is a DNS name or an IP address that CEL's ``isIP`` takes too (no %zone, not
+    IPv4-mapped), as the CEL rule beside the field says."""
+    if not upstream_rules.is_plain_ip(value) and not re.fullmatch(HOSTNAME, value):
+        raise ValueError(HOST_MESSAGE)
     return value
 
 
 def _check_duration(value: str) -> str:
     parse_duration(value)
-    return value
-
-
-def _check_endpoint(value: str) -> str:
-    parts = urlsplit(value)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(ENDPOINT_MESSAGE)
     return value
 
 
@@ -197,7 +195,6 @@ def parse_duration(value: str) -> timedelta:
 
 CIDR_MESSAGE = "must be a CIDR such as 10.0.0.0/8 or fd00::/8"
 HOST_MESSAGE = "must be a DNS name such as smtp.example.com or an IP address"
-ENDPOINT_MESSAGE = "must be an absolute http:// or https:// URL"
 NAME_MESSAGE = (
     "must be a lowercase DNS-1123 name such as relay-tls: lowercase letters, digits, '-' "
     "and '.', starting and ending with a letter or digit"
@@ -1430,67 +1427,68 @@ class ApiCredentialsSecretRef(KubeModel):
     )
 
 
-Provider = Literal["mailgun", "ses", "sparkpost", "sendgrid", "postmark", "resend", "webhook"]
-REGIONAL_PROVIDERS = ("mailgun", "sparkpost", "sendgrid")
-# Only SES can go without a Secret (the pod's AWS identity); the relay never sends an
-# unsigned webhook.
-AMBIENT_CREDENTIAL_PROVIDERS = ("ses",)
+# The provider rules live in relay/upstream_rules.py (the relay applies them too); here they
+# are spelled for a MailRoute and turned into CEL.
+Provider = upstream_rules.Provider
+REGIONAL_PROVIDERS = upstream_rules.REGIONAL_PROVIDERS
+AMBIENT_CREDENTIAL_PROVIDERS = upstream_rules.AMBIENT_CREDENTIAL_PROVIDERS
+_WORDS = upstream_rules.messages(to_camel)
+MAILGUN_DOMAIN_MESSAGE = _WORDS.mailgun_domain
+DOMAIN_ONLY_MAILGUN_MESSAGE = _WORDS.domain_only_mailgun
+SES_REGION_MESSAGE = _WORDS.ses_region
+SES_REGION_FORMAT_MESSAGE = _WORDS.ses_region_format
+REGION_US_EU_MESSAGE = _WORDS.region_us_eu
+REGION_UNUSED_MESSAGE = _WORDS.region_unused
+WEBHOOK_ENDPOINT_MESSAGE = _WORDS.webhook_endpoint
+API_CREDENTIALS_MESSAGE = _WORDS.credentials
+CONFIGURATION_SET_MESSAGE = _WORDS.configuration_set
+MESSAGE_STREAM_MESSAGE = _WORDS.message_stream
+ENDPOINT_MESSAGE = _WORDS.endpoint
+ENDPOINT_PORT_MESSAGE = _WORDS.endpoint_port
+LOCAL_ENDPOINT_MESSAGE = _WORDS.local_endpoint
+IPV6_LITERAL_MESSAGE = _WORDS.ipv6_literal
 
-MAILGUN_DOMAIN_MESSAGE = "domain is required for provider mailgun"
-DOMAIN_ONLY_MAILGUN_MESSAGE = "domain is only used by provider mailgun"
-SES_REGION_MESSAGE = "provider ses needs a region such as eu-west-1 (SigV4 signs with it)"
-SES_REGION_FORMAT_MESSAGE = "region for provider ses must be an AWS region such as eu-west-1"
-REGION_US_EU_MESSAGE = "region for mailgun, sparkpost and sendgrid must be us or eu"
-REGION_UNUSED_MESSAGE = "region is only used by mailgun, sparkpost, sendgrid and ses"
-WEBHOOK_ENDPOINT_MESSAGE = "provider webhook needs an endpoint"
-API_CREDENTIALS_MESSAGE = (
-    "credentialsSecretRef is required for this provider (only ses may go without)"
-)
-CONFIGURATION_SET_MESSAGE = "configurationSet is only used by provider ses"
-LOCAL_ENDPOINT_MESSAGE = netguard.local_endpoint_message("endpoint", "insecureAllowLocalEndpoint")
-IPV6_LITERAL_MESSAGE = (
-    "endpoint: write an IPv6 host as a plain address such as [2001:db8::25], without a %zone "
-    "and not in the IPv4-mapped form [::ffff:a.b.c.d] (write that as a.b.c.d)"
-)
-# CEL twin of urlsplit(endpoint).hostname. url(...).getHostname() would do, but the API
+# CEL twins of upstream_rules.endpoint_problem. The grammar is one regular expression both
+# engines read alike; the host and port are split out with the same string operations as
+# upstream_rules.endpoint_host/endpoint_port (url(...).getHostname() would do, but the API
 # server cannot bound the size of its result, so every function applied to it exceeds the
-# cost budget; split() of a string with a maxLength stays bounded.
-_AUTHORITY = "self.endpoint.split('/')[2].split('?')[0].split('#')[0]"
-_HOST_PORT = f"{_AUTHORITY}.split('@')[size({_AUTHORITY}.split('@')) - 1]"
-_ENDPOINT_HOST = (
-    f"({_HOST_PORT}.startsWith('[') ? {_HOST_PORT}.substring(1, {_HOST_PORT}.indexOf(']'))"
-    f" : {_HOST_PORT}.split(':')[0]).lowerAscii()"
+# cost budget; split() of a string with a maxLength stays bounded). Every rule that splits
+# first checks the grammar, so the splits never see an unexpected shape.
+_VALID_ENDPOINT = (
+    f"has(self.endpoint) && self.endpoint.matches(r'{upstream_rules.ENDPOINT_PATTERN}')"
 )
-_HAS_HOST = "has(self.endpoint) && isURL(self.endpoint) && size(self.endpoint.split('/')) > 2"
+_HOST_PORT = "self.endpoint.split('/')[2].split('?')[0]"
+_BRACKETED = f"{_HOST_PORT}.startsWith('[')"
+_HOST = (
+    f"({_BRACKETED} ? {_HOST_PORT}.substring(1, {_HOST_PORT}.indexOf(']'))"
+    f" : {_HOST_PORT}.split(':')[0])"
+)
+_PORT = (
+    f"({_BRACKETED} ? {_HOST_PORT}.substring({_HOST_PORT}.indexOf(']') + 1)"
+    f" : ({_HOST_PORT}.contains(':') ? ':' + {_HOST_PORT}.split(':')[1] : ''))"
+)
+# One trailing dot removed (the grammar allows no more), lower case: netguard's reading.
+_BARE_HOST = (
+    f"({_HOST}.endsWith('.') ? {_HOST}.substring(0, size({_HOST}) - 1) : {_HOST}).lowerAscii()"
+)
+ENDPOINT_PORT_RULE = (
+    f"!({_VALID_ENDPOINT}) || size({_PORT}) == 0"
+    f" || (int({_PORT}.substring(1)) >= 1 && int({_PORT}.substring(1)) <= 65535)"
+)
+# The API server's ip() refuses zones and IPv4-mapped addresses, so it cannot judge them.
+IPV6_LITERAL_RULE = (
+    f"!({_VALID_ENDPOINT}) || !{_BRACKETED} || ({_HOST}.contains(':') && isIP({_HOST}))"
+)
 # CEL twin of netguard.local_host_reason (literal addresses and the known names only; the
 # relay checks every resolved address when it connects).
 LOCAL_ENDPOINT_RULE = (
-    f"!({_HAS_HOST}) || self.insecureAllowLocalEndpoint"
-    f" || !(isIP({_ENDPOINT_HOST})"
+    f"!({_VALID_ENDPOINT}) || self.insecureAllowLocalEndpoint"
+    f" || !(isIP({_BARE_HOST})"
     f" ? {_cel_strings(tuple(n for n, _ in netguard.LOCAL_NETWORKS))}"
-    f".exists(c, cidr(c).containsIP({_ENDPOINT_HOST}))"
-    f" : ({_ENDPOINT_HOST} in"
-    f" {_cel_strings(tuple(h + d for h in netguard.LOCAL_HOST_NAMES for d in ('', '.')))}"
-    f" || {_ENDPOINT_HOST}.endsWith('{netguard.LOCAL_NAME_SUFFIX}')"
-    f" || {_ENDPOINT_HOST}.endsWith('{netguard.LOCAL_NAME_SUFFIX}.')))"
+    f".exists(c, cidr(c).containsIP({_BARE_HOST}))"
+    f" : ({_BARE_HOST} in {_cel_strings(netguard.LOCAL_HOST_NAMES)}"
+    f" || {_BARE_HOST}.endsWith('{netguard.LOCAL_NAME_SUFFIX}')))"
 )
-# The API server's ip() refuses zones and IPv4-mapped addresses, so it cannot judge them.
-IPV6_LITERAL_RULE = f"!({_HAS_HOST}) || !{_ENDPOINT_HOST}.contains(':') || isIP({_ENDPOINT_HOST})"
-
-
-def _plain_ipv6_literal(host: str) -> bool:
-    """What the API server's isIP() accepts of an IPv6 host: no zone, not IPv4-mapped."""
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return not (
-        isinstance(address, ipaddress.IPv6Address)
-        and (address.ipv4_mapped is not None or address.scope_id is not None)
-    )
-
-
-MESSAGE_STREAM_MESSAGE = "messageStream is only used by provider postmark"
 
 
 class ApiUpstream(KubeModel):
@@ -1518,18 +1516,20 @@ class ApiUpstream(KubeModel):
             ),
             cel(
                 "!has(self.region) || self.provider != 'ses'"
-                f" || self.region.matches(r'{AWS_REGION}')",
+                f" || self.region.matches(r'{upstream_rules.AWS_REGION}')",
                 SES_REGION_FORMAT_MESSAGE,
                 field_path=".region",
             ),
             cel(
-                "!has(self.region) || !(self.provider in ['mailgun', 'sparkpost', 'sendgrid'])"
-                " || self.region in ['us', 'eu']",
+                "!has(self.region)"
+                f" || !(self.provider in {_cel_strings(upstream_rules.REGIONAL_PROVIDERS)})"
+                f" || self.region in {_cel_strings(upstream_rules.REGIONAL_REGIONS)}",
                 REGION_US_EU_MESSAGE,
                 field_path=".region",
             ),
             cel(
-                "!has(self.region) || self.provider in ['mailgun', 'sparkpost', 'sendgrid', 'ses']",
+                "!has(self.region)"
+                f" || self.provider in {_cel_strings(upstream_rules.REGION_PROVIDERS)}",
                 REGION_UNUSED_MESSAGE,
                 field_path=".region",
                 reason="FieldValueForbidden",
@@ -1541,7 +1541,8 @@ class ApiUpstream(KubeModel):
                 reason="FieldValueRequired",
             ),
             cel(
-                "self.provider == 'ses' || has(self.credentialsSecretRef)",
+                f"self.provider in {_cel_strings(AMBIENT_CREDENTIAL_PROVIDERS)}"
+                " || has(self.credentialsSecretRef)",
                 API_CREDENTIALS_MESSAGE,
                 field_path=".credentialsSecretRef",
                 reason="FieldValueRequired",
@@ -1558,8 +1559,9 @@ class ApiUpstream(KubeModel):
                 field_path=".messageStream",
                 reason="FieldValueForbidden",
             ),
-            cel(LOCAL_ENDPOINT_RULE, LOCAL_ENDPOINT_MESSAGE, field_path=".endpoint"),
+            cel(ENDPOINT_PORT_RULE, ENDPOINT_PORT_MESSAGE, field_path=".endpoint"),
             cel(IPV6_LITERAL_RULE, IPV6_LITERAL_MESSAGE, field_path=".endpoint"),
+            cel(LOCAL_ENDPOINT_RULE, LOCAL_ENDPOINT_MESSAGE, field_path=".endpoint"),
         )
     )
 
@@ -1578,24 +1580,19 @@ class ApiUpstream(KubeModel):
             str,
             Field(
                 max_length=2048,
-                json_schema_extra=validations(
-                    cel(
-                        "isURL(self) && url(self).getScheme() in ['http', 'https']"
-                        " && url(self).getHost() != ''",
-                        ENDPOINT_MESSAGE,
-                    )
-                ),
+                json_schema_extra=regex_rule(upstream_rules.ENDPOINT_PATTERN, ENDPOINT_MESSAGE),
             ),
-            AfterValidator(_check_endpoint),
         ]
         | None
     ) = Field(
         default=None,
         description=(
             "Base URL that replaces the provider's public API (a proxy, a regional or test "
-            "endpoint); the full URL to POST to for webhook."
+            "endpoint); the full URL to POST to for webhook. http(s)://host[:port][/path]"
+            "[?query], without credentials or a #fragment."
         ),
     )
+
     domain: DnsName | None = Field(
         default=None, description="Sending domain registered with Mailgun (mailgun only)."
     )
@@ -1624,37 +1621,20 @@ class ApiUpstream(KubeModel):
 
     @model_validator(mode="after")
     def _provider_rules(self) -> Self:
-        provider, region = self.provider, self.region
-        if provider == "mailgun" and self.domain is None:
-            raise ValueError(MAILGUN_DOMAIN_MESSAGE)
-        if self.domain is not None and provider != "mailgun":
-            raise ValueError(DOMAIN_ONLY_MAILGUN_MESSAGE)
-        if provider == "ses" and region is None:
-            raise ValueError(SES_REGION_MESSAGE)
-        if region is not None:
-            if provider == "ses" and not re.fullmatch(AWS_REGION, region):
-                raise ValueError(SES_REGION_FORMAT_MESSAGE)
-            if provider in REGIONAL_PROVIDERS and region not in ("us", "eu"):
-                raise ValueError(REGION_US_EU_MESSAGE)
-            if provider not in (*REGIONAL_PROVIDERS, "ses"):
-                raise ValueError(REGION_UNUSED_MESSAGE)
-        if provider == "webhook" and self.endpoint is None:
-            raise ValueError(WEBHOOK_ENDPOINT_MESSAGE)
-        if provider not in AMBIENT_CREDENTIAL_PROVIDERS and self.credentials_secret_ref is None:
-            raise ValueError(API_CREDENTIALS_MESSAGE)
-        if self.configuration_set is not None and provider != "ses":
-            raise ValueError(CONFIGURATION_SET_MESSAGE)
-        if self.message_stream is not None and provider != "postmark":
-            raise ValueError(MESSAGE_STREAM_MESSAGE)
-        endpoint_host = urlsplit(self.endpoint).hostname if self.endpoint is not None else None
-        if endpoint_host and ":" in endpoint_host and not _plain_ipv6_literal(endpoint_host):
-            raise ValueError(IPV6_LITERAL_MESSAGE)
-        if (
-            endpoint_host is not None
-            and not self.insecure_allow_local_endpoint
-            and netguard.local_host_reason(endpoint_host) is not None
-        ):
-            raise ValueError(LOCAL_ENDPOINT_MESSAGE)
+        """The rules of ``relay/upstream_rules.py``; the CEL rules above are their twins."""
+        problems = upstream_rules.api_upstream_problems(
+            provider=self.provider,
+            endpoint=self.endpoint,
+            region=self.region,
+            domain=self.domain,
+            configuration_set=self.configuration_set,
+            message_stream=self.message_stream,
+            allow_local_endpoint=self.insecure_allow_local_endpoint,
+            has_credentials=self.credentials_secret_ref is not None,
+            words=_WORDS,
+        )
+        if problems:
+            raise ValueError(problems[0])
         return self
 
 

@@ -20,7 +20,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
-from urllib.parse import urlsplit
 
 import yaml
 from pydantic import (
@@ -36,7 +35,7 @@ from pydantic import (
 )
 from pydantic_core import ErrorDetails, InitErrorDetails, PydanticCustomError
 
-from mailrelay.relay import netguard
+from mailrelay.relay import netguard, upstream_rules
 from mailrelay.relay.problems import validation_problems, yaml_problem
 
 __all__ = [
@@ -427,14 +426,15 @@ class SmtpUpstream(_Model):
         return self
 
 
+_WORDS = upstream_rules.messages()
+
+
 class ApiUpstream(_Model):
     """An HTTP mail provider; `docs/providers.md` lists each provider's fields and files."""
 
     type: Literal["api"] = Field(description="Selects an HTTP provider transport.")
     name: str = Field(min_length=1, description="Unique name; a metrics label.")
-    provider: Literal[
-        "mailgun", "ses", "sparkpost", "sendgrid", "postmark", "resend", "webhook"
-    ] = Field(description="Which provider API to call.")
+    provider: upstream_rules.Provider = Field(description="Which provider API to call.")
     endpoint: str | None = Field(default=None, description="Override of the API base URL.")
     region: str | None = Field(default=None, description="Provider region (SES, Mailgun EU).")
     domain: str | None = Field(default=None, description="Sending domain (Mailgun).")
@@ -463,32 +463,20 @@ class ApiUpstream(_Model):
 
     @model_validator(mode="after")
     def _provider_fields(self) -> ApiUpstream:
-        needs = {"mailgun": ("domain", self.domain), "ses": ("region", self.region)}
-        field, value = needs.get(self.provider, ("", ""))
-        if value is None:
-            raise ValueError(f"upstream {self.name!r}: provider {self.provider} needs `{field}`")
-        if self.provider == "webhook" and self.endpoint is None:
-            raise ValueError(f"upstream {self.name!r}: provider webhook needs `endpoint` (a URL)")
-        if self.endpoint is not None and not self.endpoint.startswith(("https://", "http://")):
-            raise ValueError(
-                f"upstream {self.name!r}: endpoint {self.endpoint!r} must start with https://"
-            )
-        if self.endpoint is not None and not self.insecure_allow_local_endpoint:
-            host = urlsplit(self.endpoint).hostname or ""
-            reason = netguard.local_host_reason(host)
-            if reason is not None:
-                raise ValueError(
-                    netguard.local_endpoint_message(
-                        f"upstream {self.name!r}: endpoint host {host!r} is {reason}",
-                        "insecure_allow_local_endpoint",
-                    )
-                )
-        regional = self.provider in ("mailgun", "sparkpost", "sendgrid")
-        if regional and self.region not in (None, "us", "eu"):
-            raise ValueError(
-                f"upstream {self.name!r}: {self.provider} region must be `us` or `eu`, "
-                f"not {self.region!r}"
-            )
+        """The rules of ``relay/upstream_rules.py``, which the operator applies too."""
+        problems = upstream_rules.api_upstream_problems(
+            provider=self.provider,
+            endpoint=self.endpoint,
+            region=self.region,
+            domain=self.domain,
+            configuration_set=self.configuration_set,
+            message_stream=self.message_stream,
+            allow_local_endpoint=self.insecure_allow_local_endpoint,
+            has_credentials=None,
+            words=_WORDS,
+        )
+        if problems:
+            raise ValueError(f"upstream {self.name!r}: {problems[0]}")
         return self
 
 

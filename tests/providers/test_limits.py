@@ -7,8 +7,14 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
+from mailrelay.relay import upstream_rules
 from mailrelay.relay.config import ApiUpstream, RouteConfig
-from mailrelay.relay.upstreams.providers.limits import PROVIDER_LIMITS, effective_max_message_size
+from mailrelay.relay.upstreams.providers import registry
+from mailrelay.relay.upstreams.providers.limits import (
+    BUILD_MEMORY_FACTORS,
+    PROVIDER_LIMITS,
+    effective_max_message_size,
+)
 
 RELAY_LIMIT = 26_214_400
 
@@ -25,7 +31,7 @@ def api(provider: str, name: str | None = None) -> dict[str, Any]:
         "name": name or provider,
         "provider": provider,
         "endpoint": "https://hooks.example.com/mail",
-        "domain": "mg.example.com",
+        "domain": "mg.example.com" if provider == "mailgun" else None,
         "region": "us-east-1" if provider == "ses" else None,
     }
 
@@ -64,11 +70,26 @@ def test_api_upstream_config_is_checked_with_readable_messages() -> None:
         with pytest.raises(ValidationError, match=message):
             ApiUpstream.model_validate({"type": "api", "name": "u", **fields})
 
-    check({"provider": "mailgun"}, "needs `domain`")
-    check({"provider": "ses"}, "needs `region`")
-    check({"provider": "webhook"}, "needs `endpoint`")
-    check({"provider": "resend", "endpoint": "api.resend.com"}, "must start with https://")
-    check({"provider": "sparkpost", "region": "eu-west-1"}, "region must be `us` or `eu`")
+    check({"provider": "mailgun"}, "upstream 'u': domain is required for provider mailgun")
+    check({"provider": "ses"}, "upstream 'u': provider ses needs a region such as eu-west-1")
+    check({"provider": "webhook"}, "upstream 'u': provider webhook needs an endpoint")
+    check(
+        {"provider": "resend", "endpoint": "api.resend.com"},
+        "upstream 'u': endpoint must be an absolute http:// or https:// URL",
+    )
+    check(
+        {"provider": "sparkpost", "region": "eu-west-1"},
+        "region for mailgun, sparkpost and sendgrid must be us or eu",
+    )
+
+
+def test_every_provider_has_a_transport_and_limits() -> None:
+    """A provider named in upstream_rules (the config's and the CRD's list) can be built and
+    sized: adding one to the list without the rest fails here."""
+    providers = set(upstream_rules.PROVIDERS)
+    assert set(registry.PROVIDERS) == providers
+    assert set(PROVIDER_LIMITS) == providers
+    assert set(BUILD_MEMORY_FACTORS) == providers
 
 
 @pytest.mark.parametrize(
