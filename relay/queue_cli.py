@@ -23,7 +23,8 @@ from typing import Any, TextIO
 
 from mailrelay.relay.config import ConfigError, load_config
 from mailrelay.relay.logging import printable
-from mailrelay.relay.spool import QueueEntry, Spool, SpoolError
+from mailrelay.relay.spool_admin import SpoolAdmin
+from mailrelay.relay.spool_format import QueueEntry, SpoolError
 
 __all__ = ["add_queue_parser", "run_queue_command"]
 
@@ -55,11 +56,11 @@ def _add_actions(actions: Any, *, dead: bool) -> None:
         action.add_argument("--all", action="store_true", help=f"all {what}")
 
 
-def _spool_for(args: argparse.Namespace) -> Spool:
+def _spool_for(args: argparse.Namespace) -> SpoolAdmin:
     if args.spool_dir is not None:
-        return Spool(args.spool_dir)
+        return SpoolAdmin(args.spool_dir)
     config = load_config(args.config)
-    return Spool(config.spool.directory)
+    return SpoolAdmin(config.spool.directory)
 
 
 def _when(ts: float) -> str:
@@ -140,7 +141,7 @@ def run_queue_command(
         out.write(json.dumps(entry.model_dump(), indent=2) + "\n")
         if args.message:
             out.flush()
-            data = spool.read_message_sync(args.queue_id, dead=dead)
+            data = spool.read_message(args.queue_id, dead=dead)
             buffer = getattr(out, "buffer", None)
             if buffer is not None:
                 buffer.write(data)
@@ -159,13 +160,13 @@ def run_queue_command(
         try:
             with spool.claim_blocking(queue_id, dead=dead):
                 if action == "delete":
-                    spool.delete_sync(queue_id, dead=dead)
+                    spool.delete(queue_id, dead=dead)
                     out.write(f"Deleted {queue_id}\n")
                 elif dead:
-                    spool.retry_dead_letter_sync(queue_id)
+                    spool.retry_dead_letter(queue_id)
                     out.write(f"Requeued dead letter {queue_id}\n")
                 else:
-                    spool.retry_now_sync(queue_id)
+                    spool.retry_now(queue_id)
                     out.write(f"Scheduled {queue_id} for immediate retry\n")
         except SpoolError as exc:
             err.write(f"{exc}\n")

@@ -40,8 +40,10 @@ own. The spool remembers which messages live in its journal; `save` and
 current state, and `finish_journaled` marks a delivered one done. On start, and in every
 delivery scan, segments nobody holds are recovered into queue files (`recover_journal_sync`).
 
-Spools of earlier versions (`<qid>.eml` + `<qid>.json`) are converted on start
-(`migrate_legacy_sync`), one message at a time under the old format's claim.
+The file format and the file operations shared with the rest of the storage code are in
+`spool_format.py`; spools of earlier versions (`<qid>.eml` + `<qid>.json`) are converted on
+start by `spool_migration.py`; the queue CLI's operations (list, retry, delete, dead letters)
+are in `spool_admin.py`. This module is the store the running relay uses.
 """
 
 from __future__ import annotations
@@ -49,26 +51,53 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
-import itertools
 import logging
 import os
 import random
-import re
 import secrets
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 from typing import Literal, TypeAlias
-
-from pydantic import BaseModel, ConfigDict
 
 from mailrelay.relay.budget import Reservation
 from mailrelay.relay.envelope import Envelope
 from mailrelay.relay.fileio import fsync_dir, write_parts
 from mailrelay.relay.journal import SUFFIX as _JOURNAL_SUFFIX
 from mailrelay.relay.journal import Journal, pending_messages
+from mailrelay.relay.spool_format import (
+    DEAD,
+    JOURNAL,
+    LEGACY_ENVELOPE,
+    LEGACY_MESSAGE,
+    MSG,
+    QID_RE,
+    QUEUE,
+    STATE,
+    TMP,
+    Claim,
+    QueueEntry,
+    RecipientState,
+    SpoolError,
+    decode_message,
+    encode_header,
+    extract_message_id,
+    message_ids,
+    move_message,
+    new_queue_id,
+    read_all,
+    read_header_fd,
+    read_message_fd,
+    remove_message,
+    save_state,
+    state_or_none,
+    write_file,
+    write_message,
+)
+from mailrelay.relay.spool_format import load_entry as _load_entry
+from mailrelay.relay.spool_format import try_claim as _try_claim
+from mailrelay.relay.spool_migration import migrate_legacy
 
 __all__ = [
     "JOURNAL_MAX_MESSAGE_BYTES",
@@ -89,7 +118,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-_TMP, _QUEUE, _DEAD, _JOURNAL = "tmp", "queue", "deadletter", "journal"
 # What the journal may hold at once per process (each message also stays in memory until
 # its first attempt ends); beyond it, fresh messages get queue files as before.
 _JOURNAL_MAX_MESSAGES = 256
@@ -100,198 +128,9 @@ JOURNAL_MAX_MESSAGE_BYTES = 1 << 20
 # size is reserved at its widest, this covers the receive time's digits.
 _HEADER_SLACK = 64
 _WIDEST_SIZE = 10**15
-_MSG, _STATE = ".msg", ".state"
-# The two files of a message in the format before the one-file spool.
-_LEGACY_ENVELOPE, _LEGACY_MESSAGE = ".json", ".eml"
 # Debris (temp files, a lone .state) older than this is removed on start; younger files
 # may belong to a live writer in another process.
 _DEBRIS_AGE_SECONDS = 3600.0
-_QID_RE = re.compile(r"^[0-9A-F]{24}$")
-_MESSAGE_ID_RE = re.compile(
-    rb"^message-id:[ \t]*(.*(?:\r?\n[ \t].*)*)", re.IGNORECASE | re.MULTILINE
-)
-
-_counter = itertools.count()
-
-
-def new_queue_id(now: float | None = None) -> str:
-    """A queue id that sorts by time and is unique across processes and hosts.
-
-    14 hex digits of microseconds, then 4 of pid and counter, then 6 random: 24 upper-case
-    hex characters, safe as a file name and short enough to read in logs.
-    """
-    micros = int((time.time() if now is None else now) * 1_000_000)
-    local = ((os.getpid() & 0xFF) << 8) | (next(_counter) & 0xFF)
-    # Not secret, just unique: the PRNG (seeded from urandom, reseeded after fork) saves
-    # a getrandom syscall per message.
-    return f"{micros:014X}{local:04X}{random.getrandbits(24):06X}"
-
-
-class SpoolError(Exception):
-    """A spool operation that cannot be done (unknown queue id, message busy, ...)."""
-
-
-class RecipientState(BaseModel):
-    """Delivery state of one recipient of a queued message."""
-
-    model_config = ConfigDict(extra="ignore")
-
-    address: str
-    route: str
-    status: Literal["pending", "delivered", "bounced", "deferred"] = "pending"
-    attempts: int = 0
-    last_error: str | None = None
-    next_attempt_at: float = 0.0
-    upstream: str | None = None
-
-
-class QueueEntry(BaseModel):
-    """The envelope and state of one queued message (`.msg` header line, or `.state`)."""
-
-    model_config = ConfigDict(extra="ignore")
-
-    queue_id: str
-    mail_from: str
-    recipients: list[RecipientState]
-    received_at: float
-    size: int
-    smtputf8: bool = False
-    body_8bitmime: bool = False
-    client_address: str = ""
-    authenticated_user: str | None = None
-    message_id: str | None = None
-    dead_reason: str | None = None
-
-    def envelope(self, recipients: Iterable[str]) -> Envelope:
-        """The envelope this message is sent with to `recipients` (a subset of its own)."""
-        return Envelope(
-            queue_id=self.queue_id,
-            mail_from=self.mail_from,
-            recipients=tuple(recipients),
-            smtputf8=self.smtputf8,
-            body_8bitmime=self.body_8bitmime,
-        )
-
-
-def extract_message_id(data: bytes) -> str | None:
-    """The Message-ID header value, looked up in the header section only."""
-    end = data.find(b"\r\n\r\n")
-    if end < 0:
-        end = data.find(b"\n\n")
-    head = data if end < 0 else data[:end]
-    match = _MESSAGE_ID_RE.search(head)
-    if match is None:
-        return None
-    value = re.sub(rb"\s+", b" ", match.group(1)).strip()
-    return value.decode("utf-8", "replace") or None
-
-
-def _write_durably(path: Path, data: bytes) -> int:
-    """Create `path` with `data`, fsync it, return its mtime (ns) as the state's version."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
-    try:
-        write_parts(fd, [data])
-        os.fsync(fd)
-        return os.fstat(fd).st_mtime_ns
-    finally:
-        os.close(fd)
-
-
-def _read_fd(fd: int) -> bytes:
-    chunks = []
-    while chunk := os.read(fd, 1 << 20):
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def _read_header_fd(fd: int) -> bytes:
-    """The `.msg` header line, reading no further into the message than needed."""
-    head = b""
-    while (end := head.find(b"\n")) < 0:
-        chunk = os.read(fd, 16384)
-        if not chunk:
-            raise ValueError("message file without a complete header line")
-        head += chunk
-    return head[:end]
-
-
-def _read_message_fd(fd: int) -> tuple[QueueEntry, bytes]:
-    """A `.msg` file's envelope and bytes, read with one allocation for the bytes (no
-    read-everything-then-slice copy: the bytes of a large message are most of the file)."""
-    head = b""
-    while (end := head.find(b"\n")) < 0:
-        chunk = os.pread(fd, 16384, len(head))
-        if not chunk:
-            raise ValueError("message file without a complete header line")
-        head += chunk
-    entry = QueueEntry.model_validate_json(head[:end])
-    start = end + 1
-    total = os.fstat(fd).st_size
-    if total - start != entry.size:
-        raise ValueError(f"message file holds {total - start} bytes, its header says {entry.size}")
-    data = os.pread(fd, entry.size, start)
-    if len(data) < entry.size:  # a read is capped near 2 GiB; finish in pieces
-        parts = [data]
-        offset = start + len(data)
-        while offset < total:
-            piece = os.pread(fd, total - offset, offset)
-            if not piece:
-                raise ValueError("message file shrank while it was read")
-            parts.append(piece)
-            offset += len(piece)
-        data = b"".join(parts)
-    return entry, data
-
-
-def encode_header(entry: QueueEntry) -> bytes:
-    """The `.msg` header line (JSON never holds a raw newline: strings escape it)."""
-    return entry.model_dump_json().encode() + b"\n"
-
-
-def decode_message(raw: bytes) -> tuple[QueueEntry, bytes]:
-    """Split a `.msg` file into its envelope and message; refuse a truncated one."""
-    end = raw.find(b"\n")
-    if end < 0:
-        raise ValueError("message file without a complete header line")
-    entry = QueueEntry.model_validate_json(raw[:end])
-    data = raw[end + 1 :]
-    if len(data) != entry.size:
-        raise ValueError(f"message file holds {len(data)} bytes, its header says {entry.size}")
-    return entry, data
-
-
-class Claim:
-    """An exclusive claim on one queued message (flock on its .msg); release when done."""
-
-    def __init__(self, queue_id: str, fd: int) -> None:
-        self.queue_id = queue_id
-        self._fd: int | None = fd
-
-    def fileno(self) -> int:
-        """The open, flocked descriptor of the `.msg` (to read it without opening it again)."""
-        if self._fd is None:
-            raise SpoolError(f"the claim on message {self.queue_id} was released")
-        return self._fd
-
-    def release(self) -> None:
-        """Drop the lock; closing the descriptor releases the flock."""
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-
-    def __enter__(self) -> Claim:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.release()
-
-    def __del__(self) -> None:
-        self.release()
 
 
 @dataclass(frozen=True, slots=True)
@@ -444,10 +283,10 @@ class Spool:
 
     def __init__(self, directory: Path, *, clock: Callable[[], float] = time.time) -> None:
         self.directory = Path(directory)
-        self.tmp_dir = self.directory / _TMP
-        self.queue_dir = self.directory / _QUEUE
-        self.dead_dir = self.directory / _DEAD
-        self.journal_dir = self.directory / _JOURNAL
+        self.tmp_dir = self.directory / TMP
+        self.queue_dir = self.directory / QUEUE
+        self.dead_dir = self.directory / DEAD
+        self.journal_dir = self.directory / JOURNAL
         self._clock = clock
         self._queue_sync = _DirSync(self.queue_dir)
         self._dead_sync = _DirSync(self.dead_dir)
@@ -480,7 +319,7 @@ class Spool:
 
     def _write_queue_files(self, messages: dict[str, tuple[bytes, bytes]]) -> None:
         for queue_id, (head, data) in messages.items():
-            self._write_message(self.queue_dir, queue_id, head, data)
+            write_message(self.tmp_dir, self.queue_dir, queue_id, head, data)
         fsync_dir(self.queue_dir)
 
     def _folder(self, dead: bool) -> Path:
@@ -496,7 +335,7 @@ class Spool:
         """Blocking `start`, for the CLI and tests outside an event loop."""
         for path in (self.tmp_dir, self.queue_dir, self.dead_dir, self.journal_dir):
             path.mkdir(parents=True, exist_ok=True)
-        self.migrate_legacy_sync()
+        migrate_legacy(self.directory)
         self.recover_journal_sync()
         cutoff = time.time() - _DEBRIS_AGE_SECONDS
         for path in self.tmp_dir.iterdir():
@@ -507,77 +346,12 @@ class Spool:
         for folder in (self.queue_dir, self.dead_dir):
             # A lone .state is left by a crash while removing a message; a lone .eml by a
             # crash of a relay of the two-file format while writing one.
-            for lone, partner in ((_STATE, _MSG), (_LEGACY_MESSAGE, _LEGACY_ENVELOPE)):
+            for lone, partner in ((STATE, MSG), (LEGACY_MESSAGE, LEGACY_ENVELOPE)):
                 for path in folder.glob(f"*{lone}"):
                     with contextlib.suppress(FileNotFoundError):
                         if not path.with_suffix(partner).exists() and path.stat().st_mtime < cutoff:
                             path.unlink()
                             log.info("Removed debris %s from the spool", path.name)
-
-    def migrate_legacy_sync(self) -> int:
-        """Convert messages of the two-file format (`.eml` + `.json`); returns how many.
-
-        Each is claimed the old way (flock on its `.eml`) while it is converted, so a relay
-        of the old version still running on the spool and two new processes starting at
-        once cannot both act on it. The new `.msg` is complete before the old files go,
-        so a crash in between leaves both, and the next start just drops the old pair.
-        """
-        converted = 0
-        for folder in (self.queue_dir, self.dead_dir):
-            moved = 0
-            for queue_id in sorted(self._ids(folder, _LEGACY_ENVELOPE)):
-                if self._migrate_one(folder, queue_id):
-                    moved += 1
-            if moved:
-                fsync_dir(folder)
-                log.info("Converted %d message(s) in %s to the one-file format", moved, folder)
-            converted += moved
-        return converted
-
-    def legacy_message_count(self) -> int:
-        """How many messages are still in the two-file format (the CLI warns about them)."""
-        return sum(
-            1
-            for folder in (self.queue_dir, self.dead_dir)
-            if folder.is_dir()  # the CLI may look at a spool no relay has started yet
-            for _ in self._ids(folder, _LEGACY_ENVELOPE)
-        )
-
-    def _migrate_one(self, folder: Path, queue_id: str) -> bool:
-        old_json = folder / f"{queue_id}{_LEGACY_ENVELOPE}"
-        old_eml = folder / f"{queue_id}{_LEGACY_MESSAGE}"
-        try:
-            fd = os.open(old_eml, os.O_RDONLY)
-        except FileNotFoundError:
-            return False  # converted by someone else meanwhile, or a lone .json: no message
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                log.warning(
-                    "Left message %s in the old format: another process holds it"
-                    " (converting it, or a relay of the old version delivering it)",
-                    queue_id,
-                )
-                return False
-            target = folder / f"{queue_id}{_MSG}"
-            if not target.exists():
-                try:
-                    entry = QueueEntry.model_validate_json(old_json.read_bytes())
-                except FileNotFoundError:
-                    return False
-                except ValueError:
-                    log.warning("Left message %s in the old format: unreadable envelope", queue_id)
-                    return False
-                data = _read_fd(fd)
-                entry = entry.model_copy(update={"size": len(data)})
-                self._write_message(folder, queue_id, encode_header(entry), data)
-            for path in (old_json, old_eml):
-                with contextlib.suppress(FileNotFoundError):
-                    path.unlink()
-            return True
-        finally:
-            os.close(fd)
 
     @property
     def directory_syncs(self) -> int:
@@ -727,7 +501,7 @@ class Spool:
         message_id = extract_message_id(head)
         draft = self._arrival_entry(arrival, _WIDEST_SIZE, message_id)
         reserve = len(encode_header(draft)) + _HEADER_SLACK
-        path = self.tmp_dir / f"{arrival.queue_id}{_MSG}"
+        path = self.tmp_dir / f"{arrival.queue_id}{MSG}"
         # Read and write: the first delivery attempt reads the bytes back through the claim.
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o640)
         try:
@@ -768,14 +542,14 @@ class Spool:
         os.pwrite(incoming.fd, line, 0)
         os.fsync(incoming.fd)
         fcntl.flock(incoming.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        os.rename(incoming.path, self.queue_dir / f"{entry.queue_id}{_MSG}")
+        os.rename(incoming.path, self.queue_dir / f"{entry.queue_id}{MSG}")
         fd, incoming.fd = incoming.fd, -1
         return fd
 
     def _widen_header(self, incoming: IncomingFile, needed: int) -> None:
         """Copy the bytes to a new temp file with room for a longer envelope line than
         reserved (never expected: the reserve assumes the widest size)."""
-        path = self.tmp_dir / f"{incoming.arrival.queue_id}.{random.getrandbits(32):08x}{_MSG}"
+        path = self.tmp_dir / f"{incoming.arrival.queue_id}.{random.getrandbits(32):08x}{MSG}"
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o640)
         try:
             offset, target = incoming.reserve, needed
@@ -812,43 +586,13 @@ class Spool:
         the claim from the first moment anyone else could see the message.
         """
         qid = entry.queue_id
-        return self._write_file(
-            self.tmp_dir / f"{qid}{_MSG}",
+        return write_file(
+            self.tmp_dir / f"{qid}{MSG}",
             encode_header(entry),
             data,
-            self.queue_dir / f"{qid}{_MSG}",
+            self.queue_dir / f"{qid}{MSG}",
             hold=hold,
         )
-
-    def _write_message(self, folder: Path, queue_id: str, head: bytes, data: bytes) -> None:
-        """Write `<queue_id>.msg` into `folder` (temp file, fsync, rename), replacing any.
-
-        The temp name is unique per call: several writers may produce the same message.
-        """
-        tmp = self.tmp_dir / f"{queue_id}.{random.getrandbits(32):08x}{_MSG}"
-        self._write_file(tmp, head, data, folder / f"{queue_id}{_MSG}")
-
-    @staticmethod
-    def _write_file(
-        tmp: Path, head: bytes, data: bytes, target: Path, *, hold: bool = False
-    ) -> int | None:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
-        try:
-            write_parts(fd, [head, data])
-            os.fsync(fd)
-            if hold:
-                # Nobody else can hold it yet: it is not in queue/ until the rename.
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            os.rename(tmp, target)
-        except BaseException:
-            os.close(fd)
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-            raise
-        if hold:
-            return fd
-        os.close(fd)
-        return None
 
     # -- state ------------------------------------------------------------------------
 
@@ -861,7 +605,7 @@ class Spool:
         if entry.queue_id in self._journaled:
             await self._move_out_of_journal(entry, self.queue_dir)
             return 0
-        return await asyncio.to_thread(self._save_sync, entry, self.queue_dir)
+        return await asyncio.to_thread(save_state, self.tmp_dir, entry, self.queue_dir)
 
     def is_journaled(self, queue_id: str) -> bool:
         """Whether the message lives in this process's journal (no queue file yet)."""
@@ -884,55 +628,19 @@ class Spool:
         it durable (file and directory fsync), then mark it done in the journal."""
         qid = entry.queue_id
         _, data = self._journaled[qid]
-        await asyncio.to_thread(self._write_message, folder, qid, encode_header(entry), data)
+        await asyncio.to_thread(
+            write_message, self.tmp_dir, folder, qid, encode_header(entry), data
+        )
         await (self._dead_sync if folder == self.dead_dir else self._queue_sync).sync()
         self.finish_journaled(qid)
 
-    def _save_sync(self, entry: QueueEntry, folder: Path) -> int:
-        tmp = self.tmp_dir / f"{entry.queue_id}.{random.getrandbits(32):08x}{_STATE}"
-        try:
-            version = _write_durably(tmp, entry.model_dump_json().encode())
-            os.rename(tmp, folder / f"{entry.queue_id}{_STATE}")
-        except BaseException:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-            raise
-        return version
-
-    def _state_or_none(self, folder: Path, queue_id: str) -> QueueEntry | None:
-        try:
-            raw = (folder / f"{queue_id}{_STATE}").read_bytes()
-        except FileNotFoundError:
-            return None
-        return QueueEntry.model_validate_json(raw)
-
     def load_entry(self, queue_id: str, *, dead: bool = False) -> QueueEntry | None:
-        """The current state of one message, or None if it is gone."""
-        folder = self._folder(dead)
-        try:
-            fd = os.open(folder / f"{queue_id}{_MSG}", os.O_RDONLY)
-        except FileNotFoundError:
-            return None
-        try:
-            state = self._state_or_none(folder, queue_id)
-            if state is not None:
-                return state
-            return QueueEntry.model_validate_json(_read_header_fd(fd))
-        finally:
-            os.close(fd)
+        """The current state of one message, or None if it is gone (blocking)."""
+        return _load_entry(self._folder(dead), queue_id)
 
     async def read_entry(self, queue_id: str, *, dead: bool = False) -> QueueEntry | None:
         """`load_entry` off the event loop."""
         return await asyncio.to_thread(self.load_entry, queue_id, dead=dead)
-
-    def read_message_sync(self, queue_id: str, *, dead: bool = False) -> bytes:
-        """The exact bytes to deliver (blocking, for the CLI's `show`)."""
-        raw = (self._folder(dead) / f"{queue_id}{_MSG}").read_bytes()
-        return decode_message(raw)[1]
-
-    async def read_message(self, queue_id: str) -> bytes:
-        """The exact bytes to deliver."""
-        return await asyncio.to_thread(self.read_message_sync, queue_id)
 
     def claim_and_load(self, queue_id: str) -> Loaded:
         """Claim a queued message, then read its current state and bytes (blocking).
@@ -940,7 +648,7 @@ class Spool:
         "busy": another holder has it; "gone": it was delivered, deleted or dead-lettered.
         The bytes are read through the claimed descriptor: no second open.
         """
-        path = self.queue_dir / f"{queue_id}{_MSG}"
+        path = self.queue_dir / f"{queue_id}{MSG}"
         claim = self.try_claim(queue_id)
         if claim is None:
             return "busy" if path.exists() else "gone"
@@ -949,8 +657,8 @@ class Spool:
             if not path.exists():
                 claim.release()
                 return "gone"
-            entry, data = _read_message_fd(claim.fileno())
-            state = self._state_or_none(self.queue_dir, queue_id)
+            entry, data = read_message_fd(claim.fileno())
+            state = state_or_none(self.queue_dir, queue_id)
         except BaseException:
             claim.release()
             raise
@@ -959,7 +667,7 @@ class Spool:
     def claim_entry(self, queue_id: str) -> tuple[Claim, QueueEntry] | Literal["busy", "gone"]:
         """`claim_and_load` without the bytes (read them with `read_claimed` once there is
         room for them in memory)."""
-        path = self.queue_dir / f"{queue_id}{_MSG}"
+        path = self.queue_dir / f"{queue_id}{MSG}"
         claim = self.try_claim(queue_id)
         if claim is None:
             return "busy" if path.exists() else "gone"
@@ -968,8 +676,8 @@ class Spool:
                 claim.release()
                 return "gone"
             os.lseek(claim.fileno(), 0, os.SEEK_SET)
-            entry = QueueEntry.model_validate_json(_read_header_fd(claim.fileno()))
-            state = self._state_or_none(self.queue_dir, queue_id)
+            entry = QueueEntry.model_validate_json(read_header_fd(claim.fileno()))
+            state = state_or_none(self.queue_dir, queue_id)
         except BaseException:
             claim.release()
             raise
@@ -978,18 +686,11 @@ class Spool:
     @staticmethod
     def read_claimed(claim: Claim) -> bytes:
         """The bytes of a claimed queued message (blocking)."""
-        return _read_message_fd(claim.fileno())[1]
+        return read_message_fd(claim.fileno())[1]
 
     async def remove(self, queue_id: str) -> None:
         """Forget a message whose recipients are all done."""
-        await asyncio.to_thread(self._remove_sync, queue_id, self.queue_dir)
-
-    @staticmethod
-    def _remove_sync(queue_id: str, folder: Path, *, state_file: bool = True) -> None:
-        # The .msg first: it is the record; a .state left by a crash here is debris.
-        for suffix in (_MSG, _STATE) if state_file else (_MSG,):
-            with contextlib.suppress(FileNotFoundError):
-                (folder / f"{queue_id}{suffix}").unlink()
+        await asyncio.to_thread(remove_message, queue_id, self.queue_dir)
 
     def remove_and_release(self, queue_id: str, claim: Claim, *, state_file: bool = True) -> None:
         """Forget a delivered message, then drop its claim: one thread hop for both.
@@ -999,7 +700,7 @@ class Spool:
         `.state` left would be debris, removed on a later start.
         """
         try:
-            self._remove_sync(queue_id, self.queue_dir, state_file=state_file)
+            remove_message(queue_id, self.queue_dir, state_file=state_file)
         finally:
             claim.release()
 
@@ -1009,146 +710,28 @@ class Spool:
         if entry.queue_id in self._journaled:
             await self._move_out_of_journal(dead, self.dead_dir)
             return
-        await asyncio.to_thread(self._move_sync, dead, self.queue_dir, self.dead_dir)
+        await asyncio.to_thread(move_message, self.tmp_dir, dead, self.queue_dir, self.dead_dir)
         await self._dead_sync.sync()
-
-    def _move_sync(self, entry: QueueEntry, source: Path, target: Path) -> None:
-        """Move a message between queue/ and deadletter/ with `entry` as its state.
-
-        The new state is written first, then the `.msg` renamed (the switch), then the
-        old state dropped: a crash leaves the message where it was, or where it goes with
-        its new state, plus at most a lone `.state` (debris).
-        """
-        qid = entry.queue_id
-        self._save_sync(entry, target)
-        os.rename(source / f"{qid}{_MSG}", target / f"{qid}{_MSG}")
-        with contextlib.suppress(FileNotFoundError):
-            (source / f"{qid}{_STATE}").unlink()
-
-    async def retry_dead_letter(self, queue_id: str) -> QueueEntry:
-        """Put a dead letter back in the queue; undelivered recipients start over now."""
-        entry = await asyncio.to_thread(self.retry_dead_letter_sync, queue_id)
-        await self._queue_sync.sync()
-        return entry
-
-    def retry_dead_letter_sync(self, queue_id: str) -> QueueEntry:
-        """Blocking `retry_dead_letter` (the CLI); fsyncs the queue directory itself."""
-        entry = self.load_entry(queue_id, dead=True)
-        if entry is None:
-            raise SpoolError(f"no dead letter with queue id {queue_id}")
-        now = self._clock()
-        recipients = [
-            r
-            if r.status == "delivered"
-            else r.model_copy(update={"status": "pending", "attempts": 0, "next_attempt_at": now})
-            for r in entry.recipients
-        ]
-        # The maximum age counts again from the retry, or the engine would bounce at once.
-        revived = entry.model_copy(
-            update={"recipients": recipients, "dead_reason": None, "received_at": now}
-        )
-        self._move_sync(revived, self.dead_dir, self.queue_dir)
-        fsync_dir(self.queue_dir)
-        return revived
-
-    def retry_now_sync(self, queue_id: str) -> QueueEntry:
-        """Make every undelivered recipient due now (the CLI's `queue retry`); claim first."""
-        entry = self.load_entry(queue_id)
-        if entry is None:
-            raise SpoolError(f"no queued message with queue id {queue_id}")
-        now = self._clock()
-        recipients = [
-            r.model_copy(update={"next_attempt_at": now, "status": "pending"})
-            if r.status in ("pending", "deferred")
-            else r
-            for r in entry.recipients
-        ]
-        updated = entry.model_copy(update={"recipients": recipients})
-        self._save_sync(updated, self.queue_dir)
-        return updated
-
-    def delete_sync(self, queue_id: str, *, dead: bool = False) -> None:
-        """Delete a message for good (the CLI's `queue delete`); claim first."""
-        folder = self._folder(dead)
-        if not (folder / f"{queue_id}{_MSG}").exists():
-            kind = "dead letter" if dead else "queued message"
-            raise SpoolError(f"no {kind} with queue id {queue_id}")
-        self._remove_sync(queue_id, folder)
 
     # -- claims -----------------------------------------------------------------------
 
     def try_claim(self, queue_id: str, *, dead: bool = False) -> Claim | None:
         """Claim a message without waiting; None if another holder has it or it is gone."""
-        try:
-            fd = os.open(self._folder(dead) / f"{queue_id}{_MSG}", os.O_RDONLY)
-        except FileNotFoundError:
-            return None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            return None
-        except BaseException:
-            os.close(fd)
-            raise
-        return Claim(queue_id, fd)
-
-    def claim_blocking(self, queue_id: str, *, dead: bool = False, timeout: float = 10.0) -> Claim:
-        """Claim, waiting up to `timeout` for a delivery in progress (the CLI's way)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            claim = self.try_claim(queue_id, dead=dead)
-            if claim is not None:
-                return claim
-            if not (self._folder(dead) / f"{queue_id}{_MSG}").exists():
-                kind = "dead letter" if dead else "queued message"
-                raise SpoolError(f"no {kind} with queue id {queue_id}")
-            if time.monotonic() > deadline:
-                raise SpoolError(f"message {queue_id} is busy (being delivered); try again")
-            time.sleep(0.05)
+        return _try_claim(self._folder(dead), queue_id)
 
     # -- listing ----------------------------------------------------------------------
 
-    def _list(self, folder: Path) -> list[QueueEntry]:
-        entries = []
-        for queue_id in sorted(self._ids(folder)):
-            try:
-                entry = self.load_entry(queue_id, dead=folder == self.dead_dir)
-            except ValueError:
-                log.warning("Skipped unreadable envelope of message %s in the spool", queue_id)
-                continue
-            if entry is not None:  # else delivered or moved while we listed
-                entries.append(entry)
-        return entries
-
-    def list_queue(self) -> list[QueueEntry]:
-        """Every queued message, oldest first (blocking: for startup and the CLI)."""
-        return self._list(self.queue_dir)
-
-    def list_dead_letters(self) -> list[QueueEntry]:
-        """Every dead letter, oldest first."""
-        return self._list(self.dead_dir)
-
-    @staticmethod
-    def _ids(folder: Path, suffix: str = _MSG) -> Iterator[str]:
-        """Queue ids of the files in `folder` named `<id><suffix>`."""
-        with os.scandir(folder) as it:
-            for item in it:
-                name = item.name
-                if name.endswith(suffix) and _QID_RE.match(name[: -len(suffix)]):
-                    yield name[: -len(suffix)]
-
     def queue_ids(self) -> list[str]:
         """Queued ids without parsing envelopes (cheap, for metrics)."""
-        return sorted(self._ids(self.queue_dir))
+        return sorted(message_ids(self.queue_dir))
 
     def iter_queue_ids(self) -> Iterator[str]:
         """Queued ids in directory order, for scans that do not need sorting."""
-        return self._ids(self.queue_dir)
+        return message_ids(self.queue_dir)
 
     def count_dead_letters(self) -> int:
         """How many dead letters there are (for the gauge)."""
-        return sum(1 for _ in self._ids(self.dead_dir))
+        return sum(1 for _ in message_ids(self.dead_dir))
 
     def queue_versions(self) -> dict[str, int]:
         """Each queued id with the version of its state: 0 as enqueued, else its `.state` mtime.
@@ -1161,12 +744,12 @@ class Spool:
         with os.scandir(self.queue_dir) as it:
             for item in it:
                 name = item.name
-                if name.endswith(_MSG):
-                    messages.append(name[: -len(_MSG)])
-                elif name.endswith(_STATE):
+                if name.endswith(MSG):
+                    messages.append(name[: -len(MSG)])
+                elif name.endswith(STATE):
                     with contextlib.suppress(FileNotFoundError):
-                        states[name[: -len(_STATE)]] = item.stat().st_mtime_ns
-        return {qid: states.get(qid, 0) for qid in messages if _QID_RE.match(qid)}
+                        states[name[: -len(STATE)]] = item.stat().st_mtime_ns
+        return {qid: states.get(qid, 0) for qid in messages if QID_RE.match(qid)}
 
     # -- the journal's leftovers --------------------------------------------------------
 
@@ -1193,7 +776,7 @@ class Spool:
                     continue  # a live writer's segment
                 if os.fstat(fd).st_nlink == 0:
                     continue  # removed between our open and our lock
-                recovered += self._recover_segment(path, _read_fd(fd))
+                recovered += self._recover_segment(path, read_all(fd))
             finally:
                 os.close(fd)
         return recovered
@@ -1201,10 +784,10 @@ class Spool:
     def _recover_segment(self, path: Path, raw: bytes) -> int:
         written = 0
         for queue_id, content in pending_messages(raw).items():
-            if not _QID_RE.match(queue_id):
+            if not QID_RE.match(queue_id):
                 log.warning("Skipped a journal record with a bad queue id in %s", path.name)
                 continue
-            name = f"{queue_id}{_MSG}"
+            name = f"{queue_id}{MSG}"
             if (self.queue_dir / name).exists() or (self.dead_dir / name).exists():
                 continue
             try:
@@ -1212,34 +795,13 @@ class Spool:
             except ValueError as exc:
                 log.warning("Skipped unreadable message %s in %s: %s", queue_id, path.name, exc)
                 continue
-            self._write_message(self.queue_dir, queue_id, content, b"")
+            write_message(self.tmp_dir, self.queue_dir, queue_id, content, b"")
             written += 1
         if written:
             fsync_dir(self.queue_dir)
             log.info("Recovered %d message(s) from journal segment %s", written, path.name)
         path.unlink()
         return written
-
-    def list_journal(self) -> list[QueueEntry]:
-        """Messages in any journal segment without a done mark (read only, for the CLI).
-
-        They are in their first delivery attempt in a live relay, or wait for recovery.
-        """
-        entries: list[QueueEntry] = []
-        if not self.journal_dir.is_dir():
-            return entries
-        for path in sorted(self.journal_dir.glob(f"*{_JOURNAL_SUFFIX}")):
-            try:
-                raw = path.read_bytes()
-            except FileNotFoundError:
-                continue
-            for queue_id, content in pending_messages(raw).items():
-                try:
-                    entries.append(decode_message(content)[0])
-                except ValueError:
-                    log.warning("Skipped unreadable message %s in %s", queue_id, path.name)
-        entries.sort(key=lambda e: e.queue_id)
-        return entries
 
     # -- health -----------------------------------------------------------------------
 

@@ -16,6 +16,7 @@ import aiosmtplib
 import pytest
 
 from mailrelay.relay.spool import Spool
+from mailrelay.relay.spool_admin import SpoolAdmin
 from tests.relay.conftest import (
     RecordingUpstream,
     RelayFactory,
@@ -83,8 +84,8 @@ async def test_sigkill_under_load_loses_no_acknowledged_message(
     spool = Spool(relay.spool_dir)
     # Queue files (deferred or beyond the journal's bound) and journal records without a
     # done mark (first attempts cut short): the restart must resume both.
-    queued = {e.message_id for e in spool.list_queue()}
-    journaled = {e.message_id for e in spool.list_journal()}
+    queued = {e.message_id for e in SpoolAdmin(spool.directory).list_queue()}
+    journaled = {e.message_id for e in SpoolAdmin(spool.directory).list_journal()}
     assert len(acked_at_kill) > 50, "the load did not get going"
     assert journaled, "nothing was in the journal at the crash; the test proves too little"
     await start_subprocess(relay)  # same config, ports and spool

@@ -32,6 +32,7 @@ from mailrelay.relay.spool import (
     Spool,
     encode_header,
 )
+from mailrelay.relay.spool_admin import SpoolAdmin
 from tests.relay.conftest import fresh_entry
 from tests.relay.delivery_fixtures import Certificates, Upstream, make_certificates, start_upstream
 
@@ -197,7 +198,7 @@ async def test_delivers_exact_bytes_and_removes_from_spool(
     assert got.data == MESSAGE
     assert got.rcpt_tos == ("bob@example.net", "carol@example.org")
     await eventually(lambda: list(world.spool.queue_dir.iterdir()) == [])
-    assert world.spool.list_dead_letters() == []
+    assert SpoolAdmin(world.spool.directory).list_dead_letters() == []
     assert (
         world.metric(
             "mailrelay_delivery_attempts_total", route="r", upstream="up", result="delivered"
@@ -224,7 +225,7 @@ async def test_resumes_the_spool_on_start(world: World) -> None:
     await up.wait_for(3)
 
     assert sorted(m.rcpt_tos[0] for m in up.messages) == [f"r{i}@example.net" for i in range(3)]
-    await eventually(lambda: world.spool.list_queue() == [])
+    await eventually(lambda: SpoolAdmin(world.spool.directory).list_queue() == [])
     assert len(queued) == 3
 
 
@@ -242,7 +243,7 @@ async def test_scan_recovers_a_journal_segment_a_dead_process_left(world: World)
     (world.spool.journal_dir / "deadbeef-000001.jnl").write_bytes(b"".join(records))
     await up.wait_for(2)
     assert sorted(m.rcpt_tos[0] for m in up.messages) == ["r0@example.net", "r2@example.net"]
-    await eventually(lambda: world.spool.list_queue() == [])
+    await eventually(lambda: SpoolAdmin(world.spool.directory).list_queue() == [])
     assert list(world.spool.journal_dir.iterdir()) == []
 
 
@@ -267,8 +268,8 @@ async def test_partial_failure_bounces_only_the_refused_recipient(world: World) 
     assert per_rcpt["Status"] == "5.1.1"
     assert per_rcpt["Action"] == "failed"
     # bob is delivered and never sent again; the message is a dead letter for gone@ only.
-    await eventually(lambda: len(world.spool.list_dead_letters()) == 1)
-    [dead] = world.spool.list_dead_letters()
+    await eventually(lambda: len(SpoolAdmin(world.spool.directory).list_dead_letters()) == 1)
+    [dead] = SpoolAdmin(world.spool.directory).list_dead_letters()
     assert dead.queue_id == entry.queue_id
     assert dead.dead_reason is not None and "gone@example.net" in dead.dead_reason
     states = {r.address: r.status for r in dead.recipients}
@@ -300,7 +301,7 @@ async def test_upstream_down_then_back_is_retried(world: World, held: Held) -> N
     await up.wait_for(1)
     assert up.messages[0].data == MESSAGE
     await eventually(lambda: world.spool.load_entry(entry.queue_id) is None)
-    assert world.spool.list_dead_letters() == []
+    assert SpoolAdmin(world.spool.directory).list_dead_letters() == []
     # The state saved by the failed attempts goes with the message (a held message's
     # first pass skips that unlink only when it is never saved).
     await eventually(lambda: list(world.spool.queue_dir.iterdir()) == [])
@@ -335,8 +336,8 @@ async def test_temporary_failures_expire_into_a_bounce(world: World) -> None:
     assert per_rcpt["Final-Recipient"] == "rfc822; bob@example.net"
     assert per_rcpt["Status"] == "4.4.7"
     assert "expired" in per_rcpt["Diagnostic-Code"]
-    await eventually(lambda: len(world.spool.list_dead_letters()) == 1)
-    assert world.spool.list_dead_letters()[0].queue_id == entry.queue_id
+    await eventually(lambda: len(SpoolAdmin(world.spool.directory).list_dead_letters()) == 1)
+    assert SpoolAdmin(world.spool.directory).list_dead_letters()[0].queue_id == entry.queue_id
     await eventually(
         lambda: world.metric("mailrelay_dead_letters_total", route="out", reason="expired") == 1
     )
@@ -394,11 +395,13 @@ async def test_fallback_is_not_used_for_permanent_failures(world: World) -> None
     engine = await world.engine(config)
 
     await world.submit(engine, [("bob@example.net", "r")])
-    await eventually(lambda: len(world.spool.list_dead_letters()) == 2)
+    await eventually(lambda: len(SpoolAdmin(world.spool.directory).list_dead_letters()) == 2)
 
     assert fallback.messages == []
     # No route takes the bounce to example.com: it is dead-lettered, not looped.
-    reasons = sorted(d.dead_reason or "" for d in world.spool.list_dead_letters())
+    reasons = sorted(
+        d.dead_reason or "" for d in SpoolAdmin(world.spool.directory).list_dead_letters()
+    )
     assert reasons[0].startswith("permanent: bob@example.net")
     assert reasons[1].startswith("unroutable_bounce")
     assert world.metric("mailrelay_bounces_total", result="unroutable") == 1
@@ -429,7 +432,7 @@ async def test_config_error_keeps_mail_queued_and_never_bounces(world: World) ->
     assert state is not None
     assert state.recipients[0].status == "deferred"
     assert "535" in (state.recipients[0].last_error or "")
-    assert world.spool.list_dead_letters() == []
+    assert SpoolAdmin(world.spool.directory).list_dead_letters() == []
     assert up.messages == []
     assert world.metric("mailrelay_upstream_config_errors_total", upstream="up") >= 3
     assert world.metric("mailrelay_bounces_total", result="queued") == 0
@@ -462,7 +465,7 @@ async def test_misconfigured_api_primary_falls_back_to_smtp(world: World) -> Non
     assert fallback.messages[0].data == MESSAGE
     await eventually(lambda: world.spool.load_entry(entry.queue_id) is None)
     assert world.metric("mailrelay_upstream_config_errors_total", upstream="hook") == 1
-    assert world.spool.list_dead_letters() == []
+    assert SpoolAdmin(world.spool.directory).list_dead_letters() == []
 
 
 async def test_null_sender_is_never_bounced(world: World) -> None:
@@ -471,10 +474,10 @@ async def test_null_sender_is_never_bounced(world: World) -> None:
     engine = await world.engine(world.config([{"name": "r", "upstream": world.smtp(up, "up")}]))
 
     entry = await world.submit(engine, [("gone@example.net", "r")], mail_from="")
-    await eventually(lambda: len(world.spool.list_dead_letters()) == 1)
+    await eventually(lambda: len(SpoolAdmin(world.spool.directory).list_dead_letters()) == 1)
 
-    assert world.spool.list_dead_letters()[0].queue_id == entry.queue_id
-    assert world.spool.list_queue() == []
+    assert SpoolAdmin(world.spool.directory).list_dead_letters()[0].queue_id == entry.queue_id
+    assert SpoolAdmin(world.spool.directory).list_queue() == []
     assert up.messages == []
     assert world.metric("mailrelay_bounces_total", result="null_sender") == 1
 
@@ -506,8 +509,8 @@ async def test_rate_limit_defer_sends_later_without_failing(world: World, held: 
         )
         == 0
     )
-    await eventually(lambda: world.spool.list_queue() == [])
-    assert world.spool.list_dead_letters() == []
+    await eventually(lambda: SpoolAdmin(world.spool.directory).list_queue() == [])
+    assert SpoolAdmin(world.spool.directory).list_dead_letters() == []
     assert sorted(m.rcpt_tos[0] for m in up.messages) == [f"r{i}@example.net" for i in range(6)]
     assert world.spool.journaled_count == 0
 
@@ -608,7 +611,7 @@ async def test_stop_lets_in_flight_finish_and_keeps_the_rest(world: World) -> No
     world.engines.remove(engine)
 
     assert len(up.messages) == 1
-    left = {e.queue_id for e in world.spool.list_queue()}
+    left = {e.queue_id for e in SpoolAdmin(world.spool.directory).list_queue()}
     assert left == {e.queue_id for e in entries[1:]}
 
     # A restart delivers the rest, and nothing twice.
@@ -651,7 +654,7 @@ async def test_reload_swaps_upstreams_without_losing_mail(world: World) -> None:
     await new.wait_for(1)
 
     assert new.messages[0].data == MESSAGE
-    await eventually(lambda: world.spool.list_queue() == [])
+    await eventually(lambda: SpoolAdmin(world.spool.directory).list_queue() == [])
 
 
 async def test_reload_removing_a_route_reroutes_queued_mail(world: World) -> None:
@@ -670,7 +673,7 @@ async def test_reload_removing_a_route_reroutes_queued_mail(world: World) -> Non
     await eventually(deferred)
     await engine.reload(world.config([{"name": "new-route", "upstream": world.smtp(new, "new")}]))
     await new.wait_for(1)
-    await eventually(lambda: world.spool.list_queue() == [])
+    await eventually(lambda: SpoolAdmin(world.spool.directory).list_queue() == [])
 
 
 async def test_changes_by_another_process_are_picked_up(world: World) -> None:
@@ -690,10 +693,11 @@ async def test_changes_by_another_process_are_picked_up(world: World) -> None:
     await up.start()
     # The queue CLI's "retry now" in another process: the next scan notices.
     # (In a thread, as the CLI is another process: the engine may still hold the claim.)
-    claim = await asyncio.to_thread(world.spool.claim_blocking, entry.queue_id)
+    admin = SpoolAdmin(world.spool.directory)
+    claim = await asyncio.to_thread(admin.claim_blocking, entry.queue_id)
     with claim:
         await asyncio.sleep(0.02)  # a new mtime even on coarse file systems
-        world.spool.retry_now_sync(entry.queue_id)
+        admin.retry_now(entry.queue_id)
     await up.wait_for(1, within=5)
 
 
@@ -712,7 +716,7 @@ async def test_two_engines_sharing_a_spool_deliver_each_message_once(world: Worl
     for i in range(40):
         await world.submit(first if i % 2 else second, [(f"r{i}@example.net", "r")])
     await up.wait_for(40, within=20)
-    await eventually(lambda: world.spool.list_queue() == [])
+    await eventually(lambda: SpoolAdmin(world.spool.directory).list_queue() == [])
     await asyncio.sleep(0.3)  # time for any duplicate to show up
 
     rcpts = [m.rcpt_tos[0] for m in up.messages]
@@ -734,8 +738,8 @@ async def test_messages_left_with_every_recipient_done_are_finished(world: World
 
     await world.engine(world.config([{"name": "r", "upstream": world.smtp(up, "up")}]))
 
-    await eventually(lambda: world.spool.list_queue() == [])
-    [dead] = world.spool.list_dead_letters()
+    await eventually(lambda: SpoolAdmin(world.spool.directory).list_queue() == [])
+    [dead] = SpoolAdmin(world.spool.directory).list_dead_letters()
     assert dead.queue_id == failed.queue_id
     assert "c@example.net: 550 5.1.1 no such user" in (dead.dead_reason or "")
     assert up.messages == []
@@ -784,7 +788,7 @@ async def test_interrupted_pass_keeps_progress_and_still_bounces(world: World) -
     await home.wait_for(1)
     [per_rcpt] = report_blocks(parse(home.messages[0].data))[1:]
     assert per_rcpt["Final-Recipient"] == "rfc822; gone@refuse.test"
-    await eventually(lambda: len(world.spool.list_dead_letters()) == 1)
+    await eventually(lambda: len(SpoolAdmin(world.spool.directory).list_dead_letters()) == 1)
     assert any(m.rcpt_tos == ("bob@slow.test",) for m in slow.messages)
 
 
@@ -826,7 +830,7 @@ async def test_fresh_message_listed_by_the_scan_before_notify_is_not_delayed(
     await up.wait_for(1, within=4)
 
     assert time.monotonic() - started < 2.0
-    await eventually(lambda: world.spool.list_queue() == [])
+    await eventually(lambda: SpoolAdmin(world.spool.directory).list_queue() == [])
     assert len(up.messages) == 1
 
 

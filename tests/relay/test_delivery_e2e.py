@@ -25,6 +25,7 @@ import aiosmtplib
 import pytest
 
 from mailrelay.relay.spool import Spool
+from mailrelay.relay.spool_admin import SpoolAdmin
 from tests.relay.conftest import (
     UPSTREAM_USER,
     USERS,
@@ -115,7 +116,7 @@ async def test_delivers_original_bytes_plus_one_received_header(
     assert got.mail_from == "alice@example.com"
     assert got.rcpt_tos == ("bob@dest.test", "carol@dest.test")
     assert got.tls and got.auth_user == UPSTREAM_USER[0]
-    await eventually(lambda: spool_of(relay).list_queue() == [])
+    await eventually(lambda: SpoolAdmin(spool_of(relay).directory).list_queue() == [])
     # Counted once the upstream's reply is read, which may follow its handler's record (and
     # a journaled message never had a queue file to wait on): wait for it, don't race it.
     await eventually(
@@ -153,14 +154,14 @@ async def test_partial_failure_delivers_one_and_bounces_the_other(
     headers = list(report.iter_parts())[2]
     assert headers.get_content_type() == "text/rfc822-headers"
     assert "Message-ID: <partial@example.com>" in headers.get_payload()
-    await eventually(lambda: len(spool_of(relay).list_dead_letters()) == 1)
-    [dead] = spool_of(relay).list_dead_letters()
+    await eventually(lambda: len(SpoolAdmin(spool_of(relay).directory).list_dead_letters()) == 1)
+    [dead] = SpoolAdmin(spool_of(relay).directory).list_dead_letters()
     assert {r.address: r.status for r in dead.recipients} == {
         "ok@dest.test": "delivered",
         "gone@dest.test": "bounced",
     }
     # The bounce itself leaves the queue once the upstream took it (moments later).
-    await eventually(lambda: spool_of(relay).list_queue() == [])
+    await eventually(lambda: SpoolAdmin(spool_of(relay).directory).list_queue() == [])
 
 
 async def test_upstream_down_then_back(
@@ -175,15 +176,15 @@ async def test_upstream_down_then_back(
     assert await send(relay, ["bob@dest.test"], message("later")) == {}
 
     def deferred() -> bool:
-        queued = spool_of(relay).list_queue()
+        queued = SpoolAdmin(spool_of(relay).directory).list_queue()
         return bool(queued) and queued[0].recipients[0].attempts >= 2
 
     await eventually(deferred)
     upstream.start()
     [got] = await upstream.wait_for(1)
     assert split_received(got.data)[1] == message("later")
-    await eventually(lambda: spool_of(relay).list_queue() == [])
-    assert spool_of(relay).list_dead_letters() == []
+    await eventually(lambda: SpoolAdmin(spool_of(relay).directory).list_queue() == [])
+    assert SpoolAdmin(spool_of(relay).directory).list_dead_letters() == []
 
 
 async def test_fallback_upstream_is_used(
@@ -234,12 +235,12 @@ async def test_starttls_required_upstream_without_starttls_stays_queued(
     await eventually(config_error)
 
     def recorded() -> bool:
-        queued = spool_of(relay).list_queue()
+        queued = SpoolAdmin(spool_of(relay).directory).list_queue()
         return bool(queued) and "STARTTLS" in (queued[0].recipients[0].last_error or "")
 
     await eventually(recorded)
     assert plain.snapshot() == []
-    assert spool_of(relay).list_dead_letters() == []
+    assert SpoolAdmin(spool_of(relay).directory).list_dead_letters() == []
 
 
 async def test_wrong_upstream_credentials_keep_mail_queued(
@@ -260,16 +261,16 @@ async def test_wrong_upstream_credentials_keep_mail_queued(
     assert await send(relay, ["bob@dest.test"], message("creds")) == {}
 
     def retried() -> bool:
-        queued = spool_of(relay).list_queue()
+        queued = SpoolAdmin(spool_of(relay).directory).list_queue()
         return bool(queued) and queued[0].recipients[0].attempts >= 3
 
     await eventually(retried)
     await asyncio.sleep(0.5)  # past max_age: still no bounce, still queued
-    [queued] = spool_of(relay).list_queue()
+    [queued] = SpoolAdmin(spool_of(relay).directory).list_queue()
     assert queued.recipients[0].status == "deferred"
     assert "535" in (queued.recipients[0].last_error or "")
     assert upstream.snapshot() == []
-    assert spool_of(relay).list_dead_letters() == []
+    assert SpoolAdmin(spool_of(relay).directory).list_dead_letters() == []
 
 
 async def test_rate_limit_defer_and_reject(

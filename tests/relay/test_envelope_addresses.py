@@ -24,7 +24,8 @@ from hypothesis import strategies as st
 
 from mailrelay.relay.address import address_refusal
 from mailrelay.relay.logging import JsonFormatter, TextFormatter, printable
-from mailrelay.relay.spool import RecipientState, Spool
+from mailrelay.relay.spool import RecipientState
+from mailrelay.relay.spool_admin import SpoolAdmin
 from tests.relay.conftest import (
     RecordingUpstream,
     RelayFactory,
@@ -328,7 +329,7 @@ async def test_spooled_bad_address_bounces_alone_with_an_smtp_style_reason(
     assert b"Status: 5.1.3" in dsn.data
     assert b"5.1.3 Bad recipient address: address contains a control character" in dsn.data
     await relay.stop()
-    [dead] = Spool(relay.spool_dir).list_dead_letters()
+    [dead] = SpoolAdmin(relay.spool_dir).list_dead_letters()
     assert dead.dead_reason is not None
     assert "5.1.3 Bad recipient address" in dead.dead_reason
     for python in ("Error", "Errno", "Traceback", "'ascii' codec", "('"):

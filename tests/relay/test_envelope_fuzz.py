@@ -28,6 +28,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mailrelay.relay.spool import Spool
+from mailrelay.relay.spool_admin import SpoolAdmin
 from tests.relay.conftest import RecordingUpstream, RelayFactory, RelayHandle, TlsCerts
 from tests.relay.delivery_fixtures import Upstream, start_upstream
 from tests.relay.test_envelope_addresses import RawSession
@@ -227,7 +228,7 @@ async def wait_for_valid(world: World, messages: list[Valid], within: float = 15
         if not missing:
             return
         if time.monotonic() > deadline:
-            dead = Spool(world.relay.spool_dir).list_dead_letters()
+            dead = SpoolAdmin(world.relay.spool_dir).list_dead_letters()
             raise AssertionError(f"not delivered: {[m.sender for m in missing]}; dead: {dead}")
         await asyncio.sleep(0.05)
 
@@ -274,5 +275,5 @@ async def test_hostile_envelopes_never_change_other_clients_mail(
     bounces = [rcpts for sender, rcpts, _ in arrived if sender in ("", "<>")]
     assert not [rcpts for rcpts in bounces if set(rcpts) & senders]
     spool = Spool(world.relay.spool_dir)
-    for entry in spool.list_dead_letters():
+    for entry in SpoolAdmin(spool.directory).list_dead_letters():
         assert entry.mail_from not in senders, entry

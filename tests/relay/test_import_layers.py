@@ -285,12 +285,12 @@ def test_one_envelope_type_after_the_front() -> None:
     """From the spool's intake to the transports, a message travels with `Envelope`.
 
     The front's envelope is aiosmtpd's (`server.RelayEnvelope`, attributes set in
-    `__init__`); the queue file's record (`spool.QueueEntry`, with each recipient's
+    `__init__`); the queue file's record (`spool_format.QueueEntry`, with each recipient's
     delivery state) hands out an `Envelope` per attempt. No third shape of the same data.
     """
     assert envelope_classes(ROOT, PACKAGE) == {
         f"{PACKAGE}.envelope.Envelope",
-        f"{PACKAGE}.spool.QueueEntry",
+        f"{PACKAGE}.spool_format.QueueEntry",
     }
 
 

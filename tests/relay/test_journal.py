@@ -12,6 +12,7 @@ import pytest
 
 from mailrelay.relay.journal import Journal, encode_record, iter_records, pending_messages
 from mailrelay.relay.spool import QueueEntry, Spool, encode_header
+from mailrelay.relay.spool_admin import SpoolAdmin
 from tests.relay.conftest import fresh_entry
 
 ENVELOPE: dict[str, Any] = {
@@ -105,7 +106,7 @@ async def test_a_live_segment_is_locked_and_invisible_to_recovery(tmp_path: Path
     other = Spool(tmp_path / "spool")
     assert other.recover_journal_sync() == 0
     assert segments(writer.journal_dir) == [segment]
-    assert [e.queue_id for e in other.list_journal()] == [held.entry.queue_id]
+    assert [e.queue_id for e in SpoolAdmin(other.directory).list_journal()] == [held.entry.queue_id]
     writer.finish_journaled(held.entry.queue_id)
     await writer.aclose()
 
@@ -226,8 +227,8 @@ async def test_journaled_message_lives_in_memory_until_saved_dead_or_done(
 
     assert spool.journaled_count == 0
     assert spool.load_entry(deferred.queue_id) == deferred
-    assert spool.read_message_sync(deferred.queue_id) == b"Subject: 2\r\n\r\n"
-    [dead_letter] = spool.list_dead_letters()
+    assert SpoolAdmin(spool.directory).read_message(deferred.queue_id) == b"Subject: 2\r\n\r\n"
+    [dead_letter] = SpoolAdmin(spool.directory).list_dead_letters()
     assert dead_letter.dead_reason == "550 no such user"
     assert spool.load_entry(delivered.queue_id) is None
     await spool.aclose()
@@ -242,8 +243,8 @@ async def test_close_moves_unattempted_messages_to_queue_files(tmp_path: Path) -
         "a@example.com", [("b@d.test", "out")], b"x\r\n", journal=True, **ENVELOPE
     )
     await spool.aclose()
-    assert spool.list_queue() == [held.entry]
-    assert spool.read_message_sync(held.entry.queue_id) == b"x\r\n"
+    assert SpoolAdmin(spool.directory).list_queue() == [held.entry]
+    assert SpoolAdmin(spool.directory).read_message(held.entry.queue_id) == b"x\r\n"
     assert segments(spool.journal_dir) == []
 
 
@@ -260,7 +261,9 @@ async def test_journal_is_bounded_then_messages_get_queue_files(
         for _ in range(3)
     ]
     assert [h.claim is None for h in held] == [True, True, False]
-    assert [e.queue_id for e in spool.list_queue()] == [held[2].entry.queue_id]
+    assert [e.queue_id for e in SpoolAdmin(spool.directory).list_queue()] == [
+        held[2].entry.queue_id
+    ]
     assert held[2].claim is not None
     held[2].claim.release()
     for h in held[:2]:

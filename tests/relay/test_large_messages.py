@@ -31,6 +31,7 @@ from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from mailrelay.relay.spool import IncomingFile, Spool, decode_message
+from mailrelay.relay.spool_admin import SpoolAdmin
 from tests.relay.conftest import (
     RecordingUpstream,
     RelayFactory,
@@ -356,7 +357,7 @@ async def test_session_lost_mid_data_gives_back_its_share_and_its_file(
 
     await eventually(lambda: budget_used(relay) == 0, within=10)
     await eventually(lambda: not any((relay.spool_dir / "tmp").iterdir()), within=10)
-    assert Spool(relay.spool_dir).list_queue() == []
+    assert SpoolAdmin(relay.spool_dir).list_queue() == []
 
 
 async def test_streamed_message_is_stored_byte_exact_in_a_queue_file_every_reader_takes(
@@ -377,8 +378,8 @@ async def test_streamed_message_is_stored_byte_exact_in_a_queue_file_every_reade
     assert (await send(relay.smtp_port, message)).startswith("250")
 
     spool = Spool(relay.spool_dir)
-    [entry] = spool.list_queue()
-    stored = spool.read_message_sync(entry.queue_id)
+    [entry] = SpoolAdmin(spool.directory).list_queue()
+    stored = SpoolAdmin(spool.directory).read_message(entry.queue_id)
     assert without_received(stored) == message
     assert entry.size == len(stored)
     assert entry.message_id == "<large-0-7@example.com>"
@@ -519,7 +520,7 @@ async def test_a_spool_write_failing_mid_body_answers_451_and_stores_nothing(
     await session.send(stuffed(message))
     assert (await session.reply()).startswith("451 4.3.0")
     assert list((relay.spool_dir / "tmp").iterdir()) == []
-    assert Spool(relay.spool_dir).list_queue() == []
+    assert SpoolAdmin(relay.spool_dir).list_queue() == []
     assert budget_used(relay) == 0
     small = large_message(2, 3000)  # the session goes on
     assert (await session.transaction(len(small))).startswith("354")

@@ -14,6 +14,7 @@ import pytest
 
 from mailrelay.relay.main import parse_args
 from mailrelay.relay.spool import Spool
+from mailrelay.relay.spool_admin import SpoolAdmin
 from tests.relay.conftest import (
     UPSTREAM_USER,
     USERS,
@@ -71,10 +72,10 @@ async def test_end_to_end_exact_bytes_over_starttls_and_auth(
     assert got.data == received + b"\r\n" + raw  # the original plus exactly one header
     assert received.count(b"Received: ") == 1 and queue_id.encode() in received
     for _ in range(100):  # the spool forgets delivered mail
-        if not Spool(relay.spool_dir).list_queue():
+        if not SpoolAdmin(relay.spool_dir).list_queue():
             break
         await asyncio.sleep(0.05)
-    assert Spool(relay.spool_dir).list_queue() == []
+    assert SpoolAdmin(relay.spool_dir).list_queue() == []
 
 
 async def test_startup_resumes_the_spool(
@@ -183,7 +184,7 @@ async def test_sigterm_drains_sessions_and_exits_zero(
     assert await asyncio.to_thread(relay.process.wait, 20) == 0
     # Delivered within the grace period, or still spooled: never lost.
     delivered = upstream.message_ids()
-    spooled = {e.message_id for e in Spool(relay.spool_dir).list_queue()}
+    spooled = {e.message_id for e in SpoolAdmin(relay.spool_dir).list_queue()}
     assert "<msg-1@example.com>" in delivered | spooled
     assert "Stopped the relay" in relay.log()
 

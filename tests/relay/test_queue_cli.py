@@ -16,6 +16,7 @@ import pytest
 from mailrelay.relay.journal import encode_record
 from mailrelay.relay.main import main
 from mailrelay.relay.spool import Spool, encode_header
+from mailrelay.relay.spool_admin import SpoolAdmin
 from tests.relay.conftest import (
     USERS,
     RecordingUpstream,
@@ -82,8 +83,8 @@ async def test_list_show_retry_delete_beside_a_live_relay(
     keep, drop = await send(relay, 2)
     await until(
         lambda: (
-            all(e.recipients[0].attempts >= 1 for e in spool.list_queue())
-            and len(spool.list_queue()) == 2
+            all(e.recipients[0].attempts >= 1 for e in SpoolAdmin(spool.directory).list_queue())
+            and len(SpoolAdmin(spool.directory).list_queue()) == 2
         ),
         "first failed attempts",
     )
@@ -105,7 +106,7 @@ async def test_list_show_retry_delete_beside_a_live_relay(
     retried = await acli("queue", "--spool-dir", str(relay.spool_dir), "retry", "--all")
     assert retried.returncode == 0 and keep in retried.stdout
     await upstream.wait_for(1)
-    await until(lambda: spool.list_queue() == [], "the queue to empty")
+    await until(lambda: SpoolAdmin(spool.directory).list_queue() == [], "the queue to empty")
     assert upstream.message_ids() == {"<cli-0@example.com>"}
     assert (
         await acli("queue", "--spool-dir", str(relay.spool_dir), "list")
@@ -123,7 +124,9 @@ async def test_dead_letters_list_show_retry_delete(
     relay = await relay_factory(routes=[smtp_route("out", upstream, tls_certs.ca_file)])
     spool = Spool(relay.spool_dir)
     first, second = await send(relay, 2)
-    await until(lambda: len(spool.list_dead_letters()) == 2, "two dead letters")
+    await until(
+        lambda: len(SpoolAdmin(spool.directory).list_dead_letters()) == 2, "two dead letters"
+    )
     args = ("queue", "--spool-dir", str(relay.spool_dir), "dead")
     listing = await acli(*args, "list")
     assert first in listing.stdout and "dead: " in listing.stdout and "550" in listing.stdout
@@ -135,8 +138,8 @@ async def test_dead_letters_list_show_retry_delete(
     assert (await acli(*args, "retry", first)).returncode == 0
     assert (await acli(*args, "delete", second)).returncode == 0
     await until(lambda: "<cli-0@example.com>" in upstream.message_ids(), "the requeued delivery")
-    await until(lambda: spool.list_queue() == [], "the queue to empty")
-    assert spool.list_dead_letters() == []
+    await until(lambda: SpoolAdmin(spool.directory).list_queue() == [], "the queue to empty")
+    assert SpoolAdmin(spool.directory).list_dead_letters() == []
     assert "<cli-1@example.com>" not in upstream.message_ids()
 
 

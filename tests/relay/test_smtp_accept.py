@@ -16,7 +16,7 @@ import bcrypt
 import pytest
 import yaml
 
-from mailrelay.relay.spool import Spool
+from mailrelay.relay.spool_admin import SpoolAdmin
 from tests.relay.conftest import USERS, RelayFactory, RelayHandle, TlsCerts
 
 ALICE = ("alice", USERS["alice"])
@@ -52,8 +52,8 @@ async def accept_only(relay_factory: RelayFactory, **overrides: Any) -> RelayHan
 
 
 def spooled(handle: RelayHandle) -> list[tuple[Any, bytes]]:
-    spool = Spool(handle.spool_dir)
-    return [(e, spool.read_message_sync(e.queue_id)) for e in spool.list_queue()]
+    admin = SpoolAdmin(handle.spool_dir)
+    return [(e, admin.read_message(e.queue_id)) for e in admin.list_queue()]
 
 
 async def test_authenticated_message_is_spooled_with_only_a_received_header_added(

@@ -21,6 +21,7 @@ from mailrelay.relay.spool import (
     extract_message_id,
     new_queue_id,
 )
+from mailrelay.relay.spool_admin import SpoolAdmin
 from tests.relay.conftest import write_legacy_pair
 
 
@@ -56,7 +57,7 @@ async def test_enqueue_writes_one_file_and_nothing_in_tmp(spool: Spool) -> None:
     assert entry.size == len(data)
     assert [r.next_attempt_at for r in entry.recipients] == [1000.0, 1000.0]
     assert list(spool.tmp_dir.iterdir()) == []
-    assert await spool.read_message(entry.queue_id) == data
+    assert SpoolAdmin(spool.directory).read_message(entry.queue_id) == data
     assert spool.load_entry(entry.queue_id) == entry
 
 
@@ -111,7 +112,7 @@ def test_queue_ids_sort_by_time_and_are_unique() -> None:
 async def test_concurrent_enqueues_share_directory_fsyncs(spool: Spool) -> None:
     entries = await asyncio.gather(*(enqueue(spool) for _ in range(64)))
     assert len({e.queue_id for e in entries}) == 64
-    assert len(spool.list_queue()) == 64
+    assert len(SpoolAdmin(spool.directory).list_queue()) == 64
     assert 1 <= spool.directory_syncs < 64
 
 
@@ -130,7 +131,7 @@ async def test_group_commits_reuse_one_directory_descriptor(spool: Spool) -> Non
     assert _open_descriptors() == before - 1
     # Still usable after close: the next group commit opens the directory again.
     await enqueue(spool)
-    assert len(spool.list_queue()) == 26
+    assert len(SpoolAdmin(spool.directory).list_queue()) == 26
 
 
 async def test_save_is_atomic_and_listing_sees_the_new_state(spool: Spool) -> None:
@@ -139,7 +140,7 @@ async def test_save_is_atomic_and_listing_sees_the_new_state(spool: Spool) -> No
     entry.recipients[0].attempts = 3
     entry.recipients[0].last_error = "451 try later"
     await spool.save(entry)
-    [listed] = spool.list_queue()
+    [listed] = SpoolAdmin(spool.directory).list_queue()
     assert listed.recipients[0].attempts == 3
     assert list(spool.tmp_dir.iterdir()) == []
 
@@ -150,11 +151,11 @@ async def test_dead_letter_round_trip(spool: Spool) -> None:
     entry.recipients[1].status = "bounced"
     entry.recipients[1].attempts = 7
     await spool.move_to_dead_letter(entry, "550 5.1.1 no such user")
-    assert spool.list_queue() == []
-    [dead] = spool.list_dead_letters()
+    assert SpoolAdmin(spool.directory).list_queue() == []
+    [dead] = SpoolAdmin(spool.directory).list_dead_letters()
     assert dead.dead_reason == "550 5.1.1 no such user"
-    revived = await spool.retry_dead_letter(entry.queue_id)
-    assert spool.list_dead_letters() == []
+    revived = await asyncio.to_thread(SpoolAdmin(spool.directory).retry_dead_letter, entry.queue_id)
+    assert SpoolAdmin(spool.directory).list_dead_letters() == []
     assert [(r.status, r.attempts) for r in revived.recipients] == [
         ("delivered", 0),
         ("pending", 0),
@@ -162,17 +163,17 @@ async def test_dead_letter_round_trip(spool: Spool) -> None:
     assert revived.dead_reason is None
     assert spool.load_entry(entry.queue_id) == revived
     with pytest.raises(SpoolError):
-        await spool.retry_dead_letter(entry.queue_id)
+        await asyncio.to_thread(SpoolAdmin(spool.directory).retry_dead_letter, entry.queue_id)
 
 
 async def test_remove_and_delete(spool: Spool) -> None:
     a, b = await enqueue(spool), await enqueue(spool)
     await spool.remove(a.queue_id)
-    assert [e.queue_id for e in spool.list_queue()] == [b.queue_id]
-    spool.delete_sync(b.queue_id)
-    assert spool.list_queue() == []
+    assert [e.queue_id for e in SpoolAdmin(spool.directory).list_queue()] == [b.queue_id]
+    SpoolAdmin(spool.directory).delete(b.queue_id)
+    assert SpoolAdmin(spool.directory).list_queue() == []
     with pytest.raises(SpoolError):
-        spool.delete_sync(b.queue_id)
+        SpoolAdmin(spool.directory).delete(b.queue_id)
 
 
 async def test_retry_now_makes_undelivered_recipients_due(tmp_path: Path) -> None:
@@ -185,7 +186,7 @@ async def test_retry_now_makes_undelivered_recipients_due(tmp_path: Path) -> Non
     entry.recipients[1].next_attempt_at = 9999.0
     await spool.save(entry)
     now[0] = 1500.0
-    updated = spool.retry_now_sync(entry.queue_id)
+    updated = SpoolAdmin(spool.directory, clock=lambda: now[0]).retry_now(entry.queue_id)
     assert [(r.status, r.next_attempt_at) for r in updated.recipients] == [
         ("delivered", 1000.0),
         ("pending", 1500.0),
@@ -222,11 +223,11 @@ async def test_claims_exclude_other_processes(spool: Spool) -> None:
         assert await asyncio.to_thread(ready.wait, 20)
         assert spool.try_claim(entry.queue_id) is None
         with pytest.raises(SpoolError, match="busy"):
-            spool.claim_blocking(entry.queue_id, timeout=0.2)
+            SpoolAdmin(spool.directory).claim_blocking(entry.queue_id, timeout=0.2)
     finally:
         done.set()
         await asyncio.to_thread(proc.join, 20)
-    claim = spool.claim_blocking(entry.queue_id, timeout=5)
+    claim = SpoolAdmin(spool.directory).claim_blocking(entry.queue_id, timeout=5)
     claim.release()
 
 
@@ -273,12 +274,12 @@ async def test_a_message_half_written_at_a_crash_is_never_a_message(spool: Spool
     finally:
         proc.kill()
         await asyncio.to_thread(proc.join, 20)
-    assert [e.queue_id for e in spool.list_queue()] == [good.queue_id]
+    assert [e.queue_id for e in SpoolAdmin(spool.directory).list_queue()] == [good.queue_id]
     assert spool.queue_versions() == {good.queue_id: 0}
     os.utime(partial, (0, 0))  # an hour later: the next start clears it
     await spool.start()
     assert list(spool.tmp_dir.iterdir()) == []
-    assert [e.queue_id for e in spool.list_queue()] == [good.queue_id]
+    assert [e.queue_id for e in SpoolAdmin(spool.directory).list_queue()] == [good.queue_id]
 
 
 async def test_truncated_or_unreadable_message_is_skipped_not_fatal(spool: Spool) -> None:
@@ -288,7 +289,9 @@ async def test_truncated_or_unreadable_message_is_skipped_not_fatal(spool: Spool
     path.write_bytes(path.read_bytes()[:-10])
     (spool.queue_dir / ("F" * 24 + ".msg")).write_text("{not json\n")
     (spool.queue_dir / ("E" * 24 + ".msg")).write_text("no header line at all")
-    assert [e.queue_id for e in spool.list_queue()] == sorted([good.queue_id, truncated.queue_id])
+    assert [e.queue_id for e in SpoolAdmin(spool.directory).list_queue()] == sorted(
+        [good.queue_id, truncated.queue_id]
+    )
     with pytest.raises(ValueError, match="header says 500"):
         spool.claim_and_load(truncated.queue_id)
     assert spool.try_claim(truncated.queue_id) is not None  # the failed load let go
@@ -327,20 +330,25 @@ async def test_start_converts_a_two_file_spool(tmp_path: Path) -> None:
     spool = Spool(tmp_path, clock=lambda: 1000.0)
     try:
         await spool.start()
-        assert spool.legacy_message_count() == 1
-        assert [e.queue_id for e in spool.list_queue()] == [queued.queue_id, done.queue_id]
+        assert SpoolAdmin(spool.directory).legacy_message_count() == 1
+        assert [e.queue_id for e in SpoolAdmin(spool.directory).list_queue()] == [
+            queued.queue_id,
+            done.queue_id,
+        ]
     finally:
         os.close(lock)
     await spool.start()
-    assert spool.legacy_message_count() == 0
-    assert spool.list_queue() == [queued, held, done]
-    assert spool.list_dead_letters() == [dead_letter]
-    assert spool.read_message_sync(held.queue_id) == b"held\r\n"
-    assert spool.read_message_sync(dead_letter.queue_id, dead=True) == b"dead\r\n"
+    assert SpoolAdmin(spool.directory).legacy_message_count() == 0
+    assert SpoolAdmin(spool.directory).list_queue() == [queued, held, done]
+    assert SpoolAdmin(spool.directory).list_dead_letters() == [dead_letter]
+    assert SpoolAdmin(spool.directory).read_message(held.queue_id) == b"held\r\n"
+    assert SpoolAdmin(spool.directory).read_message(dead_letter.queue_id, dead=True) == b"dead\r\n"
     assert sorted(p.suffix for p in queue.iterdir()) == [".msg"] * 3
     assert list(spool.tmp_dir.iterdir()) == []
     # The converted messages behave like any other: retry a dead letter, deliver.
-    revived = await spool.retry_dead_letter(dead_letter.queue_id)
+    revived = await asyncio.to_thread(
+        SpoolAdmin(spool.directory).retry_dead_letter, dead_letter.queue_id
+    )
     assert [r.status for r in revived.recipients] == ["delivered", "pending"]
     loaded = spool.claim_and_load(dead_letter.queue_id)
     assert not isinstance(loaded, str)
