@@ -31,8 +31,8 @@ from mailrelay.relay.budget import Reservation, charge
 from mailrelay.relay.spool import (
     JOURNAL_MAX_MESSAGE_BYTES,
     Arrival,
-    HeldMessage,
     IncomingFile,
+    MessageLease,
     Spool,
 )
 
@@ -179,7 +179,7 @@ class IncomingMessage:
         assert self._file is None and self.failure is None
         return b"".join(self._blocks)
 
-    async def enqueue(self, *, journal: bool) -> HeldMessage:
+    async def enqueue(self, *, journal: bool) -> MessageLease:
         """Store the message durably and hand over its bytes and reservation (raises
         OSError when it could not be stored; nothing is then stored)."""
         assert self.failure is None

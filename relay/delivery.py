@@ -9,10 +9,12 @@ Shape of one process's engine:
   queue_versions`), without re-reading what it already knows.
 - **Dispatch.** At most `delivery.concurrency` messages are delivered at once. One
   message is never delivered twice at once: in this process a set of queue ids in flight,
-  across processes the spool's `flock` claim; after claiming, the entry is re-read so a
-  change made meanwhile by another process is honoured. A message the front just
-  spooled arrives with its claim, entry and bytes already in hand (`HeldMessage`, up to
-  `_MAX_HELD` at once), so its first attempt starts without touching the disk.
+  across processes the spool's lease (`Spool.lease`, taken afresh so a change made
+  meanwhile by another process is honoured). A message the front just spooled arrives
+  with its lease, entry and bytes already in hand (`MessageLease`; at most `_MAX_HELD`
+  that keep a file open wait at once), so its first attempt starts without touching the
+  disk. Where a message lives (journal or queue file) is the lease's business alone:
+  a pass ends with `complete`, `dead_letter` then `release`, or `release`.
 - **One pass over a message.** Recipients that are due are grouped by route; each group
   is one transaction per upstream. Rate-limited routes (`on_exceed: defer`) put the
   group off without counting an attempt. The primary upstream is tried, then each
@@ -51,7 +53,7 @@ from mailrelay.relay.metrics import DeliveryMetrics, RelayMetrics
 from mailrelay.relay.ratelimit import RouteRateLimits
 from mailrelay.relay.redact import redact_results
 from mailrelay.relay.routing import domain_of, select_route
-from mailrelay.relay.spool import Claim, HeldMessage, QueueEntry, RecipientState, Spool
+from mailrelay.relay.spool import MessageLease, QueueEntry, RecipientState, Spool
 from mailrelay.relay.upstreams.factory import build_transport, preload_transports
 from mailrelay.relay.upstreams.smtp import PoolObserver
 from mailrelay.relay.upstreams.transport import RecipientOutcome, RecipientResult, Transport
@@ -66,8 +68,8 @@ _UNDONE = frozenset({"pending", "deferred"})
 _BUSY_RECHECK_SECONDS = 5.0
 # After an unexpected error in a pass, the message waits this long before the next one.
 _ERROR_RECHECK_SECONDS = 30.0
-# Fresh messages kept claimed in memory until their first attempt (one descriptor each);
-# beyond this backlog they are released and read back from the spool when their turn comes.
+# Fresh messages kept leased in memory until their first attempt that hold a descriptor
+# each; beyond this backlog they are handed back and leased again when their turn comes.
 _MAX_HELD = 256
 
 # Builds the transport for one upstream; tests and later issues may pass their own.
@@ -99,11 +101,6 @@ class _Failure:
     result: RecipientResult
     expired: bool
     upstream: SmtpUpstream | ApiUpstream | None
-
-
-def _release_all(claims: list[Claim]) -> None:
-    for claim in claims:
-        claim.release()
 
 
 class DeliveryEngine:
@@ -145,10 +142,10 @@ class DeliveryEngine:
         # The earliest due time asked for a message while a pass over it was running
         # (`notify` of its fresh copy, the scan seeing a change): the pass's end honours it.
         self._rerun: dict[str, float] = {}
-        # Fresh messages handed over by the front with their claim (see `notify`).
-        self._held: dict[str, HeldMessage] = {}
-        # Journaled messages whose queue file could not be written: kept for the next pass.
-        self._stranded: dict[str, HeldMessage] = {}
+        # Fresh messages handed over by the front with their lease (see `notify`).
+        self._held: dict[str, MessageLease] = {}
+        # Leases that could not be handed back after a pass: kept for the next pass.
+        self._stranded: dict[str, MessageLease] = {}
         self._releasing: set[asyncio.Future[None]] = set()
         self._wake = asyncio.Event()
         self._stopping = False
@@ -186,14 +183,14 @@ class DeliveryEngine:
                     len(pending),
                 )
                 await asyncio.gather(*pending, return_exceptions=True)
-        # Journaled messages not started stay in the spool's care (see `Spool.aclose`).
-        claims = [h.claim for h in self._held.values() if h.claim is not None]
-        for held in (*self._held.values(), *self._stranded.values()):
-            held.release_reservation()
+        # Messages not started are handed back; what cannot be stays in the spool's care
+        # (see `Spool.aclose`).
+        leases = [*self._held.values(), *self._stranded.values()]
         self._held.clear()
         self._stranded.clear()
-        if claims:
-            await asyncio.to_thread(_release_all, claims)
+        for lease in leases:
+            lease.release_reservation()
+            self._release_soon(lease)
         if self._releasing:
             await asyncio.gather(*self._releasing, return_exceptions=True)
         for transport in self._transports.values():
@@ -222,32 +219,36 @@ class DeliveryEngine:
 
     # -- the front's hooks ------------------------------------------------------------
 
-    def notify(self, entry: QueueEntry, held: HeldMessage | None = None) -> None:
+    def notify(self, entry: QueueEntry, lease: MessageLease | None = None) -> None:
         """A message was just spooled: deliver it now.
 
-        With `held` (from `Spool.enqueue_held`) the engine takes over the writer's claim
-        and the bytes, and releases the claim when the first attempt ends.
+        With `lease` (from `Spool.enqueue_held`) the engine takes over the writer's hold
+        on the message and its bytes, and ends the lease when the first attempt ends.
         """
-        if held is not None:
-            if held.claim is None:
-                # In the spool's journal (which bounds how many): only memory has it.
+        if lease is not None:
+            if self._stopping or (lease.pins_descriptor and len(self._held) >= _MAX_HELD):
+                lease.release_reservation()
+                self._release_soon(lease)
                 if self._stopping:
-                    held.release_reservation()
-                    return  # the spool moves it to a queue file when it closes
-                self._held[entry.queue_id] = held
-            elif self._stopping or len(self._held) >= _MAX_HELD:
-                held.release_reservation()
-                self._release_soon(held.claim)
+                    return
             else:
-                self._held[entry.queue_id] = held
+                self._held[entry.queue_id] = lease
         self._known.setdefault(entry.queue_id, None)
         self._schedule(entry.queue_id, self._clock())
 
-    def _release_soon(self, claim: Claim) -> None:
-        """Release a claim in a thread (closing a flocked descriptor is slow here)."""
-        future = asyncio.ensure_future(asyncio.to_thread(claim.release))
+    def _release_soon(self, lease: MessageLease) -> None:
+        """Hand a lease back in the background (closing a flocked descriptor is slow here)."""
+        future = asyncio.ensure_future(self._hand_back(lease))
         self._releasing.add(future)
         future.add_done_callback(self._releasing.discard)
+
+    @staticmethod
+    async def _hand_back(lease: MessageLease) -> None:
+        try:
+            await lease.release()
+        except OSError as exc:
+            # Still durable where it is: a stop or a restart moves it on.
+            log.error("Failed to hand back message %s: %s", lease.queue_id, exc)
 
     def try_acquire_rate(self, route_name: str) -> bool:
         """For `on_exceed: reject` routes, take a token at RCPT; other routes always pass."""
@@ -308,7 +309,7 @@ class DeliveryEngine:
         found, changed = await asyncio.to_thread(self._scan_sync, known, skip)
         # Only what was known before the scan began can be missing for a reason: a message
         # notified meanwhile may have been renamed into the queue after the listing.
-        # Messages held in memory (journaled ones have no queue file) are not missing.
+        # Messages we hold a lease on are not missing (the scan may not see them at all).
         held = set(self._in_flight) | set(self._held) | set(self._stranded)
         for queue_id in set(known) - set(found) - held:
             self._known.pop(queue_id, None)
@@ -364,8 +365,8 @@ class DeliveryEngine:
         rerun = self._rerun.pop(queue_id, None)
         if queue_id in self._held:
             # Handed over by our front while this pass ran (a scan had listed the file
-            # before `notify`, and the pass found the front's claim "busy"): deliver now,
-            # not after the busy recheck, and not with the claim held idle meanwhile.
+            # before `notify`, and the pass found it "busy" under the front's lease):
+            # deliver now, not after the busy recheck, and not with the lease held idle.
             due = self._clock() if due is None else min(due, self._clock())
         elif due is not None and rerun is not None:
             due = min(due, rerun)
@@ -376,100 +377,72 @@ class DeliveryEngine:
 
     async def _deliver(self, queue_id: str) -> float | None:
         """One pass over a message; returns when to look at it again (None: it is done)."""
-        held = self._held.pop(queue_id, None) or self._stranded.pop(queue_id, None)
-        if held is not None:
-            # Claimed by the front before the message became visible: nobody else has seen
-            # it, so the entry (and the bytes, unless they went straight to the queue file)
-            # are current. Its share of the budget was taken when it arrived.
-            reservation = held.reservation
-            claim, entry = held.claim, held.entry
+        lease = self._held.pop(queue_id, None) or self._stranded.pop(queue_id, None)
+        if lease is not None:
+            # Held by the front since before the message became visible: nobody else has
+            # seen it, so the entry (and the bytes, unless they went straight to the queue
+            # file) are current. Its share of the budget was taken when it arrived.
             try:
-                data = held.data
-                if data is None:
-                    assert claim is not None
-                    data = await asyncio.to_thread(self._spool.read_claimed, claim)
+                data = await lease.read()
             except BaseException:
-                held.release_reservation()
-                if claim is not None:
-                    await asyncio.shield(asyncio.to_thread(claim.release))
+                lease.release_reservation()
+                await asyncio.shield(lease.release())
                 raise
         else:
-            peeked = await asyncio.to_thread(self._spool.claim_entry, queue_id)
-            if peeked == "gone":
+            leased = await asyncio.to_thread(self._spool.lease, queue_id)
+            if leased == "gone":
                 return None
-            if peeked == "busy":
+            if leased == "busy":
                 return self._clock() + min(
                     _BUSY_RECHECK_SECONDS, self._config.retry.max_backoff_seconds
                 )
-            claim, entry = peeked
-            reservation = None
+            lease = leased
             try:
+                entry = lease.entry
                 routes = {r.route for r in entry.recipients if r.status in _UNDONE}
                 factor = cost_factor(self._routes[name] for name in routes if name in self._routes)
-                reservation = await self._budget.reserve(charge(entry.size, factor))
-                data = await asyncio.to_thread(self._spool.read_claimed, claim)
+                lease.reservation = await self._budget.reserve(charge(entry.size, factor))
+                data = await lease.read()
             except BaseException:
-                if reservation is not None:
-                    reservation.release()
-                await asyncio.shield(asyncio.to_thread(claim.release))
+                lease.release_reservation()
+                await asyncio.shield(lease.release())
                 raise
         done = False
         try:
-            due, done = await self._deliver_claimed(entry, data)
+            due, done = await self._deliver_claimed(lease, data)
             return due
         finally:
             try:
-                await self._end_pass(entry, claim, held, done)
+                await self._end_pass(lease, done)
             finally:
                 # A stranded message stays in memory with its share of the budget.
-                if reservation is not None and queue_id not in self._stranded:
-                    reservation.release()
+                if queue_id not in self._stranded:
+                    lease.release_reservation()
 
-    async def _end_pass(
-        self, entry: QueueEntry, claim: Claim | None, held: HeldMessage | None, done: bool
-    ) -> None:
-        """Settle a journaled message, or remove or release a queue file's claim."""
-        if claim is None:
-            await self._settle_journaled(entry, held, done)
-        # Closing the flocked descriptor is a syscall that can take 0.4 ms: off the loop,
-        # and for a delivered message in the same thread hop as removing its files.
-        elif done:
-            # A held message was never saved: it has no `.state` to remove (a pass that
-            # saves is one that leaves recipients undone, so it is not `done`).
-            await asyncio.to_thread(
-                self._spool.remove_and_release,
-                entry.queue_id,
-                claim,
-                state_file=held is None,
-            )
-        else:
-            await asyncio.to_thread(claim.release)
+    async def _end_pass(self, lease: MessageLease, done: bool) -> None:
+        """End the lease: the message is gone, or it stays queued for a later pass.
 
-    async def _settle_journaled(
-        self, entry: QueueEntry, held: HeldMessage | None, done: bool
-    ) -> None:
-        """End a pass over a message of the spool's journal: done, or given a queue file.
-
-        A pass that leaves recipients undone without saving (a rate-limit deferral, an
-        error) still needs the queue file, since later passes read the message from there.
-        If writing it fails, the message stays in memory for the next pass (with its share
-        of the budget).
+        A lease that cannot be handed back (the spool could not write what it needs, e.g.
+        a journaled message's queue file) is kept in memory for the next pass, with its
+        share of the budget.
         """
-        queue_id = entry.queue_id
         if done:
-            self._spool.finish_journaled(queue_id)
+            await lease.complete()
             return
-        if not self._spool.is_journaled(queue_id):
-            return  # saved or dead-lettered by the pass
+        queue_id = lease.queue_id
         try:
-            self._known[queue_id] = await asyncio.shield(self._spool.save(entry))
+            version = await lease.release()
         except OSError as exc:
             log.error("Failed to write message %s to a queue file: %s", queue_id, exc)
-            assert held is not None and held.data is not None  # journaled: held in memory
-            self._stranded[queue_id] = HeldMessage(entry, held.data, None, held.reservation)
+            self._stranded[queue_id] = lease
+            return
+        if version is not None:
+            # Our own write: the scan notices only changes made by others from here on.
+            self._known[queue_id] = version
 
-    async def _deliver_claimed(self, entry: QueueEntry, data: bytes) -> tuple[float | None, bool]:
+    async def _deliver_claimed(self, lease: MessageLease, data: bytes) -> tuple[float | None, bool]:
         """The pass proper: (when to look again, whether the message is to be removed)."""
+        entry = lease.entry
         now = self._clock()
         due = [r for r in entry.recipients if r.status in _UNDONE and r.next_attempt_at <= now]
         if not due:
@@ -477,7 +450,7 @@ class DeliveryEngine:
                 return self._next_due(entry), False
             # Every recipient is done but the message is still queued (an interrupted
             # pass, or an edit by hand): finish it now rather than keep it forever.
-            return await self._finish(entry, [])
+            return await self._finish(lease, [])
 
         dirty = self._reroute(entry, due, now)
         groups: dict[str, list[RecipientState]] = {}
@@ -500,7 +473,7 @@ class DeliveryEngine:
                 failure.recipient.status = "deferred"
                 failure.recipient.next_attempt_at = now
             with contextlib.suppress(Exception):
-                await asyncio.shield(self._spool.save(entry))
+                await asyncio.shield(lease.defer())
             raise
         if failures:
             await self._bounce(entry, data, failures)
@@ -509,18 +482,19 @@ class DeliveryEngine:
             if dirty:
                 # Remember our own write, so the scan notices only changes made by others
                 # (the queue CLI's "retry now", another worker) from here on.
-                self._known[entry.queue_id] = await self._spool.save(entry)
+                self._known[entry.queue_id] = await lease.defer()
             return min(r.next_attempt_at for r in undone), False
-        return await self._finish(entry, failures)
+        return await self._finish(lease, failures)
 
     async def _finish(
-        self, entry: QueueEntry, failures: list[_Failure]
+        self, lease: MessageLease, failures: list[_Failure]
     ) -> tuple[float | None, bool]:
         """Every recipient is done: dead-letter the message if any failed, else remove it."""
+        entry = lease.entry
         failed = [r for r in entry.recipients if r.status == "bounced"]
         if failed:
             reason, label = self._dead_reason(entry, failures)
-            await self._spool.move_to_dead_letter(entry, reason)
+            await lease.dead_letter(reason)
             self._metrics.dead_letters.labels(failed[0].route, label).inc()
             log.warning("Moved message %s to the dead letters: %s", entry.queue_id, reason)
             return None, False

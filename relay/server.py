@@ -17,9 +17,9 @@ Three pieces:
   drain) and the swappable `FrontSettings` a reload replaces.
 
 The front never delivers: it calls `DeliveryHook.notify` after each durable enqueue,
-handing over the message's claim and bytes (`HeldMessage`) so the first attempt needs no
-disk reads, and asks `try_acquire_rate` at RCPT for routes that reject when over their
-rate.
+handing over the message's lease (`spool.MessageLease`, which alone knows where the
+message lives) so the first attempt needs no disk reads, and asks `try_acquire_rate` at
+RCPT for routes that reject when over their rate.
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ from mailrelay.relay.smtp_base import (
     SMTPBase,
 )
 from mailrelay.relay.smtp_params import postmaster_rewrite, split_auth_parameter
-from mailrelay.relay.spool import Arrival, HeldMessage, QueueEntry, Spool, new_queue_id
+from mailrelay.relay.spool import Arrival, MessageLease, QueueEntry, Spool, new_queue_id
 from mailrelay.relay.tls_accept import Handoff, ImplicitTlsAcceptor
 
 __all__ = [
@@ -105,8 +105,8 @@ _PLAIN_PATH = re.compile(rf"<({PLAIN_ADDRESS})>(.*)", re.S)
 class DeliveryHook(Protocol):
     """What the front needs from the delivery engine."""
 
-    def notify(self, entry: QueueEntry, held: HeldMessage | None = None) -> None:
-        """A message was durably enqueued; deliver it soon (taking over `held`'s claim)."""
+    def notify(self, entry: QueueEntry, lease: MessageLease | None = None) -> None:
+        """A message was durably enqueued; deliver it soon (taking over `lease`)."""
 
     def try_acquire_rate(self, route_name: str) -> bool:
         """Take one token from a route's bucket; False when the route is over its rate."""
@@ -703,12 +703,12 @@ class RelayHandler(CheapDir):
             return "554 5.4.6 Too many hops: mail loop detected"
         started = time.perf_counter()
         try:
-            held = await body.enqueue(journal=front.delivery is not None)
+            lease = await body.enqueue(journal=front.delivery is not None)
         except OSError as exc:
             front.metrics.reject("spool_error")
             log.error("Failed to spool message %s: %s", body.queue_id, exc)
             return "451 4.3.0 Could not store the message, try again later"
-        entry = held.entry
+        entry = lease.entry
         front.metrics.spool_write_seconds.observe(time.perf_counter() - started)
         front.metrics.messages_accepted.inc()
         front.metrics.accepted_bytes.inc(entry.size)
@@ -726,27 +726,21 @@ class RelayHandler(CheapDir):
         )
         delivery = front.delivery
         if delivery is None:
-            held.release_reservation()
-            assert held.claim is not None  # only a relay that delivers uses the journal
-            await asyncio.to_thread(held.claim.release)
+            lease.release_reservation()
+            await lease.release()
         else:
             try:
-                delivery.notify(entry, held)
+                delivery.notify(entry, lease)
             except Exception:
-                held.release_reservation()
-                # The message is durable; the engine's next scan picks it up from its
-                # queue file (a journaled one gets that file now).
+                lease.release_reservation()
+                # The message is durable; handed back, it waits where the engine's next
+                # scan finds it.
                 log.exception("Failed to notify delivery of message %s", entry.queue_id)
-                if held.claim is None:
-                    try:
-                        await front.spool.save(entry)
-                    except OSError as exc:
-                        # Still durable in the journal: a stop or a restart moves it on.
-                        log.error(
-                            "Failed to write message %s to a queue file: %s", entry.queue_id, exc
-                        )
-                else:
-                    await asyncio.to_thread(held.claim.release)
+                try:
+                    await lease.release()
+                except OSError as exc:
+                    # Still durable where it is: a stop or a restart moves it on.
+                    log.error("Failed to hand back message %s: %s", entry.queue_id, exc)
         return f"250 2.0.0 Ok: queued as {entry.queue_id}"
 
     async def handle_exception(self, error: Exception) -> str:

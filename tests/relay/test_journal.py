@@ -10,8 +10,9 @@ from typing import Any
 
 import pytest
 
+from mailrelay.relay import spool_format
 from mailrelay.relay.journal import Journal, encode_record, iter_records, pending_messages
-from mailrelay.relay.spool import QueueEntry, Spool, encode_header
+from mailrelay.relay.spool import MessageLease, QueueEntry, Spool, encode_header
 from mailrelay.relay.spool_admin import SpoolAdmin
 from tests.relay.conftest import fresh_entry
 
@@ -294,3 +295,79 @@ async def test_recovery_turns_a_dead_writers_segment_into_queue_files(tmp_path: 
     assert (spool.queue_dir / f"{a}.msg").read_bytes() == ca
     assert segments(spool.journal_dir) == []
     assert list(spool.tmp_dir.iterdir()) == []
+
+
+@pytest.mark.parametrize("journal", [True, False], ids=["journaled", "queue file"])
+async def test_a_lease_ends_the_same_way_wherever_the_message_lives(
+    tmp_path: Path, journal: bool
+) -> None:
+    """`complete`, `defer` + `release`, `dead_letter` + `release`, plain `release`: the
+    holder never knows whether the message is journaled or in a claimed queue file."""
+    spool = Spool(tmp_path / "spool")
+    await spool.start()
+    admin = SpoolAdmin(spool.directory)
+
+    async def lease(n: int) -> MessageLease:
+        held = await spool.enqueue_held(
+            "a@example.com",
+            [(f"r{n}@d.test", "out")],
+            b"Subject: %d\r\n\r\n" % n,
+            journal=journal,
+            **ENVELOPE,
+        )
+        assert (held.claim is None) == journal
+        assert await held.read() == b"Subject: %d\r\n\r\n" % n
+        return held
+
+    delivered, deferred, dead, untouched = [await lease(n) for n in range(4)]
+    await delivered.complete()
+    deferred.entry.recipients[0].status = "deferred"
+    deferred.entry.recipients[0].attempts = 1
+    assert await deferred.defer() >= 0
+    assert await deferred.release() is None  # already in its queue file
+    await dead.dead_letter("550 no such user")
+    assert await dead.release() is None
+    version = await untouched.release()
+    assert (version is None) != journal  # a journaled one got its queue file just now
+
+    assert admin.load_entry(delivered.queue_id) is None
+    assert admin.load_entry(deferred.queue_id) == deferred.entry
+    assert [e.queue_id for e in admin.list_dead_letters()] == [dead.queue_id]
+    assert admin.load_entry(untouched.queue_id) == untouched.entry
+    assert spool.journaled_count == 0  # (done marks reach the segments soon after)
+    for queue_id in (deferred.queue_id, untouched.queue_id):
+        with admin.claim_blocking(queue_id, timeout=0):  # nobody holds them any more
+            pass
+    await spool.aclose()
+    assert segments(spool.journal_dir) == []
+    assert list(spool.tmp_dir.iterdir()) == []
+
+
+async def test_a_journaled_lease_that_cannot_be_handed_back_still_holds_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Writing the queue file fails: the message stays in the journal and the lease stays
+    good for another try (the engine keeps it for its next pass)."""
+    spool = Spool(tmp_path / "spool")
+    await spool.start()
+    held = await spool.enqueue_held(
+        "a@example.com", [("b@d.test", "out")], b"x\r\n", journal=True, **ENVELOPE
+    )
+    real = spool_format.write_message
+    failures = iter([OSError(28, "No space left on device")])
+
+    def write_message(*args: Any) -> None:
+        failure = next(failures, None)
+        if failure is not None:
+            raise failure
+        real(*args)
+
+    monkeypatch.setattr("mailrelay.relay.spool.write_message", write_message)
+    with pytest.raises(OSError, match="No space"):
+        await held.release()
+    assert spool.is_journaled(held.queue_id)
+    assert SpoolAdmin(spool.directory).list_queue() == []
+    assert await held.release() == 0
+    assert SpoolAdmin(spool.directory).list_queue() == [held.entry]
+    assert not spool.is_journaled(held.queue_id)
+    await spool.aclose()

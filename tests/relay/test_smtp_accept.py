@@ -487,6 +487,45 @@ async def test_exception_in_handling_answers_451_not_500(relay_factory: RelayFac
         assert (await cmd(smtp, "NOOP"))[0] == 250  # the session survives
 
 
+class _NotifyFails:
+    """A delivery side that refuses every hand-over (the front's notify failure path)."""
+
+    def __init__(self) -> None:
+        self.offered = 0
+
+    def notify(self, entry: object, lease: object = None) -> None:
+        self.offered += 1
+        raise RuntimeError("injected fault")
+
+    def try_acquire_rate(self, route_name: str) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("where", ["journal", "queue file"])
+async def test_a_message_the_engine_refuses_is_handed_back_to_the_queue(
+    relay_factory: RelayFactory, where: str
+) -> None:
+    """The lease is handed back: the message waits in a queue file nobody holds, where the
+    engine's next scan (or another process) finds it, whether it was journaled (small)
+    or written to its own queue file as it arrived (bigger than the journal takes)."""
+    relay = await accept_only(relay_factory)
+    assert relay.app is not None and relay.app.front is not None
+    delivery = _NotifyFails()
+    relay.app.front.delivery = delivery
+    body = b"Hi there.\r\n" if where == "journal" else b"x" * 998 + b"\r\n"
+    data = message(body=body * (1 if where == "journal" else 1100))
+    async with relay.client(login=ALICE) as smtp:
+        replies = await transaction(smtp, "a@example.com", ["b@d.test"], data)
+    assert replies[-1][0] == 250, replies
+    assert delivery.offered == 1
+    admin = SpoolAdmin(relay.spool_dir)
+    [entry] = admin.list_queue()
+    assert replies[-1][1].endswith(f"queued as {entry.queue_id}")
+    assert admin.read_message(entry.queue_id).endswith(body)
+    with admin.claim_blocking(entry.queue_id, timeout=0):  # nobody holds it any more
+        pass
+
+
 async def test_max_connections_answers_421(relay_factory: RelayFactory) -> None:
     relay = await accept_only(relay_factory, limits={"max_connections": 2})
     async with relay.client(starttls=False), relay.client(starttls=False):
