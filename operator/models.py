@@ -527,6 +527,161 @@ class Toleration(KubeModel):
     )
 
 
+# The labels and annotation the operator sets on every relay pod: the Service, the PDB and
+# the StatefulSet select pods by these labels, so a user's podLabels may not change them.
+OPERATOR_POD_LABELS = (
+    "app.kubernetes.io/name",
+    "app.kubernetes.io/instance",
+    "app.kubernetes.io/component",
+    "app.kubernetes.io/part-of",
+    "app.kubernetes.io/managed-by",
+)
+RESTART_HASH_ANNOTATION = "mailrelay.dev/restart-hash"
+POD_LABELS_MESSAGE = (
+    "podLabels may not set the labels the operator selects its pods by: "
+    + ", ".join(OPERATOR_POD_LABELS)
+)
+POD_ANNOTATIONS_MESSAGE = (
+    f"podAnnotations may not set {RESTART_HASH_ANNOTATION}: the operator sets it to roll the "
+    "pods when their configuration changes"
+)
+
+
+def _refuse_keys(keys: tuple[str, ...], message: str) -> AfterValidator:
+    def check(values: dict[str, str]) -> dict[str, str]:
+        if any(key in values for key in keys):
+            raise ValueError(message)
+        return values
+
+    return AfterValidator(check)
+
+
+def _keys_rule(keys: tuple[str, ...], message: str) -> dict[str, str]:
+    listed = ", ".join(f"'{key}'" for key in keys)
+    return cel(f"!self.exists(k, k in [{listed}])", message)
+
+
+PodLabels = Annotated[
+    dict[str, Annotated[str, Field(max_length=63)]],
+    Field(
+        max_length=64,
+        json_schema_extra=validations(
+            _key_rule(LABEL_KEY_MESSAGE),
+            cel(f"self.all(k, self[k].matches(r'{LABEL_VALUE}'))", LABEL_VALUE_MESSAGE),
+            _keys_rule(OPERATOR_POD_LABELS, POD_LABELS_MESSAGE),
+        ),
+    ),
+    _check_keys(QUALIFIED_NAME, LABEL_KEY_MESSAGE),
+    AfterValidator(_check_label_values),
+    _refuse_keys(OPERATOR_POD_LABELS, POD_LABELS_MESSAGE),
+]
+PodAnnotations = Annotated[
+    dict[str, Annotated[str, Field(max_length=4096)]],
+    Field(
+        max_length=64,
+        json_schema_extra=validations(
+            _key_rule(ANNOTATION_KEY_MESSAGE),
+            _keys_rule((RESTART_HASH_ANNOTATION,), POD_ANNOTATIONS_MESSAGE),
+        ),
+    ),
+    _check_keys(QUALIFIED_NAME, ANNOTATION_KEY_MESSAGE),
+    _refuse_keys((RESTART_HASH_ANNOTATION,), POD_ANNOTATIONS_MESSAGE),
+]
+
+SPREAD_KEY_MESSAGE = (
+    "topologyKey must be a node label key such as kubernetes.io/hostname or "
+    "topology.kubernetes.io/zone"
+)
+
+
+class TopologySpreadConstraint(KubeModel):
+    """How relay pods spread across a topology, as in core/v1 TopologySpreadConstraint."""
+
+    max_skew: int = Field(
+        ge=1, le=100, description="Most the pod count may differ between two domains."
+    )
+    topology_key: Annotated[
+        str,
+        Field(max_length=317, json_schema_extra=regex_rule(QUALIFIED_NAME, SPREAD_KEY_MESSAGE)),
+        regex_check(QUALIFIED_NAME, SPREAD_KEY_MESSAGE),
+    ] = Field(
+        description="Node label whose values are the domains, such as kubernetes.io/hostname."
+    )
+    when_unsatisfiable: Literal["DoNotSchedule", "ScheduleAnyway"] = Field(
+        description="DoNotSchedule keeps a pod pending; ScheduleAnyway only prefers the spread."
+    )
+    label_selector: LabelSelector | None = Field(
+        default=None,
+        description="Pods counted in each domain; this relay's own pods when unset.",
+    )
+    min_domains: int | None = Field(
+        default=None, ge=1, le=1000, description="Minimum eligible domains (DoNotSchedule only)."
+    )
+    node_affinity_policy: Literal["Honor", "Ignore"] | None = Field(
+        default=None, description="Whether nodeSelector and affinity limit the domains."
+    )
+    node_taints_policy: Literal["Honor", "Ignore"] | None = Field(
+        default=None, description="Whether node taints limit the domains."
+    )
+
+
+SECCOMP_MESSAGE = "localhostProfile is required with type Localhost and refused otherwise"
+
+
+class SeccompProfile(KubeModel):
+    """A seccomp profile; Unconfined is not offered."""
+
+    model_config = ConfigDict(
+        json_schema_extra=validations(
+            cel(
+                "(self.type == 'Localhost') == has(self.localhostProfile)",
+                SECCOMP_MESSAGE,
+                field_path=".localhostProfile",
+            )
+        )
+    )
+
+    type: Literal["RuntimeDefault", "Localhost"] = Field(
+        description="RuntimeDefault (the default) or a Localhost profile file on the node."
+    )
+    localhost_profile: Annotated[str, Field(min_length=1, max_length=4096)] | None = Field(
+        default=None, description="Path of the profile under the kubelet's seccomp directory."
+    )
+
+    @model_validator(mode="after")
+    def _profile_fits_type(self) -> Self:
+        if (self.type == "Localhost") != (self.localhost_profile is not None):
+            raise ValueError(SECCOMP_MESSAGE)
+        return self
+
+
+class PodSecurityContext(KubeModel):
+    """What of the relay pods' security context may change; the pods always run as non-root
+    (runAsUser and runAsGroup at least 1) with a confined seccomp profile."""
+
+    run_as_user: int | None = Field(
+        default=None, ge=1, le=2147483647, description="UID the relay runs as; 10001 by default."
+    )
+    run_as_group: int | None = Field(
+        default=None, ge=1, le=2147483647, description="Primary GID; 10001 by default."
+    )
+    fs_group: int | None = Field(
+        default=None,
+        ge=1,
+        le=2147483647,
+        description="Group owning the spool volume; 10001 by default.",
+    )
+    fs_group_change_policy: Literal["OnRootMismatch", "Always"] | None = Field(
+        default=None, description="When the kubelet re-owns the spool volume's files."
+    )
+    supplemental_groups: list[Annotated[int, Field(ge=1, le=2147483647)]] = Field(
+        default_factory=list, max_length=32, description="Extra GIDs of the relay process."
+    )
+    seccomp_profile: SeccompProfile | None = Field(
+        default=None, description="Seccomp profile; RuntimeDefault by default."
+    )
+
+
 PDB_EXCLUSIVE_MESSAGE = "set at most one of minAvailable and maxUnavailable"
 
 
@@ -1257,8 +1412,48 @@ class MailRelaySpec(KubeModel):
     priority_class_name: DnsName | None = Field(
         default=None, description="PriorityClass of the relay pods."
     )
-    pod_annotations: Annotations = Field(
-        default_factory=dict, description="Extra annotations on the relay pods."
+    pod_labels: PodLabels = Field(
+        default_factory=dict,
+        description=(
+            "Extra labels on the relay pods; the operator's app.kubernetes.io/ selector "
+            "labels are refused."
+        ),
+    )
+    pod_annotations: PodAnnotations = Field(
+        default_factory=dict,
+        description=(
+            f"Extra annotations on the relay pods; {RESTART_HASH_ANNOTATION} is the "
+            "operator's and refused."
+        ),
+    )
+    topology_spread_constraints: list[TopologySpreadConstraint] | None = Field(
+        default=None,
+        max_length=8,
+        description=(
+            "How relay pods spread over nodes or zones. Unset with 2 replicas or more: one "
+            "preferred spread by kubernetes.io/hostname (maxSkew 1, ScheduleAnyway); an "
+            "empty list turns that default off."
+        ),
+    )
+    service_account_name: DnsName | None = Field(
+        default=None,
+        description=(
+            "ServiceAccount the relay pods run as (for cloud workload identity); the "
+            "namespace's default when unset. Its token is never mounted."
+        ),
+    )
+    image_pull_secrets: list[LocalObjectReference] = Field(
+        default_factory=list,
+        max_length=16,
+        description="Secrets holding registry credentials to pull the relay image.",
+    )
+    pod_security_context: PodSecurityContext | None = Field(
+        default=None,
+        description=(
+            "Overrides of the pod security context (user, groups, seccomp profile); the pods "
+            "stay non-root, and the container keeps no capabilities, no privilege escalation "
+            "and a read-only root filesystem."
+        ),
     )
     pod_disruption_budget: PodDisruptionBudget = Field(
         default_factory=PodDisruptionBudget,

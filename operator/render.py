@@ -32,7 +32,7 @@ from mailrelay.operator.relay_config import (
 )
 from mailrelay.operator.settings import OperatorSettings
 
-RESTART_HASH_ANNOTATION = "mailrelay.dev/restart-hash"
+RESTART_HASH_ANNOTATION = models.RESTART_HASH_ANNOTATION
 MANAGED_BY = "mailrelay-operator"
 RELAY_UID = 65532
 PRESTOP_SLEEP_SECONDS = 5
@@ -90,6 +90,30 @@ def labels(relay: RelayInputs, component: str = "relay") -> dict[str, str]:
         "app.kubernetes.io/part-of": "mailrelay",
         "app.kubernetes.io/managed-by": MANAGED_BY,
     }
+
+
+def topology_spread(relay: RelayInputs) -> list[dict[str, Any]]:
+    """The pods' spread: the spec's own constraints (this relay's pods counted when a
+    constraint names no selector), else one preferred spread over nodes for 2 pods or more."""
+    spec = relay.spec
+    own = {"matchLabels": selector_labels(relay)}
+    if spec.topology_spread_constraints is not None:
+        spread = []
+        for constraint in spec.topology_spread_constraints:
+            rendered = constraint.model_dump(by_alias=True, exclude_none=True)
+            rendered.setdefault("labelSelector", own)
+            spread.append(rendered)
+        return spread
+    if spec.replicas < 2:
+        return []
+    return [
+        {
+            "maxSkew": 1,
+            "topologyKey": "kubernetes.io/hostname",
+            "whenUnsatisfiable": "ScheduleAnyway",
+            "labelSelector": own,
+        }
+    ]
 
 
 def owner_reference(relay: RelayInputs) -> dict[str, Any]:
@@ -411,6 +435,16 @@ def render_statefulset(
         pod_spec["affinity"] = dict(spec.affinity)
     if spec.priority_class_name is not None:
         pod_spec["priorityClassName"] = spec.priority_class_name
+    if spread := topology_spread(relay):
+        pod_spec["topologySpreadConstraints"] = spread
+    if spec.service_account_name is not None:
+        pod_spec["serviceAccountName"] = spec.service_account_name
+    if spec.image_pull_secrets:
+        pod_spec["imagePullSecrets"] = [{"name": ref.name} for ref in spec.image_pull_secrets]
+    if spec.pod_security_context is not None:
+        pod_spec["securityContext"].update(
+            spec.pod_security_context.model_dump(by_alias=True, exclude_defaults=True)
+        )
     statefulset: dict[str, Any] = {
         "apiVersion": "apps/v1",
         "kind": "StatefulSet",
@@ -423,7 +457,7 @@ def render_statefulset(
             "updateStrategy": {"type": "RollingUpdate"},
             "template": {
                 "metadata": {
-                    "labels": labels(relay),
+                    "labels": {**spec.pod_labels, **labels(relay)},
                     "annotations": {
                         **spec.pod_annotations,
                         RESTART_HASH_ANNOTATION: restart_hash,

@@ -658,6 +658,83 @@ INVALID: list[Invalid] = [
         "values must be non-empty",
     ),
     Invalid(
+        "pod-labels-displace-the-operators-selector",
+        "MailRelay",
+        {"podLabels": {"team": "mail", "app.kubernetes.io/instance": "other"}},
+        ("spec.podLabels: Invalid value", "may not set the labels the operator selects"),
+        "may not set the labels the operator selects",
+    ),
+    Invalid(
+        "pod-labels-bad-value",
+        "MailRelay",
+        {"podLabels": {"team": "mail team"}},
+        ("spec.podLabels: Invalid value", "label values must be"),
+        "label values must be",
+    ),
+    Invalid(
+        "pod-annotations-set-the-restart-hash",
+        "MailRelay",
+        {"podAnnotations": {"mailrelay.dev/restart-hash": "0"}},
+        ("spec.podAnnotations: Invalid value", "may not set mailrelay.dev/restart-hash"),
+        "may not set mailrelay.dev/restart-hash",
+    ),
+    Invalid(
+        "pod-security-context-root",
+        "MailRelay",
+        {"podSecurityContext": {"runAsUser": 0}},
+        ("spec.podSecurityContext.runAsUser: Invalid value: 0",),
+        "greater than or equal to 1",
+    ),
+    Invalid(
+        "pod-security-context-unconfined-seccomp",
+        "MailRelay",
+        {"podSecurityContext": {"seccompProfile": {"type": "Unconfined"}}},
+        ('spec.podSecurityContext.seccompProfile.type: Unsupported value: "Unconfined"',),
+        "Input should be 'RuntimeDefault' or 'Localhost'",
+    ),
+    Invalid(
+        "pod-security-context-localhost-without-profile",
+        "MailRelay",
+        {"podSecurityContext": {"seccompProfile": {"type": "Localhost"}}},
+        (
+            "spec.podSecurityContext.seccompProfile.localhostProfile: Invalid value",
+            "localhostProfile is required with type Localhost",
+        ),
+        "localhostProfile is required with type Localhost",
+    ),
+    Invalid(
+        "spread-bad-topology-key",
+        "MailRelay",
+        {
+            "topologySpreadConstraints": [
+                {"maxSkew": 1, "topologyKey": "not a key", "whenUnsatisfiable": "ScheduleAnyway"}
+            ]
+        },
+        (
+            "spec.topologySpreadConstraints[0].topologyKey: Invalid value",
+            "topologyKey must be a node label key",
+        ),
+        "topologyKey must be a node label key",
+    ),
+    Invalid(
+        "spread-zero-skew",
+        "MailRelay",
+        {
+            "topologySpreadConstraints": [
+                {"maxSkew": 0, "topologyKey": "zone", "whenUnsatisfiable": "DoNotSchedule"}
+            ]
+        },
+        ("spec.topologySpreadConstraints[0].maxSkew: Invalid value: 0",),
+        "greater than or equal to 1",
+    ),
+    Invalid(
+        "service-account-name-not-a-name",
+        "MailRelay",
+        {"serviceAccountName": "Mail_Relay"},
+        ("spec.serviceAccountName: Invalid value",),
+        "serviceAccountName",
+    ),
+    Invalid(
         "relay-unknown-field",
         "MailRelay",
         {"replica": 3},
@@ -744,6 +821,47 @@ ROUTE_FIELD_RULES: list[tuple[dict[str, Any], bool]] = [
     ({"upstream.smtp.credentialsSecretRef": {"name": "smart.host-1"}}, True),
 ]
 RELAY_FIELD_RULES: list[tuple[dict[str, Any], bool]] = [
+    (
+        {
+            "podLabels": {"team": "mail", "app.kubernetes.io/version": "1"},
+            "podAnnotations": {"example.com/note": "x"},
+            "serviceAccountName": "relay-identity",
+            "imagePullSecrets": [{"name": "registry"}],
+            "priorityClassName": "mail-critical",
+            "podSecurityContext": {
+                "runAsUser": 2000,
+                "runAsGroup": 2000,
+                "fsGroup": 2000,
+                "fsGroupChangePolicy": "OnRootMismatch",
+                "supplementalGroups": [3000],
+                "seccompProfile": {"type": "Localhost", "localhostProfile": "profiles/relay.json"},
+            },
+            "topologySpreadConstraints": [
+                {
+                    "maxSkew": 1,
+                    "topologyKey": "topology.kubernetes.io/zone",
+                    "whenUnsatisfiable": "DoNotSchedule",
+                    "minDomains": 2,
+                    "labelSelector": {"matchLabels": {"app.kubernetes.io/instance": "x"}},
+                }
+            ],
+        },
+        True,
+    ),
+    ({"topologySpreadConstraints": []}, True),
+    ({"podSecurityContext": {"seccompProfile": {"type": "RuntimeDefault"}}}, True),
+    (
+        {
+            "podSecurityContext": {
+                "seccompProfile": {"type": "RuntimeDefault", "localhostProfile": "p.json"}
+            }
+        },
+        False,
+    ),
+    ({"podSecurityContext": {"runAsGroup": 0}}, False),
+    ({"podSecurityContext": {"supplementalGroups": [0]}}, False),
+    ({"podLabels": {"app.kubernetes.io/managed-by": "me"}}, False),
+    ({"imagePullSecrets": [{"name": "Bad_Name"}]}, False),
     ({"allowedNetworks": ["fd00::/8", "10.0.0.0/8", "192.168.1.0/24"]}, True),
     ({"allowedNetworks": ["10.0.0.0/255.0.0.0"]}, False),  # netmask form: isCIDR refuses it
     ({"allowedNetworks": ["10.0.0.0/8x"]}, False),

@@ -567,3 +567,48 @@ def test_exposed_service_keeps_client_addresses(
     assert created["spec"]["type"] == "LoadBalancer"
     assert created["spec"]["externalTrafficPolicy"] == "Local"
     assert created["spec"]["loadBalancerSourceRanges"] == ["10.0.0.0/8", "192.168.0.0/16"]
+
+
+def test_kubectl_scale_reaches_the_statefulset_and_the_scale_shows_the_selector(
+    crds: LocalKube, operator: OperatorProcess, op_namespace: str
+) -> None:
+    """The scale subresource an HPA drives: spec.replicas, the StatefulSet, the selector."""
+    kube, ns = crds, op_namespace
+    _setup(kube, ns, m.smtp_route("billing"))
+    wait_for(lambda: get(kube, "statefulset", "outbound", ns), what="the StatefulSet")
+    kube.kubectl("scale", "mailrelay/outbound", "-n", ns, "--replicas=3")
+
+    def replicas() -> int | None:
+        sts = get(kube, "statefulset", "outbound", ns) or {}
+        value: int | None = sts.get("spec", {}).get("replicas")
+        return value
+
+    wait_for(lambda: replicas() == 3, what="the StatefulSet scaled to 3")
+    pod = (get(kube, "statefulset", "outbound", ns) or {})["spec"]["template"]["spec"]
+    assert [c["topologyKey"] for c in pod["topologySpreadConstraints"]] == [
+        "kubernetes.io/hostname"
+    ]
+    # No controller-manager here: play its part and report three pods on the StatefulSet.
+    kube.kubectl(
+        "patch", "statefulset", "outbound", "-n", ns, "--subresource=status", "--type=merge",
+        "-p", json.dumps({"status": {"replicas": 3, "readyReplicas": 3, "availableReplicas": 3}}),
+    )  # fmt: skip
+    wait_for(
+        lambda: _status(kube, "mailrelay", "outbound", ns).get("replicas") == 3,
+        what="status.replicas from the StatefulSet",
+    )
+    scale = json.loads(
+        kube.kubectl(
+            "get", "mailrelay", "outbound", "-n", ns, "--subresource=scale", "-o", "json"
+        ).stdout
+    )
+    assert scale["kind"] == "Scale"
+    assert (scale["spec"]["replicas"], scale["status"]["replicas"]) == (3, 3)
+    assert set(scale["status"]["selector"].split(",")) == {
+        "app.kubernetes.io/name=mailrelay",
+        "app.kubernetes.io/instance=outbound",
+    }
+    kube.kubectl("scale", "mailrelay/outbound", "-n", ns, "--replicas=1")
+    wait_for(lambda: replicas() == 1, what="the StatefulSet scaled to 1")
+    pod = (get(kube, "statefulset", "outbound", ns) or {})["spec"]["template"]["spec"]
+    assert "topologySpreadConstraints" not in pod

@@ -453,3 +453,111 @@ def test_routes_reading_the_same_secret_files_share_one_volume() -> None:
     assert len(other_key) == len(one) + 1
     assert len({m.volume for m in other_key}) == len(other_key)
     assert len({m.mount_path for m in other_key}) == len(other_key)
+
+
+def _statefulset(inputs: RelayInputs) -> dict[str, Any]:
+    return render_statefulset(inputs, restart_hash="h", mounts=[], settings=SETTINGS)
+
+
+HOST_SPREAD = {
+    "maxSkew": 1,
+    "topologyKey": "kubernetes.io/hostname",
+    "whenUnsatisfiable": "ScheduleAnyway",
+    "labelSelector": {"matchLabels": SELECTOR},
+}
+ZONE = {
+    "maxSkew": 2,
+    "topologyKey": "topology.kubernetes.io/zone",
+    "whenUnsatisfiable": "DoNotSchedule",
+}
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        ({"replicas": 2}, [HOST_SPREAD]),
+        ({"replicas": 5}, [HOST_SPREAD]),
+        ({"replicas": 1}, None),
+        ({"replicas": 0}, None),
+        ({"replicas": 3, "topologySpreadConstraints": []}, None),  # the default turned off
+        (  # the spec's own replace the default; a constraint without a selector counts our pods
+            {"replicas": 3, "topologySpreadConstraints": [ZONE]},
+            [{**ZONE, "labelSelector": {"matchLabels": SELECTOR}}],
+        ),
+        (  # applies with one replica too, and keeps the user's selector
+            {
+                "replicas": 1,
+                "topologySpreadConstraints": [
+                    {**ZONE, "labelSelector": {"matchLabels": {"tier": "mail"}}, "minDomains": 2}
+                ],
+            },
+            [
+                {
+                    **ZONE,
+                    "labelSelector": {"matchLabels": {"tier": "mail"}, "matchExpressions": []},
+                    "minDomains": 2,
+                }
+            ],
+        ),
+    ],
+)
+def test_pods_spread_over_nodes_by_default_from_two_replicas(
+    overrides: dict[str, Any], expected: list[dict[str, Any]] | None
+) -> None:
+    pod = _statefulset(relay(**overrides))["spec"]["template"]["spec"]
+    assert pod.get("topologySpreadConstraints") == expected
+
+
+def test_pod_level_fields_reach_the_pod_and_ours_are_kept() -> None:
+    rendered = _statefulset(
+        relay(
+            podLabels={"team": "mail", "app.kubernetes.io/version": "1"},
+            podAnnotations={"example.com/note": "x"},
+            serviceAccountName="relay-identity",
+            imagePullSecrets=[{"name": "registry"}],
+            priorityClassName="mail-critical",
+            podSecurityContext={
+                "runAsUser": 2000,
+                "fsGroup": 3000,
+                "supplementalGroups": [4000],
+                "seccompProfile": {"type": "Localhost", "localhostProfile": "relay.json"},
+            },
+        )
+    )
+    template = rendered["spec"]["template"]
+    pod = template["spec"]
+    assert template["metadata"]["labels"] == {
+        **LABELS,
+        "team": "mail",
+        "app.kubernetes.io/version": "1",
+    }
+    assert template["metadata"]["annotations"] == {
+        "example.com/note": "x",
+        RESTART_HASH_ANNOTATION: "h",
+    }
+    assert pod["serviceAccountName"] == "relay-identity"
+    assert pod["automountServiceAccountToken"] is False
+    assert pod["imagePullSecrets"] == [{"name": "registry"}]
+    assert pod["priorityClassName"] == "mail-critical"
+    assert pod["securityContext"] == {
+        "runAsNonRoot": True,
+        "runAsUser": 2000,
+        "runAsGroup": 65532,
+        "fsGroup": 3000,
+        "supplementalGroups": [4000],
+        "seccompProfile": {"type": "Localhost", "localhostProfile": "relay.json"},
+        "sysctls": [{"name": "net.ipv4.ip_unprivileged_port_start", "value": "587"}],
+    }
+    assert _container(rendered)["securityContext"] == {
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "runAsNonRoot": True,
+        "capabilities": {"drop": ["ALL"]},
+    }
+
+
+def test_the_refused_pod_labels_are_every_label_the_operator_sets() -> None:
+    """One list: podLabels may not set any label the operator puts on its pods."""
+    pod = _statefulset(relay())["spec"]["template"]["metadata"]
+    assert set(pod["labels"]) == set(models.OPERATOR_POD_LABELS)
+    assert set(pod["annotations"]) == {models.RESTART_HASH_ANNOTATION}
