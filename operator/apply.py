@@ -29,7 +29,7 @@ import httpx2
 from lightkube import ApiError, AsyncClient
 from lightkube.generic_resource import create_namespaced_resource
 from lightkube.resources.apps_v1 import StatefulSet
-from lightkube.resources.core_v1 import ConfigMap, Secret, Service
+from lightkube.resources.core_v1 import ConfigMap, Secret, Service, ServiceAccount
 from lightkube.resources.networking_v1 import NetworkPolicy
 from lightkube.resources.policy_v1 import PodDisruptionBudget
 from lightkube.types import PatchType
@@ -57,6 +57,7 @@ RESOURCES: dict[str, Any] = {
     "Service": Service,
     "StatefulSet": StatefulSet,
     "PodDisruptionBudget": PodDisruptionBudget,
+    "ServiceAccount": ServiceAccount,
     "NetworkPolicy": NetworkPolicy,
     "ServiceMonitor": ServiceMonitor,
 }

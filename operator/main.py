@@ -63,6 +63,7 @@ CHILD_KINDS = (
     "Service",
     "StatefulSet",
     "PodDisruptionBudget",
+    "ServiceAccount",
     "NetworkPolicy",
     "ServiceMonitor",
 )
@@ -71,6 +72,7 @@ CHILDREN = (
     ("", "v1", "services"),
     ("apps", "v1", "statefulsets"),
     ("policy", "v1", "poddisruptionbudgets"),
+    ("", "v1", "serviceaccounts"),
     ("networking.k8s.io", "v1", "networkpolicies"),
     ("monitoring.coreos.com", "v1", "servicemonitors"),
 )
@@ -337,6 +339,7 @@ async def secret_event(namespace: str | None, memo: Any, **kwargs: Any) -> None:
 @kopf.on.event("", "v1", "services", labels=MANAGED)
 @kopf.on.event("apps", "v1", "statefulsets", labels=MANAGED)
 @kopf.on.event("policy", "v1", "poddisruptionbudgets", labels=MANAGED)
+@kopf.on.event("", "v1", "serviceaccounts", labels=MANAGED)
 @kopf.on.event("networking.k8s.io", "v1", "networkpolicies", labels=MANAGED)
 @kopf.on.event("monitoring.coreos.com", "v1", "servicemonitors", labels=MANAGED)
 async def child_event(

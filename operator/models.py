@@ -1438,8 +1438,8 @@ class MailRelaySpec(KubeModel):
     service_account_name: DnsName | None = Field(
         default=None,
         description=(
-            "ServiceAccount the relay pods run as (for cloud workload identity); the "
-            "namespace's default when unset. Its token is never mounted."
+            "ServiceAccount the relay pods run as (for cloud workload identity); when unset, "
+            "one of their own the operator creates, named like the relay. No token is mounted."
         ),
     )
     image_pull_secrets: list[LocalObjectReference] = Field(

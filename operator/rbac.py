@@ -68,6 +68,12 @@ RULES: tuple[Rule, ...] = (
         "the optional PodDisruptionBudget (deleted when turned off)",
     ),
     Rule(
+        ("",),
+        ("serviceaccounts",),
+        (*READ, "create", "patch", "delete"),
+        "the relay pods' own ServiceAccount (deleted when spec.serviceAccountName names one)",
+    ),
+    Rule(
         ("networking.k8s.io",),
         ("networkpolicies",),
         (*READ, "create", "patch", "delete"),

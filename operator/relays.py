@@ -77,6 +77,7 @@ from mailrelay.operator.render import (
     render_networkpolicy,
     render_pdb,
     render_service,
+    render_serviceaccount,
     render_servicemonitor,
     render_statefulset,
     selector_labels,
@@ -267,13 +268,19 @@ def render_relay(
     mounts = secret_mounts(relay.spec, routes) + app_credential_mounts(relay.name, relay.spec)
     digest = config_hash(config_yaml)
     restart_digest = config_hash(json.dumps(config.restart_settings(), sort_keys=True))
-    children = [
+    absent: list[ChildKey] = []
+    children: list[dict[str, Any]] = []
+    # Before the StatefulSet, so its pods never wait on a ServiceAccount still to come.
+    if (account := render_serviceaccount(relay)) is not None:
+        children.append(account)
+    else:
+        absent.append(("ServiceAccount", relay.namespace, relay.name))
+    children += [
         render_configmap(relay, config_yaml, settings),
         render_service(relay, settings),
         render_headless_service(relay, settings),
         render_statefulset(relay, restart_hash=restart_digest, mounts=mounts, settings=settings),
     ]
-    absent: list[ChildKey] = []
     optional = {
         "PodDisruptionBudget": render_pdb(relay, settings),
         "NetworkPolicy": render_networkpolicy(relay, network_policy_inputs(relay.spec), settings),
@@ -418,6 +425,7 @@ def child_keys(namespace: str, name: str) -> list[ChildKey]:
             ("Service", headless_service_name(name)),
             ("StatefulSet", name),
             ("PodDisruptionBudget", name),
+            ("ServiceAccount", name),
             ("NetworkPolicy", name),
             ("ServiceMonitor", name),
         )

@@ -227,6 +227,19 @@ def render_headless_service(relay: RelayInputs, settings: OperatorSettings) -> d
     }
 
 
+def render_serviceaccount(relay: RelayInputs) -> dict[str, Any] | None:
+    """The relay pods' own ServiceAccount (for workload identity bindings), or None when the
+    spec names one. No token is mounted: the relay never calls the Kubernetes API."""
+    if relay.spec.service_account_name is not None:
+        return None
+    return {
+        "apiVersion": "v1",
+        "kind": "ServiceAccount",
+        "metadata": _metadata(relay, relay.name),
+        "automountServiceAccountToken": False,
+    }
+
+
 def render_pdb(relay: RelayInputs, settings: OperatorSettings) -> dict[str, Any] | None:
     """A PodDisruptionBudget, or None when turned off or pointless (fewer than 2 replicas)."""
     del settings
@@ -437,8 +450,7 @@ def render_statefulset(
         pod_spec["priorityClassName"] = spec.priority_class_name
     if spread := topology_spread(relay):
         pod_spec["topologySpreadConstraints"] = spread
-    if spec.service_account_name is not None:
-        pod_spec["serviceAccountName"] = spec.service_account_name
+    pod_spec["serviceAccountName"] = spec.service_account_name or relay.name
     if spec.image_pull_secrets:
         pod_spec["imagePullSecrets"] = [{"name": ref.name} for ref in spec.image_pull_secrets]
     if spec.pod_security_context is not None:

@@ -165,6 +165,7 @@ def test_every_kind_of_child_has_a_golden_file() -> None:
         "PodDisruptionBudget",
         "NetworkPolicy",
         "ServiceMonitor",
+        "ServiceAccount",
     }
 
 

@@ -612,3 +612,30 @@ def test_kubectl_scale_reaches_the_statefulset_and_the_scale_shows_the_selector(
     wait_for(lambda: replicas() == 1, what="the StatefulSet scaled to 1")
     pod = (get(kube, "statefulset", "outbound", ns) or {})["spec"]["template"]["spec"]
     assert "topologySpreadConstraints" not in pod
+
+
+def test_own_service_account_until_the_spec_names_one(
+    crds: LocalKube, operator: OperatorProcess, op_namespace: str
+) -> None:
+    kube, ns = crds, op_namespace
+    _setup(kube, ns)
+    account = wait_for(lambda: get(kube, "serviceaccount", "outbound", ns), what="the account")
+    assert account["automountServiceAccountToken"] is False
+    assert account["metadata"]["ownerReferences"][0]["name"] == "outbound"
+    sts = wait_for(lambda: get(kube, "statefulset", "outbound", ns), what="the StatefulSet")
+    assert sts["spec"]["template"]["spec"]["serviceAccountName"] == "outbound"
+    kube.kubectl(
+        "patch", "mailrelay", "outbound", "-n", ns, "--type=merge",
+        "-p", json.dumps({"spec": {"serviceAccountName": "relay-identity"}}),
+    )  # fmt: skip
+
+    def account_name() -> str | None:
+        sts = get(kube, "statefulset", "outbound", ns) or {}
+        name: str | None = sts["spec"]["template"]["spec"].get("serviceAccountName")
+        return name
+
+    wait_for(lambda: account_name() == "relay-identity", what="the named account on the pods")
+    wait_for(
+        lambda: get(kube, "serviceaccount", "outbound", ns) is None,
+        what="the relay's own account deleted",
+    )

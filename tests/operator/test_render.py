@@ -19,6 +19,7 @@ from mailrelay.operator.render import (
     render_networkpolicy,
     render_pdb,
     render_service,
+    render_serviceaccount,
     render_servicemonitor,
     render_statefulset,
 )
@@ -561,3 +562,20 @@ def test_the_refused_pod_labels_are_every_label_the_operator_sets() -> None:
     pod = _statefulset(relay())["spec"]["template"]["metadata"]
     assert set(pod["labels"]) == set(models.OPERATOR_POD_LABELS)
     assert set(pod["annotations"]) == {models.RESTART_HASH_ANNOTATION}
+
+
+def test_pods_run_as_their_own_service_account_unless_one_is_named() -> None:
+    own = relay()
+    assert render_serviceaccount(own) == {
+        "apiVersion": "v1",
+        "kind": "ServiceAccount",
+        "metadata": {"name": "outbound", **META},
+        "automountServiceAccountToken": False,
+    }
+    pod = _statefulset(own)["spec"]["template"]["spec"]
+    assert (pod["serviceAccountName"], pod["automountServiceAccountToken"]) == ("outbound", False)
+    named = relay(serviceAccountName="relay-identity")
+    assert render_serviceaccount(named) is None
+    assert _statefulset(named)["spec"]["template"]["spec"]["serviceAccountName"] == (
+        "relay-identity"
+    )
