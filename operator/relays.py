@@ -81,6 +81,7 @@ from mailrelay.operator.render import (
     render_servicemonitor,
     render_statefulset,
     selector_labels,
+    service_account_name,
 )
 from mailrelay.operator.routes import (
     ObjectInfo,
@@ -274,7 +275,7 @@ def render_relay(
     if (account := render_serviceaccount(relay)) is not None:
         children.append(account)
     else:
-        absent.append(("ServiceAccount", relay.namespace, relay.name))
+        absent.append(("ServiceAccount", relay.namespace, service_account_name(relay.name)))
     children += [
         render_configmap(relay, config_yaml, settings),
         render_service(relay, settings),
@@ -425,7 +426,7 @@ def child_keys(namespace: str, name: str) -> list[ChildKey]:
             ("Service", headless_service_name(name)),
             ("StatefulSet", name),
             ("PodDisruptionBudget", name),
-            ("ServiceAccount", name),
+            ("ServiceAccount", service_account_name(name)),
             ("NetworkPolicy", name),
             ("ServiceMonitor", name),
         )

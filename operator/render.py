@@ -74,6 +74,12 @@ def headless_service_name(relay: str) -> str:
     return f"{relay}-headless"
 
 
+def service_account_name(relay: str) -> str:
+    """The relay pods' own ServiceAccount. Never the relay's bare name: a relay may be called
+    ``default``, and the namespace's own ``default`` account must never be taken over."""
+    return f"{relay}-relay"
+
+
 HEADLESS_COMPONENT = "relay-peers"
 
 
@@ -235,7 +241,7 @@ def render_serviceaccount(relay: RelayInputs) -> dict[str, Any] | None:
     return {
         "apiVersion": "v1",
         "kind": "ServiceAccount",
-        "metadata": _metadata(relay, relay.name),
+        "metadata": _metadata(relay, service_account_name(relay.name)),
         "automountServiceAccountToken": False,
     }
 
@@ -450,7 +456,7 @@ def render_statefulset(
         pod_spec["priorityClassName"] = spec.priority_class_name
     if spread := topology_spread(relay):
         pod_spec["topologySpreadConstraints"] = spread
-    pod_spec["serviceAccountName"] = spec.service_account_name or relay.name
+    pod_spec["serviceAccountName"] = spec.service_account_name or service_account_name(relay.name)
     if spec.image_pull_secrets:
         pod_spec["imagePullSecrets"] = [{"name": ref.name} for ref in spec.image_pull_secrets]
     if spec.pod_security_context is not None:

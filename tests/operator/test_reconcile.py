@@ -619,11 +619,13 @@ def test_own_service_account_until_the_spec_names_one(
 ) -> None:
     kube, ns = crds, op_namespace
     _setup(kube, ns)
-    account = wait_for(lambda: get(kube, "serviceaccount", "outbound", ns), what="the account")
+    account = wait_for(
+        lambda: get(kube, "serviceaccount", "outbound-relay", ns), what="the account"
+    )
     assert account["automountServiceAccountToken"] is False
     assert account["metadata"]["ownerReferences"][0]["name"] == "outbound"
     sts = wait_for(lambda: get(kube, "statefulset", "outbound", ns), what="the StatefulSet")
-    assert sts["spec"]["template"]["spec"]["serviceAccountName"] == "outbound"
+    assert sts["spec"]["template"]["spec"]["serviceAccountName"] == "outbound-relay"
     kube.kubectl(
         "patch", "mailrelay", "outbound", "-n", ns, "--type=merge",
         "-p", json.dumps({"spec": {"serviceAccountName": "relay-identity"}}),
@@ -636,6 +638,6 @@ def test_own_service_account_until_the_spec_names_one(
 
     wait_for(lambda: account_name() == "relay-identity", what="the named account on the pods")
     wait_for(
-        lambda: get(kube, "serviceaccount", "outbound", ns) is None,
+        lambda: get(kube, "serviceaccount", "outbound-relay", ns) is None,
         what="the relay's own account deleted",
     )

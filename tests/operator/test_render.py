@@ -569,11 +569,18 @@ def test_pods_run_as_their_own_service_account_unless_one_is_named() -> None:
     assert render_serviceaccount(own) == {
         "apiVersion": "v1",
         "kind": "ServiceAccount",
-        "metadata": {"name": "outbound", **META},
+        "metadata": {"name": "outbound-relay", **META},
         "automountServiceAccountToken": False,
     }
     pod = _statefulset(own)["spec"]["template"]["spec"]
-    assert (pod["serviceAccountName"], pod["automountServiceAccountToken"]) == ("outbound", False)
+    assert (pod["serviceAccountName"], pod["automountServiceAccountToken"]) == (
+        "outbound-relay",
+        False,
+    )
+    # Never the relay's bare name: a relay called "default" must leave that account alone.
+    base = relay()
+    account = render_serviceaccount(RelayInputs("default", base.namespace, base.uid, base.spec))
+    assert account is not None and account["metadata"]["name"] == "default-relay"
     named = relay(serviceAccountName="relay-identity")
     assert render_serviceaccount(named) is None
     assert _statefulset(named)["spec"]["template"]["spec"]["serviceAccountName"] == (
