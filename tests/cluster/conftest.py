@@ -73,3 +73,35 @@ def received_smtp(
             return found
         time.sleep(0.5)
     return found
+
+
+LOAD_POD = "load"
+
+
+def start_load(node: LocalNode, namespace: str, *, count: int, interval: float) -> None:
+    """A client pod sending `count` messages to the relay's Service, one every `interval` s."""
+    assert node.images is not None
+    load = incluster.load_pod(
+        LOAD_POD,
+        node.images.project,
+        incluster.service_host(incluster.RELAY, namespace),
+        count=count,
+        sender="billing@billing.demo.test",
+        interval=interval,
+    )
+    node.kubectl("apply", "-n", namespace, "-f", "-", input=incluster.yaml_stream(load))
+
+
+def load_log(node: LocalNode, namespace: str) -> str:
+    """The load pod's log so far (empty before it starts)."""
+    return node.kubectl("logs", LOAD_POD, "-n", namespace, check=False).stdout
+
+
+def wait_accepted(node: LocalNode, namespace: str, at_least: int, within: float = 180) -> None:
+    """Until the load pod has had `at_least` messages accepted (250) by the relay."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        if len(incluster.accepted_ids(load_log(node, namespace))) >= at_least:
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"fewer than {at_least} messages accepted:\n{load_log(node, namespace)}")

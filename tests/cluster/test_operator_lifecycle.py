@@ -12,7 +12,7 @@ import trustme
 import yaml
 from localnode import LocalNode
 
-from tests.cluster.conftest import apply_relay, received_smtp
+from tests.cluster.conftest import apply_relay, load_log, received_smtp, start_load, wait_accepted
 
 pytestmark = [pytest.mark.node, pytest.mark.slow]
 
@@ -34,10 +34,6 @@ def _operator_pods(node: LocalNode) -> list[dict[str, Any]]:
         ).stdout
     )["items"]
     return [p for p in pods if p["metadata"].get("deletionTimestamp") is None]
-
-
-def _load_log(node: LocalNode, namespace: str) -> str:
-    return node.kubectl("logs", "load", "-n", namespace, check=False).stdout
 
 
 def _owned(node: LocalNode, namespace: str, relay_uid: str) -> list[tuple[str, str]]:
@@ -125,22 +121,10 @@ def test_helm_upgrade_of_a_running_install_replaces_the_operator_and_relays_keep
     relay_pod = json.loads(
         node.kubectl("get", "pod", f"{incluster.RELAY}-0", "-n", ns, "-o", "json").stdout
     )
-    assert node.images is not None
     count = 40
-    load = incluster.load_pod(
-        "load",
-        node.images.project,
-        incluster.service_host(incluster.RELAY, ns),
-        count=count,
-        sender="billing@billing.demo.test",
-        interval=0.25,
-    )
-    node.kubectl("apply", "-n", ns, "-f", "-", input=incluster.yaml_stream(load))
+    start_load(node, ns, count=count, interval=0.25)
     try:
-        deadline = time.monotonic() + 180
-        while len(incluster.accepted_ids(_load_log(node, ns))) < 5:
-            assert time.monotonic() < deadline
-            time.sleep(0.5)
+        wait_accepted(node, ns, 5)
         incluster.install_operator(
             node, extra=("--set", "operator.resyncSeconds=7", "--set", "operator.logFormat=json")
         )
@@ -172,7 +156,7 @@ def test_helm_upgrade_of_a_running_install_replaces_the_operator_and_relays_keep
                 "get", "pod", "load", "-n", ns, "-o", "jsonpath={.status.phase}"
             ).stdout
             time.sleep(1)
-        log = _load_log(node, ns)
+        log = load_log(node, ns)
         assert phase == "Succeeded", log
         accepted = set(incluster.accepted_ids(log))
         assert len(accepted) == count

@@ -15,24 +15,17 @@ import pytest
 import trustme
 from localnode import LocalNode
 
-from tests.cluster.conftest import apply_relay, received_smtp
+from tests.cluster.conftest import (
+    apply_relay,
+    load_log,
+    received_smtp,
+    start_load,
+    wait_accepted,
+)
 
 pytestmark = [pytest.mark.node, pytest.mark.slow]
 
 COUNT = 60
-
-
-def _log(node: LocalNode, namespace: str, pod: str) -> str:
-    return node.kubectl("logs", pod, "-n", namespace, check=False).stdout
-
-
-def _wait_accepted(node: LocalNode, namespace: str, pod: str, at_least: int) -> None:
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if len(incluster.accepted_ids(_log(node, namespace, pod))) >= at_least:
-            return
-        time.sleep(0.5)
-    raise AssertionError(f"fewer than {at_least} messages accepted:\n{_log(node, namespace, pod)}")
 
 
 def _wait_restarted_and_ready(node: LocalNode, namespace: str, restarts_before: int) -> float:
@@ -70,23 +63,14 @@ def test_relay_pod_killed_under_load_delivers_every_accepted_message(
 ) -> None:
     apply_relay(node, node_namespace, upstreams)
     claim = _claim_uid(node, node_namespace)
-    assert node.images is not None
-    load = incluster.load_pod(
-        "load",
-        node.images.project,
-        incluster.service_host(incluster.RELAY, node_namespace),
-        count=COUNT,
-        sender="billing@billing.demo.test",
-        interval=0.1,
-    )
-    node.kubectl("apply", "-n", node_namespace, "-f", "-", input=incluster.yaml_stream(load))
+    start_load(node, node_namespace, count=COUNT, interval=0.1)
 
-    _wait_accepted(node, node_namespace, "load", 15)
+    wait_accepted(node, node_namespace, 15)
     node.kubectl(
         "delete", "pod", f"{incluster.RELAY}-0", "-n", node_namespace, "--force",
         "--grace-period=0",
     )  # fmt: skip
-    _wait_accepted(node, node_namespace, "load", 35)
+    wait_accepted(node, node_namespace, 35)
 
     # SIGKILL the relay process itself (containerd's task), not the pod.
     pod = _relay_pod(node, node_namespace)
@@ -106,7 +90,7 @@ def test_relay_pod_killed_under_load_delivers_every_accepted_message(
         if phase in ("Succeeded", "Failed"):
             break
         time.sleep(1)
-    log = _log(node, node_namespace, "load")
+    log = load_log(node, node_namespace)
     assert phase == "Succeeded", log
     accepted = incluster.accepted_ids(log)
     assert len(set(accepted)) == COUNT

@@ -15,7 +15,7 @@ import trustme
 import yaml
 from localnode import LocalNode
 
-from tests.cluster.conftest import apply_relay, received_smtp
+from tests.cluster.conftest import apply_relay, load_log, received_smtp, start_load, wait_accepted
 
 pytestmark = [pytest.mark.node, pytest.mark.slow]
 
@@ -42,30 +42,14 @@ def _relay_pod(node: LocalNode, namespace: str) -> tuple[str, int]:
     return pod["metadata"]["uid"], pod["status"]["containerStatuses"][0]["restartCount"]
 
 
-def _load_log(node: LocalNode, namespace: str) -> str:
-    return node.kubectl("logs", "load", "-n", namespace, check=False).stdout
-
-
 def test_route_change_under_load_is_used_at_once_and_loses_nothing(
     node: LocalNode, operator_release: str, node_namespace: str, upstreams: trustme.CA
 ) -> None:
     ns = node_namespace
     apply_relay(node, ns, upstreams)
     pod_before = _relay_pod(node, ns)
-    assert node.images is not None
-    load = incluster.load_pod(
-        "load",
-        node.images.project,
-        incluster.service_host(incluster.RELAY, ns),
-        count=COUNT,
-        sender="billing@billing.demo.test",
-        interval=0.2,
-    )
-    node.kubectl("apply", "-n", ns, "-f", "-", input=incluster.yaml_stream(load))
-    deadline = time.monotonic() + 180
-    while len(incluster.accepted_ids(_load_log(node, ns))) < 10:
-        assert time.monotonic() < deadline, _load_log(node, ns)
-        time.sleep(0.5)
+    start_load(node, ns, count=COUNT, interval=0.2)
+    wait_accepted(node, ns, 10)
 
     # The Mailgun route takes the billing domain too, above the SMTP route: billing mail moves
     # to the Mailgun API. Both routes stay, so the pods mount the same Secrets (no new volume).
@@ -91,7 +75,7 @@ def test_route_change_under_load_is_used_at_once_and_loses_nothing(
         if phase in ("Succeeded", "Failed"):
             break
         time.sleep(1)
-    log = _load_log(node, ns)
+    log = load_log(node, ns)
     assert phase == "Succeeded", log
     accepted = set(incluster.accepted_ids(log))
     assert len(accepted) == COUNT
