@@ -47,7 +47,7 @@ from mailrelay.operator.relays import (
     child_needs_pass,
 )
 from mailrelay.operator.render import MANAGED_BY
-from mailrelay.operator.routes import ObjectInfo
+from mailrelay.operator.routes import ObjectInfo, object_info
 from mailrelay.operator.settings import configure_kopf, load_settings
 
 # Before kopf runs anything: start-up with thousands of objects (kopf_patches.py).
@@ -90,29 +90,7 @@ log = logging.getLogger("mailrelay.operator")
 
 
 def _info(kind: str, body: kopf.Body) -> ObjectInfo:
-    meta = body.get("metadata", {})
-    return ObjectInfo(
-        kind=kind,
-        namespace=str(meta.get("namespace")),
-        name=str(meta.get("name")),
-        uid=str(meta.get("uid")),
-        generation=int(meta.get("generation") or 0),
-        labels=dict(meta.get("labels") or {}),
-        spec=kopf_to_dict(body.get("spec") or {}),
-        status=kopf_to_dict(body.get("status") or {}),
-        resource_version=resource_version_number(meta.get("resourceVersion")),
-        created=str(meta.get("creationTimestamp") or ""),
-        deleting=meta.get("deletionTimestamp") is not None,
-    )
-
-
-def kopf_to_dict(value: Any) -> Any:
-    """A plain deep copy of a kopf body part (kopf hands out live views)."""
-    if isinstance(value, dict) or hasattr(value, "items"):
-        return {k: kopf_to_dict(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [kopf_to_dict(v) for v in value]
-    return value
+    return object_info(body, kind)
 
 
 def _post_event(target: ObjectInfo, type_: str, reason: str, message: str) -> None:

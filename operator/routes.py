@@ -31,6 +31,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from mailrelay.operator import models
+from mailrelay.operator.apply import resource_version_number
 from mailrelay.operator.conditions import (
     Clock,
     ConditionUpdate,
@@ -92,6 +93,33 @@ class ObjectInfo:
             "kind": self.kind,
             "metadata": {"namespace": self.namespace, "name": self.name, "uid": self.uid},
         }
+
+
+def object_info(body: Mapping[str, Any], kind: str | None = None) -> ObjectInfo:
+    """What the indices keep of a MailRelay or MailRoute body (kopf's, or a plain dict)."""
+    meta = body.get("metadata", {})
+    return ObjectInfo(
+        kind=kind or str(body.get("kind")),
+        namespace=str(meta.get("namespace")),
+        name=str(meta.get("name")),
+        uid=str(meta.get("uid")),
+        generation=int(meta.get("generation") or 0),
+        labels=dict(meta.get("labels") or {}),
+        spec=plain_copy(body.get("spec") or {}),
+        status=plain_copy(body.get("status") or {}),
+        resource_version=resource_version_number(meta.get("resourceVersion")),
+        created=str(meta.get("creationTimestamp") or ""),
+        deleting=meta.get("deletionTimestamp") is not None,
+    )
+
+
+def plain_copy(value: Any) -> Any:
+    """A plain deep copy of a body part (kopf hands out live views)."""
+    if isinstance(value, dict) or hasattr(value, "items"):
+        return {k: plain_copy(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [plain_copy(v) for v in value]
+    return value
 
 
 @dataclass(frozen=True)

@@ -17,11 +17,10 @@ from mailrelay.operator.apply import (
     Applier,
     MailRelayResource,
     MailRouteResource,
-    resource_version_number,
 )
 from mailrelay.operator.metrics import OperatorMetrics
 from mailrelay.operator.relays import Context, Indices, reconcile_relay
-from mailrelay.operator.routes import ObjectInfo
+from mailrelay.operator.routes import object_info
 from mailrelay.operator.settings import FIELD_MANAGER, OperatorSettings
 from tests.operator import manifests as m
 from tests.operator.harness import OperatorProcess, apply, get, wait_for
@@ -38,20 +37,6 @@ CHILD_KINDS = (
 )
 
 
-def _info(obj: dict[str, Any]) -> ObjectInfo:
-    meta = obj["metadata"]
-    return ObjectInfo(
-        kind=obj["kind"],
-        namespace=meta["namespace"],
-        name=meta["name"],
-        uid=meta["uid"],
-        generation=int(meta.get("generation") or 0),
-        spec=obj["spec"],
-        status=obj.get("status") or {},
-        resource_version=resource_version_number(meta["resourceVersion"]),
-    )
-
-
 def _fetch(kube: LocalKube, kind: str, name: str, ns: str) -> dict[str, Any]:
     obj = get(kube, kind, name, ns)
     assert obj is not None
@@ -65,8 +50,8 @@ async def test_a_status_write_for_objects_deleted_meanwhile_is_no_error(
     kube, ns = crds, namespace
     apply(kube, ns, m.tls_secret(), m.users_secret(), m.smtp_credentials())
     apply(kube, ns, m.relay(), m.smtp_route("billing", senders=["billing.example.com"]))
-    relay = _info(_fetch(kube, "mailrelay", "outbound", ns))
-    route = _info(_fetch(kube, "mailroute", "billing", ns))
+    relay = object_info(_fetch(kube, "mailrelay", "outbound", ns))
+    route = object_info(_fetch(kube, "mailroute", "billing", ns))
     kube.kubectl("delete", "mailroute", "billing", "-n", ns)
     kube.kubectl("delete", "mailrelay", "outbound", "-n", ns)
 

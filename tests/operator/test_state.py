@@ -13,7 +13,6 @@ import json
 import socket
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 import yaml
@@ -21,10 +20,10 @@ from lightkube import AsyncClient, KubeConfig
 from localkube import LocalKube
 from prometheus_client import CollectorRegistry
 
-from mailrelay.operator.apply import Applier, resource_version_number
+from mailrelay.operator.apply import Applier
 from mailrelay.operator.metrics import OperatorMetrics
 from mailrelay.operator.relays import Context, Indices, ObjectKey, WorkQueue
-from mailrelay.operator.routes import ObjectInfo
+from mailrelay.operator.routes import ObjectInfo, object_info
 from mailrelay.operator.settings import FIELD_MANAGER, OperatorSettings
 from mailrelay.operator.state import RelayStates, retry_delay
 from tests.operator import manifests as m
@@ -71,20 +70,6 @@ async def test_a_state_is_kept_while_anything_waits_or_runs_for_it() -> None:
     assert states.forget("mail", "outbound")
     assert states.peek("mail", "outbound") is None
     assert len(states) == 0
-
-
-def _info(obj: dict[str, Any]) -> ObjectInfo:
-    meta = obj["metadata"]
-    return ObjectInfo(
-        kind=obj["kind"],
-        namespace=meta["namespace"],
-        name=meta["name"],
-        uid=meta["uid"],
-        generation=int(meta.get("generation") or 0),
-        spec=obj["spec"],
-        status=obj.get("status") or {},
-        resource_version=resource_version_number(meta["resourceVersion"]),
-    )
 
 
 async def _kubectl(kube: LocalKube, *args: str, input: str | None = None) -> str:
@@ -152,7 +137,7 @@ async def test_relay_state_does_not_grow_as_relays_come_and_go(
                 await _kubectl(kube, "get", "mailrelays,mailroutes", "-n", ns, "-o", "json")
             )
             for obj in listed["items"]:
-                info = _info(obj)
+                info = object_info(obj)
                 if info.kind == "MailRelay":
                     relays[(ns, info.name)] = [info]
                 else:
@@ -203,7 +188,7 @@ async def test_an_api_error_is_retried_with_growing_gaps_and_success_resets_it(
     await _kubectl(
         kube, "apply", "-n", ns, "-f", "-", input=yaml.safe_dump_all([*secrets, m.relay()])
     )
-    relay = _info(
+    relay = object_info(
         json.loads(await _kubectl(kube, "get", "mailrelay", "outbound", "-n", ns, "-o", "json"))
     )
     indices = Indices(
