@@ -6,10 +6,10 @@ ARG PYTHON_IMAGE=python:3.12-slim-bookworm
 FROM ${PYTHON_IMAGE} AS build
 WORKDIR /src
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
-COPY pyproject.toml README.md ./
-COPY operator/ operator/
+# The two shipped packages (the workspace's support package is for tests and dev tools).
 COPY relay/ relay/
-RUN pip wheel --wheel-dir /wheels .
+COPY operator/ operator/
+RUN pip wheel --wheel-dir /wheels ./relay ./operator
 
 FROM ${PYTHON_IMAGE}
 LABEL org.opencontainers.image.title="mailrelay" \

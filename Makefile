@@ -3,18 +3,14 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-# The repo root holds a folder named `operator`; never let the current directory shadow
-# the standard library's module of that name (sys.path[0] for `python -m`). With it, a
-# script's own folder is not on sys.path either, hence PYTHONPATH=hack for the dev tools.
-export PYTHONSAFEPATH := 1
 STAMP := $(VENV)/.installed
 
 .PHONY: demo test lint typecheck fmt venv control-plane node cluster-up cluster-down crds chart-sync clean bench
 
 # Main job: a real single-node cluster; helm install the chart, upstream pods, a client pod
-# sending mail through the relay Service (hack/clusterdemo.py).
+# sending mail through the relay Service (support/src/mailrelay/support/clusterdemo.py).
 demo: venv control-plane node
-	PYTHONPATH=hack $(PY) hack/demo.py
+	$(PY) -m mailrelay.support.demo
 
 # All tests: unit, relay on loopback, API tests against a real kube-apiserver + etcd, and
 # tests on real pods (marker `node`) on the single-node cluster.
@@ -22,10 +18,11 @@ test: venv control-plane node lint
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 venv: $(STAMP)
-$(STAMP): pyproject.toml
+# The three packages, editable, and the dev tools (pyproject.toml's dependency groups).
+$(STAMP): pyproject.toml relay/pyproject.toml operator/pyproject.toml support/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -e ./relay -e ./operator -e ./support --group dev
 	touch $(STAMP)
 
 # Builds (once, cached under ~/.cache/mailrelay) kube-apiserver, kubectl, etcd and helm,
@@ -39,14 +36,10 @@ lint: venv
 	$(VENV)/bin/ruff format --check .
 	$(MAKE) --no-print-directory typecheck
 
-# mypy cannot map folders to module names, so it checks a symlinked view of the package.
+# mypy reads the src roots from pyproject.toml's mypy_path and checks the files in place.
 typecheck: venv
-	rm -rf .typecheck && mkdir -p .typecheck/mailrelay
-	ln -s ../../operator .typecheck/mailrelay/operator
-	ln -s ../../relay .typecheck/mailrelay/relay
-	$(VENV)/bin/mypy -p mailrelay -p tests
-	cd hack && ../$(VENV)/bin/mypy --config-file ../pyproject.toml *.py
-	if ls bench/*.py >/dev/null 2>&1; then MYPYPATH=bench $(VENV)/bin/mypy bench; fi
+	$(VENV)/bin/mypy -p mailrelay.relay -p mailrelay.operator -p mailrelay.support -p tests
+	MYPYPATH=bench $(VENV)/bin/mypy bench
 
 fmt: venv
 	$(VENV)/bin/ruff format .
@@ -57,14 +50,14 @@ fmt: venv
 # packages the node needs; builds the images (base, project, upstreams) with podman.
 node: venv control-plane
 	hack/build-node.sh >/dev/null
-	PYTHONPATH=hack $(PY) hack/localnode.py build
+	$(PY) -m mailrelay.support.localnode build
 
 # A real single-node cluster that outlives the command (hack/localnode.py).
 cluster-up: venv control-plane node
-	PYTHONPATH=hack $(PY) hack/localnode.py up
+	$(PY) -m mailrelay.support.localnode up
 
 cluster-down: venv
-	PYTHONPATH=hack $(PY) hack/localnode.py down
+	$(PY) -m mailrelay.support.localnode down
 
 # Regenerates crds/*.yaml from the pydantic models, and the chart's copies of them.
 crds: venv
@@ -73,7 +66,7 @@ crds: venv
 
 # Writes the chart's generated files (RBAC rules, CRDs) from their one source.
 chart-sync: venv
-	$(PY) hack/sync_chart.py
+	$(PY) -m mailrelay.support.sync_chart
 
 # Relay vs Postfix on loopback (needs root and Debian's postfix package); see bench/README.md.
 # Smoke run: make bench BENCH_ARGS=--quick
@@ -81,4 +74,4 @@ bench: venv
 	$(PY) bench/relay_vs_postfix.py $(BENCH_ARGS)
 
 clean:
-	rm -rf .typecheck .mypy_cache .pytest_cache .ruff_cache
+	rm -rf .mypy_cache .pytest_cache .ruff_cache

@@ -56,7 +56,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+# A script's own folder is on sys.path: the sibling benchmark is importable as is.
 import relay_vs_postfix as base
 
 LOADGEN_DIR = Path(__file__).resolve().parent / "loadgen"

@@ -1,6 +1,6 @@
 """Figures of the real single-node cluster (printed, never asserted).
 
-    PYTHONPATH=hack .venv/bin/python bench/cluster_figures.py
+    .venv/bin/python bench/cluster_figures.py
 
 - binaries and images ready (cold: builds; warm: cache checks), cluster start;
 - `helm install` of the chart until the operator pod is Ready;
@@ -21,10 +21,11 @@ import time
 from email.message import EmailMessage
 from pathlib import Path
 
-import incluster
 import trustme
 import yaml
-from localnode import running_node
+
+from mailrelay.support import incluster
+from mailrelay.support.localnode import running_node
 
 NAMESPACE = "bench"
 LATE_DOMAIN = "late.demo.test"

@@ -19,16 +19,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
-import sys
 import time
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 
 import aiohttp
-import httpx
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 import auth_vs_postfix
+import httpx
 import relay_vs_postfix as base
 
 from mailrelay.relay.upstreams.providers.http import (

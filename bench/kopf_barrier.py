@@ -17,13 +17,10 @@ import asyncio
 import sys
 import time
 from collections.abc import Sequence
-from pathlib import Path
 
-sys.path[:0] = [str(Path(__file__).resolve().parents[1])]
+from kopf._cogs.aiokits import aiotoggles
 
-from kopf._cogs.aiokits import aiotoggles  # noqa: E402
-
-from mailrelay.operator import kopf_patches  # noqa: E402
+from mailrelay.operator import kopf_patches
 
 
 async def barrier(objects: int) -> float:

@@ -28,7 +28,6 @@ import asyncio
 import base64
 import contextlib
 import hashlib
-import os
 import random
 import socket
 import subprocess
@@ -293,5 +292,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("PYTHONSAFEPATH", "1")
     main()

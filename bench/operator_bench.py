@@ -44,18 +44,16 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from lightkube import AsyncClient, KubeConfig, codecs
+from lightkube.generic_resource import create_namespaced_resource
+from lightkube.types import on_error_retry
+
+import mailrelay.operator.apply  # noqa: F401  (registers the MailRelay/MailRoute kinds)
+from mailrelay.operator.settings import WATCH_LABEL
+from mailrelay.support.localkube import LocalKube, ensure_binaries
+from mailrelay.support.operator_harness import CRDS, OperatorProcess, bind_operator_role
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO_ROOT), str(REPO_ROOT / "hack")]
-
-from lightkube import AsyncClient, KubeConfig, codecs  # noqa: E402
-from lightkube.generic_resource import create_namespaced_resource  # noqa: E402
-from lightkube.types import on_error_retry  # noqa: E402
-from localkube import LocalKube, ensure_binaries  # noqa: E402
-
-import mailrelay.operator.apply  # noqa: E402, F401  (registers the MailRelay/MailRoute kinds)
-from mailrelay.operator.settings import WATCH_LABEL  # noqa: E402
-from tests.operator.harness import CRDS, OperatorProcess, bind_operator_role  # noqa: E402
-
 NAMESPACE = "bench"
 # Server-side apply requests are counted under their own verb, APPLY.
 WRITE_VERBS = ("POST", "PUT", "PATCH", "APPLY", "DELETE")

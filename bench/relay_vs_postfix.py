@@ -647,7 +647,7 @@ class RelayServer(Server):
         self.root.mkdir(parents=True, exist_ok=True)
         config_path = self.root / "relay.yaml"
         config_path.write_text(self.config_text())
-        env = dict(os.environ, PYTHONSAFEPATH="1", PYTHONUNBUFFERED="1")
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
         if self.options.pythonpath is not None:
             env["PYTHONPATH"] = str(self.options.pythonpath)
         argv = [self.python]
@@ -1247,7 +1247,7 @@ def missing_prerequisites(python: str) -> list[str]:
         capture_output=True,
         text=True,
         check=False,
-        env=dict(os.environ, PYTHONSAFEPATH="1"),
+        env=dict(os.environ),
         cwd="/",
     )
     if check.returncode != 0:

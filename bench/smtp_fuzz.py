@@ -1,7 +1,7 @@
 """Long run of the SMTP session fuzzer: hostile sessions against a real relay for minutes.
 
 Why: `make test` runs the fuzzer's short, derandomized profile (tests/security); this
-script runs the same state machine (tests/security/smtp_fuzz.py) with fresh seeds until
+script runs the same state machine (mailrelay.support.fuzz.smtp_fuzz) with fresh seeds until
 the time is up, against one relay subprocess with two real aiosmtpd upstreams, and
 prints what it tried: examples and steps, commands sent per kind, replies seen per code
 and enhanced code, messages delivered and checked byte for byte, the victim's messages,
@@ -24,13 +24,9 @@ from pathlib import Path
 
 from hypothesis import Phase, settings
 
-# The fuzzer lives with the tests. The repo root goes last on the path: first, its
-# `operator` folder would shadow the standard library's module.
-sys.path.append(str(Path(__file__).resolve().parents[1]))
-
-from tests.security.smtp_fuzz import FuzzRun, run
-from tests.security.smtp_model import InputClasses
-from tests.security.target import FuzzTarget
+from mailrelay.support.fuzz.smtp_fuzz import FuzzRun, run
+from mailrelay.support.fuzz.smtp_model import InputClasses
+from mailrelay.support.fuzz.target import FuzzTarget
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

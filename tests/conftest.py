@@ -2,7 +2,7 @@
 namespace per test on each.
 
 `kube` is etcd + kube-apiserver only (fast; no pods). `node` is a whole single-node
-cluster (hack/localnode.py): containerd, kubelet, controller-manager, scheduler,
+cluster (mailrelay.support.localnode): containerd, kubelet, controller-manager, scheduler,
 kube-proxy, CoreDNS, local-path-provisioner, with the project image imported. It starts
 only when a test asks for it (marker `node`), once per session.
 """
@@ -14,8 +14,9 @@ import secrets
 from collections.abc import Iterator
 
 import pytest
-from localkube import LocalKube, running_cluster
-from localnode import LocalNode, running_node
+
+from mailrelay.support.localkube import LocalKube, running_cluster
+from mailrelay.support.localnode import LocalNode, running_node
 
 
 @pytest.fixture(scope="session")

@@ -14,10 +14,10 @@ from typing import Any
 
 import pytest
 import yaml
-from localkube import REPO_ROOT, LocalKube, running_cluster
 
 from mailrelay.operator import rbac
-from tests.operator.harness import get, running_operator, wait_for
+from mailrelay.support.localkube import REPO_ROOT, LocalKube, running_cluster
+from mailrelay.support.operator_harness import get, running_operator, wait_for
 
 pytestmark = pytest.mark.kube
 

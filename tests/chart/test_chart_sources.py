@@ -4,15 +4,16 @@ from __future__ import annotations
 
 from typing import Any
 
-import sync_chart
 import yaml
 
 from mailrelay.operator.rbac import RULES
+from mailrelay.support import sync_chart
+from mailrelay.support.localkube import REPO_ROOT
 
 
 def test_generated_chart_files_are_current() -> None:
     stale = [
-        str(path.relative_to(sync_chart.REPO_ROOT))
+        str(path.relative_to(REPO_ROOT))
         for path, content in sync_chart.generated_files().items()
         if not path.exists() or path.read_text() != content
     ]

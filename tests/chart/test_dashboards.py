@@ -21,12 +21,15 @@ from typing import Any
 
 import pytest
 import yaml
-from localkube import LocalKube
 from prometheus_client import CollectorRegistry
 
 from mailrelay.operator.metrics import OperatorMetrics
 from mailrelay.relay.metrics import RelayMetrics
 from mailrelay.relay.upstreams.providers.base import provider_metrics
+from mailrelay.support.localkube import LocalKube
+from mailrelay.support.operator_harness import CRDS, bind_operator_role, running_operator, wait_for
+from mailrelay.support.provider_servers import SIGNING_SECRET, start_provider_server
+from mailrelay.support.smtp_peers import RecordingUpstream, TlsCerts
 from tests.chart.promql_names import (
     CHART,
     DASHBOARDS,
@@ -46,21 +49,13 @@ from tests.chart.promql_names import (
 )
 from tests.chart.test_alerts import run_promtool
 from tests.operator import manifests
-from tests.operator.harness import CRDS, bind_operator_role, running_operator, wait_for
-from tests.providers.servers import SIGNING_SECRET, start_provider_server
 
 # The relay's own fixtures: a real relay on loopback and recording SMTP upstreams.
-from tests.relay.conftest import (  # noqa: F401
+from tests.relay.conftest import (
     USERS,
-    RecordingUpstream,
     RelayFactory,
-    TlsCerts,
     http_get,
-    recording_upstream,
-    relay_factory,
     smtp_route,
-    tls_certs,
-    users_file,
 )
 
 # Series the alerts need that no mailrelay process can export, and who exports them.
@@ -312,9 +307,9 @@ async def _eventually(check: Callable[[], bool], what: str, within: float = 15.0
 
 
 async def test_relay_exports_every_metric_the_dashboards_and_alerts_use(
-    relay_factory: RelayFactory,  # noqa: F811
-    recording_upstream: Callable[..., RecordingUpstream],  # noqa: F811
-    tls_certs: TlsCerts,  # noqa: F811
+    relay_factory: RelayFactory,
+    recording_upstream: Callable[..., RecordingUpstream],
+    tls_certs: TlsCerts,
     tmp_path: Path,
 ) -> None:
     upstream = recording_upstream(tls="none")

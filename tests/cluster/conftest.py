@@ -6,10 +6,11 @@ import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-import incluster
 import pytest
 import trustme
-from localnode import LocalNode
+
+from mailrelay.support import incluster
+from mailrelay.support.localnode import LocalNode
 
 
 @pytest.fixture(scope="session")
@@ -42,7 +43,7 @@ def upstreams(node: LocalNode, node_namespace: str) -> trustme.CA:
 def apply_relay(
     node: LocalNode, namespace: str, ca: trustme.CA, *, exempt_networks: Sequence[str] = ()
 ) -> None:
-    """The MailRelay of hack/incluster.py with its Secrets and routes; wait until Ready.
+    """The MailRelay of mailrelay.support.incluster with its Secrets and routes; wait until Ready.
 
     `exempt_networks` lifts the per-client limits for those clients (a test that probes
     with wrong passwords on purpose would otherwise be locked out, as any client would)."""

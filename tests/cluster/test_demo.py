@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import clusterdemo
 import pytest
-from localnode import LocalNode
+
+from mailrelay.support import clusterdemo
+from mailrelay.support.localnode import LocalNode
 
 pytestmark = [pytest.mark.node, pytest.mark.slow]
 

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import nodeimages
 import pytest
-from localnode import LocalNode
+
+from mailrelay.support import nodeimages
+from mailrelay.support.localnode import LocalNode
 
 pytestmark = [pytest.mark.node, pytest.mark.slow]
 

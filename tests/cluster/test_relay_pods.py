@@ -1,6 +1,6 @@
 """The shipped artefacts on real pods: chart, operator pod, relay pods, Services, PVCs.
 
-Everything runs on the single-node cluster of hack/localnode.py, whose containerd does
+Everything runs on the single-node cluster of mailrelay.support.localnode, whose containerd does
 not lower `ip_unprivileged_port_start` for pods (`enable_unprivileged_ports = false`, like
 most runtimes), so the relay's ports 587/465 work only through the pod's own sysctl.
 """
@@ -12,11 +12,11 @@ import json
 import socket
 import time
 
-import incluster
 import pytest
 import trustme
-from localnode import LocalNode
 
+from mailrelay.support import incluster
+from mailrelay.support.localnode import LocalNode
 from tests.cluster.conftest import apply_relay, received_smtp
 
 pytestmark = [pytest.mark.node, pytest.mark.slow]

@@ -10,11 +10,11 @@ import time
 from email import policy
 from typing import Any
 
-import incluster
 import pytest
 import trustme
-from localnode import LocalNode
 
+from mailrelay.support import incluster
+from mailrelay.support.localnode import LocalNode
 from tests.cluster.conftest import (
     apply_relay,
     load_log,

@@ -11,13 +11,13 @@ from collections.abc import Callable
 from typing import Any
 
 import bcrypt
-import incluster
 import pytest
 import trustme
 import yaml
 from cryptography import x509
-from localnode import NODE_IP, LocalNode
 
+from mailrelay.support import incluster
+from mailrelay.support.localnode import NODE_IP, LocalNode
 from tests.cluster.conftest import apply_relay
 
 pytestmark = [pytest.mark.node, pytest.mark.slow]

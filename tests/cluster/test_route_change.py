@@ -9,12 +9,12 @@ import time
 from email import policy
 from typing import Any
 
-import incluster
 import pytest
 import trustme
 import yaml
-from localnode import LocalNode
 
+from mailrelay.support import incluster
+from mailrelay.support.localnode import LocalNode
 from tests.cluster.conftest import apply_relay, load_log, received_smtp, start_load, wait_accepted
 
 pytestmark = [pytest.mark.node, pytest.mark.slow]

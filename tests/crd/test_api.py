@@ -12,10 +12,10 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from localkube import LocalKube
 
 from mailrelay.operator.crdgen import build_crds, crd_filename
 from mailrelay.operator.models import MailRelaySpec, MailRouteSpec
+from mailrelay.support.localkube import LocalKube
 from tests.crd.cases import (
     BASE_RELAY_SPEC,
     BASE_ROUTE_SPEC,

@@ -26,13 +26,13 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from localkube import LocalKube
 from pydantic import ValidationError
 
 from mailrelay.operator import models, relay_config
 from mailrelay.operator.crdgen import build_crds, crd_filename
 from mailrelay.relay import config as relay
 from mailrelay.relay import upstream_rules
+from mailrelay.support.localkube import LocalKube
 from tests.crd.cases import BASE_RELAY_SPEC, CRD_DIR
 
 # --- The shapes ---------------------------------------------------------------------------

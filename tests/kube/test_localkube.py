@@ -8,7 +8,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from localkube import BUILD_SCRIPT, LocalKube
+
+from mailrelay.support.localkube import BUILD_SCRIPT, LocalKube
 
 pytestmark = pytest.mark.kube
 

@@ -13,9 +13,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from localkube import LocalKube
 
-from tests.operator.harness import CRDS, OperatorProcess, bind_operator_role, running_operator
+from mailrelay.support.localkube import LocalKube
+from mailrelay.support.operator_harness import (
+    CRDS,
+    OperatorProcess,
+    bind_operator_role,
+    running_operator,
+)
 
 RESYNC_SECONDS = "2"
 

@@ -10,7 +10,6 @@ from typing import Any
 
 import pytest
 import yaml
-from localkube import LocalKube
 
 from mailrelay.operator import models
 from mailrelay.operator.appcredentials import (
@@ -24,8 +23,9 @@ from mailrelay.operator.render import RelayInputs
 from mailrelay.relay.auth import load_users
 from mailrelay.relay.config import AppCredentialConfig
 from mailrelay.relay.machinehash import check_machine_secret, hash_machine_secret
+from mailrelay.support.localkube import LocalKube
+from mailrelay.support.operator_harness import OperatorProcess, apply, condition, get, wait_for
 from tests.operator import manifests as m
-from tests.operator.harness import OperatorProcess, apply, condition, get, wait_for
 
 APPS: list[dict[str, Any]] = [
     {"name": "web"},

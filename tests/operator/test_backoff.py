@@ -12,10 +12,10 @@ import time
 from pathlib import Path
 
 import pytest
-from localkube import LocalKube
 
+from mailrelay.support.localkube import LocalKube
+from mailrelay.support.operator_harness import apply, condition, get, running_operator, wait_for
 from tests.operator import manifests as m
-from tests.operator.harness import apply, condition, get, running_operator, wait_for
 
 pytestmark = pytest.mark.kube
 

@@ -9,10 +9,10 @@ that was meant, and no pydantic internals.
 from __future__ import annotations
 
 import pytest
-from localkube import LocalKube
 
+from mailrelay.support.localkube import LocalKube
+from mailrelay.support.operator_harness import OperatorProcess, apply, condition, get, wait_for
 from tests.operator import manifests as m
-from tests.operator.harness import OperatorProcess, apply, condition, get, wait_for
 from tests.operator.test_reconcile import _events, _has_condition
 from tests.relay.test_problems import INTERNALS
 

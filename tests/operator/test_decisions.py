@@ -322,7 +322,7 @@ def test_rbac_module_prints_the_cluster_role() -> None:
         capture_output=True,
         text=True,
         check=True,
-        env={"PYTHONSAFEPATH": "1", "PATH": ""},
+        env={"PATH": ""},
     )
     role = yaml.safe_load(result.stdout)
     assert role == rbac.cluster_role()
@@ -338,7 +338,7 @@ def test_operator_help() -> None:
         capture_output=True,
         text=True,
         check=True,
-        env={"PYTHONSAFEPATH": "1", "PATH": ""},
+        env={"PATH": ""},
     )
     assert "--namespace" in result.stdout and "--priority" in result.stdout
 

@@ -10,7 +10,6 @@ from typing import Any
 import pytest
 import yaml
 from lightkube import AsyncClient, KubeConfig
-from localkube import LocalKube
 from prometheus_client import CollectorRegistry
 
 from mailrelay.operator.apply import (
@@ -22,8 +21,9 @@ from mailrelay.operator.metrics import OperatorMetrics
 from mailrelay.operator.relays import Context, Indices, reconcile_relay
 from mailrelay.operator.routes import object_info
 from mailrelay.operator.settings import FIELD_MANAGER, OperatorSettings
+from mailrelay.support.localkube import LocalKube
+from mailrelay.support.operator_harness import OperatorProcess, apply, get, wait_for
 from tests.operator import manifests as m
-from tests.operator.harness import OperatorProcess, apply, get, wait_for
 
 pytestmark = pytest.mark.kube
 

@@ -6,9 +6,10 @@ from __future__ import annotations
 import secrets
 from pathlib import Path
 
-import demo
 import pytest
-from localkube import LocalKube
+
+from mailrelay.support import demo
+from mailrelay.support.localkube import LocalKube
 
 pytestmark = [pytest.mark.kube, pytest.mark.slow]
 

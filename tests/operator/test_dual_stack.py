@@ -11,7 +11,7 @@ import urllib.request
 
 import pytest
 
-from tests.operator.harness import OperatorProcess
+from mailrelay.support.operator_harness import OperatorProcess
 
 pytestmark = [pytest.mark.kube, pytest.mark.slow]
 

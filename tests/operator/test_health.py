@@ -8,10 +8,10 @@ import urllib.request
 
 import kopf
 import pytest
-from localkube import free_port
 
 from mailrelay.operator.health import Progress, health_response, serve_health
 from mailrelay.operator.settings import OperatorSettings, api_backoffs, configure_kopf
+from mailrelay.support.ports import free_port
 
 
 class Clock:

@@ -11,11 +11,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from localkube import LocalKube, ensure_binaries
 
 from mailrelay.operator import rbac
-from tests.operator import manifests as m
-from tests.operator.harness import (
+from mailrelay.support.localkube import LocalKube, ensure_binaries
+from mailrelay.support.operator_harness import (
     CRDS,
     apply,
     bind_operator_role,
@@ -23,6 +22,7 @@ from tests.operator.harness import (
     running_operator,
     wait_for,
 )
+from tests.operator import manifests as m
 
 pytestmark = pytest.mark.kube
 

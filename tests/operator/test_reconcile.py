@@ -11,11 +11,11 @@ from typing import Any
 
 import pytest
 import yaml
-from localkube import LocalKube
 
 from mailrelay.relay.config import parse_config
+from mailrelay.support.localkube import LocalKube
+from mailrelay.support.operator_harness import OperatorProcess, apply, condition, get, wait_for
 from tests.operator import manifests as m
-from tests.operator.harness import OperatorProcess, apply, condition, get, wait_for
 
 pytestmark = pytest.mark.kube
 

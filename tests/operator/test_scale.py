@@ -19,11 +19,11 @@ from typing import Any
 
 import pytest
 from lightkube import AsyncClient, KubeConfig, codecs
-from localkube import LocalKube
 
 from mailrelay.operator.apply import MailRelayResource
+from mailrelay.support.localkube import LocalKube
+from mailrelay.support.operator_harness import OperatorProcess, wait_for
 from tests.operator import manifests as m
-from tests.operator.harness import OperatorProcess, wait_for
 
 pytestmark = [pytest.mark.kube, pytest.mark.slow]
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from localkube import LocalKube
 
+from mailrelay.support.localkube import LocalKube
+from mailrelay.support.operator_harness import OperatorProcess, apply, condition, get, wait_for
 from tests.operator import manifests as m
-from tests.operator.harness import OperatorProcess, apply, condition, get, wait_for
 
 pytestmark = pytest.mark.kube
 CRD = Path(__file__).parent / "servicemonitor-crd.yaml"

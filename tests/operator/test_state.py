@@ -17,7 +17,6 @@ from pathlib import Path
 import pytest
 import yaml
 from lightkube import AsyncClient, KubeConfig
-from localkube import LocalKube
 from prometheus_client import CollectorRegistry
 
 from mailrelay.operator.apply import Applier
@@ -26,6 +25,7 @@ from mailrelay.operator.relays import Context, Indices, ObjectKey, WorkQueue
 from mailrelay.operator.routes import ObjectInfo, object_info
 from mailrelay.operator.settings import FIELD_MANAGER, OperatorSettings
 from mailrelay.operator.state import RelayStates, retry_delay
+from mailrelay.support.localkube import LocalKube
 from tests.operator import manifests as m
 
 CHILD_KINDS = (

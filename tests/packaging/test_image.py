@@ -1,13 +1,12 @@
 """The container image's contents and commands, without a container engine.
 
 There is no Docker engine here, so the Dockerfile is linted with hadolint and the image's
-install step is replayed: build the wheel, install it into a fresh virtual environment, and
+install step is replayed: build the wheels, install them into a fresh virtual environment, and
 run the two commands the image runs from there.
 """
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import sysconfig
@@ -17,7 +16,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from localkube import REPO_ROOT
+
+from mailrelay.support.localkube import REPO_ROOT
 
 pytestmark = pytest.mark.slow
 
@@ -40,38 +40,44 @@ def test_dockerfile_keeps_the_runtime_stage_lean_and_unprivileged() -> None:
     assert "apt-get" not in final_stage  # no build tools in the final stage
 
 
+SHIPPED = ("relay", "operator")  # the folders the image installs; support/ is dev-only
+
+
 @pytest.fixture(scope="module")
-def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("wheel")
+def wheels(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """The wheels the Dockerfile builds: one per shipped folder."""
+    out = tmp_path_factory.mktemp("wheels")
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "-w", str(out), "."],
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "-w", str(out)]
+        + [f"./{folder}" for folder in SHIPPED],
         cwd=REPO_ROOT,
         check=True,
-        env={**os.environ, "PYTHONSAFEPATH": "1"},
     )
-    (built,) = out.glob("mailrelay-*.whl")
+    built = sorted(out.glob("mailrelay_*.whl"))
+    assert [w.name.split("-")[0] for w in built] == ["mailrelay_operator", "mailrelay_relay"]
     return built
 
 
-def test_wheel_holds_every_package_under_the_mailrelay_namespace(wheel: Path) -> None:
-    names = zipfile.ZipFile(wheel).namelist()
+def test_wheels_hold_every_package_under_the_mailrelay_namespace(wheels: list[Path]) -> None:
+    names = {name for wheel in wheels for name in zipfile.ZipFile(wheel).namelist()}
     source_packages = {
-        f"mailrelay/{init.parent.relative_to(REPO_ROOT).as_posix()}/__init__.py"
-        for folder in ("operator", "relay")
-        for init in (REPO_ROOT / folder).rglob("__init__.py")
+        init.relative_to(REPO_ROOT / folder / "src").as_posix()
+        for folder in SHIPPED
+        for init in (REPO_ROOT / folder / "src").rglob("__init__.py")
     }
-    assert source_packages <= set(names), sorted(source_packages - set(names))
-    assert not [n for n in names if n.startswith(("operator/", "relay/", "tests/"))]
+    assert source_packages, "no package found under relay/src or operator/src"
+    assert source_packages <= names, sorted(source_packages - names)
+    # `mailrelay` stays a namespace package (no __init__.py), so the packages can be split.
+    assert "mailrelay/__init__.py" not in names
+    assert not [n for n in names if n.startswith(("mailrelay/support/", "tests/", "src/"))]
 
 
 @pytest.fixture(scope="module")
-def fresh_venv(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """A new venv with only the wheel installed; dependencies come from the test venv's
-    site-packages on PYTHONPATH (no network), whose editable mailrelay finder stays inactive
+def fresh_venv(wheels: list[Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A new venv with only the wheels installed; dependencies come from the test venv's
+    site-packages on PYTHONPATH (no network), whose editable mailrelay paths stay inactive
     because .pth files on PYTHONPATH are not processed."""
     venv = tmp_path_factory.mktemp("venv")
-    # Run from the venv's folder: in the repo root, `operator/` would shadow the stdlib for
-    # a fresh interpreter that has not imported it yet.
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, cwd=venv)
     subprocess.run(
         [
@@ -82,7 +88,7 @@ def fresh_venv(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
             "--quiet",
             "--no-deps",
             "--no-index",
-            str(wheel),
+            *map(str, wheels),
         ],
         check=True,
         cwd=venv,

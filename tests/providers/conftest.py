@@ -22,7 +22,7 @@ from prometheus_client import CollectorRegistry
 from mailrelay.relay.config import ApiUpstream
 from mailrelay.relay.upstreams.providers.base import ApiTransport
 from mailrelay.relay.upstreams.providers.registry import build_api_transport
-from tests.providers.servers import (
+from mailrelay.support.provider_servers import (
     API_KEY,
     AWS_KEY_ID,
     AWS_SECRET,
@@ -34,12 +34,6 @@ from tests.providers.servers import (
 )
 
 # The relay's own fixtures (real relay, recording SMTP upstreams), shared with tests/relay.
-from tests.relay.conftest import (  # noqa: F401
-    recording_upstream,
-    relay_factory,
-    tls_certs,
-    users_file,
-)
 
 PROVIDERS = ("mailgun", "ses", "sparkpost", "sendgrid", "postmark", "resend", "webhook")
 RAW_PROVIDERS = ("mailgun", "ses", "sparkpost", "webhook")

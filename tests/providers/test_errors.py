@@ -15,9 +15,9 @@ from prometheus_client import CollectorRegistry
 from mailrelay.relay.config import ApiUpstream
 from mailrelay.relay.upstreams.providers.base import SPLIT_REFUSED_UP_TO, ApiTransport
 from mailrelay.relay.upstreams.transport import Envelope, RecipientOutcome
+from mailrelay.support.provider_servers import Fault, ProviderServer, raw_sent, ses_error
 from tests.providers.conftest import PROVIDERS, RAW_PROVIDERS
 from tests.providers.messages import rich_message
-from tests.providers.servers import Fault, ProviderServer, raw_sent, ses_error
 
 ServerFactory = Callable[[str], Awaitable[ProviderServer]]
 
@@ -275,7 +275,7 @@ async def test_ses_uses_the_standard_aws_chain_without_credential_files(
     monkeypatch: pytest.MonkeyPatch,
     tmp_path: Path,
 ) -> None:
-    from tests.providers.servers import AWS_KEY_ID, AWS_SECRET  # noqa: PLC0415
+    from mailrelay.support.provider_servers import AWS_KEY_ID, AWS_SECRET  # noqa: PLC0415
 
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", AWS_KEY_ID)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", AWS_SECRET)
@@ -367,7 +367,7 @@ async def test_webhook_signs_with_api_key_when_there_is_no_signing_secret_file(
     credentials_dir: Path,
 ) -> None:
     """The operator projects every API Secret to `api_key`; the webhook accepts that name."""
-    from tests.providers.servers import SIGNING_SECRET  # noqa: PLC0415
+    from mailrelay.support.provider_servers import SIGNING_SECRET  # noqa: PLC0415
 
     (credentials_dir / "signing_secret").unlink()
     (credentials_dir / "api_key").write_text(SIGNING_SECRET)

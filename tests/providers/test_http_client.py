@@ -36,7 +36,7 @@ from mailrelay.relay.upstreams.providers.http import (
     no_proxy_matches,
     tls_context,
 )
-from tests.relay.conftest import TlsCerts
+from mailrelay.support.smtp_peers import TlsCerts
 
 Responder = Callable[[asyncio.StreamReader, asyncio.StreamWriter, "Received"], Awaitable[bool]]
 

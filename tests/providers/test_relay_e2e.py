@@ -24,6 +24,8 @@ from typing import Any
 import aiosmtplib
 import pytest
 
+from mailrelay.support.provider_servers import Fault, ProviderServer, raw_sent, sent_mail
+from mailrelay.support.smtp_peers import RecordingUpstream, TlsCerts
 from tests.providers.conftest import JSON_PROVIDERS, RAW_PROVIDERS, upstream_fields
 from tests.providers.messages import (
     BINARY_ATTACHMENT,
@@ -35,8 +37,7 @@ from tests.providers.messages import (
     plain_message,
     rich_message,
 )
-from tests.providers.servers import Fault, ProviderServer, raw_sent, sent_mail
-from tests.relay.conftest import USERS, RecordingUpstream, RelayFactory, RelayHandle, TlsCerts
+from tests.relay.conftest import USERS, RelayFactory, RelayHandle
 
 ALICE = ("alice", USERS["alice"])
 SENDER = "ann@example.com"
@@ -209,7 +210,7 @@ async def test_401_keeps_the_mail_queued_and_raises_the_metric(
     assert list(relay.spool_dir.joinpath("deadletter").glob("*.msg")) == []
     assert server.sent == []
     # The Secret is fixed: the queued mail goes out, the alarm clears.
-    from tests.providers.servers import API_KEY  # noqa: PLC0415
+    from mailrelay.support.provider_servers import API_KEY  # noqa: PLC0415
 
     (credentials_dir / "api_key").write_text(API_KEY)
     await eventually(lambda: len(server.sent) == 1, within=15)

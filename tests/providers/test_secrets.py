@@ -22,11 +22,12 @@ import pytest
 from prometheus_client import generate_latest
 
 from mailrelay.relay.redact import REDACTED, Redactor
+from mailrelay.support.provider_servers import Fault, ProviderServer
+from mailrelay.support.smtp_peers import RecordingUpstream, TlsCerts
 from tests.providers.conftest import upstream_fields
 from tests.providers.messages import plain_message
-from tests.providers.servers import Fault, ProviderServer
 from tests.providers.test_relay_e2e import eventually, send
-from tests.relay.conftest import RecordingUpstream, RelayFactory, RelayHandle, TlsCerts
+from tests.relay.conftest import RelayFactory, RelayHandle
 
 ServerFactory = Callable[[str], Awaitable[ProviderServer]]
 PLANTED = "planted-Secret-7f3a9c41e2"

@@ -32,8 +32,8 @@ from mailrelay.relay.upstreams.providers.http import (
     tls_context,
 )
 from mailrelay.relay.upstreams.transport import Envelope, RecipientOutcome
+from mailrelay.support.provider_servers import ProviderServer
 from tests.providers.messages import rich_message
-from tests.providers.servers import ProviderServer
 
 ServerFactory = Callable[[str], Awaitable[ProviderServer]]
 

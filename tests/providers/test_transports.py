@@ -10,6 +10,7 @@ import pytest
 from mailrelay.relay.config import ApiUpstream
 from mailrelay.relay.upstreams.providers.base import ApiTransport, idempotency_key
 from mailrelay.relay.upstreams.transport import Envelope, RecipientOutcome
+from mailrelay.support.provider_servers import ProviderServer, raw_sent, sent_mail
 from tests.providers.conftest import JSON_PROVIDERS, PROVIDERS, RAW_PROVIDERS
 from tests.providers.messages import (
     BINARY_ATTACHMENT,
@@ -20,7 +21,6 @@ from tests.providers.messages import (
     TEXT_BODY,
     rich_message,
 )
-from tests.providers.servers import ProviderServer, raw_sent, sent_mail
 
 ServerFactory = Callable[[str], Awaitable[ProviderServer]]
 RCPTS = ("bob@example.org", "carol@example.net", "hidden@example.com")

@@ -17,10 +17,9 @@ import pytest
 
 from mailrelay.relay.spool import Spool
 from mailrelay.relay.spool_admin import SpoolAdmin
+from mailrelay.support.smtp_peers import RecordingUpstream, TlsCerts
 from tests.relay.conftest import (
-    RecordingUpstream,
     RelayFactory,
-    TlsCerts,
     fresh_entry,
     smtp_route,
     start_subprocess,

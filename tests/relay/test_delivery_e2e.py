@@ -26,15 +26,8 @@ import pytest
 
 from mailrelay.relay.spool import Spool
 from mailrelay.relay.spool_admin import SpoolAdmin
-from tests.relay.conftest import (
-    UPSTREAM_USER,
-    USERS,
-    RecordingUpstream,
-    RelayFactory,
-    RelayHandle,
-    TlsCerts,
-    smtp_route,
-)
+from mailrelay.support.smtp_peers import RecordingUpstream, TlsCerts
+from tests.relay.conftest import UPSTREAM_USER, USERS, RelayFactory, RelayHandle, smtp_route
 
 ALICE = ("alice", USERS["alice"])
 

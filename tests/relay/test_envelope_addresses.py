@@ -26,11 +26,10 @@ from mailrelay.relay.address import address_refusal
 from mailrelay.relay.logging import JsonFormatter, TextFormatter, printable
 from mailrelay.relay.spool import RecipientState
 from mailrelay.relay.spool_admin import SpoolAdmin
+from mailrelay.support.smtp_peers import RecordingUpstream, TlsCerts
 from tests.relay.conftest import (
-    RecordingUpstream,
     RelayFactory,
     RelayHandle,
-    TlsCerts,
     fresh_entry,
     smtp_route,
     start_subprocess,

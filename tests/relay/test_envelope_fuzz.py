@@ -29,7 +29,8 @@ from hypothesis import strategies as st
 
 from mailrelay.relay.spool import Spool
 from mailrelay.relay.spool_admin import SpoolAdmin
-from tests.relay.conftest import RecordingUpstream, RelayFactory, RelayHandle, TlsCerts
+from mailrelay.support.smtp_peers import RecordingUpstream, TlsCerts
+from tests.relay.conftest import RelayFactory, RelayHandle
 from tests.relay.delivery_fixtures import Upstream, start_upstream
 from tests.relay.test_envelope_addresses import RawSession
 

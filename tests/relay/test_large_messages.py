@@ -32,14 +32,9 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from mailrelay.relay.spool import IncomingFile, Spool, decode_message
 from mailrelay.relay.spool_admin import SpoolAdmin
-from tests.relay.conftest import (
-    RecordingUpstream,
-    RelayFactory,
-    RelayHandle,
-    free_port,
-    http_get,
-    start_subprocess,
-)
+from mailrelay.support.ports import free_port
+from mailrelay.support.smtp_peers import RecordingUpstream
+from tests.relay.conftest import RelayFactory, RelayHandle, http_get, start_subprocess
 
 MB = 1_000_000
 

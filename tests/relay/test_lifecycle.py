@@ -15,15 +15,8 @@ import pytest
 from mailrelay.relay.main import parse_args
 from mailrelay.relay.spool import Spool
 from mailrelay.relay.spool_admin import SpoolAdmin
-from tests.relay.conftest import (
-    UPSTREAM_USER,
-    USERS,
-    RecordingUpstream,
-    RelayFactory,
-    TlsCerts,
-    http_get,
-    smtp_route,
-)
+from mailrelay.support.smtp_peers import RecordingUpstream, TlsCerts
+from tests.relay.conftest import UPSTREAM_USER, USERS, RelayFactory, http_get, smtp_route
 
 ALICE = ("alice", USERS["alice"])
 

@@ -17,12 +17,11 @@ from mailrelay.relay.journal import encode_record
 from mailrelay.relay.main import main
 from mailrelay.relay.spool import Spool, encode_header
 from mailrelay.relay.spool_admin import SpoolAdmin
+from mailrelay.support.smtp_peers import RecordingUpstream, TlsCerts
 from tests.relay.conftest import (
     USERS,
-    RecordingUpstream,
     RelayFactory,
     RelayHandle,
-    TlsCerts,
     fresh_entry,
     smtp_route,
     write_legacy_pair,
@@ -37,7 +36,7 @@ def cli(*args: str) -> subprocess.CompletedProcess[str]:
         capture_output=True,
         text=True,
         check=False,
-        env={**os.environ, "PYTHONSAFEPATH": "1"},
+        env=dict(os.environ),
         timeout=60,
     )
 

@@ -14,14 +14,8 @@ import aiosmtplib
 import yaml
 
 from mailrelay.relay.auth import hash_password
-from tests.relay.conftest import (
-    USERS,
-    RecordingUpstream,
-    RelayFactory,
-    RelayHandle,
-    TlsCerts,
-    smtp_route,
-)
+from mailrelay.support.smtp_peers import RecordingUpstream, TlsCerts
+from tests.relay.conftest import USERS, RelayFactory, RelayHandle, smtp_route
 
 ALICE = ("alice", USERS["alice"])
 

@@ -17,7 +17,8 @@ import pytest
 import yaml
 
 from mailrelay.relay.spool_admin import SpoolAdmin
-from tests.relay.conftest import USERS, RelayFactory, RelayHandle, TlsCerts
+from mailrelay.support.smtp_peers import TlsCerts
+from tests.relay.conftest import USERS, RelayFactory, RelayHandle
 
 ALICE = ("alice", USERS["alice"])
 BOB = ("bob", USERS["bob"])

@@ -29,7 +29,7 @@ from mailrelay.relay.upstreams.smtp_pipelining import (
     sendmail_in_pieces,
     write_data,
 )
-from tests.relay.conftest import RecordingUpstream
+from mailrelay.support.smtp_peers import RecordingUpstream
 
 
 def aiosmtplib_payload(message: bytes) -> bytes:

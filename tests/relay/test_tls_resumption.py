@@ -13,7 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import USERS, RelayFactory, TlsCerts
+from mailrelay.support.smtp_peers import TlsCerts
+
+from .conftest import USERS, RelayFactory
 
 VERSIONS = [ssl.TLSVersion.TLSv1_3, ssl.TLSVersion.TLSv1_2]
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from tests.security.smtp_model import Body, ExpectedMessage, Ledger, Recipient, normalized
-from tests.security.target import Limits
-from tests.security.wire import MalformedReply, parse_reply
+from mailrelay.support.fuzz.smtp_model import Body, ExpectedMessage, Ledger, Recipient, normalized
+from mailrelay.support.fuzz.target import Limits
+from mailrelay.support.fuzz.wire import MalformedReply, parse_reply
 
 
 @pytest.mark.parametrize(

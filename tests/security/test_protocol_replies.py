@@ -11,8 +11,8 @@ import ssl
 
 import pytest
 
+from mailrelay.support.fuzz.wire import Reply, parse_reply
 from tests.relay.conftest import RelayFactory, RelayHandle
-from tests.security.wire import Reply, parse_reply
 
 ROUTE = {
     "name": "default",

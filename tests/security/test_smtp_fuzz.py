@@ -1,4 +1,4 @@
-"""The SMTP session fuzzer in `make test` (see tests/security/smtp_fuzz.py for what it
+"""The SMTP session fuzzer in `make test` (see mailrelay.support.fuzz.smtp_fuzz for what it
 does and checks).
 
 `test_hostile_sessions_never_hurt_the_relay_or_other_clients` runs the default input
@@ -19,10 +19,16 @@ from pathlib import Path
 import pytest
 from hypothesis import Phase, settings
 
-from tests.security.smtp_fuzz import FuzzRun, run
-from tests.security.smtp_model import Body, ExpectedMessage, InputClasses, Recipient, queue_id_of
-from tests.security.target import DOMAIN_A, TRUSTED_ADDRESS, FuzzTarget, Limits
-from tests.security.wire import Connection
+from mailrelay.support.fuzz.smtp_fuzz import FuzzRun, run
+from mailrelay.support.fuzz.smtp_model import (
+    Body,
+    ExpectedMessage,
+    InputClasses,
+    Recipient,
+    queue_id_of,
+)
+from mailrelay.support.fuzz.target import DOMAIN_A, TRUSTED_ADDRESS, FuzzTarget, Limits
+from mailrelay.support.fuzz.wire import Connection
 
 # About 800 steps, 15-30 s on the shared 2-core machine.
 SHORT = settings(

@@ -32,7 +32,7 @@ Adding a provider (touch points):
    (a test checks both cover ``PROVIDERS``).
 4. ``operator/relay_config.py`` only if it reads different Secret keys.
 5. ``make crds``; docs/providers.md; an example in examples/ (a test wants every provider
-   in one); a local fake in tests/providers/servers.py.
+   in one); a local fake in mailrelay.support.provider_servers.
 """
 
 from __future__ import annotations

@@ -21,9 +21,10 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
-from localkube import REPO_ROOT, LocalKube, free_port
 
 from mailrelay.operator import rbac
+from mailrelay.support.localkube import REPO_ROOT, LocalKube
+from mailrelay.support.ports import free_port
 
 T = TypeVar("T")
 CRDS = sorted((REPO_ROOT / "crds").glob("*.yaml"))
@@ -94,14 +95,13 @@ class OperatorProcess:
         self.liveness_port = free_port()
         self.log_path = log_path
         env = {**kube.env(kubeconfig), **(env or {})}
-        env["PYTHONSAFEPATH"] = "1"
         env["MAILRELAY_OPERATOR_METRICS_PORT"] = str(self.metrics_port)
         env["MAILRELAY_OPERATOR_LIVENESS_PORT"] = str(self.liveness_port)
         self._log = log_path.open("ab")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "mailrelay.operator", *args],
             env=env,
-            cwd=str(REPO_ROOT / "hack"),
+            cwd=str(REPO_ROOT),
             stdout=self._log,
             stderr=subprocess.STDOUT,
             start_new_session=True,

@@ -25,10 +25,10 @@ from typing import Any
 import bcrypt
 import trustme
 import yaml
-from localkube import REPO_ROOT
-from localnode import CLUSTER_DOMAIN, LocalNode
 
 from mailrelay.operator.settings import WATCH_LABEL
+from mailrelay.support.localkube import REPO_ROOT
+from mailrelay.support.localnode import CLUSTER_DOMAIN, LocalNode
 
 CHART = REPO_ROOT / "charts" / "mailrelay"
 OPERATOR_NAMESPACE = "mailrelay-system"

@@ -1,6 +1,6 @@
 """The operator on a bare control plane, and `make demo`'s entry point.
 
-`make demo` runs the real single-node cluster flow of hack/clusterdemo.py (`main` below).
+`make demo` runs the real single-node cluster flow of clusterdemo.py (`main` below).
 `run_demo` is the older, faster flow without a node, kept as an end-to-end test of the
 operator against a bare API server:
 
@@ -8,7 +8,7 @@ operator against a bare API server:
 2. Run the operator (`python -m mailrelay.operator`) as a user that holds exactly the RBAC
    rules of `operator/rbac.py`, with kopf peering.
 3. Start local upstreams on 127.0.0.1: an aiosmtpd SMTP server (STARTTLS + AUTH) and the
-   Mailgun-compatible server from the providers tests (`tests/providers/servers.py`).
+   Mailgun-compatible server from the providers tests (`mailrelay.support.provider_servers`).
 4. Apply a MailRelay with TLS and AUTH and one MailRoute per upstream, plus their Secrets.
 5. Run the relay as its pod would: a local process reading exactly the ConfigMap and Secrets
    the operator's StatefulSet mounts, written in kubelet's layout (`..data` symlinks). The
@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import importlib
 import json
 import os
 import shutil
@@ -48,10 +47,12 @@ import trustme
 import yaml
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
-from incluster import metric_samples
-from localkube import REPO_ROOT, LocalKube, free_port
 
 from mailrelay.operator.settings import WATCH_LABEL
+from mailrelay.support import provider_servers
+from mailrelay.support.incluster import metric_samples
+from mailrelay.support.localkube import REPO_ROOT, LocalKube
+from mailrelay.support.ports import free_port
 
 CRD_DIR = REPO_ROOT / "crds"
 DEMO_NAMESPACE = "mail"
@@ -148,13 +149,8 @@ class SmtpUpstream:
 
 
 async def start_mailgun() -> Any:
-    """The Mailgun stand-in of the providers tests, if that module exists."""
-    sys.path.insert(0, str(REPO_ROOT))
-    try:
-        servers = importlib.import_module("tests.providers.servers")
-    except ModuleNotFoundError:
-        return None
-    return await servers.start_provider_server("mailgun")
+    """The Mailgun stand-in the providers tests use (support package)."""
+    return await provider_servers.start_provider_server("mailgun")
 
 
 def _header(raw: str, name: str) -> str:
@@ -277,8 +273,7 @@ def manifests(
         },
     ]
     if mailgun is not None:
-        servers = importlib.import_module("tests.providers.servers")
-        objects.insert(0, _secret("mailgun", {"apiKey": servers.API_KEY}))
+        objects.insert(0, _secret("mailgun", {"apiKey": provider_servers.API_KEY}))
         objects.append(
             {
                 "apiVersion": "mailrelay.dev/v1alpha1",
@@ -291,7 +286,7 @@ def manifests(
                     "upstream": {
                         "api": {
                             "provider": "mailgun",
-                            "domain": servers.MAILGUN_DOMAIN,
+                            "domain": provider_servers.MAILGUN_DOMAIN,
                             "endpoint": mailgun.base_url,
                             # The stand-in listens on loopback, which the relay refuses
                             # for HTTP upstreams unless told otherwise.
@@ -394,7 +389,7 @@ def process(argv: list[str], log: Path, env: dict[str, str]) -> Iterator[subproc
         child = subprocess.Popen(
             argv,
             env=env,
-            cwd=str(REPO_ROOT / "hack"),
+            cwd=str(REPO_ROOT),
             stdout=output,
             stderr=subprocess.STDOUT,
             start_new_session=True,
@@ -442,8 +437,8 @@ def condition_status(kube: LocalKube, namespace: str, kind: str, name: str, type
 
 def bind_operator(kube: LocalKube) -> Path:
     """The operator's ClusterRole bound to a client-certificate user; its kubeconfig."""
-    sys.path.insert(0, str(REPO_ROOT))
-    rbac = importlib.import_module("mailrelay.operator.rbac")
+    from mailrelay.operator import rbac  # noqa: PLC0415
+
     role = rbac.cluster_role()
     binding = rbac.cluster_role_binding(
         subject={"kind": "User", "name": OPERATOR_USER, "apiGroup": "rbac.authorization.k8s.io"},
@@ -525,7 +520,6 @@ async def run_demo(
     step(f"Running the operator as user {OPERATOR_USER}, bound only to operator/rbac.py's rules")
     kubeconfig = await asyncio.to_thread(bind_operator, kube)
     env = kube.env(kubeconfig)
-    env["PYTHONSAFEPATH"] = "1"
     liveness_port, operator_metrics_port = free_port(), free_port()
     operator_log = work / "operator.log"
     operator_argv = [
@@ -557,10 +551,7 @@ async def run_demo(
             smtp.start()
             print(f"SMTP upstream (STARTTLS + AUTH): 127.0.0.1:{smtp.port}")
             mailgun = await start_mailgun()
-            if mailgun is not None:
-                print(f"Mailgun-compatible API: {mailgun.base_url}")
-            else:
-                print("Mailgun-compatible API: not available yet (tests/providers/servers.py)")
+            print(f"Mailgun-compatible API: {mailgun.base_url}")
 
             step(f"Applying Secrets, a MailRelay with TLS and AUTH, and routes in {namespace}")
             objects = manifests(ca, ports, smtp, mailgun)
@@ -595,7 +586,7 @@ async def run_demo(
             local = local_config(config_path, root)
             data_link = os.readlink(config_path.parent / "..data")
             print(f"mounted config: {config_path} (..data -> {data_link})")
-            relay_env = dict(os.environ, PYTHONSAFEPATH="1")
+            relay_env = dict(os.environ)
             relay_log = work / "relay.log"
             relay_argv = [sys.executable, "-m", "mailrelay.relay", "--config", str(local)]
             with process(relay_argv, relay_log, relay_env) as relay:
@@ -692,9 +683,9 @@ async def run_demo(
 
 
 def main() -> int:
-    """`make demo`: the real single-node cluster (hack/clusterdemo.py)."""
-    import clusterdemo  # noqa: PLC0415
-    from localnode import running_node  # noqa: PLC0415
+    """`make demo`: the real single-node cluster (clusterdemo.py)."""
+    from mailrelay.support import clusterdemo  # noqa: PLC0415
+    from mailrelay.support.localnode import running_node  # noqa: PLC0415
 
     began = time.monotonic()
     step(

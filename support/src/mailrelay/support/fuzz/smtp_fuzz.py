@@ -39,7 +39,7 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from tests.security.smtp_model import (
+from mailrelay.support.fuzz.smtp_model import (
     UNKNOWN,
     Body,
     Expectation,
@@ -58,7 +58,7 @@ from tests.security.smtp_model import (
     queue_id_of,
     route_for,
 )
-from tests.security.target import (
+from mailrelay.support.fuzz.target import (
     DOMAIN_A,
     DOMAIN_B,
     HOSTILE_ADDRESS,
@@ -67,7 +67,7 @@ from tests.security.target import (
     VICTIM_ADDRESS,
     FuzzTarget,
 )
-from tests.security.wire import REPLY_TIMEOUT, Connection, ConnectionClosed, Reply
+from mailrelay.support.fuzz.wire import REPLY_TIMEOUT, Connection, ConnectionClosed, Reply
 
 __all__ = ["MAX_SESSIONS", "FuzzRun", "Victim", "run"]
 

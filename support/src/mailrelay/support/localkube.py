@@ -7,9 +7,8 @@ module proxy, cached under ~/.cache/mailrelay).
 
 `LocalKube` owns one cluster: certificates, free ports, processes, a work
 directory and a kubeconfig. Tests use it through the session fixture in
-`tests/conftest.py` (pytest puts `hack/` on sys.path); people use it through
-the CLI at the bottom (`python hack/localkube.py up|down`, or `make
-cluster-up` / `make cluster-down`), which keeps its state in `.localkube/` so
+`tests/conftest.py`; people use it through the CLI at the bottom (`python -m
+mailrelay.support.localkube up|down`), which keeps its state in `.localkube/` so
 `down` can find what `up` started.
 """
 
@@ -23,10 +22,8 @@ import datetime as dt
 import ipaddress
 import json
 import os
-import random
 import shutil
 import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -43,7 +40,11 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from mailrelay.support.ports import free_port
+
+# support/src/mailrelay/support/localkube.py: the checkout this package is installed from
+# (editable; it is a dev-tools package, never shipped).
+REPO_ROOT = Path(__file__).resolve().parents[4]
 BUILD_SCRIPT = REPO_ROOT / "hack" / "build-control-plane.sh"
 CLI_STATE_DIR = REPO_ROOT / ".localkube"
 PR_SET_PDEATHSIG = 1
@@ -61,39 +62,6 @@ def ensure_binaries() -> Path:
     if result.returncode != 0:
         raise ControlPlaneError(f"{BUILD_SCRIPT} failed with exit code {result.returncode}")
     return Path(result.stdout.strip().splitlines()[-1])
-
-
-# Ports handed out below the kernel's ephemeral range (32768-60999 by default): a port from
-# bind(0) comes from that range, where any outgoing connection (to the API server, an
-# upstream) may take it as its source port before the server we meant it for binds it.
-_FREE_PORT_RANGE = (12000, 32000)
-_handed_out: set[int] = set()
-
-
-def free_port(span: int = 1) -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on now and no caller got before, with
-    the `span - 1` ports after it free too (worker N of a relay serves metrics on port + N).
-
-    Random, outside the ephemeral range and never repeated in one process, so the gap
-    between this check and the real bind is not lost to a client's source port or to
-    another server of the same test session.
-    """
-    rng = random.SystemRandom()
-    for _ in range(1000):
-        port = rng.randrange(_FREE_PORT_RANGE[0], _FREE_PORT_RANGE[1] - span)
-        run = range(port, port + span)
-        if _handed_out.intersection(run):
-            continue
-        try:
-            with contextlib.ExitStack() as stack:
-                for candidate in run:
-                    probe = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
-                    probe.bind(("127.0.0.1", candidate))
-        except OSError:
-            continue
-        _handed_out.update(run)
-        return port
-    raise RuntimeError(f"no run of {span} free TCP ports in {_FREE_PORT_RANGE}")
 
 
 @dataclass(frozen=True)

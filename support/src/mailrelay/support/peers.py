@@ -1,7 +1,7 @@
 """Upstreams that run as pods for `make demo` and the cluster tests (image mailrelay-peers).
 
     peers.py smtp     an SMTP server with STARTTLS and AUTH (aiosmtpd) on $SMTP_PORT (2525)
-    peers.py mailgun  the Mailgun-compatible API of tests/providers/servers.py on $HTTP_PORT
+    peers.py mailgun  the Mailgun-compatible API of provider_servers.py on $HTTP_PORT
 
 Both listen on every address of both families the pod has, and report what they accepted
 as JSON on `GET /_received` of $CONTROL_PORT (8025): envelope and the exact bytes
@@ -119,13 +119,10 @@ async def run_smtp() -> None:
     await asyncio.Event().wait()
 
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-
-
 async def run_mailgun() -> None:
-    sys.path.insert(0, HERE)
-    import servers  # type: ignore[import-not-found]  # noqa: PLC0415
     import uvicorn  # noqa: PLC0415
+
+    from mailrelay.support import provider_servers as servers  # noqa: PLC0415
 
     server = servers.ProviderServer("mailgun", servers.HANDLERS["mailgun"])
     sent_before = 0

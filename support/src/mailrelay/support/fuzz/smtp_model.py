@@ -26,8 +26,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 
-from tests.security.target import BOB_DOMAIN, DOMAIN_A, DOMAIN_B, RELAY_HOSTNAME, Limits
-from tests.security.wire import Reply
+from mailrelay.support.fuzz.target import BOB_DOMAIN, DOMAIN_A, DOMAIN_B, RELAY_HOSTNAME, Limits
+from mailrelay.support.fuzz.wire import Reply
 
 __all__ = [
     "UNKNOWN",

@@ -23,9 +23,10 @@ from dataclasses import dataclass, field
 from email import policy
 from typing import Any
 
-import incluster
 import trustme
-from localnode import LocalNode
+
+from mailrelay.support import incluster
+from mailrelay.support.localnode import LocalNode
 
 NAMESPACE = "mail"
 KEY_METRICS = (

@@ -27,11 +27,10 @@ from pathlib import Path
 from typing import Any
 
 import bcrypt
-import trustme
 import yaml
 
-from tests.relay import conftest as relay_fixtures
-from tests.relay.conftest import RecordingUpstream, TlsCerts, free_port
+from mailrelay.support.ports import free_port
+from mailrelay.support.smtp_peers import Received, RecordingUpstream, TlsCerts, make_tls_certs
 
 __all__ = [
     "DOMAIN_A",
@@ -43,7 +42,6 @@ __all__ = [
     "VICTIM_ADDRESS",
     "FuzzTarget",
     "Limits",
-    "make_certs",
 ]
 
 HOSTILE_ADDRESS = "127.0.0.1"
@@ -71,17 +69,6 @@ class Limits:
     command_timeout_seconds: float = 60.0
     data_timeout_seconds: float = 60.0
     line_length_limit: int = 1001  # aiosmtpd's, CRLF included
-
-
-def make_certs(directory: Path) -> TlsCerts:
-    """A CA and a localhost certificate, as files under `directory`."""
-    directory.mkdir(parents=True, exist_ok=True)
-    ca = trustme.CA()
-    ca_file = directory / "ca.pem"
-    ca.cert_pem.write_to_path(str(ca_file))
-    bare = TlsCerts(ca=ca, ca_file=ca_file, cert_file=ca_file, key_file=ca_file)
-    cert_file, key_file = bare.issue(directory, "server")
-    return TlsCerts(ca=ca, ca_file=ca_file, cert_file=cert_file, key_file=key_file)
 
 
 def _write_users(path: Path) -> None:
@@ -132,16 +119,15 @@ class FuzzTarget:
     ) -> FuzzTarget:
         """Start the upstreams and the relay; returns once the relay answers /readyz."""
         directory.mkdir(parents=True, exist_ok=True)
-        certs = certs or make_certs(directory / "tls")
+        certs = certs or make_tls_certs(directory / "tls")
         limits = limits or Limits()
-        # The recording upstream's controller reads the certificates from this module
-        # global (the `recording_upstream` fixture sets it the same way).
-        relay_fixtures._CERTS = certs
         upstream_a = RecordingUpstream(
-            host="127.0.0.1", port=free_port(), tls="starttls", auth=UPSTREAM_AUTH
+            host="127.0.0.1", port=free_port(), tls="starttls", auth=UPSTREAM_AUTH, certs=certs
         )
         upstream_a.start()
-        upstream_b = RecordingUpstream(host="127.0.0.1", port=free_port(), tls="none", auth=None)
+        upstream_b = RecordingUpstream(
+            host="127.0.0.1", port=free_port(), tls="none", auth=None, certs=certs
+        )
         upstream_b.start()
         users_file = directory / "users.yaml"
         _write_users(users_file)
@@ -206,7 +192,7 @@ class FuzzTarget:
                 [sys.executable, "-m", "mailrelay.relay", "--config", str(config_path)],
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                env={**os.environ, "PYTHONSAFEPATH": "1"},
+                env=dict(os.environ),
                 cwd=str(directory),
             )
         target = cls(
@@ -279,7 +265,7 @@ class FuzzTarget:
         """The relay's log so far."""
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
-    def upstream_messages(self) -> list[tuple[str, relay_fixtures.Received]]:
+    def upstream_messages(self) -> list[tuple[str, Received]]:
         """Every message the upstreams received, as (route name, record)."""
         return [("route-a", m) for m in self.upstream_a.snapshot()] + [
             ("route-b", m) for m in self.upstream_b.snapshot()

@@ -38,17 +38,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-import nodeimages
-from localkube import (
+from mailrelay.support import nodeimages
+from mailrelay.support.localkube import (
     CLI_STATE_DIR,
     REPO_ROOT,
     ControlPlaneError,
     LocalKube,
     ensure_binaries,
-    free_port,
     pid_alive,
     stop_process_group,
 )
+from mailrelay.support.ports import free_port
 
 NODE_BUILD_SCRIPT = REPO_ROOT / "hack" / "build-node.sh"
 NODE_NAME = "mailrelay-node"
@@ -838,7 +838,7 @@ class LocalNode(LocalKube):
     def _write_pki(self) -> None:
         super()._write_pki()
         pki = self.workdir / "pki"
-        from localkube import _key_pem  # noqa: PLC0415
+        from mailrelay.support.localkube import _key_pem  # noqa: PLC0415
 
         (pki / "ca.key").write_bytes(_key_pem(self.ca.key))
         (pki / "ca.key").chmod(0o600)
@@ -880,7 +880,7 @@ class LocalNode(LocalKube):
 
 
 def _die_with_parent_fn() -> Any:
-    from localkube import _die_with_parent  # noqa: PLC0415
+    from mailrelay.support.localkube import _die_with_parent  # noqa: PLC0415
 
     return _die_with_parent
 

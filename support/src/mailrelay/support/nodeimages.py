@@ -32,7 +32,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from mailrelay.support.localkube import REPO_ROOT
+
 CACHE_ROOT = Path(
     os.environ.get("MAILRELAY_CACHE_DIR")
     or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mailrelay"
@@ -43,8 +44,10 @@ BASE_REVISION = "1"  # bump when the base recipe changes
 BASE_IMAGE = f"localhost/mailrelay-base:{SUITE}-r{BASE_REVISION}"
 VENV_PATH = "/opt/venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 # What the Dockerfile copies: the project image is rebuilt when any of it changes.
-PROJECT_INPUTS = ("Dockerfile", "pyproject.toml", "README.md", "operator", "relay")
-PEERS_INPUTS = ("hack/peers.py", "tests/providers/servers.py")
+PROJECT_INPUTS = ("Dockerfile", "relay", "operator")
+# The upstream pods run this package's peers.py and provider_servers.py (nothing else of it).
+PEERS_FILES = ("peers.py", "provider_servers.py")
+PEERS_INPUTS = tuple(f"support/src/mailrelay/support/{name}" for name in PEERS_FILES)
 PEERS_PACKAGES = ("starlette>=0.37", "uvicorn>=0.30", "python-multipart>=0.0.9", "trustme>=1.1")
 
 
@@ -111,7 +114,11 @@ def tree_hash(paths: tuple[str, ...], *extra: str) -> str:
         root = REPO_ROOT / top
         files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
         for file in files:
-            if "__pycache__" in file.parts or file.suffix == ".pyc":
+            # What .dockerignore leaves out of the build context.
+            if file.suffix == ".pyc" or any(
+                part in ("__pycache__", "build") or part.endswith(".egg-info")
+                for part in file.parts
+            ):
                 continue
             digest.update(file.relative_to(REPO_ROOT).as_posix().encode() + b"\0")
             digest.update(hashlib.sha256(file.read_bytes()).digest())
@@ -245,16 +252,22 @@ def ensure_peers_image(project: str) -> str:
     with tempfile.TemporaryDirectory(prefix="mailrelay-build-") as tmp:
         context = Path(tmp) / "context"
         context.mkdir()
-        shutil.copy(REPO_ROOT / "hack" / "peers.py", context / "peers.py")
-        shutil.copy(REPO_ROOT / "tests" / "providers" / "servers.py", context / "servers.py")
+        package = context / "mailrelay" / "support"
+        package.mkdir(parents=True)
+        (package / "__init__.py").write_text("")
+        for name, source in zip(PEERS_FILES, PEERS_INPUTS, strict=True):
+            shutil.copy(REPO_ROOT / source, package / name)
         packages = " ".join(f"'{p}'" for p in PEERS_PACKAGES)
         (context / "Containerfile").write_text(
             f"FROM {project}\n"
             "USER 0:0\n"
             f"RUN pip install {packages}\n"
-            "COPY peers.py servers.py /opt/peers/\n"
+            # mailrelay is a namespace package: /opt/peers adds mailrelay.support beside the
+            # image's mailrelay.relay and mailrelay.operator.
+            "COPY mailrelay /opt/peers/mailrelay\n"
+            "ENV PYTHONPATH=/opt/peers\n"
             "USER 65532:65532\n"
-            'ENTRYPOINT ["python", "/opt/peers/peers.py"]\n'
+            'ENTRYPOINT ["python", "-m", "mailrelay.support.peers"]\n'
         )
         podman("build", "--quiet", *_build_mounts(Path(tmp)), "-t", tag, str(context))
     log(f"Built {tag} in {time.monotonic() - started:.0f}s")

@@ -1,0 +1,1 @@
+"""The SMTP session fuzzer: a model of the relay's replies, a target relay, the wire."""
