@@ -51,11 +51,15 @@ from tests.chart.test_alerts import run_promtool
 from tests.operator import manifests
 
 # The relay's own fixtures: a real relay on loopback and recording SMTP upstreams.
-from tests.relay.conftest import (
+from tests.relay.conftest import (  # noqa: F401
     USERS,
     RelayFactory,
     http_get,
+    recording_upstream,
+    relay_factory,
     smtp_route,
+    tls_certs,
+    users_file,
 )
 
 # Series the alerts need that no mailrelay process can export, and who exports them.
@@ -307,9 +311,9 @@ async def _eventually(check: Callable[[], bool], what: str, within: float = 15.0
 
 
 async def test_relay_exports_every_metric_the_dashboards_and_alerts_use(
-    relay_factory: RelayFactory,
-    recording_upstream: Callable[..., RecordingUpstream],
-    tls_certs: TlsCerts,
+    relay_factory: RelayFactory,  # noqa: F811
+    recording_upstream: Callable[..., RecordingUpstream],  # noqa: F811
+    tls_certs: TlsCerts,  # noqa: F811
     tmp_path: Path,
 ) -> None:
     upstream = recording_upstream(tls="none")

@@ -32,6 +32,12 @@ from mailrelay.support.provider_servers import (
     ProviderServer,
     start_provider_server,
 )
+from tests.relay.conftest import (  # noqa: F401
+    recording_upstream,
+    relay_factory,
+    tls_certs,
+    users_file,
+)
 
 # The relay's own fixtures (real relay, recording SMTP upstreams), shared with tests/relay.
 
