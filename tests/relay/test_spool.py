@@ -166,6 +166,41 @@ async def test_dead_letter_round_trip(spool: Spool) -> None:
         await asyncio.to_thread(SpoolAdmin(spool.directory).retry_dead_letter, entry.queue_id)
 
 
+async def test_a_new_dead_letter_is_never_in_the_queue(spool: Spool) -> None:
+    """A bounce no route takes goes straight to deadletter/: no file of it ever appears in
+    queue/ (a delivery scan there would try a route that does not exist), it is durable
+    with its reason, and it can be retried once a route exists."""
+    seen_in_queue: list[str] = []
+
+    async def watch_queue() -> None:
+        while True:
+            seen_in_queue.extend(p.name for p in spool.queue_dir.iterdir())
+            await asyncio.sleep(0)
+
+    watcher = asyncio.create_task(watch_queue())
+    data = b"Subject: bounce\r\n\r\nreport\r\n"
+    entry = await spool.enqueue_dead_letter(
+        "",
+        [("s@example.com", "")],
+        data,
+        "unroutable_bounce: x",
+        smtputf8=False,
+        body_8bitmime=False,
+    )
+    watcher.cancel()
+    assert seen_in_queue == []
+    assert SpoolAdmin(spool.directory).list_queue() == []
+    reopened = Spool(spool.directory)
+    await reopened.start()
+    [dead] = SpoolAdmin(spool.directory).list_dead_letters()
+    assert (dead.queue_id, dead.dead_reason, dead.mail_from) == (
+        entry.queue_id,
+        "unroutable_bounce: x",
+        "",
+    )
+    assert SpoolAdmin(spool.directory).read_message(entry.queue_id, dead=True) == data
+
+
 async def test_remove_and_delete(spool: Spool) -> None:
     a, b = await enqueue(spool), await enqueue(spool)
     await spool.remove(a.queue_id)

@@ -748,30 +748,37 @@ class DeliveryEngine:
             now=now,
         )
         route = select_route(self._config.routes, "", domain_of(entry.mail_from))
+        if route is None:
+            reason = (
+                f"unroutable_bounce: bounce for message {entry.queue_id} to "
+                f"{entry.mail_from}: no route takes it"
+            )
+            bounce = await self._spool.enqueue_dead_letter(
+                "",
+                [(entry.mail_from, "")],
+                dsn.data,
+                reason,
+                smtputf8=dsn.smtputf8,
+                body_8bitmime=dsn.smtputf8,
+            )
+            self._metrics.bounces.labels("unroutable").inc()
+            self._metrics.dead_letters.labels("", "unroutable_bounce").inc()
+            log.error(
+                "Stored bounce %s for message %s in the dead letters: no route takes %s",
+                bounce.queue_id,
+                entry.queue_id,
+                entry.mail_from,
+            )
+            return
         bounce = await self._spool.enqueue(
             "",
-            [(entry.mail_from, route.name if route is not None else "")],
+            [(entry.mail_from, route.name)],
             dsn.data,
             smtputf8=dsn.smtputf8,
             body_8bitmime=dsn.smtputf8,
             client_address="",
             authenticated_user=None,
         )
-        if route is None:
-            reason = (
-                f"unroutable_bounce: bounce for message {entry.queue_id} to "
-                f"{entry.mail_from}: no route takes it"
-            )
-            await self._spool.move_to_dead_letter(bounce, reason)
-            self._metrics.bounces.labels("unroutable").inc()
-            self._metrics.dead_letters.labels("", "unroutable_bounce").inc()
-            log.error(
-                "Moved bounce %s for message %s to the dead letters: no route takes %s",
-                bounce.queue_id,
-                entry.queue_id,
-                entry.mail_from,
-            )
-            return
         self._metrics.bounces.labels("queued").inc()
         log.info(
             "Queued bounce %s for message %s to %s (%d failed recipient(s))",

@@ -802,6 +802,35 @@ class Spool:
         finally:
             claim.release()
 
+    async def enqueue_dead_letter(
+        self,
+        mail_from: str,
+        recipients: list[tuple[str, str]],
+        data: bytes,
+        reason: str,
+        *,
+        smtputf8: bool,
+        body_8bitmime: bool,
+    ) -> QueueEntry:
+        """Store a new message straight into deadletter/ with its reason (a bounce no route
+        takes): it is never in queue/, so no delivery pass sees it and a crash cannot leave
+        it queued for a route that does not exist."""
+        entry = self._new_entry(
+            mail_from,
+            recipients,
+            data,
+            smtputf8=smtputf8,
+            body_8bitmime=body_8bitmime,
+            client_address="",
+            authenticated_user=None,
+            queue_id=None,
+        ).model_copy(update={"dead_reason": reason})
+        await asyncio.to_thread(
+            write_message, self.tmp_dir, self.dead_dir, entry.queue_id, encode_header(entry), data
+        )
+        await self._dead_sync.sync()
+        return entry
+
     async def move_to_dead_letter(self, entry: QueueEntry, reason: str) -> None:
         """Park a message that failed for good in deadletter/, with its reason."""
         dead = entry.model_copy(update={"dead_reason": reason})
