@@ -121,6 +121,7 @@ async def one_run(
                             "host": "127.0.0.1",
                             "port": port,
                             "tls": "none",
+                            "insecure_allow_plaintext": True,
                             "pool_size": args.pool_size,
                         },
                     }

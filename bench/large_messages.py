@@ -172,6 +172,7 @@ async def run_scenario(
                     "host": "127.0.0.1",
                     "port": sink_port,
                     "tls": "none",
+                    "insecure_allow_plaintext": True,
                     "timeout_seconds": 120,
                 },
             }

@@ -621,6 +621,7 @@ class RelayServer(Server):
             "host": "127.0.0.1",
             "port": self.sink_port,
             "tls": "none",
+            "insecure_allow_plaintext": True,
         }
         if self.options.pool_size is not None:
             upstream["pool_size"] = self.options.pool_size

@@ -241,6 +241,7 @@ async def test_an_smtp_upstream_echoing_our_password_leaks_it_nowhere(
             "host": "127.0.0.1",
             "port": server.port,
             "tls": "none",
+            "insecure_allow_plaintext": True,
             "username_file": str(tmp_path / "user"),
             "password_file": str(tmp_path / "password"),
         }

@@ -129,6 +129,18 @@ def test_every_field_is_described() -> None:
             },
             "set both username_file and password_file",
         ),
+        (
+            {
+                "routes": [
+                    {
+                        "name": "x",
+                        "upstream": {"type": "smtp", "name": "m", "host": "h", "tls": "none"},
+                    }
+                ]
+            },
+            "upstream 'm': tls: none sends mail and credentials in cleartext; "
+            "set insecure_allow_plaintext: true to allow it",
+        ),
     ],
 )
 def test_invalid_configs_have_readable_messages(changes: dict[str, Any], message: str) -> None:
@@ -292,3 +304,15 @@ def test_restart_settings_name_what_a_reload_cannot_apply(
     base = parse_config(merged()).restart_settings()
     changed = parse_config(merged(**changes)).restart_settings()
     assert (changed != base) is restart
+
+
+def test_plaintext_upstream_needs_the_same_opt_in_as_the_mailroute() -> None:
+    upstream = {"type": "smtp", "name": "m", "host": "h", "tls": "none"}
+    config = parse_config(
+        merged(routes=[{"name": "x", "upstream": {**upstream, "insecure_allow_plaintext": True}}]),
+        source="relay.yaml",
+    )
+    assert config.routes[0].upstream.model_dump(include={"tls", "insecure_allow_plaintext"}) == {
+        "tls": "none",
+        "insecure_allow_plaintext": True,
+    }

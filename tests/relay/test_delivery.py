@@ -93,6 +93,7 @@ class World:
             "ca_file": str(self.certs.ca_file),
             "connect_timeout_seconds": 2,
             "timeout_seconds": 5,
+            "insecure_allow_plaintext": up.tls == "none",
         }
         entry.update(extra)
         return entry

@@ -74,6 +74,7 @@ async def world(
                 "host": pipelined.host,
                 "port": pipelined.port,
                 "tls": "none",
+                "insecure_allow_plaintext": True,
                 "pool_size": 1,
                 "connect_timeout_seconds": 2,
                 "timeout_seconds": 5,

@@ -126,6 +126,7 @@ class DigestSink:
                 "host": self.host,
                 "port": self.port,
                 "tls": "none",
+                "insecure_allow_plaintext": True,
                 "timeout_seconds": 60,
             },
         }
@@ -290,6 +291,7 @@ async def test_data_that_does_not_fit_the_budget_is_refused_452_and_leaves_nothi
             "host": "127.0.0.1",
             "port": upstream.port,
             "tls": "none",
+            "insecure_allow_plaintext": True,
         },
     }
     relay = await relay_factory(
@@ -401,6 +403,7 @@ async def test_streamed_messages_survive_a_sigkill_mid_data_and_after_250(
             "host": "127.0.0.1",
             "port": upstream.port,
             "tls": "none",
+            "insecure_allow_plaintext": True,
         },
     }
     relay = await relay_factory(routes=[route], subprocess=True, **open_relay())

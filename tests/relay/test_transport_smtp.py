@@ -71,6 +71,7 @@ class Harness:
         check = fields.pop("credential_check_interval", 1.0)
         fields.setdefault("tls", up.tls)
         fields.setdefault("ca_file", self.certs.ca_file)
+        fields.setdefault("insecure_allow_plaintext", fields["tls"] == "none")
         config = SmtpUpstream(
             type="smtp",
             name=fields.pop("name", "primary"),
@@ -514,7 +515,14 @@ async def test_354_without_accepted_recipients_gets_a_lone_dot(harness: Harness)
     )
     await up.start()
     try:
-        config = SmtpUpstream(type="smtp", name="s", host=up.host, port=up.port, tls="none")
+        config = SmtpUpstream(
+            type="smtp",
+            name="s",
+            host=up.host,
+            port=up.port,
+            tls="none",
+            insecure_allow_plaintext=True,
+        )
         transport = SmtpTransport(config, local_hostname="relay.test")
         try:
             refused = await transport.deliver(envelope("x@example.net", "y@example.net"), MESSAGE)

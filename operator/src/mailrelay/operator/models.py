@@ -1556,10 +1556,7 @@ class CaSecretRef(KubeModel):
     key: SecretKey = Field(default="ca.crt", description="Key holding PEM CA certificates.")
 
 
-SMTP_PLAINTEXT_MESSAGE = (
-    "tls: none sends mail and credentials in cleartext; "
-    "set insecureAllowPlaintext: true to allow it"
-)
+SMTP_PLAINTEXT_MESSAGE = upstream_rules.messages(to_camel).smtp_plaintext
 
 
 class SmtpUpstream(KubeModel):

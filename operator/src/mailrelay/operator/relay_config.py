@@ -199,6 +199,8 @@ def _upstream_config(route: str, index: int, upstream: models.Upstream) -> dict[
             "port": smtp.port,
             "tls": smtp.tls,
         }
+        if smtp.insecure_allow_plaintext:
+            out["insecure_allow_plaintext"] = True
         if smtp.credentials_secret_ref is not None:
             creds = smtp.credentials_secret_ref
             out["username_file"] = _file_for(mounts, creds.name, creds.username_key)

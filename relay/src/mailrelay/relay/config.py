@@ -416,6 +416,10 @@ class SmtpUpstream(_Model):
     connect_timeout_seconds: float = Field(default=30, gt=0, description="Connect timeout.")
     timeout_seconds: float = Field(default=120, gt=0, description="Per-command timeout.")
     pool_size: int = Field(default=4, ge=1, description="Connections kept open and reused.")
+    insecure_allow_plaintext: bool = Field(
+        default=False,
+        description="Explicit opt-in to `tls: none` (mail and credentials unencrypted).",
+    )
 
     @model_validator(mode="after")
     def _credentials_pair(self) -> SmtpUpstream:
@@ -423,6 +427,13 @@ class SmtpUpstream(_Model):
             raise ValueError(
                 f"upstream {self.name!r}: set both username_file and password_file, or neither"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _plaintext_opt_in(self) -> SmtpUpstream:
+        # The same rule and words as the MailRoute's (upstream_rules), in snake_case.
+        if self.tls == "none" and not self.insecure_allow_plaintext:
+            raise ValueError(f"upstream {self.name!r}: {_WORDS.smtp_plaintext}")
         return self
 
 

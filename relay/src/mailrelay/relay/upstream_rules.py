@@ -115,6 +115,10 @@ class Messages:
         )
         self.configuration_set = f"{spell('configuration_set')} is only used by provider ses"
         self.message_stream = f"{spell('message_stream')} is only used by provider postmark"
+        self.smtp_plaintext = (
+            "tls: none sends mail and credentials in cleartext; "
+            f"set {spell('insecure_allow_plaintext')}: true to allow it"
+        )
 
     def local_endpoint_at(self, host: str, reason: str) -> str:
         """``local_endpoint`` naming the host and what it is (CEL messages cannot)."""

@@ -156,6 +156,8 @@ class RecordingUpstream:
             "connect_timeout_seconds": 2,
             "timeout_seconds": 5,
         }
+        if self.tls == "none":
+            entry["insecure_allow_plaintext"] = True
         entry.update(extra)
         return entry
 
