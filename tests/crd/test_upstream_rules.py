@@ -96,8 +96,14 @@ def api_upstream(
     config_set: str | None = None,
     credentials: bool = True,
     allow_local: bool | None = None,
+    signing_keys: list[str] | None = None,
+    active_key: str | None = None,
 ) -> dict[str, Any]:
     api: dict[str, Any] = {"provider": provider}
+    if signing_keys is not None:
+        api["signingKeys"] = [
+            {"id": key_id, "secretKey": f"hmac-{n}"} for n, key_id in enumerate(signing_keys)
+        ]
     for key, value in (
         ("endpoint", endpoint),
         ("region", region),
@@ -105,6 +111,7 @@ def api_upstream(
         ("messageStream", stream),
         ("configurationSet", config_set),
         ("insecureAllowLocalEndpoint", allow_local),
+        ("activeSigningKey", active_key),
     ):
         if value is not None:
             api[key] = value
@@ -137,6 +144,8 @@ endpoints = st.one_of(
     st.text(max_size=40).map(lambda tail: f"https://{tail}"),
 )
 USUAL_REGION = {"ses": "eu-west-1", "sendgrid": "eu"}
+KEY_IDS = ["2026-12", "k2", "a", "a.b", "-x", "x" * 63, "x" * 64, "", "ü", "2026_12"]
+signing_keys = mostly(None, [[], ["2026-12"], ["2026-12", "k2"], ["k2", "k2"], ["a", "b", "c"]])
 
 
 @st.composite
@@ -154,6 +163,8 @@ def api_upstreams(draw: st.DrawFn) -> dict[str, Any]:
         config_set=draw(mostly(None, ["events"])),
         credentials=draw(mostly(provider, [None])) is not None,
         allow_local=draw(st.sampled_from([None, False, True])),
+        signing_keys=draw(signing_keys | st.lists(st.sampled_from(KEY_IDS), max_size=3)),
+        active_key=draw(mostly(None, [*KEY_IDS, "2026-12", "k2"])),
     )
 
 
@@ -217,6 +228,10 @@ def direct_relay_problem(api: dict[str, Any]) -> str | None:
             data[re.sub("([A-Z])", r"_\1", key).lower()] = api[key]
     if api.get("insecureAllowLocalEndpoint"):
         data["insecure_allow_local_endpoint"] = True
+    if "signingKeys" in api:
+        data["signing_keys"] = [k["id"] for k in api["signingKeys"]]
+    if "activeSigningKey" in api:
+        data["active_signing_key"] = api["activeSigningKey"]
     try:
         relay.ApiUpstream.model_validate(data)
     except ValidationError as error:
@@ -362,6 +377,12 @@ def cel_sample(count: int) -> list[dict[str, Any]]:
                 region=pick.choice(REGIONS) if pick.random() < 0.3 else None,
                 domain="mg.example.com" if provider == "mailgun" else None,
                 allow_local=pick.choice([None, True]),
+                signing_keys=(
+                    pick.choice([None, ["k1"], ["k1", "k2"], ["k1", "k1"], ["a.b"], ["k1", "-x"]])
+                    if pick.random() < 0.4
+                    else None
+                ),
+                active_key=pick.choice([None, None, "k1", "k2", "k3"]),
             )
         )
     # Odd characters in odd places, as the hypothesis text tail does.
