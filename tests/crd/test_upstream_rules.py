@@ -353,6 +353,14 @@ def test_relay_refuses_the_same_endpoints_with_the_same_words() -> None:
 # --- The API server, on a fixed sample ------------------------------------------------------
 
 
+def signing_sample(pick: random.Random, provider: str) -> dict[str, Any]:
+    """Signing keys on a third of the webhooks (and on a few other providers), valid or not."""
+    if pick.random() > (0.35 if provider == "webhook" else 0.03):
+        return {}
+    keys = pick.choice([["k1"], ["k1", "k2"], ["k1", "k2"], ["k1", "k1"], ["a.b"], ["k1", "-x"]])
+    return {"signing_keys": keys, "active_key": pick.choice([None, "k1", "k2", "k2", "k3"])}
+
+
 def cel_sample(count: int) -> list[dict[str, Any]]:
     """A reproducible sample across every list above, plus the fixed cases."""
     pick = random.Random(12)
@@ -377,12 +385,7 @@ def cel_sample(count: int) -> list[dict[str, Any]]:
                 region=pick.choice(REGIONS) if pick.random() < 0.3 else None,
                 domain="mg.example.com" if provider == "mailgun" else None,
                 allow_local=pick.choice([None, True]),
-                signing_keys=(
-                    pick.choice([None, ["k1"], ["k1", "k2"], ["k1", "k1"], ["a.b"], ["k1", "-x"]])
-                    if pick.random() < 0.4
-                    else None
-                ),
-                active_key=pick.choice([None, None, "k1", "k2", "k3"]),
+                **signing_sample(pick, provider),
             )
         )
     # Odd characters in odd places, as the hypothesis text tail does.
@@ -392,6 +395,23 @@ def cel_sample(count: int) -> list[dict[str, Any]]:
         for _ in range(count // 4)
     ]
     sample += [smtp_upstream(host, 25, None, None) for host in SMTP_HOSTS]
+    # Every signing-key rule, on both sides of it.
+    sample += [
+        api_upstream(provider, "https://hooks.example.org/in", signing_keys=keys, active_key=active)
+        for provider, keys, active in [
+            ("webhook", ["2026-12"], None),
+            ("webhook", ["2026-11", "2026-12"], "2026-12"),
+            ("webhook", ["2026-11", "2026-12"], None),
+            ("webhook", ["2026-11", "2026-12"], "2027-01"),
+            ("webhook", ["k", "k"], "k"),
+            ("webhook", ["a.b"], None),
+            ("webhook", [], "k"),
+            ("webhook", [], None),
+            ("resend", ["k"], None),
+            ("resend", [], None),
+            ("sendgrid", None, "k"),
+        ]
+    ]
     return sample
 
 

@@ -142,7 +142,7 @@ class WebhookTransport(ApiTransport):
     def key_id(self) -> str:
         """The id of the secret that signs."""
         return upstream_rules.active_signing_key_id(
-            self.upstream.signing_keys, self.upstream.active_signing_key
+            self.upstream.signing_keys or (), self.upstream.active_signing_key
         )
 
     def default_base_url(self) -> str:
