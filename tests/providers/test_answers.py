@@ -40,7 +40,9 @@ def related_message(*, referenced: bool = True) -> bytes:
     cid = "<logo@example.com>"
     img = '<img src="cid:logo@example.com">' if referenced else ""
     msg.add_alternative(f"<p>{img} logo</p>", subtype="html")
-    html = msg.get_payload()[1]
+    parts = msg.get_payload()
+    assert isinstance(parts, list)
+    html = parts[1]
     assert isinstance(html, EmailMessage)
     html.add_related(LOGO, "image", "png", cid=cid, filename="logo.png")
     raw = msg.as_bytes()

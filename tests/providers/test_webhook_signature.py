@@ -88,14 +88,24 @@ async def test_replay_with_a_new_idempotency_key_no_longer_verifies(
 def test_fields_cannot_run_into_each_other() -> None:
     with pytest.raises(ValueError, match="line break"):
         signed_bytes("1", "k", "a\nb", "{}", b"")
-    base = {"timestamp": "1700000000", "key_id": "k", "envelope_json": "{}", "body": b"m"}
-    assert sign("s", idempotency_key="a", **base) != sign("s", idempotency_key="a.", **base)
+
+    def signature(idempotency_key: str) -> str:
+        return sign(
+            "s",
+            timestamp="1700000000",
+            key_id="k",
+            idempotency_key=idempotency_key,
+            envelope_json="{}",
+            body=b"m",
+        )
+
+    assert signature("a") != signature("a.")
     headers = {
         "X-Mailrelay-Timestamp": "+1700000000",
         "X-Mailrelay-Key-Id": "k",
         "Idempotency-Key": "a",
         "X-Mailrelay-Envelope": "{}",
-        "X-Mailrelay-Signature": sign("s", idempotency_key="a", **base),
+        "X-Mailrelay-Signature": signature("a"),
     }
     # int() would read "+1700000000"; the receiver takes digits only.
     assert not verify_signature({"k": "s"}, headers, b"m", now=1700000000)
