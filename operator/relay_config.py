@@ -9,7 +9,7 @@ Secrets are never read here. Every secret the relay needs is a file under a fixe
 (``SecretMount`` below, shared with ``render.py``): the TLS keypair, the users file, and one
 directory per route upstream whose Secret keys are projected to the file names the relay's
 transports expect (``username``, ``password``, ``ca.crt``, ``api_key``,
-``aws_access_key_id``, ``aws_secret_access_key``).
+``aws_access_key_id``, ``aws_secret_access_key``, a webhook's ``signing_key_<id>``).
 """
 
 from __future__ import annotations
