@@ -96,8 +96,14 @@ def api_upstream(
     config_set: str | None = None,
     credentials: bool = True,
     allow_local: bool | None = None,
+    signing_keys: list[str] | None = None,
+    active_key: str | None = None,
 ) -> dict[str, Any]:
     api: dict[str, Any] = {"provider": provider}
+    if signing_keys is not None:
+        api["signingKeys"] = [
+            {"id": key_id, "secretKey": f"hmac-{n}"} for n, key_id in enumerate(signing_keys)
+        ]
     for key, value in (
         ("endpoint", endpoint),
         ("region", region),
@@ -105,6 +111,7 @@ def api_upstream(
         ("messageStream", stream),
         ("configurationSet", config_set),
         ("insecureAllowLocalEndpoint", allow_local),
+        ("activeSigningKey", active_key),
     ):
         if value is not None:
             api[key] = value
@@ -137,6 +144,8 @@ endpoints = st.one_of(
     st.text(max_size=40).map(lambda tail: f"https://{tail}"),
 )
 USUAL_REGION = {"ses": "eu-west-1", "sendgrid": "eu"}
+KEY_IDS = ["2026-12", "k2", "a", "a.b", "-x", "x" * 63, "x" * 64, "", "ü", "2026_12"]
+signing_keys = mostly(None, [[], ["2026-12"], ["2026-12", "k2"], ["k2", "k2"], ["a", "b", "c"]])
 
 
 @st.composite
@@ -154,6 +163,8 @@ def api_upstreams(draw: st.DrawFn) -> dict[str, Any]:
         config_set=draw(mostly(None, ["events"])),
         credentials=draw(mostly(provider, [None])) is not None,
         allow_local=draw(st.sampled_from([None, False, True])),
+        signing_keys=draw(signing_keys | st.lists(st.sampled_from(KEY_IDS), max_size=3)),
+        active_key=draw(mostly(None, [*KEY_IDS, "2026-12", "k2"])),
     )
 
 
@@ -217,6 +228,10 @@ def direct_relay_problem(api: dict[str, Any]) -> str | None:
             data[re.sub("([A-Z])", r"_\1", key).lower()] = api[key]
     if api.get("insecureAllowLocalEndpoint"):
         data["insecure_allow_local_endpoint"] = True
+    if "signingKeys" in api:
+        data["signing_keys"] = [k["id"] for k in api["signingKeys"]]
+    if "activeSigningKey" in api:
+        data["active_signing_key"] = api["activeSigningKey"]
     try:
         relay.ApiUpstream.model_validate(data)
     except ValidationError as error:
@@ -338,6 +353,14 @@ def test_relay_refuses_the_same_endpoints_with_the_same_words() -> None:
 # --- The API server, on a fixed sample ------------------------------------------------------
 
 
+def signing_sample(pick: random.Random, provider: str) -> dict[str, Any]:
+    """Signing keys on a third of the webhooks (and on a few other providers), valid or not."""
+    if pick.random() > (0.35 if provider == "webhook" else 0.03):
+        return {}
+    keys = pick.choice([["k1"], ["k1", "k2"], ["k1", "k2"], ["k1", "k1"], ["a.b"], ["k1", "-x"]])
+    return {"signing_keys": keys, "active_key": pick.choice([None, "k1", "k2", "k2", "k3"])}
+
+
 def cel_sample(count: int) -> list[dict[str, Any]]:
     """A reproducible sample across every list above, plus the fixed cases."""
     pick = random.Random(12)
@@ -362,6 +385,7 @@ def cel_sample(count: int) -> list[dict[str, Any]]:
                 region=pick.choice(REGIONS) if pick.random() < 0.3 else None,
                 domain="mg.example.com" if provider == "mailgun" else None,
                 allow_local=pick.choice([None, True]),
+                **signing_sample(pick, provider),
             )
         )
     # Odd characters in odd places, as the hypothesis text tail does.
@@ -371,6 +395,23 @@ def cel_sample(count: int) -> list[dict[str, Any]]:
         for _ in range(count // 4)
     ]
     sample += [smtp_upstream(host, 25, None, None) for host in SMTP_HOSTS]
+    # Every signing-key rule, on both sides of it.
+    sample += [
+        api_upstream(provider, "https://hooks.example.org/in", signing_keys=keys, active_key=active)
+        for provider, keys, active in [
+            ("webhook", ["2026-12"], None),
+            ("webhook", ["2026-11", "2026-12"], "2026-12"),
+            ("webhook", ["2026-11", "2026-12"], None),
+            ("webhook", ["2026-11", "2026-12"], "2027-01"),
+            ("webhook", ["k", "k"], "k"),
+            ("webhook", ["a.b"], None),
+            ("webhook", [], "k"),
+            ("webhook", [], None),
+            ("resend", ["k"], None),
+            ("resend", [], None),
+            ("sendgrid", None, "k"),
+        ]
+    ]
     return sample
 
 

@@ -253,3 +253,42 @@ def test_a_disabled_auth_cache_is_rendered_disabled() -> None:
     spec = SPEC.model_copy(update={"auth": auth})
     config = build_relay_config(name="outbound", namespace="mail", spec=spec, routes=[])
     assert config.auth.cache.enabled is False
+
+
+def test_webhook_signing_keys_become_files_the_relay_reads() -> None:
+    """Each signing key of the Secret is mounted as `signing_key_<id>`, the relay config
+    names the ids and the active one, and the route's Secret references name both keys."""
+    from mailrelay.operator.relay_config import secret_mounts  # noqa: PLC0415
+    from mailrelay.operator.routes import secret_refs  # noqa: PLC0415
+
+    route_spec = models.MailRouteSpec.model_validate(
+        {
+            "relayRef": {"name": "outbound"},
+            "upstream": {
+                "api": {
+                    "provider": "webhook",
+                    "endpoint": "https://hooks.example.org/mail",
+                    "credentialsSecretRef": {"name": "hook-keys"},
+                    "signingKeys": [
+                        {"id": "2026-11", "secretKey": "old"},
+                        {"id": "2026-12", "secretKey": "new"},
+                    ],
+                    "activeSigningKey": "2026-12",
+                }
+            },
+        }
+    )
+    routes = [BoundRoute("hook", route_spec)]
+    built = build_relay_config(name="outbound", namespace="mail", spec=SPEC, routes=routes)
+    config = type(built).model_validate(yaml.safe_load(render_config_yaml(built)))
+    (route,) = [r for r in config.routes if r.name == "hook"]
+    upstream = route.upstream
+    assert not isinstance(upstream, SmtpUpstream)
+    assert upstream.signing_keys == ["2026-11", "2026-12"]
+    assert upstream.active_signing_key == "2026-12"
+    (mount,) = [m for m in secret_mounts(SPEC, routes) if m.secret_name == "hook-keys"]
+    assert dict(mount.items) == {"new": "signing_key_2026-12", "old": "signing_key_2026-11"}
+    assert upstream.credentials_dir is not None
+    assert str(upstream.credentials_dir) == mount.mount_path
+    assert required_secret_keys(SPEC, routes)["hook-keys"] == {"old", "new"}
+    assert {key for _, _, key in secret_refs(route_spec)} == {"old", "new"}

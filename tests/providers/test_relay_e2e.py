@@ -280,3 +280,27 @@ async def test_timeout_after_sending_is_retried_without_sending_twice(
     keys = {r.headers["idempotency-key"] for r in server.requests}
     assert len(keys) == 1
     assert len(server.sent) == 1
+
+
+@pytest.mark.parametrize(("provider", "sends"), [("webhook", 1), ("resend", 1), ("ses", 2)])
+async def test_answer_dropped_after_the_send_through_the_relay(
+    provider: str,
+    sends: int,
+    provider_server: ServerFactory,
+    credentials_dir: Path,
+    relay_factory: RelayFactory,
+) -> None:
+    """The provider acted, then the connection closed before its answer. With a key the
+    spool's retry is answered from the provider's store; without one it sends again, and
+    the relay counts an ambiguous retry."""
+    server = await provider_server(provider)
+    server.inject(Fault(drop=True))
+    relay = await relay_factory(routes=[api_route(provider, server, credentials_dir)])
+    assert await send(relay, ["bob@example.org"], plain_message()) == {}
+    await eventually(lambda: len(server.requests) >= 2 and _queue_empty(relay))
+    assert len({r.headers.get("idempotency-key") for r in server.requests}) == 1
+    assert len(server.sent) == sends
+    ambiguous = relay.metric(
+        "mailrelay_upstream_ambiguous_retries_total", {"upstream_kind": provider}
+    )
+    assert (ambiguous or 0) == sends - 1

@@ -1635,6 +1635,11 @@ WEBHOOK_ENDPOINT_MESSAGE = _WORDS.webhook_endpoint
 API_CREDENTIALS_MESSAGE = _WORDS.credentials
 CONFIGURATION_SET_MESSAGE = _WORDS.configuration_set
 MESSAGE_STREAM_MESSAGE = _WORDS.message_stream
+SIGNING_KEYS_ONLY_WEBHOOK_MESSAGE = _WORDS.signing_keys_only_webhook
+SIGNING_KEY_ID_MESSAGE = _WORDS.signing_key_id
+SIGNING_KEYS_UNIQUE_MESSAGE = _WORDS.signing_keys_unique
+ACTIVE_SIGNING_KEY_REQUIRED_MESSAGE = _WORDS.active_signing_key_required
+ACTIVE_SIGNING_KEY_UNKNOWN_MESSAGE = _WORDS.active_signing_key_unknown
 ENDPOINT_MESSAGE = _WORDS.endpoint
 ENDPOINT_PORT_MESSAGE = _WORDS.endpoint_port
 LOCAL_ENDPOINT_MESSAGE = _WORDS.local_endpoint
@@ -1681,6 +1686,23 @@ LOCAL_ENDPOINT_RULE = (
     f" : ({_BARE_HOST} in {_cel_strings(netguard.LOCAL_HOST_NAMES)}"
     f" || {_BARE_HOST}.endsWith('{netguard.LOCAL_NAME_SUFFIX}')))"
 )
+
+
+class WebhookSigningKey(KubeModel):
+    """One HMAC secret a webhook can sign with, and the id sent beside its signatures."""
+
+    id: Annotated[str, Field(min_length=1, max_length=63)] = Field(
+        description=(
+            "Key id sent as X-Mailrelay-Key-Id: letters, digits, '-' or '_' (such as "
+            "2026-12); receivers pick the secret to verify with by it."
+        )
+    )
+    secret_key: SecretKey = Field(
+        description="Key of credentialsSecretRef's Secret that holds this HMAC secret."
+    )
+
+
+_NO_SIGNING_KEYS = "(!has(self.signingKeys) || size(self.signingKeys) == 0)"
 
 
 class ApiUpstream(KubeModel):
@@ -1751,6 +1773,38 @@ class ApiUpstream(KubeModel):
                 field_path=".messageStream",
                 reason="FieldValueForbidden",
             ),
+            cel(
+                f"self.provider == 'webhook' || ({_NO_SIGNING_KEYS}"
+                " && !has(self.activeSigningKey))",
+                SIGNING_KEYS_ONLY_WEBHOOK_MESSAGE,
+                field_path=".signingKeys",
+                reason="FieldValueForbidden",
+            ),
+            cel(
+                "!has(self.signingKeys) || self.signingKeys.all(k, "
+                f"k.id.matches(r'{upstream_rules.SIGNING_KEY_ID_PATTERN}'))",
+                SIGNING_KEY_ID_MESSAGE,
+                field_path=".signingKeys",
+            ),
+            cel(
+                "!has(self.signingKeys)"
+                " || self.signingKeys.all(a, self.signingKeys.exists_one(b, b.id == a.id))",
+                SIGNING_KEYS_UNIQUE_MESSAGE,
+                field_path=".signingKeys",
+            ),
+            cel(
+                "!has(self.signingKeys) || size(self.signingKeys) < 2"
+                " || has(self.activeSigningKey)",
+                ACTIVE_SIGNING_KEY_REQUIRED_MESSAGE,
+                field_path=".activeSigningKey",
+                reason="FieldValueRequired",
+            ),
+            cel(
+                "!has(self.activeSigningKey) || (has(self.signingKeys)"
+                " && self.signingKeys.exists(k, k.id == self.activeSigningKey))",
+                ACTIVE_SIGNING_KEY_UNKNOWN_MESSAGE,
+                field_path=".activeSigningKey",
+            ),
             cel(ENDPOINT_PORT_RULE, ENDPOINT_PORT_MESSAGE, field_path=".endpoint"),
             cel(IPV6_LITERAL_RULE, IPV6_LITERAL_MESSAGE, field_path=".endpoint"),
             cel(LOCAL_ENDPOINT_RULE, LOCAL_ENDPOINT_MESSAGE, field_path=".endpoint"),
@@ -1811,6 +1865,23 @@ class ApiUpstream(KubeModel):
         ),
     )
 
+    signing_keys: list[WebhookSigningKey] = Field(
+        default_factory=list,
+        max_length=upstream_rules.MAX_SIGNING_KEYS,
+        description=(
+            "Webhook only: up to two HMAC secrets from credentialsSecretRef's Secret, for "
+            "rotation (the active one and the next or previous one). Unset: the Secret's "
+            "apiKeyKey signs, with key id 'default'."
+        ),
+    )
+    active_signing_key: Annotated[str, Field(min_length=1, max_length=63)] | None = Field(
+        default=None,
+        description=(
+            "Webhook only: the id of the signing key that signs; required with two keys. "
+            "Switch it to rotate (receivers trust both ids meanwhile)."
+        ),
+    )
+
     @model_validator(mode="after")
     def _provider_rules(self) -> Self:
         """The rules of ``relay/upstream_rules.py``; the CEL rules above are their twins."""
@@ -1824,6 +1895,8 @@ class ApiUpstream(KubeModel):
             allow_local_endpoint=self.insecure_allow_local_endpoint,
             has_credentials=self.credentials_secret_ref is not None,
             words=_WORDS,
+            signing_key_ids=[k.id for k in self.signing_keys],
+            active_signing_key=self.active_signing_key,
         )
         if problems:
             raise ValueError(problems[0])

@@ -9,7 +9,7 @@ Secrets are never read here. Every secret the relay needs is a file under a fixe
 (``SecretMount`` below, shared with ``render.py``): the TLS keypair, the users file, and one
 directory per route upstream whose Secret keys are projected to the file names the relay's
 transports expect (``username``, ``password``, ``ca.crt``, ``api_key``,
-``aws_access_key_id``, ``aws_secret_access_key``).
+``aws_access_key_id``, ``aws_secret_access_key``, a webhook's ``signing_key_<id>``).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from pydantic import ValidationError
 
 from mailrelay.operator import models
 from mailrelay.relay import config as relay
+from mailrelay.relay import upstream_rules
 from mailrelay.relay.problems import validation_problems
 
 CONFIG_DIR = PurePosixPath("/etc/mailrelay/config")
@@ -147,14 +148,7 @@ def _upstream_mounts(upstream: models.Upstream) -> list[SecretMount]:
             by_secret.setdefault(ca.name, []).append((ca.key, CA_FILE))
     elif upstream.api is not None and upstream.api.credentials_secret_ref is not None:
         ref = upstream.api.credentials_secret_ref
-        by_secret[ref.name] = (
-            [
-                (ref.access_key_id_key, AWS_ACCESS_KEY_ID_FILE),
-                (ref.secret_access_key_key, AWS_SECRET_ACCESS_KEY_FILE),
-            ]
-            if upstream.api.provider == "ses"
-            else [(ref.api_key_key, API_KEY_FILE)]
-        )
+        by_secret[ref.name] = api_secret_files(upstream.api)
     mounts = []
     for secret, items in sorted(by_secret.items()):
         files = tuple(sorted(set(items)))
@@ -162,6 +156,21 @@ def _upstream_mounts(upstream: models.Upstream) -> list[SecretMount]:
         directory = UPSTREAMS_DIR / volume.removeprefix("up-")
         mounts.append(SecretMount(volume, secret, str(directory), files))
     return mounts
+
+
+def api_secret_files(api: models.ApiUpstream) -> list[tuple[str, str]]:
+    """(Secret key, file name) of an API upstream's credentials Secret: the AWS key pair
+    for SES, each signing key for a webhook that names them, else the API key."""
+    ref = api.credentials_secret_ref
+    assert ref is not None
+    if api.provider == "ses":
+        return [
+            (ref.access_key_id_key, AWS_ACCESS_KEY_ID_FILE),
+            (ref.secret_access_key_key, AWS_SECRET_ACCESS_KEY_FILE),
+        ]
+    if api.signing_keys:
+        return [(k.secret_key, upstream_rules.signing_key_file(k.id)) for k in api.signing_keys]
+    return [(ref.api_key_key, API_KEY_FILE)]
 
 
 def required_secret_keys(
@@ -219,6 +228,10 @@ def _upstream_config(route: str, index: int, upstream: models.Upstream) -> dict[
     if api.credentials_secret_ref is not None:
         (mount,) = mounts
         out["credentials_dir"] = mount.mount_path
+    if api.signing_keys:
+        out["signing_keys"] = [k.id for k in api.signing_keys]
+    if api.active_signing_key is not None:
+        out["active_signing_key"] = api.active_signing_key
     if api.insecure_allow_local_endpoint:
         out["insecure_allow_local_endpoint"] = True
     return out

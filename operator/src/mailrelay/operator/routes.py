@@ -39,7 +39,7 @@ from mailrelay.operator.conditions import (
     set_conditions,
     worth_an_event,
 )
-from mailrelay.operator.relay_config import BoundRoute
+from mailrelay.operator.relay_config import BoundRoute, api_secret_files
 from mailrelay.relay.problems import validation_problems
 
 log = logging.getLogger(__name__)
@@ -161,13 +161,7 @@ def secret_refs(spec: models.MailRouteSpec) -> list[tuple[str, str, str]]:
         elif upstream.api is not None and upstream.api.credentials_secret_ref is not None:
             ref = upstream.api.credentials_secret_ref
             path = f"{where}.api.credentialsSecretRef"
-            if upstream.api.provider == "ses":
-                refs += [
-                    (path, ref.name, ref.access_key_id_key),
-                    (path, ref.name, ref.secret_access_key_key),
-                ]
-            else:
-                refs.append((path, ref.name, ref.api_key_key))
+            refs += [(path, ref.name, key) for key, _ in api_secret_files(upstream.api)]
     return refs
 
 

@@ -471,6 +471,16 @@ class ApiUpstream(_Model):
         description="Allow `endpoint` to reach loopback, link-local, unspecified and cloud "
         "metadata addresses (refused by default, also after DNS resolution).",
     )
+    signing_keys: list[str] | None = Field(
+        default=None,
+        description="Webhook only: ids of up to two HMAC keys, each in the file "
+        "`signing_key_<id>` of credentials_dir (rotation: the active one and the next or "
+        "previous one). Unset: the one key in `signing_secret` or `api_key`, id `default`.",
+    )
+    active_signing_key: str | None = Field(
+        default=None,
+        description="Webhook only: the id of the key that signs (required with two keys).",
+    )
 
     @model_validator(mode="after")
     def _provider_fields(self) -> ApiUpstream:
@@ -485,6 +495,8 @@ class ApiUpstream(_Model):
             allow_local_endpoint=self.insecure_allow_local_endpoint,
             has_credentials=None,
             words=_WORDS,
+            signing_key_ids=self.signing_keys or (),
+            active_signing_key=self.active_signing_key,
         )
         if problems:
             raise ValueError(f"upstream {self.name!r}: {problems[0]}")

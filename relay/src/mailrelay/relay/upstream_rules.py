@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Final, Literal, get_args
 
 from mailrelay.relay import netguard
@@ -47,11 +47,14 @@ from mailrelay.relay import netguard
 __all__ = [
     "AMBIENT_CREDENTIAL_PROVIDERS",
     "AWS_REGION",
+    "DEFAULT_SIGNING_KEY_ID",
     "ENDPOINT_PATTERN",
+    "MAX_SIGNING_KEYS",
     "PROVIDERS",
     "REGIONAL_PROVIDERS",
     "REGIONAL_REGIONS",
     "REGION_PROVIDERS",
+    "SIGNING_KEY_ID_PATTERN",
     "Messages",
     "Provider",
     "api_upstream_problems",
@@ -70,6 +73,21 @@ REGION_PROVIDERS: Final = (*REGIONAL_PROVIDERS, "ses")
 AWS_REGION: Final = r"^[a-z]{2}(-[a-z]+)+-[0-9]+$"
 # Only SES can go without a Secret (the pod's AWS identity); a webhook is always signed.
 AMBIENT_CREDENTIAL_PROVIDERS: Final = ("ses",)
+
+# Webhook signing keys: at most two (the active one and the one being rotated in or out),
+# each with an id sent beside the signature so a receiver knows which secret to check
+# with. The id is also part of a file name (`signing_key_file`), hence the narrow grammar.
+MAX_SIGNING_KEYS: Final = 2
+SIGNING_KEY_ID_PATTERN: Final = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$"
+# The id sent when a webhook has a single secret (`signing_secret` or `api_key`).
+DEFAULT_SIGNING_KEY_ID: Final = "default"
+_SIGNING_KEY_ID_RE = re.compile(SIGNING_KEY_ID_PATTERN)
+
+
+def signing_key_file(key_id: str) -> str:
+    """The file in an upstream's credentials directory that holds signing key `key_id`."""
+    return f"signing_key_{key_id}"
+
 
 # The endpoint grammar, in the subset of regular expressions Python's `re` and RE2 (CEL's
 # `matches`) read alike, without a quote (it sits in a CEL r'...' string).
@@ -119,6 +137,17 @@ class Messages:
             "tls: none sends mail and credentials in cleartext; "
             f"set {spell('insecure_allow_plaintext')}: true to allow it"
         )
+        keys, active = spell("signing_keys"), spell("active_signing_key")
+        self.signing_keys_only_webhook = f"{keys} and {active} are only used by provider webhook"
+        self.signing_keys_count = f"{keys} holds at most {MAX_SIGNING_KEYS} keys"
+        self.signing_key_id = (
+            f"{keys}: an id is 1 to 63 letters, digits, '-' or '_', starting with a letter or digit"
+        )
+        self.signing_keys_unique = f"{keys}: every id must be different"
+        self.active_signing_key_required = (
+            f"{active} must name the key that signs when {keys} has two keys"
+        )
+        self.active_signing_key_unknown = f"{active} must be the id of one of {keys}"
 
     def local_endpoint_at(self, host: str, reason: str) -> str:
         """``local_endpoint`` naming the host and what it is (CEL messages cannot)."""
@@ -199,6 +228,8 @@ def api_upstream_problems(
     allow_local_endpoint: bool,
     has_credentials: bool | None,
     words: Messages,
+    signing_key_ids: Sequence[str] = (),
+    active_signing_key: str | None = None,
 ) -> list[str]:
     """Every rule an HTTP upstream breaks, in a stable order (empty when it is fine).
 
@@ -225,6 +256,7 @@ def api_upstream_problems(
         problems.append(words.configuration_set)
     if message_stream is not None and provider != "postmark":
         problems.append(words.message_stream)
+    problems += _signing_key_problems(provider, signing_key_ids, active_signing_key, words)
     if endpoint is not None:
         problem = endpoint_problem(endpoint, allow_local=allow_local_endpoint, words=words)
         if problem is not None:
@@ -233,3 +265,31 @@ def api_upstream_problems(
     if has_credentials is False and provider not in AMBIENT_CREDENTIAL_PROVIDERS:
         problems.append(words.credentials)
     return problems
+
+
+def _signing_key_problems(
+    provider: str, ids: Sequence[str], active: str | None, words: Messages
+) -> list[str]:
+    """The webhook's signing keys: at most two, ids well formed and distinct, and the
+    active one named among them when there are two."""
+    if provider != "webhook":
+        return [words.signing_keys_only_webhook] if ids or active is not None else []
+    problems = []
+    if len(ids) > MAX_SIGNING_KEYS:
+        problems.append(words.signing_keys_count)
+    if not all(_SIGNING_KEY_ID_RE.fullmatch(i) for i in ids):
+        problems.append(words.signing_key_id)
+    if len(set(ids)) != len(ids):
+        problems.append(words.signing_keys_unique)
+    if active is None and len(ids) > 1:
+        problems.append(words.active_signing_key_required)
+    if active is not None and active not in ids:
+        problems.append(words.active_signing_key_unknown)
+    return problems
+
+
+def active_signing_key_id(ids: Sequence[str], active: str | None) -> str:
+    """The id of the key that signs: the named one, the only one, or the default."""
+    if active is not None:
+        return active
+    return ids[0] if ids else DEFAULT_SIGNING_KEY_ID

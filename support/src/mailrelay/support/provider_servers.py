@@ -11,9 +11,19 @@ would have delivered.
 Faults are queued with `inject`: the next requests get a status and body (429 with
 `Retry-After`, 500, 400, 401, SES error names ...) before any processing, or, with
 `delay`, are processed and accepted normally but answered only after `delay` seconds:
-the client times out after its request was sent, like a response lost in the network.
-Resend's server keeps an idempotency store, so a retried key is answered with the
-original response and not sent twice.
+the client times out after its request was sent, like a response lost in the network;
+with `drop`, they are processed and accepted, then the connection is closed in the middle
+of the answer (the status line and headers went out, the body never does).
+
+Where the provider takes an idempotency key, the server keeps the provider's store and
+enforces its documented semantics (`_idempotent`): Resend answers a key it has seen with
+the same body with the first answer and sends nothing, the same key with another body
+with 409 `invalid_idempotent_request`, and a key over 256 characters with 400
+`invalid_idempotency_key`. The webhook receiver does what docs/providers.md asks of
+one: it verifies the v2 signature (which covers the key) with the secret of the key id
+the request names (`webhook_keys`, two during a rotation), then deduplicates on the key.
+The other providers take no key (docs/providers.md cites their documentation), so their
+servers send every request they accept, as the real ones do.
 """
 
 from __future__ import annotations
@@ -25,6 +35,7 @@ import collections
 import hashlib
 import hmac
 import json
+import logging
 import socket
 import uuid
 from collections.abc import Awaitable, Callable
@@ -43,6 +54,7 @@ __all__ = [
     "API_KEY",
     "AWS_KEY_ID",
     "AWS_SECRET",
+    "DEFAULT_KEY_ID",
     "SIGNING_SECRET",
     "Fault",
     "ProviderServer",
@@ -54,6 +66,7 @@ API_KEY = "test-key-0123456789"
 AWS_KEY_ID = "AKIDTESTEXAMPLE"
 AWS_SECRET = "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY"
 SIGNING_SECRET = "whsec-test-secret"
+DEFAULT_KEY_ID = "default"
 MAILGUN_DOMAIN = "mg.example.com"
 SES_REGION = "eu-west-1"
 
@@ -81,6 +94,7 @@ class Fault:
     body: Any = None
     headers: dict[str, str] = field(default_factory=dict)
     delay: float = 0.0
+    drop: bool = False
 
 
 class ContractError(Exception):
@@ -108,6 +122,8 @@ class ProviderServer:
         # as a provider refuses a whole request for one address it does not accept.
         self.refuse_containing: tuple[str, Fault] | None = None
         self.idempotency: dict[str, tuple[str, Json]] = {}
+        # Webhook receiver: key id -> secret it accepts signatures from.
+        self.webhook_keys: dict[str, str] = {DEFAULT_KEY_ID: SIGNING_SECRET}
         self.base_url = ""
         self._server: uvicorn.Server | None = None
         self._task: asyncio.Task[None] | None = None
@@ -137,12 +153,14 @@ class ProviderServer:
             if text.encode() in body or any(text in v for v in recorded.headers.values()):
                 return _answer(refusal.status, refusal.body, refusal.headers)
         fault = self.faults.popleft() if self.faults else None
-        if fault is not None and fault.delay == 0:
+        if fault is not None and fault.delay == 0 and not fault.drop:
             return _answer(fault.status, fault.body, fault.headers)
         try:
             response = await self._handler(self, recorded)
         except ContractError as exc:
             return _answer(exc.status, exc.body, {})
+        if fault is not None and fault.drop:
+            return _Dropped()
         if fault is not None:
             await asyncio.sleep(fault.delay)
         return response
@@ -186,6 +204,33 @@ class ProviderServer:
         if self._server is not None and self._task is not None:
             self._server.should_exit = True
             await self._task
+
+
+class _Dropped(Response):
+    """Starts a 200 with a body it never sends, then returns: uvicorn closes the
+    connection, and the client sees the answer cut off after the provider acted."""
+
+    def __init__(self) -> None:
+        super().__init__(status_code=200)
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", b"64")],
+            }
+        )
+
+
+class _QuietDrops(logging.Filter):
+    """uvicorn logs a dropped answer as an application error; here it is on purpose."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "without completing response" not in record.getMessage()
+
+
+logging.getLogger("uvicorn.error").addFilter(_QuietDrops())
 
 
 def _answer(status: int, body: Any, headers: dict[str, str]) -> Response:
@@ -536,47 +581,90 @@ async def resend(server: ProviderServer, req: Recorded) -> Response:
         _require(bool(att.get("filename")), 422, err(422, "validation_error", "filename"))
     _require(len(req.body) <= 40_000_000, 422, err(422, "validation_error", "too large"))
     key = req.headers.get("idempotency-key")
-    fingerprint = hashlib.sha256(req.body).hexdigest()
     if key is not None:
-        _require(len(key) <= 256, 422, err(422, "validation_error", "idempotency key too long"))
+        _require(
+            1 <= len(key) <= 256,
+            400,
+            err(400, "invalid_idempotency_key", "The key must be between 1-256 chars."),
+        )
+    conflict = err(
+        409,
+        "invalid_idempotent_request",
+        "Same idempotency key used with a different request payload.",
+    )
+    return _idempotent(
+        server,
+        req,
+        key=key,
+        content=req.body,
+        conflict=conflict,
+        answer=lambda: {"id": str(uuid.uuid4())},
+    )
+
+
+def _idempotent(
+    server: ProviderServer,
+    req: Recorded,
+    *,
+    key: str | None,
+    content: bytes,
+    conflict: Json,
+    answer: Callable[[], Json],
+) -> Response:
+    """Send once per key: a key seen with the same content gets the first answer and
+    nothing is sent; with other content, 409 and `conflict`; a new key is sent."""
+    fingerprint = hashlib.sha256(content).hexdigest()
+    if key is not None:
         stored = server.idempotency.get(key)
         if stored is not None:
-            _require(
-                stored[0] == fingerprint,
-                409,
-                err(409, "invalid_idempotent_request", "same key, different payload"),
-            )
+            _require(stored[0] == fingerprint, 409, conflict)
             return JSONResponse(stored[1])
-    answer = {"id": str(uuid.uuid4())}
+    body = answer()
     if key is not None:
-        server.idempotency[key] = (fingerprint, answer)
+        server.idempotency[key] = (fingerprint, body)
     server.sent.append(req)
-    return JSONResponse(answer)
+    return JSONResponse(body)
 
 
 # --- Webhook -------------------------------------------------------------------------------
 
 
 async def webhook(server: ProviderServer, req: Recorded) -> Response:
-    """POST /hook, message/rfc822, envelope header, HMAC-SHA256 over ts.envelope.body."""
+    """POST /hook, message/rfc822, v2 HMAC-SHA256 over version, timestamp, key id,
+    idempotency key, envelope and body with the named key's secret; dedupe on the key."""
     _require(req.method == "POST" and req.path == "/hook", 404, {"error": "not found"})
     _require(req.headers.get("content-type") == "message/rfc822", 415, {"error": "message/rfc822"})
     timestamp = req.headers.get("x-mailrelay-timestamp", "")
+    key_id = req.headers.get("x-mailrelay-key-id", "")
+    key = req.headers.get("idempotency-key", "")
     envelope = req.headers.get("x-mailrelay-envelope", "")
-    signed = f"{timestamp}.{envelope}.".encode() + req.body
-    expected = "v1=" + hmac.new(SIGNING_SECRET.encode(), signed, hashlib.sha256).hexdigest()
+    secret = server.webhook_keys.get(key_id)
+    _require(secret is not None, 401, {"error": f"unknown key id {key_id!r}"})
+    assert secret is not None
+    fields = ["v2", timestamp, key_id, key, envelope]
+    _require(all("\n" not in f for f in fields), 400, {"error": "line break in a header"})
+    signed = "\n".join(fields).encode() + b"\n" + req.body
+    expected = "v2=" + hmac.new(secret.encode(), signed, hashlib.sha256).hexdigest()
     _require(
         hmac.compare_digest(expected, req.headers.get("x-mailrelay-signature", "")),
         401,
         {"error": "bad signature"},
     )
+    _require(bool(key), 400, {"error": "no Idempotency-Key"})
     try:
         req.json = json.loads(envelope)
     except ValueError:
         raise ContractError(400, {"error": "envelope is not JSON"}) from None
     _require(bool(req.json.get("recipients")), 400, {"error": "no recipients"})
-    server.sent.append(req)
-    return JSONResponse({"id": f"hook-{uuid.uuid4().hex[:12]}"})
+    conflict = {"error": "idempotency key reused for another message"}
+    return _idempotent(
+        server,
+        req,
+        key=key,
+        content=envelope.encode() + b"\n" + req.body,
+        conflict=conflict,
+        answer=lambda: {"id": f"hook-{uuid.uuid4().hex[:12]}"},
+    )
 
 
 HANDLERS: dict[str, Handler] = {

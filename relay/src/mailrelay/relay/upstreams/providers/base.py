@@ -14,7 +14,15 @@ error vocabulary, refines `classify_error`. The base class owns the rest:
 - a throttle: a 429 (or SparkPost's 420) pauses the whole upstream until the provider's
   `Retry-After` or rate-limit reset, so queued mail is deferred without calling the API;
 - credentials from files in a mounted Secret, re-read when the files change;
-- `idempotency_key`, the key Resend and the webhook send so a retry is sent once.
+- `idempotency_key`, one stable key per message and batch of recipients, sent in the
+  provider's `idempotency_header` where its API takes one (Resend; the webhook), so the
+  retry after a lost answer is the same request and is sent once;
+- where the API takes no key, a retry after an outcome-unknown failure (a timeout or a
+  connection lost once the request may have been read) is counted as ambiguous
+  (`mailrelay_upstream_ambiguous_retries_total`): it may reach the recipients twice;
+- a 2xx whose body is not the provider's documented success answer (`answer_problem`)
+  is logged and counted; it is delivery where the provider did accept, and an unknown
+  outcome (retried) where a retry is safe or the answer must be read (`unexpected_answer`).
 
 `deliver` never raises: whatever happens becomes one `RecipientResult` per recipient.
 """
@@ -29,6 +37,7 @@ import logging
 import os
 import time
 import weakref
+from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
@@ -59,6 +68,7 @@ from mailrelay.relay.upstreams.transport import (
 )
 
 __all__ = [
+    "AmbiguousSends",
     "ApiTransport",
     "Call",
     "CredentialError",
@@ -217,11 +227,13 @@ def retry_after_seconds(headers: Mapping[str, str], now: float) -> float | None:
     return None
 
 
-def idempotency_key(queue_id: str, recipients: tuple[str, ...]) -> str:
+def idempotency_key(queue_id: str, recipients: Sequence[str]) -> str:
     """Stable for one message and one set of recipients, whatever the attempt.
 
     Sent as `Idempotency-Key` (Resend, webhook), so the retry after a timeout (the
-    request may have been sent) is the same request with the same key.
+    request may have been sent) is the same request with the same key. A message split
+    over several requests gets one key per batch; letter case and order of the
+    recipients do not matter. At most 92 ASCII characters (Resend allows 256).
     """
     digest = hashlib.sha256("\n".join(sorted(r.lower() for r in recipients)).encode()).hexdigest()
     return f"mailrelay/{queue_id}/{digest[:24]}"
@@ -274,11 +286,62 @@ def classify_status(status: int, headers: Mapping[str, str], detail: str, *, now
     )
 
 
+class AmbiguousSends:
+    """Recipients whose last request went out through an API without an idempotency key
+    and ended with an unknown outcome; the next request for one of them is an ambiguous
+    retry.
+
+    Bounded (the oldest entries go first): a message that never comes back (delivered
+    by a fallback later counted, expired, deleted) must not grow it for ever.
+    """
+
+    def __init__(self, limit: int = 100_000) -> None:
+        self._limit = limit
+        self._pending: OrderedDict[tuple[str, str], None] = OrderedDict()
+
+    def remember(self, queue_id: str, recipients: Sequence[str]) -> None:
+        """The request for these recipients may have been acted on; nobody knows."""
+        for rcpt in recipients:
+            self._pending[(queue_id, rcpt.lower())] = None
+            self._pending.move_to_end((queue_id, rcpt.lower()))
+        while len(self._pending) > self._limit:
+            self._pending.popitem(last=False)
+
+    def take(self, queue_id: str, recipients: Sequence[str]) -> bool:
+        """Whether any of these recipients had an unknown outcome last time (forgotten now)."""
+        found = False
+        for rcpt in recipients:
+            if self._pending.pop((queue_id, rcpt.lower()), False) is None:
+                found = True
+        return found
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+
 class ProviderMetrics:
     """Metrics of all API upstreams, on the registry the relay passes in."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
         labels = ["upstream", "provider"]
+        # Shared by every transport of the registry, so a retry through a transport
+        # rebuilt on reload, or through another API upstream, still counts.
+        self.ambiguous = AmbiguousSends()
+        self.ambiguous_retries = Counter(
+            "mailrelay_upstream_ambiguous_retries_total",
+            "Requests that retried recipients whose previous request through an API without "
+            "an idempotency key had an unknown outcome (timeout or connection lost after "
+            "the request was sent): those recipients may get the message twice. "
+            "upstream_kind is the provider of the retrying upstream.",
+            ["upstream_kind"],
+            registry=registry,
+        )
+        self.unexpected_answers = Counter(
+            "mailrelay_provider_unexpected_answers_total",
+            "2xx answers whose body was not the provider's documented success answer.",
+            labels,
+            registry=registry,
+        )
         self.requests = Counter(
             "mailrelay_provider_requests_total",
             "Provider API requests by result (delivered, temporary, permanent, config_error).",
@@ -348,6 +411,14 @@ class ApiTransport:
     # The message goes out as its bytes, recipients beside it (not rebuilt from headers),
     # so a request per recipient delivers the same message: see `_split_refused`.
     sends_raw_message: ClassVar[bool] = False
+    # The request header that carries `idempotency_key` where the provider's API takes
+    # one (a retry with the same key is answered without sending again); None where the
+    # API has no such key, and a retry after an unknown outcome may send twice.
+    idempotency_header: ClassVar[str | None] = None
+    # How a 2xx that is not the documented success answer is taken: as delivery (the
+    # provider said yes, and a retry would send twice) or as an unknown outcome to retry
+    # (where the key makes a retry safe, or the answer's content decides the outcome).
+    unexpected_answer: ClassVar[RecipientOutcome] = RecipientOutcome.DELIVERED
 
     def __init__(
         self,
@@ -426,6 +497,27 @@ class ApiTransport:
     # The field of the success answer's JSON object holding the provider's message id;
     # None when the answer carries none (or a provider overrides `remote_id`).
     remote_id_field: ClassVar[str | None] = None
+
+    def answer_problem(self, response: ApiResponse) -> str | None:
+        """How a 2xx answer differs from the provider's documented success answer, or None.
+
+        By default the documented answer is a JSON object with a non-empty
+        `remote_id_field`; providers with another shape override this.
+        """
+        if self.remote_id_field is None:
+            return None
+        body = json_object(response)
+        if body is None:
+            return "the body is not a JSON object"
+        if not body.get(self.remote_id_field):
+            return f"it has no {self.remote_id_field!r}"
+        return None
+
+    def key_headers(self, queue_id: str, recipients: Sequence[str]) -> dict[str, str]:
+        """The idempotency header for one request, where the provider takes one."""
+        if self.idempotency_header is None:
+            return {}
+        return {self.idempotency_header: idempotency_key(queue_id, recipients)}
 
     def remote_id(self, response: ApiResponse) -> str | None:
         """The provider's message id from a success answer (``remote_id_field``)."""
@@ -648,12 +740,27 @@ class ApiTransport:
         self._count(RecipientOutcome.CONFIG_ERROR.value)
 
     async def _send(self, envelope: Envelope, call: Call) -> list[RecipientResult]:
+        if self._metrics is not None and self._metrics.ambiguous.take(
+            envelope.queue_id, call.recipients
+        ):
+            self._metrics.ambiguous_retries.labels(upstream_kind=self.provider).inc()
+            log.warning(
+                "Retrying message %s on upstream %s after an earlier request had an unknown "
+                "outcome: its recipients may get it twice",
+                envelope.queue_id,
+                self.name,
+            )
         async with self._semaphore:
             started = self._clock()
             try:
                 response = await self.client.send(call.request)
-            except ApiTimeout:
-                detail = f"4.4.2 {self.provider} API timed out"
+            except (ApiTimeout, ApiUnreachable) as exc:
+                if isinstance(exc, ApiTimeout):
+                    detail = f"4.4.2 {self.provider} API timed out"
+                else:
+                    detail = f"4.4.1 {self.provider} API unreachable: {exc}"
+                if exc.maybe_sent:
+                    self._outcome_unknown(envelope, call)
                 log.warning(
                     "Deferred message %s on upstream %s: %s", envelope.queue_id, self.name, detail
                 )
@@ -665,35 +772,26 @@ class ApiTransport:
                     detail = f"upstream {self.name!r} ({self.provider}): {exc}"
                 self._config_error(envelope, detail)
                 return self._all(call.recipients, RecipientOutcome.CONFIG_ERROR, detail)
-            except ApiUnreachable as exc:
-                detail = f"4.4.1 {self.provider} API unreachable: {exc}"
-                log.warning(
-                    "Deferred message %s on upstream %s: %s", envelope.queue_id, self.name, detail
-                )
-                self._count(RecipientOutcome.TEMPORARY.value)
-                return self._all(call.recipients, RecipientOutcome.TEMPORARY, detail)
             finally:
                 if self._metrics is not None:
                     self._metrics.request_seconds.labels(**self._labels).observe(
                         self._clock() - started
                     )
         if response.is_success:
-            results = self.accepted(call, response)
             if self._metrics is not None:
                 self._metrics.config_error.labels(**self._labels).set(0)
-            delivered = [r for r in results if r.outcome is RecipientOutcome.DELIVERED]
-            if delivered:
-                self._count(RecipientOutcome.DELIVERED.value)
-                log.info(
-                    "Delivered message %s to %d recipient(s) through upstream %s; %s message id %s",
-                    envelope.queue_id,
-                    len(delivered),
-                    self.name,
-                    self.provider,
-                    delivered[0].remote_id,
-                )
-            return results
+            return self._success(envelope, call, response)
         verdict = self.classify_error(response)
+        if verdict.outcome is RecipientOutcome.DELIVERED:
+            # An error answer that says the mail went out before (Resend's key reuse).
+            log.warning(
+                "Took message %s as delivered on upstream %s: %s",
+                envelope.queue_id,
+                self.name,
+                verdict.detail,
+            )
+            self._count(RecipientOutcome.DELIVERED.value)
+            return self._all(call.recipients, RecipientOutcome.DELIVERED, verdict.detail)
         if verdict.outcome is RecipientOutcome.CONFIG_ERROR:
             if response.status_code in (401, 403):
                 self.credentials.invalidate()
@@ -721,6 +819,81 @@ class ApiTransport:
                 "Paused upstream %s for %.0fs: rate-limited by %s", self.name, pause, self.provider
             )
         return self._all(call.recipients, verdict.outcome, verdict.detail, retry_after)
+
+    def _outcome_unknown(self, envelope: Envelope, call: Call) -> None:
+        """The request may have been acted on: remember it where no key makes a retry safe."""
+        if self.idempotency_header is None and self._metrics is not None:
+            self._metrics.ambiguous.remember(envelope.queue_id, call.recipients)
+
+    def _success(
+        self, envelope: Envelope, call: Call, response: ApiResponse
+    ) -> list[RecipientResult]:
+        """A 2xx: checked against the documented answer, then read by `accepted`."""
+        problem = self.answer_problem(response)
+        if problem is not None:
+            if self._metrics is not None:
+                self._metrics.unexpected_answers.labels(**self._labels).inc()
+            what = f"{self.provider} answered HTTP {response.status_code} without its documented "
+            what += f"success answer ({problem})"
+            if self.unexpected_answer is RecipientOutcome.TEMPORARY:
+                log.warning(
+                    "Deferred message %s on upstream %s: %s; the outcome is unknown, retrying",
+                    envelope.queue_id,
+                    self.name,
+                    what,
+                )
+                self._outcome_unknown(envelope, call)
+                self._count(RecipientOutcome.TEMPORARY.value)
+                return self._all(
+                    call.recipients,
+                    RecipientOutcome.TEMPORARY,
+                    f"4.5.0 {what}; the outcome is unknown",
+                )
+            log.warning(
+                "Took message %s as delivered on upstream %s although %s",
+                envelope.queue_id,
+                self.name,
+                what,
+            )
+        results = self.accepted(call, response)
+        for outcome in dict.fromkeys(r.outcome for r in results):
+            self._count(outcome.value)
+        delivered = [r for r in results if r.outcome is RecipientOutcome.DELIVERED]
+        if delivered:
+            log.info(
+                "Delivered message %s to %d recipient(s) through upstream %s; %s message id %s",
+                envelope.queue_id,
+                len(delivered),
+                self.name,
+                self.provider,
+                delivered[0].remote_id,
+            )
+        refused = [r for r in results if r.outcome is RecipientOutcome.PERMANENT]
+        if refused:
+            log.warning(
+                "Rejected message %s for %d recipient(s) on upstream %s: %s",
+                envelope.queue_id,
+                len(refused),
+                self.name,
+                refused[0].detail,
+            )
+        unnamed = self.refused_within(response)
+        if unnamed:
+            self._count(RecipientOutcome.PERMANENT.value)
+            log.warning(
+                "Rejected message %s for %d unnamed recipient(s) on upstream %s: %s accepted "
+                "the request for %d and refused some without saying which",
+                envelope.queue_id,
+                unnamed,
+                self.name,
+                self.provider,
+                len(call.recipients),
+            )
+        return results
+
+    def refused_within(self, response: ApiResponse) -> int:
+        """Recipients a 2xx answer says were refused without naming them (SparkPost)."""
+        return 0
 
 
 def _one_per_recipient(envelope: Envelope, results: list[RecipientResult]) -> list[RecipientResult]:

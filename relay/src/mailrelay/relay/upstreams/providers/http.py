@@ -88,7 +88,17 @@ _FIELD_VALUE = re.compile(r"[\t\x20-\x7e]*")
 
 
 class ApiError(Exception):
-    """A request that got no answer; `str()` is a short reason fit for a bounce."""
+    """A request that got no answer; `str()` is a short reason fit for a bounce.
+
+    `maybe_sent` says whether the provider may have received the request: False only when
+    the failure came before a connection was made (lookup, connect, TLS handshake); after
+    that the request may have been read and acted on with the answer lost on the way back,
+    so the outcome is unknown and a retry can send the mail twice.
+    """
+
+    def __init__(self, reason: str, *, maybe_sent: bool = True) -> None:
+        super().__init__(reason)
+        self.maybe_sent = maybe_sent
 
 
 class ApiTimeout(ApiError):
@@ -368,7 +378,7 @@ class ApiClient:
                         f"the CA file {self._ca_file} cannot be loaded: {reason}"
                     ) from None
             if self._closed:
-                raise ApiUnreachable("connection closed")
+                raise ApiUnreachable("connection closed", maybe_sent=False)
             if self._session is None:
                 self._proxies = EnvProxies()
                 self._session = self._open(self._ssl_context)
@@ -403,7 +413,7 @@ class ApiClient:
         """Send `request` and read the whole answer; any failure is one of our errors."""
         check_headers(request.headers)
         if self._closed:
-            raise ApiUnreachable("connection closed")
+            raise ApiUnreachable("connection closed", maybe_sent=False)
         session = self._session or await self._ready_session()
         url = _wire_url(request.url)
         headers, proxy_url, proxy_headers = request.headers, None, None
@@ -438,14 +448,16 @@ class ApiClient:
         except BlockedDestination:
             raise
         except TimeoutError as error:
-            raise ApiTimeout("timed out") from error
+            connecting = isinstance(error, aiohttp.ConnectionTimeoutError)
+            raise ApiTimeout("timed out", maybe_sent=not connecting) from error
         except aiohttp.InvalidURL as error:
             raise InvalidRequest(
                 f"the host {_wire_url(request.url).raw_host!r} cannot be connected to as "
                 f"written: {error.description or 'not a valid URL'}"
             ) from None
         except (aiohttp.ClientError, OSError) as error:
-            raise ApiUnreachable(_reason(error)) from error
+            connecting = isinstance(error, aiohttp.ClientConnectorError)
+            raise ApiUnreachable(_reason(error), maybe_sent=not connecting) from error
 
     async def close(self) -> None:
         """Close the session and its pooled connections; later requests fail."""

@@ -195,7 +195,11 @@ def _part_bytes(part: EmailMessage) -> bytes:
     return payload
 
 
-def _attachment(part: EmailMessage, index: int) -> Attachment:
+def _attachment(part: EmailMessage, index: int, *, related: bool, html: str | None) -> Attachment:
+    """One attachment. A part with a Content-ID is inline when it says so, says nothing,
+    sits in a multipart/related, or the HTML body refers to it by `cid:`; Python's
+    `add_related` writes `Content-Disposition: attachment` on the images of a related
+    part, and mail clients still show those inline."""
     content_type = part.get_content_type()
     filename = part.get_filename()
     if not filename:
@@ -204,7 +208,14 @@ def _attachment(part: EmailMessage, index: int) -> Attachment:
     content_id = part.get("Content-ID")
     cid = str(content_id).strip().strip("<>") if content_id is not None else None
     disposition = part.get_content_disposition()
-    inline = disposition == "inline" or (disposition is None and cid is not None)
+    inline = disposition == "inline" or (
+        bool(cid)
+        and (
+            disposition is None
+            or related
+            or (html is not None and f"cid:{cid}".lower() in html.lower())
+        )
+    )
     return Attachment(
         filename=filename,
         content_type=content_type,
@@ -245,11 +256,20 @@ def parse_message(message: bytes, *, envelope_sender: str = "") -> ParsedMessage
         text_part = msg.get_body(preferencelist=("plain",))
         html_part = msg.get_body(preferencelist=("html",))
         bodies = {id(p) for p in (text_part, html_part) if p is not None}
+        html = _text(html_part if isinstance(html_part, EmailMessage) else None)
+        related = {
+            id(child)
+            for part in msg.walk()
+            if part.get_content_type() == "multipart/related"
+            for child in part.iter_parts()
+        }
         attachments: list[Attachment] = []
         for part in _leaves(msg):
             if id(part) in bodies:
                 continue
-            attachments.append(_attachment(part, len(attachments) + 1))
+            attachments.append(
+                _attachment(part, len(attachments) + 1, related=id(part) in related, html=html)
+            )
         subject = msg.get("Subject")
         headers = tuple(
             (name, _unfold(str(value)))
@@ -261,7 +281,7 @@ def parse_message(message: bytes, *, envelope_sender: str = "") -> ParsedMessage
             reply_to=_header_mailboxes(msg, "Reply-To"),
             subject=_unfold(str(subject)) if subject is not None else None,
             text=_text(text_part if isinstance(text_part, EmailMessage) else None),
-            html=_text(html_part if isinstance(html_part, EmailMessage) else None),
+            html=html,
             attachments=tuple(attachments),
             headers=headers,
             header_to=_header_mailboxes(msg, "To"),

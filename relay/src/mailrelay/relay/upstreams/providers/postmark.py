@@ -92,6 +92,13 @@ class PostmarkTransport(ApiTransport):
             calls.append(Call(recipients=batch.recipients, request=request))
         return calls
 
+    def answer_problem(self, response: ApiResponse) -> str | None:
+        """The documented answer: {"ErrorCode": 0, "MessageID": ...}."""
+        problem = super().answer_problem(response)
+        if problem is None and _error_code(response) != 0:
+            return "its ErrorCode is not 0"
+        return problem
+
     def classify_error(self, response: ApiResponse) -> Verdict:
         """Postmark's ErrorCode tells an account problem from a bad message."""
         code = _error_code(response)

@@ -7,21 +7,35 @@ to `text`/`html`; other parts to `attachments` (base64 `content`, `filename`,
 
 Every request carries an `Idempotency-Key` derived from the queue id and the batch's
 recipients, so the retry after a timeout (the request may have been sent) is the same
-request with the same key, and Resend sends it once.
+request with the same key, and Resend sends it once: for 24 hours it answers the same key
+and body with the first answer. The same key with another body (the relay was upgraded or
+reconfigured between the attempts, so the request is built differently) is answered 409
+`invalid_idempotent_request`: an email was already sent under that key, so it counts as
+delivered. 409 `concurrent_idempotent_requests` (the first is still being processed) is
+retried. A 2xx without the documented `{"id": ...}` is an unknown outcome and retried:
+the key makes that safe.
 """
 
 from __future__ import annotations
 
 import base64
+from typing import ClassVar
 
-from mailrelay.relay.upstreams.providers.base import ApiTransport, Call, idempotency_key
+from mailrelay.relay.upstreams.providers.base import (
+    ApiTransport,
+    Call,
+    Verdict,
+    error_text,
+    json_object,
+)
+from mailrelay.relay.upstreams.providers.http import ApiResponse
 from mailrelay.relay.upstreams.providers.mime import (
     UnrepresentableMessage,
     parse_message,
     plan_batches,
     split_recipients,
 )
-from mailrelay.relay.upstreams.transport import Envelope
+from mailrelay.relay.upstreams.transport import Envelope, RecipientOutcome
 
 __all__ = ["ResendTransport"]
 
@@ -31,6 +45,8 @@ class ResendTransport(ApiTransport):
 
     provider = "resend"
     remote_id_field = "id"  # answers {"id": "..."}
+    idempotency_header = "Idempotency-Key"
+    unexpected_answer: ClassVar[RecipientOutcome] = RecipientOutcome.TEMPORARY
 
     def default_base_url(self) -> str:
         """Resend has one API host."""
@@ -82,8 +98,19 @@ class ResendTransport(ApiTransport):
                 payload,
                 {
                     "Authorization": f"Bearer {key}",
-                    "Idempotency-Key": idempotency_key(envelope.queue_id, batch.recipients),
+                    **self.key_headers(envelope.queue_id, batch.recipients),
                 },
             )
             calls.append(Call(recipients=batch.recipients, request=request))
         return calls
+
+    def classify_error(self, response: ApiResponse) -> Verdict:
+        """A 409 for a key already used with another body: that email was sent."""
+        body = json_object(response) or {}
+        if response.status_code == 409 and body.get("name") == "invalid_idempotent_request":
+            return Verdict(
+                RecipientOutcome.DELIVERED,
+                "Resend already sent an email under this message's idempotency key "
+                f"(HTTP 409: {error_text(response)})",
+            )
+        return super().classify_error(response)

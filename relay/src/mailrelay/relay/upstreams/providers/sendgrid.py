@@ -6,7 +6,10 @@ headers), so one request carries up to 1000 recipients; the bodies go in `conten
 (text/plain first, as SendGrid requires), every other part in `attachments` (base64,
 with `disposition` and `content_id` for inline images), and the remaining headers in
 `headers`, minus the ones SendGrid reserves. SendGrid answers 202 with an empty body and
-the message id in `X-Message-Id`.
+the message id in `X-Message-Id`; another 2xx, or one without the id, is still delivery
+(SendGrid takes no idempotency key, so a retry could send twice) but is logged and
+counted. A part with a Content-ID goes as `disposition: inline` when it is meant inline
+(see `mime.Attachment`), also when it says `attachment` inside a multipart/related.
 """
 
 from __future__ import annotations
@@ -119,6 +122,14 @@ class SendGridTransport(ApiTransport):
             recipients = tuple(r for b in group for r in b.recipients)
             calls.append(Call(recipients=recipients, request=request))
         return calls
+
+    def answer_problem(self, response: ApiResponse) -> str | None:
+        """The documented answer: 202 with the id in `X-Message-Id`."""
+        if response.status_code != 202:
+            return "SendGrid accepts with 202"
+        if not response.headers.get("x-message-id"):
+            return "no X-Message-Id header"
+        return None
 
     def remote_id(self, response: ApiResponse) -> str | None:
         """SendGrid's id is a response header; the body is empty."""

@@ -6,9 +6,22 @@ the message is left alone. `region: eu` selects api.eu.sparkpost.com. The messag
 inside a JSON string, so it must be valid UTF-8: 8-bit bytes in another charset cannot be
 carried byte-exact and are refused permanently. SparkPost answers 420 when an account
 sending limit is reached; that pauses the upstream like a 429.
+
+A transmission is accepted with 200 and `{"results": {"total_rejected_recipients": n,
+"total_accepted_recipients": m, "id": "..."}}`. SparkPost takes no idempotency key. Its
+answer says how many recipients it took, not which: none taken is a permanent refusal of
+the batch (retried one recipient per request by the base class, which then tells which);
+some refused is delivery of the batch with the refusal counted and logged, since sending
+again would reach the accepted ones twice. A 2xx without those counts (a proxy's page, a
+truncated body) cannot say whether anyone was accepted: it is an unknown outcome and is
+retried, counted as ambiguous on the retry, rather than taken as delivery of mail that
+may never have reached SparkPost.
 """
 
 from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
 
 from mailrelay.relay.upstreams.providers.base import ApiTransport, Call, json_object
 from mailrelay.relay.upstreams.providers.http import ApiResponse
@@ -23,6 +36,7 @@ class SparkPostTransport(ApiTransport):
 
     provider = "sparkpost"
     sends_raw_message = True
+    unexpected_answer: ClassVar[RecipientOutcome] = RecipientOutcome.TEMPORARY
 
     def default_base_url(self) -> str:
         """US by default, EU when the upstream's region says so."""
@@ -53,20 +67,61 @@ class SparkPostTransport(ApiTransport):
             calls.append(Call(recipients=batch, request=request))
         return calls
 
+    def answer_problem(self, response: ApiResponse) -> str | None:
+        """The documented answer: `results` with both recipient counts and the id."""
+        results = _results(response)
+        if results is None:
+            return "no 'results' object"
+        for name in ("total_accepted_recipients", "total_rejected_recipients"):
+            value = results.get(name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                return f"no count {name!r}"
+        if not results.get("id"):
+            return "no transmission 'id'"
+        return None
+
     def accepted(self, call: Call, response: ApiResponse) -> list[RecipientResult]:
-        """A 200 where SparkPost accepted nobody is a rejection of every recipient."""
-        results = (json_object(response) or {}).get("results", {})
-        if isinstance(results, dict) and results.get("total_accepted_recipients") == 0:
-            rejected = results.get("total_rejected_recipients")
+        """None accepted: every recipient refused. Some refused: delivered, refusal noted."""
+        results = _results(response) or {}
+        accepted, rejected = (
+            results.get("total_accepted_recipients"),
+            results.get("total_rejected_recipients"),
+        )
+        if accepted == 0:
             return self._all(
                 call.recipients,
                 RecipientOutcome.PERMANENT,
-                f"SparkPost accepted none of the recipients ({rejected} rejected)",
+                f"5.1.0 SparkPost accepted none of the recipients ({rejected} rejected)",
             )
-        return super().accepted(call, response)
+        delivered = super().accepted(call, response)
+        if isinstance(rejected, int) and rejected > 0:
+            # Every recipient stays delivered: sending again would reach the accepted ones
+            # twice. The refusal is counted and logged (`refused_within`).
+            note = (
+                f"; SparkPost refused {rejected} of the {len(call.recipients)} recipients of "
+                "this transmission without saying which"
+            )
+            return [dataclasses.replace(r, detail=r.detail + note) for r in delivered]
+        return delivered
+
+    def refused_within(self, response: ApiResponse) -> int:
+        """Recipients refused by a transmission that accepted others."""
+        results = _results(response) or {}
+        accepted, rejected = (
+            results.get("total_accepted_recipients"),
+            results.get("total_rejected_recipients"),
+        )
+        if isinstance(rejected, int) and isinstance(accepted, int) and accepted > 0:
+            return max(rejected, 0)
+        return 0
 
     def remote_id(self, response: ApiResponse) -> str | None:
         """The transmission id from {"results": {"id": ...}}."""
-        results = (json_object(response) or {}).get("results")
-        value = results.get("id") if isinstance(results, dict) else None
+        results = _results(response)
+        value = results.get("id") if results is not None else None
         return str(value) if value else None
+
+
+def _results(response: ApiResponse) -> dict[str, object] | None:
+    results = (json_object(response) or {}).get("results")
+    return results if isinstance(results, dict) else None
