@@ -48,6 +48,8 @@ __all__ = [
     "AMBIENT_CREDENTIAL_PROVIDERS",
     "AWS_REGION",
     "ENDPOINT_PATTERN",
+    "OAUTH2_GRANTS",
+    "OAUTH2_MECHANISMS",
     "PROVIDERS",
     "REGIONAL_PROVIDERS",
     "REGIONAL_REGIONS",
@@ -59,6 +61,7 @@ __all__ = [
     "endpoint_port",
     "is_plain_ip",
     "messages",
+    "oauth2_problems",
 ]
 
 Provider = Literal["mailgun", "ses", "sparkpost", "sendgrid", "postmark", "resend", "webhook"]
@@ -70,6 +73,10 @@ REGION_PROVIDERS: Final = (*REGIONAL_PROVIDERS, "ses")
 AWS_REGION: Final = r"^[a-z]{2}(-[a-z]+)+-[0-9]+$"
 # Only SES can go without a Secret (the pod's AWS identity); a webhook is always signed.
 AMBIENT_CREDENTIAL_PROVIDERS: Final = ("ses",)
+
+# OAuth2 for SMTP upstreams (docs/oauth2.md): the SASL mechanisms and the token grants.
+OAUTH2_MECHANISMS: Final = ("xoauth2", "oauthbearer")
+OAUTH2_GRANTS: Final = ("refresh_token", "client_credentials")
 
 # The endpoint grammar, in the subset of regular expressions Python's `re` and RE2 (CEL's
 # `matches`) read alike, without a quote (it sits in a CEL r'...' string).
@@ -115,6 +122,20 @@ class Messages:
         )
         self.configuration_set = f"{spell('configuration_set')} is only used by provider ses"
         self.message_stream = f"{spell('message_stream')} is only used by provider postmark"
+        token_endpoint = spell("token_endpoint")
+        self.token_endpoint_https = (
+            f"{token_endpoint} must be an https:// URL (RFC 6749 section 3.2: the token "
+            "endpoint takes the client secret); http:// only with "
+            f"{self._allow_local}, for a token server on the pod's own loopback"
+        )
+        self.oauth2_refresh_token = (
+            f"{spell('refresh_token_file')} is required for grant refresh_token and not used "
+            "by grant client_credentials"
+        )
+        self.oauth2_password = (
+            f"oauth2 replaces the password: set {spell('username_file')} (the mailbox) and "
+            f"no {spell('password_file')}"
+        )
 
     def local_endpoint_at(self, host: str, reason: str) -> str:
         """``local_endpoint`` naming the host and what it is (CEL messages cannot)."""
@@ -162,8 +183,17 @@ def endpoint_port(endpoint: str) -> int | None:
     return int(port) if colon else None
 
 
-def endpoint_problem(endpoint: str, *, allow_local: bool, words: Messages) -> str | None:
-    """What is wrong with an endpoint URL, or None."""
+def endpoint_problem(
+    endpoint: str, *, allow_local: bool, words: Messages, field: str = "endpoint"
+) -> str | None:
+    """What is wrong with an endpoint URL, or None; `field` names it in the message."""
+    problem = _endpoint_problem(endpoint, allow_local=allow_local, words=words)
+    if problem is None or field == "endpoint":
+        return problem
+    return field + problem.removeprefix("endpoint")
+
+
+def _endpoint_problem(endpoint: str, *, allow_local: bool, words: Messages) -> str | None:
     if not _ENDPOINT_RE.fullmatch(endpoint):
         return words.endpoint
     port = endpoint_port(endpoint)
@@ -228,4 +258,31 @@ def api_upstream_problems(
     # Last: the one rule the relay does not apply, so both report the same first problem.
     if has_credentials is False and provider not in AMBIENT_CREDENTIAL_PROVIDERS:
         problems.append(words.credentials)
+    return problems
+
+
+def oauth2_problems(
+    *,
+    token_endpoint: str,
+    grant: str,
+    has_refresh_token: bool | None,
+    allow_local_endpoint: bool,
+    words: Messages,
+    field: str = "token_endpoint",
+) -> list[str]:
+    """Every rule an SMTP upstream's OAuth2 settings break (empty when fine).
+
+    ``has_refresh_token`` is None where the check does not apply (the operator always
+    mounts the key its grant needs). ``field`` spells ``token_endpoint`` for the reader.
+    """
+    problems = []
+    problem = endpoint_problem(
+        token_endpoint, allow_local=allow_local_endpoint, words=words, field=field
+    )
+    if problem is not None:
+        problems.append(problem)
+    elif not token_endpoint.lower().startswith("https://") and not allow_local_endpoint:
+        problems.append(words.token_endpoint_https)
+    if has_refresh_token is not None and has_refresh_token != (grant == "refresh_token"):
+        problems.append(words.oauth2_refresh_token)
     return problems
