@@ -433,6 +433,8 @@ class SmtpConnectionPool:
         upstream = self.upstream
         assert upstream.oauth2 is not None
         mechanism = upstream.oauth2.mechanism
+        if smtp.is_ehlo_or_helo_needed:
+            await smtp.ehlo()  # STARTTLS forgot the extensions
         if mechanism not in smtp.server_auth_methods:
             raise UpstreamConfigError(
                 f"upstream {upstream.name!r} does not offer AUTH {mechanism.upper()}; check "
