@@ -1556,6 +1556,9 @@ class CaSecretRef(KubeModel):
     key: SecretKey = Field(default="ca.crt", description="Key holding PEM CA certificates.")
 
 
+SMTP_OAUTH2_PASSWORD_MESSAGE = (
+    "set one of oauth2 (a token) or credentialsSecretRef (a password), not both"
+)
 SMTP_PLAINTEXT_MESSAGE = (
     "tls: none sends mail and credentials in cleartext; "
     "set insecureAllowPlaintext: true to allow it"
@@ -1571,7 +1574,13 @@ class SmtpUpstream(KubeModel):
                 "self.tls != 'none' || self.insecureAllowPlaintext",
                 SMTP_PLAINTEXT_MESSAGE,
                 field_path=".tls",
-            )
+            ),
+            cel(
+                "!has(self.oauth2) || !has(self.credentialsSecretRef)",
+                SMTP_OAUTH2_PASSWORD_MESSAGE,
+                field_path=".oauth2",
+                reason="FieldValueForbidden",
+            ),
         )
     )
 
@@ -1595,11 +1604,20 @@ class SmtpUpstream(KubeModel):
         default=None,
         description="Extra CA certificates to verify the server; system roots when unset.",
     )
+    oauth2: SmtpOAuth2 | None = Field(
+        default=None,
+        description=(
+            "Authenticate with an OAuth2 token (XOAUTH2 or OAUTHBEARER) instead of a "
+            "password; excludes credentialsSecretRef. See docs/oauth2.md."
+        ),
+    )
 
     @model_validator(mode="after")
     def _plaintext_opt_in(self) -> Self:
         if self.tls == "none" and not self.insecure_allow_plaintext:
             raise ValueError(SMTP_PLAINTEXT_MESSAGE)
+        if self.oauth2 is not None and self.credentials_secret_ref is not None:
+            raise ValueError(SMTP_OAUTH2_PASSWORD_MESSAGE)
         return self
 
 
@@ -1684,6 +1702,131 @@ LOCAL_ENDPOINT_RULE = (
     f" : ({_BARE_HOST} in {_cel_strings(netguard.LOCAL_HOST_NAMES)}"
     f" || {_BARE_HOST}.endsWith('{netguard.LOCAL_NAME_SUFFIX}')))"
 )
+
+
+def _token_endpoint(rule: str) -> str:
+    """An endpoint CEL rule of ApiUpstream, for OAuth2's tokenEndpoint."""
+    return rule.replace("self.endpoint", "self.tokenEndpoint")
+
+
+def _token_words(message: str) -> str:
+    return "tokenEndpoint" + message.removeprefix("endpoint")
+
+
+TOKEN_ENDPOINT_MESSAGE = _token_words(ENDPOINT_MESSAGE)
+TOKEN_ENDPOINT_PORT_MESSAGE = _token_words(ENDPOINT_PORT_MESSAGE)
+TOKEN_IPV6_LITERAL_MESSAGE = _token_words(IPV6_LITERAL_MESSAGE)
+TOKEN_LOCAL_ENDPOINT_MESSAGE = _token_words(LOCAL_ENDPOINT_MESSAGE)
+TOKEN_ENDPOINT_HTTPS_MESSAGE = _WORDS.token_endpoint_https
+
+
+class OAuth2SecretRef(KubeModel):
+    """A Secret holding the mailbox and the OAuth2 client's credentials."""
+
+    name: ObjectName = Field(description="Name of the Secret, in this namespace.")
+    username_key: SecretKey = Field(
+        default="username", description="Key holding the mailbox (the SASL user)."
+    )
+    client_id_key: SecretKey = Field(default="clientId", description="Key holding the client id.")
+    client_secret_key: SecretKey = Field(
+        default="clientSecret", description="Key holding the client secret."
+    )
+    refresh_token_key: SecretKey = Field(
+        default="refreshToken",
+        description="Key holding the refresh token (grant refresh_token only).",
+    )
+
+
+class SmtpOAuth2(KubeModel):
+    """OAuth2 for an SMTP upstream: the token endpoint, the grant and the Secret."""
+
+    model_config = ConfigDict(
+        json_schema_extra=validations(
+            cel(
+                _token_endpoint(ENDPOINT_PORT_RULE),
+                TOKEN_ENDPOINT_PORT_MESSAGE,
+                field_path=".tokenEndpoint",
+            ),
+            cel(
+                _token_endpoint(IPV6_LITERAL_RULE),
+                TOKEN_IPV6_LITERAL_MESSAGE,
+                field_path=".tokenEndpoint",
+            ),
+            cel(
+                _token_endpoint(LOCAL_ENDPOINT_RULE),
+                TOKEN_LOCAL_ENDPOINT_MESSAGE,
+                field_path=".tokenEndpoint",
+            ),
+            cel(
+                "self.insecureAllowLocalEndpoint"
+                " || self.tokenEndpoint.lowerAscii().startsWith('https://')",
+                TOKEN_ENDPOINT_HTTPS_MESSAGE,
+                field_path=".tokenEndpoint",
+            ),
+        )
+    )
+
+    mechanism: Literal["xoauth2", "oauthbearer"] = Field(
+        default="xoauth2",
+        description="SASL mechanism: xoauth2 (Gmail, Microsoft 365) or oauthbearer (RFC 7628).",
+    )
+    grant: Literal["refresh_token", "client_credentials"] = Field(
+        description=(
+            "refresh_token: a user's refresh token from the Secret; client_credentials: the "
+            "client's own credentials (Microsoft 365 app-only access)."
+        )
+    )
+    token_endpoint: Annotated[
+        str,
+        Field(
+            max_length=2048,
+            json_schema_extra=regex_rule(upstream_rules.ENDPOINT_PATTERN, TOKEN_ENDPOINT_MESSAGE),
+        ),
+    ] = Field(
+        description=(
+            "The token endpoint, such as https://oauth2.googleapis.com/token or "
+            "https://login.microsoftonline.com/<tenant>/oauth2/v2.0/token."
+        )
+    )
+    scopes: list[Annotated[str, Field(min_length=1, max_length=512, pattern=r"^[!#-\[\]-~]+$")]] = (
+        Field(
+            default_factory=list,
+            max_length=32,
+            description=(
+                "Scopes asked for, such as https://mail.google.com/ or "
+                "https://outlook.office365.com/.default; none when empty."
+            ),
+        )
+    )
+    client_auth: Literal["post", "basic"] = Field(
+        default="post",
+        description="Client authentication at the token endpoint: in the form, or HTTP Basic.",
+    )
+    secret_ref: OAuth2SecretRef = Field(
+        description="The Secret with the mailbox, client id, client secret and refresh token."
+    )
+    insecure_allow_local_endpoint: bool = Field(
+        default=False,
+        description=(
+            "Let tokenEndpoint be a local address (and http://): for a token server on the "
+            "pod's own loopback only."
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _rules(self) -> Self:
+        """The rules of ``relay/upstream_rules.py``; the CEL rules above are their twins."""
+        problems = upstream_rules.oauth2_problems(
+            token_endpoint=self.token_endpoint,
+            grant=self.grant,
+            has_refresh_token=None,
+            allow_local_endpoint=self.insecure_allow_local_endpoint,
+            words=_WORDS,
+            field="tokenEndpoint",
+        )
+        if problems:
+            raise ValueError(problems[0])
+        return self
 
 
 class ApiUpstream(KubeModel):
