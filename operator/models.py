@@ -1288,6 +1288,59 @@ PRIVATE_NETWORK_RULE = (
 )
 
 
+AWS_ROLE_ARN_PATTERN = r"^arn:aws[a-z-]*:iam::[0-9]{12}:role/[A-Za-z0-9+=,.@_/-]{1,512}$"
+AWS_ROLE_ARN_MESSAGE = "roleArn must be an IAM role ARN such as arn:aws:iam::123456789012:role/mail"
+STS_ENDPOINT_MESSAGE = "stsEndpoint" + upstream_rules.messages().endpoint.removeprefix("endpoint")
+
+
+class AwsWebIdentity(KubeModel):
+    """AWS credentials from the pod's ServiceAccount token (AssumeRoleWithWebIdentity).
+
+    For SES routes without static keys: the operator projects a ServiceAccount token with
+    this audience into the relay pods and sets AWS_ROLE_ARN and AWS_WEB_IDENTITY_TOKEN_FILE,
+    which botocore's credential chain exchanges at STS for temporary credentials (what the
+    EKS pod identity webhook does for IRSA, without the webhook). See docs/providers.md.
+    """
+
+    role_arn: Annotated[
+        str,
+        Field(
+            max_length=2048,
+            json_schema_extra=regex_rule(AWS_ROLE_ARN_PATTERN, AWS_ROLE_ARN_MESSAGE),
+        ),
+        regex_check(AWS_ROLE_ARN_PATTERN, AWS_ROLE_ARN_MESSAGE),
+    ] = Field(
+        description="The IAM role to assume, whose trust policy names the cluster's OIDC issuer."
+    )
+    audience: Annotated[str, Field(min_length=1, max_length=253)] = Field(
+        default="sts.amazonaws.com",
+        description="Audience of the projected token; what the role's trust policy expects.",
+    )
+    expiration_seconds: int = Field(
+        default=86400,
+        ge=600,
+        le=86400 * 2,
+        description="Lifetime of the projected token; kubelet renews it at 80% of it.",
+    )
+    sts_endpoint: (
+        Annotated[
+            str,
+            Field(
+                max_length=2048,
+                json_schema_extra=regex_rule(upstream_rules.ENDPOINT_PATTERN, STS_ENDPOINT_MESSAGE),
+            ),
+            regex_check(upstream_rules.ENDPOINT_PATTERN, STS_ENDPOINT_MESSAGE),
+        ]
+        | None
+    ) = Field(
+        default=None,
+        description=(
+            "STS endpoint URL (AWS_ENDPOINT_URL_STS), such as a VPC endpoint; botocore's "
+            "default when unset."
+        ),
+    )
+
+
 class MailRelaySpec(KubeModel):
     """Desired state of a MailRelay: an SMTP submission relay run as a StatefulSet."""
 
@@ -1440,6 +1493,20 @@ class MailRelaySpec(KubeModel):
         description=(
             "ServiceAccount the relay pods run as (for cloud workload identity); when unset, "
             "one of their own the operator creates, named like the relay. No token is mounted."
+        ),
+    )
+    service_account_annotations: Annotations = Field(
+        default_factory=dict,
+        description=(
+            "Annotations on the relay's own ServiceAccount (<relay>-relay), such as "
+            "eks.amazonaws.com/role-arn for EKS IRSA; unused when serviceAccountName is set."
+        ),
+    )
+    aws_web_identity: AwsWebIdentity | None = Field(
+        default=None,
+        description=(
+            "Give SES routes without static keys the pod's AWS role: a projected "
+            "ServiceAccount token and AWS_ROLE_ARN (only while such a route is bound)."
         ),
     )
     image_pull_secrets: list[LocalObjectReference] = Field(

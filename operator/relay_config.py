@@ -179,6 +179,17 @@ def _upstream_mounts(upstream: models.Upstream) -> list[SecretMount]:
     return mounts
 
 
+def uses_ambient_aws(routes: Sequence[BoundRoute]) -> bool:
+    """Whether a bound route has an SES upstream without static keys (the pod's AWS identity)."""
+    return any(
+        upstream.api is not None
+        and upstream.api.provider in models.AMBIENT_CREDENTIAL_PROVIDERS
+        and upstream.api.credentials_secret_ref is None
+        for route in routes
+        for upstream in (route.spec.upstream, *route.spec.fallbacks)
+    )
+
+
 def required_secret_keys(
     spec: models.MailRelaySpec, routes: Sequence[BoundRoute]
 ) -> dict[str, set[str]]:
