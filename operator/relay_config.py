@@ -151,15 +151,15 @@ def _upstream_mounts(upstream: models.Upstream) -> list[SecretMount]:
             by_secret.setdefault(ca.name, []).append((ca.key, CA_FILE))
         oauth = upstream.smtp.oauth2
         if oauth is not None:
-            ref = oauth.secret_ref
+            oauth_ref = oauth.secret_ref
             items = [
-                (ref.username_key, SMTP_USERNAME_FILE),
-                (ref.client_id_key, OAUTH2_CLIENT_ID_FILE),
-                (ref.client_secret_key, OAUTH2_CLIENT_SECRET_FILE),
+                (oauth_ref.username_key, SMTP_USERNAME_FILE),
+                (oauth_ref.client_id_key, OAUTH2_CLIENT_ID_FILE),
+                (oauth_ref.client_secret_key, OAUTH2_CLIENT_SECRET_FILE),
             ]
             if oauth.grant == "refresh_token":
-                items.append((ref.refresh_token_key, OAUTH2_REFRESH_TOKEN_FILE))
-            by_secret.setdefault(ref.name, []).extend(items)
+                items.append((oauth_ref.refresh_token_key, OAUTH2_REFRESH_TOKEN_FILE))
+            by_secret.setdefault(oauth_ref.name, []).extend(items)
     elif upstream.api is not None and upstream.api.credentials_secret_ref is not None:
         ref = upstream.api.credentials_secret_ref
         by_secret[ref.name] = (

@@ -263,7 +263,7 @@ def aws_web_identity(
     identity = spec.aws_web_identity
     if identity is None or not wanted:
         return None
-    volume = {
+    volume: dict[str, Any] = {
         "name": AWS_TOKEN_VOLUME,
         "projected": {
             "sources": [
@@ -277,8 +277,8 @@ def aws_web_identity(
             ]
         },
     }
-    mount = {"name": AWS_TOKEN_VOLUME, "mountPath": AWS_TOKEN_DIR, "readOnly": True}
-    env = [
+    mount: dict[str, Any] = {"name": AWS_TOKEN_VOLUME, "mountPath": AWS_TOKEN_DIR, "readOnly": True}
+    env: list[dict[str, Any]] = [
         {"name": "AWS_ROLE_ARN", "value": identity.role_arn},
         {"name": "AWS_WEB_IDENTITY_TOKEN_FILE", "value": f"{AWS_TOKEN_DIR}/{AWS_TOKEN_FILE}"},
         {
