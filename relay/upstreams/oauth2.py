@@ -260,7 +260,9 @@ class TokenSource:
         self._monotonic = monotonic
         self._token: AccessToken | None = None
         self._fetch: asyncio.Task[AccessToken] | None = None
-        self._failure: tuple[TokenError, float] | None = None
+        # The last failed fetch: its error, until when it stands, and the credential files'
+        # fingerprint then (a changed Secret is tried at once).
+        self._failure: tuple[TokenError, float, tuple[int, ...] | None] | None = None
         self._rotated: tuple[tuple[int, ...], str] | None = None
         self.fetches = 0  # token requests sent, for tests and logs
 
@@ -283,11 +285,6 @@ class TokenSource:
         return await self._fetched()
 
     async def _fetched(self) -> AccessToken:
-        if self._failure is not None:
-            error, until = self._failure
-            if self._monotonic() < until:
-                raise error
-            self._failure = None
         if self._fetch is None or self._fetch.done():
             self._fetch = asyncio.create_task(
                 self._fetch_token(), name=f"oauth2-token-{self.upstream}"
@@ -296,8 +293,15 @@ class TokenSource:
         return await asyncio.shield(self._fetch)
 
     async def _fetch_token(self) -> AccessToken:
+        fingerprint: tuple[int, ...] | None = None
         try:
             secrets = await asyncio.to_thread(self._read_secrets)
+            fingerprint = secrets.fingerprint
+            if self._failure is not None:
+                error, until, failed_with = self._failure
+                if self._monotonic() < until and failed_with == fingerprint:
+                    raise error  # the same files were refused moments ago
+                self._failure = None
             refresh_token = secrets.refresh_token
             if self._rotated is not None and self._rotated[0] == secrets.fingerprint:
                 refresh_token = self._rotated[1]
@@ -325,7 +329,9 @@ class TokenSource:
                 response, endpoint=self.config.token_endpoint
             )
         except TokenError as error:
-            self._failure = (error, self._monotonic() + FAILURE_HOLD_SECONDS)
+            if self._failure is not None and self._failure[0] is error:
+                raise
+            self._failure = (error, self._monotonic() + FAILURE_HOLD_SECONDS, fingerprint)
             log.warning("Failed to get an OAuth2 token for upstream %s: %s", self.upstream, error)
             raise
         if rotated is not None:

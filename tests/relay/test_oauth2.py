@@ -17,10 +17,12 @@ from typing import Any
 import pytest
 
 from mailrelay.relay.config import OAuth2Config, SmtpUpstream
+from mailrelay.relay.spool_admin import SpoolAdmin
 from mailrelay.relay.upstreams import oauth2
 from mailrelay.relay.upstreams.providers.http import ApiResponse
 from mailrelay.relay.upstreams.smtp import SmtpTransport
 from mailrelay.relay.upstreams.transport import Envelope, RecipientOutcome
+from tests.relay.conftest import RelayFactory
 from tests.relay.delivery_fixtures import make_certificates
 from tests.relay.oauth_peers import (
     CLIENT_ID,
@@ -30,6 +32,7 @@ from tests.relay.oauth_peers import (
     OAuthUpstream,
     TokenServer,
 )
+from tests.relay.test_delivery_e2e import eventually, send, spool_of
 
 MESSAGE = b"From: relay@example.com\r\nTo: bob@example.net\r\nSubject: hi\r\n\r\nHello.\r\n"
 
@@ -215,6 +218,13 @@ async def test_revoked_refresh_token_keeps_mail_queued(peers: Peers) -> None:
     (again,) = await transport.deliver(envelope("Q2"), MESSAGE)
     assert again.outcome is RecipientOutcome.CONFIG_ERROR
     assert len(peers.tokens.requests) == 1
+    # A new refresh token in the Secret is tried at once, held failure or not.
+    peers.tokens.refresh_tokens["1//a-new-refresh-token"] = (CLIENT_ID, MAILBOX)
+    await asyncio.sleep(0.01)  # a new mtime even on coarse file systems
+    peers.files(refresh_token="1//a-new-refresh-token")
+    (delivered,) = await transport.deliver(envelope("Q3"), MESSAGE)
+    assert delivered.outcome is RecipientOutcome.DELIVERED, delivered
+    assert len(peers.tokens.requests) == 2
 
 
 async def test_revoked_mid_life_refreshes_then_keeps_queued(peers: Peers) -> None:
@@ -349,3 +359,58 @@ def test_error_challenge_is_decoded() -> None:
 def test_oauthbearer_initial_response_escapes_the_authzid() -> None:
     raw = base64.b64decode(oauth2.initial_response("oauthbearer", "a,b=c@x", "tok", "h", 587))
     assert raw == b"n,a=a=2Cb=3Dc@x,\x01host=h\x01port=587\x01auth=Bearer tok\x01\x01"
+
+
+async def test_relay_keeps_mail_queued_until_the_refresh_token_is_replaced(
+    peers: Peers, relay_factory: RelayFactory
+) -> None:
+    """Through the whole relay: a revoked refresh token keeps the message in the spool
+    (never bounced, not even past max_age); a new one in the Secret's file delivers it."""
+    files = peers.files(
+        username=MAILBOX,
+        client_id=CLIENT_ID,
+        client_secret=CLIENT_SECRET,
+        refresh_token=REFRESH_TOKEN,
+    )
+    route = {
+        "name": "out",
+        "upstream": {
+            "type": "smtp",
+            "name": "gmail",
+            "host": peers.upstream.host,
+            "port": peers.upstream.port,
+            "ca_file": str(peers.certs.ca_file),
+            "username_file": str(files["username"]),
+            "oauth2": {
+                "grant": "refresh_token",
+                "token_endpoint": peers.tokens.url,
+                "client_id_file": str(files["client_id"]),
+                "client_secret_file": str(files["client_secret"]),
+                "refresh_token_file": str(files["refresh_token"]),
+                "insecure_allow_local_endpoint": True,
+            },
+        },
+    }
+    peers.tokens.revoke(REFRESH_TOKEN)
+    relay = await relay_factory(routes=[route], retry={"max_age_seconds": 0.5})
+    data = b"From: alice@example.com\r\nTo: bob@dest.test\r\nSubject: oauth\r\n\r\nHi.\r\n"
+    assert await send(relay, ["bob@dest.test"], data) == {}
+    admin = SpoolAdmin(spool_of(relay).directory)
+
+    def refused() -> bool:
+        queued = admin.list_queue()
+        return bool(queued) and "invalid_grant" in (queued[0].recipients[0].last_error or "")
+
+    await eventually(refused)
+    await asyncio.sleep(0.6)  # past max_age: still queued, nothing bounced
+    [queued] = admin.list_queue()
+    assert queued.recipients[0].status == "deferred"
+    assert admin.list_dead_letters() == []
+    assert relay.metric("mailrelay_upstream_config_errors_total", {"upstream": "gmail"}) >= 1
+    # The operator of the mailbox gets a new refresh token into the Secret.
+    peers.tokens.refresh_tokens["1//a-new-refresh-token"] = (CLIENT_ID, MAILBOX)
+    files["refresh_token"].write_text("1//a-new-refresh-token\n")
+    # Delivered at the next retry (backoff at most 1 s), not after the 10 s failure hold.
+    await eventually(lambda: len(peers.upstream.messages) == 1, within=5)
+    await eventually(lambda: admin.list_queue() == [])
+    assert admin.list_dead_letters() == []
