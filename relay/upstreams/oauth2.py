@@ -264,7 +264,6 @@ class TokenSource:
         # fingerprint then (a changed Secret is tried at once).
         self._failure: tuple[TokenError, float, tuple[int, ...] | None] | None = None
         self._rotated: tuple[tuple[int, ...], str] | None = None
-        self.fetches = 0  # token requests sent, for tests and logs
 
     async def token(self) -> AccessToken:
         """A token that is not due for a refresh; fetched when there is none."""
@@ -289,6 +288,8 @@ class TokenSource:
             self._fetch = asyncio.create_task(
                 self._fetch_token(), name=f"oauth2-token-{self.upstream}"
             )
+            # Its outcome is read here even when every caller was cancelled meanwhile.
+            self._fetch.add_done_callback(_consume)
         # Shielded: a delivery that is cancelled must not cancel the others' fetch.
         return await asyncio.shield(self._fetch)
 
@@ -311,7 +312,6 @@ class TokenSource:
                 client_secret=secrets.client_secret,
                 refresh_token=refresh_token,
             )
-            self.fetches += 1
             started = self._monotonic()
             try:
                 response = await self._client.send(request)
@@ -376,6 +376,11 @@ class TokenSource:
             with contextlib.suppress(asyncio.CancelledError, TokenError):
                 await self._fetch
         await self._client.close()
+
+
+def _consume(task: asyncio.Task[AccessToken]) -> None:
+    if not task.cancelled():
+        task.exception()
 
 
 def error_challenge(challenge: str) -> str | None:
