@@ -14,6 +14,7 @@ import json
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -195,3 +196,22 @@ async def test_a_token_for_another_audience_keeps_mail_queued(
     assert server.sent == []
     assert len(sts.calls) == 1
     assert token not in results[0].detail
+
+
+async def test_expiring_credentials_are_renewed_with_the_rotated_token(pod: PodIdentity) -> None:
+    """Credentials within botocore's refresh window (15 min) are renewed before a send, with
+    the token file as kubelet last rotated it."""
+    first_token, server, transport = await pod.ses(AUDIENCE)
+    sts = pod.sts
+    sts.duration = timedelta(minutes=12)
+    results = await transport.deliver(envelope("QWI4"), rich_message())
+    assert {r.outcome for r in results} == {RecipientOutcome.DELIVERED}
+    # kubelet rotates the projected token: a new one in the same file.
+    rotated = service_account_token(pod.kube, pod.namespace, AUDIENCE)
+    assert rotated != first_token
+    (pod.tmp_path / "token").write_text(rotated)
+    results = await transport.deliver(envelope("QWI5"), rich_message())
+    assert {r.outcome for r in results} == {RecipientOutcome.DELIVERED}
+    assert [call["WebIdentityToken"] for call in sts.calls] == [first_token, rotated]
+    keys = [r.headers["authorization"].split("Credential=")[1].split("/")[0] for r in server.sent]
+    assert keys == list(sts.credentials)  # each send signed with the credentials of its time
