@@ -192,6 +192,24 @@ smtp_upstreams = st.builds(
 )
 
 
+def oauth_upstream(
+    endpoint: str, grant: str = "refresh_token", allow_local: bool | None = None
+) -> dict[str, Any]:
+    """An SMTP upstream with OAuth2 (the token endpoint is held to the endpoint rules)."""
+    oauth: dict[str, Any] = {"grant": grant, "tokenEndpoint": endpoint, "secretRef": {"name": "g"}}
+    if allow_local is not None:
+        oauth["insecureAllowLocalEndpoint"] = allow_local
+    return {"smtp": {"host": "smtp.example.net", "oauth2": oauth}}
+
+
+oauth_upstreams = st.builds(
+    oauth_upstream,
+    endpoint=endpoints,
+    grant=st.sampled_from(["refresh_token", "client_credentials"]),
+    allow_local=st.sampled_from([None, False, True]),
+)
+
+
 # --- The judges ---------------------------------------------------------------------------
 
 
@@ -239,6 +257,24 @@ def direct_relay_problem(api: dict[str, Any]) -> str | None:
     return None
 
 
+def direct_oauth_problem(oauth: dict[str, Any]) -> str | None:
+    """The relay's own verdict on an OAuth2 section, as the relay's YAML would write it."""
+    data: dict[str, Any] = {
+        "grant": oauth["grant"],
+        "token_endpoint": oauth["tokenEndpoint"],
+        "client_id_file": "/o/client_id",
+        "client_secret_file": "/o/client_secret",
+        "insecure_allow_local_endpoint": bool(oauth.get("insecureAllowLocalEndpoint")),
+    }
+    if oauth["grant"] == "refresh_token":
+        data["refresh_token_file"] = "/o/refresh_token"
+    try:
+        relay.OAuth2Config.model_validate(data)
+    except ValidationError as error:
+        return str(error)
+    return None
+
+
 def rule_words(words: upstream_rules.Messages) -> dict[str, str]:
     """Each rule's message, less a leading "endpoint" (a refusal may name the host there)."""
     return {
@@ -263,6 +299,14 @@ def check_agreement(upstream: dict[str, Any]) -> None:
     spec, operator_error = operator_verdict(upstream)
     if spec is not None:
         assert rendered_relay_problem(spec) is None, (upstream, rendered_relay_problem(spec))
+    oauth = upstream.get("smtp", {}).get("oauth2")
+    if oauth is not None:
+        problem = direct_oauth_problem(oauth)
+        assert (problem is None) == (spec is not None), (upstream, problem, operator_error)
+        rule = relay_rule(problem) if problem is not None else None
+        if rule is not None:
+            key = next(k for k, w in RELAY_WORDS.items() if w == rule)
+            assert OPERATOR_WORDS[key] in operator_error, (upstream, problem, operator_error)
     if "api" in upstream and isinstance(upstream["api"].get("provider"), str):
         if upstream["api"]["provider"] not in upstream_rules.PROVIDERS:
             return
@@ -286,6 +330,19 @@ def test_operator_and_relay_agree_on_api_upstreams(upstream: dict[str, Any]) -> 
 @given(smtp_upstreams)
 def test_operator_and_relay_agree_on_smtp_upstreams(upstream: dict[str, Any]) -> None:
     check_agreement(upstream)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(oauth_upstreams)
+def test_operator_and_relay_agree_on_oauth2_token_endpoints(upstream: dict[str, Any]) -> None:
+    check_agreement(upstream)
+
+
+def test_oauth2_and_a_password_are_exclusive() -> None:
+    upstream = oauth_upstream("https://oauth2.googleapis.com/token")
+    upstream["smtp"]["credentialsSecretRef"] = {"name": "p"}
+    spec, error = operator_verdict(upstream)
+    assert spec is None and models.SMTP_OAUTH2_PASSWORD_MESSAGE in error
 
 
 # Found by the tests above on the code before relay/upstream_rules.py; each names what went
@@ -411,6 +468,32 @@ def cel_sample(count: int) -> list[dict[str, Any]]:
             ("resend", [], None),
             ("sendgrid", None, "k"),
         ]
+    ]
+    sample += [
+        oauth_upstream(
+            endpoint_of(
+                (
+                    pick.choice(SCHEMES),
+                    pick.choice(USERINFO),
+                    pick.choice(HOSTS),
+                    pick.choice(PORTS),
+                    pick.choice(PATHS),
+                    "",
+                    "",
+                )
+            ),
+            pick.choice(["refresh_token", "client_credentials"]),
+            pick.choice([None, True]),
+        )
+        for _ in range(count // 4)
+    ]
+    sample += [
+        oauth_upstream("https://oauth2.googleapis.com/token"),
+        oauth_upstream("http://oauth2.googleapis.com/token"),
+        oauth_upstream("http://127.0.0.1:8080/token", allow_local=True),
+        oauth_upstream(
+            "https://login.microsoftonline.com/t/oauth2/v2.0/token", "client_credentials"
+        ),
     ]
     return sample
 

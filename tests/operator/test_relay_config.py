@@ -292,3 +292,52 @@ def test_webhook_signing_keys_become_files_the_relay_reads() -> None:
     assert str(upstream.credentials_dir) == mount.mount_path
     assert required_secret_keys(SPEC, routes)["hook-keys"] == {"old", "new"}
     assert {key for _, _, key in secret_refs(route_spec)} == {"old", "new"}
+
+
+@pytest.mark.parametrize("grant", ["refresh_token", "client_credentials"])
+def test_oauth2_upstream_reaches_the_relay_with_its_secret_files(
+    grant: str, tmp_path: Path
+) -> None:
+    route = models.MailRouteSpec.model_validate(
+        {
+            "relayRef": {"name": "outbound"},
+            "upstream": {
+                "smtp": {
+                    "host": "smtp.gmail.com",
+                    "oauth2": {
+                        "mechanism": "oauthbearer",
+                        "grant": grant,
+                        "tokenEndpoint": "https://oauth2.googleapis.com/token",
+                        "scopes": ["https://mail.google.com/"],
+                        "clientAuth": "basic",
+                        "secretRef": {"name": "gmail", "refreshTokenKey": "rt"},
+                    },
+                }
+            },
+        }
+    )
+    routes = [BoundRoute("gmail", route)]
+    path = tmp_path / "relay.yaml"
+    path.write_text(
+        render_config_yaml(
+            build_relay_config(name="outbound", namespace="mail", spec=SPEC, routes=routes)
+        )
+    )
+    (loaded,) = load_config(path).routes
+    upstream = loaded.upstream
+    assert isinstance(upstream, SmtpUpstream) and upstream.oauth2 is not None
+    oauth = upstream.oauth2
+    assert (oauth.mechanism, oauth.grant, oauth.client_auth) == ("oauthbearer", grant, "basic")
+    assert oauth.scopes == ["https://mail.google.com/"]
+    assert upstream.password_file is None and upstream.username_file is not None
+    files = {upstream.username_file, oauth.client_id_file, oauth.client_secret_file}
+    assert {f.name for f in files} == {"username", "client_id", "client_secret"}
+    assert len({f.parent for f in files}) == 1  # one volume of the one Secret
+    expected = {"username", "clientId", "clientSecret"}
+    if grant == "refresh_token":
+        assert oauth.refresh_token_file is not None
+        assert oauth.refresh_token_file.name == "refresh_token"
+        expected.add("rt")
+    else:
+        assert oauth.refresh_token_file is None
+    assert required_secret_keys(SPEC, routes)["gmail"] == expected

@@ -6,9 +6,10 @@ import copy
 from typing import Any
 
 import pytest
+from pydantic import ValidationError
 
 from mailrelay.operator import models
-from mailrelay.operator.relay_config import BoundRoute, SecretMount, secret_mounts
+from mailrelay.operator.relay_config import BoundRoute, SecretMount, secret_mounts, uses_ambient_aws
 from mailrelay.operator.render import (
     RESTART_HASH_ANNOTATION,
     NetworkPeer,
@@ -586,3 +587,79 @@ def test_pods_run_as_their_own_service_account_unless_one_is_named() -> None:
     assert _statefulset(named)["spec"]["template"]["spec"]["serviceAccountName"] == (
         "relay-identity"
     )
+
+
+ROLE = "arn:aws:iam::123456789012:role/mailrelay-ses"
+SES_NO_KEYS = {"api": {"provider": "ses", "region": "eu-west-1"}}
+SES_KEYS = {**SES_NO_KEYS, "api": {**SES_NO_KEYS["api"], "credentialsSecretRef": {"name": "aws"}}}
+
+
+@pytest.mark.parametrize(
+    ("identity", "upstreams", "projected"),
+    [
+        (True, [SES_NO_KEYS], True),
+        (True, [SES_KEYS, SES_NO_KEYS], True),  # a fallback without keys counts
+        (True, [SES_KEYS], False),  # static keys: no token needed
+        (False, [SES_NO_KEYS], False),  # not opted in (e.g. the EKS webhook injects it)
+    ],
+)
+def test_aws_web_identity_is_projected_only_when_opted_in_and_used(
+    identity: bool, upstreams: list[dict[str, Any]], projected: bool
+) -> None:
+    overrides: dict[str, Any] = (
+        {"awsWebIdentity": {"roleArn": ROLE, "stsEndpoint": "https://sts.eu-west-1.amazonaws.com"}}
+        if identity
+        else {}
+    )
+    inputs = relay(**overrides)
+    spec = {"relayRef": {"name": "outbound"}, "upstream": upstreams[0], "fallbacks": upstreams[1:]}
+    routes = [BoundRoute("ses", models.MailRouteSpec.model_validate(spec))]
+    pod = render_statefulset(
+        inputs,
+        restart_hash="h",
+        mounts=[],
+        settings=SETTINGS,
+        ambient_aws=uses_ambient_aws(routes),
+    )["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    container = pod["containers"][0]
+    if not projected:
+        assert "aws-web-identity" not in volumes and "env" not in container
+        return
+    assert volumes["aws-web-identity"]["projected"]["sources"] == [
+        {
+            "serviceAccountToken": {
+                "audience": "sts.amazonaws.com",
+                "expirationSeconds": 86400,
+                "path": "token",
+            }
+        }
+    ]
+    mount = next(m for m in container["volumeMounts"] if m["name"] == "aws-web-identity")
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["AWS_ROLE_ARN"] == ROLE
+    assert env["AWS_WEB_IDENTITY_TOKEN_FILE"] == f"{mount['mountPath']}/token"
+    assert env["AWS_ENDPOINT_URL_STS"] == "https://sts.eu-west-1.amazonaws.com"
+    assert mount["readOnly"] is True
+    # The Kubernetes API token stays unmounted: only the STS audience's token is projected.
+    assert pod["automountServiceAccountToken"] is False
+
+
+def test_service_account_annotations_reach_the_relays_own_account() -> None:
+    annotations = {"eks.amazonaws.com/role-arn": ROLE}
+    account = render_serviceaccount(relay(serviceAccountAnnotations=annotations))
+    assert account is not None and account["metadata"]["annotations"] == annotations
+
+
+@pytest.mark.parametrize(
+    "arn",
+    [
+        "arn:aws:iam::12345:role/x",
+        "arn:aws:s3:::bucket",
+        "role/x",
+        "arn:aws:iam::123456789012:user/x",
+    ],
+)
+def test_aws_role_arn_must_be_a_role(arn: str) -> None:
+    with pytest.raises(ValidationError, match="roleArn must be an IAM role ARN"):
+        relay(awsWebIdentity={"roleArn": arn})

@@ -82,3 +82,37 @@ def test_a_secret_outside_the_selector_is_told_from_an_absent_one() -> None:
 )
 def test_label_hint(selector: str, hint: str) -> None:
     assert SecretNotWatched(exists=True, selector=selector).label_hint("s") == hint
+
+
+@pytest.mark.parametrize(
+    ("grant", "keys", "included"),
+    [
+        ("refresh_token", {"username", "clientId", "clientSecret", "refreshToken"}, True),
+        ("client_credentials", {"username", "clientId", "clientSecret"}, True),
+        ("refresh_token", {"username", "clientId", "clientSecret"}, False),
+    ],
+)
+def test_an_oauth2_route_needs_the_keys_of_its_grant(
+    grant: str, keys: set[str], included: bool
+) -> None:
+    spec = {
+        "relayRef": {"name": "outbound"},
+        "upstream": {
+            "smtp": {
+                "host": "smtp.gmail.com",
+                "oauth2": {
+                    "grant": grant,
+                    "tokenEndpoint": "https://oauth2.googleapis.com/token",
+                    "secretRef": {"name": "gmail"},
+                },
+            }
+        },
+    }
+    route = ObjectInfo("MailRoute", "ns", "gmail", "uid", 1, spec=spec)
+    relay = models.MailRelaySpec.model_validate(RELAY_SPEC)
+    secrets = {**CACHED, "gmail": frozenset(keys)}
+    (verdict,) = judge_routes(RELAY, relay, [route], secrets.get)
+    assert verdict.included is included
+    if not included:
+        assert verdict.resolved_refs.reason == "SecretKeyMissing", verdict.resolved_refs
+        assert "refreshToken" in verdict.resolved_refs.message

@@ -1288,6 +1288,59 @@ PRIVATE_NETWORK_RULE = (
 )
 
 
+AWS_ROLE_ARN_PATTERN = r"^arn:aws[a-z-]*:iam::[0-9]{12}:role/[A-Za-z0-9+=,.@_/-]{1,512}$"
+AWS_ROLE_ARN_MESSAGE = "roleArn must be an IAM role ARN such as arn:aws:iam::123456789012:role/mail"
+STS_ENDPOINT_MESSAGE = "stsEndpoint" + upstream_rules.messages().endpoint.removeprefix("endpoint")
+
+
+class AwsWebIdentity(KubeModel):
+    """AWS credentials from the pod's ServiceAccount token (AssumeRoleWithWebIdentity).
+
+    For SES routes without static keys: the operator projects a ServiceAccount token with
+    this audience into the relay pods and sets AWS_ROLE_ARN and AWS_WEB_IDENTITY_TOKEN_FILE,
+    which botocore's credential chain exchanges at STS for temporary credentials (what the
+    EKS pod identity webhook does for IRSA, without the webhook). See docs/providers.md.
+    """
+
+    role_arn: Annotated[
+        str,
+        Field(
+            max_length=2048,
+            json_schema_extra=regex_rule(AWS_ROLE_ARN_PATTERN, AWS_ROLE_ARN_MESSAGE),
+        ),
+        regex_check(AWS_ROLE_ARN_PATTERN, AWS_ROLE_ARN_MESSAGE),
+    ] = Field(
+        description="The IAM role to assume, whose trust policy names the cluster's OIDC issuer."
+    )
+    audience: Annotated[str, Field(min_length=1, max_length=253)] = Field(
+        default="sts.amazonaws.com",
+        description="Audience of the projected token; what the role's trust policy expects.",
+    )
+    expiration_seconds: int = Field(
+        default=86400,
+        ge=600,
+        le=86400 * 2,
+        description="Lifetime of the projected token; kubelet renews it at 80% of it.",
+    )
+    sts_endpoint: (
+        Annotated[
+            str,
+            Field(
+                max_length=2048,
+                json_schema_extra=regex_rule(upstream_rules.ENDPOINT_PATTERN, STS_ENDPOINT_MESSAGE),
+            ),
+            regex_check(upstream_rules.ENDPOINT_PATTERN, STS_ENDPOINT_MESSAGE),
+        ]
+        | None
+    ) = Field(
+        default=None,
+        description=(
+            "STS endpoint URL (AWS_ENDPOINT_URL_STS), such as a VPC endpoint; botocore's "
+            "default when unset."
+        ),
+    )
+
+
 class MailRelaySpec(KubeModel):
     """Desired state of a MailRelay: an SMTP submission relay run as a StatefulSet."""
 
@@ -1442,6 +1495,20 @@ class MailRelaySpec(KubeModel):
             "one of their own the operator creates, named like the relay. No token is mounted."
         ),
     )
+    service_account_annotations: Annotations = Field(
+        default_factory=dict,
+        description=(
+            "Annotations on the relay's own ServiceAccount (<relay>-relay), such as "
+            "eks.amazonaws.com/role-arn for EKS IRSA; unused when serviceAccountName is set."
+        ),
+    )
+    aws_web_identity: AwsWebIdentity | None = Field(
+        default=None,
+        description=(
+            "Give SES routes without static keys the pod's AWS role: a projected "
+            "ServiceAccount token and AWS_ROLE_ARN (only while such a route is bound)."
+        ),
+    )
     image_pull_secrets: list[LocalObjectReference] = Field(
         default_factory=list,
         max_length=16,
@@ -1556,6 +1623,9 @@ class CaSecretRef(KubeModel):
     key: SecretKey = Field(default="ca.crt", description="Key holding PEM CA certificates.")
 
 
+SMTP_OAUTH2_PASSWORD_MESSAGE = (
+    "set one of oauth2 (a token) or credentialsSecretRef (a password), not both"
+)
 SMTP_PLAINTEXT_MESSAGE = upstream_rules.messages(to_camel).smtp_plaintext
 
 
@@ -1568,7 +1638,13 @@ class SmtpUpstream(KubeModel):
                 "self.tls != 'none' || self.insecureAllowPlaintext",
                 SMTP_PLAINTEXT_MESSAGE,
                 field_path=".tls",
-            )
+            ),
+            cel(
+                "!has(self.oauth2) || !has(self.credentialsSecretRef)",
+                SMTP_OAUTH2_PASSWORD_MESSAGE,
+                field_path=".oauth2",
+                reason="FieldValueForbidden",
+            ),
         )
     )
 
@@ -1592,11 +1668,20 @@ class SmtpUpstream(KubeModel):
         default=None,
         description="Extra CA certificates to verify the server; system roots when unset.",
     )
+    oauth2: SmtpOAuth2 | None = Field(
+        default=None,
+        description=(
+            "Authenticate with an OAuth2 token (XOAUTH2 or OAUTHBEARER) instead of a "
+            "password; excludes credentialsSecretRef. See docs/oauth2.md."
+        ),
+    )
 
     @model_validator(mode="after")
     def _plaintext_opt_in(self) -> Self:
         if self.tls == "none" and not self.insecure_allow_plaintext:
             raise ValueError(SMTP_PLAINTEXT_MESSAGE)
+        if self.oauth2 is not None and self.credentials_secret_ref is not None:
+            raise ValueError(SMTP_OAUTH2_PASSWORD_MESSAGE)
         return self
 
 
@@ -1703,6 +1788,131 @@ class WebhookSigningKey(KubeModel):
 
 
 _NO_SIGNING_KEYS = "(!has(self.signingKeys) || size(self.signingKeys) == 0)"
+
+
+def _token_endpoint(rule: str) -> str:
+    """An endpoint CEL rule of ApiUpstream, for OAuth2's tokenEndpoint."""
+    return rule.replace("self.endpoint", "self.tokenEndpoint")
+
+
+def _token_words(message: str) -> str:
+    return "tokenEndpoint" + message.removeprefix("endpoint")
+
+
+TOKEN_ENDPOINT_MESSAGE = _token_words(ENDPOINT_MESSAGE)
+TOKEN_ENDPOINT_PORT_MESSAGE = _token_words(ENDPOINT_PORT_MESSAGE)
+TOKEN_IPV6_LITERAL_MESSAGE = _token_words(IPV6_LITERAL_MESSAGE)
+TOKEN_LOCAL_ENDPOINT_MESSAGE = _token_words(LOCAL_ENDPOINT_MESSAGE)
+TOKEN_ENDPOINT_HTTPS_MESSAGE = _WORDS.token_endpoint_https
+
+
+class OAuth2SecretRef(KubeModel):
+    """A Secret holding the mailbox and the OAuth2 client's credentials."""
+
+    name: ObjectName = Field(description="Name of the Secret, in this namespace.")
+    username_key: SecretKey = Field(
+        default="username", description="Key holding the mailbox (the SASL user)."
+    )
+    client_id_key: SecretKey = Field(default="clientId", description="Key holding the client id.")
+    client_secret_key: SecretKey = Field(
+        default="clientSecret", description="Key holding the client secret."
+    )
+    refresh_token_key: SecretKey = Field(
+        default="refreshToken",
+        description="Key holding the refresh token (grant refresh_token only).",
+    )
+
+
+class SmtpOAuth2(KubeModel):
+    """OAuth2 for an SMTP upstream: the token endpoint, the grant and the Secret."""
+
+    model_config = ConfigDict(
+        json_schema_extra=validations(
+            cel(
+                _token_endpoint(ENDPOINT_PORT_RULE),
+                TOKEN_ENDPOINT_PORT_MESSAGE,
+                field_path=".tokenEndpoint",
+            ),
+            cel(
+                _token_endpoint(IPV6_LITERAL_RULE),
+                TOKEN_IPV6_LITERAL_MESSAGE,
+                field_path=".tokenEndpoint",
+            ),
+            cel(
+                _token_endpoint(LOCAL_ENDPOINT_RULE),
+                TOKEN_LOCAL_ENDPOINT_MESSAGE,
+                field_path=".tokenEndpoint",
+            ),
+            cel(
+                "self.insecureAllowLocalEndpoint"
+                " || self.tokenEndpoint.lowerAscii().startsWith('https://')",
+                TOKEN_ENDPOINT_HTTPS_MESSAGE,
+                field_path=".tokenEndpoint",
+            ),
+        )
+    )
+
+    mechanism: Literal["xoauth2", "oauthbearer"] = Field(
+        default="xoauth2",
+        description="SASL mechanism: xoauth2 (Gmail, Microsoft 365) or oauthbearer (RFC 7628).",
+    )
+    grant: Literal["refresh_token", "client_credentials"] = Field(
+        description=(
+            "refresh_token: a user's refresh token from the Secret; client_credentials: the "
+            "client's own credentials (Microsoft 365 app-only access)."
+        )
+    )
+    token_endpoint: Annotated[
+        str,
+        Field(
+            max_length=2048,
+            json_schema_extra=regex_rule(upstream_rules.ENDPOINT_PATTERN, TOKEN_ENDPOINT_MESSAGE),
+        ),
+    ] = Field(
+        description=(
+            "The token endpoint, such as https://oauth2.googleapis.com/token or "
+            "https://login.microsoftonline.com/<tenant>/oauth2/v2.0/token."
+        )
+    )
+    scopes: list[Annotated[str, Field(min_length=1, max_length=512, pattern=r"^[!#-\[\]-~]+$")]] = (
+        Field(
+            default_factory=list,
+            max_length=32,
+            description=(
+                "Scopes asked for, such as https://mail.google.com/ or "
+                "https://outlook.office365.com/.default; none when empty."
+            ),
+        )
+    )
+    client_auth: Literal["post", "basic"] = Field(
+        default="post",
+        description="Client authentication at the token endpoint: in the form, or HTTP Basic.",
+    )
+    secret_ref: OAuth2SecretRef = Field(
+        description="The Secret with the mailbox, client id, client secret and refresh token."
+    )
+    insecure_allow_local_endpoint: bool = Field(
+        default=False,
+        description=(
+            "Let tokenEndpoint be a local address (and http://): for a token server on the "
+            "pod's own loopback only."
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _rules(self) -> Self:
+        """The rules of ``relay/upstream_rules.py``; the CEL rules above are their twins."""
+        problems = upstream_rules.oauth2_problems(
+            token_endpoint=self.token_endpoint,
+            grant=self.grant,
+            has_refresh_token=None,
+            allow_local_endpoint=self.insecure_allow_local_endpoint,
+            words=_WORDS,
+            field="tokenEndpoint",
+        )
+        if problems:
+            raise ValueError(problems[0])
+        return self
 
 
 class ApiUpstream(KubeModel):

@@ -9,7 +9,8 @@ Secrets are never read here. Every secret the relay needs is a file under a fixe
 (``SecretMount`` below, shared with ``render.py``): the TLS keypair, the users file, and one
 directory per route upstream whose Secret keys are projected to the file names the relay's
 transports expect (``username``, ``password``, ``ca.crt``, ``api_key``,
-``aws_access_key_id``, ``aws_secret_access_key``, a webhook's ``signing_key_<id>``).
+``aws_access_key_id``, ``aws_secret_access_key``, a webhook's ``signing_key_<id>``,
+and for OAuth2 ``client_id``, ``client_secret``, ``refresh_token``).
 """
 
 from __future__ import annotations
@@ -51,6 +52,9 @@ CA_FILE = "ca.crt"
 API_KEY_FILE = "api_key"
 AWS_ACCESS_KEY_ID_FILE = "aws_access_key_id"
 AWS_SECRET_ACCESS_KEY_FILE = "aws_secret_access_key"
+OAUTH2_CLIENT_ID_FILE = "client_id"
+OAUTH2_CLIENT_SECRET_FILE = "client_secret"
+OAUTH2_REFRESH_TOKEN_FILE = "refresh_token"
 
 
 class RelayConfigError(ValueError):
@@ -146,6 +150,17 @@ def _upstream_mounts(upstream: models.Upstream) -> list[SecretMount]:
         ca = upstream.smtp.ca_secret_ref
         if ca is not None:
             by_secret.setdefault(ca.name, []).append((ca.key, CA_FILE))
+        oauth = upstream.smtp.oauth2
+        if oauth is not None:
+            oauth_ref = oauth.secret_ref
+            items = [
+                (oauth_ref.username_key, SMTP_USERNAME_FILE),
+                (oauth_ref.client_id_key, OAUTH2_CLIENT_ID_FILE),
+                (oauth_ref.client_secret_key, OAUTH2_CLIENT_SECRET_FILE),
+            ]
+            if oauth.grant == "refresh_token":
+                items.append((oauth_ref.refresh_token_key, OAUTH2_REFRESH_TOKEN_FILE))
+            by_secret.setdefault(oauth_ref.name, []).extend(items)
     elif upstream.api is not None and upstream.api.credentials_secret_ref is not None:
         ref = upstream.api.credentials_secret_ref
         by_secret[ref.name] = api_secret_files(upstream.api)
@@ -171,6 +186,17 @@ def api_secret_files(api: models.ApiUpstream) -> list[tuple[str, str]]:
     if api.signing_keys:
         return [(k.secret_key, upstream_rules.signing_key_file(k.id)) for k in api.signing_keys]
     return [(ref.api_key_key, API_KEY_FILE)]
+
+
+def uses_ambient_aws(routes: Sequence[BoundRoute]) -> bool:
+    """Whether a bound route has an SES upstream without static keys (the pod's AWS identity)."""
+    return any(
+        upstream.api is not None
+        and upstream.api.provider in models.AMBIENT_CREDENTIAL_PROVIDERS
+        and upstream.api.credentials_secret_ref is None
+        for route in routes
+        for upstream in (route.spec.upstream, *route.spec.fallbacks)
+    )
 
 
 def required_secret_keys(
@@ -217,6 +243,8 @@ def _upstream_config(route: str, index: int, upstream: models.Upstream) -> dict[
         if smtp.ca_secret_ref is not None:
             ca = smtp.ca_secret_ref
             out["ca_file"] = _file_for(mounts, ca.name, ca.key)
+        if smtp.oauth2 is not None:
+            out.update(_oauth2_config(smtp.oauth2, mounts))
         return out
     assert upstream.api is not None
     api = upstream.api
@@ -235,6 +263,24 @@ def _upstream_config(route: str, index: int, upstream: models.Upstream) -> dict[
     if api.insecure_allow_local_endpoint:
         out["insecure_allow_local_endpoint"] = True
     return out
+
+
+def _oauth2_config(oauth: models.SmtpOAuth2, mounts: Sequence[SecretMount]) -> dict[str, Any]:
+    """The SMTP upstream's ``username_file`` and ``oauth2`` section."""
+    ref = oauth.secret_ref
+    section: dict[str, Any] = {
+        "mechanism": oauth.mechanism,
+        "grant": oauth.grant,
+        "token_endpoint": oauth.token_endpoint,
+        "client_id_file": _file_for(mounts, ref.name, ref.client_id_key),
+        "client_secret_file": _file_for(mounts, ref.name, ref.client_secret_key),
+        "scopes": list(oauth.scopes),
+        "client_auth": oauth.client_auth,
+        "insecure_allow_local_endpoint": oauth.insecure_allow_local_endpoint,
+    }
+    if oauth.grant == "refresh_token":
+        section["refresh_token_file"] = _file_for(mounts, ref.name, ref.refresh_token_key)
+    return {"username_file": _file_for(mounts, ref.name, ref.username_key), "oauth2": section}
 
 
 def _route_config(route: BoundRoute) -> dict[str, Any]:

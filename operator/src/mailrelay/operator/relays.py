@@ -64,6 +64,7 @@ from mailrelay.operator.relay_config import (
     config_hash,
     render_config_yaml,
     secret_mounts,
+    uses_ambient_aws,
 )
 from mailrelay.operator.render import (
     NetworkPeer,
@@ -280,7 +281,13 @@ def render_relay(
         render_configmap(relay, config_yaml, settings),
         render_service(relay, settings),
         render_headless_service(relay, settings),
-        render_statefulset(relay, restart_hash=restart_digest, mounts=mounts, settings=settings),
+        render_statefulset(
+            relay,
+            restart_hash=restart_digest,
+            mounts=mounts,
+            settings=settings,
+            ambient_aws=uses_ambient_aws(routes),
+        ),
     ]
     optional = {
         "PodDisruptionBudget": render_pdb(relay, settings),

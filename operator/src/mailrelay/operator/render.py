@@ -238,12 +238,57 @@ def render_serviceaccount(relay: RelayInputs) -> dict[str, Any] | None:
     spec names one. No token is mounted: the relay never calls the Kubernetes API."""
     if relay.spec.service_account_name is not None:
         return None
+    metadata = _metadata(relay, service_account_name(relay.name))
+    if relay.spec.service_account_annotations:
+        metadata["annotations"] = dict(relay.spec.service_account_annotations)
     return {
         "apiVersion": "v1",
         "kind": "ServiceAccount",
-        "metadata": _metadata(relay, service_account_name(relay.name)),
+        "metadata": metadata,
         "automountServiceAccountToken": False,
     }
+
+
+AWS_TOKEN_DIR = "/var/run/secrets/mailrelay/aws"
+AWS_TOKEN_FILE = "token"
+AWS_TOKEN_VOLUME = "aws-web-identity"
+
+
+def aws_web_identity(
+    spec: models.MailRelaySpec, wanted: bool
+) -> tuple[dict[str, Any], dict[str, Any], list[dict[str, Any]]] | None:
+    """(volume, mount, env) of the projected ServiceAccount token botocore exchanges at STS
+    (AssumeRoleWithWebIdentity), or None unless the spec opts in and `wanted` (an SES
+    route without static keys is bound)."""
+    identity = spec.aws_web_identity
+    if identity is None or not wanted:
+        return None
+    volume: dict[str, Any] = {
+        "name": AWS_TOKEN_VOLUME,
+        "projected": {
+            "sources": [
+                {
+                    "serviceAccountToken": {
+                        "audience": identity.audience,
+                        "expirationSeconds": identity.expiration_seconds,
+                        "path": AWS_TOKEN_FILE,
+                    }
+                }
+            ]
+        },
+    }
+    mount: dict[str, Any] = {"name": AWS_TOKEN_VOLUME, "mountPath": AWS_TOKEN_DIR, "readOnly": True}
+    env: list[dict[str, Any]] = [
+        {"name": "AWS_ROLE_ARN", "value": identity.role_arn},
+        {"name": "AWS_WEB_IDENTITY_TOKEN_FILE", "value": f"{AWS_TOKEN_DIR}/{AWS_TOKEN_FILE}"},
+        {
+            "name": "AWS_ROLE_SESSION_NAME",
+            "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}},
+        },
+    ]
+    if identity.sts_endpoint is not None:
+        env.append({"name": "AWS_ENDPOINT_URL_STS", "value": identity.sts_endpoint})
+    return volume, mount, env
 
 
 def render_pdb(relay: RelayInputs, settings: OperatorSettings) -> dict[str, Any] | None:
@@ -373,8 +418,10 @@ def render_statefulset(
     restart_hash: str,
     mounts: Sequence[SecretMount],
     settings: OperatorSettings,
+    ambient_aws: bool = False,
 ) -> dict[str, Any]:
-    """The relay pods: hardened container, probes, drain on stop, spool per pod."""
+    """The relay pods: hardened container, probes, drain on stop, spool per pod; with
+    `ambient_aws` (an SES route without keys is bound) the AWS web identity, if opted in."""
     spec = relay.spec
     persistent = wants_persistence(spec)
     container_ports = [
@@ -398,6 +445,10 @@ def render_statefulset(
     if not persistent:
         volumes.append({"name": "spool", "emptyDir": {}})
     volumes += [_secret_volume(m) for m in mounts]
+    identity = aws_web_identity(spec, ambient_aws)
+    if identity is not None:
+        volumes.append(identity[0])
+        volume_mounts.append(identity[1])
     probe_port = METRICS_PORT_NAME
     container: dict[str, Any] = {
         "name": "relay",
@@ -430,6 +481,8 @@ def render_statefulset(
         },
         "volumeMounts": volume_mounts,
     }
+    if identity is not None:
+        container["env"] = identity[2]
     pod_spec: dict[str, Any] = {
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,

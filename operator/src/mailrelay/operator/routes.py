@@ -158,6 +158,14 @@ def secret_refs(spec: models.MailRouteSpec) -> list[tuple[str, str, str]]:
             if upstream.smtp.ca_secret_ref is not None:
                 ca = upstream.smtp.ca_secret_ref
                 refs.append((f"{where}.smtp.caSecretRef", ca.name, ca.key))
+            oauth = upstream.smtp.oauth2
+            if oauth is not None:
+                path = f"{where}.smtp.oauth2.secretRef"
+                keys = [oauth.secret_ref.username_key, oauth.secret_ref.client_id_key]
+                keys.append(oauth.secret_ref.client_secret_key)
+                if oauth.grant == "refresh_token":
+                    keys.append(oauth.secret_ref.refresh_token_key)
+                refs += [(path, oauth.secret_ref.name, key) for key in keys]
         elif upstream.api is not None and upstream.api.credentials_secret_ref is not None:
             ref = upstream.api.credentials_secret_ref
             path = f"{where}.api.credentialsSecretRef"

@@ -49,6 +49,7 @@ __all__ = [
     "LimitsConfig",
     "ListenerConfig",
     "MetricsConfig",
+    "OAuth2Config",
     "RateLimit",
     "RelayConfig",
     "RetryPolicy",
@@ -396,6 +397,88 @@ class RouteMatch(_Model):
     _validate = field_validator("sender_domains", "recipient_domains")(_check_domain_patterns)
 
 
+_WORDS = upstream_rules.messages()
+
+
+class OAuth2Config(_Model):
+    """SASL XOAUTH2 or OAUTHBEARER (RFC 7628) with a token from an OAuth2 token endpoint.
+
+    See docs/oauth2.md. The token is fetched with the refresh_token or client_credentials
+    grant (RFC 6749 sections 6 and 4.4), cached per upstream and refreshed before it
+    expires; the files are re-read at every refresh, so a rotated Secret is picked up.
+    """
+
+    mechanism: Literal["xoauth2", "oauthbearer"] = Field(
+        default="xoauth2",
+        description="SASL mechanism: `xoauth2` (Gmail, Microsoft 365) or `oauthbearer` (RFC 7628).",
+    )
+    grant: Literal["refresh_token", "client_credentials"] = Field(
+        description="How a token is obtained: a user's refresh token, or the client's own "
+        "credentials (Microsoft 365 app-only access)."
+    )
+    token_endpoint: str = Field(
+        description="The token endpoint URL (https://; http:// only with "
+        "`insecure_allow_local_endpoint`)."
+    )
+    client_id_file: Path = Field(description="File holding the OAuth2 client id.")
+    client_secret_file: Path = Field(description="File holding the OAuth2 client secret.")
+    refresh_token_file: Path | None = Field(
+        default=None,
+        description="File holding the refresh token; required for grant `refresh_token`.",
+    )
+    scopes: list[Annotated[str, Field(min_length=1, pattern=r"^[!#-\[\]-~]+$")]] = Field(
+        default_factory=list,
+        description="Scopes asked for (space-joined `scope` parameter); none: the grant's own.",
+    )
+    client_auth: Literal["post", "basic"] = Field(
+        default="post",
+        description="How the client authenticates to the token endpoint: `post` "
+        "(client_secret_post, in the form) or `basic` (client_secret_basic, RFC 6749 2.3.1).",
+    )
+    refresh_skew_seconds: float = Field(
+        default=300,
+        ge=0,
+        le=3600,
+        description="A token is refreshed this long before `expires_in` runs out.",
+    )
+    timeout_seconds: float = Field(default=30, gt=0, description="Timeout of one token request.")
+    ca_file: Path | None = Field(
+        default=None, description="CA bundle to verify the token endpoint; default: system CAs."
+    )
+    insecure_allow_local_endpoint: bool = Field(
+        default=False,
+        description="Allow `token_endpoint` to reach loopback, link-local and metadata "
+        "addresses (and plain http://), for a token server on the pod's own loopback.",
+    )
+
+    @model_validator(mode="after")
+    def _rules(self) -> OAuth2Config:
+        """The rules of ``relay/upstream_rules.py``, which the operator applies too."""
+        problems = upstream_rules.oauth2_problems(
+            token_endpoint=self.token_endpoint,
+            grant=self.grant,
+            has_refresh_token=self.refresh_token_file is not None,
+            allow_local_endpoint=self.insecure_allow_local_endpoint,
+            words=_WORDS,
+        )
+        if problems:
+            raise ValueError(problems[0])
+        return self
+
+    def files(self) -> list[Path]:
+        """The files this section reads."""
+        return [
+            p
+            for p in (
+                self.client_id_file,
+                self.client_secret_file,
+                self.refresh_token_file,
+                self.ca_file,
+            )
+            if p is not None
+        ]
+
+
 class SmtpUpstream(_Model):
     """An SMTP server the relay forwards to."""
 
@@ -420,9 +503,18 @@ class SmtpUpstream(_Model):
         default=False,
         description="Explicit opt-in to `tls: none` (mail and credentials unencrypted).",
     )
+    oauth2: OAuth2Config | None = Field(
+        default=None,
+        description="Authenticate with an OAuth2 token (XOAUTH2 or OAUTHBEARER) instead of a "
+        "password; `username_file` names the mailbox.",
+    )
 
     @model_validator(mode="after")
     def _credentials_pair(self) -> SmtpUpstream:
+        if self.oauth2 is not None:
+            if self.username_file is None or self.password_file is not None:
+                raise ValueError(f"upstream {self.name!r}: {_WORDS.oauth2_password}")
+            return self
         if (self.username_file is None) != (self.password_file is None):
             raise ValueError(
                 f"upstream {self.name!r}: set both username_file and password_file, or neither"
@@ -435,9 +527,6 @@ class SmtpUpstream(_Model):
         if self.tls == "none" and not self.insecure_allow_plaintext:
             raise ValueError(f"upstream {self.name!r}: {_WORDS.smtp_plaintext}")
         return self
-
-
-_WORDS = upstream_rules.messages()
 
 
 class ApiUpstream(_Model):
@@ -820,6 +909,8 @@ class RelayConfig(_Model):
                     for p in (upstream.ca_file, upstream.username_file, upstream.password_file)
                     if p is not None
                 ]
+                if upstream.oauth2 is not None:
+                    files += upstream.oauth2.files()
             else:
                 files += [p for p in (upstream.credentials_dir, upstream.ca_file) if p is not None]
         return files

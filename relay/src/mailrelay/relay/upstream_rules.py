@@ -50,6 +50,8 @@ __all__ = [
     "DEFAULT_SIGNING_KEY_ID",
     "ENDPOINT_PATTERN",
     "MAX_SIGNING_KEYS",
+    "OAUTH2_GRANTS",
+    "OAUTH2_MECHANISMS",
     "PROVIDERS",
     "REGIONAL_PROVIDERS",
     "REGIONAL_REGIONS",
@@ -62,6 +64,7 @@ __all__ = [
     "endpoint_port",
     "is_plain_ip",
     "messages",
+    "oauth2_problems",
 ]
 
 Provider = Literal["mailgun", "ses", "sparkpost", "sendgrid", "postmark", "resend", "webhook"]
@@ -88,6 +91,10 @@ def signing_key_file(key_id: str) -> str:
     """The file in an upstream's credentials directory that holds signing key `key_id`."""
     return f"signing_key_{key_id}"
 
+
+# OAuth2 for SMTP upstreams (docs/oauth2.md): the SASL mechanisms and the token grants.
+OAUTH2_MECHANISMS: Final = ("xoauth2", "oauthbearer")
+OAUTH2_GRANTS: Final = ("refresh_token", "client_credentials")
 
 # The endpoint grammar, in the subset of regular expressions Python's `re` and RE2 (CEL's
 # `matches`) read alike, without a quote (it sits in a CEL r'...' string).
@@ -148,6 +155,20 @@ class Messages:
             f"{active} must name the key that signs when {keys} has two keys"
         )
         self.active_signing_key_unknown = f"{active} must be the id of one of {keys}"
+        token_endpoint = spell("token_endpoint")
+        self.token_endpoint_https = (
+            f"{token_endpoint} must be an https:// URL (RFC 6749 section 3.2: the token "
+            "endpoint takes the client secret); http:// only with "
+            f"{self._allow_local}, for a token server on the pod's own loopback"
+        )
+        self.oauth2_refresh_token = (
+            f"{spell('refresh_token_file')} is required for grant refresh_token and not used "
+            "by grant client_credentials"
+        )
+        self.oauth2_password = (
+            f"oauth2 replaces the password: set {spell('username_file')} (the mailbox) and "
+            f"no {spell('password_file')}"
+        )
 
     def local_endpoint_at(self, host: str, reason: str) -> str:
         """``local_endpoint`` naming the host and what it is (CEL messages cannot)."""
@@ -195,8 +216,17 @@ def endpoint_port(endpoint: str) -> int | None:
     return int(port) if colon else None
 
 
-def endpoint_problem(endpoint: str, *, allow_local: bool, words: Messages) -> str | None:
-    """What is wrong with an endpoint URL, or None."""
+def endpoint_problem(
+    endpoint: str, *, allow_local: bool, words: Messages, field: str = "endpoint"
+) -> str | None:
+    """What is wrong with an endpoint URL, or None; `field` names it in the message."""
+    problem = _endpoint_problem(endpoint, allow_local=allow_local, words=words)
+    if problem is None or field == "endpoint":
+        return problem
+    return field + problem.removeprefix("endpoint")
+
+
+def _endpoint_problem(endpoint: str, *, allow_local: bool, words: Messages) -> str | None:
     if not _ENDPOINT_RE.fullmatch(endpoint):
         return words.endpoint
     port = endpoint_port(endpoint)
@@ -293,3 +323,30 @@ def active_signing_key_id(ids: Sequence[str], active: str | None) -> str:
     if active is not None:
         return active
     return ids[0] if ids else DEFAULT_SIGNING_KEY_ID
+
+
+def oauth2_problems(
+    *,
+    token_endpoint: str,
+    grant: str,
+    has_refresh_token: bool | None,
+    allow_local_endpoint: bool,
+    words: Messages,
+    field: str = "token_endpoint",
+) -> list[str]:
+    """Every rule an SMTP upstream's OAuth2 settings break (empty when fine).
+
+    ``has_refresh_token`` is None where the check does not apply (the operator always
+    mounts the key its grant needs). ``field`` spells ``token_endpoint`` for the reader.
+    """
+    problems = []
+    problem = endpoint_problem(
+        token_endpoint, allow_local=allow_local_endpoint, words=words, field=field
+    )
+    if problem is not None:
+        problems.append(problem)
+    elif not token_endpoint.lower().startswith("https://") and not allow_local_endpoint:
+        problems.append(words.token_endpoint_https)
+    if has_refresh_token is not None and has_refresh_token != (grant == "refresh_token"):
+        problems.append(words.oauth2_refresh_token)
+    return problems

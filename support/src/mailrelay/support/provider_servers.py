@@ -124,6 +124,9 @@ class ProviderServer:
         self.idempotency: dict[str, tuple[str, Json]] = {}
         # Webhook receiver: key id -> secret it accepts signatures from.
         self.webhook_keys: dict[str, str] = {DEFAULT_KEY_ID: SIGNING_SECRET}
+        # SES: access key id -> (secret, session token or None); temporary credentials
+        # (from STS) are added here and must come with their signed X-Amz-Security-Token.
+        self.aws_credentials: dict[str, tuple[str, str | None]] = {AWS_KEY_ID: (AWS_SECRET, None)}
         self.base_url = ""
         self._server: uvicorn.Server | None = None
         self._task: asyncio.Task[None] | None = None
@@ -293,8 +296,11 @@ async def mailgun(server: ProviderServer, req: Recorded) -> Response:
 # --- Amazon SES v2 -------------------------------------------------------------------------
 
 
-def _sigv4_problem(req: Recorded, region: str) -> str | None:
+def _sigv4_problem(
+    req: Recorded, region: str, credentials: dict[str, tuple[str, str | None]] | None = None
+) -> str | None:
     """Recompute the SigV4 signature from the AWS spec; None when it matches."""
+    credentials = credentials or {AWS_KEY_ID: (AWS_SECRET, None)}
     auth = req.headers.get("authorization", "")
     algorithm, _, rest = auth.partition(" ")
     if algorithm != "AWS4-HMAC-SHA256":
@@ -306,7 +312,13 @@ def _sigv4_problem(req: Recorded, region: str) -> str | None:
         given = parts["Signature"]
     except (KeyError, ValueError):
         return "malformed Authorization header"
-    if key_id != AWS_KEY_ID:
+    if key_id not in credentials:
+        return "The security token included in the request is invalid."
+    secret, session_token = credentials[key_id]
+    if session_token is not None and (
+        req.headers.get("x-amz-security-token") != session_token
+        or "x-amz-security-token" not in parts["SignedHeaders"].split(";")
+    ):
         return "The security token included in the request is invalid."
     if (scope_region, service, terminator) != (region, "ses", "aws4_request"):
         return f"Credential should be scoped to a valid region and service ({region}/ses)"
@@ -335,7 +347,7 @@ def _sigv4_problem(req: Recorded, region: str) -> str | None:
             hashlib.sha256(canonical_request.encode()).hexdigest(),
         ]
     )
-    key = f"AWS4{AWS_SECRET}".encode()
+    key = f"AWS4{secret}".encode()
     for piece in (date, region, "ses", "aws4_request"):
         key = hmac.new(key, piece.encode(), hashlib.sha256).digest()
     expected = hmac.new(key, string_to_sign.encode(), hashlib.sha256).hexdigest()
@@ -362,7 +374,7 @@ async def ses(server: ProviderServer, req: Recorded) -> Response:
 
     if req.method != "POST" or req.path != "/v2/email/outbound-emails":
         raise fail(404, "NotFoundException", "Unknown operation")
-    problem = _sigv4_problem(req, SES_REGION)
+    problem = _sigv4_problem(req, SES_REGION, server.aws_credentials)
     if problem is not None:
         raise fail(403, "InvalidSignatureException", problem)
     try:

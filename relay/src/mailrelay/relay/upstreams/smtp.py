@@ -50,6 +50,7 @@ import aiosmtplib
 from mailrelay.relay.address import ascii_form
 from mailrelay.relay.config import SmtpUpstream
 from mailrelay.relay.redact import SECRETS
+from mailrelay.relay.upstreams import oauth2
 from mailrelay.relay.upstreams.smtp_pipelining import (
     DATA_PIECE_BYTES,
     command_group,
@@ -196,7 +197,7 @@ class CredentialFiles:
     def __init__(
         self,
         username_file: Path,
-        password_file: Path,
+        password_file: Path | None,
         *,
         check_interval: float = CREDENTIAL_CHECK_SECONDS,
         monotonic: Callable[[], float] = time.monotonic,
@@ -210,13 +211,17 @@ class CredentialFiles:
 
     def _read(self) -> _Credentials:
         # Stat through the path each time: a Kubernetes Secret update swaps a symlink.
-        identity = _file_identity(self._username_file) + _file_identity(self._password_file)
+        identity = _file_identity(self._username_file)
+        if self._password_file is not None:
+            identity += _file_identity(self._password_file)
         if self._cached is not None and self._cached.fingerprint == identity:
             return self._cached
         username = self._username_file.read_text(encoding="utf-8").strip()
-        # Only the line break a secret file usually ends with is removed; spaces may matter.
-        password = self._password_file.read_text(encoding="utf-8").rstrip("\r\n")
-        SECRETS.add_credentials(username, password)
+        password = ""
+        if self._password_file is not None:
+            # Only the line break a secret file usually ends with is removed; spaces may matter.
+            password = self._password_file.read_text(encoding="utf-8").rstrip("\r\n")
+            SECRETS.add_credentials(username, password)
         self._cached = _Credentials(username, password, identity)
         return self._cached
 
@@ -268,7 +273,13 @@ class SmtpConnectionPool:
                 check_interval=credential_check_interval,
                 monotonic=monotonic,
             )
-            if upstream.username_file is not None and upstream.password_file is not None
+            if upstream.username_file is not None
+            and (upstream.password_file is not None or upstream.oauth2 is not None)
+            else None
+        )
+        self.tokens = (
+            oauth2.TokenSource(upstream.name, upstream.oauth2)
+            if upstream.oauth2 is not None
             else None
         )
 
@@ -367,6 +378,8 @@ class SmtpConnectionPool:
         idle, self._idle = self._idle, []
         for conn in idle:
             await self._discard(conn, polite=True)
+        if self.tokens is not None:
+            await self.tokens.close()
 
     async def _connect(self, credentials: _Credentials | None) -> _Connection:
         upstream = self.upstream
@@ -388,7 +401,9 @@ class SmtpConnectionPool:
                     f"upstream {upstream.name!r}: connection is not encrypted although "
                     f"tls is {upstream.tls!r}; refusing to send"
                 )
-            if credentials is not None:
+            if credentials is not None and self.tokens is not None:
+                await self._token_login(smtp, credentials.username, self.tokens)
+            elif credentials is not None:
                 await smtp.login(credentials.username, credentials.password)
         except aiosmtplib.SMTPException as exc:
             smtp.close()
@@ -408,6 +423,47 @@ class SmtpConnectionPool:
             smtp.close()
             raise
         return _Connection(smtp, credentials.fingerprint if credentials else None)
+
+    async def _token_login(
+        self, smtp: aiosmtplib.SMTP, username: str, tokens: oauth2.TokenSource
+    ) -> None:
+        """AUTH with the upstream's OAuth2 token; after a refusal (535, or an error
+        challenge), once more with a refreshed token (the upstream may have revoked or
+        expired the cached one early)."""
+        upstream = self.upstream
+        assert upstream.oauth2 is not None
+        mechanism = upstream.oauth2.mechanism
+        if smtp.is_ehlo_or_helo_needed:
+            await smtp.ehlo()  # STARTTLS forgot the extensions
+        if mechanism not in smtp.server_auth_methods:
+            raise UpstreamConfigError(
+                f"upstream {upstream.name!r} does not offer AUTH {mechanism.upper()}; check "
+                "oauth2.mechanism and the upstream's port and TLS mode"
+            )
+        token = await tokens.token()
+        for attempt in (1, 2):
+            try:
+                await oauth2.authenticate(
+                    smtp,
+                    mechanism,
+                    username,
+                    token.value,
+                    host=upstream.host,
+                    port=upstream.port,
+                    timeout=upstream.timeout_seconds,
+                )
+                return
+            except oauth2.OAuthRefusedError as exc:
+                log.warning(
+                    "Upstream %s refused our OAuth2 token (%s attempt): %s %s",
+                    upstream.name,
+                    "first" if attempt == 1 else "second, with a refreshed token,",
+                    exc.code,
+                    exc.message,
+                )
+                if attempt == 2 or not (exc.code == 535 or exc.provider_error is not None):
+                    raise
+            token = await tokens.refresh(token)
 
 
 def _find_cause(exc: BaseException, kind: type[BaseException]) -> BaseException | None:
@@ -486,6 +542,13 @@ class SmtpTransport:
         if isinstance(exc, UpstreamConfigError):
             # Our own words (no Python text in them), under a security status code.
             return all_recipients(envelope, RecipientOutcome.CONFIG_ERROR, f"4.7.0 {exc}")
+        if isinstance(exc, oauth2.TokenError):
+            # Never a bounce: a revoked refresh token keeps mail queued until it is replaced.
+            return all_recipients(
+                envelope,
+                RecipientOutcome.CONFIG_ERROR if exc.config else RecipientOutcome.TEMPORARY,
+                f"4.7.0 upstream {self.name!r}: no OAuth2 token: {exc}",
+            )
         cert = _find_cause(exc, ssl.SSLCertVerificationError)
         if cert is not None:
             return all_recipients(
@@ -500,7 +563,12 @@ class SmtpTransport:
                 return all_recipients(
                     envelope,
                     RecipientOutcome.CONFIG_ERROR,
-                    detail + "; check username_file and password_file",
+                    detail
+                    + (
+                        "; check the OAuth2 client, its scopes and the mailbox in username_file"
+                        if self.upstream.oauth2 is not None
+                        else "; check username_file and password_file"
+                    ),
                     code=exc.code,
                 )
             return all_recipients(envelope, RecipientOutcome.TEMPORARY, detail, code=exc.code)
@@ -537,6 +605,7 @@ class SmtpTransport:
                 TimeoutError,
                 UpstreamConfigError,
                 PoolClosedError,
+                oauth2.TokenError,
             ) as exc:
                 return self._connection_failure(envelope, exc)
             reusable = False

@@ -27,6 +27,7 @@ import botocore.session
 from botocore.auth import SigV4Auth
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials, ReadOnlyCredentials
+from botocore.exceptions import BotoCoreError, ClientError
 
 from mailrelay.relay.upstreams.providers.base import (
     ApiTransport,
@@ -40,6 +41,13 @@ from mailrelay.relay.upstreams.providers.http import ApiRequest, ApiResponse
 from mailrelay.relay.upstreams.transport import Envelope, RecipientOutcome
 
 __all__ = ["SesTransport"]
+
+
+def clean(value: object) -> str:
+    """Text from STS fit for one line: printable ASCII, at most 200 characters."""
+    text = " ".join("".join(c if " " <= c <= "~" else " " for c in str(value)).split())
+    return text[:200]
+
 
 _CONFIG_ERRORS = frozenset(
     {
@@ -99,7 +107,22 @@ class SesTransport(ApiTransport):
                 f"upstream {self.name!r}: no AWS credentials: put aws_access_key_id and "
                 "aws_secret_access_key in credentials_dir, or give the pod an AWS role"
             )
-        return chain.get_frozen_credentials()
+        try:
+            return chain.get_frozen_credentials()
+        except ClientError as error:
+            # STS refused the pod's identity (AssumeRoleWithWebIdentity): its code and
+            # message name the cause (InvalidIdentityToken: Incorrect token audience ...).
+            details = error.response.get("Error", {})
+            raise CredentialError(
+                f"upstream {self.name!r}: STS refused the pod's AWS identity "
+                f"({clean(details.get('Code', 'error'))}: {clean(details.get('Message', ''))}); "
+                "check AWS_ROLE_ARN, the role's trust policy and the token's audience"
+            ) from None
+        except BotoCoreError as error:
+            raise CredentialError(
+                f"upstream {self.name!r}: could not get AWS credentials from the pod's "
+                f"identity ({type(error).__name__}); check STS is reachable"
+            ) from None
 
     async def prepare(self, envelope: Envelope, message: bytes) -> list[Call]:
         """One signed SendEmail per batch of up to 50 recipients."""
