@@ -21,7 +21,6 @@ import asyncio
 import base64
 import json
 import secrets
-import socket
 import time
 import urllib.parse
 from dataclasses import dataclass, field
@@ -29,7 +28,6 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 from xml.sax.saxutils import escape
 
-import uvicorn
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
@@ -37,6 +35,8 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
+
+from mailrelay.support.asgi import LoopbackServer
 
 __all__ = ["StsServer"]
 
@@ -75,8 +75,7 @@ class StsServer:
     calls: list[dict[str, str]] = field(default_factory=list)
     received_at: list[float] = field(default_factory=list)  # time.monotonic() of each call
     url: str = ""
-    _server: uvicorn.Server | None = None
-    _task: asyncio.Task[None] | None = None
+    _loopback: LoopbackServer = field(default_factory=LoopbackServer)
 
     def _claims(self, token: str) -> dict[str, Any]:
         try:
@@ -156,25 +155,12 @@ class StsServer:
 
     async def start(self) -> None:
         """Serve on an ephemeral loopback port."""
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
         app = Starlette(routes=[Route("/", self._endpoint, methods=["POST"])])
-        config = uvicorn.Config(app, log_level="warning", lifespan="off", ws="none", http="h11")
-        self._server = uvicorn.Server(config)
-        self._task = asyncio.create_task(self._server.serve(sockets=[sock]))
-        while not self._server.started:
-            if self._task.done():
-                self._task.result()
-            await asyncio.sleep(0.005)
-        self.url = f"http://127.0.0.1:{port}"
+        self.url = await self._loopback.start(app)
 
     async def stop(self) -> None:
         """Stop serving."""
-        if self._server is not None and self._task is not None:
-            self._server.should_exit = True
-            await self._task
+        await self._loopback.stop()
 
 
 def _error(status: int, code: str, message: str) -> Response:

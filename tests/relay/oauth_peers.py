@@ -23,19 +23,18 @@ import base64
 import binascii
 import json
 import secrets
-import socket
 import time
 import urllib.parse
 from dataclasses import dataclass, field
 from typing import Any
 
-import uvicorn
 from aiosmtpd.smtp import SMTP, AuthResult
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from mailrelay.support.asgi import LoopbackServer
 from tests.relay.delivery_fixtures import Certificates
 
 __all__ = ["Issued", "OAuthUpstream", "TokenServer"]
@@ -75,8 +74,7 @@ class TokenServer:
     revoked_refresh: set[str] = field(default_factory=set)
     requests: list[dict[str, str]] = field(default_factory=list)
     url: str = ""
-    _server: uvicorn.Server | None = None
-    _task: asyncio.Task[None] | None = None
+    _loopback: LoopbackServer = field(default_factory=LoopbackServer)
 
     def revoke(self, refresh_token: str) -> None:
         """Revoke a refresh token and every access token issued from it."""
@@ -142,25 +140,12 @@ class TokenServer:
 
     async def start(self) -> None:
         """Serve on an ephemeral loopback port."""
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
         app = Starlette(routes=[Route("/token", self._token, methods=["POST"])])
-        config = uvicorn.Config(app, log_level="warning", lifespan="off", ws="none", http="h11")
-        self._server = uvicorn.Server(config)
-        self._task = asyncio.create_task(self._server.serve(sockets=[sock]))
-        while not self._server.started:
-            if self._task.done():
-                self._task.result()
-            await asyncio.sleep(0.005)
-        self.url = f"http://127.0.0.1:{port}/token"
+        self.url = await self._loopback.start(app) + "/token"
 
     async def stop(self) -> None:
         """Stop serving."""
-        if self._server is not None and self._task is not None:
-            self._server.should_exit = True
-            await self._task
+        await self._loopback.stop()
 
 
 def _error(status: int, code: str, description: str) -> Response:

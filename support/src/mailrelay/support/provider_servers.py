@@ -36,19 +36,19 @@ import hashlib
 import hmac
 import json
 import logging
-import socket
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote
 
-import uvicorn
 from starlette.applications import Starlette
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+
+from mailrelay.support.asgi import LoopbackServer
 
 __all__ = [
     "API_KEY",
@@ -128,8 +128,7 @@ class ProviderServer:
         # (from STS) are added here and must come with their signed X-Amz-Security-Token.
         self.aws_credentials: dict[str, tuple[str, str | None]] = {AWS_KEY_ID: (AWS_SECRET, None)}
         self.base_url = ""
-        self._server: uvicorn.Server | None = None
-        self._task: asyncio.Task[None] | None = None
+        self._loopback = LoopbackServer()
 
     def inject(self, *faults: Fault) -> None:
         """Answer the next requests with these faults, in order."""
@@ -182,31 +181,11 @@ class ProviderServer:
 
     async def start(self) -> None:
         """Serve on an ephemeral loopback port."""
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-        config = uvicorn.Config(
-            self.app(),
-            log_level="warning",
-            lifespan="off",
-            ws="none",
-            http="h11",
-            timeout_graceful_shutdown=1,
-        )
-        self._server = uvicorn.Server(config)
-        self._task = asyncio.create_task(self._server.serve(sockets=[sock]))
-        while not self._server.started:
-            if self._task.done():
-                self._task.result()
-            await asyncio.sleep(0.005)
-        self.base_url = f"http://127.0.0.1:{port}"
+        self.base_url = await self._loopback.start(self.app())
 
     async def stop(self) -> None:
         """Stop serving; slow handlers still sleeping are cut off."""
-        if self._server is not None and self._task is not None:
-            self._server.should_exit = True
-            await self._task
+        await self._loopback.stop()
 
 
 class _Dropped(Response):
