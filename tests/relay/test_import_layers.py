@@ -15,6 +15,8 @@ shared provider modules (`base`, `http`, `mime`, `limits`) but never another pro
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -308,3 +310,19 @@ def test_no_relay_module_is_imported_by_name() -> None:
             ):
                 by_name.append(f"{name}:{node.lineno}")
     assert by_name == []
+
+
+def test_a_relay_without_http_upstreams_never_loads_aiohttp() -> None:
+    """The SMTP path (server, delivery engine, SMTP transport with its OAuth2 support) does
+    not import the HTTP stack: aiohttp costs about 0.4 s at start and 9 MB per process,
+    paid only by relays with API or OAuth2 upstreams (in a thread, by the preload)."""
+    probe = (
+        "import sys\n"
+        "import mailrelay.relay.main, mailrelay.relay.delivery, mailrelay.relay.server\n"
+        "import mailrelay.relay.upstreams.factory, mailrelay.relay.upstreams.oauth2\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('aiohttp', 'botocore')))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert result.stdout.strip() == "[]", result.stdout

@@ -791,7 +791,10 @@ class DeliveryEngine:
 
 
 async def _preload_transports(config: RelayConfig) -> None:
-    """Import the API upstreams' modules in a thread, not on the loop at the first send."""
-    api_upstreams = [u for u in config.upstreams().values() if isinstance(u, ApiUpstream)]
-    if api_upstreams:
-        await asyncio.to_thread(preload_transports, api_upstreams)
+    """Import the HTTP upstreams' modules (API providers, OAuth2's token requests) in a
+    thread, not on the loop at the first send."""
+    needing_http = [
+        u for u in config.upstreams().values() if isinstance(u, ApiUpstream) or u.oauth2 is not None
+    ]
+    if needing_http:
+        await asyncio.to_thread(preload_transports, needing_http)

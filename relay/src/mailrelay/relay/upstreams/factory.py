@@ -41,8 +41,12 @@ def build_transport(
 
 
 def preload_transports(upstreams: Iterable[SmtpUpstream | ApiUpstream]) -> None:
-    """Import the modules the API upstreams among `upstreams` need (aiohttp, botocore).
+    """Import the modules the API upstreams among `upstreams` need (aiohttp, botocore), and
+    the HTTP layer of OAuth2 when an SMTP upstream fetches tokens.
 
     Blocking: run it in a thread, ahead of the first delivery (see the provider registry).
     """
+    upstreams = list(upstreams)
     _preload_providers(u.provider for u in upstreams if isinstance(u, ApiUpstream))
+    if any(isinstance(u, SmtpUpstream) and u.oauth2 is not None for u in upstreams):
+        from mailrelay.relay.upstreams.providers import http  # noqa: F401, PLC0415
