@@ -54,6 +54,7 @@ from mailrelay.operator.conditions import (
     utc_now,
     worth_an_event,
 )
+from mailrelay.operator.handoff import ensure_handoff_secret
 from mailrelay.operator.health import Progress
 from mailrelay.operator.metrics import OperatorMetrics
 from mailrelay.operator.podsync import reload_marks, touch_pods
@@ -62,6 +63,9 @@ from mailrelay.operator.relay_config import (
     app_credential_mounts,
     build_relay_config,
     config_hash,
+    handoff_mount,
+    handoff_secret_name,
+    headless_service_name,
     render_config_yaml,
     secret_mounts,
     uses_ambient_aws,
@@ -72,7 +76,6 @@ from mailrelay.operator.render import (
     RelayInputs,
     config_map_name,
     endpoint,
-    headless_service_name,
     render_configmap,
     render_headless_service,
     render_networkpolicy,
@@ -265,9 +268,14 @@ def render_relay(
         log_format=settings.log_format,
         drain_seconds=float(settings.drain_seconds),
         cluster_domain=settings.cluster_domain,
+        handoff_seconds=float(settings.handoff_seconds),
     )
     config_yaml = render_config_yaml(config)
-    mounts = secret_mounts(relay.spec, routes) + app_credential_mounts(relay.name, relay.spec)
+    mounts = [
+        *secret_mounts(relay.spec, routes),
+        *app_credential_mounts(relay.name, relay.spec),
+        handoff_mount(relay.name),
+    ]
     digest = config_hash(config_yaml)
     restart_digest = config_hash(json.dumps(config.restart_settings(), sort_keys=True))
     absent: list[ChildKey] = []
@@ -411,16 +419,26 @@ async def _look_up_secrets(
 
 
 APP_CREDENTIALS_NOT_READY = "AppCredentialsNotReady"
+HANDOFF_SECRET_NOT_READY = "HandoffSecretNotReady"
 
 
-def _with_app_problems(refs: ConditionUpdate, problems: list[str]) -> ConditionUpdate:
-    """The Secrets condition, made False by app credential Secrets that are not in place."""
-    if not problems:
+def _with_generated_problems(
+    refs: ConditionUpdate, app_problems: list[str], handoff_problem: str | None = None
+) -> ConditionUpdate:
+    """The Secrets condition, made False by generated Secrets (app credentials, the hand-off
+    token) that are not in place."""
+    texts = []
+    if app_problems:
+        texts.append("App credentials: " + "; ".join(app_problems) + ".")
+    if handoff_problem is not None:
+        texts.append(f"Hand-off token: {handoff_problem}.")
+    if not texts:
         return refs
-    text = "App credentials: " + "; ".join(problems) + "."
+    text = " ".join(texts)
     if refs.status != "True":
         return replace(refs, message=f"{refs.message} {text}")
-    return ConditionUpdate(refs.type, "False", APP_CREDENTIALS_NOT_READY, text)
+    reason = APP_CREDENTIALS_NOT_READY if app_problems else HANDOFF_SECRET_NOT_READY
+    return ConditionUpdate(refs.type, "False", reason, text)
 
 
 def child_keys(namespace: str, name: str) -> list[ChildKey]:
@@ -573,7 +591,18 @@ async def _reconcile(
             selector=ctx.settings.secret_selector,
             metrics=ctx.metrics,
         )
-        updates.append(_with_app_problems(refs, app_problems))
+        handoff_keys = secret_keys(handoff_secret_name(name))
+        handoff = await ensure_handoff_secret(
+            ctx.applier.client,
+            inputs,
+            handoff_keys if isinstance(handoff_keys, frozenset) else None,
+            indices.secret_version(namespace, handoff_secret_name(name)),
+            ctx.states.get(namespace, name).handoff_secret_version,
+            selector=ctx.settings.secret_selector,
+            metrics=ctx.metrics,
+        )
+        ctx.states.get(namespace, name).handoff_secret_version = handoff.checked_version
+        updates.append(_with_generated_problems(refs, app_problems, handoff.problem))
         try:
             rendered = render_relay(inputs, verdicts, ctx.settings)
         except RelayConfigError as error:
@@ -650,7 +679,7 @@ async def _reconcile(
     # A refused child or a missing ServiceMonitor CRD can be fixed outside every input.
     settled = pods_synced and not any(
         (u.type in (CHILDREN_APPLIED, SERVICE_MONITOR) and u.status != "True")
-        or u.reason == APP_CREDENTIALS_NOT_READY
+        or u.reason in (APP_CREDENTIALS_NOT_READY, HANDOFF_SECRET_NOT_READY)
         for u in updates
     )
     return outcome, settled
