@@ -41,6 +41,7 @@ from mailrelay.operator.apply import (
     Applier,
     ChildKey,
     ChildState,
+    NotOwned,
     ObjectGone,
     ResourceMissing,
     key_of,
@@ -120,6 +121,7 @@ CONFIG_RENDERED = "ConfigRendered"
 SECRETS_RESOLVED = "SecretsResolved"
 SERVICE_MONITOR = "ServiceMonitorReady"
 CHILDREN_APPLIED = "ChildrenApplied"
+CHILD_NOT_OWNED = "ChildNotOwned"
 # A StatefulSet's pods are named <name>-<ordinal> and carry a controller-revision-hash label
 # of <name>-<10 chars>, which must fit in 63 characters.
 MAX_RELAY_NAME = 52
@@ -771,6 +773,8 @@ def apply_problem(
     kind: str, name: str, error: BaseException, resync_seconds: float
 ) -> ApplyProblem:
     """The refusal of one child, with the hint that fits its cause (pure)."""
+    if isinstance(error, NotOwned):
+        return ApplyProblem(kind, name, CHILD_NOT_OWNED, f"{error}.")
     status = getattr(error, "status", None)
     api_reason = str(getattr(status, "reason", None) or "")
     text = _api_message(error).rstrip(". ")
@@ -900,13 +904,14 @@ async def _apply_children(
             relay.name,
             "; ".join(failures),
         )
+        if any(problem.reason == CHILD_NOT_OWNED for problem in problems):
+            # An object in the way is not the API server's refusal: name it (the Event of
+            # this condition's flip tells the user which object to move).
+            reason, text = CHILD_NOT_OWNED, "Not applied: "
+        else:
+            reason, text = "ApplyFailed", "The API server refused: "
         updates.append(
-            ConditionUpdate(
-                CHILDREN_APPLIED,
-                "False",
-                "ApplyFailed",
-                f"The API server refused: {' | '.join(failures)}",
-            )
+            ConditionUpdate(CHILDREN_APPLIED, "False", reason, text + " | ".join(failures))
         )
     else:
         updates.append(
