@@ -485,9 +485,14 @@ def render_statefulset(
     mounts: Sequence[SecretMount],
     settings: OperatorSettings,
     ambient_aws: bool = False,
+    replicas: int | None = None,
 ) -> dict[str, Any]:
     """The relay pods: hardened container, probes, drain on stop, spool per pod; with
-    `ambient_aws` (an SES route without keys is bound) the AWS web identity, if opted in."""
+    `ambient_aws` (an SES route without keys is bound) the AWS web identity, if opted in.
+
+    ``replicas`` overrides ``spec.replicas`` while a drain Job holds the spool volume of an
+    ordinal the spec asks for again (``drain.capped_replicas``).
+    """
     spec = relay.spec
     persistent = wants_persistence(spec)
     container_ports = [
@@ -591,7 +596,7 @@ def render_statefulset(
         "kind": "StatefulSet",
         "metadata": _metadata(relay, relay.name),
         "spec": {
-            "replicas": spec.replicas,
+            "replicas": spec.replicas if replicas is None else replicas,
             "serviceName": headless_service_name(relay.name),
             "podManagementPolicy": "Parallel",
             "selector": {"matchLabels": selector_labels(relay)},
