@@ -417,7 +417,10 @@ def plan_drains(inputs: DrainInputs) -> DrainPlan:
         if inputs.policy == "Retain":
             kept += 1
             continue
-        if inputs.pod_ordinals is None or ordinal in inputs.pod_ordinals:
+        if inputs.pod_ordinals is None:
+            waiting += 1  # not known whether its pod is gone
+            continue
+        if ordinal in inputs.pod_ordinals:
             continue  # its pod is leaving (counted above): it hands off first
         if not inputs.statefulset_settled or (replicas > 0 and inputs.ready_pods == 0):
             # Wait for the StatefulSet controller to see the scale-down, or for a ready pod
