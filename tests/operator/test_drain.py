@@ -222,7 +222,10 @@ def test_nothing_to_drain_at_steady_state() -> None:
 def test_an_orphan_claim_with_its_pod_gone_gets_a_drain_job() -> None:
     plan = plan_drains(inputs(claims=(claim(0), claim(1), claim(2)), pod_ordinals=frozenset({0})))
     assert plan.create == ((1, 1), (2, 1))
-    assert [e.reason for e in plan.events] == ["DrainStarted", "DrainStarted"]
+    assert [(e.reason, e.created) for e in plan.events] == [
+        ("DrainStarted", 1),
+        ("DrainStarted", 2),
+    ]
     assert "spool-outbound-1" in plan.events[0].message
     assert plan.condition is not None
     assert (plan.condition.status, plan.condition.reason) == ("True", "DrainJobsRunning")
@@ -393,9 +396,11 @@ def test_a_claim_being_deleted_holds_its_ordinal_back() -> None:
 
 
 def test_pods_are_listed_only_when_a_removed_ordinal_is_in_play() -> None:
-    assert not wants_pod_list(2, (claim(0), claim(1)), 2)
-    assert wants_pod_list(2, (claim(0), claim(1), claim(2)), 2)
-    assert wants_pod_list(1, (claim(0),), 2)  # a pod of a removed ordinal still counted
+    assert not wants_pod_list(2, (claim(0), claim(1)), (), 2)
+    assert wants_pod_list(2, (claim(0), claim(1), claim(2)), (), 2)
+    assert wants_pod_list(1, (claim(0),), (), 2)  # a pod of a removed ordinal still counted
+    # A volume already in a drain's hands (or kept as drained) needs no pod list.
+    assert not wants_pod_list(2, (claim(0), claim(1), claim(2)), (job(2, "succeeded"),), 2)
 
 
 # --- the Job -------------------------------------------------------------------------------

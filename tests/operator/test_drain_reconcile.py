@@ -136,11 +136,12 @@ def _finish_job(kube: LocalKube, ns: str, name: str, *, ok: bool, ago: float = 0
 
 def _drain_pod(kube: LocalKube, ns: str, job: str, report: dict[str, int], code: int) -> None:
     """Play the Job's pod: finished, its termination message the drain's JSON line."""
-    pod = {
+    name = f"{job}-x1"
+    pod: dict[str, Any] = {
         "apiVersion": "v1",
         "kind": "Pod",
         "metadata": {
-            "name": f"{job}-x1",
+            "name": name,
             "labels": {"batch.kubernetes.io/job-name": job, "job-name": job},
         },
         "spec": {
@@ -160,7 +161,7 @@ def _drain_pod(kube: LocalKube, ns: str, job: str, report: dict[str, int], code:
     _patch_status(
         kube,
         "pod",
-        pod["metadata"]["name"],
+        name,
         ns,
         {
             "phase": "Succeeded" if code == 0 else "Failed",
@@ -334,8 +335,10 @@ def test_scale_to_zero_drains_every_volume_and_tells_of_dead_letters(
     _setup(kube, ns, replicas=0)
     apply(kube, ns, _pvc(0), _pvc(1))
     _statefulset_caught_up(kube, ns, ready=0)
-    for ordinal in (0, 1):
-        wait_for(lambda o=ordinal: get(kube, "job", f"outbound-drain-{o}", ns), what="drain Jobs")
+    wait_for(
+        lambda: all(get(kube, "job", f"outbound-drain-{o}", ns) for o in (0, 1)),
+        what="both drain Jobs",
+    )
     _drain_pod(kube, ns, "outbound-drain-0", _report(delivered=3, dead_lettered=2), 0)
     _finish_job(kube, ns, "outbound-drain-0", ok=True)
     _drain_pod(kube, ns, "outbound-drain-1", _report(delivered=4), 0)

@@ -260,10 +260,18 @@ def capped_replicas(
     return min([replicas, *blocking])
 
 
-def wants_pod_list(replicas: int, claims: Collection[SpoolClaim], sts_replicas: int) -> bool:
-    """Whether the pass must know which pods exist (a PVC of a removed ordinal, or pods of
-    removed ordinals still counted by the StatefulSet)."""
-    return sts_replicas > replicas or any(claim.ordinal >= replicas for claim in claims)
+def wants_pod_list(
+    replicas: int,
+    claims: Collection[SpoolClaim],
+    jobs: Collection[DrainJob],
+    sts_replicas: int,
+) -> bool:
+    """Whether the pass must know which pods exist: a PVC of a removed ordinal without a
+    drain Job, or pods of removed ordinals still counted by the StatefulSet."""
+    drained = {job.ordinal for job in jobs}
+    return sts_replicas > replicas or any(
+        claim.ordinal >= replicas and claim.ordinal not in drained for claim in claims
+    )
 
 
 def pod_ordinal(relay: str, pod_name: str) -> int | None:
@@ -299,6 +307,8 @@ class Event:
     type: Literal["Normal", "Warning"]
     reason: str
     message: str
+    # The ordinal whose Job this Event announces (told only if the Job was created).
+    created: int | None = None
 
 
 @dataclass(frozen=True)
@@ -438,6 +448,7 @@ def plan_drains(inputs: DrainInputs) -> DrainPlan:
                 f"{claim.name} of removed pod {inputs.relay}-{ordinal}"
                 + (f" (attempt {attempt})" if attempt > 1 else "")
                 + ".",
+                created=ordinal,
             )
         )
     recheck = recheck or bool(leaving) or waiting > 0 or stopping > 0

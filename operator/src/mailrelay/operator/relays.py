@@ -767,7 +767,9 @@ async def _drain(
         and int(sts_status.get("observedGeneration") or 0) >= live.generation
     )
     pods: frozenset[int] | None = None
-    if drain.wants_pod_list(relay.spec.replicas, claims, int(sts_status.get("replicas") or 0)):
+    if drain.wants_pod_list(
+        relay.spec.replicas, claims, jobs, int(sts_status.get("replicas") or 0)
+    ):
         pods = await drain.pod_ordinals(ctx.applier.client, relay)
     uids = {job.uid for job in jobs}
     for stale in [uid for uid in state.drain_reports if uid not in uids]:
@@ -798,7 +800,7 @@ async def _drain(
     state.drain_attempts = dict(plan.attempts)
     state.drain_told |= set(plan.told)
     for event in plan.events:
-        if event.reason == "DrainStarted" and not outcome.created:
+        if event.created is not None and event.created not in outcome.created:
             continue  # not created after all (the cache lagged): the next pass tells
         ctx.post_event(info, event.type, event.reason, event.message)
     condition = plan.condition
