@@ -59,6 +59,15 @@ def test_handoff_secret_is_generated_once_and_again_only_when_deleted(
     sts = wait_for(lambda: get(kube, "statefulset", "outbound", ns), what="the StatefulSet")
     volumes = {v["name"]: v for v in sts["spec"]["template"]["spec"]["volumes"]}
     assert volumes["handoff"]["secret"]["secretName"] == "outbound-handoff"
+    # The API server keeps the PDB's eviction policy for not-ready pods (docs/scaling.md).
+    pdb = wait_for(lambda: get(kube, "poddisruptionbudget", "outbound", ns), what="the PDB")
+    assert pdb["spec"]["unhealthyPodEvictionPolicy"] == "AlwaysAllow"
+    headless = get(kube, "service", "outbound-headless", ns)
+    assert headless is not None
+    assert headless["spec"].get("publishNotReadyAddresses", False) is False  # omitted when false
+    assert {"name": "handoff", "port": 2526, "targetPort": "handoff", "protocol": "TCP"} in (
+        headless["spec"]["ports"]
+    )
 
     # Passes (resync every 2 s, and a spec change) never rotate it.
     apply(kube, ns, m.relay(limits={"maxRecipients": 7}))
