@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
@@ -24,6 +25,7 @@ from mailrelay.operator.drain import (
     spool_claim,
     wants_pod_list,
 )
+from mailrelay.operator.handoff import handoff_secret_action, new_token, render_handoff_secret
 from mailrelay.operator.render import RelayInputs, render_statefulset
 from mailrelay.operator.settings import OperatorSettings
 
@@ -474,3 +476,34 @@ def test_the_drain_job_runs_the_relay_pod_spec_on_the_orphan_volume() -> None:
     assert rules[0]["onExitCodes"]["values"] == [3] and rules[0]["action"] == "FailJob"
     # The StatefulSet it was made from is not changed.
     assert "drain" not in json.dumps(sts["spec"]["template"]["spec"]["containers"][0]["args"])
+
+
+# --- the hand-off token --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("cached", "version", "checked", "expected"),
+    [
+        (None, "", None, "check"),  # absent from the cache: look (then create)
+        (frozenset({"token"}), "41", None, "check"),  # not yet checked: owner and key
+        (frozenset({"token"}), "41", "41", "none"),  # checked at this version: no request
+        (frozenset({"token"}), "42", "41", "check"),  # changed since
+        (frozenset(), "41", None, "check"),
+    ],
+)
+def test_the_handoff_secret_costs_a_request_only_when_the_cache_cannot_tell(
+    cached: frozenset[str] | None, version: str, checked: str | None, expected: str
+) -> None:
+    assert handoff_secret_action(cached, version, checked) == expected
+
+
+def test_tokens_are_32_random_bytes_and_rendered_into_the_secret() -> None:
+    first, second = new_token(), new_token()
+    assert first != second
+    assert len(base64.urlsafe_b64decode(first)) == 32
+    secret = render_handoff_secret(_relay(), first, "mailrelay.dev/watch=true,tier==mail")
+    assert secret["metadata"]["name"] == "outbound-handoff"
+    assert secret["metadata"]["labels"]["mailrelay.dev/watch"] == "true"
+    assert secret["metadata"]["labels"]["tier"] == "mail"
+    assert secret["metadata"]["ownerReferences"][0]["uid"] == "uid-1"
+    assert base64.b64decode(secret["data"]["token"]).decode() == first
