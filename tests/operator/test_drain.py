@@ -366,6 +366,13 @@ def test_a_failed_drain_is_told_once_and_retried_after_its_backoff() -> None:
     assert "attempt 3" in again.events[0].message
 
 
+def test_a_failed_drain_whose_pod_still_stops_is_not_retried_yet() -> None:
+    failed = job(1, "failed", finished_at=NOW - timedelta(hours=1), pods_may_run=True)
+    plan = plan_drains(inputs(claims=(claim(0), claim(1)), jobs=(failed,)))
+    assert (plan.create, plan.delete_jobs) == ((), ())
+    assert plan.recheck
+
+
 def test_scale_up_over_a_running_drain_stops_it_and_holds_the_statefulset() -> None:
     running = job(2)
     plan = plan_drains(inputs(replicas=3, claims=(claim(0), claim(1), claim(2)), jobs=(running,)))

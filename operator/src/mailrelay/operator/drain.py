@@ -408,7 +408,10 @@ def plan_drains(inputs: DrainInputs) -> DrainPlan:
         due = (job.finished_at or inputs.now) + timedelta(
             seconds=retry_delay(job.attempt, RETRY_MAX_SECONDS, RETRY_FIRST_SECONDS)
         )
-        if claim is None:
+        if job.pods_may_run:
+            # Its pod is still stopping: no second drain on the volume until it is gone.
+            waiting += 1
+        elif claim is None:
             delete_jobs.append((job.name, job.uid, "Background"))
         elif inputs.now >= due:
             attempts[job.ordinal] = job.attempt
