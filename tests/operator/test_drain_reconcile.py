@@ -10,6 +10,7 @@ removes the foreground-deletion finalizer as the garbage collector would.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -28,6 +29,17 @@ LABELS = {
     "app.kubernetes.io/part-of": "mailrelay",
     "app.kubernetes.io/managed-by": "mailrelay-operator",
 }
+
+
+@pytest.fixture(autouse=True)
+def _relay_gone_afterwards(crds: LocalKube, op_namespace: str) -> Iterator[None]:
+    """Delete the relay after each test: the bare API server deletes no namespace content,
+    and a relay left behind would keep the shared operator retrying its drains (and counting
+    errors) in a namespace that refuses new objects."""
+    yield
+    crds.kubectl(
+        "delete", "mailrelay", "outbound", "-n", op_namespace, "--timeout=30s", check=False
+    )
 
 
 def _pvc(ordinal: int) -> dict[str, Any]:
