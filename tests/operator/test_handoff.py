@@ -12,10 +12,10 @@ import time
 from typing import Any
 
 import pytest
-from localkube import LocalKube
 
+from mailrelay.support.localkube import LocalKube
+from mailrelay.support.operator_harness import OperatorProcess, apply, condition, get, wait_for
 from tests.operator import manifests as m
-from tests.operator.harness import OperatorProcess, apply, condition, get, wait_for
 
 pytestmark = pytest.mark.kube
 
