@@ -22,6 +22,8 @@ import pytest
 import yaml
 
 from mailrelay.operator import models
+from mailrelay.operator.drain import render_drain_job
+from mailrelay.operator.handoff import render_handoff_secret
 from mailrelay.operator.relays import render_relay
 from mailrelay.operator.render import RelayInputs
 from mailrelay.operator.routes import ObjectInfo, judge_routes
@@ -104,8 +106,15 @@ def render_case(objects: list[dict[str, Any]]) -> dict[str, str]:
     assert all(v.included for v in verdicts), [v.route.name for v in verdicts if not v.included]
     inputs = RelayInputs(relay.name, NAMESPACE, relay.uid, spec)
     rendered = render_relay(inputs, verdicts, SETTINGS)
+    (statefulset,) = [c for c in rendered.children if c["kind"] == "StatefulSet"]
+    # Rendered by a pass too: the hand-off Secret (its token is random: a fixed one here) and
+    # the drain Job of the first removed ordinal.
+    generated = [
+        render_handoff_secret(inputs, "TOKEN", SETTINGS.secret_selector),
+        render_drain_job(inputs, spec.replicas, 1, statefulset, SETTINGS),
+    ]
     files = {}
-    for child in rendered.children:
+    for child in [*rendered.children, *generated]:
         name = f"{child['kind']}-{child['metadata']['name']}.yaml"
         assert name not in files, name
         files[name] = yaml.dump(child, Dumper=_Dumper, sort_keys=False, width=100)
@@ -166,6 +175,8 @@ def test_every_kind_of_child_has_a_golden_file() -> None:
         "NetworkPolicy",
         "ServiceMonitor",
         "ServiceAccount",
+        "Secret",
+        "Job",
     }
 
 

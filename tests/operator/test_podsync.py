@@ -134,4 +134,10 @@ def test_render_names_every_secret_the_pods_mount() -> None:
     upstream.spec["upstream"]["smtp"]["credentialsSecretRef"] = {"name": "upstream-login"}
     verdicts = judge_routes(relay, typed, [upstream], lambda _: frozenset({"username", "password"}))
     result = render_relay(RelayInputs("outbound", "ns", "uid", typed), verdicts, SETTINGS)
-    assert result.mounted_secrets == ("relay-tls", "relay-users", "upstream-login")
+    # The hand-off token too: a regenerated one reaches the running pods at once.
+    assert result.mounted_secrets == (
+        "outbound-handoff",
+        "relay-tls",
+        "relay-users",
+        "upstream-login",
+    )

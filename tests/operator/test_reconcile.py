@@ -450,6 +450,28 @@ def test_network_policy_follows_the_spec(
             ],
             "ports": [{"protocol": "TCP", "port": 587}],
         },
+        # The queue hand-off: only from the relay's own pods and its drain Jobs' pods.
+        {
+            "from": [
+                {
+                    "podSelector": {
+                        "matchLabels": {
+                            "app.kubernetes.io/name": "mailrelay",
+                            "app.kubernetes.io/instance": "outbound",
+                        }
+                    }
+                },
+                {
+                    "podSelector": {
+                        "matchLabels": {
+                            "app.kubernetes.io/name": "mailrelay-drain",
+                            "app.kubernetes.io/instance": "outbound",
+                        }
+                    }
+                },
+            ],
+            "ports": [{"protocol": "TCP", "port": 2526}],
+        },
         {"ports": [{"protocol": "TCP", "port": 9090}]},
     ]
 

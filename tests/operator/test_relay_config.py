@@ -341,3 +341,27 @@ def test_oauth2_upstream_reaches_the_relay_with_its_secret_files(
     else:
         assert oauth.refresh_token_file is None
     assert required_secret_keys(SPEC, routes)["gmail"] == expected
+
+
+@pytest.mark.parametrize(
+    ("namespace", "domain", "seconds"),
+    [("mail", "cluster.local", 60.0), ("team-a", "corp.example", 150.0)],
+)
+def test_handoff_block_names_the_headless_service_and_the_token(
+    namespace: str, domain: str, seconds: float
+) -> None:
+    config = build_relay_config(
+        name="outbound",
+        namespace=namespace,
+        spec=SPEC,
+        routes=ROUTES,
+        cluster_domain=domain,
+        handoff_seconds=seconds,
+    )
+    assert config.handoff is not None
+    assert config.handoff.model_dump(mode="json") == {
+        "listen": {"host": "", "port": 2526},
+        "token_file": "/etc/mailrelay/handoff/token",
+        "peers": f"outbound-headless.{namespace}.svc.{domain}",
+        "deadline_seconds": seconds,
+    }

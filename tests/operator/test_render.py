@@ -165,10 +165,22 @@ class TestRenderHeadlessService:
             "labels": headless_labels,
         }
         assert rendered["spec"]["clusterIP"] == "None"
-        assert rendered["spec"]["publishNotReadyAddresses"] is True
+        # The hand-off peers: only ready pods resolve (a leaving pod is never handed mail).
+        assert rendered["spec"]["publishNotReadyAddresses"] is False
         assert rendered["spec"]["selector"] == SELECTOR
         metrics_port = overrides.get("metrics", {}).get("port", 9090)
-        assert rendered["spec"]["ports"][-1]["port"] == metrics_port
+        assert rendered["spec"]["ports"][-2]["port"] == metrics_port
+        assert rendered["spec"]["ports"][-1] == {
+            "name": "handoff",
+            "port": 2526,
+            "targetPort": "handoff",
+            "protocol": "TCP",
+        }
+
+    def test_the_client_service_has_no_handoff_port(self) -> None:
+        ports = render_service(relay(), SETTINGS)["spec"]["ports"]
+        assert 2526 not in [port["port"] for port in ports]
+        assert "handoff" not in [port["name"] for port in ports]
 
 
 class TestRenderPdb:
@@ -192,7 +204,12 @@ class TestRenderPdb:
             "apiVersion": "policy/v1",
             "kind": "PodDisruptionBudget",
             "metadata": {"name": "outbound", **META},
-            "spec": {"selector": {"matchLabels": SELECTOR}, **expected},
+            "spec": {
+                "selector": {"matchLabels": SELECTOR},
+                # A not-ready relay keeps its mail on its volume: never block a node drain.
+                "unhealthyPodEvictionPolicy": "AlwaysAllow",
+                **expected,
+            },
         }
 
 
@@ -216,10 +233,43 @@ class TestRenderNetworkPolicy:
                         ],
                         "ports": [{"protocol": "TCP", "port": 587}],
                     },
+                    {
+                        "from": [
+                            {"podSelector": {"matchLabels": SELECTOR}},
+                            {
+                                "podSelector": {
+                                    "matchLabels": {
+                                        "app.kubernetes.io/name": "mailrelay-drain",
+                                        "app.kubernetes.io/instance": "outbound",
+                                    }
+                                }
+                            },
+                        ],
+                        "ports": [{"protocol": "TCP", "port": 2526}],
+                    },
                     {"ports": [{"protocol": "TCP", "port": 9090}]},
                 ],
             ),
-            (NetworkPolicyInputs(peers=()), [{"ports": [{"protocol": "TCP", "port": 9090}]}]),
+            (
+                NetworkPolicyInputs(peers=()),
+                [
+                    {
+                        "from": [
+                            {"podSelector": {"matchLabels": SELECTOR}},
+                            {
+                                "podSelector": {
+                                    "matchLabels": {
+                                        "app.kubernetes.io/name": "mailrelay-drain",
+                                        "app.kubernetes.io/instance": "outbound",
+                                    }
+                                }
+                            },
+                        ],
+                        "ports": [{"protocol": "TCP", "port": 2526}],
+                    },
+                    {"ports": [{"protocol": "TCP", "port": 9090}]},
+                ],
+            ),
         ],
         ids=["not-asked", "two-peers", "nobody-may-send"],
     )
@@ -349,7 +399,9 @@ class TestRenderStatefulSet:
         assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
         assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
         assert "preStop" in container["lifecycle"]
-        assert pod["terminationGracePeriodSeconds"] > SETTINGS.drain_seconds
+        # preStop sleep + sessions and deliveries in flight + the hand-off deadline + margin.
+        assert pod["terminationGracePeriodSeconds"] == 5 + 30 + 60 + 10
+        assert {"name": "handoff", "containerPort": 2526, "protocol": "TCP"} in container["ports"]
         assert container["image"] == "registry.test/mailrelay:1"
         assert container["args"] == ["--config", "/etc/mailrelay/config/relay.yaml"]
         assert rendered["spec"]["template"]["metadata"]["annotations"] == {

@@ -71,6 +71,36 @@ class ResourceMissing(Exception):
     """The API server does not serve this kind (a CRD such as ServiceMonitor is missing)."""
 
 
+class NotOwned(Exception):
+    """An object with a child's name exists but is not owned by the MailRelay: left alone."""
+
+    def __init__(self, kind: str, namespace: str, name: str, owners: list[str]) -> None:
+        self.kind, self.namespace, self.name, self.owners = kind, namespace, name, owners
+        owned_by = f"owned by {', '.join(owners)}" if owners else "it has no owner"
+        super().__init__(
+            f"{kind} {namespace}/{name} exists and is not owned by this MailRelay ({owned_by}); "
+            "the operator does not take it over: delete or rename it, and the operator creates "
+            "its own"
+        )
+
+
+def owner_names(metadata: Mapping[str, Any]) -> list[str]:
+    """``Kind/name`` of each owner reference, for a message."""
+    return [
+        f"{ref.get('kind', '?')}/{ref.get('name', '?')}"
+        for ref in metadata.get("ownerReferences") or ()
+        if isinstance(ref, Mapping)
+    ]
+
+
+def controller_uid(desired: Mapping[str, Any]) -> str | None:
+    """The uid of the rendered child's controller (its MailRelay)."""
+    for ref in desired.get("metadata", {}).get("ownerReferences") or ():
+        if ref.get("controller"):
+            return str(ref.get("uid"))
+    return None
+
+
 class ObjectGone(Exception):
     """The object a status was written for was deleted meanwhile (404); expected, not an error."""
 
@@ -199,12 +229,23 @@ class Applier:
 
         ``memory`` is what our earlier applies of the owner's children produced; this apply
         is recorded in it.
+
+        An object of that name that the MailRelay does not own (a user's, or a child of an
+        earlier MailRelay of the same name the garbage collector has not removed yet) raises
+        ``NotOwned`` and is left as it is: a server-side apply with ``force`` would take it
+        over. The watch cache tells for the objects it holds; one the cache lacks (not
+        labelled as ours, or just created) costs a GET before it is applied.
         """
         obj, digest = with_applied_hash(desired)
         key = key_of(obj)
         if not needs_apply(digest, live, memory.get(key), time.monotonic()):
             return "unchanged"
         kind, namespace, name = key
+        owner = controller_uid(desired)
+        if owner is not None and (live is None or owner not in live.owner_uids):
+            found = await self._get(kind, namespace, name)
+            if found is not None and owner not in _owner_uids(found):
+                raise NotOwned(kind, namespace, name, owner_names(found))
         try:
             response = await self.client.patch(
                 RESOURCES[kind],
@@ -246,6 +287,21 @@ class Applier:
         if self.metrics is not None:
             self.metrics.children.labels(kind, action).inc()
         return action
+
+    async def _get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+        """The live object's metadata, or None when it does not exist (or the kind is unserved)."""
+        try:
+            found = await self.client.get(RESOURCES[kind], name, namespace=namespace)
+        except ApiError as error:
+            if error.status.code == 404:
+                return None
+            raise
+        except httpx2.HTTPStatusError as error:
+            if error.response.status_code == 404:
+                return None
+            raise
+        metadata: dict[str, Any] = _as_dict(found).get("metadata") or {}
+        return metadata
 
     async def remove(
         self,
@@ -331,6 +387,10 @@ class Applier:
         if written is not None:
             del self.written_status[(kind, namespace, name)]  # the cache caught up
         return cached
+
+
+def _owner_uids(metadata: Mapping[str, Any]) -> list[str]:
+    return [str(ref.get("uid")) for ref in metadata.get("ownerReferences") or ()]
 
 
 def resource_version_number(value: Any) -> int:

@@ -28,7 +28,7 @@ from typing import Any, Generic, TypeVar, cast
 import kopf
 from prometheus_client import CollectorRegistry
 
-from mailrelay.operator import kopf_patches
+from mailrelay.operator import drain, kopf_patches
 from mailrelay.operator.apply import (
     Applier,
     ChildState,
@@ -58,6 +58,9 @@ RELAYS = ("mailrelay.dev", "v1alpha1", "mailrelays")
 ROUTES = ("mailrelay.dev", "v1alpha1", "mailroutes")
 MANAGED = {"app.kubernetes.io/managed-by": MANAGED_BY}
 SECRETS = ("", "v1", "secrets")
+# The spool PVCs (labelled from the StatefulSet's volume claim template) and the drain Jobs.
+CLAIMS = ("", "v1", "persistentvolumeclaims")
+JOBS = ("batch", "v1", "jobs")
 CHILD_KINDS = (
     "ConfigMap",
     "Service",
@@ -79,7 +82,10 @@ CHILDREN = (
 # Label selectors the API server applies to our lists and watches.
 SELECTORS = {
     SECRETS: SETTINGS.secret_selector,
-    **{child: ",".join(f"{k}={v}" for k, v in MANAGED.items()) for child in CHILDREN},
+    **{
+        child: ",".join(f"{k}={v}" for k, v in MANAGED.items())
+        for child in (*CHILDREN, CLAIMS, JOBS)
+    },
 }
 # How long a route naming an unknown relay waits before it is called an orphan.
 ORPHAN_GRACE_SECONDS = 2.0
@@ -222,7 +228,27 @@ def _child_index(kind: str, plural: str) -> Callable[..., Awaitable[dict[ObjectK
     return index
 
 
+async def claim_index(
+    body: kopf.Body, namespace: str | None, **_: Any
+) -> dict[ObjectKey, drain.SpoolClaim]:
+    """Spool PVCs by (namespace, relay) (drain.py)."""
+    PROGRESS.saw_index("PersistentVolumeClaim")
+    found = drain.spool_claim(body)
+    return {(namespace or "", found[0]): found[1]} if found is not None else {}
+
+
+async def drain_job_index(
+    body: kopf.Body, namespace: str | None, **_: Any
+) -> dict[ObjectKey, drain.DrainJob]:
+    """Drain Jobs by (namespace, relay) (drain.py)."""
+    PROGRESS.saw_index("Job")
+    found = drain.drain_job(body)
+    return {(namespace or "", found[0]): found[1]} if found is not None else {}
+
+
 RELAY_INDEX = _index(relay_index, *RELAYS)
+CLAIM_INDEX = _index(claim_index, *CLAIMS, labels=MANAGED)
+DRAIN_JOB_INDEX = _index(drain_job_index, *JOBS, labels=MANAGED)
 ROUTE_INDEX = _index(route_index, *ROUTES)
 SECRET_INDEX = _index(secret_index, *SECRETS)
 SECRET_VERSION_INDEX = _index(secret_version_index, *SECRETS)
@@ -240,6 +266,8 @@ def indices_from(kwargs: Mapping[str, object]) -> Indices:
         secrets=SECRET_INDEX.of(kwargs),
         secret_versions=SECRET_VERSION_INDEX.of(kwargs),
         children={kind: ref.of(kwargs) for kind, ref in CHILD_INDICES.items()},
+        claims=CLAIM_INDEX.of(kwargs),
+        drain_jobs=DRAIN_JOB_INDEX.of(kwargs),
     )
 
 
@@ -340,4 +368,18 @@ async def child_event(
         and indices.relay(ns, owner) is not None
         and child_needs_pass(memo.ctx, indices, key, owner, type == "DELETED")
     ):
+        memo.queue.enqueue(indices, ns, owner)
+
+
+@kopf.on.event(*CLAIMS, labels=MANAGED)
+@kopf.on.event(*JOBS, labels=MANAGED)
+async def drain_event(
+    *, namespace: str | None, labels: Mapping[str, str], memo: Any, **kwargs: Any
+) -> None:
+    """A spool PVC or a drain Job changed: its relay's pass decides what to drain (drain.py)."""
+    PROGRESS.saw_event()
+    ns = namespace or ""
+    owner = labels.get("app.kubernetes.io/instance")
+    indices = indices_from(kwargs)
+    if owner and indices.relay(ns, owner) is not None:
         memo.queue.enqueue(indices, ns, owner)

@@ -1173,6 +1173,16 @@ class Queue(KubeModel):
         description="StorageClass of the spool volumes; the cluster default when unset.",
     )
     retry: Retry = Field(default_factory=Retry, description="Retry schedule for deferred mail.")
+    on_scale_down: Literal["Drain", "DrainAndRetain", "Retain"] = Field(
+        default="Drain",
+        description=(
+            "What happens to the spool volume of a pod removed by a scale-down once the pod is "
+            "gone (its mail is normally handed to the other pods as it leaves): Drain runs a "
+            "drain Job that hands off, delivers or dead-letters what is left on it, then "
+            "deletes the volume; DrainAndRetain drains it and keeps the empty volume; Retain "
+            "keeps it untouched until the relay scales back up (docs/scaling.md)."
+        ),
+    )
 
 
 EXTERNAL_TRAFFIC_POLICY_MESSAGE = (

@@ -95,10 +95,24 @@ RULES: tuple[Rule, ...] = (
     ),
     Rule(
         ("",),
+        ("persistentvolumeclaims",),
+        (*READ, "delete"),
+        "find the spool volumes of removed pods (scale-down); delete one once its drain Job"
+        " emptied it (spec.queue.onScaleDown: Drain)",
+    ),
+    Rule(
+        ("batch",),
+        ("jobs",),
+        (*READ, "create", "delete"),
+        "the drain Jobs <relay>-drain-<ordinal> that empty the spool volume of a removed pod",
+    ),
+    Rule(
+        ("",),
         ("pods",),
         ("list", "patch"),
         "after a config change, annotate the relay's pods with the config hash so kubelet"
-        " refreshes their mounted ConfigMap at once (no get, watch, create or delete)",
+        " refreshes their mounted ConfigMap at once; list a relay's pods (are removed pods"
+        " gone?) and a finished drain Job's pod (its report) (no get, watch, create or delete)",
     ),
     Rule(("",), ("events",), ("create",), "Events for users (kopf posts core/v1 Events)"),
     Rule(

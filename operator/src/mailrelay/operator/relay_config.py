@@ -44,6 +44,12 @@ APP_USERNAME_KEY = "username"
 APP_PASSWORD_KEY = "password"
 APP_HASH_KEY = "password_hash"
 SPOOL_DIR = PurePosixPath("/var/spool/mailrelay")
+# Queue hand-off between the relay's pods (docs/scaling.md): the operator-generated token,
+# mounted read-only from the Secret <relay>-handoff, and the peers' listener.
+HANDOFF_DIR = PurePosixPath("/etc/mailrelay/handoff")
+HANDOFF_KEY = "token"
+HANDOFF_PORT = 2526
+HANDOFF_PORT_NAME = "handoff"
 
 # File names the relay's transports read inside an upstream's directory.
 SMTP_USERNAME_FILE = "username"
@@ -110,6 +116,26 @@ def secret_mounts(spec: models.MailRelaySpec, routes: Sequence[BoundRoute]) -> l
             for mount in _upstream_mounts(upstream):
                 shared.setdefault(mount.volume, mount)
     return mounts + sorted(shared.values(), key=lambda mount: mount.volume)
+
+
+def headless_service_name(relay: str) -> str:
+    """The StatefulSet's governing Service; its DNS name resolves to the ready relay pods."""
+    return f"{relay}-headless"
+
+
+def handoff_secret_name(relay: str) -> str:
+    """The Secret holding the relay pods' shared hand-off token (generated once)."""
+    return f"{relay}-handoff"
+
+
+def handoff_mount(relay_name: str) -> SecretMount:
+    """The hand-off token, for the relay pods and the drain Jobs alike."""
+    return SecretMount(
+        "handoff",
+        handoff_secret_name(relay_name),
+        str(HANDOFF_DIR),
+        ((HANDOFF_KEY, HANDOFF_KEY),),
+    )
 
 
 def app_secret_name(relay_name: str, app: str) -> str:
@@ -336,6 +362,7 @@ def build_relay_config(
     log_format: str = "text",
     drain_seconds: float = 60.0,
     cluster_domain: str = "cluster.local",
+    handoff_seconds: float = 60.0,
 ) -> relay.RelayConfig:
     """The relay's config for this spec and these routes; RelayConfigError if it refuses."""
     listener: dict[str, Any] = {
@@ -394,6 +421,12 @@ def build_relay_config(
         "metrics": {"host": ALL_ADDRESSES, "port": spec.metrics.port},
         "log_format": log_format,
         "shutdown_grace_seconds": drain_seconds,
+        "handoff": {
+            "listen": {"host": ALL_ADDRESSES, "port": HANDOFF_PORT},
+            "token_file": str(HANDOFF_DIR / HANDOFF_KEY),
+            "peers": f"{headless_service_name(name)}.{namespace}.svc.{cluster_domain}",
+            "deadline_seconds": handoff_seconds,
+        },
         "postmaster": spec.postmaster,
     }
     try:

@@ -34,15 +34,17 @@ import httpx2
 from lightkube import ApiError
 from pydantic import ValidationError
 
-from mailrelay.operator import models
+from mailrelay.operator import drain, models
 from mailrelay.operator.appcredentials import ensure_app_secrets
 from mailrelay.operator.apply import (
     CACHE_LAG_SECONDS,
     Applier,
     ChildKey,
     ChildState,
+    NotOwned,
     ObjectGone,
     ResourceMissing,
+    applied_hash,
     key_of,
 )
 from mailrelay.operator.conditions import (
@@ -54,6 +56,7 @@ from mailrelay.operator.conditions import (
     utc_now,
     worth_an_event,
 )
+from mailrelay.operator.handoff import ensure_handoff_secret
 from mailrelay.operator.health import Progress
 from mailrelay.operator.metrics import OperatorMetrics
 from mailrelay.operator.podsync import reload_marks, touch_pods
@@ -62,6 +65,9 @@ from mailrelay.operator.relay_config import (
     app_credential_mounts,
     build_relay_config,
     config_hash,
+    handoff_mount,
+    handoff_secret_name,
+    headless_service_name,
     render_config_yaml,
     secret_mounts,
     uses_ambient_aws,
@@ -72,7 +78,6 @@ from mailrelay.operator.render import (
     RelayInputs,
     config_map_name,
     endpoint,
-    headless_service_name,
     render_configmap,
     render_headless_service,
     render_networkpolicy,
@@ -117,6 +122,7 @@ CONFIG_RENDERED = "ConfigRendered"
 SECRETS_RESOLVED = "SecretsResolved"
 SERVICE_MONITOR = "ServiceMonitorReady"
 CHILDREN_APPLIED = "ChildrenApplied"
+CHILD_NOT_OWNED = "ChildNotOwned"
 # A StatefulSet's pods are named <name>-<ordinal> and carry a controller-revision-hash label
 # of <name>-<10 chars>, which must fit in 63 characters.
 MAX_RELAY_NAME = 52
@@ -141,6 +147,9 @@ class Indices:
     children: Mapping[str, Mapping[ObjectKey, Collection[ChildState]]]  # by kind
     # resourceVersion of each watched Secret: a content change reaches the pods at once.
     secret_versions: Mapping[ObjectKey, Collection[str]] = field(default_factory=dict)
+    # By (namespace, relay): its spool PVCs and its drain Jobs (drain.py).
+    claims: Mapping[ObjectKey, Collection[drain.SpoolClaim]] = field(default_factory=dict)
+    drain_jobs: Mapping[ObjectKey, Collection[drain.DrainJob]] = field(default_factory=dict)
 
     @staticmethod
     def _one(index: Mapping[ObjectKey, Collection[T]], key: ObjectKey) -> T | None:
@@ -169,6 +178,12 @@ class Indices:
     def child(self, key: ChildKey) -> ChildState | None:
         index = self.children.get(key[0])
         return self._one(index, key[1:]) if index is not None else None
+
+    def claims_for(self, namespace: str, relay: str) -> tuple[drain.SpoolClaim, ...]:
+        return tuple(sorted(self.claims.get((namespace, relay), ()), key=lambda c: c.name))
+
+    def drain_jobs_for(self, namespace: str, relay: str) -> tuple[drain.DrainJob, ...]:
+        return tuple(sorted(self.drain_jobs.get((namespace, relay), ()), key=lambda j: j.name))
 
 
 @dataclass
@@ -254,8 +269,14 @@ def render_relay(
     relay: RelayInputs,
     verdicts: list[RouteVerdict],
     settings: OperatorSettings,
+    *,
+    statefulset_replicas: int | None = None,
 ) -> RenderedRelay:
-    """Every child for this pass (pure); RelayConfigError if the relay would refuse the config."""
+    """Every child for this pass (pure); RelayConfigError if the relay would refuse the config.
+
+    ``statefulset_replicas``: fewer pods than ``spec.replicas`` while a drain holds a volume
+    the spec asks for again (``drain.capped_replicas``).
+    """
     routes = bound_routes(verdicts)
     config = build_relay_config(
         name=relay.name,
@@ -265,9 +286,14 @@ def render_relay(
         log_format=settings.log_format,
         drain_seconds=float(settings.drain_seconds),
         cluster_domain=settings.cluster_domain,
+        handoff_seconds=float(settings.handoff_seconds),
     )
     config_yaml = render_config_yaml(config)
-    mounts = secret_mounts(relay.spec, routes) + app_credential_mounts(relay.name, relay.spec)
+    mounts = [
+        *secret_mounts(relay.spec, routes),
+        *app_credential_mounts(relay.name, relay.spec),
+        handoff_mount(relay.name),
+    ]
     digest = config_hash(config_yaml)
     restart_digest = config_hash(json.dumps(config.restart_settings(), sort_keys=True))
     absent: list[ChildKey] = []
@@ -287,6 +313,7 @@ def render_relay(
             mounts=mounts,
             settings=settings,
             ambient_aws=uses_ambient_aws(routes),
+            replicas=statefulset_replicas,
         ),
     ]
     optional = {
@@ -411,16 +438,26 @@ async def _look_up_secrets(
 
 
 APP_CREDENTIALS_NOT_READY = "AppCredentialsNotReady"
+HANDOFF_SECRET_NOT_READY = "HandoffSecretNotReady"
 
 
-def _with_app_problems(refs: ConditionUpdate, problems: list[str]) -> ConditionUpdate:
-    """The Secrets condition, made False by app credential Secrets that are not in place."""
-    if not problems:
+def _with_generated_problems(
+    refs: ConditionUpdate, app_problems: list[str], handoff_problem: str | None = None
+) -> ConditionUpdate:
+    """The Secrets condition, made False by generated Secrets (app credentials, the hand-off
+    token) that are not in place."""
+    texts = []
+    if app_problems:
+        texts.append("App credentials: " + "; ".join(app_problems) + ".")
+    if handoff_problem is not None:
+        texts.append(f"Hand-off token: {handoff_problem}.")
+    if not texts:
         return refs
-    text = "App credentials: " + "; ".join(problems) + "."
+    text = " ".join(texts)
     if refs.status != "True":
         return replace(refs, message=f"{refs.message} {text}")
-    return ConditionUpdate(refs.type, "False", APP_CREDENTIALS_NOT_READY, text)
+    reason = APP_CREDENTIALS_NOT_READY if app_problems else HANDOFF_SECRET_NOT_READY
+    return ConditionUpdate(refs.type, "False", reason, text)
 
 
 def child_keys(namespace: str, name: str) -> list[ChildKey]:
@@ -466,6 +503,8 @@ def pass_inputs(ctx: Context, indices: Indices, namespace: str, name: str) -> tu
         tuple(routes),
         ctx.secret_epochs.get(namespace, 0),
         children,
+        indices.claims_for(namespace, name),
+        indices.drain_jobs_for(namespace, name),
     )
 
 
@@ -494,9 +533,15 @@ async def reconcile_relay(
         state.settled = None
         retry = False
         try:
-            result, settled = await _reconcile(ctx, indices, namespace, name)
+            result, settled, recheck = await _reconcile(ctx, indices, namespace, name)
             retry = settled is False
-            if settled and inputs[0] is not None and not recently_applied(ctx, namespace, name):
+            # A drain waiting on time or on leaving pods is not settled: the resync looks again.
+            if (
+                settled
+                and not recheck
+                and inputs[0] is not None
+                and not recently_applied(ctx, namespace, name)
+            ):
                 state.settled = inputs
         except ObjectGone:
             # Deleted while the pass ran: its deletion event brings the pass that tells its
@@ -516,8 +561,9 @@ async def reconcile_relay(
 
 async def _reconcile(
     ctx: Context, indices: Indices, namespace: str, name: str
-) -> tuple[str, bool | None]:
-    """The pass; its outcome, and whether every child was applied (False: retry it).
+) -> tuple[str, bool | None, bool]:
+    """The pass; its outcome, whether every child was applied (False: retry it), and whether
+    a drain waits on time or on pods leaving (look again at the next resync).
 
     None: there was nothing to apply (the relay is gone or going).
     """
@@ -531,12 +577,12 @@ async def _reconcile(
         for verdict in judge_routes(None, None, routes, secret_keys):
             status = route_status(verdict, relay_name=name, relay_ready=False, clock=ctx.clock)
             await _write_route_status(ctx, verdict, status)
-        return "ok", None
+        return "ok", None, False
     if relay.deleting:
         # Going away (kopf's finalizer holds it a moment): rendering it now would only roll
         # its pods; the pass after its deletion tells the routes.
         log.debug("Skipped the pass of MailRelay %s/%s: it is being deleted", namespace, name)
-        return "ok", None
+        return "ok", None, False
 
     problem = name_problem(name)
     try:
@@ -560,6 +606,8 @@ async def _reconcile(
     refused: ApplyProblem | None = None
     pods_synced = True
     config_ok = False
+    recheck = False
+    drain_ok = True
     if spec is None or problem is not None:
         updates.append(ConditionUpdate(CONFIG_RENDERED, "False", "InvalidSpec", problem or ""))
         outcome = "invalid"
@@ -573,9 +621,30 @@ async def _reconcile(
             selector=ctx.settings.secret_selector,
             metrics=ctx.metrics,
         )
-        updates.append(_with_app_problems(refs, app_problems))
+        handoff_keys = secret_keys(handoff_secret_name(name))
+        handoff = await ensure_handoff_secret(
+            ctx.applier.client,
+            inputs,
+            handoff_keys if isinstance(handoff_keys, frozenset) else None,
+            indices.secret_version(namespace, handoff_secret_name(name)),
+            ctx.states.get(namespace, name).handoff_secret_version,
+            selector=ctx.settings.secret_selector,
+            metrics=ctx.metrics,
+        )
+        ctx.states.get(namespace, name).handoff_secret_version = handoff.checked_version
+        updates.append(_with_generated_problems(refs, app_problems, handoff.problem))
         try:
-            rendered = render_relay(inputs, verdicts, ctx.settings)
+            cap = drain.capped_replicas(
+                spec.replicas,
+                indices.drain_jobs_for(namespace, name),
+                indices.claims_for(namespace, name),
+            )
+            rendered = render_relay(
+                inputs,
+                verdicts,
+                ctx.settings,
+                statefulset_replicas=cap if cap != spec.replicas else None,
+            )
         except RelayConfigError as error:
             updates.append(
                 ConditionUpdate(
@@ -600,6 +669,11 @@ async def _reconcile(
                     ctx, inputs, reload_marks(rendered.config_hash, versions)
                 )
             refused = next((p for p in problems if p.kind == "StatefulSet"), None)
+            draining = await _drain(
+                ctx, indices, relay, inputs, rendered, statefulset_applied=refused is None
+            )
+            updates.append(draining.condition)
+            recheck, drain_ok = draining.recheck, draining.ok
             updates.append(
                 ConditionUpdate(
                     CONFIG_RENDERED,
@@ -648,12 +722,104 @@ async def _reconcile(
         )
     )
     # A refused child or a missing ServiceMonitor CRD can be fixed outside every input.
-    settled = pods_synced and not any(
-        (u.type in (CHILDREN_APPLIED, SERVICE_MONITOR) and u.status != "True")
-        or u.reason == APP_CREDENTIALS_NOT_READY
-        for u in updates
+    settled = (
+        pods_synced
+        and drain_ok
+        and not any(
+            (u.type in (CHILDREN_APPLIED, SERVICE_MONITOR) and u.status != "True")
+            or u.reason in (APP_CREDENTIALS_NOT_READY, HANDOFF_SECRET_NOT_READY)
+            for u in updates
+        )
     )
-    return outcome, settled
+    return outcome, settled, recheck
+
+
+@dataclass(frozen=True)
+class DrainOutcome:
+    """The drain step of a pass: its condition, whether to look again, whether all went."""
+
+    condition: ConditionUpdate
+    recheck: bool
+    ok: bool
+
+
+async def _drain(
+    ctx: Context,
+    indices: Indices,
+    info: ObjectInfo,
+    relay: RelayInputs,
+    rendered: RenderedRelay,
+    *,
+    statefulset_applied: bool,
+) -> DrainOutcome:
+    """Gather, decide and act on the spool volumes of removed pods (drain.py)."""
+    namespace, name = relay.namespace, relay.name
+    state = ctx.states.get(namespace, name)
+    claims = indices.claims_for(namespace, name)
+    jobs = indices.drain_jobs_for(namespace, name)
+    live = indices.child(("StatefulSet", namespace, name))
+    (statefulset,) = [c for c in rendered.children if c["kind"] == "StatefulSet"]
+    sts_status = live.status if live is not None else {}
+    settled = (
+        statefulset_applied
+        and live is not None
+        and live.applied_hash == applied_hash(statefulset)
+        and int(sts_status.get("observedGeneration") or 0) >= live.generation
+    )
+    pods: frozenset[int] | None = None
+    if drain.wants_pod_list(
+        relay.spec.replicas, claims, jobs, int(sts_status.get("replicas") or 0)
+    ):
+        pods = await drain.pod_ordinals(ctx.applier.client, relay)
+    uids = {job.uid for job in jobs}
+    for stale in [uid for uid in state.drain_reports if uid not in uids]:
+        del state.drain_reports[stale]
+    state.drain_told &= uids
+    for job in jobs:
+        if job.state != "running" and job.uid not in state.drain_reports:
+            state.drain_reports[job.uid] = await drain.read_report(
+                ctx.applier.client, namespace, job.name
+            )
+    plan = drain.plan_drains(
+        drain.DrainInputs(
+            relay=name,
+            replicas=relay.spec.replicas,
+            policy=relay.spec.queue.on_scale_down,
+            claims=claims,
+            jobs=jobs,
+            pod_ordinals=pods,
+            statefulset_settled=settled,
+            ready_pods=int(sts_status.get("readyReplicas") or 0),
+            now=ctx.clock(),
+            attempts=state.drain_attempts,
+            reports=state.drain_reports,
+            told=frozenset(state.drain_told),
+        )
+    )
+    outcome = await drain.act(ctx.applier.client, relay, plan, statefulset, ctx.settings)
+    state.drain_attempts = dict(plan.attempts)
+    state.drain_told |= set(plan.told)
+    for event in plan.events:
+        if event.created is not None and event.created not in outcome.created:
+            continue  # not created after all (the cache lagged): the next pass tells
+        ctx.post_event(info, event.type, event.reason, event.message)
+    condition = plan.condition
+    assert condition is not None
+    if outcome.failures:
+        ctx.metrics.errors.labels("MailRelay").inc()
+        log.warning(
+            "Could not carry out every drain step of MailRelay %s/%s: %s",
+            namespace,
+            name,
+            "; ".join(outcome.failures),
+        )
+        condition = ConditionUpdate(
+            drain.DRAINING,
+            "True",
+            "DrainActionFailed",
+            f"{condition.message} The API server refused: {' | '.join(outcome.failures)}",
+        )
+    return DrainOutcome(condition, plan.recheck, not outcome.failures)
 
 
 async def _sync_pods(ctx: Context, relay: RelayInputs, marks: dict[str, str]) -> bool:
@@ -742,6 +908,8 @@ def apply_problem(
     kind: str, name: str, error: BaseException, resync_seconds: float
 ) -> ApplyProblem:
     """The refusal of one child, with the hint that fits its cause (pure)."""
+    if isinstance(error, NotOwned):
+        return ApplyProblem(kind, name, CHILD_NOT_OWNED, f"{error}.")
     status = getattr(error, "status", None)
     api_reason = str(getattr(status, "reason", None) or "")
     text = _api_message(error).rstrip(". ")
@@ -871,13 +1039,14 @@ async def _apply_children(
             relay.name,
             "; ".join(failures),
         )
+        if any(problem.reason == CHILD_NOT_OWNED for problem in problems):
+            # An object in the way is not the API server's refusal: name it (the Event of
+            # this condition's flip tells the user which object to move).
+            reason, text = CHILD_NOT_OWNED, "Not applied: "
+        else:
+            reason, text = "ApplyFailed", "The API server refused: "
         updates.append(
-            ConditionUpdate(
-                CHILDREN_APPLIED,
-                "False",
-                "ApplyFailed",
-                f"The API server refused: {' | '.join(failures)}",
-            )
+            ConditionUpdate(CHILDREN_APPLIED, "False", reason, text + " | ".join(failures))
         )
     else:
         updates.append(
@@ -907,6 +1076,7 @@ async def _write_relay_status(
         ROUTES_RESOLVED,
         SECRETS_RESOLVED,
         SERVICE_MONITOR,
+        drain.DRAINING,
     ]
     conditions.sort(key=lambda c: order.index(c["type"]) if c["type"] in order else len(order))
     status: dict[str, Any] = {
@@ -929,6 +1099,8 @@ async def _write_relay_status(
         status,
     )
     for condition in conditions:
+        if condition["type"] == drain.DRAINING:
+            continue  # its own Events (DrainStarted, DrainSucceeded, ...) tell each step
         # A new relay is not Ready yet: that is expected, not news; a later flip is.
         first_ready = condition["type"] == READY and find_condition(before, READY) is None
         if not first_ready and worth_an_event(before, conditions, condition["type"]):

@@ -27,8 +27,11 @@ from mailrelay.operator import models
 from mailrelay.operator.relay_config import (
     CONFIG_DIR,
     CONFIG_KEY,
+    HANDOFF_PORT,
+    HANDOFF_PORT_NAME,
     SPOOL_DIR,
     SecretMount,
+    headless_service_name,
 )
 from mailrelay.operator.settings import OperatorSettings
 
@@ -70,10 +73,6 @@ def config_map_name(relay: str) -> str:
     return f"{relay}-config"
 
 
-def headless_service_name(relay: str) -> str:
-    return f"{relay}-headless"
-
-
 def service_account_name(relay: str) -> str:
     """The relay pods' own ServiceAccount. Never the relay's bare name: a relay may be called
     ``default``, and the namespace's own ``default`` account must never be taken over."""
@@ -81,11 +80,39 @@ def service_account_name(relay: str) -> str:
 
 
 HEADLESS_COMPONENT = "relay-peers"
+DRAIN_COMPONENT = "drain"
+# The drain Jobs' pods must never be selected by the relay's Services or its PDB (which select
+# app.kubernetes.io/name=mailrelay): a drain pod serves no client.
+DRAIN_APP_NAME = "mailrelay-drain"
+# kubelet's own margin after the relay's drain and hand-off deadlines (process exit, logs).
+GRACE_MARGIN_SECONDS = 10
 
 
 def selector_labels(relay: RelayInputs) -> dict[str, str]:
     """The labels that select this relay's pods (stable across upgrades)."""
     return {"app.kubernetes.io/name": "mailrelay", "app.kubernetes.io/instance": relay.name}
+
+
+def drain_pod_labels(relay: RelayInputs) -> dict[str, str]:
+    """The drain Jobs' pods: this relay's instance, but not selected as relay pods."""
+    return {
+        "app.kubernetes.io/name": DRAIN_APP_NAME,
+        "app.kubernetes.io/instance": relay.name,
+        "app.kubernetes.io/component": DRAIN_COMPONENT,
+        "app.kubernetes.io/part-of": "mailrelay",
+        "app.kubernetes.io/managed-by": MANAGED_BY,
+    }
+
+
+def termination_grace_seconds(settings: OperatorSettings) -> int:
+    """A relay pod's grace period: the preStop sleep, then finishing sessions and deliveries in
+    flight (``drain_seconds``), then handing the queue to peers (``handoff_seconds``)."""
+    return (
+        PRESTOP_SLEEP_SECONDS
+        + settings.drain_seconds
+        + settings.handoff_seconds
+        + GRACE_MARGIN_SECONDS
+    )
 
 
 def labels(relay: RelayInputs, component: str = "relay") -> dict[str, str]:
@@ -213,12 +240,26 @@ def render_service(relay: RelayInputs, settings: OperatorSettings) -> dict[str, 
 
 
 def render_headless_service(relay: RelayInputs, settings: OperatorSettings) -> dict[str, Any]:
-    """The StatefulSet's governing Service: stable per-pod DNS names, not-ready pods too.
+    """The StatefulSet's governing Service, and the peers of the queue hand-off.
+
+    Its DNS name (``handoff.peers`` of the relay config) resolves to the READY relay pods
+    only: a pod that is leaving (not ready, or terminating) or not started yet must never be
+    handed mail, so not-ready addresses are not published. It carries the ``handoff`` port,
+    which the client Service does not.
 
     Its own component label keeps the ServiceMonitor (which selects component=relay) from
     scraping every pod twice, once through each Service.
     """
     del settings
+    ports = _service_ports(relay.spec)
+    ports.append(
+        {
+            "name": HANDOFF_PORT_NAME,
+            "port": HANDOFF_PORT,
+            "targetPort": HANDOFF_PORT_NAME,
+            "protocol": "TCP",
+        }
+    )
     return {
         "apiVersion": "v1",
         "kind": "Service",
@@ -226,9 +267,9 @@ def render_headless_service(relay: RelayInputs, settings: OperatorSettings) -> d
         "spec": {
             "clusterIP": "None",
             "ipFamilyPolicy": "PreferDualStack",
-            "publishNotReadyAddresses": True,
+            "publishNotReadyAddresses": False,
             "selector": selector_labels(relay),
-            "ports": _service_ports(relay.spec),
+            "ports": ports,
         },
     }
 
@@ -292,12 +333,22 @@ def aws_web_identity(
 
 
 def render_pdb(relay: RelayInputs, settings: OperatorSettings) -> dict[str, Any] | None:
-    """A PodDisruptionBudget, or None when turned off or pointless (fewer than 2 replicas)."""
+    """A PodDisruptionBudget, or None when turned off or pointless (fewer than 2 replicas).
+
+    ``unhealthyPodEvictionPolicy: AlwaysAllow``: a relay pod that is not ready serves no
+    client, and its queue is safe either way (on SIGTERM it hands its mail to the ready pods,
+    or keeps it on its spool volume for its successor or a drain Job). With the default
+    (``IfHealthyBudget``) a crash-looping relay would block every node drain while the budget
+    is used up; evicting it loses nothing and lets the drain go on (docs/scaling.md).
+    """
     del settings
     budget = relay.spec.pod_disruption_budget
     if not budget.enabled or relay.spec.replicas < 2:
         return None
-    spec: dict[str, Any] = {"selector": {"matchLabels": selector_labels(relay)}}
+    spec: dict[str, Any] = {
+        "selector": {"matchLabels": selector_labels(relay)},
+        "unhealthyPodEvictionPolicy": "AlwaysAllow",
+    }
     if budget.min_available is not None:
         spec["minAvailable"] = budget.min_available
     else:
@@ -329,6 +380,16 @@ def render_networkpolicy(
     smtp_ports = [{"protocol": "TCP", "port": port} for _, port in _ports(relay.spec)]
     if peers:
         ingress.append({"from": peers, "ports": smtp_ports})
+    # The queue hand-off: only from this relay's own pods and its drain Jobs' pods.
+    ingress.append(
+        {
+            "from": [
+                {"podSelector": {"matchLabels": selector_labels(relay)}},
+                {"podSelector": {"matchLabels": _selector_of(drain_pod_labels(relay))}},
+            ],
+            "ports": [{"protocol": "TCP", "port": HANDOFF_PORT}],
+        }
+    )
     ingress.append({"ports": [{"protocol": "TCP", "port": relay.spec.metrics.port}]})
     return {
         "apiVersion": "networking.k8s.io/v1",
@@ -340,6 +401,11 @@ def render_networkpolicy(
             "ingress": ingress,
         },
     }
+
+
+def _selector_of(pod_labels: Mapping[str, str]) -> dict[str, str]:
+    keys = ("app.kubernetes.io/name", "app.kubernetes.io/instance")
+    return {key: pod_labels[key] for key in keys}
 
 
 def render_servicemonitor(relay: RelayInputs, settings: OperatorSettings) -> dict[str, Any] | None:
@@ -419,9 +485,14 @@ def render_statefulset(
     mounts: Sequence[SecretMount],
     settings: OperatorSettings,
     ambient_aws: bool = False,
+    replicas: int | None = None,
 ) -> dict[str, Any]:
     """The relay pods: hardened container, probes, drain on stop, spool per pod; with
-    `ambient_aws` (an SES route without keys is bound) the AWS web identity, if opted in."""
+    `ambient_aws` (an SES route without keys is bound) the AWS web identity, if opted in.
+
+    ``replicas`` overrides ``spec.replicas`` while a drain Job holds the spool volume of an
+    ordinal the spec asks for again (``drain.capped_replicas``).
+    """
     spec = relay.spec
     persistent = wants_persistence(spec)
     container_ports = [
@@ -429,6 +500,9 @@ def render_statefulset(
     ]
     container_ports.append(
         {"name": METRICS_PORT_NAME, "containerPort": spec.metrics.port, "protocol": "TCP"}
+    )
+    container_ports.append(
+        {"name": HANDOFF_PORT_NAME, "containerPort": HANDOFF_PORT, "protocol": "TCP"}
     )
     volume_mounts = [
         {"name": "config", "mountPath": str(CONFIG_DIR), "readOnly": True},
@@ -470,7 +544,8 @@ def render_statefulset(
             "failureThreshold": 3,
         },
         # The sleep lets endpoints drop the pod before SIGTERM; the relay then stops
-        # accepting, finishes deliveries in flight and exits (shutdown_grace_seconds).
+        # accepting, finishes deliveries in flight (shutdown_grace_seconds), hands its queue
+        # to the ready pods (handoff.deadline_seconds) and exits.
         "lifecycle": {"preStop": {"sleep": {"seconds": PRESTOP_SLEEP_SECONDS}}},
         "resources": _resources(relay, settings),
         "securityContext": {
@@ -486,7 +561,7 @@ def render_statefulset(
     pod_spec: dict[str, Any] = {
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,
-        "terminationGracePeriodSeconds": settings.drain_seconds + PRESTOP_SLEEP_SECONDS + 10,
+        "terminationGracePeriodSeconds": termination_grace_seconds(settings),
         "securityContext": {
             "runAsNonRoot": True,
             "runAsUser": RELAY_UID,
@@ -521,7 +596,7 @@ def render_statefulset(
         "kind": "StatefulSet",
         "metadata": _metadata(relay, relay.name),
         "spec": {
-            "replicas": spec.replicas,
+            "replicas": spec.replicas if replicas is None else replicas,
             "serviceName": headless_service_name(relay.name),
             "podManagementPolicy": "Parallel",
             "selector": {"matchLabels": selector_labels(relay)},

@@ -75,6 +75,15 @@ class OperatorSettings(BaseSettings):
         le=3600,
         description="Time a relay pod gets to finish deliveries in flight before it is killed.",
     )
+    handoff_seconds: int = Field(
+        default=60,
+        ge=1,
+        le=3600,
+        description=(
+            "Time a leaving relay pod (or a drain Job) hands its queue to the other pods before "
+            "it keeps the rest on its spool volume (handoff.deadline_seconds)."
+        ),
+    )
     workers: int = Field(default=8, ge=1, le=256, description="MailRelays reconciled concurrently.")
     settle_seconds: float = Field(
         default=0.5,

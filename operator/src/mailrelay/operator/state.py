@@ -42,6 +42,14 @@ class RelayState:
     settled: tuple[Any, ...] | None = None
     # The marks (config hash, Secret versions) the live pods were last seen or made to carry.
     pods_synced: dict[str, str] | None = None
+    # The resourceVersion of the hand-off Secret last found owned and complete (handoff.py).
+    handoff_secret_version: str | None = None
+    # Drain Jobs: the attempt each ordinal's last Job was (drain.py), for the retry backoff.
+    drain_attempts: dict[int, int] = field(default_factory=dict)
+    # Reports of finished drain Jobs by uid (drain.DrainReport or None), read once each, and
+    # the uids whose outcome an Event has told.
+    drain_reports: dict[str, Any] = field(default_factory=dict)
+    drain_told: set[str] = field(default_factory=set)
     # What our last apply of each child produced (apply.py decides from it).
     applied: dict[ChildKey, Remembered] = field(default_factory=dict)
     # Work queue: the priority of the waiting entry, a pass running, asked again meanwhile.

@@ -46,6 +46,8 @@ __all__ = [
     "ClientLimitsConfig",
     "ConfigError",
     "DeliveryConfig",
+    "HandoffConfig",
+    "HandoffListen",
     "LimitsConfig",
     "ListenerConfig",
     "MetricsConfig",
@@ -325,6 +327,34 @@ class MetricsConfig(_Model):
 
     host: str = Field(default="0.0.0.0", description="Address the metrics server binds to.")
     port: int = Field(default=9090, ge=0, le=65535, description="Metrics and health port.")
+
+
+class HandoffListen(_Model):
+    """Where the peer hand-off listener binds."""
+
+    host: str = Field(
+        default="", description="Address to bind; empty: every address of both families."
+    )
+    port: int = Field(default=2526, ge=1, le=65535, description="Hand-off port.")
+
+
+class HandoffConfig(_Model):
+    """Queue hand-off between relay pods when one leaves (issue 13; absent: off)."""
+
+    listen: HandoffListen = Field(
+        default_factory=HandoffListen, description="The peer hand-off listener."
+    )
+    token_file: Path = Field(description="Shared secret that proves a hand-off request.")
+    peers: str = Field(
+        min_length=1,
+        max_length=253,
+        description="DNS name resolving to the ready relay pods (the headless Service).",
+    )
+    deadline_seconds: float = Field(
+        default=60,
+        gt=0,
+        description="How long a leaving pod hands off before it keeps the rest on its spool.",
+    )
 
 
 class RateLimit(_Model):
@@ -835,6 +865,9 @@ class RelayConfig(_Model):
     log_format: Literal["text", "json"] = Field(default="text", description="Log line format.")
     shutdown_grace_seconds: float = Field(
         default=30, ge=0, description="Time deliveries in flight get to finish on SIGTERM."
+    )
+    handoff: HandoffConfig | None = Field(
+        default=None, description="Queue hand-off to peers on shutdown; absent: off."
     )
     postmaster: str | None = Field(
         default=None,
