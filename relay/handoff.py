@@ -1,0 +1,594 @@
+"""Hand-off of queued mail between relays: the receiving listener and the sending side.
+
+A relay that leaves (SIGTERM) or a drain of a spool left behind (`drain.py`) sends every
+queued message to ready peers, found by resolving `handoff.peers` (A and AAAA) and
+leaving out this relay's own addresses. The protocol is in `handoff_wire.py`.
+
+Receiving (`HandoffServer`): an aiohttp listener on `handoff.listen`, separate from SMTP.
+A request must carry a valid HMAC made with the shared token (401 without, 403 when wrong
+or stale); its batch is queued with `Spool.adopt` (durable before the answer, one copy per
+queue id), then handed to the delivery engine like mail received over SMTP, with its
+attempts, per-recipient state and first arrival kept: no bounce, no restart of the retry
+schedule. At most `_RECEIVE_SLOTS` batches are read at once per process.
+
+Sending (`hand_off`): every queued message is leased (the spool's claim, so another
+process never works on it meanwhile), packed into batches of at most one largest message's
+worth of bytes (`_BATCH_TARGET_BYTES` usually), sent to a peer, and forgotten here only
+after the peer's signed answer says it holds it (`Spool.hand_over`). A peer that fails is
+skipped for the round and its batch goes to another; the name is resolved again each
+round, until the queue is empty or the deadline passes. What is left stays queued.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import ipaddress
+import logging
+import os
+import secrets
+import socket
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+from aiohttp import web
+
+from mailrelay.relay import handoff_wire as wire
+from mailrelay.relay.budget import ByteBudget
+from mailrelay.relay.config import HandoffConfig
+from mailrelay.relay.metrics import HandoffMetrics
+from mailrelay.relay.spool import MessageLease, QueueEntry, Spool, SpoolError
+from mailrelay.relay.spool_format import QID_RE
+
+__all__ = [
+    "INSTANCE_ENV",
+    "HandoffResult",
+    "HandoffServer",
+    "hand_off",
+    "instance_id",
+    "local_addresses",
+    "read_token",
+    "resolve_peers",
+]
+
+log = logging.getLogger(__name__)
+
+# Worker processes of one relay share the instance id of worker 0 (see `main.py`).
+INSTANCE_ENV = "MAILRELAY_HANDOFF_INSTANCE"
+_RECEIVE_SLOTS = 2
+_SEND_PER_PEER = 2
+_BATCH_TARGET_BYTES = 1 << 20
+_REQUEST_TIMEOUT_SECONDS = 60.0
+_CONNECT_TIMEOUT_SECONDS = 3.0
+# Threshold above which hashing a body goes to a thread (a few ms of CPU).
+_HASH_IN_THREAD_BYTES = 1 << 20
+
+
+def instance_id() -> str:
+    """This relay's id for the hand-off (shared by its worker processes)."""
+    value = os.environ.get(INSTANCE_ENV)
+    if not value:
+        value = secrets.token_hex(8)
+        os.environ[INSTANCE_ENV] = value  # inherited by the workers worker 0 starts
+    return value
+
+
+def read_token(path: Path) -> bytes | None:
+    """The shared token (blocking), or None if the file is missing or empty."""
+    try:
+        token = path.read_bytes().strip()
+    except OSError as exc:
+        log.error("Could not read the hand-off token file %s: %s", path, exc.strerror)
+        return None
+    if not token:
+        log.error("The hand-off token file %s is empty", path)
+        return None
+    return token
+
+
+async def _digest(body: bytes) -> str:
+    if len(body) > _HASH_IN_THREAD_BYTES:
+        return await asyncio.to_thread(wire.body_digest, body)
+    return wire.body_digest(body)
+
+
+# -- receiving ------------------------------------------------------------------------
+
+
+class HandoffServer:
+    """The listener peers hand their queue to."""
+
+    def __init__(
+        self,
+        config: HandoffConfig,
+        *,
+        spool: Spool,
+        metrics: HandoffMetrics,
+        max_message_size: int,
+        instance: str,
+        on_stored: Callable[[QueueEntry], None] | None = None,
+        reuse_port: bool = False,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._config = config
+        self._spool = spool
+        self._metrics = metrics
+        self._max_message_size = max_message_size
+        self._instance = instance
+        self._on_stored = on_stored
+        self._reuse_port = reuse_port
+        self._clock = clock
+        self._token: bytes | None = None
+        self._slots = asyncio.Semaphore(_RECEIVE_SLOTS)
+        self._runner: web.AppRunner | None = None
+        self._site: web.TCPSite | None = None
+        self.accepting = False
+
+    @property
+    def port(self) -> int:
+        """The bound port (useful with port 0)."""
+        assert self._runner is not None
+        for address in self._runner.addresses:
+            return int(address[1])
+        raise RuntimeError("the hand-off listener is not bound")
+
+    async def start(self) -> None:
+        """Read the token and open the listener."""
+        self._token = await asyncio.to_thread(read_token, self._config.token_file)
+        app = web.Application(client_max_size=wire.max_request_bytes(self._max_message_size))
+        app.router.add_post(wire.PATH, self._handle)
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await self._runner.setup()
+        host = self._config.listen.host or None  # None: every address, both families
+        self._site = web.TCPSite(
+            self._runner, host, self._config.listen.port, reuse_port=self._reuse_port
+        )
+        await self._site.start()
+        self.accepting = True
+        log.info("Listening for hand-offs from peers on port %d", self.port)
+
+    async def apply(self, config: HandoffConfig, max_message_size: int) -> None:
+        """Adopt a reloaded config: the token is read again (the listener stays)."""
+        self._token = await asyncio.to_thread(read_token, config.token_file)
+        self._config = config
+        self._max_message_size = max_message_size
+
+    async def close(self) -> None:
+        """Refuse further requests and close the listener."""
+        self.accepting = False
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    def _fail(self, status: int, reason: str, text: str) -> web.Response:
+        self._metrics.failures.labels(reason).inc()
+        return web.Response(status=status, text=text + "\n")
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        token = self._token
+        if not self.accepting or token is None:
+            return web.Response(status=503, text="not accepting hand-offs\n")
+        headers = request.headers
+        if not headers.get("Authorization") or not headers.get(wire.H_NONCE):
+            return self._fail(401, "unauthorized", "a signed request is required")
+        size = request.content_length
+        limit = wire.max_request_bytes(self._max_message_size)
+        if size is None or size > limit:
+            return self._fail(413, "bad_request", f"the body must have a length of at most {limit}")
+        async with self._slots:
+            try:
+                body = await request.read()
+            except web.HTTPRequestEntityTooLarge:
+                return self._fail(413, "bad_request", "the body is too large")
+            verdict = wire.verify_request(
+                token,
+                method=request.method,
+                path=request.path,
+                headers=_plain(headers),
+                digest=await _digest(body),
+                now=self._clock(),
+            )
+            if verdict == "missing":
+                return self._fail(401, "unauthorized", "a signed request is required")
+            if verdict != "ok":
+                return self._fail(403, "forbidden", "the request's signature is not valid")
+            if headers[wire.H_INSTANCE] == self._instance:
+                return web.Response(status=409, text="a relay does not hand off to itself\n")
+            try:
+                messages = list(wire.decode_batch(body))
+                for entry, _ in messages:
+                    _check_entry(entry)
+            except wire.WireError as exc:
+                return self._fail(400, "bad_request", str(exc))
+            del body
+            try:
+                outcomes = await self._spool.adopt(messages)
+            except (OSError, SpoolError) as exc:
+                log.error(
+                    "Failed to queue %d message(s) handed off by a peer: %s", len(messages), exc
+                )
+                return self._fail(500, "store", "the spool could not store the batch")
+        stored = 0
+        for (entry, _), outcome in zip(messages, outcomes, strict=True):
+            if outcome == "stored":
+                stored += 1
+                if self._on_stored is not None:
+                    self._on_stored(entry)
+        self._metrics.messages.labels("received").inc(stored)
+        self._metrics.messages.labels("duplicate").inc(len(outcomes) - stored)
+        log.info(
+            "Received %d message(s) from a peer (%d already held here)",
+            stored,
+            len(outcomes) - stored,
+        )
+        answer = (
+            wire.BatchResult(
+                results=[
+                    wire.MessageResult(queue_id=entry.queue_id, status=outcome)
+                    for (entry, _), outcome in zip(messages, outcomes, strict=True)
+                ]
+            )
+            .model_dump_json()
+            .encode()
+        )
+        signature = wire.sign_response(token, headers[wire.H_NONCE], answer)
+        return web.Response(
+            body=answer,
+            content_type="application/json",
+            headers={wire.H_SIGNATURE: signature},
+        )
+
+
+def _plain(headers: Mapping[str, str]) -> dict[str, str]:
+    names = ("Authorization", wire.H_TIMESTAMP, wire.H_NONCE, wire.H_INSTANCE)
+    return {name: headers.get(name, "") for name in names}
+
+
+def _check_entry(entry: QueueEntry) -> None:
+    if not QID_RE.match(entry.queue_id):
+        raise wire.WireError(f"queue id {entry.queue_id!r} is not a relay's queue id")
+    if not entry.recipients:
+        raise wire.WireError(f"message {entry.queue_id} has no recipients")
+
+
+# -- finding peers --------------------------------------------------------------------
+
+
+def local_addresses() -> set[str]:
+    """Every address of this host's interfaces (blocking; /proc on Linux), normalised."""
+    found: set[str] = set()
+    with contextlib.suppress(OSError):
+        last = ""
+        for line in Path("/proc/net/fib_trie").read_text().splitlines():
+            text = line.strip()
+            if text.startswith("|--"):
+                last = text[3:].strip()
+            elif text == "/32 host LOCAL" and last:
+                found.add(last)
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/net/if_inet6").read_text().splitlines():
+            raw = line.split()[0]
+            found.add(str(ipaddress.IPv6Address(bytes.fromhex(raw))))
+    with contextlib.suppress(OSError):
+        for info in socket.getaddrinfo(socket.gethostname(), None):
+            found.add(_normal(str(info[4][0])))
+    return found
+
+
+def _normal(address: str) -> str:
+    try:
+        return str(ipaddress.ip_address(address.split("%", 1)[0]))
+    except ValueError:
+        return address
+
+
+async def resolve_peers(
+    config: HandoffConfig, own: Iterable[str], own_port: int
+) -> list[tuple[str, int]]:
+    """The peers' (address, port), A and AAAA, without this relay's own listener.
+
+    Resolved through the event loop's resolver (in its executor: never blocking the loop).
+    An address of this host on our own hand-off port is ourselves.
+    """
+    loop = asyncio.get_running_loop()
+    mine = {_normal(a) for a in own}
+    out: list[tuple[str, int]] = []
+    for host, port in config.peer_targets():
+        try:
+            infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except OSError as exc:
+            log.info("Found no peers at %s: %s", host, exc)
+            continue
+        for info in infos:
+            address = _normal(str(info[4][0]))
+            if address in mine and port == own_port:
+                continue
+            if (address, port) not in out:
+                out.append((address, port))
+    return out
+
+
+# -- sending --------------------------------------------------------------------------
+
+
+@dataclass
+class HandoffResult:
+    """What a hand-off did: messages handed off, and whether peers were found at all."""
+
+    handed_off: int = 0
+    peers_found: bool = False
+
+
+class _PeerFailed(Exception):
+    def __init__(self, reason: str, detail: str, status: int | None = None) -> None:
+        super().__init__(detail)
+        self.reason = reason
+        self.status = status
+
+
+@dataclass
+class _Round:
+    work: collections.deque[str]
+    refused: set[str]
+    handed_off: int = 0
+
+
+async def hand_off(
+    spool: Spool,
+    config: HandoffConfig,
+    *,
+    metrics: HandoffMetrics,
+    instance: str,
+    deadline: float,
+    max_message_size: int,
+    budget: ByteBudget | None = None,
+    own_addresses: Iterable[str] | None = None,
+    stop_when_no_peers: bool = True,
+) -> HandoffResult:
+    """Hand every queued message of `spool` to peers until it is empty or the loop time
+    `deadline` passes. With `stop_when_no_peers`, return as soon as a resolution finds no
+    peer (the caller keeps the mail, or delivers it); otherwise keep trying until the
+    deadline.
+    """
+    loop = asyncio.get_running_loop()
+    result = HandoffResult()
+    token = await asyncio.to_thread(read_token, config.token_file)
+    if token is None:
+        return result
+    own = (
+        set(own_addresses)
+        if own_addresses is not None
+        else await asyncio.to_thread(local_addresses)
+    )
+    budget = budget or ByteBudget(max(max_message_size, 16 << 20))
+    batch_bytes = min(max_message_size, _BATCH_TARGET_BYTES)
+    metrics.in_progress.set(1)
+    refused: set[str] = set()
+    timeout = aiohttp.ClientTimeout(
+        total=_REQUEST_TIMEOUT_SECONDS, sock_connect=_CONNECT_TIMEOUT_SECONDS
+    )
+    try:
+        async with aiohttp.ClientSession(timeout=timeout) as http:
+            while loop.time() < deadline:
+                ids = [q for q in await asyncio.to_thread(spool.queue_ids) if q not in refused]
+                if not ids:
+                    break
+                peers = await resolve_peers(config, own, config.listen.port)
+                if not peers:
+                    metrics.failures.labels("resolve").inc()
+                    if stop_when_no_peers:
+                        break
+                    await asyncio.sleep(min(1.0, max(0.0, deadline - loop.time())))
+                    continue
+                result.peers_found = True
+                state = _Round(collections.deque(ids), refused)
+                sender = _Sender(
+                    http,
+                    spool=spool,
+                    token=token,
+                    instance=instance,
+                    metrics=metrics,
+                    budget=budget,
+                    batch_bytes=batch_bytes,
+                )
+                remaining = deadline - loop.time()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(remaining):
+                        await asyncio.gather(
+                            *(
+                                sender.run(peer, state)
+                                for peer in peers
+                                for _ in range(_SEND_PER_PEER)
+                            )
+                        )
+                result.handed_off += state.handed_off
+                if state.handed_off == 0:
+                    # Nothing moved (every peer failed, or every message was busy): pause
+                    # before the next round rather than spin.
+                    await asyncio.sleep(min(1.0, max(0.0, deadline - loop.time())))
+    finally:
+        metrics.in_progress.set(0)
+    return result
+
+
+class _Sender:
+    """Sends batches to peers for one round of `hand_off`."""
+
+    def __init__(
+        self,
+        http: aiohttp.ClientSession,
+        *,
+        spool: Spool,
+        token: bytes,
+        instance: str,
+        metrics: HandoffMetrics,
+        budget: ByteBudget,
+        batch_bytes: int,
+    ) -> None:
+        self._http = http
+        self._spool = spool
+        self._token = token
+        self._instance = instance
+        self._metrics = metrics
+        self._budget = budget
+        self._batch_bytes = batch_bytes
+        self._failed: set[tuple[str, int]] = set()
+
+    async def run(self, peer: tuple[str, int], state: _Round) -> None:
+        """Send batches to `peer` until the round's work is gone or the peer fails."""
+        while state.work and peer not in self._failed:
+            count = min(len(state.work), wire.MAX_BATCH_MESSAGES)
+            candidates = [state.work.popleft() for _ in range(count)]
+            leases, unused = await asyncio.to_thread(self._lease, candidates)
+            state.work.extendleft(reversed(unused))
+            if not leases:
+                continue
+            try:
+                size = sum(lease.entry.size for lease in leases)
+                reservation = await self._budget.reserve(size)
+                try:
+                    datas = await asyncio.to_thread(_read_all, leases)
+                    unreadable = [
+                        lease for lease, data in zip(leases, datas, strict=True) if data is None
+                    ]
+                    if unreadable:
+                        state.refused.update(lease.queue_id for lease in unreadable)
+                        await _release(unreadable)
+                        leases = [lease for lease in leases if lease not in unreadable]
+                    answer = await self._post(peer, leases, [d for d in datas if d is not None])
+                    del datas
+                finally:
+                    reservation.release()
+            except _PeerFailed as exc:
+                self._failed.add(peer)
+                self._metrics.failures.labels(exc.reason).inc()
+                ids = [lease.queue_id for lease in leases]
+                if exc.status == 413:
+                    state.refused.update(ids)  # kept here: no peer takes a message that large
+                else:
+                    state.work.extendleft(reversed(ids))
+                log.warning("Skipped peer %s for the hand-off: %s", _show(peer), exc)
+                await _release(leases)
+                return
+            except BaseException:
+                await _release(leases)
+                raise
+            held = {r.queue_id for r in answer.results}
+            done = [lease for lease in leases if lease.queue_id in held]
+            rest = [lease for lease in leases if lease.queue_id not in held]
+            try:
+                await asyncio.shield(self._spool.hand_over(done))
+            except (OSError, SpoolError) as exc:
+                # The peer holds them; here they stay queued too: delivered twice at worst.
+                log.error("Failed to forget %d message(s) handed off: %s", len(done), exc)
+                state.refused.update(lease.queue_id for lease in done)
+                done = []
+            finally:
+                await _release(rest)
+            state.work.extend(lease.queue_id for lease in rest)
+            state.handed_off += len(done)
+            self._metrics.messages.labels("sent").inc(len(done))
+
+    def _lease(self, candidates: list[str]) -> tuple[list[MessageLease], list[str]]:
+        """Claim messages for one batch (blocking): up to the batch size in bytes."""
+        leases: list[MessageLease] = []
+        total = 0
+        for index, queue_id in enumerate(candidates):
+            try:
+                lease = self._spool.lease(queue_id)
+            except (OSError, ValueError) as exc:
+                log.warning("Skipped message %s in the hand-off: %s", queue_id, exc)
+                continue
+            if isinstance(lease, str):
+                continue  # busy (another process has it) or gone
+            if leases and total + lease.entry.size > self._batch_bytes:
+                claim = lease.claim
+                if claim is not None:
+                    claim.release()
+                return leases, candidates[index:]
+            leases.append(lease)
+            total += lease.entry.size
+        return leases, []
+
+    async def _post(
+        self, peer: tuple[str, int], leases: list[MessageLease], datas: list[bytes]
+    ) -> wire.BatchResult:
+        parts: list[bytes] = []
+        for lease, data in zip(leases, datas, strict=True):
+            parts += wire.encode_message(lease.entry, data)
+        body = b"".join(parts)
+        del parts
+        timestamp = f"{time.time():.3f}"
+        nonce = secrets.token_hex(16)
+        signature = wire.sign_request(
+            self._token,
+            method="POST",
+            path=wire.PATH,
+            timestamp=timestamp,
+            nonce=nonce,
+            instance=self._instance,
+            digest=await _digest(body),
+        )
+        url = f"http://{_show(peer)}{wire.PATH}"
+        headers = {
+            "Authorization": signature,
+            wire.H_TIMESTAMP: timestamp,
+            wire.H_NONCE: nonce,
+            wire.H_INSTANCE: self._instance,
+            "Content-Type": "application/octet-stream",
+        }
+        try:
+            async with self._http.post(url, data=body, headers=headers) as response:
+                answer = await response.read()
+                status = response.status
+                signed = response.headers.get(wire.H_SIGNATURE, "")
+        except TimeoutError as exc:
+            raise _PeerFailed("timeout", "no answer in time") from exc
+        except aiohttp.ClientError as exc:
+            raise _PeerFailed("connect", f"{type(exc).__name__}: {exc}") from exc
+        if status == 409:
+            raise _PeerFailed("self", "the address is this relay itself")
+        if status != 200:
+            text = answer[:200].decode(errors="replace").strip()
+            raise _PeerFailed("refused", f"answered {status}: {text}", status)
+        if not wire.verify_response(self._token, nonce, answer, signed):
+            raise _PeerFailed("bad_answer", "the answer is not signed with the token")
+        try:
+            result = wire.BatchResult.model_validate_json(answer)
+        except ValueError as exc:
+            raise _PeerFailed("bad_answer", "the answer is not a batch result") from exc
+        sent = {lease.queue_id for lease in leases}
+        if any(r.queue_id not in sent for r in result.results):
+            raise _PeerFailed("bad_answer", "the answer names messages that were not sent")
+        return result
+
+
+def _read_all(leases: list[MessageLease]) -> list[bytes | None]:
+    """The bytes of each leased message (blocking); None for one that cannot be read."""
+    out: list[bytes | None] = []
+    for lease in leases:
+        claim = lease.claim
+        assert claim is not None  # leased from queue files
+        try:
+            out.append(Spool.read_claimed(claim))
+        except (OSError, ValueError) as exc:
+            log.error(
+                "Kept message %s: it could not be read for the hand-off: %s", lease.queue_id, exc
+            )
+            out.append(None)
+    return out
+
+
+async def _release(leases: list[MessageLease]) -> None:
+    for lease in leases:
+        with contextlib.suppress(OSError):
+            await lease.release()
+
+
+def _show(peer: tuple[str, int]) -> str:
+    host, port = peer
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
