@@ -54,7 +54,12 @@ class DrainReport(BaseModel):
 
 
 async def leave(
-    config: RelayConfig, handoff: HandoffConfig, metrics: RelayMetrics, *, budget: ByteBudget
+    config: RelayConfig,
+    handoff: HandoffConfig,
+    metrics: RelayMetrics,
+    *,
+    budget: ByteBudget,
+    instance: str,
 ) -> int:
     """Hand the stopped relay's queue to peers until the deadline; returns how many left."""
     loop = asyncio.get_running_loop()
@@ -69,7 +74,7 @@ async def leave(
             spool,
             handoff,
             metrics=metrics.handoff,
-            instance=instance_id(),
+            instance=instance,
             deadline=loop.time() + handoff.deadline_seconds,
             max_message_size=config.limits.max_message_size,
             budget=budget,

@@ -69,12 +69,9 @@ _HASH_IN_THREAD_BYTES = 1 << 20
 
 
 def instance_id() -> str:
-    """This relay's id for the hand-off (shared by its worker processes)."""
-    value = os.environ.get(INSTANCE_ENV)
-    if not value:
-        value = secrets.token_hex(8)
-        os.environ[INSTANCE_ENV] = value  # inherited by the workers worker 0 starts
-    return value
+    """A relay's id for the hand-off: inherited by a worker process from worker 0 (which
+    sets `INSTANCE_ENV` for it), else new. A relay never hands off to its own id."""
+    return os.environ.get(INSTANCE_ENV) or secrets.token_hex(8)
 
 
 def read_token(path: Path) -> bytes | None:

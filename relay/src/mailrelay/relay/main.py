@@ -35,7 +35,7 @@ from mailrelay.relay.budget import ByteBudget, budget_limit, cgroup_memory_limit
 from mailrelay.relay.config import ConfigError, RelayConfig, load_config
 from mailrelay.relay.delivery import DeliveryEngine
 from mailrelay.relay.drain import EXIT_MAIL_REMAINS, DrainError, drain, leave
-from mailrelay.relay.handoff import HandoffServer, instance_id
+from mailrelay.relay.handoff import INSTANCE_ENV, HandoffServer, instance_id
 from mailrelay.relay.health import HealthServer
 from mailrelay.relay.logging import configure_logging
 from mailrelay.relay.metrics import RelayMetrics
@@ -128,8 +128,11 @@ class RelayApp:
         metrics_port: int | None = None,
         enable_delivery: bool = True,
         reload_interval: float = 1.0,
+        instance: str | None = None,
     ) -> None:
         self.config = config
+        # Who this relay is to its peers (shared by its worker processes).
+        self.instance = instance or instance_id()
         self.config_path = config_path
         self.registry = registry if registry is not None else CollectorRegistry()
         self.metrics = RelayMetrics(self.registry)
@@ -199,7 +202,7 @@ class RelayApp:
                 spool=self.spool,
                 metrics=self.metrics.handoff,
                 max_message_size=self.config.limits.max_message_size,
-                instance=instance_id(),
+                instance=self.instance,
                 on_stored=self.engine.notify if self.engine is not None else None,
                 reuse_port=self._reuse_port,
             )
@@ -320,10 +323,10 @@ class RelayApp:
         log.info("Stopped the relay")
 
 
-def _spawn_workers(config_path: Path, count: int) -> list[subprocess.Popen[bytes]]:
+def _spawn_workers(config_path: Path, count: int, instance: str) -> list[subprocess.Popen[bytes]]:
     """Start worker processes 1..count-1 (this process is worker 0)."""
     argv = [sys.executable, "-m", "mailrelay.relay", "--config", str(config_path)]
-    env = {**os.environ, _PARENT_ENV: str(os.getpid())}
+    env = {**os.environ, _PARENT_ENV: str(os.getpid()), INSTANCE_ENV: instance}
     return [
         subprocess.Popen([*argv, "--worker-index", str(index)], env=env)
         for index in range(1, count)
@@ -397,7 +400,7 @@ async def _serve(
         codes.extend([await asyncio.to_thread(child.wait) for child in children])
         handoff = app.config.handoff
         if handoff is not None and worker_index in (None, 0):
-            await leave(app.config, handoff, app.metrics, budget=app.budget)
+            await leave(app.config, handoff, app.metrics, budget=app.budget, instance=app.instance)
 
     await app.stop(then=workers_then_handoff)
     if any(code != 0 for code in codes):
@@ -483,6 +486,11 @@ def main(argv: list[str] | None = None) -> int:
             log.error("Exited worker %d: worker 0 is already gone", worker_index)
             return EXIT_ERROR
     elif config.listener.workers > 1:
-        worker_index, children = 0, _spawn_workers(command.config, config.listener.workers)
+        instance = instance_id()
+        os.environ[INSTANCE_ENV] = instance  # worker 0's own RelayApp reads it too
+        worker_index, children = (
+            0,
+            _spawn_workers(command.config, config.listener.workers, instance),
+        )
         log.info("Started %d more relay worker processes", len(children))
     return asyncio.run(_serve(config, command.config, worker_index, children))
