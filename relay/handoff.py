@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import io
 import ipaddress
 import logging
 import os
@@ -539,7 +540,10 @@ class _Sender:
             "Content-Type": "application/octet-stream",
         }
         try:
-            async with self._http.post(url, data=body, headers=headers) as response:
+            # A file-like body: aiohttp sends it in pieces (raw bytes above 1 MiB would
+            # be copied on the loop in one go) with its Content-Length.
+            payload = io.BytesIO(body)
+            async with self._http.post(url, data=payload, headers=headers) as response:
                 answer = await response.read()
                 status = response.status
                 signed = response.headers.get(wire.H_SIGNATURE, "")

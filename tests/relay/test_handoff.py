@@ -15,6 +15,7 @@ import json
 import os
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -559,9 +560,11 @@ async def test_sigterm_with_workers_hands_off_every_workers_mail_once(
         listener={"workers": 2},
         handoff=subprocess_handoff(token_file, free_port(), [f"127.0.0.1:{peer.app.handoff_port}"]),
     )
+    # Worker 1 starts after worker 0 answers ready: wait for its own /readyz.
+    await eventually(lambda: worker_ready(leaving.health_port + 1), within=30)
     tags = []
-    for session in range(6):  # several sessions: SO_REUSEPORT spreads them over the workers
-        tags += await fill_more(leaving, 10, f"w{session}-")
+    for session in range(12):  # several sessions: SO_REUSEPORT spreads them over the workers
+        tags += await fill_more(leaving, 5, f"w{session}-")
     await eventually(lambda: len(queued(leaving.spool_dir)) == 60)
     await leaving.stop()
     assert leaving.process is not None and leaving.process.returncode == 0
@@ -571,6 +574,15 @@ async def test_sigterm_with_workers_hands_off_every_workers_mail_once(
     upstream.start()
     await eventually(lambda: len(message_ids(upstream)) == 60, 60)
     assert max(message_ids(upstream).values()) == 1
+
+
+def worker_ready(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
+            sock.sendall(b"GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            return sock.recv(64).startswith(b"HTTP/1.1 200")
+    except OSError:
+        return False
 
 
 async def fill_more(relay: RelayHandle, count: int, prefix: str) -> list[str]:
