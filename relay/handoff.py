@@ -441,8 +441,9 @@ class _Sender:
         while state.work and peer not in self._failed:
             count = min(len(state.work), wire.MAX_BATCH_MESSAGES)
             candidates = [state.work.popleft() for _ in range(count)]
-            leases, unused = await asyncio.to_thread(self._lease, candidates)
+            leases, unused, unreadable = await asyncio.to_thread(self._lease, candidates)
             state.work.extendleft(reversed(unused))
+            state.refused.update(unreadable)
             if not leases:
                 continue
             try:
@@ -450,13 +451,15 @@ class _Sender:
                 reservation = await self._budget.reserve(size)
                 try:
                     datas = await asyncio.to_thread(_read_all, leases)
-                    unreadable = [
+                    broken = [
                         lease for lease, data in zip(leases, datas, strict=True) if data is None
                     ]
-                    if unreadable:
-                        state.refused.update(lease.queue_id for lease in unreadable)
-                        await _release(unreadable)
-                        leases = [lease for lease in leases if lease not in unreadable]
+                    if broken:
+                        state.refused.update(lease.queue_id for lease in broken)
+                        await _release(broken)
+                        leases = [lease for lease in leases if lease not in broken]
+                        if not leases:
+                            continue
                     answer = await self._post(peer, leases, [d for d in datas if d is not None])
                     del datas
                 finally:
@@ -491,15 +494,21 @@ class _Sender:
             state.handed_off += len(done)
             self._metrics.messages.labels("sent").inc(len(done))
 
-    def _lease(self, candidates: list[str]) -> tuple[list[MessageLease], list[str]]:
-        """Claim messages for one batch (blocking): up to the batch size in bytes."""
+    def _lease(self, candidates: list[str]) -> tuple[list[MessageLease], list[str], list[str]]:
+        """Claim messages for one batch (blocking): up to the batch size in bytes.
+
+        Returns the leases, the candidates not taken (the batch was full), and those
+        whose envelope cannot be read (kept here: no peer could do better).
+        """
         leases: list[MessageLease] = []
+        unreadable: list[str] = []
         total = 0
         for index, queue_id in enumerate(candidates):
             try:
                 lease = self._spool.lease(queue_id)
             except (OSError, ValueError) as exc:
-                log.warning("Skipped message %s in the hand-off: %s", queue_id, exc)
+                log.error("Kept message %s: its envelope could not be read: %s", queue_id, exc)
+                unreadable.append(queue_id)
                 continue
             if isinstance(lease, str):
                 continue  # busy (another process has it) or gone
@@ -507,10 +516,10 @@ class _Sender:
                 claim = lease.claim
                 if claim is not None:
                     claim.release()
-                return leases, candidates[index:]
+                return leases, candidates[index:], unreadable
             leases.append(lease)
             total += lease.entry.size
-        return leases, []
+        return leases, [], unreadable
 
     async def _post(
         self, peer: tuple[str, int], leases: list[MessageLease], datas: list[bytes]

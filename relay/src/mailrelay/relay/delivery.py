@@ -237,6 +237,13 @@ class DeliveryEngine:
         self._known.setdefault(entry.queue_id, None)
         self._schedule(entry.queue_id, self._clock())
 
+    def adopted(self, entry: QueueEntry) -> None:
+        """A message arrived from a peer with its state (`handoff.py`): deliver it when
+        its recipients are due, on the schedule it had there."""
+        self._known.setdefault(entry.queue_id, None)
+        due = self._next_due(entry)
+        self._schedule(entry.queue_id, self._clock() if due is None else due)
+
     def _release_soon(self, lease: MessageLease) -> None:
         """Hand a lease back in the background (closing a flocked descriptor is slow here)."""
         future = asyncio.ensure_future(self._hand_back(lease))

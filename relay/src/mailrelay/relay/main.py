@@ -203,7 +203,7 @@ class RelayApp:
                 metrics=self.metrics.handoff,
                 max_message_size=self.config.limits.max_message_size,
                 instance=self.instance,
-                on_stored=self.engine.notify if self.engine is not None else None,
+                on_stored=self.engine.adopted if self.engine is not None else None,
                 reuse_port=self._reuse_port,
             )
             await self.handoff.start()

@@ -145,6 +145,10 @@ _DEBRIS_AGE_SECONDS = 3600.0
 # after a lost answer, or a later drain of the sender's spool, is recognised meanwhile).
 _SEEN_RETENTION_SECONDS = 7 * 86400.0
 HANDOFF = "handoff"
+# A batch from a peer is written by up to this many threads, each taking at least
+# `_ADOPT_CHUNK_MIN` messages.
+_ADOPT_THREADS = 4
+_ADOPT_CHUNK_MIN = 8
 
 
 class MessageLease:
@@ -873,7 +877,26 @@ class Spool:
         replayed or retried hand-off keeps one copy. Concurrent adopters of one id (other
         worker processes) are settled by the hard link into queue/, which never replaces.
         """
-        outcomes, claims = await asyncio.to_thread(self._adopt_sync, messages)
+        # Each message costs a file fsync: a batch is split over a few threads, whose
+        # fsyncs the file system commits together.
+        size = max(_ADOPT_CHUNK_MIN, -(-len(messages) // _ADOPT_THREADS))
+        chunks = [messages[i : i + size] for i in range(0, len(messages), size)]
+        done = await asyncio.gather(
+            *(asyncio.to_thread(self._adopt_sync, chunk) for chunk in chunks),
+            return_exceptions=True,
+        )
+        outcomes: list[Literal["stored", "duplicate"]] = []
+        claims: list[Claim] = []
+        failed: BaseException | None = None
+        for result in done:
+            if isinstance(result, BaseException):
+                failed = failed or result
+                continue
+            outcomes += result[0]
+            claims += result[1]
+        if failed is not None:
+            await asyncio.to_thread(_release_all, claims)
+            raise failed
         try:
             if claims:
                 await self._queue_sync.sync()
