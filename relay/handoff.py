@@ -60,8 +60,12 @@ log = logging.getLogger(__name__)
 
 # Worker processes of one relay share the instance id of worker 0 (see `main.py`).
 INSTANCE_ENV = "MAILRELAY_HANDOFF_INSTANCE"
-_RECEIVE_SLOTS = 2
-_SEND_PER_PEER = 2
+# Batches read at once per receiving process (their bytes also count in the relay's
+# in-flight budget), and sent at once per peer: small batches, several in flight, keep
+# the receiver's fsyncs busy without waiting on one large batch.
+_RECEIVE_SLOTS = 8
+_SEND_PER_PEER = 4
+_BATCH_MESSAGES = 50
 _BATCH_TARGET_BYTES = 1 << 20
 _REQUEST_TIMEOUT_SECONDS = 60.0
 _CONNECT_TIMEOUT_SECONDS = 3.0
@@ -110,9 +114,11 @@ class HandoffServer:
         instance: str,
         on_stored: Callable[[QueueEntry], None] | None = None,
         reuse_port: bool = False,
+        budget: ByteBudget | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._config = config
+        self._budget = budget
         self._spool = spool
         self._metrics = metrics
         self._max_message_size = max_message_size
@@ -177,7 +183,10 @@ class HandoffServer:
         limit = wire.max_request_bytes(self._max_message_size)
         if size is None or size > limit:
             return self._fail(413, "bad_request", f"the body must have a length of at most {limit}")
-        async with self._slots:
+        async with self._slots, contextlib.AsyncExitStack() as held:
+            if self._budget is not None:
+                # The relay's bytes-in-flight budget, shared with the SMTP front.
+                held.callback((await self._budget.reserve(size)).release)
             try:
                 body = await request.read()
             except web.HTTPRequestEntityTooLarge:
@@ -439,7 +448,7 @@ class _Sender:
     async def run(self, peer: tuple[str, int], state: _Round) -> None:
         """Send batches to `peer` until the round's work is gone or the peer fails."""
         while state.work and peer not in self._failed:
-            count = min(len(state.work), wire.MAX_BATCH_MESSAGES)
+            count = min(len(state.work), _BATCH_MESSAGES)
             candidates = [state.work.popleft() for _ in range(count)]
             leases, unused, unreadable = await asyncio.to_thread(self._lease, candidates)
             state.work.extendleft(reversed(unused))

@@ -205,6 +205,7 @@ class RelayApp:
                 instance=self.instance,
                 on_stored=self.engine.adopted if self.engine is not None else None,
                 reuse_port=self._reuse_port,
+                budget=self.budget,
             )
             await self.handoff.start()
         self.health = HealthServer(
