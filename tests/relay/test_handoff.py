@@ -728,3 +728,52 @@ async def test_drain_refuses_to_run_without_the_token(
     assert code == 1
     assert report == {}
     assert "token" in stderr
+
+
+# -- the config block -------------------------------------------------------------------
+
+
+def _config(**extra: Any) -> str:
+    import yaml  # noqa: PLC0415
+
+    data = {
+        "hostname": "relay.test",
+        "spool": {"directory": "/spool"},
+        "auth": {"required": False},
+        "allowed_networks": ["10.0.0.0/8"],
+        "routes": [{"name": "out", "upstream": {"type": "smtp", "name": "up", "host": "up.test"}}],
+        **extra,
+    }
+    return yaml.safe_dump(data)
+
+
+def test_handoff_block_parses_peers_and_is_a_restart_setting() -> None:
+    from mailrelay.relay.config import ConfigError, parse_config  # noqa: PLC0415
+
+    plain = parse_config(_config())
+    assert plain.handoff is None
+    assert "handoff.listen" not in plain.restart_settings()  # digest unchanged without it
+
+    config = parse_config(
+        _config(
+            handoff={"token_file": "/t/token", "peers": "relay-headless.mail.svc.cluster.local"}
+        )
+    )
+    assert config.handoff is not None
+    assert config.handoff.listen.port == 2526 and config.handoff.listen.host == ""
+    assert config.handoff.deadline_seconds == 60
+    assert config.handoff.peer_targets() == [("relay-headless.mail.svc.cluster.local", 2526)]
+    assert config.restart_settings()["handoff.listen"] == {"host": "", "port": 2526}
+    assert Path("/t/token") in config.referenced_files()
+
+    several = parse_config(
+        _config(handoff={"token_file": "/t", "peers": ["a.test:2600", "[fd00::1]:7", "b.test"]})
+    )
+    assert several.handoff is not None
+    assert several.handoff.peer_targets() == [("a.test", 2600), ("fd00::1", 7), ("b.test", 2526)]
+
+    for bad in ("two words", "a.test:0", "a.test:99999", "http://a.test", ""):
+        with pytest.raises(ConfigError, match="peer"):
+            parse_config(_config(handoff={"token_file": "/t", "peers": [bad]}))
+    with pytest.raises(ConfigError, match="token_file"):
+        parse_config(_config(handoff={"peers": "a.test"}))
