@@ -114,7 +114,7 @@ async def drain(config: RelayConfig, *, deadline_seconds: float | None = None) -
     try:
         initial = len(await asyncio.to_thread(spool.queue_ids))
         dead_before = await asyncio.to_thread(spool.count_dead_letters)
-        peers_found = False
+        peers_found = uncertain = False
         if handoff is not None and initial:
             result = await hand_off(
                 spool,
@@ -126,9 +126,11 @@ async def drain(config: RelayConfig, *, deadline_seconds: float | None = None) -
                 budget=budget,
             )
             report.handed_off, peers_found = result.handed_off, result.peers_found
+            uncertain = result.peers_uncertain
         left = len(await asyncio.to_thread(spool.queue_ids))
-        if left and not peers_found:
-            # Nowhere to hand it: deliver it ourselves, then dead-letter what is left.
+        if left and not peers_found and not uncertain:
+            # Certainly nowhere to hand it (a resolver that failed temporarily is no proof):
+            # deliver it ourselves, then dead-letter what is left.
             await _deliver_then_give_up(config, spool, metrics, budget, deadline)
         report.remaining = len(await asyncio.to_thread(spool.queue_ids))
         dead = await asyncio.to_thread(spool.count_dead_letters) - dead_before

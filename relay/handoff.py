@@ -42,13 +42,13 @@ from mailrelay.relay import handoff_wire as wire
 from mailrelay.relay.budget import ByteBudget
 from mailrelay.relay.config import HandoffConfig
 from mailrelay.relay.metrics import HandoffMetrics
-from mailrelay.relay.spool import MessageLease, QueueEntry, Spool, SpoolError
-from mailrelay.relay.spool_format import QID_RE
+from mailrelay.relay.spool import MessageLease, QueueEntry, Spool, SpoolError, is_queue_id
 
 __all__ = [
     "INSTANCE_ENV",
     "HandoffResult",
     "HandoffServer",
+    "Peers",
     "hand_off",
     "instance_id",
     "local_addresses",
@@ -256,7 +256,7 @@ def _plain(headers: Mapping[str, str]) -> dict[str, str]:
 
 
 def _check_entry(entry: QueueEntry) -> None:
-    if not QID_RE.match(entry.queue_id):
+    if not is_queue_id(entry.queue_id):
         raise wire.WireError(f"queue id {entry.queue_id!r} is not a relay's queue id")
     if not entry.recipients:
         raise wire.WireError(f"message {entry.queue_id} has no recipients")
@@ -293,30 +293,40 @@ def _normal(address: str) -> str:
         return address
 
 
-async def resolve_peers(
-    config: HandoffConfig, own: Iterable[str], own_port: int
-) -> list[tuple[str, int]]:
+@dataclass
+class Peers:
+    """What resolving `handoff.peers` found: addresses, and whether the answer is
+    uncertain (a temporary resolver failure: the peers may exist)."""
+
+    addresses: list[tuple[str, int]]
+    uncertain: bool = False
+
+
+async def resolve_peers(config: HandoffConfig, own: Iterable[str], own_port: int) -> Peers:
     """The peers' (address, port), A and AAAA, without this relay's own listener.
 
     Resolved through the event loop's resolver (in its executor: never blocking the loop).
-    An address of this host on our own hand-off port is ourselves.
+    An address of this host on our own hand-off port is ourselves. A name that does not
+    exist or has no address (a headless Service without ready pods) means no peers; a
+    temporary failure (EAI_AGAIN) makes the answer uncertain.
     """
     loop = asyncio.get_running_loop()
     mine = {_normal(a) for a in own}
-    out: list[tuple[str, int]] = []
+    found = Peers([])
     for host, port in config.peer_targets():
         try:
             infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
         except OSError as exc:
+            found.uncertain |= isinstance(exc, socket.gaierror) and exc.errno == socket.EAI_AGAIN
             log.info("Found no peers at %s: %s", host, exc)
             continue
         for info in infos:
             address = _normal(str(info[4][0]))
             if address in mine and port == own_port:
                 continue
-            if (address, port) not in out:
-                out.append((address, port))
-    return out
+            if (address, port) not in found.addresses:
+                found.addresses.append((address, port))
+    return found
 
 
 # -- sending --------------------------------------------------------------------------
@@ -324,10 +334,12 @@ async def resolve_peers(
 
 @dataclass
 class HandoffResult:
-    """What a hand-off did: messages handed off, and whether peers were found at all."""
+    """What a hand-off did: messages handed off, whether peers were found at all, and
+    whether the last resolution failed temporarily (peers may exist after all)."""
 
     handed_off: int = 0
     peers_found: bool = False
+    peers_uncertain: bool = False
 
 
 class _PeerFailed(Exception):
@@ -357,9 +369,9 @@ async def hand_off(
     stop_when_no_peers: bool = True,
 ) -> HandoffResult:
     """Hand every queued message of `spool` to peers until it is empty or the loop time
-    `deadline` passes. With `stop_when_no_peers`, return as soon as a resolution finds no
-    peer (the caller keeps the mail, or delivers it); otherwise keep trying until the
-    deadline.
+    `deadline` passes. With `stop_when_no_peers`, return as soon as a resolution finds
+    for certain that there is no peer (the caller keeps the mail, or delivers it);
+    otherwise, and while the resolver fails temporarily, keep trying until the deadline.
     """
     loop = asyncio.get_running_loop()
     result = HandoffResult()
@@ -384,10 +396,12 @@ async def hand_off(
                 ids = [q for q in await asyncio.to_thread(spool.queue_ids) if q not in refused]
                 if not ids:
                     break
-                peers = await resolve_peers(config, own, config.listen.port)
+                resolved = await resolve_peers(config, own, config.listen.port)
+                peers = resolved.addresses
+                result.peers_uncertain = resolved.uncertain and not peers
                 if not peers:
                     metrics.failures.labels("resolve").inc()
-                    if stop_when_no_peers:
+                    if stop_when_no_peers and not resolved.uncertain:
                         break
                     await asyncio.sleep(min(1.0, max(0.0, deadline - loop.time())))
                     continue

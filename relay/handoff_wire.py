@@ -29,7 +29,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from mailrelay.relay.spool_format import QueueEntry, encode_header
+from mailrelay.relay.spool import QueueEntry, encode_header
 
 __all__ = [
     "AUTH_SCHEME",

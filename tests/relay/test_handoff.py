@@ -777,3 +777,53 @@ def test_handoff_block_parses_peers_and_is_a_restart_setting() -> None:
             parse_config(_config(handoff={"token_file": "/t", "peers": [bad]}))
     with pytest.raises(ConfigError, match="token_file"):
         parse_config(_config(handoff={"peers": "a.test"}))
+
+
+async def test_a_temporary_resolver_failure_is_not_taken_for_no_peers(
+    tmp_path: Path, token_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A drain must not dead-letter mail because DNS hiccuped: EAI_AGAIN is "uncertain",
+    a name without addresses is "no peers"."""
+    from mailrelay.relay.config import HandoffConfig  # noqa: PLC0415
+    from mailrelay.relay.handoff import resolve_peers  # noqa: PLC0415
+
+    config = HandoffConfig(token_file=token_file, peers=["peers.test"])
+    loop = asyncio.get_running_loop()
+
+    async def again(*args: Any, **kwargs: Any) -> Any:
+        raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+
+    async def nxdomain(*args: Any, **kwargs: Any) -> Any:
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(loop, "getaddrinfo", again)
+    found = await resolve_peers(config, [], 2526)
+    assert (found.addresses, found.uncertain) == ([], True)
+    monkeypatch.setattr(loop, "getaddrinfo", nxdomain)
+    found = await resolve_peers(config, [], 2526)
+    assert (found.addresses, found.uncertain) == ([], False)
+
+    # And through a drain: a temporary failure leaves the mail queued (exit 3 in the CLI).
+    from mailrelay.relay.config import parse_config  # noqa: PLC0415
+    from mailrelay.relay.drain import drain  # noqa: PLC0415
+
+    spool_dir = tmp_path / "spool"
+    spool = Spool(spool_dir)
+    await spool.start()
+    data = message("dns")
+    await spool.adopt([(fresh_entry("bob@dest.test", "out", data), data)])
+    await spool.aclose()
+    relay_config = parse_config(
+        _config(
+            spool={"directory": str(spool_dir)},
+            handoff={"token_file": str(token_file), "peers": "peers.test"},
+        )
+    )
+    monkeypatch.setattr(loop, "getaddrinfo", again)
+    report = await drain(relay_config, deadline_seconds=1.5)
+    assert report.model_dump() == {
+        "handed_off": 0,
+        "delivered": 0,
+        "dead_lettered": 0,
+        "remaining": 1,
+    }

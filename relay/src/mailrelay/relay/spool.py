@@ -123,6 +123,7 @@ __all__ = [
     "decode_message",
     "encode_header",
     "extract_message_id",
+    "is_queue_id",
     "new_queue_id",
 ]
 
@@ -1102,3 +1103,8 @@ class Spool:
 def _release_all(claims: list[Claim]) -> None:
     for claim in claims:
         claim.release()
+
+
+def is_queue_id(value: str) -> bool:
+    """Whether `value` has the form of a queue id (safe as a file name)."""
+    return QID_RE.match(value) is not None
