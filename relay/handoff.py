@@ -32,7 +32,7 @@ import secrets
 import socket
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
@@ -351,9 +351,14 @@ class _PeerFailed(Exception):
 
 @dataclass
 class _Round:
+    """The work of one round, shared by its senders: ids not yet taken, ids kept here,
+    and batches in flight (a failed one puts its ids back for the other peers)."""
+
     work: collections.deque[str]
     refused: set[str]
     handed_off: int = 0
+    in_flight: int = 0
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 async def hand_off(
@@ -460,62 +465,78 @@ class _Sender:
         self._failed: set[tuple[str, int]] = set()
 
     async def run(self, peer: tuple[str, int], state: _Round) -> None:
-        """Send batches to `peer` until the round's work is gone or the peer fails."""
-        while state.work and peer not in self._failed:
+        """Send batches to `peer` until the round's work is gone or the peer fails.
+
+        A sender with nothing left to take waits while other batches are in flight: a
+        batch whose peer fails comes back for the senders of the other peers.
+        """
+        while peer not in self._failed:
+            if not state.work:
+                if state.in_flight == 0:
+                    return
+                state.changed.clear()
+                await state.changed.wait()
+                continue
             count = min(len(state.work), _BATCH_MESSAGES)
             candidates = [state.work.popleft() for _ in range(count)]
-            leases, unused, unreadable = await asyncio.to_thread(self._lease, candidates)
-            state.work.extendleft(reversed(unused))
-            state.refused.update(unreadable)
-            if not leases:
-                continue
+            state.in_flight += 1
             try:
-                size = sum(lease.entry.size for lease in leases)
-                reservation = await self._budget.reserve(size)
-                try:
-                    datas = await asyncio.to_thread(_read_all, leases)
-                    broken = [
-                        lease for lease, data in zip(leases, datas, strict=True) if data is None
-                    ]
-                    if broken:
-                        state.refused.update(lease.queue_id for lease in broken)
-                        await _release(broken)
-                        leases = [lease for lease in leases if lease not in broken]
-                        if not leases:
-                            continue
-                    answer = await self._post(peer, leases, [d for d in datas if d is not None])
-                    del datas
-                finally:
-                    reservation.release()
-            except _PeerFailed as exc:
-                self._failed.add(peer)
-                self._metrics.failures.labels(exc.reason).inc()
-                ids = [lease.queue_id for lease in leases]
-                if exc.status == 413:
-                    state.refused.update(ids)  # kept here: no peer takes a message that large
-                else:
-                    state.work.extendleft(reversed(ids))
-                log.warning("Skipped peer %s for the hand-off: %s", _show(peer), exc)
-                await _release(leases)
-                return
-            except BaseException:
-                await _release(leases)
-                raise
-            held = {r.queue_id for r in answer.results}
-            done = [lease for lease in leases if lease.queue_id in held]
-            rest = [lease for lease in leases if lease.queue_id not in held]
-            try:
-                await asyncio.shield(self._spool.hand_over(done))
-            except (OSError, SpoolError) as exc:
-                # The peer holds them; here they stay queued too: delivered twice at worst.
-                log.error("Failed to forget %d message(s) handed off: %s", len(done), exc)
-                state.refused.update(lease.queue_id for lease in done)
-                done = []
+                await self._batch(peer, state, candidates)
             finally:
-                await _release(rest)
-            state.work.extend(lease.queue_id for lease in rest)
-            state.handed_off += len(done)
-            self._metrics.messages.labels("sent").inc(len(done))
+                state.in_flight -= 1
+                state.changed.set()
+
+    async def _batch(self, peer: tuple[str, int], state: _Round, candidates: list[str]) -> None:
+        leases, unused, unreadable = await asyncio.to_thread(self._lease, candidates)
+        state.work.extendleft(reversed(unused))
+        state.refused.update(unreadable)
+        if not leases:
+            return
+        try:
+            size = sum(lease.entry.size for lease in leases)
+            reservation = await self._budget.reserve(size)
+            try:
+                datas = await asyncio.to_thread(_read_all, leases)
+                broken = [lease for lease, data in zip(leases, datas, strict=True) if data is None]
+                if broken:
+                    state.refused.update(lease.queue_id for lease in broken)
+                    await _release(broken)
+                    leases = [lease for lease in leases if lease not in broken]
+                    if not leases:
+                        return
+                answer = await self._post(peer, leases, [d for d in datas if d is not None])
+                del datas
+            finally:
+                reservation.release()
+        except _PeerFailed as exc:
+            self._failed.add(peer)
+            self._metrics.failures.labels(exc.reason).inc()
+            ids = [lease.queue_id for lease in leases]
+            if exc.status == 413:
+                state.refused.update(ids)  # kept here: no peer takes a message that large
+            else:
+                state.work.extendleft(reversed(ids))
+            log.warning("Skipped peer %s for the hand-off: %s", _show(peer), exc)
+            await _release(leases)
+            return
+        except BaseException:
+            await _release(leases)
+            raise
+        held = {r.queue_id for r in answer.results}
+        done = [lease for lease in leases if lease.queue_id in held]
+        rest = [lease for lease in leases if lease.queue_id not in held]
+        try:
+            await asyncio.shield(self._spool.hand_over(done))
+        except (OSError, SpoolError) as exc:
+            # The peer holds them; here they stay queued too: delivered twice at worst.
+            log.error("Failed to forget %d message(s) handed off: %s", len(done), exc)
+            state.refused.update(lease.queue_id for lease in done)
+            done = []
+        finally:
+            await _release(rest)
+        state.work.extend(lease.queue_id for lease in rest)
+        state.handed_off += len(done)
+        self._metrics.messages.labels("sent").inc(len(done))
 
     def _lease(self, candidates: list[str]) -> tuple[list[MessageLease], list[str], list[str]]:
         """Claim messages for one batch (blocking): up to the batch size in bytes.

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import io
 import json
 import os
 import secrets
@@ -240,7 +241,9 @@ async def signed_post(
 async def raw_post(port: int, body: bytes, headers: dict[str, str]) -> tuple[int, bytes]:
     async with (
         aiohttp.ClientSession() as http,
-        http.post(f"http://127.0.0.1:{port}{wire.PATH}", data=body, headers=headers) as resp,
+        http.post(
+            f"http://127.0.0.1:{port}{wire.PATH}", data=io.BytesIO(body), headers=headers
+        ) as resp,
     ):
         return resp.status, await resp.read()
 
@@ -831,3 +834,53 @@ async def test_a_temporary_resolver_failure_is_not_taken_for_no_peers(
         "dead_lettered": 0,
         "remaining": 1,
     }
+
+
+async def test_a_failing_peer_is_skipped_and_the_others_take_the_mail(
+    recording_upstream: Callable[..., RecordingUpstream],
+    tls_certs: TlsCerts,
+    token_file: Path,
+    relay_factory: RelayFactory,
+) -> None:
+    upstream = recording_upstream(tls="starttls")
+    route = smtp_route("out", upstream, tls_certs.ca_file)
+    upstream.stop()
+    peer = await relay_factory(routes=[route], handoff=handoff_block(token_file, ["127.0.0.1:1"]))
+    assert peer.app is not None
+    dead = free_port()  # resolves, but nothing listens there
+    leaving = await relay_factory(
+        routes=[route],
+        handoff=handoff_block(
+            token_file, [f"127.0.0.1:{dead}", f"127.0.0.1:{peer.app.handoff_port}"]
+        ),
+    )
+    tags = await fill(leaving, 120, "p")
+    await stop_and_hand_off(leaving)
+    assert queued(leaving.spool_dir) == []
+    assert sorted(e.message_id or "" for e in queued(peer.spool_dir)) == sorted(
+        f"<{t}@example.com>" for t in tags
+    )
+    assert leaving.metric("mailrelay_handoff_failures_total", {"reason": "connect"}) >= 1
+    assert leaving.metric("mailrelay_handoff_messages_total", {"direction": "sent"}) == 120
+
+
+async def test_a_request_beyond_the_size_bound_is_refused_unread(
+    recording_upstream: Callable[..., RecordingUpstream],
+    tls_certs: TlsCerts,
+    token_file: Path,
+    relay_factory: RelayFactory,
+) -> None:
+    upstream = recording_upstream(tls="starttls")
+    route = smtp_route("out", upstream, tls_certs.ca_file)
+    peer = await relay_factory(
+        routes=[route],
+        handoff=handoff_block(token_file, ["127.0.0.1:1"]),
+        limits={"max_message_size": 4096},
+    )
+    assert peer.app is not None
+    token = (await asyncio.to_thread(token_file.read_bytes)).strip()
+    data = b"Subject: big\r\n\r\n" + b"y" * (wire.max_request_bytes(4096) + 10)
+    body = batch((fresh_entry("bob@dest.test", "out", data), data))
+    status, _ = await signed_post(peer.app.handoff_port, token, body)
+    assert status == 413
+    assert queued(peer.spool_dir) == []
