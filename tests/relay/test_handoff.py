@@ -32,13 +32,12 @@ from mailrelay.relay import handoff_wire as wire
 from mailrelay.relay.drain import leave
 from mailrelay.relay.spool import QueueEntry, Spool
 from mailrelay.relay.spool_admin import SpoolAdmin
+from mailrelay.support.ports import free_port
+from mailrelay.support.smtp_peers import RecordingUpstream, TlsCerts
 from tests.relay.conftest import (
     USERS,
-    RecordingUpstream,
     RelayFactory,
     RelayHandle,
-    TlsCerts,
-    free_port,
     fresh_entry,
     smtp_route,
     start_subprocess,
