@@ -233,6 +233,7 @@ async def signed_post(
         wire.H_TIMESTAMP: stamp,
         wire.H_NONCE: nonce,
         wire.H_INSTANCE: instance,
+        wire.H_DIGEST: wire.body_digest(body),
     }
     return await raw_post(port, body, headers)
 
@@ -283,12 +284,34 @@ async def test_refuses_missing_wrong_and_stale_proofs_and_queues_nothing(
         digest=wire.body_digest(b""),
     )
     headers = {"Authorization": auth, wire.H_TIMESTAMP: stamp, wire.H_NONCE: nonce}
-    assert (await raw_post(port, body, {**headers, wire.H_INSTANCE: "t"}))[0] == 403
+    headers[wire.H_INSTANCE] = "t"
+    # ... neither with the signed digest in the header (the body does not match it),
+    assert (await raw_post(port, body, {**headers, wire.H_DIGEST: wire.body_digest(b"")}))[0] == 403
+    # ... nor with this body's digest (the signature does not cover it).
+    assert (await raw_post(port, body, {**headers, wire.H_DIGEST: wire.body_digest(body)}))[
+        0
+    ] == 403
     await asyncio.sleep(0.3)
     assert queued(peer.spool_dir) == []
     assert upstream.snapshot() == []
     assert peer.metric("mailrelay_handoff_failures_total", {"reason": "unauthorized"}) == 2
-    assert peer.metric("mailrelay_handoff_failures_total", {"reason": "forbidden"}) == 3
+    assert peer.metric("mailrelay_handoff_failures_total", {"reason": "forbidden"}) == 4
+
+    # Without a valid proof the body is never waited for (nor memory reserved for it): a
+    # client announcing a large body and sending none gets its answer at once.
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(
+        f"POST {wire.PATH} HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n"
+        f"Authorization: {wire.AUTH_SCHEME} {'0' * 64}\r\n{wire.H_NONCE}: n\r\n"
+        f"{wire.H_TIMESTAMP}: {time.time():.3f}\r\n{wire.H_INSTANCE}: t\r\n"
+        f"{wire.H_DIGEST}: {'0' * 64}\r\n\r\n".encode()
+    )
+    await writer.drain()
+    status_line = await asyncio.wait_for(reader.readline(), 5)
+    assert status_line.startswith(b"HTTP/1.1 403")
+    writer.close()
+    await writer.wait_closed()
+    assert peer.app.budget.used == 0
 
     # A relay whose token differs hands off nothing and keeps its mail.
     other = token_file.with_name("other-token")

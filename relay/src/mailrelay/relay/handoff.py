@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import hmac
 import io
 import ipaddress
 import logging
@@ -69,6 +70,8 @@ _BATCH_MESSAGES = 50
 _BATCH_TARGET_BYTES = 1 << 20
 _REQUEST_TIMEOUT_SECONDS = 60.0
 _CONNECT_TIMEOUT_SECONDS = 3.0
+# A peer's body must arrive within this (a slow sender would hold a slot and budget).
+_BODY_TIMEOUT_SECONDS = 60.0
 # Threshold above which hashing a body goes to a thread (a few ms of CPU).
 _HASH_IN_THREAD_BYTES = 1 << 20
 
@@ -183,26 +186,32 @@ class HandoffServer:
         limit = wire.max_request_bytes(self._max_message_size)
         if size is None or size > limit:
             return self._fail(413, "bad_request", f"the body must have a length of at most {limit}")
+        # The proof is checked before the body is read or memory reserved for it: only
+        # a peer with the token can make this relay hold a batch.
+        verdict = wire.verify_request(
+            token,
+            method=request.method,
+            path=request.path,
+            headers=_plain(headers),
+            now=self._clock(),
+        )
+        if verdict == "missing":
+            return self._fail(401, "unauthorized", "a signed request is required")
+        if verdict != "ok":
+            return self._fail(403, "forbidden", "the request's signature is not valid")
         async with self._slots, contextlib.AsyncExitStack() as held:
             if self._budget is not None:
                 # The relay's bytes-in-flight budget, shared with the SMTP front.
                 held.callback((await self._budget.reserve(size)).release)
             try:
-                body = await request.read()
+                async with asyncio.timeout(_BODY_TIMEOUT_SECONDS):
+                    body = await request.read()
             except web.HTTPRequestEntityTooLarge:
                 return self._fail(413, "bad_request", "the body is too large")
-            verdict = wire.verify_request(
-                token,
-                method=request.method,
-                path=request.path,
-                headers=_plain(headers),
-                digest=await _digest(body),
-                now=self._clock(),
-            )
-            if verdict == "missing":
-                return self._fail(401, "unauthorized", "a signed request is required")
-            if verdict != "ok":
-                return self._fail(403, "forbidden", "the request's signature is not valid")
+            except TimeoutError:
+                return self._fail(408, "bad_request", "the body did not arrive in time")
+            if not hmac.compare_digest(await _digest(body), headers[wire.H_DIGEST]):
+                return self._fail(403, "forbidden", "the body does not match its signature")
             if headers[wire.H_INSTANCE] == self._instance:
                 return web.Response(status=409, text="a relay does not hand off to itself\n")
             try:
@@ -251,7 +260,7 @@ class HandoffServer:
 
 
 def _plain(headers: Mapping[str, str]) -> dict[str, str]:
-    names = ("Authorization", wire.H_TIMESTAMP, wire.H_NONCE, wire.H_INSTANCE)
+    names = ("Authorization", wire.H_TIMESTAMP, wire.H_NONCE, wire.H_INSTANCE, wire.H_DIGEST)
     return {name: headers.get(name, "") for name in names}
 
 
@@ -573,6 +582,7 @@ class _Sender:
             parts += wire.encode_message(lease.entry, data)
         body = b"".join(parts)
         del parts
+        digest = await _digest(body)
         timestamp = f"{time.time():.3f}"
         nonce = secrets.token_hex(16)
         signature = wire.sign_request(
@@ -582,7 +592,7 @@ class _Sender:
             timestamp=timestamp,
             nonce=nonce,
             instance=self._instance,
-            digest=await _digest(body),
+            digest=digest,
         )
         url = f"http://{_show(peer)}{wire.PATH}"
         headers = {
@@ -590,6 +600,7 @@ class _Sender:
             wire.H_TIMESTAMP: timestamp,
             wire.H_NONCE: nonce,
             wire.H_INSTANCE: self._instance,
+            wire.H_DIGEST: digest,
             "Content-Type": "application/octet-stream",
         }
         try:

@@ -6,15 +6,18 @@ One request hands a batch of queued messages to a peer::
     X-Mailrelay-Timestamp: <unix seconds>
     X-Mailrelay-Nonce: <32 hex>
     X-Mailrelay-Instance: <sender's instance id>
+    X-Mailrelay-Body-Sha256: <hex SHA-256 of the body>
     Authorization: MAILRELAY-HMAC-SHA256 <hex>
     <body: per message its queue-file header line (the `QueueEntry` JSON, with the
      current per-recipient state), a newline, then exactly `size` message bytes>
 
 The signature is HMAC-SHA256, keyed with the shared token, over the method, path,
-timestamp, nonce, instance and the SHA-256 of the body: the token never crosses the
-wire, a body cannot be swapped under a signature, and a request older or newer than
-`MAX_SKEW_SECONDS` is refused. A replay inside that window is harmless: the queue id is
-the message's identity and a peer that holds it keeps one copy.
+timestamp, nonce, instance and the SHA-256 of the body (also sent as a header, so the
+receiver checks the proof before it reads, or reserves memory for, a body; then that
+the body matches): the token never crosses the wire, a body cannot be swapped under a
+signature, and a request older or newer than `MAX_SKEW_SECONDS` is refused. A replay
+inside that window is harmless: the queue id is the message's identity and a peer that
+holds it keeps one copy.
 
 The answer (JSON `BatchResult`) is signed the same way over the request's nonce and the
 answer's body, so only a peer that knows the token can make a sender drop its copy.
@@ -34,6 +37,7 @@ from mailrelay.relay.spool import QueueEntry, encode_header
 __all__ = [
     "AUTH_SCHEME",
     "ENVELOPE_ALLOWANCE",
+    "H_DIGEST",
     "H_INSTANCE",
     "H_NONCE",
     "H_SIGNATURE",
@@ -59,6 +63,7 @@ AUTH_SCHEME = "MAILRELAY-HMAC-SHA256"
 H_TIMESTAMP = "X-Mailrelay-Timestamp"
 H_NONCE = "X-Mailrelay-Nonce"
 H_INSTANCE = "X-Mailrelay-Instance"
+H_DIGEST = "X-Mailrelay-Body-Sha256"
 H_SIGNATURE = "X-Mailrelay-Signature"  # on the answer
 MAX_SKEW_SECONDS = 120.0
 # Room for the envelope lines of a batch beyond the message bytes: recipients, their
@@ -114,17 +119,18 @@ def verify_request(
     method: str,
     path: str,
     headers: dict[str, str],
-    digest: str,
     now: float,
 ) -> Literal["ok", "missing", "stale", "bad"]:
-    """Check a request's proof: "missing" (no or malformed headers), "stale" (timestamp
+    """Check a request's proof from its headers alone (the body is checked against
+    `H_DIGEST` once read): "missing" (no or malformed headers), "stale" (timestamp
     outside the window), "bad" (wrong signature), or "ok"."""
     auth = headers.get("Authorization", "")
     timestamp = headers.get(H_TIMESTAMP, "")
     nonce = headers.get(H_NONCE, "")
     instance = headers.get(H_INSTANCE, "")
+    digest = headers.get(H_DIGEST, "")
     scheme, _, given = auth.partition(" ")
-    if scheme != AUTH_SCHEME or not given or not timestamp or not nonce or not instance:
+    if not (scheme == AUTH_SCHEME and given and timestamp and nonce and instance and digest):
         return "missing"
     try:
         sent = float(timestamp)
