@@ -362,6 +362,6 @@ def test_handoff_block_names_the_headless_service_and_the_token(
     assert config.handoff.model_dump(mode="json") == {
         "listen": {"host": "", "port": 2526},
         "token_file": "/etc/mailrelay/handoff/token",
-        "peers": f"outbound-headless.{namespace}.svc.{domain}",
+        "peers": [f"outbound-headless.{namespace}.svc.{domain}"],
         "deadline_seconds": seconds,
     }

@@ -333,28 +333,72 @@ class HandoffListen(_Model):
     """Where the peer hand-off listener binds."""
 
     host: str = Field(
-        default="", description="Address to bind; empty: every address of both families."
+        default="",
+        description="Address to bind; empty: every address of both families.",
     )
-    port: int = Field(default=2526, ge=1, le=65535, description="Hand-off port.")
+    port: int = Field(default=2526, ge=0, le=65535, description="Hand-off port.")
+
+
+_PEER_RE = re.compile(
+    r"^(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<name>[A-Za-z0-9_](?:[A-Za-z0-9_.-]*[A-Za-z0-9_])?\.?))"
+    r"(?::(?P<port>[0-9]{1,5}))?$"
+)
+
+
+def parse_peer(value: str) -> tuple[str, int | None]:
+    """`name`, `name:port`, `[v6]` or `[v6]:port` as (host, port or None)."""
+    match = _PEER_RE.match(value)
+    port = None if match is None or match["port"] is None else int(match["port"])
+    if match is None or (port is not None and not 0 < port < 65536):
+        raise ValueError(
+            f"peer {value!r} is not a DNS name with an optional :port, such as "
+            "relay-headless.mail.svc.cluster.local or [fd00::1]:2526"
+        )
+    return (match["v6"] or match["name"]), port
+
+
+def _peer_list(value: object) -> object:
+    if isinstance(value, str):
+        return [value]
+    return value
 
 
 class HandoffConfig(_Model):
-    """Queue hand-off between relay pods when one leaves (issue 13; absent: off)."""
+    """Hand-off of the queue to peer relays when this one leaves (docs/relay-delivery.md)."""
 
     listen: HandoffListen = Field(
-        default_factory=HandoffListen, description="The peer hand-off listener."
+        default_factory=HandoffListen, description="The listener peers hand mail to."
     )
-    token_file: Path = Field(description="Shared secret that proves a hand-off request.")
-    peers: str = Field(
+    token_file: Path = Field(
+        description="File holding the shared secret that signs hand-off requests (a Secret)."
+    )
+    peers: Annotated[list[str], BeforeValidator(_peer_list)] = Field(
         min_length=1,
-        max_length=253,
-        description="DNS name resolving to the ready relay pods (the headless Service).",
+        description=(
+            "DNS name resolving to the ready peer relays (A and AAAA), e.g. the headless "
+            "Service; a list of names is allowed. `name:port` overrides `listen.port`."
+        ),
     )
     deadline_seconds: float = Field(
         default=60,
         gt=0,
-        description="How long a leaving pod hands off before it keeps the rest on its spool.",
+        description="How long a leaving relay hands off before keeping the rest on its spool.",
     )
+
+    @field_validator("peers")
+    @classmethod
+    def _peers_parse(cls, value: list[str]) -> list[str]:
+        for peer in value:
+            parse_peer(peer)
+        return value
+
+    def peer_targets(self) -> list[tuple[str, int]]:
+        """Each peer name with the port to reach it on."""
+        out = []
+        for peer in self.peers:
+            host, port = parse_peer(peer)
+            out.append((host, self.listen.port if port is None else port))
+        return out
 
 
 class RateLimit(_Model):
@@ -867,7 +911,9 @@ class RelayConfig(_Model):
         default=30, ge=0, description="Time deliveries in flight get to finish on SIGTERM."
     )
     handoff: HandoffConfig | None = Field(
-        default=None, description="Queue hand-off to peers on shutdown; absent: off."
+        default=None,
+        description="Hand-off of queued mail to peers on shutdown, and the drain command; "
+        "absent: off.",
     )
     postmaster: str | None = Field(
         default=None,
@@ -935,6 +981,8 @@ class RelayConfig(_Model):
         if self.auth.users_file is not None:
             files.append(self.auth.users_file)
         files += [app.password_hash_file for app in self.auth.app_credentials]
+        if self.handoff is not None:
+            files.append(self.handoff.token_file)
         for upstream in self.upstreams().values():
             if isinstance(upstream, SmtpUpstream):
                 files += [
@@ -954,11 +1002,15 @@ class RelayConfig(_Model):
         The one rule for both sides: the relay logs a reload that changes any of them, and the
         operator rolls the pods when they change (anything else reaches running pods by reload).
         """
-        return {
+        settings: dict[str, Any] = {
             "listener": self.listener.model_copy(update={"tls": None}).model_dump(mode="json"),
             "metrics": self.metrics.model_dump(mode="json"),
             "spool.directory": str(self.spool.directory),
         }
+        if self.handoff is not None:
+            # Only when set, so relays without the block keep their digest.
+            settings["handoff.listen"] = self.handoff.listen.model_dump(mode="json")
+        return settings
 
 
 def _format_validation_error(source: str, exc: ValidationError, data: object) -> str:

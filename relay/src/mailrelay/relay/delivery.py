@@ -44,6 +44,7 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 from mailrelay.relay.backoff import backoff_delay, next_attempt_at
 from mailrelay.relay.bounce import FailedRecipient, build_dsn, status_for
@@ -236,6 +237,13 @@ class DeliveryEngine:
         self._known.setdefault(entry.queue_id, None)
         self._schedule(entry.queue_id, self._clock())
 
+    def adopted(self, entry: QueueEntry) -> None:
+        """A message arrived from a peer with its state (`handoff.py`): deliver it when
+        its recipients are due, on the schedule it had there."""
+        self._known.setdefault(entry.queue_id, None)
+        due = self._next_due(entry)
+        self._schedule(entry.queue_id, self._clock() if due is None else due)
+
     def _release_soon(self, lease: MessageLease) -> None:
         """Hand a lease back in the background (closing a flocked descriptor is slow here)."""
         future = asyncio.ensure_future(self._hand_back(lease))
@@ -249,6 +257,41 @@ class DeliveryEngine:
         except OSError as exc:
             # Still durable where it is: a stop or a restart moves it on.
             log.error("Failed to hand back message %s: %s", lease.queue_id, exc)
+
+    async def give_up(self, queue_id: str, reason: str) -> Literal["done", "busy", "gone"]:
+        """Fail every undone recipient of a queued message for good now, as if it had
+        expired: a DSN to the sender (`_bounce`), then the dead letters.
+
+        For a drain that has nowhere left to send the mail (`drain.py`). "busy": another
+        holder has the message (try again once it is free); "gone": nothing was queued.
+        """
+        leased = await asyncio.to_thread(self._spool.lease, queue_id)
+        if isinstance(leased, str):
+            return leased
+        lease = leased
+        done = False
+        try:
+            data = await lease.read()
+            entry = lease.entry
+            failures = []
+            for rcpt in entry.recipients:
+                if rcpt.status in _UNDONE:
+                    rcpt.status = "bounced"
+                    last = f"; last error: {rcpt.last_error}" if rcpt.last_error else ""
+                    rcpt.last_error = f"{reason}{last}"
+                    result = RecipientResult(
+                        rcpt.address, RecipientOutcome.TEMPORARY, rcpt.last_error
+                    )
+                    failures.append(_Failure(rcpt, result, expired=True, upstream=None))
+            if failures:
+                await self._bounce(entry, data, failures)
+            _, done = await self._finish(lease, failures)
+        finally:
+            if done:
+                await lease.complete()
+            else:
+                await asyncio.shield(lease.release())
+        return "done"
 
     def try_acquire_rate(self, route_name: str) -> bool:
         """For `on_exceed: reject` routes, take a token at RCPT; other routes always pass."""

@@ -24,6 +24,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,6 +34,8 @@ from mailrelay.relay.auth import load_auth_users
 from mailrelay.relay.budget import ByteBudget, budget_limit, cgroup_memory_limit
 from mailrelay.relay.config import ConfigError, RelayConfig, load_config
 from mailrelay.relay.delivery import DeliveryEngine
+from mailrelay.relay.drain import EXIT_MAIL_REMAINS, DrainError, drain, leave
+from mailrelay.relay.handoff import INSTANCE_ENV, HandoffServer, instance_id
 from mailrelay.relay.health import HealthServer
 from mailrelay.relay.logging import configure_logging
 from mailrelay.relay.metrics import RelayMetrics
@@ -55,8 +58,9 @@ _IO_THREADS = 4  # the default executor: spool file work and other blocking call
 class Command:
     """What the command line asked for."""
 
-    action: str  # "run", "check-config" or "queue"
+    action: str  # "run", "check-config", "queue" or "drain"
     config: Path | None = None
+    deadline: float | None = None
     spool_dir: Path | None = None
     worker_index: int | None = None
     queue_args: list[str] = field(default_factory=list)
@@ -77,8 +81,18 @@ def _build_parser() -> argparse.ArgumentParser:
         help="validate the configuration (and the users file) and exit",
     )
     parser.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
-    sub = parser.add_subparsers(dest="command", metavar="{queue}")
+    sub = parser.add_subparsers(dest="command", metavar="{queue,drain}")
     add_queue_parser(sub)
+    drain = sub.add_parser(
+        "drain",
+        help="empty the spool of a relay that is gone: hand it to peers, or deliver it and "
+        "dead-letter the rest; exit 0 when empty, 3 when mail remains",
+    )
+    drain.add_argument(
+        "--deadline",
+        type=float,
+        help="seconds to try (default: handoff.deadline_seconds, or 60)",
+    )
     return parser
 
 
@@ -92,6 +106,10 @@ def parse_args(argv: list[str]) -> Command:
         return Command(action="queue", config=args.config, spool_dir=args.spool_dir, queue=args)
     if args.config is None:
         parser.error("--config is required")
+    if args.command == "drain":
+        if args.deadline is not None and not args.deadline > 0:
+            parser.error("--deadline must be a positive number of seconds")
+        return Command(action="drain", config=args.config, deadline=args.deadline)
     if args.check_config:
         return Command(action="check-config", config=args.config)
     return Command(action="run", config=args.config, worker_index=args.worker_index)
@@ -110,8 +128,11 @@ class RelayApp:
         metrics_port: int | None = None,
         enable_delivery: bool = True,
         reload_interval: float = 1.0,
+        instance: str | None = None,
     ) -> None:
         self.config = config
+        # Who this relay is to its peers (shared by its worker processes).
+        self.instance = instance or instance_id()
         self.config_path = config_path
         self.registry = registry if registry is not None else CollectorRegistry()
         self.metrics = RelayMetrics(self.registry)
@@ -129,6 +150,7 @@ class RelayApp:
         self.front: SmtpFront | None = None
         self.health: HealthServer | None = None
         self.watcher: ConfigWatcher | None = None
+        self.handoff: HandoffServer | None = None
         self._gauge_task: asyncio.Task[None] | None = None
         self.stopped = asyncio.Event()
 
@@ -143,6 +165,12 @@ class RelayApp:
         """The bound implicit-TLS port, if configured."""
         assert self.front is not None
         return self.front.ports.get("implicit_tls")
+
+    @property
+    def handoff_port(self) -> int:
+        """The bound hand-off port (useful with port 0)."""
+        assert self.handoff is not None
+        return self.handoff.port
 
     @property
     def health_port(self) -> int:
@@ -168,6 +196,18 @@ class RelayApp:
             budget=self.budget,
         )
         await self.front.start()
+        if self.config.handoff is not None:
+            self.handoff = HandoffServer(
+                self.config.handoff,
+                spool=self.spool,
+                metrics=self.metrics.handoff,
+                max_message_size=self.config.limits.max_message_size,
+                instance=self.instance,
+                on_stored=self.engine.adopted if self.engine is not None else None,
+                reuse_port=self._reuse_port,
+                budget=self.budget,
+            )
+            await self.handoff.start()
         self.health = HealthServer(
             self.registry,
             self._ready,
@@ -216,6 +256,8 @@ class RelayApp:
         if self.engine is not None:
             await self.engine.reload(config)
         self.front.apply(FrontSettings.build(config, users))
+        if self.handoff is not None and config.handoff is not None:
+            await self.handoff.apply(config.handoff, config.limits.max_message_size)
         self.budget.set_limit(budget_limit(config, self._memory_limit))
         if config.log_format != self.config.log_format:
             configure_logging(config.log_format)
@@ -244,14 +286,18 @@ class RelayApp:
         dead = self.spool.count_dead_letters()
         return len(ids) + journaled, oldest, dead
 
-    async def stop(self) -> None:
+    async def stop(self, then: Callable[[], Awaitable[None]] | None = None) -> None:
         """SIGTERM semantics: 421 to new sessions, finish transactions, give deliveries
-        the grace period, keep the rest in the spool."""
+        the grace period, keep the rest in the spool. `then` runs once the spool is
+        closed, while /metrics still answers (the hand-off to peers)."""
         grace = self.config.shutdown_grace_seconds
         log.info("Began stopping the relay (grace %.0fs)", grace)
         if self.watcher is not None:
             await self.watcher.stop()
         steps = []
+        if self.handoff is not None:
+            # A leaving relay takes no more mail from its peers.
+            steps.append(self.handoff.close())
         if self.front is not None:
             steps.append(self.front.drain(grace))
         if self.engine is not None:
@@ -264,19 +310,24 @@ class RelayApp:
             self._gauge_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._gauge_task
-        if self.health is not None:
-            await self.health.close()
         if self.front is not None:
             self.front.settings.users.close()
         await self.spool.aclose()
+        if then is not None:
+            try:
+                await then()
+            except Exception:
+                log.exception("Failed to hand the queue to peers; it stays on the spool")
+        if self.health is not None:
+            await self.health.close()
         self.stopped.set()
         log.info("Stopped the relay")
 
 
-def _spawn_workers(config_path: Path, count: int) -> list[subprocess.Popen[bytes]]:
+def _spawn_workers(config_path: Path, count: int, instance: str) -> list[subprocess.Popen[bytes]]:
     """Start worker processes 1..count-1 (this process is worker 0)."""
     argv = [sys.executable, "-m", "mailrelay.relay", "--config", str(config_path)]
-    env = {**os.environ, _PARENT_ENV: str(os.getpid())}
+    env = {**os.environ, _PARENT_ENV: str(os.getpid()), INSTANCE_ENV: instance}
     return [
         subprocess.Popen([*argv, "--worker-index", str(index)], env=env)
         for index in range(1, count)
@@ -340,13 +391,21 @@ async def _serve(
     for child in children:
         if child.poll() is None:
             child.send_signal(signal.SIGTERM)
-    await app.stop()
     if watcher is not None:
         watcher.cancel()
-    for child in children:
-        code = await asyncio.to_thread(child.wait)
-        if code != 0:
-            status = EXIT_ERROR
+    codes: list[int] = []
+
+    async def workers_then_handoff() -> None:
+        # The workers share the spool: each moves its journal to queue files as it
+        # stops, so the hand-off starts once they all exited and covers every message.
+        codes.extend([await asyncio.to_thread(child.wait) for child in children])
+        handoff = app.config.handoff
+        if handoff is not None and worker_index in (None, 0):
+            await leave(app.config, handoff, app.metrics, budget=app.budget, instance=app.instance)
+
+    await app.stop(then=workers_then_handoff)
+    if any(code != 0 for code in codes):
+        status = EXIT_ERROR
     return status
 
 
@@ -377,6 +436,38 @@ def _check_config(path: Path) -> int:
     return EXIT_OK
 
 
+def _run_drain(path: Path, deadline: float | None) -> int:
+    """The drain command: one JSON line on stdout, exit 0 (empty) or 3 (mail remains)."""
+    try:
+        config = load_config(path)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return EXIT_CONFIG
+    configure_logging(config.log_format)
+    quiet_aiosmtpd_log()
+    try:
+        report = asyncio.run(drain(config, deadline_seconds=deadline))
+    except DrainError as exc:
+        log.error("Could not drain the spool: %s", exc)
+        return EXIT_ERROR
+    line = report.model_dump_json()
+    print(line, flush=True)
+    _write_termination_message(line)
+    return EXIT_OK if report.remaining == 0 else EXIT_MAIL_REMAINS
+
+
+def _write_termination_message(line: str) -> None:
+    """The report as the pod's termination message, where the operator reads the drain
+    Job's counts (kubelet creates the file; elsewhere there is none and nothing is written).
+    """
+    path = Path(os.environ.get("MAILRELAY_TERMINATION_LOG", "/dev/termination-log"))
+    if path.is_file():
+        try:
+            path.write_text(line)
+        except OSError as exc:
+            log.warning("Could not write the termination message %s: %s", path, exc)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the process exit status."""
     command = parse_args(sys.argv[1:] if argv is None else argv)
@@ -388,6 +479,9 @@ def main(argv: list[str] | None = None) -> int:
 
         assert command.queue is not None
         return run_queue_command(command.queue)
+    if command.action == "drain":
+        assert command.config is not None
+        return _run_drain(command.config, command.deadline)
     assert command.config is not None
     try:
         config = load_config(command.config)
@@ -407,6 +501,11 @@ def main(argv: list[str] | None = None) -> int:
             log.error("Exited worker %d: worker 0 is already gone", worker_index)
             return EXIT_ERROR
     elif config.listener.workers > 1:
-        worker_index, children = 0, _spawn_workers(command.config, config.listener.workers)
+        instance = instance_id()
+        os.environ[INSTANCE_ENV] = instance  # worker 0's own RelayApp reads it too
+        worker_index, children = (
+            0,
+            _spawn_workers(command.config, config.listener.workers, instance),
+        )
         log.info("Started %d more relay worker processes", len(children))
     return asyncio.run(_serve(config, command.config, worker_index, children))

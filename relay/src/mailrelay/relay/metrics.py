@@ -18,9 +18,12 @@ __all__ = [
     "CLIENT_LIMIT_REASONS",
     "DEAD_LETTER_REASONS",
     "DELIVERY_RESULTS",
+    "HANDOFF_DIRECTIONS",
+    "HANDOFF_FAILURE_REASONS",
     "LISTENERS",
     "REJECT_REASONS",
     "DeliveryMetrics",
+    "HandoffMetrics",
     "RelayMetrics",
 ]
 
@@ -172,6 +175,7 @@ class RelayMetrics:
         )
         # -- delivery (owned by the delivery side) --------------------------------------
         self.delivery = DeliveryMetrics(registry)
+        self.handoff = HandoffMetrics(registry)
         for reason in REJECT_REASONS:
             self.messages_rejected.labels(reason)
         for reason in CLIENT_LIMIT_REASONS:
@@ -298,3 +302,47 @@ class DeliveryMetrics:
         )
         for result in BOUNCE_RESULTS:
             self.bounces.labels(result)
+
+
+HANDOFF_DIRECTIONS: Final = ("sent", "received", "duplicate")
+# Why a hand-off request failed, on either side; fixed so the label stays bounded.
+HANDOFF_FAILURE_REASONS: Final = (
+    "connect",  # sender: the peer could not be reached or the connection broke
+    "timeout",  # sender: no answer in time
+    "refused",  # sender: the peer answered an error status (busy, too large, ...)
+    "bad_answer",  # sender: the answer was malformed or not signed with the token
+    "self",  # sender: the address was this relay itself (skipped)
+    "resolve",  # sender: the peers name did not resolve
+    "unauthorized",  # receiver: no or malformed proof (401)
+    "forbidden",  # receiver: wrong signature or stale timestamp (403)
+    "bad_request",  # receiver: a malformed batch (400)
+    "store",  # receiver: the spool could not store the batch (500)
+)
+
+
+class HandoffMetrics:
+    """The hand-off of queued mail between relays (`handoff.py`)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.messages = Counter(
+            "mailrelay_handoff_messages",
+            "Messages handed off: sent (a peer holds them now), received from a peer, "
+            "duplicate (received, but already held here: one copy kept).",
+            ["direction"],
+            registry=registry,
+        )
+        self.failures = Counter(
+            "mailrelay_handoff_failures",
+            "Hand-off requests that failed, by reason.",
+            ["reason"],
+            registry=registry,
+        )
+        self.in_progress = Gauge(
+            "mailrelay_handoff_in_progress",
+            "1 while this relay hands its queue to peers.",
+            registry=registry,
+        )
+        for direction in HANDOFF_DIRECTIONS:
+            self.messages.labels(direction)
+        for reason in HANDOFF_FAILURE_REASONS:
+            self.failures.labels(reason)

@@ -7,6 +7,9 @@ Layout under the spool directory::
     queue/       <qid>.msg: the envelope as one JSON line, then the exact bytes to deliver
                  <qid>.state: the current envelope state, once it changed after enqueue
     deadletter/  the same for messages that failed for good (their state has `dead_reason`)
+    handoff/     <qid>: an empty marker per message received from a peer (`adopt`), kept
+                 after delivery so a replayed hand-off is recognised; dropped when the
+                 message is handed on (`hand_over`), swept after a week
 
 One file per message at enqueue: `<qid>.msg` is written in `tmp/`, fsync'd and renamed into
 `queue/`, so a `.msg` there is always complete and a half-written one is only ever debris
@@ -120,6 +123,7 @@ __all__ = [
     "decode_message",
     "encode_header",
     "extract_message_id",
+    "is_queue_id",
     "new_queue_id",
 ]
 
@@ -138,6 +142,14 @@ _WIDEST_SIZE = 10**15
 # Debris (temp files, a lone .state) older than this is removed on start; younger files
 # may belong to a live writer in another process.
 _DEBRIS_AGE_SECONDS = 3600.0
+# Markers of messages received from peers are kept this long (a replay of a hand-off
+# after a lost answer, or a later drain of the sender's spool, is recognised meanwhile).
+_SEEN_RETENTION_SECONDS = 7 * 86400.0
+HANDOFF = "handoff"
+# A batch from a peer is written by up to this many threads, each taking at least
+# `_ADOPT_CHUNK_MIN` messages.
+_ADOPT_THREADS = 4
+_ADOPT_CHUNK_MIN = 8
 
 
 class MessageLease:
@@ -223,6 +235,15 @@ class MessageLease:
         await asyncio.to_thread(
             self._spool.remove_and_release, self.queue_id, claim, state_file=not self._fresh
         )
+
+    async def hand_over(self) -> None:
+        """A peer holds the message durably now: forget it here and end the lease
+        (`Spool.hand_over` does many at once)."""
+        await self._spool.hand_over([self])
+
+    def _take_claim(self) -> Claim | None:
+        claim, self._claim = self._claim, None
+        return claim
 
     async def release(self) -> int | None:
         """End the lease, the message staying queued where the next scan finds it.
@@ -373,9 +394,11 @@ class Spool:
         self.queue_dir = self.directory / QUEUE
         self.dead_dir = self.directory / DEAD
         self.journal_dir = self.directory / JOURNAL
+        self.seen_dir = self.directory / HANDOFF
         self._clock = clock
         self._queue_sync = _DirSync(self.queue_dir)
         self._dead_sync = _DirSync(self.dead_dir)
+        self._seen_sync = _DirSync(self.seen_dir)
         self._journal = Journal(self.journal_dir, self.tmp_dir)
         # Messages in our journal: envelope line as enqueued, and bytes (to write a queue
         # file when needed).
@@ -386,6 +409,7 @@ class Spool:
         """Release the directory descriptors kept for group commits (the spool stays usable)."""
         self._queue_sync.close()
         self._dead_sync.close()
+        self._seen_sync.close()
 
     async def aclose(self) -> None:
         """`close`, after moving what is left in the journal to queue files.
@@ -419,10 +443,11 @@ class Spool:
 
     def start_sync(self) -> None:
         """Blocking `start`, for the CLI and tests outside an event loop."""
-        for path in (self.tmp_dir, self.queue_dir, self.dead_dir, self.journal_dir):
+        for path in (self.tmp_dir, self.queue_dir, self.dead_dir, self.journal_dir, self.seen_dir):
             path.mkdir(parents=True, exist_ok=True)
         migrate_legacy(self.directory)
         self.recover_journal_sync()
+        self._sweep_seen(time.time() - _SEEN_RETENTION_SECONDS)
         cutoff = time.time() - _DEBRIS_AGE_SECONDS
         for path in self.tmp_dir.iterdir():
             with contextlib.suppress(FileNotFoundError):
@@ -840,6 +865,133 @@ class Spool:
         await asyncio.to_thread(move_message, self.tmp_dir, dead, self.queue_dir, self.dead_dir)
         await self._dead_sync.sync()
 
+    # -- hand-off between relays --------------------------------------------------------
+
+    async def adopt(
+        self, messages: list[tuple[QueueEntry, bytes]]
+    ) -> list[Literal["stored", "duplicate"]]:
+        """Queue messages a peer hands over, each under its own queue id and with its state
+        (attempts, per-recipient results, first arrival); durable when this returns.
+
+        A message this spool holds already (queued, dead-lettered, or received from a peer
+        before and not handed on since) is a "duplicate" and not stored again, so a
+        replayed or retried hand-off keeps one copy. Concurrent adopters of one id (other
+        worker processes) are settled by the hard link into queue/, which never replaces.
+        """
+        # Each message costs a file fsync: a batch is split over a few threads, whose
+        # fsyncs the file system commits together.
+        size = max(_ADOPT_CHUNK_MIN, -(-len(messages) // _ADOPT_THREADS))
+        chunks = [messages[i : i + size] for i in range(0, len(messages), size)]
+        done = await asyncio.gather(
+            *(asyncio.to_thread(self._adopt_sync, chunk) for chunk in chunks),
+            return_exceptions=True,
+        )
+        outcomes: list[Literal["stored", "duplicate"]] = []
+        claims: list[Claim] = []
+        failed: BaseException | None = None
+        for result in done:
+            if isinstance(result, BaseException):
+                failed = failed or result
+                continue
+            outcomes += result[0]
+            claims += result[1]
+        if failed is not None:
+            await asyncio.to_thread(_release_all, claims)
+            raise failed
+        try:
+            if claims:
+                await self._queue_sync.sync()
+                await self._seen_sync.sync()
+        finally:
+            # Held until durable, so no engine delivers (and removes) a message whose
+            # marker could still be lost.
+            if claims:
+                await asyncio.to_thread(_release_all, claims)
+        return outcomes
+
+    def _adopt_sync(
+        self, messages: list[tuple[QueueEntry, bytes]]
+    ) -> tuple[list[Literal["stored", "duplicate"]], list[Claim]]:
+        outcomes: list[Literal["stored", "duplicate"]] = []
+        claims: list[Claim] = []
+        try:
+            for entry, data in messages:
+                qid = entry.queue_id
+                if not QID_RE.match(qid) or len(data) != entry.size:
+                    raise SpoolError(f"message {qid!r} has a bad queue id or size")
+                if self._holds(qid):
+                    outcomes.append("duplicate")
+                    continue
+                tmp = self.tmp_dir / f"{qid}.{random.getrandbits(32):08x}.adopt"
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+                claim: Claim | None = None
+                try:
+                    write_parts(fd, [encode_header(entry), data])
+                    os.fsync(fd)
+                    # Taken before the link makes the message visible to the engines.
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    with contextlib.suppress(FileExistsError):
+                        os.link(tmp, self.queue_dir / f"{qid}{MSG}")
+                        claim = Claim(qid, fd)
+                finally:
+                    if claim is None:
+                        os.close(fd)
+                    with contextlib.suppress(FileNotFoundError):
+                        tmp.unlink()
+                if claim is None:
+                    outcomes.append("duplicate")
+                    continue
+                claims.append(claim)
+                # The marker outlives delivery: a replay finds it when the message is gone.
+                os.close(os.open(self.seen_dir / qid, os.O_WRONLY | os.O_CREAT, 0o640))
+                outcomes.append("stored")
+        except BaseException:
+            _release_all(claims)
+            raise
+        return outcomes, claims
+
+    def _holds(self, queue_id: str) -> bool:
+        name = f"{queue_id}{MSG}"
+        return (
+            (self.seen_dir / queue_id).exists()
+            or (self.queue_dir / name).exists()
+            or (self.dead_dir / name).exists()
+            or queue_id in self._journaled
+        )
+
+    async def hand_over(self, leases: list[MessageLease]) -> None:
+        """Peers hold these messages durably now: forget them here and end their leases.
+
+        Markers of messages that came from a peer are dropped (durably) before the files,
+        so a message handed back to this relay later is taken again, never answered as a
+        duplicate while nobody holds it.
+        """
+        if any(lease.queue_id in self._journaled for lease in leases):
+            raise SpoolError("a message in the journal cannot be handed over; release it first")
+        claims = [claim for lease in leases if (claim := lease._take_claim()) is not None]
+        await asyncio.to_thread(self._hand_over_sync, claims)
+
+    def _hand_over_sync(self, claims: list[Claim]) -> None:
+        try:
+            dropped = False
+            for claim in claims:
+                with contextlib.suppress(FileNotFoundError):
+                    (self.seen_dir / claim.queue_id).unlink()
+                    dropped = True
+            if dropped:
+                fsync_dir(self.seen_dir)
+            for claim in claims:
+                remove_message(claim.queue_id, self.queue_dir)
+        finally:
+            _release_all(claims)
+
+    def _sweep_seen(self, cutoff: float) -> None:
+        with os.scandir(self.seen_dir) as it:
+            for item in it:
+                with contextlib.suppress(FileNotFoundError):
+                    if item.stat().st_mtime < cutoff:
+                        os.unlink(item.path)
+
     # -- claims -----------------------------------------------------------------------
 
     def try_claim(self, queue_id: str, *, dead: bool = False) -> Claim | None:
@@ -946,3 +1098,13 @@ class Spool:
         except OSError:
             return False
         return True
+
+
+def _release_all(claims: list[Claim]) -> None:
+    for claim in claims:
+        claim.release()
+
+
+def is_queue_id(value: str) -> bool:
+    """Whether `value` has the form of a queue id (safe as a file name)."""
+    return QID_RE.match(value) is not None
