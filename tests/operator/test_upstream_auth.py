@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import Any
 
 import pytest
 import yaml
+from aiohttp import web
 
 from mailrelay.operator.conditions import ConditionUpdate, find_condition
 from mailrelay.operator.models import MailRelaySpec, MailRouteSpec
@@ -23,6 +25,7 @@ from mailrelay.operator.routes import ObjectInfo, RouteVerdict, route_status
 from mailrelay.operator.settings import OperatorSettings
 from mailrelay.operator.upstream_auth import (
     PodReport,
+    UpstreamStatusPoller,
     auth_condition,
     ready_pod_addresses,
     route_auth_update,
@@ -339,3 +342,58 @@ async def test_route_condition_follows_the_relay_pods_oauth2_state(
             assert secret not in events
     finally:
         await relay.stop()
+
+
+# --- fetching: a pod that is slow, wrong or too talkative is left out ------------------
+
+
+@pytest.fixture
+async def pod_server() -> AsyncIterator[tuple[int, dict[str, Any]]]:
+    """A loopback HTTP server standing for a pod; `behaviour["mode"]` picks its answer."""
+    behaviour: dict[str, Any] = {"mode": "ok"}
+    document = UpstreamStatusDocument(upstreams={"billing": _entry("ok")}).model_dump_json()
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        assert request.path == "/status/upstreams"
+        mode = behaviour["mode"]
+        if mode == "slow":
+            await asyncio.sleep(5)
+        if mode == "huge":
+            response = web.StreamResponse()
+            await response.prepare(request)
+            for _ in range(40):
+                await response.write(b" " * 65536)
+            return response
+        if mode == "garbage":
+            return web.Response(text="<html>not it</html>")
+        if mode == "500":
+            return web.Response(status=500)
+        return web.Response(text=document, content_type="application/json")
+
+    app = web.Application()
+    app.router.add_get("/status/upstreams", handle)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    site = web.TCPSite(runner, "127.0.0.1", port)
+    await site.start()
+    yield port, behaviour
+    await runner.cleanup()
+
+
+async def test_fetch_leaves_out_what_is_not_the_document(
+    pod_server: tuple[int, dict[str, Any]],
+) -> None:
+    port, behaviour = pod_server
+    poller = UpstreamStatusPoller(interval=10, timeout=0.5)
+    try:
+        report = await poller.fetch("r-0", "127.0.0.1", port)
+        assert report is not None and report.document.upstreams["billing"].state == "ok"
+        for mode in ("slow", "huge", "garbage", "500"):
+            behaviour["mode"] = mode
+            started = time.monotonic()
+            assert await poller.fetch("r-0", "127.0.0.1", port) is None, mode
+            assert time.monotonic() - started < 3, mode
+        assert await poller.fetch("r-0", "127.0.0.1", free_port()) is None  # nobody listens
+    finally:
+        await poller.close()

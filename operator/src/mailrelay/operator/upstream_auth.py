@@ -274,6 +274,14 @@ class UpstreamStatusPoller:
 
     async def _poll(self, client: AsyncClient, namespace: str, name: str, target: _Target) -> None:
         try:
+            await self._poll_pods(client, namespace, name, target)
+        except Exception:  # a bug of ours must not go unseen, nor stop the next poll
+            log.exception("Failed to poll the upstream status of MailRelay %s/%s", namespace, name)
+
+    async def _poll_pods(
+        self, client: AsyncClient, namespace: str, name: str, target: _Target
+    ) -> None:
+        try:
             pods = [
                 pod.to_dict()
                 async for pod in client.list(Pod, namespace=namespace, labels=dict(target.selector))
@@ -283,7 +291,7 @@ class UpstreamStatusPoller:
             return
         addresses = ready_pod_addresses(pods)
         answers = await asyncio.gather(
-            *(self._fetch(pod, address, target.port) for pod, address in addresses)
+            *(self.fetch(pod, address, target.port) for pod, address in addresses)
         )
         reports = tuple(report for report in answers if report is not None) or None
         if reports is None or reports == target.reports:
@@ -292,7 +300,8 @@ class UpstreamStatusPoller:
         if self._targets.get((namespace, name)) is target and self.on_change is not None:
             self.on_change(namespace, name)
 
-    async def _fetch(self, pod: str, address: str, port: int) -> PodReport | None:
+    async def fetch(self, pod: str, address: str, port: int) -> PodReport | None:
+        """One pod's document; None when it does not answer it in time, or in full."""
         if self._session is None:
             self._session = aiohttp.ClientSession(
                 timeout=aiohttp.ClientTimeout(total=self.timeout), trust_env=False
@@ -305,12 +314,15 @@ class UpstreamStatusPoller:
                     if response.status != 200:
                         log.debug("Pod %s answered %s for %s", pod, response.status, url)
                         return None
-                    body = await response.content.read(MAX_DOCUMENT_BYTES + 1)
+                    body = b""
+                    async for chunk in response.content.iter_chunked(1 << 16):
+                        body += chunk
+                        if len(body) > MAX_DOCUMENT_BYTES:
+                            log.debug("Pod %s answered more than %d bytes", pod, len(body))
+                            return None
             except (aiohttp.ClientError, TimeoutError, OSError) as error:
                 log.debug("Could not read %s from pod %s: %r", url, pod, error)
                 return None
-        if len(body) > MAX_DOCUMENT_BYTES:
-            return None
         with contextlib.suppress(ValidationError):
             return PodReport(pod, UpstreamStatusDocument.model_validate_json(body))
         log.debug("Pod %s answered %s with something else than the document", pod, url)
