@@ -49,6 +49,7 @@ from mailrelay.operator.relays import (
 from mailrelay.operator.render import MANAGED_BY
 from mailrelay.operator.routes import ObjectInfo, object_info
 from mailrelay.operator.settings import configure_kopf, load_settings
+from mailrelay.operator.upstream_auth import UpstreamStatusPoller
 
 # Before kopf runs anything: start-up with thousands of objects (kopf_patches.py).
 kopf_patches.apply()
@@ -118,6 +119,7 @@ async def startup(settings: kopf.OperatorSettings, memo: Any, **_: Any) -> None:
         applier=Applier(make_client(), metrics),
         metrics=metrics,
         post_event=_post_event,
+        upstream_status=UpstreamStatusPoller(interval=SETTINGS.resync_seconds),
     )
     memo.queue = WorkQueue(
         memo.ctx,
@@ -125,6 +127,7 @@ async def startup(settings: kopf.OperatorSettings, memo: Any, **_: Any) -> None:
         settle_seconds=SETTINGS.settle_seconds,
         progress=PROGRESS,
     )
+    memo.ctx.upstream_status.on_change = memo.queue.wake
     PROGRESS.oldest_waiting = memo.queue.oldest_waiting
     log.info("Started the mailrelay operator (relay image %s)", SETTINGS.relay_image)
 
@@ -140,6 +143,8 @@ async def cleanup(memo: Any, **_: Any) -> None:
         await queue.stop()
     ctx = getattr(memo, "ctx", None)
     if isinstance(ctx, Context):
+        if ctx.upstream_status is not None:
+            await ctx.upstream_status.close()
         await ctx.applier.client.close()
 
 

@@ -248,8 +248,13 @@ def _seconds(duration: str) -> float:
     return models.parse_duration(duration).total_seconds()
 
 
+def upstream_name(route: str, index: int) -> str:
+    """The relay config's name of a route's upstream: index 0 is the primary."""
+    return route if index == 0 else f"{route}-fallback-{index}"
+
+
 def _upstream_config(route: str, index: int, upstream: models.Upstream) -> dict[str, Any]:
-    name = route if index == 0 else f"{route}-fallback-{index}"
+    name = upstream_name(route, index)
     mounts = _upstream_mounts(upstream)
     if upstream.smtp is not None:
         smtp = upstream.smtp

@@ -112,6 +112,7 @@ from mailrelay.operator.state import (
     RelayStates,
     retry_delay,
 )
+from mailrelay.operator.upstream_auth import UpstreamStatusPoller, route_auth_update
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -199,6 +200,8 @@ class Context:
     states: RelayStates = field(default_factory=RelayStates)
     # Bumped by every Secret event of a namespace (a relay's inputs include Secret keys).
     secret_epochs: dict[str, int] = field(default_factory=dict)
+    # What the relay pods report of their upstreams' logins (upstream_auth.py); None: off.
+    upstream_status: UpstreamStatusPoller | None = None
 
     @overload
     def fresh(self, info: ObjectInfo) -> ObjectInfo: ...
@@ -218,6 +221,8 @@ class Context:
         if not self.states.forget(namespace, name):
             return False
         self.applier.forget_status("MailRelay", namespace, name)
+        if self.upstream_status is not None:
+            self.upstream_status.forget(namespace, name)
         return True
 
 
@@ -497,6 +502,7 @@ def pass_inputs(ctx: Context, indices: Indices, namespace: str, name: str) -> tu
         for r in indices.routes_for(namespace, name)
     )
     children = tuple(indices.child(key) for key in child_keys(namespace, name))
+    reports = ctx.upstream_status.reports(namespace, name) if ctx.upstream_status else None
     return (
         relay.resource_version if relay is not None else None,
         relay.status if relay is not None else None,
@@ -505,6 +511,7 @@ def pass_inputs(ctx: Context, indices: Indices, namespace: str, name: str) -> tu
         children,
         indices.claims_for(namespace, name),
         indices.drain_jobs_for(namespace, name),
+        reports,
     )
 
 
@@ -524,6 +531,9 @@ async def reconcile_relay(
     backoff, since what fixes it may not be an input the operator watches.
     """
     state = ctx.states.get(namespace, name)
+    if ctx.upstream_status is not None:
+        # In the background: a changed report asks for a pass of its own.
+        ctx.upstream_status.poll(ctx.applier.client, namespace, name)
     async with state.lock:
         inputs = pass_inputs(ctx, indices, namespace, name)
         if resync and state.settled == inputs:
@@ -613,6 +623,8 @@ async def _reconcile(
         outcome = "invalid"
     else:
         inputs = RelayInputs(name, namespace, relay.uid, spec)
+        if ctx.upstream_status is not None:
+            ctx.upstream_status.target(namespace, name, selector_labels(inputs), spec.metrics.port)
         refs = check_secret_refs(_relay_secret_refs(spec), secret_keys, subject="relay")
         app_problems = await ensure_app_secrets(
             ctx.applier.client,
@@ -711,12 +723,19 @@ async def _reconcile(
     extra["readyReplicas"] = int(sts_status.get("readyReplicas") or 0)
     await _write_relay_status(ctx, relay, updates, extra, monitor_wanted=_monitor_wanted(spec))
     relay_ready = ready.status == "True"
+    reports = ctx.upstream_status.reports(namespace, name) if ctx.upstream_status else None
     await asyncio.gather(
         *(
             _write_route_status(
                 ctx,
                 verdict,
-                route_status(verdict, relay_name=name, relay_ready=relay_ready, clock=ctx.clock),
+                route_status(
+                    verdict,
+                    relay_name=name,
+                    relay_ready=relay_ready,
+                    clock=ctx.clock,
+                    upstream_auth=route_auth_update(verdict, reports),
+                ),
             )
             for verdict in verdicts
         )
@@ -1241,6 +1260,12 @@ class WorkQueue:
             asyncio.get_running_loop().call_later(wait, self._put, entry)
         else:
             self._put(entry)
+
+    def wake(self, namespace: str, name: str) -> None:
+        """Ask for a pass over a relay the queue has seen, for news from outside the
+        indices (the relay pods' upstream status)."""
+        if self.indices is not None:
+            self.enqueue(self.indices, namespace, name)
 
     def _retry(self, key: RelayKey) -> None:
         state = self.states.peek(*key)

@@ -36,6 +36,7 @@ from mailrelay.operator.conditions import (
     Clock,
     ConditionUpdate,
     find_condition,
+    remove_condition,
     set_conditions,
     worth_an_event,
 )
@@ -47,6 +48,8 @@ log = logging.getLogger(__name__)
 ACCEPTED = "Accepted"
 RESOLVED_REFS = "ResolvedRefs"
 READY = "Ready"
+# Set from the relay pods' reports (upstream_auth.py), kept while the route is in the config.
+UPSTREAM_AUTHENTICATED = "UpstreamAuthenticated"
 
 PostEvent = Callable[["ObjectInfo", str, str, str], None]  # object, type, reason, message
 
@@ -345,8 +348,10 @@ def route_status(
     relay_name: str,
     relay_ready: bool,
     clock: Clock,
+    upstream_auth: ConditionUpdate | None = None,
 ) -> dict[str, Any]:
-    """The status a route should have after this pass."""
+    """The status a route should have after this pass (``upstream_auth``: how the relay
+    pods' logins to its upstreams stand, None to leave that condition as it is)."""
     if not verdict.included:
         failing = verdict.accepted if verdict.accepted.status != "True" else verdict.resolved_refs
         ready = ConditionUpdate(READY, "False", failing.reason, failing.message)
@@ -362,12 +367,12 @@ def route_status(
             f"The route is in MailRelay {relay_name!r}'s config, but the relay is not Ready yet.",
         )
     current = verdict.route.status.get("conditions") or []
-    conditions = set_conditions(
-        current,
-        [verdict.accepted, verdict.resolved_refs, ready],
-        generation=verdict.route.generation,
-        clock=clock,
-    )
+    if not verdict.included:
+        current = remove_condition(current, UPSTREAM_AUTHENTICATED)
+    updates = [verdict.accepted, verdict.resolved_refs, ready]
+    if upstream_auth is not None:
+        updates.append(upstream_auth)
+    conditions = set_conditions(current, updates, generation=verdict.route.generation, clock=clock)
     return {
         "observedGeneration": verdict.route.generation,
         "conditions": conditions,
@@ -394,7 +399,7 @@ async def write_route_status(
     await patch_status("MailRoute", route.namespace, route.name, status)
     before = route.status.get("conditions") or []
     posted: set[str] = set()  # Accepted=False repeats ResolvedRefs' reason: one Event is enough
-    for type_ in (ACCEPTED, RESOLVED_REFS):
+    for type_ in (ACCEPTED, RESOLVED_REFS, UPSTREAM_AUTHENTICATED):
         after = status["conditions"]
         condition = find_condition(after, type_)
         if condition is not None and worth_an_event(before, after, type_):

@@ -55,6 +55,7 @@ from mailrelay.relay.ratelimit import RouteRateLimits
 from mailrelay.relay.redact import redact_results
 from mailrelay.relay.routing import domain_of, select_route
 from mailrelay.relay.spool import MessageLease, QueueEntry, RecipientState, Spool
+from mailrelay.relay.upstream_status import ReportsAuth, UpstreamAuth
 from mailrelay.relay.upstreams.factory import build_transport, preload_transports
 from mailrelay.relay.upstreams.smtp import PoolObserver
 from mailrelay.relay.upstreams.transport import RecipientOutcome, RecipientResult, Transport
@@ -217,6 +218,14 @@ class DeliveryEngine:
             await transport.close()
         log.info("Reloaded delivery configuration (%d route(s))", len(self._routes))
         self._wake.set()
+
+    def auth_status(self) -> dict[str, UpstreamAuth | None]:
+        """Each live upstream's last login outcome (for `GET /status/upstreams`)."""
+        return {
+            name: transport.auth_status()
+            for name, transport in self._transports.items()
+            if isinstance(transport, ReportsAuth)
+        }
 
     # -- the front's hooks ------------------------------------------------------------
 

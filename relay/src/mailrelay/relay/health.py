@@ -1,9 +1,10 @@
-"""A tiny HTTP server on the metrics port: /metrics, /healthz and /readyz.
+"""A tiny HTTP server on the metrics port: /metrics, /healthz, /readyz, /status/upstreams.
 
 It runs on the relay's own event loop (asyncio streams, no extra thread or framework):
 the three endpoints are cheap, and being served by the loop means /healthz also proves
 the loop is not stuck. /readyz asks a callback, which checks that the SMTP listeners are
-open (not draining) and that the spool is writable.
+open (not draining) and that the spool is writable. /status/upstreams answers the JSON
+document of `upstream_status` (each upstream's authentication state, for the operator).
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import logging
 from collections.abc import Awaitable, Callable
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from mailrelay.relay.upstream_status import STATUS_PATH
 
 __all__ = ["HealthServer"]
 
@@ -33,9 +36,11 @@ class HealthServer:
         host: str,
         port: int,
         reuse_port: bool = False,
+        upstream_status: Callable[[], bytes] | None = None,
     ) -> None:
         self._registry = registry
         self._ready = ready
+        self._upstream_status = upstream_status
         self._host = host
         self._port = port
         self._reuse_port = reuse_port
@@ -92,4 +97,6 @@ class HealthServer:
         if path == "/readyz":
             ok, detail = await self._ready()
             return (200 if ok else 503), (detail + "\n").encode(), "text/plain"
+        if path == STATUS_PATH and self._upstream_status is not None:
+            return 200, self._upstream_status(), "application/json"
         return 404, b"not found\n", "text/plain"

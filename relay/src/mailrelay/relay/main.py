@@ -44,6 +44,7 @@ from mailrelay.relay.server import FrontSettings, SmtpFront
 from mailrelay.relay.smtp_base import quiet_aiosmtpd_log
 from mailrelay.relay.spool import Spool
 from mailrelay.relay.tlsfiles import tls_problem
+from mailrelay.relay.upstream_status import status_document
 
 __all__ = ["Command", "RelayApp", "main", "parse_args"]
 
@@ -214,6 +215,7 @@ class RelayApp:
             host=self.config.metrics.host,
             port=self._metrics_port,
             reuse_port=self._reuse_port,
+            upstream_status=self._upstream_status,
         )
         await self.health.start()
         if self.config_path is not None:
@@ -233,6 +235,10 @@ class RelayApp:
         if not await asyncio.to_thread(self.spool.writable):
             return False, "spool not writable"
         return True, "ready"
+
+    def _upstream_status(self) -> bytes:
+        snapshots = self.engine.auth_status() if self.engine is not None else {}
+        return status_document(snapshots).model_dump_json().encode()
 
     async def apply_config(self, config: RelayConfig) -> None:
         """Swap in a new config; raises (and changes nothing) if any part fails to load."""

@@ -40,16 +40,17 @@ import logging
 import os
 import ssl
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import aiosmtplib
 
 from mailrelay.relay.address import ascii_form
 from mailrelay.relay.config import SmtpUpstream
 from mailrelay.relay.redact import SECRETS
+from mailrelay.relay.upstream_status import AuthTracker, UpstreamAuth
 from mailrelay.relay.upstreams import oauth2
 from mailrelay.relay.upstreams.smtp_pipelining import (
     DATA_PIECE_BYTES,
@@ -97,6 +98,9 @@ CREDENTIAL_CHECK_SECONDS = 1.0
 _QUIT_TIMEOUT_SECONDS = 5.0
 # AUTH answers that mean "these credentials are wrong", as opposed to "try later" (454).
 _AUTH_CONFIG_CODES = frozenset({530, 534, 535, 538})
+
+
+_T = TypeVar("_T")
 
 
 class UpstreamConfigError(Exception):
@@ -282,6 +286,8 @@ class SmtpConnectionPool:
             if upstream.oauth2 is not None
             else None
         )
+        # Only an upstream we log in to has an authentication state worth reporting.
+        self.auth = AuthTracker() if self._credentials is not None else None
 
     @property
     def open_connections(self) -> int:
@@ -299,7 +305,7 @@ class SmtpConnectionPool:
             raise PoolClosedError(f"the pool for upstream {self.upstream.name!r} is closed")
         await self._slots.acquire()
         try:
-            credentials = await self._credentials.current() if self._credentials else None
+            credentials = await self._login_tracked(self._credentials_now())
             fingerprint = credentials.fingerprint if credentials else None
             while self._idle and not fresh:
                 conn = self._idle.pop()  # most recently used first: likeliest alive
@@ -319,13 +325,47 @@ class SmtpConnectionPool:
                 self._observer.connection_reused(self.upstream.name)
                 conn.reused = True
                 return conn
-            conn = await self._connect(credentials)
+            conn = await self._login_tracked(self._connect(credentials))
             self._open += 1
             self._observer.connection_opened(self.upstream.name)
             return conn
         except BaseException:
             self._slots.release()
             raise
+
+    async def _credentials_now(self) -> _Credentials | None:
+        return await self._credentials.current() if self._credentials else None
+
+    async def _login_tracked(self, step: Awaitable[_T]) -> _T:
+        """`step` (reading the credentials, or connecting and logging in), its outcome
+        recorded in `auth` (docs/oauth2.md, "Status for the operator")."""
+        auth = self.auth
+        if auth is None:
+            return await step
+        try:
+            result = await step
+        except UpstreamConfigError as exc:
+            auth.record("config_error", str(exc))
+            raise
+        except oauth2.TokenError as exc:
+            auth.record("token_failed", str(exc), exc.error)
+            raise
+        except oauth2.OAuthRefusedError as exc:
+            auth.record("auth_refused", _reply_text(exc), _challenge_status(exc) or str(exc.code))
+            raise
+        except aiosmtplib.SMTPAuthenticationError as exc:
+            auth.record("auth_refused", _reply_text(exc), str(exc.code))
+            raise
+        except OSError as exc:
+            if exc.filename is not None:  # a credential file, not the network
+                auth.record(
+                    "config_error",
+                    f"cannot read the credentials ({exc.filename}): {exc.strerror}",
+                )
+            raise
+        if isinstance(result, _Connection) and result.fingerprint is not None:
+            auth.record("ok", "logged in")
+        return result
 
     def release(self, conn: _Connection, *, reusable: bool) -> None:
         """Give a connection back; only a healthy one in a live pool is kept."""
@@ -481,6 +521,15 @@ def _reply_text(exc: aiosmtplib.SMTPResponseException) -> str:
     return f"{exc.code} {exc.message}".strip()
 
 
+def _challenge_status(exc: oauth2.OAuthRefusedError) -> str | None:
+    """The `status` of the RFC 7628 error challenge the upstream sent, if any."""
+    for part in (exc.provider_error or "").split(", "):
+        key, _, value = part.partition("=")
+        if key == "status" and value:
+            return value
+    return None
+
+
 class SmtpTransport:
     """Delivers to one SMTP upstream through its pool."""
 
@@ -506,6 +555,10 @@ class SmtpTransport:
     async def close(self) -> None:
         """Close the pool's idle connections; in-flight ones close on release."""
         await self.pool.close()
+
+    def auth_status(self) -> UpstreamAuth | None:
+        """The upstream's last login outcome (`upstream_status.ReportsAuth`)."""
+        return self.pool.auth.snapshot() if self.pool.auth is not None else None
 
     def _broken_transaction(
         self, smtp: aiosmtplib.SMTP, envelope: Envelope, exc: BaseException
