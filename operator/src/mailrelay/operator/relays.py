@@ -26,7 +26,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar, overload
 
@@ -54,6 +54,7 @@ from mailrelay.operator.conditions import (
     utc_now,
     worth_an_event,
 )
+from mailrelay.operator.dkim import DnsChecker, KeyFacts, KeyLookup, TxtAnswer, record_names
 from mailrelay.operator.health import Progress
 from mailrelay.operator.metrics import OperatorMetrics
 from mailrelay.operator.podsync import reload_marks, touch_pods
@@ -141,6 +142,8 @@ class Indices:
     children: Mapping[str, Mapping[ObjectKey, Collection[ChildState]]]  # by kind
     # resourceVersion of each watched Secret: a content change reaches the pods at once.
     secret_versions: Mapping[ObjectKey, Collection[str]] = field(default_factory=dict)
+    # Public facts of the private keys each watched Secret holds (DKIM; operator/dkim.py).
+    dkim_keys: Mapping[ObjectKey, Collection[Mapping[str, KeyFacts]]] = field(default_factory=dict)
 
     @staticmethod
     def _one(index: Mapping[ObjectKey, Collection[T]], key: ObjectKey) -> T | None:
@@ -159,6 +162,21 @@ class Indices:
     def secret_keys(self, namespace: str) -> Callable[[str], frozenset[str] | None]:
         def lookup(name: str) -> frozenset[str] | None:
             return self._one(self.secrets, (namespace, name))
+
+        return lookup
+
+    def dkim_key_lookup(self, namespace: str) -> KeyLookup:
+        """(Secret, key) -> the key's public facts; a value that is no key at all gets a
+        problem, an unknown Secret or key None (ResolvedRefs reports those)."""
+
+        def lookup(secret: str, key: str) -> KeyFacts | None:
+            keys = self._one(self.secrets, (namespace, secret))
+            if keys is None or key not in keys:
+                return None
+            facts = self._one(self.dkim_keys, (namespace, secret)) or {}
+            return facts.get(key) or KeyFacts(
+                problem="is not a private key (PEM RSA or Ed25519, or dkimpy's Ed25519 seed)"
+            )
 
         return lookup
 
@@ -184,6 +202,8 @@ class Context:
     states: RelayStates = field(default_factory=RelayStates)
     # Bumped by every Secret event of a namespace (a relay's inputs include Secret keys).
     secret_epochs: dict[str, int] = field(default_factory=dict)
+    # The DKIMReady check's TXT lookups (cached; operator/dkim.py).
+    dns: DnsChecker = field(default_factory=DnsChecker)
 
     @overload
     def fresh(self, info: ObjectInfo) -> ObjectInfo: ...
@@ -460,12 +480,16 @@ def pass_inputs(ctx: Context, indices: Indices, namespace: str, name: str) -> tu
         for r in indices.routes_for(namespace, name)
     )
     children = tuple(indices.child(key) for key in child_keys(namespace, name))
+    # DNS is an input no event announces: a relay with signing routes re-checks its
+    # selectors' records once per DNS cache period.
+    signs = any(r.spec.get("dkim") for r in indices.routes_for(namespace, name))
     return (
         relay.resource_version if relay is not None else None,
         relay.status if relay is not None else None,
         tuple(routes),
         ctx.secret_epochs.get(namespace, 0),
         children,
+        ctx.dns.period() if signs else None,
     )
 
 
@@ -546,13 +570,19 @@ async def _reconcile(
         problem = problem or (
             f"The spec is invalid: {validation_message(error, relay.spec)}. Fix the MailRelay."
         )
-    verdicts = judge_routes(relay, spec, routes, secret_keys)
+    dkim_keys = indices.dkim_key_lookup(namespace)
+    answers = await _dkim_answers(ctx, routes)
+    verdicts = judge_routes(
+        relay, spec, routes, secret_keys, dkim_keys=dkim_keys, dns_answers=answers
+    )
     missing = uncached_secrets(spec, verdicts, secret_keys)
     if missing and ctx.settings.secret_selector:
         # Decide again, telling a Secret outside the label selector from an absent one.
         looked_up = await _look_up_secrets(ctx, namespace, missing)
         secret_keys = with_looked_up(secret_keys, looked_up)
-        verdicts = judge_routes(relay, spec, routes, secret_keys)
+        verdicts = judge_routes(
+            relay, spec, routes, secret_keys, dkim_keys=dkim_keys, dns_answers=answers
+        )
     updates: list[ConditionUpdate] = []
     extra: dict[str, Any] = {"routes": sum(1 for v in verdicts if v.included)}
     outcome = "ok"
@@ -654,6 +684,20 @@ async def _reconcile(
         for u in updates
     )
     return outcome, settled
+
+
+async def _dkim_answers(ctx: Context, routes: Sequence[ObjectInfo]) -> dict[str, TxtAnswer]:
+    """The TXT records the signing routes' selectors need (gathered before deciding)."""
+    names: list[str] = []
+    for route in routes:
+        if not route.spec.get("dkim"):
+            continue
+        try:
+            spec = models.MailRouteSpec.model_validate(route.spec)
+        except ValidationError:
+            continue  # judge_routes reports it
+        names += record_names(spec)
+    return await ctx.dns.lookup_all(names) if names else {}
 
 
 async def _sync_pods(ctx: Context, relay: RelayInputs, marks: dict[str, str]) -> bool:
