@@ -15,13 +15,13 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from localkube import LocalKube
 from pydantic import ValidationError
 
 from mailrelay.operator import models, relay_config
 from mailrelay.operator.crdgen import build_crds, crd_filename
 from mailrelay.relay import config as relay
 from mailrelay.relay import upstream_rules
+from mailrelay.support.localkube import LocalKube
 from tests.crd.cases import CRD_DIR
 
 PROVIDER_FIELDS: dict[str, dict[str, Any]] = {

@@ -18,13 +18,11 @@ from typing import Any
 
 import pytest
 import yaml
-from localkube import LocalKube
 
 from mailrelay.operator.models import API_VERSION
 from mailrelay.relay import dkim
-from tests.dkimtools import LoopbackDns, pem_rsa
-from tests.operator import manifests as m
-from tests.operator.harness import (
+from mailrelay.support.localkube import LocalKube
+from mailrelay.support.operator_harness import (
     OperatorProcess,
     apply,
     condition,
@@ -32,6 +30,8 @@ from tests.operator.harness import (
     running_operator,
     wait_for,
 )
+from tests.dkimtools import LoopbackDns, pem_rsa
+from tests.operator import manifests as m
 
 pytestmark = pytest.mark.kube
 
@@ -169,9 +169,9 @@ def test_route_signs_only_once_dns_publishes_its_key_and_a_bad_key_is_reported(
         what="the route rendered, no longer held",
     )
     # Settled: passes every second (resync, DNS re-checked) write nothing more.
-    version = get(kube, "mailroute", "news", ns)["metadata"]["resourceVersion"]  # type: ignore[index]
+    version = _version(kube, ns, "news")
     time.sleep(4)
-    assert get(kube, "mailroute", "news", ns)["metadata"]["resourceVersion"] == version  # type: ignore[index]
+    assert _version(kube, ns, "news") == version
     [news] = [r for r in _relay_config(kube, ns)["routes"] if r["name"] == "news"]
     assert [(d["domain"], d["selector"]) for d in news["dkim"]] == [("example.com", "news-a")]
     statefulset = get(kube, "statefulset", "outbound", ns)
@@ -187,7 +187,9 @@ def test_route_signs_only_once_dns_publishes_its_key_and_a_bad_key_is_reported(
         what="DKIMReady=False DKIMKeyInvalid",
         timeout=60,
     )
-    message = condition(get(kube, "mailroute", "weak", ns), "DKIMReady")["message"]  # type: ignore[index]
+    found = condition(get(kube, "mailroute", "weak", ns), "DKIMReady")
+    assert found is not None
+    message = found["message"]
     assert "1024 bits" in message and "Secret 'short-key', key 'dkim.key'" in message
     assert "PRIVATE KEY" not in message
     wait_for(
@@ -208,3 +210,9 @@ def _short_key() -> str:
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     ).decode()
+
+
+def _version(kube: LocalKube, ns: str, name: str) -> str:
+    route = get(kube, "mailroute", name, ns)
+    assert route is not None
+    return str(route["metadata"]["resourceVersion"])

@@ -18,9 +18,9 @@ import pytest
 
 from mailrelay.relay import dkim, upstream_rules
 from mailrelay.relay.upstreams.providers.registry import transport_class
+from mailrelay.support.provider_servers import ProviderServer, raw_sent
 from tests.dkimtools import DkimEnv, assert_verifies, dkim_dns_server, pem_rsa
 from tests.providers.conftest import JSON_PROVIDERS, RAW_PROVIDERS, upstream_fields
-from tests.providers.servers import ProviderServer, raw_sent
 from tests.relay.conftest import USERS, RelayFactory
 from tests.relay.test_dkim import dot_lines, eight_bit, long_headers, multipart
 

@@ -26,6 +26,7 @@ from mailrelay.relay import dkim
 from mailrelay.relay.config import ConfigError, parse_config
 from mailrelay.relay.signing import RouteSigners, SignFailure, SigningPool
 from mailrelay.relay.upstreams.transport import RecipientOutcome
+from mailrelay.support.smtp_peers import RecordingUpstream, TlsCerts
 from tests.dkimtools import (
     DkimEnv,
     assert_verifies,
@@ -34,7 +35,7 @@ from tests.dkimtools import (
     pem_rsa,
     verify_dkimpy,
 )
-from tests.relay.conftest import USERS, RecordingUpstream, RelayFactory, RelayHandle, TlsCerts
+from tests.relay.conftest import USERS, RelayFactory, RelayHandle
 
 ALICE = ("alice", USERS["alice"])
 SENDER = "alice@example.com"
