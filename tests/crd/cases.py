@@ -87,7 +87,64 @@ def _api_edit(provider: str, **fields: Any) -> dict[str, Any]:
     }
 
 
+DKIM_DOMAIN: dict[str, Any] = {
+    "domain": "example.com",
+    "active": {"selector": "mail2026a", "secretRef": {"name": "dkim-a"}},
+    "next": {"selector": "mail2026b", "secretRef": {"name": "dkim-b", "key": "private.pem"}},
+}
+
+
 INVALID: list[Invalid] = [
+    # --- MailRoute: DKIM ----------------------------------------------------------------------
+    Invalid(
+        "dkim-with-sendgrid",
+        "MailRoute",
+        {**_api_edit("sendgrid"), "dkim": [DKIM_DOMAIN]},
+        ("spec.dkim: Invalid value", "dkim cannot be used with providers sendgrid"),
+        "they rebuild the message from JSON",
+    ),
+    Invalid(
+        "dkim-with-postmark-fallback",
+        "MailRoute",
+        {
+            "fallbacks": [{"api": {"provider": "postmark", "credentialsSecretRef": {"name": "k"}}}],
+            "dkim": [DKIM_DOMAIN],
+        },
+        ("spec.dkim: Invalid value", "those providers sign with the DKIM keys"),
+        "dkim cannot be used with providers",
+    ),
+    Invalid(
+        "dkim-same-selector-twice",
+        "MailRoute",
+        {"dkim": [{**DKIM_DOMAIN, "next": {**DKIM_DOMAIN["active"]}}]},
+        ("spec.dkim[0].next.selector: Invalid value", "next must name a different selector"),
+        "next must name a different selector than active",
+    ),
+    Invalid(
+        "dkim-headers-without-from",
+        "MailRoute",
+        {"dkim": [{**DKIM_DOMAIN, "headers": ["To", "Subject"]}]},
+        ("spec.dkim[0].headers: Invalid value", "headers must include From"),
+        "headers must include From",
+    ),
+    Invalid(
+        "dkim-selector-not-a-label",
+        "MailRoute",
+        {
+            "dkim": [
+                {**DKIM_DOMAIN, "active": {"selector": "Mail_2026", "secretRef": {"name": "a"}}}
+            ]
+        },
+        ("spec.dkim[0].active.selector: Invalid value", "selector must be one or more"),
+        "selector must be one or more lower-case DNS labels",
+    ),
+    Invalid(
+        "dkim-domain-twice",
+        "MailRoute",
+        {"dkim": [DKIM_DOMAIN, {k: v for k, v in DKIM_DOMAIN.items() if k != "next"}]},
+        ("spec.dkim[1]: Duplicate value",),
+        "dkim lists a domain twice",
+    ),
     # --- MailRoute: the upstream ------------------------------------------------------------
     Invalid(
         "no-upstream",
@@ -766,6 +823,16 @@ _api = _api_edit
 
 # Edge cases on both sides of a rule: (edits of the base spec, whether it is accepted).
 ROUTE_FIELD_RULES: list[tuple[dict[str, Any], bool]] = [
+    ({"dkim": [DKIM_DOMAIN]}, True),
+    ({**_api_edit("mailgun", domain="mg.example.com"), "dkim": [DKIM_DOMAIN]}, True),
+    ({**_api_edit("ses", region="eu-west-1"), "dkim": [DKIM_DOMAIN]}, True),
+    ({**_api_edit("sparkpost"), "dkim": [DKIM_DOMAIN]}, True),
+    ({**_api_edit("resend"), "dkim": []}, True),
+    ({**_api_edit("resend"), "dkim": [DKIM_DOMAIN]}, False),
+    ({"dkim": [{**DKIM_DOMAIN, "headers": ["from", "To"]}]}, True),
+    ({"dkim": [{**DKIM_DOMAIN, "canonicalization": "simple/simple"}]}, True),
+    ({"dkim": [{**DKIM_DOMAIN, "canonicalization": "relaxed"}]}, False),
+    ({"dkim": [{**DKIM_DOMAIN, "headers": ["Bad:Name", "From"]}]}, False),
     ({"upstream.smtp.host": "2001:db8::25"}, True),
     ({"upstream.smtp.host": "192.0.2.25"}, True),
     ({"upstream.smtp.host": "-smtp.example.net"}, False),

@@ -12,6 +12,7 @@ A render that changes fails with a unified diff per file. Regenerate them all wi
 
 from __future__ import annotations
 
+import base64
 import difflib
 import os
 from collections.abc import Callable
@@ -22,12 +23,14 @@ import pytest
 import yaml
 
 from mailrelay.operator import models
+from mailrelay.operator.dkim import KeyFacts, TxtAnswer, key_facts
 from mailrelay.operator.drain import render_drain_job
 from mailrelay.operator.handoff import render_handoff_secret
 from mailrelay.operator.relays import render_relay
 from mailrelay.operator.render import RelayInputs
 from mailrelay.operator.routes import ObjectInfo, judge_routes
 from mailrelay.operator.settings import OperatorSettings
+from mailrelay.relay.dkim import record_name
 from tests.operator import manifests as m
 
 EXAMPLES = Path(__file__).parents[2] / "examples"
@@ -102,7 +105,35 @@ def render_case(objects: list[dict[str, Any]]) -> dict[str, str]:
     (relay,) = [_info(obj, 0) for obj in objects if obj["kind"] == "MailRelay"]
     routes = [_info(obj, i) for i, obj in enumerate(objects, 1) if obj["kind"] == "MailRoute"]
     spec = models.MailRelaySpec.model_validate(relay.spec)
-    verdicts = judge_routes(relay, spec, routes, secrets.get)
+    # DKIM keys as the key index keeps them, and DNS publishing every selector's record.
+    facts = {
+        obj["metadata"]["name"]: key_facts(
+            {
+                **(obj.get("data") or {}),
+                **{
+                    k: base64.b64encode(v.encode()).decode()
+                    for k, v in (obj.get("stringData") or {}).items()
+                },
+            }
+        )
+        for obj in objects
+        if obj["kind"] == "Secret"
+    }
+    answers = {
+        record_name(selector.selector, domain.domain): TxtAnswer(
+            (facts[selector.secret_ref.name][selector.secret_ref.key].record or "",)
+        )
+        for route in routes
+        for domain in models.MailRouteSpec.model_validate(route.spec).dkim
+        for _, selector in domain.selectors()
+    }
+
+    def dkim_keys(secret: str, key: str) -> KeyFacts | None:
+        return facts.get(secret, {}).get(key)
+
+    verdicts = judge_routes(
+        relay, spec, routes, secrets.get, dkim_keys=dkim_keys, dns_answers=answers
+    )
     assert all(v.included for v in verdicts), [v.route.name for v in verdicts if not v.included]
     inputs = RelayInputs(relay.name, NAMESPACE, relay.uid, spec)
     rendered = render_relay(inputs, verdicts, SETTINGS)

@@ -20,6 +20,7 @@ Triggers: a relay's own events, a route's events (its old and new relay), Secret
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ from mailrelay.operator.apply import (
     make_client,
     resource_version_number,
 )
+from mailrelay.operator.dkim import DnsChecker, KeyFacts, facts_of, key_candidates
 from mailrelay.operator.health import Progress, serve_health
 from mailrelay.operator.metrics import OperatorMetrics, serve_metrics
 from mailrelay.operator.relays import (
@@ -120,6 +122,7 @@ async def startup(settings: kopf.OperatorSettings, memo: Any, **_: Any) -> None:
         metrics=metrics,
         post_event=_post_event,
         upstream_status=UpstreamStatusPoller(interval=SETTINGS.resync_seconds),
+        dns=DnsChecker(SETTINGS.dns_resolver, SETTINGS.dkim_dns_cache_seconds),
     )
     memo.queue = WorkQueue(
         memo.ctx,
@@ -208,6 +211,19 @@ async def secret_index(
     return {(namespace or "", name): frozenset(keys)}
 
 
+async def dkim_key_index(
+    body: kopf.Body, namespace: str | None, name: str, **_: Any
+) -> dict[ObjectKey, Mapping[str, KeyFacts]]:
+    """The public facts of each private key a watched Secret holds (operator/dkim.py);
+    never the key itself. Parsing a key is CPU work: done in a thread, and only for
+    Secrets that hold something key-shaped."""
+    candidates = key_candidates(body.get("data") or {})
+    if not candidates:
+        return {}
+    facts = await asyncio.to_thread(facts_of, candidates)
+    return {(namespace or "", name): facts}
+
+
 async def secret_version_index(
     body: kopf.Body, namespace: str | None, name: str, **_: Any
 ) -> dict[ObjectKey, str]:
@@ -257,6 +273,7 @@ DRAIN_JOB_INDEX = _index(drain_job_index, *JOBS, labels=MANAGED)
 ROUTE_INDEX = _index(route_index, *ROUTES)
 SECRET_INDEX = _index(secret_index, *SECRETS)
 SECRET_VERSION_INDEX = _index(secret_version_index, *SECRETS)
+DKIM_KEY_INDEX = _index(dkim_key_index, *SECRETS)
 CHILD_INDICES = {
     kind: _index(_child_index(kind, plural), group, version, plural, labels=MANAGED)
     for kind, (group, version, plural) in zip(CHILD_KINDS, CHILDREN, strict=True)
@@ -270,6 +287,7 @@ def indices_from(kwargs: Mapping[str, object]) -> Indices:
         routes=ROUTE_INDEX.of(kwargs),
         secrets=SECRET_INDEX.of(kwargs),
         secret_versions=SECRET_VERSION_INDEX.of(kwargs),
+        dkim_keys=DKIM_KEY_INDEX.of(kwargs),
         children={kind: ref.of(kwargs) for kind, ref in CHILD_INDICES.items()},
         claims=CLAIM_INDEX.of(kwargs),
         drain_jobs=DRAIN_JOB_INDEX.of(kwargs),

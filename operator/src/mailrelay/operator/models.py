@@ -39,7 +39,7 @@ from typing import Annotated, Any, Literal, Self
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
-from mailrelay.relay import netguard, upstream_rules
+from mailrelay.relay import dkim, netguard, upstream_rules
 
 GROUP = "mailrelay.dev"
 VERSION = "v1alpha1"
@@ -2192,8 +2192,115 @@ class RateLimit(KubeModel):
         return self
 
 
+class DkimKeySecretRef(KubeModel):
+    """A Secret key holding a DKIM private key (PEM: RSA of 2048 bits or more, or Ed25519)."""
+
+    name: ObjectName = Field(description="Name of the Secret, in this namespace.")
+    key: SecretKey = Field(default="dkim.key", description="Key holding the PEM private key.")
+
+
+DkimSelectorName = Annotated[
+    str,
+    Field(
+        min_length=1,
+        max_length=253,
+        json_schema_extra=regex_rule(dkim.SELECTOR_PATTERN, dkim.SELECTOR_MESSAGE),
+    ),
+    regex_check(dkim.SELECTOR_PATTERN, dkim.SELECTOR_MESSAGE),
+]
+HEADER_NAME_MESSAGE = "must be a header field name such as From or List-Unsubscribe"
+HeaderName = Annotated[
+    str,
+    Field(
+        min_length=1,
+        max_length=128,
+        json_schema_extra=regex_rule(dkim.HEADER_NAME_PATTERN, HEADER_NAME_MESSAGE),
+    ),
+    regex_check(dkim.HEADER_NAME_PATTERN, HEADER_NAME_MESSAGE),
+]
+
+
+class DkimSelector(KubeModel):
+    """A selector and its key; the public key goes in DNS at <selector>._domainkey.<domain>."""
+
+    selector: DkimSelectorName = Field(description="The selector (s=), such as mail2026a.")
+    secret_ref: DkimKeySecretRef = Field(
+        description="The private key; its type picks the algorithm (rsa-sha256 or ed25519-sha256)."
+    )
+
+
+class DkimDomain(KubeModel):
+    """Signing for one domain: the active selector, and the next one for rotation."""
+
+    model_config = ConfigDict(
+        json_schema_extra=validations(
+            cel(
+                "!has(self.next) || self.next.selector != self.active.selector",
+                dkim.TWO_SELECTORS_MESSAGE,
+                field_path=".next.selector",
+            ),
+            cel(
+                "!has(self.headers) || self.headers.exists(h, h.lowerAscii() == 'from')",
+                dkim.HEADERS_NEED_FROM,
+                field_path=".headers",
+            ),
+        )
+    )
+
+    domain: DnsName = Field(
+        description="The signing domain (d=); mail whose From is at or below it is signed for it."
+    )
+    active: DkimSelector = Field(
+        description="The selector mail is signed with once its DNS record matches the key."
+    )
+    next: DkimSelector | None = Field(
+        default=None,
+        description=(
+            "The selector to rotate to: checked in DNS beside active, signed with only while "
+            "active's record does not match. Swap active and next to rotate."
+        ),
+    )
+    headers: list[HeaderName] | None = Field(
+        default=None,
+        min_length=1,
+        max_length=64,
+        description="Header fields to sign (must include From); RFC 6376's list when unset.",
+    )
+    canonicalization: Literal[
+        "relaxed/relaxed", "relaxed/simple", "simple/relaxed", "simple/simple"
+    ] = Field(default="relaxed/relaxed", description="Header/body canonicalisation.")
+
+    @model_validator(mode="after")
+    def _rules(self) -> Self:
+        if self.next is not None and self.next.selector == self.active.selector:
+            raise ValueError(dkim.TWO_SELECTORS_MESSAGE)
+        if self.headers is not None and (problem := dkim.headers_problem(self.headers)):
+            raise ValueError(problem)
+        return self
+
+    def selectors(self) -> list[tuple[str, DkimSelector]]:
+        """(role, selector): active first."""
+        return [("active", self.active)] + ([("next", self.next)] if self.next else [])
+
+
+_SELF_SIGNING = _cel_strings(upstream_rules.SELF_SIGNING_PROVIDERS)
+DKIM_PROVIDER_RULE = (
+    "!has(self.dkim) || size(self.dkim) == 0 || ("
+    f"(!has(self.upstream.api) || !(self.upstream.api.provider in {_SELF_SIGNING}))"
+    " && (!has(self.fallbacks) || self.fallbacks.all(f, "
+    f"!has(f.api) || !(f.api.provider in {_SELF_SIGNING}))))"
+)
+DKIM_PROVIDER_MESSAGE = _WORDS.dkim_self_signing
+
+
 class MailRouteSpec(KubeModel):
     """Desired state of a MailRoute: which mail a relay sends where."""
+
+    model_config = ConfigDict(
+        json_schema_extra=validations(
+            cel(DKIM_PROVIDER_RULE, DKIM_PROVIDER_MESSAGE, field_path=".dkim")
+        )
+    )
 
     relay_ref: LocalObjectReference = Field(
         description="The MailRelay, in this namespace, that carries this route."
@@ -2228,6 +2335,47 @@ class MailRouteSpec(KubeModel):
         le=150 * MIB,
         description="Largest message in bytes this route accepts; the relay's limit when unset.",
     )
+    dkim: list[DkimDomain] = Field(
+        default_factory=list,
+        max_length=16,
+        json_schema_extra={
+            "x-kubernetes-list-type": "map",
+            "x-kubernetes-list-map-keys": ["domain"],
+        },
+        description=(
+            "DKIM signing per sender domain (docs/dkim.md). Not with sendgrid, postmark or "
+            "resend, which sign themselves."
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _dkim_rules(self) -> Self:
+        domains = [d.domain for d in self.dkim]
+        if len(set(domains)) != len(domains):
+            raise ValueError("dkim lists a domain twice")
+        providers = [u.api.provider for u in (self.upstream, *self.fallbacks) if u.api is not None]
+        problem = upstream_rules.dkim_provider_problem(
+            signs=bool(self.dkim), providers=providers, words=_WORDS
+        )
+        if problem is not None:
+            raise ValueError(problem)
+        return self
+
+
+class DkimRecordStatus(KubeModel):
+    """One selector's TXT record as the operator checked it."""
+
+    domain: Annotated[str, Field(max_length=253)] = Field(description="The signing domain.")
+    selector: Annotated[str, Field(max_length=253)] = Field(description="The selector.")
+    role: Literal["active", "next"] = Field(description="Its place in the rotation.")
+    name: Annotated[str, Field(max_length=512)] = Field(
+        description="The record's name: <selector>._domainkey.<domain>."
+    )
+    record: Annotated[str, Field(max_length=4096)] | None = Field(
+        default=None, description="The TXT value to publish there (absent if the key is bad)."
+    )
+    published: bool = Field(description="Whether DNS answers with a record carrying this key.")
+    signing: bool = Field(default=False, description="Whether the relay signs with it now.")
 
 
 class MailRouteStatus(KubeModel):
@@ -2243,8 +2391,13 @@ class MailRouteStatus(KubeModel):
             "x-kubernetes-list-type": "map",
             "x-kubernetes-list-map-keys": ["type"],
         },
-        description="Accepted, ResolvedRefs and Ready conditions.",
+        description="Accepted, ResolvedRefs, Ready and (for a signing route) DKIMReady conditions.",
     )
     relay: Annotated[str, Field(max_length=253)] | None = Field(
         default=None, description="Name of the MailRelay this route is bound to."
+    )
+    dkim: list[DkimRecordStatus] = Field(
+        default_factory=list,
+        max_length=32,
+        description="Each DKIM selector's DNS record: where, what to publish, and whether it does.",
     )

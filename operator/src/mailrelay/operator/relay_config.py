@@ -28,6 +28,7 @@ import yaml
 from pydantic import ValidationError
 
 from mailrelay.operator import models
+from mailrelay.operator.dkim import DkimChoice
 from mailrelay.relay import config as relay
 from mailrelay.relay import upstream_rules
 from mailrelay.relay.problems import validation_problems
@@ -39,6 +40,7 @@ USERS_DIR = PurePosixPath("/etc/mailrelay/users")
 USERS_FILE = "users.yaml"
 UPSTREAMS_DIR = PurePosixPath("/etc/mailrelay/upstreams")
 APPS_DIR = PurePosixPath("/etc/mailrelay/apps")
+DKIM_DIR = PurePosixPath("/etc/mailrelay/dkim")
 # Keys of an app credential Secret (the operator writes them; see app_credential_secret).
 APP_USERNAME_KEY = "username"
 APP_PASSWORD_KEY = "password"
@@ -73,6 +75,10 @@ class BoundRoute:
 
     name: str
     spec: models.MailRouteSpec
+    # The selector each DKIM domain signs with (judged against DNS by operator/dkim.py).
+    dkim: tuple[DkimChoice, ...] = ()
+    # Why a signing route that cannot sign yet is held (rendered without Secrets).
+    held: str | None = None
 
 
 @dataclass(frozen=True)
@@ -112,9 +118,13 @@ def secret_mounts(spec: models.MailRelaySpec, routes: Sequence[BoundRoute]) -> l
         mounts.append(SecretMount("users", ref.name, str(USERS_DIR), ((ref.key, USERS_FILE),)))
     shared: dict[str, SecretMount] = {}
     for route in sorted(routes, key=lambda r: r.name):
+        if route.held is not None:
+            continue  # its Secrets may not exist: a held route mounts none
         for upstream in (route.spec.upstream, *route.spec.fallbacks):
             for mount in _upstream_mounts(upstream):
                 shared.setdefault(mount.volume, mount)
+        for mount in _dkim_mounts(route.spec):
+            shared.setdefault(mount.volume, mount)
     return mounts + sorted(shared.values(), key=lambda mount: mount.volume)
 
 
@@ -136,6 +146,28 @@ def handoff_mount(relay_name: str) -> SecretMount:
         str(HANDOFF_DIR),
         ((HANDOFF_KEY, HANDOFF_KEY),),
     )
+
+
+def _dkim_file(key: str) -> str:
+    """A file name for a Secret key (keys may be any [-._a-zA-Z0-9]+, even ``..``)."""
+    return hashlib.sha256(key.encode()).hexdigest()[:16] + ".key"
+
+
+def _dkim_mounts(spec: models.MailRouteSpec) -> list[SecretMount]:
+    """One volume per DKIM key Secret, with the keys of both selectors (active and next):
+    switching between them changes only the config, which the relay reloads in place."""
+    by_secret: dict[str, set[tuple[str, str]]] = {}
+    for domain in spec.dkim:
+        for _, selector in domain.selectors():
+            ref = selector.secret_ref
+            by_secret.setdefault(ref.name, set()).add((ref.key, _dkim_file(ref.key)))
+    mounts = []
+    for secret, items in sorted(by_secret.items()):
+        files = tuple(sorted(items))
+        volume = _volume_name("dkim", secret, *(f"{key}={name}" for key, name in files))
+        directory = DKIM_DIR / volume.removeprefix("dkim-")
+        mounts.append(SecretMount(volume, secret, str(directory), files))
+    return mounts
 
 
 def app_secret_name(relay_name: str, app: str) -> str:
@@ -314,8 +346,23 @@ def _oauth2_config(oauth: models.SmtpOAuth2, mounts: Sequence[SecretMount]) -> d
     return {"username_file": _file_for(mounts, ref.name, ref.username_key), "oauth2": section}
 
 
+def _without_secrets(upstream: models.Upstream) -> models.Upstream:
+    """The upstream with no Secret references (a held route names no files)."""
+    if upstream.smtp is not None:
+        smtp = upstream.smtp.model_copy(
+            update={"credentials_secret_ref": None, "ca_secret_ref": None, "oauth2": None}
+        )
+        return upstream.model_copy(update={"smtp": smtp})
+    assert upstream.api is not None
+    api = upstream.api.model_copy(update={"credentials_secret_ref": None})
+    return upstream.model_copy(update={"api": api})
+
+
 def _route_config(route: BoundRoute) -> dict[str, Any]:
     spec = route.spec
+    upstreams = [spec.upstream, *spec.fallbacks]
+    if route.held is not None:
+        upstreams = [_without_secrets(upstream) for upstream in upstreams]
     out: dict[str, Any] = {
         "name": route.name,
         "priority": spec.priority,
@@ -323,12 +370,14 @@ def _route_config(route: BoundRoute) -> dict[str, Any]:
             "sender_domains": list(spec.match.sender_domains),
             "recipient_domains": list(spec.match.recipient_domains),
         },
-        "upstream": _upstream_config(route.name, 0, spec.upstream),
+        "upstream": _upstream_config(route.name, 0, upstreams[0]),
         "fallbacks": [
             _upstream_config(route.name, index, upstream)
-            for index, upstream in enumerate(spec.fallbacks, start=1)
+            for index, upstream in enumerate(upstreams[1:], start=1)
         ],
     }
+    if route.held is not None:
+        out["held"] = route.held
     if spec.rate_limit is not None:
         limit = spec.rate_limit
         out["rate_limit"] = {
@@ -338,6 +387,18 @@ def _route_config(route: BoundRoute) -> dict[str, Any]:
         }
     if spec.max_message_size is not None:
         out["max_message_size"] = spec.max_message_size
+    if route.dkim:
+        mounts = _dkim_mounts(spec)
+        out["dkim"] = [
+            {
+                "domain": choice.domain,
+                "selector": choice.selector,
+                "private_key_file": _file_for(mounts, choice.secret, choice.key),
+                "canonicalization": choice.canonicalization,
+                **({"headers": list(choice.headers)} if choice.headers is not None else {}),
+            }
+            for choice in route.dkim
+        ]
     return out
 
 
@@ -447,6 +508,11 @@ _DUMPER: Any = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
 def render_config_yaml(config: relay.RelayConfig) -> str:
     """The YAML text ``mailrelay.relay.config.load_config`` reads back into ``config``."""
     data = config.model_dump(mode="json", exclude_none=True)
+    for route in data.get("routes", []):
+        # Routes that do not sign render as before DKIM existed: no config (and no pod)
+        # changes on an operator upgrade.
+        if not route.get("dkim"):
+            route.pop("dkim", None)
     return _yaml_of(json.dumps(data, sort_keys=True))
 
 

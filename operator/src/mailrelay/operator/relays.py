@@ -26,7 +26,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar, overload
 
@@ -56,6 +56,7 @@ from mailrelay.operator.conditions import (
     utc_now,
     worth_an_event,
 )
+from mailrelay.operator.dkim import DnsChecker, KeyFacts, KeyLookup, TxtAnswer, record_names
 from mailrelay.operator.handoff import ensure_handoff_secret
 from mailrelay.operator.health import Progress
 from mailrelay.operator.metrics import OperatorMetrics
@@ -151,6 +152,8 @@ class Indices:
     # By (namespace, relay): its spool PVCs and its drain Jobs (drain.py).
     claims: Mapping[ObjectKey, Collection[drain.SpoolClaim]] = field(default_factory=dict)
     drain_jobs: Mapping[ObjectKey, Collection[drain.DrainJob]] = field(default_factory=dict)
+    # Public facts of the private keys each watched Secret holds (DKIM; operator/dkim.py).
+    dkim_keys: Mapping[ObjectKey, Collection[Mapping[str, KeyFacts]]] = field(default_factory=dict)
 
     @staticmethod
     def _one(index: Mapping[ObjectKey, Collection[T]], key: ObjectKey) -> T | None:
@@ -169,6 +172,21 @@ class Indices:
     def secret_keys(self, namespace: str) -> Callable[[str], frozenset[str] | None]:
         def lookup(name: str) -> frozenset[str] | None:
             return self._one(self.secrets, (namespace, name))
+
+        return lookup
+
+    def dkim_key_lookup(self, namespace: str) -> KeyLookup:
+        """(Secret, key) -> the key's public facts; a value that is no key at all gets a
+        problem, an unknown Secret or key None (ResolvedRefs reports those)."""
+
+        def lookup(secret: str, key: str) -> KeyFacts | None:
+            keys = self._one(self.secrets, (namespace, secret))
+            if keys is None or key not in keys:
+                return None
+            facts = self._one(self.dkim_keys, (namespace, secret)) or {}
+            return facts.get(key) or KeyFacts(
+                problem="is not a private key (PEM RSA or Ed25519, or dkimpy's Ed25519 seed)"
+            )
 
         return lookup
 
@@ -202,6 +220,8 @@ class Context:
     secret_epochs: dict[str, int] = field(default_factory=dict)
     # What the relay pods report of their upstreams' logins (upstream_auth.py); None: off.
     upstream_status: UpstreamStatusPoller | None = None
+    # The DKIMReady check's TXT lookups (cached; operator/dkim.py).
+    dns: DnsChecker = field(default_factory=DnsChecker)
 
     @overload
     def fresh(self, info: ObjectInfo) -> ObjectInfo: ...
@@ -503,6 +523,9 @@ def pass_inputs(ctx: Context, indices: Indices, namespace: str, name: str) -> tu
     )
     children = tuple(indices.child(key) for key in child_keys(namespace, name))
     reports = ctx.upstream_status.reports(namespace, name) if ctx.upstream_status else None
+    # DNS is an input no event announces: a relay with signing routes re-checks its
+    # selectors' records once per DNS cache period.
+    signs = any(r.spec.get("dkim") for r in indices.routes_for(namespace, name))
     return (
         relay.resource_version if relay is not None else None,
         relay.status if relay is not None else None,
@@ -512,6 +535,7 @@ def pass_inputs(ctx: Context, indices: Indices, namespace: str, name: str) -> tu
         indices.claims_for(namespace, name),
         indices.drain_jobs_for(namespace, name),
         reports,
+        ctx.dns.period() if signs else None,
     )
 
 
@@ -602,13 +626,19 @@ async def _reconcile(
         problem = problem or (
             f"The spec is invalid: {validation_message(error, relay.spec)}. Fix the MailRelay."
         )
-    verdicts = judge_routes(relay, spec, routes, secret_keys)
+    dkim_keys = indices.dkim_key_lookup(namespace)
+    answers = await _dkim_answers(ctx, routes)
+    verdicts = judge_routes(
+        relay, spec, routes, secret_keys, dkim_keys=dkim_keys, dns_answers=answers
+    )
     missing = uncached_secrets(spec, verdicts, secret_keys)
     if missing and ctx.settings.secret_selector:
         # Decide again, telling a Secret outside the label selector from an absent one.
         looked_up = await _look_up_secrets(ctx, namespace, missing)
         secret_keys = with_looked_up(secret_keys, looked_up)
-        verdicts = judge_routes(relay, spec, routes, secret_keys)
+        verdicts = judge_routes(
+            relay, spec, routes, secret_keys, dkim_keys=dkim_keys, dns_answers=answers
+        )
     updates: list[ConditionUpdate] = []
     extra: dict[str, Any] = {"routes": sum(1 for v in verdicts if v.included)}
     outcome = "ok"
@@ -839,6 +869,20 @@ async def _drain(
             f"{condition.message} The API server refused: {' | '.join(outcome.failures)}",
         )
     return DrainOutcome(condition, plan.recheck, not outcome.failures)
+
+
+async def _dkim_answers(ctx: Context, routes: Sequence[ObjectInfo]) -> dict[str, TxtAnswer]:
+    """The TXT records the signing routes' selectors need (gathered before deciding)."""
+    names: list[str] = []
+    for route in routes:
+        if not route.spec.get("dkim"):
+            continue
+        try:
+            spec = models.MailRouteSpec.model_validate(route.spec)
+        except ValidationError:
+            continue  # judge_routes reports it
+        names += record_names(spec)
+    return await ctx.dns.lookup_all(names) if names else {}
 
 
 async def _sync_pods(ctx: Context, relay: RelayInputs, marks: dict[str, str]) -> bool:

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from pydantic import ValidationError
@@ -40,6 +40,7 @@ from mailrelay.operator.conditions import (
     set_conditions,
     worth_an_event,
 )
+from mailrelay.operator.dkim import DKIM_READY, DkimVerdict, KeyLookup, TxtAnswer, judge_dkim
 from mailrelay.operator.relay_config import BoundRoute, api_secret_files
 from mailrelay.relay.problems import validation_problems
 
@@ -133,11 +134,19 @@ class RouteVerdict:
     spec: models.MailRouteSpec | None
     accepted: ConditionUpdate
     resolved_refs: ConditionUpdate
+    dkim: DkimVerdict | None = None  # None: the route does not sign (or was not judged)
+    # Set for a signing route that cannot sign yet: rendered held (RouteConfig.held), so its
+    # mail waits instead of going out unsigned or through another route.
+    held: str | None = None
 
     @property
     def included(self) -> bool:
         """Whether the route goes into the relay's config."""
-        return self.accepted.status == "True" and self.resolved_refs.status == "True"
+        return (
+            self.accepted.status == "True"
+            and self.resolved_refs.status == "True"
+            and (self.dkim is None or self.dkim.usable)
+        )
 
 
 def validation_message(error: ValidationError, data: object) -> str:
@@ -173,6 +182,10 @@ def secret_refs(spec: models.MailRouteSpec) -> list[tuple[str, str, str]]:
             ref = upstream.api.credentials_secret_ref
             path = f"{where}.api.credentialsSecretRef"
             refs += [(path, ref.name, key) for key, _ in api_secret_files(upstream.api)]
+    for index, domain in enumerate(spec.dkim):
+        for role, selector in domain.selectors():
+            key_ref = selector.secret_ref
+            refs.append((f"dkim[{index}].{role}.secretRef", key_ref.name, key_ref.key))
     return refs
 
 
@@ -249,8 +262,15 @@ def judge_routes(
     relay_spec: models.MailRelaySpec | None,
     routes: Sequence[ObjectInfo],
     secret_keys: SecretKeys,
+    *,
+    dkim_keys: KeyLookup | None = None,
+    dns_answers: Mapping[str, TxtAnswer] | None = None,
 ) -> list[RouteVerdict]:
-    """Decide, for every route naming ``relay``, whether and why it is (not) carried."""
+    """Decide, for every route naming ``relay``, whether and why it is (not) carried.
+
+    ``dkim_keys`` and ``dns_answers`` (gathered by the caller) judge signing routes; a
+    signing route that cannot sign with a published key is left out (``dkim.py``).
+    """
     verdicts: dict[str, RouteVerdict] = {}
     candidates: dict[str, models.MailRouteSpec] = {}
     for route in sorted(routes, key=lambda r: r.name):
@@ -333,13 +353,47 @@ def judge_routes(
             accepted = ConditionUpdate(
                 ACCEPTED, "True", "Accepted", f"Bound to MailRelay {spec.relay_ref.name!r}."
             )
-        verdicts[route.name] = RouteVerdict(route, spec, accepted, refs)
+        signing = judge_dkim(spec, dkim_keys or _no_keys, dns_answers or {})
+        if signing is not None and not signing.usable and accepted.status == "True":
+            accepted = ConditionUpdate(
+                ACCEPTED,
+                "False",
+                signing.condition.reason,
+                f"Held in MailRelay {spec.relay_ref.name!r}'s config until it can sign: "
+                f"{signing.condition.message}",
+            )
+        held = None
+        if spec.dkim and holder.name == route.name and accepted.status != "True":
+            # Not left out: a broader route would take its mail and send it unsigned.
+            accepted = replace(
+                accepted,
+                message=f"{accepted.message} Meanwhile its mail is held: new mail gets "
+                "451 4.7.5 and queued mail waits; none goes out unsigned or another way.",
+            )
+            domains = ", ".join(d.domain for d in spec.dkim)
+            held = (
+                f"DKIM signing for {domains} is not ready (MailRoute {route.name}, "
+                f"{accepted.reason}); try again later"
+            )
+        verdicts[route.name] = RouteVerdict(route, spec, accepted, refs, signing, held)
     return [verdicts[name] for name in sorted(verdicts)]
 
 
+def _no_keys(secret: str, key: str) -> None:
+    return None
+
+
 def bound_routes(verdicts: Sequence[RouteVerdict]) -> list[BoundRoute]:
-    """The routes that go into the relay's config."""
-    return [BoundRoute(v.route.name, v.spec) for v in verdicts if v.included and v.spec is not None]
+    """The routes that go into the relay's config (held signing routes too)."""
+    bound = []
+    for v in verdicts:
+        if v.spec is None:
+            continue
+        if v.included:
+            bound.append(BoundRoute(v.route.name, v.spec, v.dkim.choices if v.dkim else ()))
+        elif v.held is not None:
+            bound.append(BoundRoute(v.route.name, v.spec, held=v.held))
+    return bound
 
 
 def route_status(
@@ -372,11 +426,20 @@ def route_status(
     updates = [verdict.accepted, verdict.resolved_refs, ready]
     if upstream_auth is not None:
         updates.append(upstream_auth)
-    conditions = set_conditions(current, updates, generation=verdict.route.generation, clock=clock)
+    if verdict.dkim is not None:
+        updates.append(verdict.dkim.condition)
+    conditions = set_conditions(
+        [c for c in current if verdict.dkim is not None or c.get("type") != DKIM_READY],
+        updates,
+        generation=verdict.route.generation,
+        clock=clock,
+    )
     return {
         "observedGeneration": verdict.route.generation,
         "conditions": conditions,
         "relay": relay_name if verdict.accepted.status == "True" else None,
+        # [] rather than absent: the API server defaults it so (a None would differ forever).
+        "dkim": [dict(r) for r in verdict.dkim.records] if verdict.dkim is not None else [],
     }
 
 
@@ -399,7 +462,7 @@ async def write_route_status(
     await patch_status("MailRoute", route.namespace, route.name, status)
     before = route.status.get("conditions") or []
     posted: set[str] = set()  # Accepted=False repeats ResolvedRefs' reason: one Event is enough
-    for type_ in (ACCEPTED, RESOLVED_REFS, UPSTREAM_AUTHENTICATED):
+    for type_ in (ACCEPTED, RESOLVED_REFS, UPSTREAM_AUTHENTICATED, DKIM_READY):
         after = status["conditions"]
         condition = find_condition(after, type_)
         if condition is not None and worth_an_event(before, after, type_):

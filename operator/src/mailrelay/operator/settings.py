@@ -69,6 +69,22 @@ class OperatorSettings(BaseSettings):
             "children and picks up Secrets created later."
         ),
     )
+    dns_resolver: str | None = Field(
+        default=None,
+        pattern=r"^(\[[0-9A-Fa-f:.]+\]|[0-9.]+|[0-9A-Fa-f:]+):[0-9]{1,5}$",
+        description=(
+            "DNS server (address:port, an IPv6 address in brackets) the DKIMReady check asks "
+            "for selectors' TXT records; unset: the pod's resolv.conf."
+        ),
+    )
+    dkim_dns_cache_seconds: float = Field(
+        default=60.0,
+        gt=0,
+        description=(
+            "How long a DKIM TXT answer is reused; a published or removed record is noticed "
+            "within this plus resync_seconds."
+        ),
+    )
     drain_seconds: int = Field(
         default=60,
         ge=1,

@@ -35,7 +35,7 @@ from pydantic import (
 )
 from pydantic_core import ErrorDetails, InitErrorDetails, PydanticCustomError
 
-from mailrelay.relay import netguard, upstream_rules
+from mailrelay.relay import dkim, netguard, upstream_rules
 from mailrelay.relay.problems import validation_problems, yaml_problem
 
 __all__ = [
@@ -46,6 +46,7 @@ __all__ = [
     "ClientLimitsConfig",
     "ConfigError",
     "DeliveryConfig",
+    "DkimSigningConfig",
     "HandoffConfig",
     "HandoffListen",
     "LimitsConfig",
@@ -686,6 +687,78 @@ class RouteConfig(_Model):
     max_message_size: int | None = Field(
         default=None, ge=1, description="Lower size limit for mail taking this route."
     )
+    held: str | None = Field(
+        default=None,
+        max_length=300,
+        pattern=r"^[ -~]+$",
+        description=(
+            "Set (to why, in plain ASCII): the route neither takes new mail (451 4.7.5 with "
+            "this text at RCPT) nor delivers what is queued for it (kept queued, never "
+            "expired), so its mail never goes out another way. The operator holds a signing "
+            "route whose DKIM key is not usable yet (docs/dkim.md)."
+        ),
+    )
+    dkim: list[DkimSigningConfig] = Field(
+        default_factory=list,
+        description=(
+            "Sign each message with the key of the domain its From header is at or below "
+            "(else its envelope sender's, else the first); empty: no signing."
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _signable(self) -> RouteConfig:
+        domains = [signing.domain for signing in self.dkim]
+        if len(set(domains)) != len(domains):
+            raise ValueError(f"route {self.name!r}: dkim lists a domain twice")
+        ups = (self.upstream, *self.fallbacks)
+        providers = [u.provider for u in ups if isinstance(u, ApiUpstream)]
+        problem = upstream_rules.dkim_provider_problem(
+            signs=bool(self.dkim), providers=providers, words=_WORDS
+        )
+        if problem is not None:
+            raise ValueError(f"route {self.name!r}: {problem}")
+        return self
+
+
+class DkimSigningConfig(_Model):
+    """One signing domain of a route: its selector and key (docs/dkim.md)."""
+
+    domain: str = Field(description="The signing domain (d=); a From domain at or below it.")
+    selector: str = Field(
+        pattern=dkim.SELECTOR_PATTERN,
+        description="The selector (s=); its key is published at <selector>._domainkey.<domain>.",
+    )
+    private_key_file: Path = Field(
+        description=(
+            "PEM private key (RSA of 2048 bits or more: rsa-sha256; Ed25519: ed25519-sha256), "
+            "a mounted Secret key; the algorithm follows the key."
+        )
+    )
+    headers: list[Annotated[str, Field(pattern=dkim.HEADER_NAME_PATTERN)]] | None = Field(
+        default=None,
+        min_length=1,
+        description="Header fields to sign; unset: RFC 6376's list (From, To, Subject, ...).",
+    )
+    canonicalization: dkim.Canonicalization = Field(
+        default="relaxed/relaxed", description="Header/body canonicalisation."
+    )
+
+    @field_validator("domain")
+    @classmethod
+    def _domain(cls, value: str) -> str:
+        value = value.strip().lower().rstrip(".")
+        if not _DOMAIN_RE.match(value):
+            raise ValueError(f"{value!r} is not a domain name")
+        return value
+
+    @field_validator("headers")
+    @classmethod
+    def _with_from(cls, value: list[str] | None) -> list[str] | None:
+        problem = None if value is None else dkim.headers_problem(value)
+        if problem is not None:
+            raise ValueError(problem)
+        return value
 
 
 _UPSTREAM = TypeAdapter[SmtpUpstream | ApiUpstream](Upstream)
@@ -983,6 +1056,7 @@ class RelayConfig(_Model):
         files += [app.password_hash_file for app in self.auth.app_credentials]
         if self.handoff is not None:
             files.append(self.handoff.token_file)
+        files += [signing.private_key_file for r in self.routes for signing in r.dkim]
         for upstream in self.upstreams().values():
             if isinstance(upstream, SmtpUpstream):
                 files += [

@@ -54,6 +54,7 @@ from mailrelay.relay.metrics import DeliveryMetrics, RelayMetrics
 from mailrelay.relay.ratelimit import RouteRateLimits
 from mailrelay.relay.redact import redact_results
 from mailrelay.relay.routing import domain_of, select_route
+from mailrelay.relay.signing import RouteSigners, SignFailure, SigningPool
 from mailrelay.relay.spool import MessageLease, QueueEntry, RecipientState, Spool
 from mailrelay.relay.upstream_status import ReportsAuth, UpstreamAuth
 from mailrelay.relay.upstreams.factory import build_transport, preload_transports
@@ -133,6 +134,8 @@ class DeliveryEngine:
         self._pool_metrics = _PoolMetrics(self._metrics)
         self._routes = {route.name: route for route in config.routes}
         self._rates = RouteRateLimits(config.routes, clock=monotonic)
+        self._signers = RouteSigners()  # loaded by start() and reload()
+        self._signing_pool = SigningPool()
         self._transports: dict[str, Transport] = {}
         self._transport_configs: dict[str, SmtpUpstream | ApiUpstream] = {}
         self._heap: list[tuple[float, str]] = []
@@ -158,6 +161,7 @@ class DeliveryEngine:
     async def start(self) -> None:
         """Load the spool's queue and start scheduling (the spool must be started)."""
         await _preload_transports(self._config)
+        self._signers = await asyncio.to_thread(RouteSigners.load, self._config)
         await self._scan()
         log.info("Started delivery with %d queued message(s)", len(self._known))
         self._tasks = [
@@ -199,11 +203,13 @@ class DeliveryEngine:
             await transport.close()
         self._transports.clear()
         self._transport_configs.clear()
+        await self._signing_pool.close()
         log.info("Stopped delivery")
 
     async def reload(self, config: RelayConfig) -> None:
         """Adopt a new config; queued mail stays, changed upstreams get new transports."""
         await _preload_transports(config)
+        signers = await asyncio.to_thread(RouteSigners.load, config)
         upstreams = config.upstreams()
         stale = [
             name for name, old in self._transport_configs.items() if upstreams.get(name) != old
@@ -213,6 +219,7 @@ class DeliveryEngine:
             del self._transport_configs[name]
         self._config = config
         self._routes = {route.name: route for route in config.routes}
+        self._signers = signers
         self._rates.update(config.routes)
         for transport in closing:
             await transport.close()
@@ -618,6 +625,24 @@ class DeliveryEngine:
 
         Returns whether anything was attempted (False when the rate limit put it off).
         """
+        if route.held is not None:
+            # Held (a signing route whose key is not usable): kept queued, never expired,
+            # never sent another way (see RouteConfig.held).
+            now = self._clock()
+            for rcpt in group:
+                rcpt.attempts += 1
+                rcpt.status = "deferred"
+                rcpt.last_error = f"4.7.5 {route.held}"
+                rcpt.next_attempt_at = now + backoff_delay(
+                    rcpt.attempts, self._config.retry, rng=self._rng
+                )
+            log.warning(
+                "Kept message %s queued: route %s is held (%s)",
+                entry.queue_id,
+                route.name,
+                route.held,
+            )
+            return True
         limit = route.rate_limit
         if (
             limit is not None
@@ -638,7 +663,41 @@ class DeliveryEngine:
         config_error: set[str] = set()
         for rcpt in group:
             rcpt.attempts += 1
-        for index, upstream in enumerate((route.upstream, *route.fallbacks)):
+        upstreams = (route.upstream, *route.fallbacks)
+        if route.dkim:
+            # Signed here, after our Received header, so every upstream gets the same bytes;
+            # never sent unsigned (a key problem keeps the mail queued).
+            signed = await self._signers.sign(route.name, entry.mail_from, data, self._signing_pool)
+            if isinstance(signed, SignFailure):
+                self._metrics.dkim_signatures.labels(route.name, signed.label).inc()
+                log.error(
+                    "Could not sign message %s for route %s: %s",
+                    entry.queue_id,
+                    route.name,
+                    signed.detail,
+                )
+                upstreams = ()
+                for rcpt in remaining:
+                    last[rcpt.address] = RecipientResult(
+                        rcpt.address, signed.outcome, signed.detail
+                    )
+                    last_upstream[rcpt.address] = route.upstream
+                    if signed.outcome is RecipientOutcome.CONFIG_ERROR:
+                        config_error.add(rcpt.address)
+                    elif signed.outcome is RecipientOutcome.PERMANENT:
+                        rcpt.status = "bounced"
+                        rcpt.last_error = signed.detail
+                        failures.append(
+                            _Failure(
+                                rcpt, last[rcpt.address], expired=False, upstream=route.upstream
+                            )
+                        )
+                if signed.outcome is RecipientOutcome.PERMANENT:
+                    remaining = []
+            else:
+                self._metrics.dkim_signatures.labels(route.name, "signed").inc()
+                data = signed
+        for index, upstream in enumerate(upstreams):
             if index > 0:
                 log.info(
                     "Trying fallback %s for %d recipient(s) of message %s",

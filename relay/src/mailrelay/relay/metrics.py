@@ -36,6 +36,7 @@ REJECT_REASONS: Final = (
     "no_route",  # 550 5.7.1 at RCPT
     "too_many_recipients",  # 452 4.5.3
     "rate_limited",  # 450 4.7.0 at RCPT (route with on_exceed=reject)
+    "route_held",  # 451 4.7.5 at RCPT: the route is held (a DKIM key not usable yet)
     "message_too_large",  # 552 5.3.4
     "loop_detected",  # 554 5.4.6: too many Received headers
     "low_disk",  # 452 4.3.1 at MAIL
@@ -251,6 +252,12 @@ class DeliveryMetrics:
                 14400,
                 86400,
             ),
+            registry=registry,
+        )
+        self.dkim_signatures = Counter(
+            "mailrelay_dkim_signatures",
+            "DKIM signing attempts by route and result (signed, key_error, message_error, error).",
+            ["route", "result"],
             registry=registry,
         )
         self.dead_letters = Counter(

@@ -590,6 +590,10 @@ class RelayHandler(CheapDir):
             front.metrics.reject("no_route")
             log.info("Refused recipient <%s>: no route takes it", address)
             return f"550 5.7.1 Relaying denied: no route for <{address}>"
+        if route.held is not None:
+            # Not another route: its mail is meant to go this way (signed), later.
+            front.metrics.reject("route_held")
+            return f"451 4.7.5 {route.held}"
         route_limit = _route_size_limit(route, config.limits.max_message_size)
         if envelope.declared_size is not None and envelope.declared_size > route_limit:
             front.metrics.reject("message_too_large")

@@ -56,10 +56,12 @@ __all__ = [
     "REGIONAL_PROVIDERS",
     "REGIONAL_REGIONS",
     "REGION_PROVIDERS",
+    "SELF_SIGNING_PROVIDERS",
     "SIGNING_KEY_ID_PATTERN",
     "Messages",
     "Provider",
     "api_upstream_problems",
+    "dkim_provider_problem",
     "endpoint_host",
     "endpoint_port",
     "is_plain_ip",
@@ -74,6 +76,10 @@ REGIONAL_PROVIDERS: Final = ("mailgun", "sparkpost", "sendgrid")
 REGIONAL_REGIONS: Final = ("us", "eu")
 REGION_PROVIDERS: Final = (*REGIONAL_PROVIDERS, "ses")
 AWS_REGION: Final = r"^[a-z]{2}(-[a-z]+)+-[0-9]+$"
+# Providers that rebuild the message from JSON fields: no DKIM signature of ours survives,
+# so a route that signs cannot use them (they sign with the domain keys set up at the
+# provider instead; docs/dkim.md). The others carry the raw message byte for byte.
+SELF_SIGNING_PROVIDERS: Final = ("sendgrid", "postmark", "resend")
 # Only SES can go without a Secret (the pod's AWS identity); a webhook is always signed.
 AMBIENT_CREDENTIAL_PROVIDERS: Final = ("ses",)
 
@@ -168,6 +174,13 @@ class Messages:
         self.oauth2_password = (
             f"oauth2 replaces the password: set {spell('username_file')} (the mailbox) and "
             f"no {spell('password_file')}"
+        )
+        self.dkim_self_signing = (
+            "dkim cannot be used with providers sendgrid, postmark or resend (upstream or "
+            "fallback): they rebuild the message from JSON, so no signature made here "
+            "survives; those providers sign with the DKIM keys you set up in their account "
+            "(docs/dkim.md). Remove dkim, or deliver through smtp, mailgun, ses, sparkpost "
+            "or webhook"
         )
 
     def local_endpoint_at(self, host: str, reason: str) -> str:
@@ -350,3 +363,10 @@ def oauth2_problems(
     if has_refresh_token is not None and has_refresh_token != (grant == "refresh_token"):
         problems.append(words.oauth2_refresh_token)
     return problems
+
+
+def dkim_provider_problem(*, signs: bool, providers: Sequence[str], words: Messages) -> str | None:
+    """Why a route that signs with DKIM cannot use these API providers, or None."""
+    if signs and any(p in SELF_SIGNING_PROVIDERS for p in providers):
+        return words.dkim_self_signing
+    return None
