@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import pytest
@@ -41,16 +41,24 @@ def upstreams(node: LocalNode, node_namespace: str) -> trustme.CA:
 
 
 def apply_relay(
-    node: LocalNode, namespace: str, ca: trustme.CA, *, exempt_networks: Sequence[str] = ()
+    node: LocalNode,
+    namespace: str,
+    ca: trustme.CA,
+    *,
+    exempt_networks: Sequence[str] = (),
+    replicas: int = 1,
+    spec: Mapping[str, Any] | None = None,
 ) -> None:
     """The MailRelay of mailrelay.support.incluster with its Secrets and routes; wait until Ready.
 
     `exempt_networks` lifts the per-client limits for those clients (a test that probes
-    with wrong passwords on purpose would otherwise be locked out, as any client would)."""
-    manifests = incluster.relay_manifests(ca, namespace)
+    with wrong passwords on purpose would otherwise be locked out, as any client would).
+    `spec` is merged over the MailRelay's spec (top-level keys replaced)."""
+    manifests = incluster.relay_manifests(ca, namespace, replicas=replicas)
+    (relay,) = (m for m in manifests if m["kind"] == "MailRelay")
     if exempt_networks:
-        (relay,) = (m for m in manifests if m["kind"] == "MailRelay")
         relay["spec"]["limits"] = {"perClient": {"exemptNetworks": list(exempt_networks)}}
+    relay["spec"].update(spec or {})
     node.kubectl("apply", "-n", namespace, "-f", "-", input=incluster.yaml_stream(manifests))
     node.kubectl(
         "wait",

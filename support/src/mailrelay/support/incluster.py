@@ -7,7 +7,11 @@
   587, implicit TLS on 465 and AUTH, and one MailRoute per upstream.
 - `send_from_pod`: a client pod that sends mail over STARTTLS and AUTH to the relay Service
   by its DNS name, the way an app in the cluster does.
-- `received`: what an upstream pod accepted (its `/_received` endpoint, read from the node).
+- `received`: what an upstream pod accepted (its `/_received` endpoint, read from the node);
+  `received_ids`: the Message-IDs the SMTP upstream accepted (duplicates kept);
+  `set_upstream`: stop or start the SMTP upstream's listener (an upstream that is down).
+- `send_to_pod`: many messages in one session from the node straight to one relay pod, to put
+  mail on a chosen pod's spool.
 
 Manifest builders are pure; the rest runs kubectl/helm through `LocalNode`.
 """
@@ -15,7 +19,10 @@ Manifest builders are pure; the rest runs kubectl/helm through `LocalNode`.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
+import smtplib
+import ssl
 import textwrap
 import time
 import urllib.request
@@ -467,6 +474,85 @@ def received(node: LocalNode, namespace: str, upstream: str) -> list[dict[str, A
     with urllib.request.urlopen(f"http://{host}:{CONTROL_PORT}/_received", timeout=5) as answer:
         data: list[dict[str, Any]] = json.loads(answer.read())
     return data
+
+
+def _control_url(node: LocalNode, namespace: str, upstream: str, path: str) -> str:
+    ip = pod_ip(node, namespace, f"app={upstream}")
+    host = f"[{ip}]" if ":" in ip else ip
+    return f"http://{host}:{CONTROL_PORT}{path}"
+
+
+def received_ids(node: LocalNode, namespace: str, upstream: str = "smtp-upstream") -> list[str]:
+    """The Message-ID of every message the SMTP upstream pod accepted, duplicates included."""
+    url = _control_url(node, namespace, upstream, "/_ids")
+    with urllib.request.urlopen(url, timeout=30) as answer:
+        ids: list[str] = json.loads(answer.read())
+    return ids
+
+
+def set_upstream(
+    node: LocalNode, namespace: str, *, up: bool, upstream: str = "smtp-upstream"
+) -> None:
+    """Open (`up`) or close the SMTP upstream's listener; what it received stays recorded."""
+    url = _control_url(node, namespace, upstream, "/_up" if up else "/_down")
+    request = urllib.request.Request(url, data=b"", method="POST")
+    with urllib.request.urlopen(request, timeout=10) as answer:
+        answer.read()
+
+
+def message_bytes(message_id: str, sender: str, size: int) -> bytes:
+    """A plain message of about `size` bytes with the given Message-ID."""
+    head = (
+        f"From: {sender}\r\nTo: load@example.org\r\nSubject: {message_id}\r\n"
+        f"Message-ID: {message_id}\r\n\r\n"
+    ).encode()
+    line = b"x" * 76 + b"\r\n"
+    lines = max(1, (size - len(head)) // len(line))
+    return head + line * lines
+
+
+def send_to_pod(
+    address: str,
+    ca_file: str,
+    ids: list[str],
+    *,
+    sender: str = "billing@billing.demo.test",
+    size: int = 512,
+    timeout: float = 30,
+) -> list[str]:
+    """Send one message per id to the relay pod at `address` (port 587, STARTTLS + AUTH),
+    reconnecting after a failure; return the ids the relay answered 250 for.
+
+    Blocking (smtplib): for tests and bench scripts, never for the relay or the operator.
+    """
+    context = ssl.create_default_context(cafile=ca_file)
+    context.check_hostname = False  # the pod is dialled by address, the chain is verified
+    accepted: list[str] = []
+    pending = list(ids)
+    client: smtplib.SMTP | None = None
+    failures = 0
+    while pending:
+        try:
+            if client is None:
+                client = smtplib.SMTP(address, 587, timeout=timeout)
+                client.starttls(context=context)
+                client.login(CLIENT_USER, CLIENT_PASSWORD)
+            client.sendmail(sender, ["load@example.org"], message_bytes(pending[0], sender, size))
+        except (OSError, smtplib.SMTPException) as error:
+            failures += 1
+            if failures > 20:
+                raise RuntimeError(f"could not send to {address}: {error!r}") from error
+            if client is not None:
+                with contextlib.suppress(OSError, smtplib.SMTPException):
+                    client.close()
+            client = None
+            time.sleep(0.5)
+            continue
+        accepted.append(pending.pop(0))
+    if client is not None:
+        with contextlib.suppress(OSError, smtplib.SMTPException):
+            client.quit()
+    return accepted
 
 
 def metric_samples(url: str) -> dict[str, float]:

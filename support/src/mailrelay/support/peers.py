@@ -5,8 +5,12 @@
 
 Both listen on every address of both families the pod has, and report what they accepted
 as JSON on `GET /_received` of $CONTROL_PORT (8025): envelope and the exact bytes
-(base64) for SMTP, the form fields and the MIME file for Mailgun. Configuration comes from
-the environment: SMTP_USERNAME, SMTP_PASSWORD, TLS_CERT, TLS_KEY (paths).
+(base64) for SMTP, the form fields and the MIME file for Mailgun. `GET /_ids` is the
+Message-ID of every accepted SMTP message, in order (duplicates included), without the bodies.
+`POST /_down` closes the SMTP listeners (clients then get "connection refused", like an
+upstream that is down; sessions already open finish), `POST /_up` opens them again; what was
+received stays recorded across both. Configuration comes from the environment:
+SMTP_USERNAME, SMTP_PASSWORD, TLS_CERT, TLS_KEY (paths).
 """
 
 from __future__ import annotations
@@ -18,9 +22,13 @@ import os
 import socket
 import ssl
 import sys
+from collections.abc import Awaitable, Callable
+from email.parser import BytesHeaderParser
 from typing import Any
 
 RECEIVED: list[dict[str, Any]] = []
+# Control actions by path (POST), registered by the mode that supports them.
+ACTIONS: dict[str, Callable[[], Awaitable[None]]] = {}
 
 
 def listening_sockets(port: int) -> list[socket.socket]:
@@ -54,9 +62,16 @@ async def serve_control(port: int) -> None:
         request = await reader.readline()
         while (await reader.readline()) not in (b"\r\n", b"\n", b""):
             pass
-        ok = request.split()[1:2] == [b"/_received"]
-        body = json.dumps(RECEIVED).encode() if ok else b"{}"
-        status = "200 OK" if ok else "404 Not Found"
+        method, path, *_ = [*request.split(), b"", b""]
+        status, body = "200 OK", b"{}"
+        if method == b"GET" and path == b"/_received":
+            body = json.dumps(RECEIVED).encode()
+        elif method == b"GET" and path == b"/_ids":
+            body = json.dumps([item.get("message_id", "") for item in RECEIVED]).encode()
+        elif method == b"POST" and path.decode() in ACTIONS:
+            await ACTIONS[path.decode()]()
+        else:
+            status = "404 Not Found"
         writer.write(
             f"HTTP/1.1 {status}\r\nContent-Type: application/json\r\n"
             f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
@@ -84,6 +99,12 @@ async def run_smtp() -> None:
                     "mail_from": envelope.mail_from,
                     "rcpt_tos": list(envelope.rcpt_tos),
                     "data": base64.b64encode(envelope.original_content or b"").decode(),
+                    "message_id": str(
+                        BytesHeaderParser().parsebytes(envelope.original_content or b"")[
+                            "Message-ID"
+                        ]
+                        or ""
+                    ),
                     "tls": session.ssl is not None,
                     "peer": str(session.peer[0]) if session.peer else "",
                 }
@@ -112,8 +133,22 @@ async def run_smtp() -> None:
         )
 
     loop = asyncio.get_running_loop()
-    for sock in listening_sockets(int(os.environ.get("SMTP_PORT", "2525"))):
-        await loop.create_server(factory, sock=sock)
+    port = int(os.environ.get("SMTP_PORT", "2525"))
+    servers: list[asyncio.Server] = []
+
+    async def up() -> None:
+        if not servers:
+            for sock in listening_sockets(port):
+                servers.append(await loop.create_server(factory, sock=sock))
+            print("SMTP upstream listening", flush=True)
+
+    async def down() -> None:
+        while servers:
+            servers.pop().close()  # stops listening; sessions already open carry on
+        print("SMTP upstream stopped listening", flush=True)
+
+    ACTIONS.update({"/_up": up, "/_down": down})
+    await up()
     await serve_control(int(os.environ.get("CONTROL_PORT", "8025")))
     print("SMTP upstream ready", flush=True)
     await asyncio.Event().wait()
