@@ -98,6 +98,31 @@ def test_route_changes_keep_the_pod_template() -> None:
         assert restart == base_restart
 
 
+def pod_template(replicas: int, **spec: Any) -> dict[str, Any]:
+    """The StatefulSet's pod template and the relay config of one render at that scale."""
+    body = {**SPEC, **spec, "replicas": replicas}
+    relay = ObjectInfo("MailRelay", "ns", "outbound", "uid", 1, spec=body)
+    typed = models.MailRelaySpec.model_validate(body)
+    verdicts = judge_routes(relay, typed, [route("a", "a.example")], lambda _name: None)
+    result = render_relay(RelayInputs("outbound", "ns", "uid", typed), verdicts, SETTINGS)
+    (sts,) = [c for c in result.children if c["kind"] == "StatefulSet"]
+    (config,) = [c for c in result.children if c["kind"] == "ConfigMap"]
+    return {"template": sts["spec"]["template"], "config": config["data"]}
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [{}, {"topologySpreadConstraints": []}, {"podDisruptionBudget": {"maxUnavailable": 2}}],
+    ids=["defaults", "no-spread", "pdb"],
+)
+def test_scaling_keeps_the_pod_template_and_the_config(spec: dict[str, Any]) -> None:
+    """`kubectl scale` or an HPA step must not roll the pods that stay: they are the ones
+    the removed pods hand their queues to."""
+    base = pod_template(1, **spec)
+    for replicas in (0, 2, 3, 7):
+        assert pod_template(replicas, **spec) == base, f"replicas {replicas}"
+
+
 @pytest.mark.parametrize(
     "spec",
     [{"metrics": {"port": 9191}}, {"listener": {"port": 2587}}],

@@ -531,8 +531,8 @@ ZONE = {
     [
         ({"replicas": 2}, [HOST_SPREAD]),
         ({"replicas": 5}, [HOST_SPREAD]),
-        ({"replicas": 1}, None),
-        ({"replicas": 0}, None),
+        ({"replicas": 1}, [HOST_SPREAD]),  # the same template at any scale
+        ({"replicas": 0}, [HOST_SPREAD]),
         ({"replicas": 3, "topologySpreadConstraints": []}, None),  # the default turned off
         (  # the spec's own replace the default; a constraint without a selector counts our pods
             {"replicas": 3, "topologySpreadConstraints": [ZONE]},
@@ -555,7 +555,7 @@ ZONE = {
         ),
     ],
 )
-def test_pods_spread_over_nodes_by_default_from_two_replicas(
+def test_pods_spread_over_nodes_by_default(
     overrides: dict[str, Any], expected: list[dict[str, Any]] | None
 ) -> None:
     pod = _statefulset(relay(**overrides))["spec"]["template"]["spec"]

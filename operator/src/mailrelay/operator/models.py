@@ -1493,9 +1493,9 @@ class MailRelaySpec(KubeModel):
         default=None,
         max_length=8,
         description=(
-            "How relay pods spread over nodes or zones. Unset with 2 replicas or more: one "
-            "preferred spread by kubernetes.io/hostname (maxSkew 1, ScheduleAnyway); an "
-            "empty list turns that default off."
+            "How relay pods spread over nodes or zones. Unset: one preferred spread by "
+            "kubernetes.io/hostname (maxSkew 1, ScheduleAnyway), at any replica count so "
+            "scaling never rolls the pods; an empty list turns that default off."
         ),
     )
     service_account_name: DnsName | None = Field(

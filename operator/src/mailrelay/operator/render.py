@@ -127,7 +127,12 @@ def labels(relay: RelayInputs, component: str = "relay") -> dict[str, str]:
 
 def topology_spread(relay: RelayInputs) -> list[dict[str, Any]]:
     """The pods' spread: the spec's own constraints (this relay's pods counted when a
-    constraint names no selector), else one preferred spread over nodes for 2 pods or more."""
+    constraint names no selector), else one preferred spread over nodes.
+
+    The default does not depend on spec.replicas (with one pod it constrains nothing): the
+    pod template must stay the same when only the scale changes, or every `kubectl scale`
+    or HPA step across 1 <-> 2 would roll the pods that stay, in the middle of the removed
+    pods handing their queues to them."""
     spec = relay.spec
     own = {"matchLabels": selector_labels(relay)}
     if spec.topology_spread_constraints is not None:
@@ -137,8 +142,6 @@ def topology_spread(relay: RelayInputs) -> list[dict[str, Any]]:
             rendered.setdefault("labelSelector", own)
             spread.append(rendered)
         return spread
-    if spec.replicas < 2:
-        return []
     return [
         {
             "maxSkew": 1,
