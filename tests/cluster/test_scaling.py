@@ -77,22 +77,6 @@ def claims(node: LocalNode, namespace: str) -> set[str]:
     return {item["metadata"]["name"] for item in items}
 
 
-def metric(address: str, name: str, **labels: str) -> float:
-    """The sum of the samples of `name` whose labels include `labels` (0 when absent)."""
-    try:
-        samples = incluster.metric_samples(f"http://{address}:9090/metrics")
-    except OSError:
-        return float("nan")
-    total = 0.0
-    for key, value in samples.items():
-        base, _, rest = key.partition("{")
-        if base != name:
-            continue
-        if all(f'{k}="{v}"' in rest for k, v in labels.items()):
-            total += value
-    return total
-
-
 def kill_container(node: LocalNode, pod: dict[str, Any]) -> None:
     """SIGKILL the relay container's process (containerd's task), as kubelet does when the
     grace period runs out."""
@@ -125,7 +109,7 @@ def fill_pods(
 def wait_queued(address: str, at_least: int) -> None:
     wait_for(
         f"{at_least} messages queued on {address}",
-        lambda: metric(address, "mailrelay_queue_depth") >= at_least,
+        lambda: incluster.metric_value(address, "mailrelay_queue_depth") >= at_least,
         within=60,
     )
 
@@ -239,8 +223,10 @@ def test_scale_3_to_1_hands_every_queued_message_to_the_remaining_pod(
     )
     pods_gone = time.monotonic() - began
     # Upstream still down: whatever pod 0 holds now came by hand-off (or is its own 20).
-    received = metric(survivor, "mailrelay_handoff_messages_total", direction="received")
-    held = metric(survivor, "mailrelay_queue_depth")
+    received = incluster.metric_value(
+        survivor, "mailrelay_handoff_messages_total", direction="received"
+    )
+    held = incluster.metric_value(survivor, "mailrelay_queue_depth")
     print(
         f"\nscale 3 -> 1: pods gone after {pods_gone:.1f} s; pod 0 received {received:.0f} by "
         f"hand-off and holds {held:.0f} queued (20 its own)"
@@ -288,14 +274,16 @@ def test_leaving_pod_and_receiving_pod_killed_mid_handoff_lose_nothing(
 
     def handing_off() -> bool:
         for ordinal in (1, 2):
-            if metric(addresses[ordinal], "mailrelay_handoff_in_progress") >= 1:
+            if incluster.metric_value(addresses[ordinal], "mailrelay_handoff_in_progress") >= 1:
                 found.append(ordinal)
                 return True
         return False
 
     wait_for("a leaving pod handing off", handing_off, within=60, every=0.1)
     leaving = found[0]
-    sent_before = metric(addresses[leaving], "mailrelay_handoff_messages_total", direction="sent")
+    sent_before = incluster.metric_value(
+        addresses[leaving], "mailrelay_handoff_messages_total", direction="sent"
+    )
     kill_container(node, pods[leaving])
     # Then the receiving pod, while the other leaving pod may still be sending to it.
     kill_container(node, pods[0])
@@ -344,7 +332,7 @@ def test_pvc_left_behind_by_a_pod_killed_before_handoff_is_drained_then_deleted(
         within=60,
         every=0.1,
     )
-    sent = metric(address, "mailrelay_handoff_messages_total", direction="sent")
+    sent = incluster.metric_value(address, "mailrelay_handoff_messages_total", direction="sent")
     kill_container(node, leaving)
     claim = f"spool-{RELAY}-1"
 

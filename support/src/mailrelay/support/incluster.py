@@ -567,6 +567,22 @@ def metric_samples(url: str) -> dict[str, float]:
     return samples
 
 
+def metric_value(address: str, name: str, port: int = 9090, **labels: str) -> float:
+    """The sum of the samples of `name` on a pod's metrics page whose labels include `labels`:
+    0 when there is none, NaN when the page cannot be read (the pod is gone)."""
+    host = f"[{address}]" if ":" in address else address
+    try:
+        samples = metric_samples(f"http://{host}:{port}/metrics")
+    except OSError:
+        return float("nan")
+    total = 0.0
+    for key, value in samples.items():
+        base, _, rest = key.partition("{")
+        if base == name and all(f'{k}="{v}"' in rest for k, v in labels.items()):
+            total += value
+    return total
+
+
 def relay_metrics(node: LocalNode, namespace: str, relay: str = RELAY) -> dict[str, float]:
     ip = pod_ip(node, namespace, f"app.kubernetes.io/instance={relay}")
     return metric_samples(f"http://{ip}:9090/metrics")
