@@ -95,14 +95,21 @@ def statefulset_replicas(node: LocalNode, namespace: str) -> int:
 
 
 def fill_pods(
-    node: LocalNode, namespace: str, ca_file: str, plan: dict[int, int], tag: str
+    node: LocalNode,
+    namespace: str,
+    ca_file: str,
+    plan: dict[int, int],
+    tag: str,
+    *,
+    size: int = 512,
 ) -> list[str]:
-    """Send `plan[ordinal]` messages straight to each relay pod; the ids that got a 250."""
+    """Send `plan[ordinal]` messages of about `size` bytes straight to each relay pod; the
+    ids that got a 250."""
     accepted: list[str] = []
     for ordinal, count in plan.items():
         address = relay_pod(node, namespace, ordinal)["status"]["podIP"]
         ids = [f"<{tag}-{ordinal}-{i}@billing.demo.test>" for i in range(count)]
-        accepted += incluster.send_to_pod(address, ca_file, ids)
+        accepted += incluster.send_to_pod(address, ca_file, ids, size=size)
     return accepted
 
 
@@ -222,6 +229,11 @@ def test_scale_3_to_1_hands_every_queued_message_to_the_remaining_pod(
         within=240,
     )
     pods_gone = time.monotonic() - began
+    address = relay_pod(node, namespace, 0)["status"]["podIP"]
+    print(
+        f"\nscale 3 -> 1: pods 1 and 2 gone after {pods_gone:.1f} s; pod 0 holds "
+        f"{incluster.metric_value(address, 'mailrelay_queue_depth'):.0f}"
+    )
     watch = JobWatch(node, namespace)
 
     def claims_gone() -> bool:
@@ -241,7 +253,7 @@ def test_scale_3_to_1_hands_every_queued_message_to_the_remaining_pod(
     incluster.set_upstream(node, namespace, up=True)
     arrivals = wait_arrived(node, namespace, accepted)
     print(
-        f"\nscale 3 -> 1: pods gone after {pods_gone:.1f} s, last removed PVC gone after "
+        f"scale 3 -> 1: pods gone after {pods_gone:.1f} s, last removed PVC gone after "
         f"{claims_seconds:.1f} s; drain Jobs {sorted(watch.seen)} {watch.results}; pod 0 "
         f"received {received:.0f} by hand-off and held {held:.0f}; arrived "
         f"{len(set(arrivals))} of {len(accepted)}, duplicates {duplicates(arrivals)}"
@@ -263,7 +275,9 @@ def test_leaving_pod_and_receiving_pod_killed_mid_handoff_lose_nothing(
 ) -> None:
     namespace = relay3
     incluster.set_upstream(node, namespace, up=False)
-    accepted = fill_pods(node, namespace, ca_file, {0: 10, 1: 300, 2: 300}, "kill")
+    # 12 MB on each leaving pod: a dozen hand-off batches (about 1 MB each), long enough to
+    # be caught in the middle.
+    accepted = fill_pods(node, namespace, ca_file, {0: 10, 1: 300, 2: 300}, "kill", size=40_000)
     pods = {i: relay_pod(node, namespace, i) for i in range(3)}
     addresses = {i: pod["status"]["podIP"] for i, pod in pods.items()}
     for ordinal in (1, 2):
@@ -530,3 +544,39 @@ def test_hpa_drives_the_mailrelay_through_its_scale_subresource(
     relay = get_json(node, namespace, "mailrelay", RELAY)
     assert relay["spec"]["replicas"] == 1
     print(f"\nHPA min 2 -> StatefulSet 2 in {up:.1f} s; max 1 -> StatefulSet 1 in {down:.1f} s")
+
+
+def test_scale_to_zero_drains_the_last_spool_to_the_upstream(
+    node: LocalNode, operator_release: str, node_namespace: str, upstreams: trustme.CA,
+    ca_file: str,
+) -> None:  # fmt: skip
+    """No peer is left: the drain Job delivers the last pod's queue to the upstream itself."""
+    namespace = node_namespace
+    apply_relay(node, namespace, upstreams, replicas=1, exempt_networks=EXEMPT)
+    incluster.set_upstream(node, namespace, up=False)
+    accepted = fill_pods(node, namespace, ca_file, {0: 40}, "zero")
+    wait_queued(relay_pod(node, namespace, 0)["status"]["podIP"], 40)
+
+    began = time.monotonic()
+    scale(node, namespace, 0)
+    watch = JobWatch(node, namespace)
+
+    def job_started() -> bool:
+        watch.poll()
+        return f"{RELAY}-drain-0" in watch.seen
+
+    wait_for("the drain Job for the last pod's PVC", job_started, within=240, every=1)
+    incluster.set_upstream(node, namespace, up=True)  # while the Job retries delivery
+
+    def drained() -> bool:
+        watch.poll()
+        return f"spool-{RELAY}-0" not in claims(node, namespace)
+
+    wait_for("the last PVC drained and deleted", drained, within=300, every=1)
+    seconds = time.monotonic() - began
+    arrivals = wait_arrived(node, namespace, accepted)
+    print(
+        f"\nscale to 0 -> last PVC gone in {seconds:.1f} s; Job {watch.results}; "
+        f"duplicates {duplicates(arrivals)}"
+    )
+    assert statefulset_replicas(node, namespace) == 0
