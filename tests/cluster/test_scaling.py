@@ -423,6 +423,11 @@ def test_eviction_respects_the_pdb_and_loses_nothing(
         return bool(pod) and pod["metadata"]["uid"] != uid and pod_ready(pod)
 
     wait_for("pod 0 replaced and Ready", replaced_and_ready, within=240)
+    # The upstream is down: the evicted pod handed its queue (100 sent to it directly, plus
+    # some of the load) to pod 1 rather than leaving it all for its successor.
+    peer = relay_pod(node, namespace, 1)["status"]["podIP"]
+    handed = incluster.metric_value(peer, "mailrelay_handoff_messages_total", direction="received")
+    assert handed >= 100, handed
 
     def second_eviction() -> bool:
         return evict(node, namespace, f"{RELAY}-1").returncode == 0
