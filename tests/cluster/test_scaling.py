@@ -462,8 +462,9 @@ def test_rolling_update_on_a_config_change_under_load_loses_nothing(
     start_load(node, namespace, count=120, interval=0.1)
     wait_accepted(node, namespace, 10)
 
-    retry = {"initialBackoff": "1s", "maxBackoff": "4s", "maxAge": "1h"}
-    patch = {"spec": {"queue": {"size": "100Mi", "retry": retry}}}
+    # A setting the relay applies only at start (routes, retry and limits reload in place):
+    # the operator rolls the pods, one at a time, highest ordinal first.
+    patch = {"spec": {"listener": {"implicitTlsPort": 4465}}}
     node.kubectl(
         "patch", f"mailrelay/{RELAY}", "-n", namespace, "--type=merge", "-p", json.dumps(patch)
     )
@@ -527,6 +528,7 @@ def test_hpa_drives_the_mailrelay_through_its_scale_subresource(
             ],
         },
     }
+    uid = relay_pod(node, namespace, 0)["metadata"]["uid"]
     node.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(hpa))
     up = wait_for(
         "the HPA scaling the StatefulSet to 2",
@@ -548,6 +550,9 @@ def test_hpa_drives_the_mailrelay_through_its_scale_subresource(
     )
     relay = get_json(node, namespace, "mailrelay", RELAY)
     assert relay["spec"]["replicas"] == 1
+    pod = relay_pod(node, namespace, 0)
+    assert pod["metadata"]["uid"] == uid  # scale steps never rolled the pod that stays
+    assert pod["status"]["containerStatuses"][0]["restartCount"] == 0
     print(f"\nHPA min 2 -> StatefulSet 2 in {up:.1f} s; max 1 -> StatefulSet 1 in {down:.1f} s")
 
 
