@@ -29,9 +29,9 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import incluster
+from mailrelay.support import incluster
 import trustme
-from localnode import NODE_IP, LocalNode, running_node
+from mailrelay.support.localnode import NODE_IP, LocalNode, running_node
 
 NAMESPACE = "bench-scaling"
 RELAY = incluster.RELAY

@@ -26,10 +26,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import incluster
+from mailrelay.support import incluster
 import pytest
 import trustme
-from localnode import NODE_IP, LocalNode
+from mailrelay.support.localnode import NODE_IP, LocalNode
 
 from tests.cluster.conftest import apply_relay, load_log, start_load, wait_accepted
 
