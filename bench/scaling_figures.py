@@ -29,8 +29,9 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from mailrelay.support import incluster
 import trustme
+
+from mailrelay.support import incluster
 from mailrelay.support.localnode import NODE_IP, LocalNode, running_node
 
 NAMESPACE = "bench-scaling"

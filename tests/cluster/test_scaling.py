@@ -26,11 +26,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from mailrelay.support import incluster
 import pytest
 import trustme
-from mailrelay.support.localnode import NODE_IP, LocalNode
 
+from mailrelay.support import incluster
+from mailrelay.support.localnode import NODE_IP, LocalNode
 from tests.cluster.conftest import apply_relay, load_log, start_load, wait_accepted
 
 pytestmark = [pytest.mark.node, pytest.mark.slow]

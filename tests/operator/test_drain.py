@@ -289,7 +289,8 @@ def test_success_deletes_the_claim_then_the_job() -> None:
         inputs(claims=(claim(0), claim(1)), jobs=(done,), reports={done.uid: report})
     )
     assert first.delete_claims == (("spool-outbound-1", "pvc-1"),)
-    assert first.delete_jobs == ()  # the Job is the record until the PVC is gone
+    # The Job goes too: its finished pod would keep the PVC Terminating (pvc-protection).
+    assert first.delete_jobs == ((done.name, done.uid, "Background"),)
     assert [e.reason for e in first.events] == ["DrainSucceeded"]
     assert "7 handed off" in first.events[0].message and "deleted" in first.events[0].message
     assert first.told == (done.uid,)
@@ -297,7 +298,11 @@ def test_success_deletes_the_claim_then_the_job() -> None:
     going = plan_drains(
         inputs(claims=(claim(0), claim(1, deleting=True)), jobs=(done,), told=frozenset(first.told))
     )
-    assert (going.delete_claims, going.delete_jobs, going.events) == ((), (), ())
+    assert going.delete_jobs == ((done.name, done.uid, "Background"),)  # if still there
+    assert (going.delete_claims, going.events, going.create) == ((), (), ())
+    # The Job gone, the PVC still Terminating: no new drain of it.
+    after = plan_drains(inputs(claims=(claim(0), claim(1, deleting=True)), told=frozenset()))
+    assert (after.create, after.delete_claims) == ((), ())
     gone = plan_drains(inputs(jobs=(done,), told=frozenset(first.told)))
     assert gone.delete_jobs == ((done.name, done.uid, "Background"),)
     assert gone.events == ()
@@ -310,6 +315,14 @@ def test_a_kept_policy_keeps_the_drained_claim_and_its_record(policy: str) -> No
     assert (plan.delete_claims, plan.delete_jobs, plan.create) == ((), (), ())
     assert plan.condition is not None
     assert plan.condition.status == "False"
+
+
+def test_a_success_without_a_report_keeps_the_claim() -> None:
+    """Whether the drain dead-lettered mail onto the volume is unknown: never delete it."""
+    done = job(1, "succeeded")
+    plan = plan_drains(inputs(claims=(claim(0), claim(1)), jobs=(done,), reports={}))
+    assert plan.delete_claims == ()
+    assert "kept" in plan.events[0].message
 
 
 def test_dead_lettered_mail_keeps_the_claim_and_is_told_at_scale_to_zero() -> None:

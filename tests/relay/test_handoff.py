@@ -625,10 +625,13 @@ def run_drain(config: Path, *extra: str) -> tuple[int, dict[str, int], str]:
     termination_log = config.parent / "termination-log"
     termination_log.write_text("")
     done = subprocess.run(
-        [sys.executable, "-m", "mailrelay.relay", "--config", str(config), "drain", *extra],
+        [
+            *(sys.executable, "-m", "mailrelay.relay", "--config", str(config), "drain"),
+            *("--report-file", str(termination_log), *extra),
+        ],
         capture_output=True,
         timeout=120,
-        env={**os.environ, "MAILRELAY_TERMINATION_LOG": str(termination_log)},
+        env=dict(os.environ),
         check=False,
     )
     lines = done.stdout.decode().splitlines()
@@ -636,7 +639,7 @@ def run_drain(config: Path, *extra: str) -> tuple[int, dict[str, int], str]:
     if report:
         assert len(lines) == 1, "the drain prints exactly one line on stdout"
         # The operator reads the counts from the pod's termination message.
-        assert termination_log.read_text() == lines[-1]
+        assert termination_log.read_text() == lines[-1] + "\n"
     return done.returncode, report, done.stderr.decode()
 
 

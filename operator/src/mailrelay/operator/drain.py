@@ -374,7 +374,8 @@ def plan_drains(inputs: DrainInputs) -> DrainPlan:
         if job.state == "succeeded":
             attempts.pop(job.ordinal, None)
             dead = report.dead_lettered if report is not None else 0
-            keep = inputs.policy != "Drain" or dead > 0
+            # No report read: whether it dead-lettered mail onto the volume is unknown.
+            keep = inputs.policy != "Drain" or dead > 0 or report is None
             if job.uid not in inputs.told:
                 told.append(job.uid)
                 events.append(_succeeded_event(inputs, job, report, keep=keep, dead=dead))
@@ -383,13 +384,19 @@ def plan_drains(inputs: DrainInputs) -> DrainPlan:
             if claim is None:
                 delete_jobs.append((job.name, job.uid, "Background"))  # its record is moot
             elif claim.deleting:
-                drained += 1  # the Job stays the record until the PVC is gone
+                # Its finished pod still names the PVC, and the pvc-protection finalizer
+                # keeps a PVC any scheduled pod names (Succeeded ones included): the Job
+                # and its pod go, or the PVC stays Terminating for ever (and, below the
+                # StatefulSet's replicas, would hold its ordinal back).
+                drained += 1
+                delete_jobs.append((job.name, job.uid, "Background"))
             elif keep:
                 drained += 1
                 kept += 1  # the Job stays as the record that this volume was drained
             else:
                 drained += 1
                 delete_claims.append((claim.name, claim.uid))
+                delete_jobs.append((job.name, job.uid, "Background"))  # see just above
             continue
         # Failed: told once, retried after a backoff per attempt.
         if job.uid not in inputs.told:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 
 from prometheus_client import CollectorRegistry
 from pydantic import BaseModel
@@ -23,7 +24,13 @@ from pydantic import BaseModel
 from mailrelay.relay.budget import ByteBudget, budget_limit, cgroup_memory_limit
 from mailrelay.relay.config import HandoffConfig, RelayConfig
 from mailrelay.relay.delivery import DeliveryEngine
-from mailrelay.relay.handoff import hand_off, instance_id, read_token
+from mailrelay.relay.handoff import (
+    hand_off,
+    instance_id,
+    local_addresses,
+    read_token,
+    resolve_peers,
+)
 from mailrelay.relay.metrics import RelayMetrics
 from mailrelay.relay.spool import Spool
 
@@ -37,6 +44,8 @@ EXIT_MAIL_REMAINS = 3
 _BOUNCE_WINDOW_SHARE = 0.2
 _BOUNCE_WINDOW_MAX = 10.0
 _POLL_SECONDS = 0.2
+# How often a drain that found no peer checks whether one resolves again.
+_PEER_CHECK_SECONDS = 2.0
 _GIVE_UP_REASON = "4.4.7 the relay was removed and no peer relay could take the message"
 
 
@@ -130,8 +139,24 @@ async def drain(config: RelayConfig, *, deadline_seconds: float | None = None) -
         left = len(await asyncio.to_thread(spool.queue_ids))
         if left and not peers_found and not uncertain:
             # Certainly nowhere to hand it (a resolver that failed temporarily is no proof):
-            # deliver it ourselves, then dead-letter what is left.
-            await _deliver_then_give_up(config, spool, metrics, budget, deadline)
+            # deliver it ourselves, then dead-letter what is left. A
+            # peer that is only restarting (a pod killed just before the drain started) may
+            # come back meanwhile: then the rest goes to it, never to the dead letters.
+            back = await _deliver_then_give_up(
+                config, spool, metrics, budget, deadline, peers_back=_peers_back(handoff)
+            )
+            if back and handoff is not None:
+                result = await hand_off(
+                    spool,
+                    handoff,
+                    metrics=metrics.handoff,
+                    instance=instance_id(),
+                    deadline=deadline,
+                    max_message_size=config.limits.max_message_size,
+                    budget=budget,
+                    stop_when_no_peers=False,
+                )
+                report.handed_off += result.handed_off
         report.remaining = len(await asyncio.to_thread(spool.queue_ids))
         dead = await asyncio.to_thread(spool.count_dead_letters) - dead_before
         created = sum(
@@ -147,13 +172,29 @@ async def drain(config: RelayConfig, *, deadline_seconds: float | None = None) -
     return report
 
 
+def _peers_back(handoff: HandoffConfig | None) -> Callable[[], Awaitable[bool]] | None:
+    """A check whether a peer resolves now (None without a hand-off block)."""
+    if handoff is None:
+        return None
+
+    async def check() -> bool:
+        own = await asyncio.to_thread(local_addresses)
+        return bool(await resolve_peers(handoff, own, handoff.listen.port))
+
+    return check
+
+
 async def _deliver_then_give_up(
     config: RelayConfig,
     spool: Spool,
     metrics: RelayMetrics,
     budget: ByteBudget,
     deadline: float,
-) -> None:
+    *,
+    peers_back: Callable[[], Awaitable[bool]] | None = None,
+) -> bool:
+    """Deliver until the deadline, then dead-letter what is left; True instead (engine
+    stopped, nothing dead-lettered) as soon as `peers_back` says a peer resolves again."""
     loop = asyncio.get_running_loop()
     window = min(_BOUNCE_WINDOW_MAX, _BOUNCE_WINDOW_SHARE * max(0.0, deadline - loop.time()))
     engine = DeliveryEngine(config, spool, metrics, budget=budget)
@@ -161,7 +202,11 @@ async def _deliver_then_give_up(
     stopped = False
     try:
         log.info("Delivering the spool: no peer relay to hand it to")
-        await _wait_empty(spool, deadline - window)
+        if await _wait_empty(spool, deadline - window, peers_back):
+            log.info("Found a peer relay again: handing it the rest of the spool")
+            await engine.stop(0)
+            stopped = True
+            return True
         left = await asyncio.to_thread(spool.queue_ids)
         if left:
             log.warning("Dead-lettering %d message(s) left at the drain's deadline", len(left))
@@ -181,11 +226,21 @@ async def _deliver_then_give_up(
     finally:
         if not stopped:
             await engine.stop(0)
+    return False
 
 
-async def _wait_empty(spool: Spool, until: float) -> None:
+async def _wait_empty(
+    spool: Spool, until: float, peers_back: Callable[[], Awaitable[bool]] | None = None
+) -> bool:
+    """Until the spool is empty or `until`; True when `peers_back` found a peer first."""
     loop = asyncio.get_running_loop()
+    next_check = loop.time() + _PEER_CHECK_SECONDS
     while loop.time() < until:
         if not await asyncio.to_thread(spool.queue_ids):
-            return
+            return False
+        if peers_back is not None and loop.time() >= next_check:
+            if await peers_back():
+                return True
+            next_check = loop.time() + _PEER_CHECK_SECONDS
         await asyncio.sleep(min(_POLL_SECONDS, max(0.0, until - loop.time())))
+    return False

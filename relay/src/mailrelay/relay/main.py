@@ -52,6 +52,8 @@ log = logging.getLogger("mailrelay.relay")
 
 EXIT_OK, EXIT_ERROR, EXIT_CONFIG = 0, 1, 2
 _PARENT_ENV = "MAILRELAY_WORKER_PARENT_PID"
+# Where Kubernetes reads a container's termination message from (terminationMessagePath).
+TERMINATION_LOG = Path("/dev/termination-log")
 _IO_THREADS = 4  # the default executor: spool file work and other blocking calls
 
 
@@ -62,6 +64,7 @@ class Command:
     action: str  # "run", "check-config", "queue" or "drain"
     config: Path | None = None
     deadline: float | None = None
+    report_file: Path | None = None
     spool_dir: Path | None = None
     worker_index: int | None = None
     queue_args: list[str] = field(default_factory=list)
@@ -94,6 +97,13 @@ def _build_parser() -> argparse.ArgumentParser:
         type=float,
         help="seconds to try (default: handoff.deadline_seconds, or 60)",
     )
+    drain.add_argument(
+        "--report-file",
+        type=Path,
+        default=TERMINATION_LOG,
+        help="also write the JSON report here when the file exists (default: Kubernetes' "
+        "termination message file, which the operator reads the report from)",
+    )
     return parser
 
 
@@ -110,7 +120,12 @@ def parse_args(argv: list[str]) -> Command:
     if args.command == "drain":
         if args.deadline is not None and not args.deadline > 0:
             parser.error("--deadline must be a positive number of seconds")
-        return Command(action="drain", config=args.config, deadline=args.deadline)
+        return Command(
+            action="drain",
+            config=args.config,
+            deadline=args.deadline,
+            report_file=args.report_file,
+        )
     if args.check_config:
         return Command(action="check-config", config=args.config)
     return Command(action="run", config=args.config, worker_index=args.worker_index)
@@ -442,8 +457,13 @@ def _check_config(path: Path) -> int:
     return EXIT_OK
 
 
-def _run_drain(path: Path, deadline: float | None) -> int:
-    """The drain command: one JSON line on stdout, exit 0 (empty) or 3 (mail remains)."""
+def _run_drain(path: Path, deadline: float | None, report_file: Path | None = None) -> int:
+    """The drain command: one JSON line on stdout, exit 0 (empty) or 3 (mail remains).
+
+    The line also goes to `report_file` when that file exists: Kubernetes' termination
+    message (/dev/termination-log), the only place the operator reads it from after a
+    success (`FallbackToLogsOnError` falls back to the log only on failure). Without it the
+    operator would not know the drain dead-lettered mail and would delete the volume."""
     try:
         config = load_config(path)
     except ConfigError as exc:
@@ -458,20 +478,13 @@ def _run_drain(path: Path, deadline: float | None) -> int:
         return EXIT_ERROR
     line = report.model_dump_json()
     print(line, flush=True)
-    _write_termination_message(line)
-    return EXIT_OK if report.remaining == 0 else EXIT_MAIL_REMAINS
-
-
-def _write_termination_message(line: str) -> None:
-    """The report as the pod's termination message, where the operator reads the drain
-    Job's counts (kubelet creates the file; elsewhere there is none and nothing is written).
-    """
-    path = Path(os.environ.get("MAILRELAY_TERMINATION_LOG", "/dev/termination-log"))
-    if path.is_file():
+    if report_file is not None and report_file.exists():
         try:
-            path.write_text(line)
+            report_file.write_text(line + "\n")
         except OSError as exc:
-            log.warning("Could not write the termination message %s: %s", path, exc)
+            log.error("Could not write the drain report to %s: %s", report_file, exc)
+            return EXIT_ERROR
+    return EXIT_OK if report.remaining == 0 else EXIT_MAIL_REMAINS
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -487,7 +500,7 @@ def main(argv: list[str] | None = None) -> int:
         return run_queue_command(command.queue)
     if command.action == "drain":
         assert command.config is not None
-        return _run_drain(command.config, command.deadline)
+        return _run_drain(command.config, command.deadline, command.report_file)
     assert command.config is not None
     try:
         config = load_config(command.config)
