@@ -479,6 +479,11 @@ def test_rolling_update_on_a_config_change_under_load_loses_nothing(
         )
 
     seconds = wait_for("the rolling update", rolled, within=300, every=1)
+    # Pod 1 went first; the new pod 1 was Ready before pod 0 left, and pod 0 (its 80 and some
+    # of the load queued, the upstream down) handed its queue to it.
+    peer = relay_pod(node, namespace, 1)["status"]["podIP"]
+    handed = incluster.metric_value(peer, "mailrelay_handoff_messages_total", direction="received")
+    assert handed >= 80, handed
     accepted += finish_load(node, namespace, 120)
     incluster.set_upstream(node, namespace, up=True)
     arrivals = wait_arrived(node, namespace, accepted)
