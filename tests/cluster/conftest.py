@@ -68,6 +68,10 @@ def apply_relay(
         f"mailrelay/{incluster.RELAY}",
         "--timeout=240s",
     )
+    # Ready counts ready pods, not updated ones: the first passes may still roll the pods
+    # they just created (a route resolved a moment later); tests that aim at one pod need
+    # the pods that will stay.
+    incluster.wait_rollout(node, namespace, f"statefulset/{incluster.RELAY}", timeout=300)
 
 
 def received_smtp(
