@@ -99,6 +99,7 @@ def test_operator_pod_killed_mid_reconcile_next_one_finishes_without_duplicates(
             [
                 ("ConfigMap", f"{name}-config"),
                 ("Secret", f"{name}-app-web"),
+                ("Secret", f"{name}-handoff"),  # the hand-off token, generated once
                 ("Service", name),
                 ("Service", f"{name}-headless"),
                 ("StatefulSet", name),
