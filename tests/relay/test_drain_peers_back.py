@@ -22,7 +22,8 @@ from mailrelay.relay.drain import _deliver_then_give_up
 from mailrelay.relay.metrics import RelayMetrics
 from mailrelay.relay.spool import Spool
 from mailrelay.relay.spool_admin import SpoolAdmin
-from tests.relay.conftest import RecordingUpstream, RelayFactory, TlsCerts, smtp_route
+from mailrelay.support.smtp_peers import RecordingUpstream, TlsCerts
+from tests.relay.conftest import RelayFactory, smtp_route
 from tests.relay.test_handoff import fill, handoff_block, queued, run_drain
 
 
