@@ -179,7 +179,7 @@ def _peers_back(handoff: HandoffConfig | None) -> Callable[[], Awaitable[bool]] 
 
     async def check() -> bool:
         own = await asyncio.to_thread(local_addresses)
-        return bool(await resolve_peers(handoff, own, handoff.listen.port))
+        return bool((await resolve_peers(handoff, own, handoff.listen.port)).addresses)
 
     return check
 
@@ -239,7 +239,15 @@ async def _wait_empty(
         if not await asyncio.to_thread(spool.queue_ids):
             return False
         if peers_back is not None and loop.time() >= next_check:
-            if await peers_back():
+            # Bounded: a resolver that does not answer must not hold the drain past its
+            # deadline (then the dead-lettering would come too late and mail would remain).
+            try:
+                back = await asyncio.wait_for(
+                    peers_back(), timeout=max(0.1, min(_PEER_CHECK_SECONDS, until - loop.time()))
+                )
+            except TimeoutError:
+                back = False
+            if back:
                 return True
             next_check = loop.time() + _PEER_CHECK_SECONDS
         await asyncio.sleep(min(_POLL_SECONDS, max(0.0, until - loop.time())))
