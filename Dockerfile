@@ -9,7 +9,9 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
 # The two shipped packages (the workspace's support package is for tests and dev tools).
 COPY relay/ relay/
 COPY operator/ operator/
-RUN pip wheel --wheel-dir /wheels ./relay ./operator
+# --use-pep517: dependencies published only as sdists (dkimpy) build in an isolated env
+# with current setuptools, not with setup.py in this stage (which has no `wheel`).
+RUN pip wheel --use-pep517 --wheel-dir /wheels ./relay ./operator
 
 FROM ${PYTHON_IMAGE}
 LABEL org.opencontainers.image.title="mailrelay" \
