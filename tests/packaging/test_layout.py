@@ -55,3 +55,24 @@ def test_repo_root_on_the_path_shadows_nothing() -> None:
     import operator  # noqa: PLC0415
 
     assert Path(operator.__file__).parent == Path(sysconfig.get_paths()["stdlib"])
+
+
+def test_the_upstream_pods_image_holds_every_support_module_its_program_imports() -> None:
+    """The peers image copies a few files of mailrelay.support, not the package: each
+    `mailrelay.support` module they import must be among them (else the pod crash-loops)."""
+    import ast  # noqa: PLC0415
+
+    from mailrelay.support import nodeimages  # noqa: PLC0415
+
+    copied = {name.removesuffix(".py") for name in nodeimages.PEERS_FILES}
+    needed = set()
+    for source in nodeimages.PEERS_INPUTS:
+        for node in ast.walk(ast.parse((REPO_ROOT / source).read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module == "mailrelay.support":
+                needed |= {alias.name for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith(
+                "mailrelay.support."
+            ):
+                needed.add((node.module or "").split(".")[2])
+    assert needed, "the check found no support import at all"
+    assert needed <= copied, sorted(needed - copied)

@@ -45,8 +45,8 @@ BASE_IMAGE = f"localhost/mailrelay-base:{SUITE}-r{BASE_REVISION}"
 VENV_PATH = "/opt/venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 # What the Dockerfile copies: the project image is rebuilt when any of it changes.
 PROJECT_INPUTS = ("Dockerfile", "relay", "operator")
-# The upstream pods run this package's peers.py and provider_servers.py (nothing else of it).
-PEERS_FILES = ("peers.py", "provider_servers.py")
+# The upstream pods run this package's peers.py, provider_servers.py and what they import.
+PEERS_FILES = ("peers.py", "provider_servers.py", "asgi.py")
 PEERS_INPUTS = tuple(f"support/src/mailrelay/support/{name}" for name in PEERS_FILES)
 PEERS_PACKAGES = ("starlette>=0.37", "uvicorn>=0.30", "python-multipart>=0.0.9", "trustme>=1.1")
 
