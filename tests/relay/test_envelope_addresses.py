@@ -178,6 +178,9 @@ BAD_RCPTS = [
     (b"RCPT TO:<a@dest..test>", 501, "5.1.3"),  # refused by aiosmtpd's parser already
     (b"RCPT TO:<tab\t@dest.test>", 501, "5.1.3"),  # the parser would drop the tab
     (b"RCPT TO:<cmt(\x00)@dest.test>", 501, "5.1.3"),  # ... and the comment
+    # ... and a non-ASCII space (Python's whitespace), which left `nbsp@dest.test`.
+    ("RCPT TO:<nbsp \u00a0@dest.test>".encode(), 501, "5.1.3"),
+    ("RCPT TO:<ideo\u3000@dest.test>".encode(), 501, "5.1.3"),
     ("RCPT TO:<zoë@dest.test>".encode(), 553, "5.6.7"),
     ("RCPT TO:<bob@dëst.test>".encode(), 553, "5.6.7"),
 ]

@@ -42,6 +42,10 @@ transport can take a fast path for it."""
 _PLAIN = re.compile(PLAIN_ADDRESS)
 # C0 controls, DEL, C1 controls (the SMTP front also looks for them in the raw path).
 CONTROL_CHARACTER = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+# What the RFC 5322 parser drops from a path as folding space besides a tab and a comment:
+# Python counts non-ASCII spaces (no-break space, en space, ideographic space...) as
+# whitespace, so `<a \u00a0@b>` would become a@b, an ASCII address sent without SMTPUTF8.
+DROPPED_CHARACTER = re.compile(r"[\x00-\x1f\x7f-\x9f]|[^\x00-\x7f](?<=\s)")
 # Lone surrogates: aiosmtpd decodes invalid UTF-8 with surrogateescape, and such a string
 # cannot be encoded back to UTF-8.
 _SURROGATE = re.compile(r"[\ud800-\udfff]")

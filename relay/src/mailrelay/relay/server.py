@@ -39,7 +39,7 @@ from typing import Any, Protocol
 from aiosmtpd.smtp import AuthResult, Envelope, Session, TLSSetupException, syntax
 
 from mailrelay.relay.address import (
-    CONTROL_CHARACTER,
+    DROPPED_CHARACTER,
     PLAIN_ADDRESS,
     SYNTAX_REFUSAL,
     address_refusal,
@@ -406,11 +406,12 @@ class RelaySMTP(SMTPBase):
         if found is None:
             address, rest = super().parse_path(arg)
             # The RFC 5322 parser reads a tab or a comment inside the path as folding
-            # space and drops it (`<a\t@b>` becomes a@b): a control character anywhere
-            # in the path is bad syntax, whatever address the parser made of it.
+            # space and drops it (`<a\t@b>` becomes a@b): a control character or a
+            # non-ASCII space anywhere in the path is bad syntax, whatever address the
+            # parser made of it.
             path = arg[: len(arg) - len(rest)] if rest and arg.endswith(rest) else arg
             path = path.strip(" \t")
-            if address is not None and CONTROL_CHARACTER.search(path):
+            if address is not None and DROPPED_CHARACTER.search(path):
                 # The path as sent goes on to the handler, whose address rule refuses it.
                 return path.removeprefix("<").removesuffix(">"), rest
             return address, rest
